@@ -1,0 +1,17 @@
+"""Prefect flows and the `gptflow` command line.
+
+Prefect reads its settings when it is first imported, so the defaults that make the
+embedded (ephemeral) server dependable on a small machine are set here, before any
+module of this package imports prefect. The environment always wins.
+"""
+
+import os
+
+for _name, _value in {
+    # The ephemeral API server needs more than the default 20 s to start under load.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # With no network, analytics only produce errors (and a 'database is locked' trace).
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}.items():
+    os.environ.setdefault(_name, _value)

@@ -1,0 +1,75 @@
+"""The pipeline config: every stage's settings, composed, loaded from YAML.
+
+Each stage's settings are a pydantic model defined next to the code that reads them; this
+module only composes them and loads a YAML preset with `--set dotted.key=value`
+overrides. Every model forbids unknown fields, so a typo fails at load time naming the
+field instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from model.errors import UserError
+from tasks.bpe import BPEConfig
+from tasks.ingest import IngestConfig
+from tasks.shard import ShardConfig
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="MLflow experiment and registered-model name")
+    workspace: Path = Path("./workspace")
+    ingest: IngestConfig = IngestConfig()
+    bpe: BPEConfig = BPEConfig()
+    shard: ShardConfig = ShardConfig()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a", "b", "c"], value), the value read as YAML (1e-3, true, [1, 2])."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"--set {text!r}: expected dotted.key=value")
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"--set {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def describe_validation_error(source: str, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        problems.append(f"field '{field}': {item['msg']}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML preset, apply `dotted.key=value` overrides, validate everything."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise UserError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise UserError(f"{path}: not a readable YAML file ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level")
+    for text in overrides:
+        apply_override(data, *parse_override(text))
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise UserError(describe_validation_error(str(path), e)) from None

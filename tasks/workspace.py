@@ -1,0 +1,132 @@
+"""Stage directories, fingerprints and manifests: the contract between stages.
+
+Every stage writes into `<workspace>/<stage>/<fingerprint>/`. The fingerprint hashes what
+changes the stage's result (its config, the fingerprints of its inputs, a format version),
+so the same inputs always land in the same directory and a changed one gets a new
+directory. `manifest.json` is written last and is the commit marker: a directory without
+one is incomplete and is rebuilt; a directory with one is verified (sha256 of each file it
+lists) and reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+
+from model.errors import UserError
+
+MANIFEST = "manifest.json"
+
+
+def fingerprint(stage: str, config: dict[str, Any], inputs: dict[str, str], format_version: int) -> str:
+    """A short, stable hash of everything that decides a stage's output."""
+    payload = {"stage": stage, "format": format_version, "config": config, "inputs": inputs}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def inside(directory: Path, relative: str) -> Path:
+    """`directory / relative`, refusing paths that would leave `directory`.
+
+    Manifests name their files by relative path; a manifest written by someone else must
+    not be able to point a stage at `../../etc/passwd` or an absolute path.
+    """
+    candidate = Path(relative)
+    resolved = (directory / candidate).resolve()
+    if candidate.is_absolute() or not resolved.is_relative_to(directory.resolve()):
+        raise UserError(f"{directory / MANIFEST}: file path {relative!r} leaves the stage directory")
+    return resolved
+
+
+@contextmanager
+def atomic_path(final: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `final`; rename it into place only on success."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """`<workspace>/<stage>/<fingerprint>/` and the operations on it."""
+
+    workspace: Path
+    stage: str
+    fingerprint: str
+
+    @property
+    def path(self) -> Path:
+        return self.workspace / self.stage / self.fingerprint
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    def lock(self) -> FileLock:
+        """An inter-process lock so two runs never build the same stage at once."""
+        lock_path = self.workspace / self.stage / f"{self.fingerprint}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(lock_path))
+
+    def is_complete(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def read_manifest(self, verify: bool = True) -> dict[str, Any]:
+        """The committed manifest; with `verify`, every listed file must match its sha256."""
+        try:
+            manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{self.manifest_path}: unreadable manifest ({e})") from e
+        if verify:
+            verify_files(self.path, manifest.get("files", []))
+        return manifest
+
+    def reset(self) -> None:
+        """Remove a half-built directory (no manifest) before building it again."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True)
+
+    def commit(self, manifest: dict[str, Any]) -> None:
+        """Write the manifest last: from this moment the stage's output exists."""
+        write_json_atomic(self.manifest_path, manifest)
+
+
+def verify_files(directory: Path, files: list[dict[str, Any]]) -> None:
+    """Check each `{"path", "sha256"}` entry; name the first file that does not match."""
+    for entry in files:
+        path = inside(directory, entry["path"])
+        if not path.is_file():
+            raise UserError(f"{path}: listed in {directory / MANIFEST} but missing")
+        if sha256_file(path) != entry["sha256"]:
+            raise UserError(
+                f"{path}: contents no longer match the sha256 in {directory / MANIFEST} "
+                "(the file was modified or corrupted; delete the stage directory to rebuild it)"
+            )
