@@ -24,6 +24,217 @@ SetOpt = Annotated[
 ]
 
 
+@app.command()
+def prepare(config: ConfigArg, overrides: SetOpt = None) -> None:
+    """Prepare the data: ingest the corpus, train the tokenizer, write the shards."""
+    from flows.config import load_config
+    from flows.prepare import check_prepare_config, prepare_data
+
+    settings = load_config(config, overrides or [])
+    check_prepare_config(settings)
+    prepared = prepare_data(settings)
+
+    corpus, tokenizer, shards = prepared.corpus.report, prepared.tokenizer.report, prepared.shards.report
+    summaries = {
+        "ingest": f"{corpus['documents_train']} train / {corpus['documents_val']} val documents, "
+        f"{corpus['bytes_train'] + corpus['bytes_val']:,} bytes",
+        "bpe": f"vocab {tokenizer['vocab_size']}, {tokenizer['val_bytes_per_token']} bytes/token on val",
+        "shard": f"{shards['train_rows']} train / {shards['val_rows']} val windows",
+    }
+    outputs = {"ingest": prepared.corpus.corpus, "bpe": prepared.tokenizer.tokenizer, "shard": prepared.shards.manifest}
+    for stage, output in prepared.stages().items():
+        print(f"{stage:<7} {'reused' if output.reused else 'built':<7} {outputs[stage]}")
+        print(f"{'':<15} {summaries[stage]}")
+
+
+@app.command()
+def pretrain(config: ConfigArg, overrides: SetOpt = None) -> None:
+    """Prepare the data, then pretrain (resuming from the newest checkpoint of an unfinished run)."""
+    from flows.config import load_config
+    from flows.pretrain import pretrain as pretrain_flow
+
+    output = pretrain_flow(load_config(config, overrides or []))
+    for name, value in output.metrics.items():
+        print(f"{name:<16} {value:.4f}")
+    print(f"checkpoint  {output.checkpoint}{' (reused)' if output.reused else ''}")
+
+
+ModelArg = Annotated[str, typer.Argument(help="A checkpoint directory, or models:/NAME@ALIAS or models:/NAME/VERSION.")]
+
+
+@app.command()
+def evaluate(config: ConfigArg, model: ModelArg, overrides: SetOpt = None) -> None:
+    """Evaluate a model on the config's data: loss, perplexity, bits per byte, accuracy, samples."""
+    from flows.config import load_config
+    from flows.evaluate import evaluate_flow
+    from tasks.model_source import find_checkpoint, is_registry_uri
+
+    settings = load_config(config, overrides or [])
+    if not is_registry_uri(model):
+        find_checkpoint(Path(model))  # a wrong path fails now, before any data is prepared
+    output = evaluate_flow(settings, model)
+    for name, value in output.metrics.items():
+        print(f"{name:<20} {value:.4f}")
+    print(f"samples  {output.samples}")
+
+
+@app.command()
+def finetune(
+    config: ConfigArg,
+    start_from: Annotated[
+        Optional[str],
+        typer.Option("--from", help="A registered model (models:/NAME@ALIAS) or checkpoint directory to start from; "
+                     "default: the config's pretraining output."),
+    ] = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Fine-tune on prompt/completion pairs (default task: docstring -> function)."""
+    from flows.config import load_config
+    from flows.finetune import finetune_flow
+    from tasks.model_source import find_checkpoint, is_registry_uri
+
+    settings = load_config(config, overrides or [])
+    if start_from and not is_registry_uri(start_from):
+        find_checkpoint(Path(start_from))
+    output = finetune_flow(settings, start_from)
+    for name, value in output.metrics.items():
+        print(f"{name:<34} {value:.4f}")
+    print(f"checkpoint  {output.checkpoint}")
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    overrides: SetOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and which stages would run or skip.")] = False,
+) -> None:
+    """Run the whole pipeline: data, pretraining, evaluation, fine-tuning, registration."""
+    from flows.config import load_config
+
+    settings = load_config(config, overrides or [])
+    if dry_run:
+        from flows.plan import describe_plan
+
+        print(describe_plan(settings))
+        return
+    from flows.pipeline import pipeline
+
+    result = pipeline(settings)
+    for name, value in result.metrics.items():
+        print(f"{name:<24} {value:.4f}")
+    registered = result.registered
+    print(f"registered  {registered.model_uri} (@candidate); champion: version {registered.champion_version}")
+    print(f"gate        {registered.decision}")
+    print(f"mlflow run  {result.mlflow_run_link}")
+
+
+@app.command()
+def generate(
+    model_uri: Annotated[str, typer.Argument(help="models:/NAME@champion, models:/NAME/3, runs:/ID/model, ...")],
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt (repeatable).")],
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 keeps all.")] = 40,
+    top_p: float = 1.0,
+    seed: Annotated[int, typer.Option(help="Repeatable samples; -1 draws fresh ones.")] = -1,
+) -> None:
+    """Load a registered model (its pyfunc) and print a completion for each prompt."""
+    from tasks import tracking
+
+    generator = tracking.load_text_generator(model_uri)
+    params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    for text, completion in zip(prompt, generator.predict(prompt, params=params)):
+        print(f"{text}{completion}")
+        print("-" * 40)
+
+
+@app.command()
+def serve(
+    config: ConfigArg,
+    cron: Annotated[Optional[str], typer.Option(help='Cron schedule, e.g. "0 3 * * *" (03:00 every day).')] = None,
+    interval: Annotated[Optional[int], typer.Option(help="Or: run every this many seconds.")] = None,
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
+    overrides: SetOpt = None,
+) -> None:
+    """Serve the pipeline as a scheduled deployment from this process (no worker needed)."""
+    from flows.config import load_config
+    from flows.pipeline import pipeline
+
+    if (cron is None) == (interval is None):
+        raise UserError("serve: give exactly one of --cron and --interval")
+    load_config(config, overrides or [])  # a broken config fails now, not at 03:00
+    pipeline.serve(
+        name=name,
+        cron=cron,
+        interval=interval,
+        parameters={"config": str(config.resolve()), "overrides": overrides or []},
+        description=f"gptflow pipeline on {config}",
+    )
+
+
+@app.command()
+def status(
+    workspace: Annotated[Path, typer.Argument(help="The workspace directory.")] = Path("workspace"),
+) -> None:
+    """List the workspace's stage outputs: stage, fingerprint, size, complete or not."""
+    from flows.housekeeping import format_size, stage_outputs
+
+    outputs = stage_outputs(workspace)
+    if not outputs:
+        print(f"{workspace}: no stage outputs")
+    for output in outputs:
+        state = "complete" if output.complete else "incomplete"
+        print(f"{output.stage:<9} {output.fingerprint:<18} {format_size(output.size):>9}  {state}")
+
+
+@app.command()
+def clean(
+    workspace: Annotated[Path, typer.Argument(help="The workspace directory.")] = Path("workspace"),
+    keep: Annotated[
+        Optional[list[Path]],
+        typer.Option("--keep", help="A config whose stage outputs (and their inputs) are kept; repeatable. "
+                     "Without --keep only incomplete outputs are removed."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
+) -> None:
+    """Remove incomplete stage outputs, and complete ones no --keep config refers to."""
+    from flows.config import load_config
+    from flows.housekeeping import format_size, removable, remove
+
+    configs = [load_config(path) for path in keep or []]
+    doomed = removable(workspace, configs)
+    for output in doomed:
+        reason = "incomplete" if not output.complete else "unreferenced"
+        print(f"{'would remove' if dry_run else 'removing'} {output.path} ({reason}, {format_size(output.size)})")
+    if not dry_run:
+        remove(doomed)
+    print(f"{len(doomed)} stage output(s), {format_size(sum(o.size for o in doomed))}" + (" (dry run)" if dry_run else " removed"))
+
+
+@app.command()
+def up(
+    prefect_port: Annotated[int, typer.Option(help="Port of the Prefect server and UI.")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow server and UI.")] = 5000,
+    data_dir: Annotated[Path, typer.Option(help="Where MLflow keeps mlflow.db and mlartifacts/.")] = Path("."),
+) -> None:
+    """Start a local Prefect server and MLflow server; `gptflow run` then uses them."""
+    from flows import servers
+
+    records = servers.up(prefect_port=prefect_port, mlflow_port=mlflow_port, data_dir=data_dir)
+    print(f"Prefect UI: {records['prefect'].ui_url}  (API {records['prefect'].api_url})")
+    print(f"MLflow UI:  {records['mlflow'].ui_url}")
+    print("Stop both with `gptflow down`.")
+
+
+@app.command()
+def down() -> None:
+    """Stop the servers `gptflow up` started."""
+    from flows import servers
+
+    stopped = servers.down()
+    print(f"stopped: {', '.join(stopped)}" if stopped else "no servers were running")
+
+
 def main() -> None:
     """Console entry point: user errors end as one line `error: ...` and exit code 2."""
     try:

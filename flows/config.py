@@ -8,16 +8,25 @@ field instead of being silently ignored.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from model.config import ModelConfig
 from model.errors import UserError
 from tasks.bpe import BPEConfig
+from tasks.evaluate import EvaluateConfig
+from tasks.finetune import FinetuneConfig
 from tasks.ingest import IngestConfig
+from tasks.pretrain import PretrainConfig
+from tasks.register import RegisterConfig
 from tasks.shard import ShardConfig
+
+# The `register:` section's field shadows ABCMeta.register, which nothing calls on a config.
+warnings.filterwarnings("ignore", message='Field name "register" in "PipelineConfig" shadows', category=UserWarning)
 
 
 class PipelineConfig(BaseModel):
@@ -28,6 +37,11 @@ class PipelineConfig(BaseModel):
     ingest: IngestConfig = IngestConfig()
     bpe: BPEConfig = BPEConfig()
     shard: ShardConfig = ShardConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    finetune: FinetuneConfig | None = Field(FinetuneConfig(), description="null: register the pretrained model")
+    register: RegisterConfig = RegisterConfig()
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +23,7 @@ from typing import Any
 from filelock import FileLock
 
 from model.errors import UserError
-
-MANIFEST = "manifest.json"
+from model.integrity import MANIFEST, inside, sha256_file, verify_files  # noqa: F401 (re-exported)
 
 
 def fingerprint(stage: str, config: dict[str, Any], inputs: dict[str, str], format_version: int) -> str:
@@ -32,27 +31,6 @@ def fingerprint(stage: str, config: dict[str, Any], inputs: dict[str, str], form
     payload = {"stage": stage, "format": format_version, "config": config, "inputs": inputs}
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def inside(directory: Path, relative: str) -> Path:
-    """`directory / relative`, refusing paths that would leave `directory`.
-
-    Manifests name their files by relative path; a manifest written by someone else must
-    not be able to point a stage at `../../etc/passwd` or an absolute path.
-    """
-    candidate = Path(relative)
-    resolved = (directory / candidate).resolve()
-    if candidate.is_absolute() or not resolved.is_relative_to(directory.resolve()):
-        raise UserError(f"{directory / MANIFEST}: file path {relative!r} leaves the stage directory")
-    return resolved
 
 
 @contextmanager
@@ -118,15 +96,17 @@ class StageDir:
         """Write the manifest last: from this moment the stage's output exists."""
         write_json_atomic(self.manifest_path, manifest)
 
+    def build_once(self, build: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+        """The stage's verified manifest and whether it was reused.
 
-def verify_files(directory: Path, files: list[dict[str, Any]]) -> None:
-    """Check each `{"path", "sha256"}` entry; name the first file that does not match."""
-    for entry in files:
-        path = inside(directory, entry["path"])
-        if not path.is_file():
-            raise UserError(f"{path}: listed in {directory / MANIFEST} but missing")
-        if sha256_file(path) != entry["sha256"]:
-            raise UserError(
-                f"{path}: contents no longer match the sha256 in {directory / MANIFEST} "
-                "(the file was modified or corrupted; delete the stage directory to rebuild it)"
-            )
+        Under the lock: a committed directory is verified and reused; otherwise it is
+        reset, `build(self.path)` writes the files and returns the manifest, which is
+        committed last. If `build` raises, the directory stays uncommitted.
+        """
+        with self.lock():
+            if self.is_complete():
+                return self.read_manifest(verify=True), True
+            self.reset()
+            manifest = build(self.path)
+            self.commit(manifest)
+            return manifest, False

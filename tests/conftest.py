@@ -18,6 +18,8 @@ os.environ.update(
         "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
         "MLFLOW_TRACKING_URI": f"sqlite:///{_SESSION_DIR / 'mlflow.db'}",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        # Servers a developer started with `gptflow up` must not receive test runs.
+        "GPTFLOW_HOME": str(_SESSION_DIR / "gptflow-home"),
         "HF_DATASETS_OFFLINE": "1",
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",

@@ -1,0 +1,177 @@
+"""The end-to-end pipeline: data -> pretrain -> evaluate -> finetune -> evaluate -> register.
+
+One Prefect flow, `pipeline`, with the data stages as the `prepare-data` subflow. Tasks
+pass paths and small records. Every stage skips when its manifest exists and verifies, so
+a rerun after a failure resumes at the failed stage (training from its newest
+checkpoint). Training stages hold a slot of the global concurrency limit `gpu` (one slot
+per device) so two pipelines never train on one device at once.
+
+MLflow: one parent run per flow run, tagged with the Prefect flow-run id and UI link,
+holding the resolved config and the headline figures; a nested run per stage. The flow
+run publishes a markdown artifact with the key figures and the MLflow link.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from prefect import flow, get_client, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import ObjectNotFound
+from prefect.runtime import flow_run
+from pydantic import BaseModel
+
+from flows.config import PipelineConfig, load_config
+from flows.prepare import check_prepare_config, prepare_data
+from tasks import tracking
+from tasks.data_tracking import track_data_task
+from tasks.evaluate import EvaluateOutput, evaluate_task
+from tasks.finetune import finetune_task
+from tasks.pretrain import pretrain_task
+from tasks.register import EvalData, RegisterOutput, register_task
+
+GPU_LIMIT = "gpu"
+
+
+class PipelineResult(BaseModel):
+    mlflow_run_id: str
+    mlflow_run_link: str
+    final_checkpoint: Path
+    metrics: dict[str, float]
+    registered: RegisterOutput
+
+
+@task(name="check-tracking-server", cache_policy=None)
+def check_tracking_task() -> str:
+    """Fail fast, naming the URI, when MLflow is unreachable (after a bounded retry)."""
+    return tracking.check_tracking_server()
+
+
+def device_slots() -> int:
+    """One `gpu` slot per device this machine trains on (the CPU counts as one)."""
+    return max(1, torch.cuda.device_count())
+
+
+def ensure_gpu_limit() -> int:
+    """Create the `gpu` global concurrency limit on first use (an existing one is kept as
+    set); returns its number of slots."""
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=device_slots()))
+            return device_slots()
+
+
+@contextmanager
+def pipeline_mlflow_run(config: PipelineConfig) -> Iterator[str]:
+    """The flow run's MLflow parent run: tagged with the Prefect run, holding the config."""
+    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
+    if flow_run.ui_url:
+        tags["prefect.flow_run_url"] = flow_run.ui_url
+    run_id = tracking.start_run(config.name, str(flow_run.name), tags=tags)
+    with tracking.ending(run_id):
+        resolved = config.model_dump(mode="json")
+        tracking.log_params(run_id, resolved)
+        tracking.log_dict(run_id, resolved, "config.yaml")
+        yield run_id
+
+
+def artifact_key(name: str) -> str:
+    """Prefect artifact keys are lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{name}-pipeline".lower())
+
+
+def summary_markdown(config: PipelineConfig, result: PipelineResult, evaluations: dict[str, EvaluateOutput]) -> str:
+    rows = "".join(
+        f"| {stage} | {figure} | {output.metrics[figure]:.4f} |\n"
+        for stage, output in evaluations.items()
+        for figure in ("val_loss", "val_perplexity", "val_bits_per_byte", "doc_bits_per_byte")
+        if figure in output.metrics
+    )
+    registered = result.registered
+    return (
+        f"# Pipeline `{config.name}`\n\n"
+        f"| evaluation | figure | value |\n|---|---|---|\n{rows}\n"
+        f"**Registered:** `{registered.model_uri}` (alias `candidate`); champion is version "
+        f"{registered.champion_version}.\n\n**Gate:** {registered.decision}\n\n"
+        f"**MLflow run:** {result.mlflow_run_link}\n"
+    )
+
+
+def flow_run_title() -> str:
+    """`<config name>-<UTC time>`: what the Prefect UI lists and the MLflow parent run is called."""
+    config = flow_run.parameters.get("config")
+    if isinstance(config, PipelineConfig):
+        name = config.name
+    elif isinstance(config, dict):
+        name = config.get("name", "pipeline")
+    else:
+        name = Path(str(config)).stem
+    return f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+
+
+@flow(name="pipeline", flow_run_name=flow_run_title)
+def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", overrides: list[str] | None = None) -> PipelineResult:
+    """Corpus to registered model; `config` is a YAML path or a PipelineConfig."""
+    if not isinstance(config, PipelineConfig):
+        config = load_config(config, overrides or ())
+    check_tracking_task()
+    check_prepare_config(config)
+    gpu_slots = ensure_gpu_limit()
+    workspace = config.workspace
+
+    with pipeline_mlflow_run(config) as run_id:
+        prepared = prepare_data(config)
+        corpus, tokenizer, shards = prepared.corpus, prepared.tokenizer, prepared.shards
+        track_data_task(config.ingest, config.bpe, config.shard, corpus, tokenizer, shards, parent_run_id=run_id)
+
+        # A slot per training process (torchrun with N processes holds N devices), at most
+        # all of them: CPU-only DDP runs several processes on the one "device".
+        with concurrency(GPU_LIMIT, occupy=min(config.pretrain.nproc_per_node, gpu_slots), strict=True):
+            pretrained = pretrain_task(config.pretrain, config.model, shards, workspace, parent_run_id=run_id)
+        evaluate = evaluate_task.with_options(task_run_name="evaluate-pretrained")
+        evaluations = {
+            "pretrained": evaluate(config.evaluate, pretrained.checkpoint, tokenizer.tokenizer, shards.path, corpus.corpus, workspace, parent_run_id=run_id)
+        }
+        final_checkpoint = pretrained.checkpoint
+        if config.finetune is not None:
+            with concurrency(GPU_LIMIT, occupy=1, strict=True):
+                finetuned = finetune_task(config.finetune, pretrained.checkpoint, tokenizer.tokenizer, corpus.corpus, workspace, parent_run_id=run_id)
+            evaluate = evaluate_task.with_options(task_run_name="evaluate-finetuned")
+            evaluations["finetuned"] = evaluate(
+                config.evaluate, finetuned.checkpoint, tokenizer.tokenizer, shards.path, corpus.corpus, workspace, parent_run_id=run_id
+            )
+            final_checkpoint = finetuned.checkpoint
+
+        final = evaluations["finetuned" if config.finetune is not None else "pretrained"]
+        lineage = {
+            "data_fingerprint": corpus.fingerprint,
+            "tokenizer_fingerprint": tokenizer.fingerprint,
+            "shards_fingerprint": shards.fingerprint,
+            "prefect_flow_run_id": str(flow_run.id),
+        }
+        registered = register_task(
+            config.register, config.name, final_checkpoint, tokenizer.tokenizer, final.metrics, lineage,
+            EvalData(config.evaluate, shards.path, corpus.corpus), parent_run_id=run_id,
+        )  # fmt: skip
+        result = PipelineResult(
+            mlflow_run_id=run_id,
+            mlflow_run_link=tracking.run_link(run_id),
+            final_checkpoint=final_checkpoint,
+            metrics=final.metrics,
+            registered=registered,
+        )
+    create_markdown_artifact(
+        key=artifact_key(config.name),
+        markdown=summary_markdown(config, result, evaluations),
+        description=f"Key figures of pipeline `{config.name}` and its MLflow run",
+    )
+    return result

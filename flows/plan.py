@@ -1,0 +1,98 @@
+"""What `gptflow run CONFIG --dry-run` prints: the resolved config and, per stage, run or skip.
+
+Nothing is built: each stage's fingerprint is computed the way the stage computes it, from
+the config and its inputs' fingerprints, and its directory is checked for a committed
+manifest. The data stages' fingerprints follow from the config alone; a model stage's
+depends on the weights it reads, so it is known only once the stage before it has
+completed (otherwise that stage runs, and so does everything after it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from flows.config import PipelineConfig
+from model.checkpoint import CONFIG, WEIGHTS
+from model.config import GPTConfig
+from tasks.bpe import bpe_fingerprint
+from tasks.evaluate import evaluate_fingerprint, evaluate_inputs
+from tasks.finetune import finetune_fingerprint
+from tasks.ingest import CORPUS_FILE, find_source_files, ingest_fingerprint
+from tasks.model_source import find_checkpoint
+from tasks.pretrain import pretrain_fingerprint
+from tasks.shard import shard_fingerprint
+from tasks.workspace import StageDir, sha256_file
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    label: str  # e.g. "evaluate (pretrained)"
+    stage: str  # the workspace directory it writes
+    fingerprint: str | None  # None: decided by an earlier stage's output
+    action: str  # "skip", "run", "resume"
+
+    def describe(self) -> str:
+        where = self.fingerprint or "(after the stages before it)"
+        return f"{self.label:<24} {self.action:<7} {self.stage}/{where}"
+
+
+def stage_action(stage: StageDir) -> str:
+    if stage.is_complete():
+        return "skip"
+    # A training stage left checkpoints behind: the rerun continues from the newest one.
+    return "resume" if (stage.path / "checkpoints").is_dir() else "run"
+
+
+def plan(config: PipelineConfig) -> list[PlannedStage]:
+    workspace = Path(config.workspace).resolve()
+    planned: list[PlannedStage] = []
+
+    def add(label: str, stage: str, fp: str | None) -> StageDir | None:
+        """Record the stage; return its directory when it is complete (its output is usable)."""
+        directory = StageDir(workspace, stage, fp) if fp else None
+        planned.append(PlannedStage(label, stage, fp, stage_action(directory) if directory else "run"))
+        return directory if directory and directory.is_complete() else None
+
+    corpus_fp = ingest_fingerprint(config.ingest, find_source_files(config.ingest))
+    tokenizer_fp = bpe_fingerprint(config.bpe, corpus_fp)
+    shards_fp = shard_fingerprint(config.shard, corpus_fp, tokenizer_fp)
+    corpus_dir = add("ingest", "ingest", corpus_fp)
+    tokenizer_dir = add("bpe (train-tokenizer)", "bpe", tokenizer_fp)
+    shards_dir = add("shard", "shard", shards_fp)
+    pretrained = add("pretrain", "pretrain", pretrain_fingerprint(config.pretrain, config.model, shards_fp))
+
+    data_ready = corpus_dir and tokenizer_dir and shards_dir
+    tokenizer = tokenizer_dir.path / "tokenizer.json" if tokenizer_dir else None
+    corpus = corpus_dir.path / CORPUS_FILE if corpus_dir else None
+
+    def model_fingerprint(model_dir: StageDir | None, stage_fingerprint) -> str | None:
+        """A stage reading `model_dir`'s newest weights; None until those weights exist."""
+        if not (model_dir and data_ready):
+            return None
+        checkpoint = find_checkpoint(model_dir.path)
+        return stage_fingerprint(sha256_file(checkpoint / WEIGHTS), checkpoint)
+
+    def evaluation(model_digest: str, checkpoint: Path) -> str:
+        return evaluate_fingerprint(config.evaluate, evaluate_inputs(model_digest, tokenizer, shards_dir.path, corpus))
+
+    def finetuning(model_digest: str, checkpoint: Path) -> str:
+        pairs_source = config.finetune.path or corpus
+        inputs = {"model": model_digest, "tokenizer": sha256_file(tokenizer), "pairs": sha256_file(pairs_source)}
+        block_size = GPTConfig.model_validate_json((checkpoint / CONFIG).read_text()).block_size
+        return finetune_fingerprint(config.finetune, inputs, block_size)
+
+    add("evaluate (pretrained)", "evaluate", model_fingerprint(pretrained, evaluation))
+    if config.finetune is not None:
+        finetuned = add("finetune", "finetune", model_fingerprint(pretrained, finetuning))
+        add("evaluate (finetuned)", "evaluate", model_fingerprint(finetuned, evaluation))
+    planned.append(PlannedStage("register", "registry", None, "run"))
+    return planned
+
+
+def describe_plan(config: PipelineConfig) -> str:
+    resolved = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    stages = "\n".join(stage.describe() for stage in plan(config))
+    return f"# resolved config\n{resolved}\n# stages (workspace {Path(config.workspace).resolve()})\n{stages}\n"

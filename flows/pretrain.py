@@ -1,0 +1,32 @@
+"""The pretraining flow: prepare the data (a subflow, reused when done), then pretrain.
+
+Like the pipeline, the flow run gets an MLflow parent run with the resolved config, and the
+pretrain task a nested run under it; training holds a slot of the `gpu` concurrency limit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.concurrency.sync import concurrency
+
+from flows.config import PipelineConfig, load_config
+from flows.pipeline import GPU_LIMIT, ensure_gpu_limit, flow_run_title, pipeline_mlflow_run
+from flows.prepare import check_prepare_config, prepare_data
+from tasks import tracking
+from tasks.pretrain import PretrainOutput, pretrain_task
+
+
+@flow(name="pretrain", flow_run_name=flow_run_title)
+def pretrain(config: PipelineConfig | str | Path = "configs/tiny.yaml", overrides: list[str] | None = None) -> PretrainOutput:
+    """Shards from the config's corpus, then a pretrained checkpoint; `config` is a YAML path or a PipelineConfig."""
+    if not isinstance(config, PipelineConfig):
+        config = load_config(config, overrides or ())
+    tracking.check_tracking_server()
+    check_prepare_config(config)
+    ensure_gpu_limit()
+    with pipeline_mlflow_run(config) as run_id:
+        prepared = prepare_data(config)
+        with concurrency(GPU_LIMIT, occupy=1, strict=True):
+            return pretrain_task(config.pretrain, config.model, prepared.shards, config.workspace, parent_run_id=run_id)

@@ -1,0 +1,162 @@
+"""Evaluation math: loss, perplexity, bits per byte, next-token accuracy, sliding windows.
+
+Everything here sums per-token quantities into `LossTotals` and derives the figures from
+the sums at the end, so batches of any size (and padded batches) give the same result as
+one big batch. A target of -100 is not scored, as in `GPT.forward` and PyTorch's
+cross-entropy.
+
+Bits per byte makes runs with different tokenizers comparable: the summed loss in nats over
+the scored target tokens divided by (ln 2 x the UTF-8 byte length of those target tokens),
+each token's bytes as the tokenizer decodes it and special tokens counting 0 bytes. The
+caller supplies those byte lengths as a tensor indexed by token id.
+
+Sliding-window perplexity over whole documents follows the Hugging Face "perplexity of
+fixed-length models" method: windows of up to `block_size` inputs start every `stride`
+tokens, and each window scores only the targets no earlier window scored, so every token is
+scored exactly once, with between `block_size - stride + 1` and `block_size` tokens of
+context (fewer at the start of the document).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from model.special_tokens import PAD_ID
+
+IGNORE = -100  # target value that is not scored
+
+
+@dataclass
+class LossTotals:
+    """Sums over scored target tokens; every reported figure derives from these."""
+
+    nats: float = 0.0  # summed cross-entropy, natural log
+    tokens: int = 0  # scored targets
+    bytes: int = 0  # UTF-8 bytes of the scored targets
+    correct: int = 0  # targets that were the model's top-1 prediction
+
+    def __iadd__(self, other: LossTotals) -> LossTotals:
+        self.nats += other.nats
+        self.tokens += other.tokens
+        self.bytes += other.bytes
+        self.correct += other.correct
+        return self
+
+    @property
+    def loss(self) -> float:
+        return self.nats / self.tokens if self.tokens else math.nan
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss) if self.tokens else math.nan
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats / (math.log(2) * self.bytes) if self.bytes else math.nan
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.tokens if self.tokens else math.nan
+
+    def figures(self, prefix: str) -> dict[str, float]:
+        """The named metrics, e.g. prefix "val" -> val_loss, val_perplexity, ..."""
+        return {
+            f"{prefix}_loss": self.loss,
+            f"{prefix}_perplexity": self.perplexity,
+            f"{prefix}_bits_per_byte": self.bits_per_byte,
+            f"{prefix}_accuracy": self.accuracy,
+            f"{prefix}_tokens": float(self.tokens),
+        }
+
+
+@torch.no_grad()
+def score_batch(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                byte_lengths: torch.Tensor) -> LossTotals:
+    """Totals for one batch: inputs (B, T) token ids, targets (B, T) ids or IGNORE."""
+    logits = model(inputs).logits  # (B, T, V)
+    flat_logits = logits.flatten(0, 1).float()  # (B*T, V)
+    flat_targets = targets.flatten()  # (B*T,)
+    scored = flat_targets != IGNORE
+    nats = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE, reduction="sum")
+    kept = flat_targets[scored]
+    return LossTotals(
+        nats=nats.item(),
+        tokens=int(scored.sum()),
+        bytes=int(byte_lengths.to(kept.device)[kept].sum()),
+        correct=int((flat_logits[scored].argmax(dim=-1) == kept).sum()),
+    )
+
+
+def score_batches(
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    byte_lengths: torch.Tensor,
+    device: torch.device | str = "cpu",
+) -> LossTotals:
+    """Totals over (inputs, targets) batches, e.g. the val shards' windows."""
+    totals = LossTotals()
+    was_training = model.training
+    model.eval()
+    try:
+        for inputs, targets in batches:
+            totals += score_batch(model, inputs.to(device), targets.to(device), byte_lengths)
+    finally:
+        model.train(was_training)
+    return totals
+
+
+def sliding_windows(tokens: list[int], block_size: int, stride: int) -> Iterator[tuple[list[int], list[int]]]:
+    """(inputs, targets) windows over one token sequence, each target scored exactly once.
+
+    Target j (predicting tokens[j], j >= 1) is scored in the first window that reaches it;
+    window k starts at token k * stride and holds up to `block_size` inputs. Targets an
+    earlier window already scored are IGNORE. With stride == block_size the windows are
+    disjoint chunks.
+    """
+    if not 1 <= stride <= block_size:
+        raise ValueError(f"stride must be between 1 and block_size ({block_size}), got {stride}")
+    last = len(tokens) - 1  # index of the last target
+    scored_up_to = 0  # targets 1..scored_up_to are done
+    begin = 0
+    while scored_up_to < last:
+        end = min(begin + block_size, last)  # inputs tokens[begin:end], targets tokens[begin+1:end+1]
+        targets = tokens[begin + 1 : end + 1]
+        already = scored_up_to - begin  # the first `already` targets were scored before
+        targets = [IGNORE] * already + targets[already:]
+        yield tokens[begin:end], targets
+        scored_up_to = end
+        begin += stride
+
+
+def pad_batch(windows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad variable-length windows: inputs with <|pad|>, targets with IGNORE.
+
+    The model is causal, so padding after a window never changes the logits inside it.
+    """
+    width = max(len(inputs) for inputs, _ in windows)
+    inputs = torch.full((len(windows), width), PAD_ID, dtype=torch.long)
+    targets = torch.full((len(windows), width), IGNORE, dtype=torch.long)
+    for row, (x, y) in enumerate(windows):
+        inputs[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+        targets[row, : len(y)] = torch.tensor(y, dtype=torch.long)
+    return inputs, targets
+
+
+def sliding_window_batches(
+    documents: Iterable[list[int]], block_size: int, stride: int, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Padded batches of the sliding windows of many documents."""
+    pending: list[tuple[list[int], list[int]]] = []
+    for tokens in documents:
+        for window in sliding_windows(tokens, block_size, stride):
+            pending.append(window)
+            if len(pending) == batch_size:
+                yield pad_batch(pending)
+                pending = []
+    if pending:
+        yield pad_batch(pending)

@@ -1,0 +1,510 @@
+"""The training engine: one loop for pretraining and fine-tuning, on one device or under torchrun.
+
+    python -m model.train spec.json                          # one process
+    torchrun --nproc_per_node 2 -m model.train spec.json     # DDP, one process per device
+
+`spec.json` is a `RunSpec`: the model, the `TrainConfig`, the shard manifest, the output
+directory. Programs call `train(model, config, train_data, val_data, out_dir, callback)`.
+
+Data interface. The engine reads any object that behaves like `Batches`:
+
+    iter(data)              yields (inputs, targets): CPU LongTensors of shape
+                            (batch_size, seq_len); a target of -100 is not scored (fine-tuning
+                            masks its prompts that way). Training draws from one iterator for
+                            the whole run, so it must not end (roll over into the next epoch).
+                            Every `iter()` starts from the loaded state, or the beginning.
+    data.state_dict()       the position after the last batch yielded, as plain values;
+    data.load_state_dict(s) continue from there: the next batch is the one that would have
+                            followed. This is what makes a resumed run exact.
+    data.batch_size, data.seq_len
+
+Each process builds its own `Batches` for its rank (`DistributedEnv.from_environ()`), with
+`batch_size = config.micro_batch_size`; `model.data.WindowLoader` is the shard loader.
+
+One optimizer step: `batch_tokens` tokens across `accumulation_steps` micro-batches and all
+ranks. The loss is the summed cross-entropy over every scored target of the step divided by
+their number, so a micro-batch with more masked targets weighs less, exactly as in one big
+batch. DDP all-reduces gradients only on the last micro-step. A step whose loss or gradient
+norm is not finite stops the run before the weights change (`NonFiniteLoss`); the newest
+checkpoint stays the last good one. SIGINT/SIGTERM finish the current step, write a
+checkpoint and raise `TrainingInterrupted`.
+
+Metrics go to `callback(step, metrics)` on rank 0 after every step: loss, lr, grad_norm,
+tokens_per_s, mfu, memory_mb, and val_loss every `eval_every` steps and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model.checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint
+from model.config import GPTConfig
+from model.data import WindowLoader
+from model.errors import UserError
+from model.gpt import GPT
+from model.mfu import peak_flops
+from model.schedule import Schedule, learning_rate
+
+IGNORE = -100  # target value that is not scored
+
+Callback = Callable[[int, Mapping[str, float]], None]
+
+
+class Batches(Protocol):
+    batch_size: int
+    seq_len: int
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class TrainConfig(BaseModel):
+    """How to train: optimisation, batch, schedule, evaluation and checkpoint cadence, device."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: PositiveInt = 250
+    batch_tokens: PositiveInt = Field(4096, description="tokens per optimizer step, over all micro-batches and ranks")
+    micro_batch_size: PositiveInt = Field(8, description="windows per forward pass on each rank")
+    lr: PositiveFloat = 1e-3
+    min_lr: float = Field(1e-4, ge=0, description="the rate at the last step")
+    warmup_steps: NonNegativeInt = 25
+    schedule: Schedule = "cosine"
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
+    weight_decay: float = Field(0.1, ge=0, description="on weight matrices and embeddings only")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
+    eval_every: NonNegativeInt = Field(50, description="steps between validation losses; 0: only at the end")
+    eval_batches: PositiveInt = Field(8, description="micro-batches per rank in each validation")
+    checkpoint_every: NonNegativeInt = Field(50, description="steps between checkpoints; 0: only at the end")
+    keep_checkpoints: PositiveInt = 3
+    seed: int = 0
+    resume: bool = Field(True, description="continue from the newest checkpoint in the output directory")
+    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    bf16: bool | None = Field(None, description="bf16 autocast; default: on for CUDA")
+    compile: bool | None = Field(None, description="torch.compile the model; default: on for CUDA")
+
+
+class TrainResult(BaseModel):
+    steps: int
+    checkpoint: Path
+    train_loss: float  # of the last step
+    val_loss: float | None  # of the last validation
+    tokens: int  # trained on in this call (not before a resume), all ranks together
+    seconds: float
+
+
+class NonFiniteLoss(UserError):
+    """The loss or gradient norm became NaN or infinite; the weights were not updated."""
+
+
+class TrainingInterrupted(BaseException):
+    """SIGINT/SIGTERM stopped training after a checkpoint was written.
+
+    A BaseException, like KeyboardInterrupt: `except Exception` handlers must not swallow
+    a stop request."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"{name}: stopped after step {step}; checkpoint {checkpoint} (run again to resume)")
+
+
+@dataclass(frozen=True)
+class DistributedEnv:
+    """This process's place in a torchrun launch (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @classmethod
+    def from_environ(cls) -> DistributedEnv:
+        env = os.environ
+        return cls(
+            int(env.get("RANK", 0)),
+            int(env.get("WORLD_SIZE", 1)),
+            int(env.get("LOCAL_RANK", 0)),
+            int(env.get("LOCAL_WORLD_SIZE", 1)),
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def resolve_device(name: str, env: DistributedEnv) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r}: CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", env.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def configure_runtime(device: torch.device, env: DistributedEnv) -> None:
+    """Threads and matmul precision: the settings that decide how fast a step runs."""
+    if device.type == "cpu":
+        # Processes on one machine share its cores; oversubscribing them halves throughput.
+        cores = len(os.sched_getaffinity(0))
+        torch.set_num_threads(max(1, cores // env.local_world_size))
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@contextmanager
+def process_group(env: DistributedEnv, device: torch.device) -> Iterator[None]:
+    if env.world_size == 1 or dist.is_initialized():
+        yield
+        return
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM; the loop stops at the end of the current step."""
+
+    signum: int | None = None
+
+
+@contextmanager
+def stop_signals() -> Iterator[StopRequest]:
+    """Catch SIGINT/SIGTERM while training. Signals reach only the main thread; elsewhere
+    (a worker thread) the process's own handlers stay in charge."""
+    stop = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def request_stop(signum: int, frame: object) -> None:
+        stop.signum = signum
+
+    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def configure_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linear weights, embeddings) only.
+
+    Biases and LayerNorm gains are vectors: decaying them towards zero only hurts (as in
+    GPT-3 and nanoGPT). The tied head/embedding is one Parameter and is listed once.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type in ("cuda", "cpu")
+    )
+
+
+def accumulation_steps(config: TrainConfig, seq_len: int, world_size: int) -> int:
+    per_micro_step = config.micro_batch_size * seq_len * world_size
+    if config.batch_tokens % per_micro_step:
+        raise UserError(
+            f"batch_tokens ({config.batch_tokens}) must be a multiple of micro_batch_size x seq_len x processes "
+            f"= {config.micro_batch_size} x {seq_len} x {world_size} = {per_micro_step}"
+        )
+    return config.batch_tokens // per_micro_step
+
+
+def summed_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the scored targets (not averaged: the step divides once)."""
+    logits = model(inputs).logits  # (B, T, V)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    autocast: Any = nullcontext,
+    ddp: DDP | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward over one step's micro-batches; returns (summed loss, scored targets),
+    both summed over all ranks. The gradients are those of the mean loss over all of them."""
+    scored = torch.tensor(sum(int((y != IGNORE).sum()) for _, y in micro_batches), device=device, dtype=torch.float32)
+    if ddp is not None:
+        dist.all_reduce(scored)
+    # DDP averages gradients over ranks; scaling by the world size turns that into the sum.
+    scale = (dist.get_world_size() if ddp is not None else 1) / scored.clamp(min=1)
+    loss_sum = torch.zeros((), device=device)
+    for i, (inputs, targets) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        with ddp.no_sync() if ddp is not None and not last else nullcontext():
+            with autocast():
+                loss = summed_loss(model, inputs, targets)
+            (loss * scale).backward()
+        loss_sum += loss.detach().float()
+    if ddp is not None:
+        dist.all_reduce(loss_sum)
+    return loss_sum, scored
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, data: Batches, batches: int, device: torch.device, autocast: Any) -> float:
+    """Mean loss per scored target over the first `batches` micro-batches of every rank."""
+    model.eval()
+    totals = torch.zeros(2, device=device, dtype=torch.float64)
+    for inputs, targets in islice(data, batches):
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast():
+            totals[0] += summed_loss(model, inputs, targets).double()
+        totals[1] += (targets != IGNORE).sum()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    model.train()
+    nats, scored = totals.tolist()
+    return nats / scored if scored else math.nan
+
+
+def rng_states(device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Every rank's RNG states (dropout), gathered so rank 0 can save them all."""
+    local = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        local["cuda"] = torch.cuda.get_rng_state(device)
+    if not dist.is_initialized():
+        return [local]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)  # between our own processes, not from a file
+    return gathered
+
+
+def restore_rng(saved: list[dict[str, torch.Tensor]], env: DistributedEnv, seed: int, step: int,
+                device: torch.device) -> None:
+    if len(saved) == env.world_size:
+        torch.set_rng_state(saved[env.rank]["cpu"])
+        if device.type == "cuda" and "cuda" in saved[env.rank]:
+            torch.cuda.set_rng_state(saved[env.rank]["cuda"], device)
+    else:  # resumed on a different number of ranks: fresh, still deterministic streams
+        torch.manual_seed(seed + 1_000_003 * step + env.rank)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
+
+
+def train(
+    model: GPT,
+    config: TrainConfig,
+    train_data: Batches,
+    val_data: Batches | None,
+    out_dir: Path,
+    callback: Callback | None = None,
+) -> TrainResult:
+    """Train `model` to `config.max_steps`, resuming from `out_dir/checkpoints` if `config.resume`.
+
+    Checkpoints go to `out_dir/checkpoints/step-N/` (see model.checkpoint); rank 0 writes
+    them and calls `callback`. Returns after the final checkpoint.
+    """
+    env = DistributedEnv.from_environ()
+    device = resolve_device(config.device, env)
+    configure_runtime(device, env)
+    checkpoints = Path(out_dir) / "checkpoints"
+    use_bf16 = device.type == "cuda" if config.bf16 is None else config.bf16
+    use_compile = device.type == "cuda" if config.compile is None else config.compile
+
+    def autocast() -> Any:
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    with process_group(env, device), stop_signals() as stop:
+        raw = model.to(device)
+        optimizer = configure_optimizer(raw, config, device)
+        step = 0
+        checkpoint = latest_checkpoint(checkpoints) if config.resume else None
+        if checkpoint is not None:
+            load_weights(raw, checkpoint)
+            state = load_state(checkpoint)
+            optimizer.load_state_dict(state["optimizer"])
+            train_data.load_state_dict(state["data"])
+            step = state["step"]
+            restore_rng(state["rng"], env, config.seed, step, device)
+        else:
+            torch.manual_seed(config.seed + env.rank)  # dropout masks differ across ranks
+
+        ddp = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if env.world_size > 1 else None
+        net = ddp or raw
+        if use_compile:
+            net = torch.compile(net)
+        accumulation = accumulation_steps(config, train_data.seq_len, env.world_size)
+        flops_per_token = raw.config.flops_per_token(train_data.seq_len)
+        peak = peak_flops(device, use_bf16)
+
+        def save(step: int) -> Path:
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "data": train_data.state_dict(),
+                "rng": rng_states(device),
+                "world_size": env.world_size,
+            }
+            path = checkpoints / f"step-{step}"
+            if env.is_main:
+                save_checkpoint(checkpoints, step, raw, state, keep=config.keep_checkpoints)
+            return path
+
+        batches = iter(train_data)
+        start_step, started = step, time.perf_counter()
+        train_loss = val_loss = math.nan
+        while step < config.max_steps:
+            step_started = time.perf_counter()
+            lr = learning_rate(
+                step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
+                max_steps=config.max_steps, schedule=config.schedule, decay_fraction=config.decay_fraction,
+            )
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = [next(batches) for _ in range(accumulation)]
+            loss_sum, scored = accumulate_gradients(net, micro_batches, device, autocast, ddp)
+            grad_norm = nn.utils.clip_grad_norm_(raw.parameters(), config.grad_clip or math.inf)
+            stop_flag = torch.tensor(float(stop.signum is not None), device=device)
+            if ddp is not None:  # every rank must agree to stop at the same step
+                dist.all_reduce(stop_flag)
+            # The one host sync of a step: the loss for the callback and the finite check.
+            train_loss, norm, stopping = torch.stack([loss_sum / scored.clamp(min=1), grad_norm, stop_flag]).tolist()
+            if not (math.isfinite(train_loss) and math.isfinite(norm)):
+                last_good = latest_checkpoint(checkpoints)
+                raise NonFiniteLoss(
+                    f"step {step + 1}: the training loss is {train_loss} (gradient norm {norm}); stopped before "
+                    f"updating the weights. Last good checkpoint: {last_good or 'none written yet'}. "
+                    "Lower lr or raise warmup_steps, then resume from it."
+                )
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            seconds = time.perf_counter() - step_started
+            tokens_per_s = config.batch_tokens / seconds
+            metrics = {
+                "loss": train_loss,
+                "lr": lr,
+                "grad_norm": norm,
+                "tokens_per_s": tokens_per_s,
+                "mfu": flops_per_token * tokens_per_s / env.world_size / peak,
+                "memory_mb": peak_memory_mb(device),
+            }
+            final = step == config.max_steps
+            if val_data is not None and (final or (config.eval_every and step % config.eval_every == 0)):
+                val_loss = metrics["val_loss"] = validation_loss(raw, val_data, config.eval_batches, device, autocast)
+            if final or stopping or (config.checkpoint_every and step % config.checkpoint_every == 0):
+                checkpoint = save(step)
+            if callback is not None and env.is_main:
+                callback(step, metrics)
+            if stopping and not final:
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, checkpoint)
+
+        return TrainResult(
+            steps=step,
+            checkpoint=checkpoint,
+            train_loss=train_loss,
+            val_loss=val_loss if math.isfinite(val_loss) else None,
+            tokens=(step - start_step) * config.batch_tokens,
+            seconds=time.perf_counter() - started,
+        )
+
+
+class RunSpec(BaseModel):
+    """Everything `python -m model.train` needs: what to build, how to train, on what, where."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: GPTConfig
+    train: TrainConfig
+    shards: Path = Field(description="the shard stage's manifest.json")
+    out_dir: Path
+    loader_workers: NonNegativeInt = 0
+
+
+def run(spec: RunSpec, callback: Callback | None = None) -> TrainResult:
+    """Build the model (seeded) and this rank's loaders from `spec`, then train."""
+    env = DistributedEnv.from_environ()
+
+    def loader(split: str, shuffle: bool) -> WindowLoader:
+        return WindowLoader(
+            spec.shards, split, spec.train.micro_batch_size, rank=env.rank, world_size=env.world_size,
+            seed=spec.train.seed, shuffle=shuffle, workers=spec.loader_workers,
+        )
+
+    train_data, val_data = loader("train", shuffle=True), loader("val", shuffle=False)
+    if train_data.seq_len > spec.model.block_size or train_data.vocab_size > spec.model.vocab_size:
+        raise UserError(
+            f"{spec.shards}: windows of {train_data.seq_len} tokens with ids below {train_data.vocab_size} "
+            f"do not fit the model (block_size {spec.model.block_size}, vocab_size {spec.model.vocab_size})"
+        )
+    torch.manual_seed(spec.train.seed)
+    return train(GPT(spec.model), spec.train, train_data, val_data, spec.out_dir, callback)
+
+
+def print_metrics(step: int, metrics: Mapping[str, float]) -> None:
+    print(f"step {step}: " + " ".join(f"{key} {value:.4g}" for key, value in metrics.items()), flush=True)
+
+
+def main(argv: list[str] | None = None, callback: Callback | None = None) -> None:
+    """Command line entry (also under torchrun); `callback` defaults to printing each step."""
+    parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("spec", type=Path, help="a RunSpec as JSON: {model, train, shards, out_dir, loader_workers}")
+    parser.add_argument("--result", type=Path, help="rank 0 writes the TrainResult (or the error) here as JSON")
+    args = parser.parse_args(argv)
+    is_main = DistributedEnv.from_environ().is_main
+
+    def report(outcome: dict[str, Any]) -> None:
+        if args.result and is_main:
+            args.result.write_text(json.dumps(outcome))
+
+    try:
+        spec = RunSpec.model_validate_json(args.spec.read_text())
+        result = run(spec, callback or print_metrics)
+    except TrainingInterrupted as e:
+        print(e, file=sys.stderr)
+        report({"interrupted": str(e)})
+        raise SystemExit(128 + e.signum) from None
+    except (UserError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        report({"error": str(e)})
+        raise SystemExit(2) from None
+    report(result.model_dump(mode="json"))
+    if is_main:
+        print(f"done: {result.steps} steps, val_loss {result.val_loss}, checkpoint {result.checkpoint}")
+
+
+if __name__ == "__main__":
+    main()

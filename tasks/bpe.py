@@ -1,0 +1,147 @@
+"""Stage 2, bpe: corpus -> a byte-level BPE tokenizer (GPT-2's scheme, HF `tokenizers`).
+
+The initial alphabet is all 256 bytes, so every string round-trips exactly; the special
+tokens `<|endoftext|>`, `<|pad|>`, `<|sep|>` get the fixed ids 0, 1, 2. The tokenizer is
+trained on the train split only, fed in batches from the corpus Parquet file, then
+checked on the val split: bytes per token, and that every val document decodes back to
+itself.
+
+Output `<workspace>/bpe/<fingerprint>/tokenizer.json`. Load it with `load_tokenizer`,
+which also makes special-token strings that occur in text encode as plain text (a
+document containing "<|endoftext|>" must not end early); that setting is not stored in
+tokenizer.json.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from model.special_tokens import SPECIAL_TOKENS
+from tasks.ingest import IngestOutput, read_corpus
+from tasks.progress import progress
+from tasks.workspace import StageDir, atomic_path, fingerprint, sha256_file
+
+FORMAT_VERSION = 1
+TOKENIZER_FILE = "tokenizer.json"
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet and the special tokens
+
+
+class BPEConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_size: int = Field(8192, le=2**32, description="the number of token ids, special tokens included")
+    min_frequency: int = Field(2, ge=1, description="a pair must occur this often to be merged")
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _holds_the_alphabet(cls, vocab_size: int) -> int:
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(
+                f"{vocab_size} is smaller than the 256-byte alphabet plus {len(SPECIAL_TOKENS)} "
+                f"special tokens: use at least {MIN_VOCAB_SIZE}"
+            )
+        return vocab_size
+
+
+class BPEOutput(BaseModel):
+    path: Path  # the stage directory
+    tokenizer: Path  # tokenizer.json
+    fingerprint: str
+    report: dict[str, Any]
+    reused: bool = False
+
+
+def new_tokenizer() -> Tokenizer:
+    """An untrained byte-level BPE tokenizer: GPT-2's pre-tokenizer regex, no normalizer."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """A trained tokenizer, with special-token strings in text encoded as plain text."""
+    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer.encode_special_tokens = True
+    return tokenizer
+
+
+def train(config: BPEConfig, corpus: Path, train_documents: int) -> Tokenizer:
+    tokenizer = new_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size,
+        min_frequency=config.min_frequency,
+        special_tokens=SPECIAL_TOKENS,  # first, so they get ids 0, 1, 2
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    batches = (batch.column("text").to_pylist() for batch in read_corpus(corpus, split="train"))
+    tokenizer.train_from_iterator(progress(batches, "train tokenizer"), trainer, length=train_documents)
+    return tokenizer
+
+
+def check_on_val(tokenizer: Tokenizer, corpus: Path) -> dict[str, Any]:
+    """Bytes per token on the val split, and which val documents fail to round-trip."""
+    n_bytes = n_tokens = documents = 0
+    failures: list[str] = []
+    for batch in read_corpus(corpus, split="val"):
+        texts = batch.column("text").to_pylist()
+        ids = [encoding.ids for encoding in tokenizer.encode_batch_fast(texts)]
+        decoded = tokenizer.decode_batch(ids, skip_special_tokens=False)
+        for doc_id, text, tokens, back in zip(batch.column("id").to_pylist(), texts, ids, decoded):
+            n_bytes += len(text.encode())
+            n_tokens += len(tokens)
+            documents += 1
+            if back != text:
+                failures.append(doc_id)
+    return {
+        "val_documents": documents,
+        "val_bytes_per_token": round(n_bytes / max(n_tokens, 1), 4),
+        "val_roundtrip_failures": len(failures),
+        "val_roundtrip_first_failure": failures[0] if failures else None,
+    }
+
+
+def bpe_fingerprint(config: BPEConfig, corpus_fingerprint: str) -> str:
+    return fingerprint("bpe", config.model_dump(mode="json"), {"corpus": corpus_fingerprint}, FORMAT_VERSION)
+
+
+def run_bpe(config: BPEConfig, corpus: IngestOutput, workspace: Path) -> BPEOutput:
+    """Train `<workspace>/bpe/<fingerprint>/tokenizer.json` on the train split (or reuse it)."""
+    stage = StageDir(Path(workspace).resolve(), "bpe", bpe_fingerprint(config, corpus.fingerprint))
+
+    def build(directory: Path) -> dict[str, Any]:
+        tokenizer = train(config, corpus.corpus, corpus.report["documents_train"])
+        path = directory / TOKENIZER_FILE
+        with atomic_path(path) as tmp:
+            tokenizer.save(str(tmp))
+        # The val check runs on the tokenizer as every later stage loads it.
+        report = {"vocab_size": tokenizer.get_vocab_size(), **check_on_val(load_tokenizer(path), corpus.corpus)}
+        return {
+            "format": FORMAT_VERSION,
+            "fingerprint": stage.fingerprint,
+            "inputs": {"corpus": corpus.fingerprint},
+            "files": [{"path": TOKENIZER_FILE, "sha256": sha256_file(path)}],
+            "report": report,
+        }
+
+    manifest, reused = stage.build_once(build)
+    return BPEOutput(
+        path=stage.path,
+        tokenizer=stage.path / TOKENIZER_FILE,
+        fingerprint=stage.fingerprint,
+        report=manifest["report"],
+        reused=reused,
+    )
+
+
+@task(name="train-tokenizer", cache_policy=NO_CACHE)
+def train_tokenizer_task(config: BPEConfig, corpus: IngestOutput, workspace: Path) -> BPEOutput:
+    """Prefect task over `run_bpe`; the stage directory's manifest does the caching."""
+    return run_bpe(config, corpus, workspace)

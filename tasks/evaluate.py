@@ -1,0 +1,265 @@
+"""Stage: evaluate a model on the val shards and the held-out documents, and sample from it.
+
+Figures (names as logged to MLflow):
+
+    val_loss, val_perplexity, val_bits_per_byte, val_accuracy, val_tokens
+        over every window of the val shards (next-token targets, as in pretraining)
+    doc_loss, doc_perplexity, doc_bits_per_byte, doc_accuracy, doc_tokens
+        sliding windows over whole held-out documents (`stride` apart, each token scored
+        once with up to block_size tokens of context); a document is scored as
+        `<|endoftext|> text <|endoftext|>`, as it sits in the token stream
+    eval_tokens_per_s
+        scoring throughput on the val shards
+
+Samples: each configured prompt continued by the model, written to `samples.md`.
+
+Output directory `<workspace>/evaluate/<fingerprint>/`: `metrics.json`, `samples.md` and
+`manifest.json` (written last). The fingerprint covers the settings that change the
+figures and the identity of the weights, tokenizer, shards and corpus; not the batch size
+or device.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from tokenizers import Tokenizer, decoders
+
+from model.errors import UserError
+from model.evaluate import LossTotals, score_batches, sliding_window_batches
+from model.generate import generate
+from model.gpt import GPT
+from model.special_tokens import EOS_ID
+from tasks import tracking
+from tasks.bpe import load_tokenizer
+from tasks.model_source import load_model_source
+from tasks.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
+
+FORMAT_VERSION = 1
+HEADLINE = ("val_loss", "val_perplexity", "val_bits_per_byte", "doc_perplexity", "doc_bits_per_byte")
+
+
+class EvaluateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(["def fibonacci(n):", "class Stack:"], description="fixed prompts to sample from")
+    max_new_tokens: PositiveInt = 64
+    temperature: float = Field(0.8, ge=0.0, description="0 is greedy")
+    top_k: int | None = Field(40, ge=0, description="keep the k most likely tokens; 0 or null keeps all")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int = 0
+    stride: PositiveInt | None = Field(
+        None, description="sliding-window stride over held-out documents; null: half the context"
+    )
+    max_documents: PositiveInt | None = Field(
+        200, description="held-out documents scored with sliding windows, in corpus order; null: all"
+    )
+    batch_size: PositiveInt = Field(16, description="windows per forward pass (does not change the figures)")
+
+
+@dataclass
+class EvaluateOutput:
+    path: Path
+    fingerprint: str
+    metrics: dict[str, float]
+    samples: Path
+    reused: bool
+
+
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) UTF-8 byte length of each token as the tokenizer decodes it; special tokens 0.
+
+    A byte-level BPE token's string spells one byte per character (GPT-2's byte-to-unicode
+    alphabet), so its length is its byte count, even for a token that is only part of a
+    multi-byte character and would not decode alone.
+    """
+    lengths = torch.zeros(vocab_size, dtype=torch.long)
+    special = {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
+    byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+    for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
+        if token in special:
+            continue
+        lengths[token_id] = len(token) if byte_level else len(tokenizer.decode([token_id]).encode("utf-8"))
+    return lengths
+
+
+def shard_windows(shards: Path, split: str = "val") -> tuple[torch.Tensor, dict]:
+    """All windows of a split as one (N, seq_len + 1) tensor, and the shard manifest."""
+    manifest = json.loads((shards / "manifest.json").read_text())
+    files = [entry for entry in manifest["files"] if entry["split"] == split]
+    if not files:
+        raise UserError(f"{shards / 'manifest.json'}: no {split} shards (is the {split} split empty?)")
+    tokens = [pq.read_table(shards / entry["path"]).column("tokens").combine_chunks().flatten().to_numpy()
+              for entry in files]
+    windows = torch.from_numpy(np.concatenate(tokens).astype(np.int64))
+    return windows.view(-1, manifest["seq_len"] + 1), manifest
+
+
+def window_batches(windows: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start : start + batch_size]
+        yield batch[:, :-1], batch[:, 1:]
+
+
+def held_out_documents(corpus: Path, tokenizer: Tokenizer, limit: int | None) -> list[list[int]]:
+    """Token ids of the val documents in corpus order, each framed by <|endoftext|>."""
+    table = pq.read_table(corpus, columns=["text", "split"])
+    texts = [text for text, split in zip(*(table.column(c).to_pylist() for c in ("text", "split"))) if split == "val"]
+    texts = texts[:limit] if limit else texts
+    return [[EOS_ID, *encoding.ids, EOS_ID] for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+
+def sample_prompts(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig) -> list[tuple[str, str]]:
+    """(prompt, completion) for each configured prompt, sampled with the config's settings."""
+    if not config.prompts:
+        return []
+    prompts = [[EOS_ID, *tokenizer.encode(prompt, add_special_tokens=False).ids] for prompt in config.prompts]
+    completions = generate(
+        model, prompts, config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
+        top_p=config.top_p, eos_id=EOS_ID, seed=config.seed,
+    )
+    return [(prompt, tokenizer.decode(ids)) for prompt, ids in zip(config.prompts, completions)]
+
+
+def samples_markdown(samples: list[tuple[str, str]]) -> str:
+    return "".join(f"### `{prompt}`\n\n```\n{prompt}{completion}\n```\n\n" for prompt, completion in samples)
+
+
+def metrics_markdown(title: str, metrics: dict[str, float]) -> str:
+    rows = "".join(f"| {name} | {value:.4f} |\n" for name, value in metrics.items())
+    return f"## {title}\n\n| metric | value |\n|---|---|\n{rows}"
+
+
+def shard_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path) -> dict[str, float]:
+    """val_* figures over every window of the val shards, and the scoring throughput."""
+    windows, manifest = shard_windows(shards)
+    if manifest["seq_len"] > model.config.block_size:
+        raise UserError(
+            f"{shards / 'manifest.json'}: windows of {manifest['seq_len']} tokens exceed "
+            f"the model's context ({model.config.block_size})"
+        )
+    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    device = next(model.parameters()).device
+    started = time.perf_counter()
+    val = score_batches(model, window_batches(windows, config.batch_size), byte_lengths, device)
+    return {**val.figures("val"), "eval_tokens_per_s": val.tokens / (time.perf_counter() - started)}
+
+
+def document_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, corpus: Path) -> dict[str, float]:
+    """doc_* figures: sliding windows over the held-out documents. They need only the
+    corpus text, so doc_bits_per_byte compares models with different tokenizers."""
+    block_size = model.config.block_size
+    stride = config.stride or max(1, block_size // 2)
+    if stride > block_size:
+        raise UserError(f"evaluate.stride: {stride} exceeds the model's context ({block_size})")
+    documents = held_out_documents(corpus, tokenizer, config.max_documents)
+    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    batches = sliding_window_batches(documents, block_size, stride, config.batch_size)
+    docs = score_batches(model, batches, byte_lengths, next(model.parameters()).device) if documents else LossTotals()
+    return docs.figures("doc")
+
+
+def evaluate_model(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path,
+                   corpus: Path) -> dict[str, float]:
+    """Every figure of the stage, for a loaded model."""
+    return {**shard_figures(model, tokenizer, config, shards), **document_figures(model, tokenizer, config, corpus)}
+
+
+def evaluate_inputs(model_digest: str, tokenizer: Path, shards: Path, corpus: Path) -> dict[str, str]:
+    """The identities the evaluation depends on: the weights, tokenizer, shards and corpus."""
+    shard_manifest = json.loads((shards / "manifest.json").read_text())
+    return {
+        "model": model_digest,
+        "tokenizer": sha256_file(tokenizer),
+        "shards": shard_manifest.get("fingerprint") or sha256_file(shards / "manifest.json"),
+        "corpus": sha256_file(corpus),
+    }
+
+
+def evaluate_fingerprint(config: EvaluateConfig, inputs: dict[str, str]) -> str:
+    return fingerprint("evaluate", config.model_dump(exclude={"batch_size"}), inputs, FORMAT_VERSION)
+
+
+def run_evaluate(
+    config: EvaluateConfig,
+    model: str | Path,
+    tokenizer: Path,
+    shards: Path,
+    corpus: Path,
+    workspace: Path,
+    device: str = "cpu",
+) -> EvaluateOutput:
+    """Evaluate `model` (a checkpoint directory or `models:/...` URI) and sample from it.
+
+    `tokenizer` is the pipeline's tokenizer.json, `shards` the shard stage directory,
+    `corpus` the corpus Parquet file. A completed evaluation of the same inputs is reused.
+    """
+    loaded = load_model_source(model, tokenizer, device)
+    tokenizer_sha = sha256_file(tokenizer)
+    shard_manifest = json.loads((shards / "manifest.json").read_text())
+    if shard_manifest.get("tokenizer_sha256", tokenizer_sha) != tokenizer_sha:
+        raise UserError(f"{shards / 'manifest.json'}: shards were encoded with another tokenizer than {tokenizer}")
+    inputs = evaluate_inputs(loaded.digest, tokenizer, shards, corpus)
+    stage = StageDir(Path(workspace), "evaluate", evaluate_fingerprint(config, inputs))
+    with stage.lock():
+        if stage.is_complete():
+            manifest = stage.read_manifest()
+            samples = stage.path / "samples.md"
+            return EvaluateOutput(stage.path, stage.fingerprint, manifest["metrics"], samples, reused=True)
+        stage.reset()
+        tok = load_tokenizer(tokenizer)
+        metrics = evaluate_model(loaded.model, tok, config, shards, corpus)
+        samples = stage.path / "samples.md"
+        samples.write_text(samples_markdown(sample_prompts(loaded.model, tok, config)))
+        write_json_atomic(stage.path / "metrics.json", metrics)
+        files = [{"path": name, "sha256": sha256_file(stage.path / name)} for name in ("metrics.json", "samples.md")]
+        stage.commit({
+            "format": FORMAT_VERSION,
+            "fingerprint": stage.fingerprint,
+            "inputs": inputs,
+            "metrics": metrics,
+            "files": files,
+        })
+    return EvaluateOutput(stage.path, stage.fingerprint, metrics, samples, reused=False)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(
+    config: EvaluateConfig,
+    model: str | Path,
+    tokenizer: Path,
+    shards: Path,
+    corpus: Path,
+    workspace: Path,
+    parent_run_id: str,
+    device: str = "cpu",
+    run_name: str = "evaluate",
+    parent_prefix: str = "",
+) -> EvaluateOutput:
+    """`run_evaluate` in a nested MLflow run named `run_name`; the headline figures also go
+    on the parent run, named with `parent_prefix` (e.g. "finetuned_" for a second evaluation)."""
+    with tracking.child_run(parent_run_id, run_name) as run_id:
+        tracking.log_params(run_id, {"evaluate": config.model_dump(), "model": str(model)})
+        output = run_evaluate(config, model, tokenizer, shards, corpus, workspace, device)
+        tracking.log_metrics(run_id, output.metrics)
+        tracking.log_metrics(parent_run_id, {parent_prefix + name: output.metrics[name] for name in HEADLINE})
+        tracking.log_artifact(run_id, output.samples, "evaluate")
+        tracking.log_artifact(run_id, output.path / "metrics.json", "evaluate")
+    create_markdown_artifact(
+        key=run_name,
+        markdown=metrics_markdown(f"Evaluation of {model}", output.metrics)
+        + f"\n## Samples\n\n{output.samples.read_text()}\nMLflow run: {tracking.run_link(run_id)}\n",
+        description="evaluation figures and samples",
+    )
+    return output

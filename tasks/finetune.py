@@ -1,0 +1,308 @@
+"""Stage: fine-tune a pretrained model on prompt/completion pairs, with the pretraining engine.
+
+The pairs come from `finetune.path` (jsonl or Parquet) or, by default, from the task
+"docstring -> function" over the corpus's Python documents (`tasks.pairs`). Each pair is
+trained as `prompt <|sep|> completion <|endoftext|>` with the loss on the completion only
+(`model.finetune_data`), by `model.train.train`: the same loop, checkpoints and exact
+resume as pretraining, with fine-tuning's own learning rate, steps and warmup.
+
+The start is the pretraining output of the same run (a checkpoint directory) or a
+registered model (`models:/NAME@ALIAS`, `models:/NAME/VERSION`).
+
+Figures on the held-out (val) pairs, for the model before and after fine-tuning side by
+side (`pretrained_*`, `finetuned_*`): completion loss and perplexity (one pair per row, so
+each completion sees only its own prompt), and for the code task the share of generated
+bodies for which `prompt + body` parses with `ast.parse` (`parse_rate`, greedy decoding
+of at most `eval_max_new_tokens` tokens for at most `eval_pairs` pairs).
+
+Output directory `<workspace>/finetune/<fingerprint>/`: `pairs-train.parquet`,
+`pairs-val.parquet`, `checkpoints/step-N/`, `metrics.json`, and `manifest.json` last.
+An interrupted run resumes from its newest checkpoint when run again.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from tokenizers import Tokenizer
+
+from model.checkpoint import CONFIG, WEIGHTS
+from model.errors import UserError
+from model.evaluate import score_batches
+from model.finetune_data import EncodeReport, PairBatches, TooLong, encode_pairs, to_rows
+from model.generate import generate
+from model.gpt import GPT
+from model.special_tokens import EOS_ID, SEP_ID
+from model.train import DistributedEnv, TrainConfig, train
+from tasks import tracking
+from tasks.bpe import load_tokenizer
+from tasks.evaluate import metrics_markdown, token_byte_lengths
+from tasks.model_source import load_model_source
+from tasks.pairs import Pair, PairSet, docstring_pairs, file_pairs
+from tasks.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
+
+FORMAT_VERSION = 1
+DOCSTRING_TASK = "docstring-to-function"
+HEADLINE = ("finetuned_completion_loss", "pretrained_completion_loss", "finetuned_parse_rate", "pretrained_parse_rate")
+# TrainConfig fields that decide how a run executes, not what it computes.
+RUN_ONLY_FIELDS = {"resume", "device", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches"}
+
+
+class FinetuneConfig(TrainConfig):
+    """The engine's TrainConfig with fine-tuning defaults, plus where the pairs come from."""
+
+    max_steps: PositiveInt = 100
+    lr: PositiveFloat = 3e-4
+    min_lr: float = Field(3e-5, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    eval_every: int = Field(0, ge=0, description="steps between validation losses; 0: only at the end")
+
+    task: Literal["docstring-to-function"] | None = Field(
+        DOCSTRING_TASK, description="built-in task over the corpus; null when `path` gives the pairs"
+    )
+    path: Path | None = Field(None, description="jsonl or Parquet file of prompt/completion pairs")
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="`path` without a split field: share of pairs held out")
+    seq_len: PositiveInt | None = Field(None, description="row length in tokens; null: the model's context")
+    packed: bool = Field(True, description="several whole pairs per row (true) or one padded pair per row")
+    too_long: TooLong = Field("truncate", description="a pair longer than a row: cut the prompt's left, or drop it")
+    eval_pairs: PositiveInt = Field(64, description="held-out pairs whose generated bodies are parsed")
+    eval_max_new_tokens: PositiveInt = 64
+    start_from: str | None = Field(
+        None, description="a registered model (models:/NAME@ALIAS) to start from instead of the pretraining output"
+    )
+
+    @model_validator(mode="after")
+    def _one_source_of_pairs(self) -> FinetuneConfig:
+        if (self.task is None) == (self.path is None):
+            raise ValueError("set exactly one of finetune.task and finetune.path (task: null to use a file)")
+        return self
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))
+
+    def settings(self) -> dict:
+        """What decides the result (the fingerprint's config): not how the run executes."""
+        return self.model_dump(mode="json", exclude=RUN_ONLY_FIELDS | {"start_from"})
+
+
+@dataclass
+class FinetuneOutput:
+    path: Path
+    fingerprint: str
+    checkpoint: Path  # the fine-tuned checkpoint, a `step-N/` directory
+    metrics: dict[str, float]
+    reused: bool
+
+
+# --- data ---------------------------------------------------------------------------
+
+
+def load_pairs(config: FinetuneConfig, corpus: Path) -> tuple[PairSet, Path]:
+    """The pair set and the file it was read from (for the fingerprint)."""
+    if config.path is not None:
+        pairs = file_pairs(config.path, config.prompt_field, config.completion_field, config.val_fraction, config.seed)
+        return pairs, config.path
+    pairs = docstring_pairs(corpus)
+    if not pairs.train or not pairs.val:
+        raise UserError(f"{corpus}: no docstring -> function pairs in the train or val split (is the corpus Python?)")
+    return pairs, corpus
+
+
+def write_pairs(pairs: list[Pair], path: Path) -> None:
+    table = pa.table({
+        "prompt": [p.prompt for p in pairs],
+        "completion": [p.completion for p in pairs],
+        "source": [p.source for p in pairs],
+    })
+    pq.write_table(table, path, compression="zstd")
+
+
+def tokenize(tokenizer: Tokenizer, pairs: list[Pair]) -> list[tuple[list[int], list[int]]]:
+    prompts = tokenizer.encode_batch([p.prompt for p in pairs], add_special_tokens=False)
+    completions = tokenizer.encode_batch([p.completion for p in pairs], add_special_tokens=False)
+    return [(p.ids, c.ids) for p, c in zip(prompts, completions)]
+
+
+@dataclass
+class TaskData:
+    """The pairs as engine rows: train packed (or padded) per the config, val one pair per row."""
+
+    train_rows: tuple[torch.Tensor, torch.Tensor]
+    val_rows: tuple[torch.Tensor, torch.Tensor]
+    train_report: EncodeReport
+    val_report: EncodeReport
+
+    @classmethod
+    def encode(cls, tokenizer: Tokenizer, pairs: PairSet, seq_len: int, config: FinetuneConfig, source: Path) -> TaskData:
+        train_examples, train_report = encode_pairs(tokenize(tokenizer, pairs.train), seq_len, config.too_long)
+        val_examples, val_report = encode_pairs(tokenize(tokenizer, pairs.val), seq_len, config.too_long)
+        if not train_examples:
+            raise UserError(f"{source}: every train pair is longer than seq_len {seq_len} and was dropped")
+        return cls(to_rows(train_examples, seq_len, config.packed), to_rows(val_examples, seq_len, packed=False),
+                   train_report, val_report)
+
+    @property
+    def has_val(self) -> bool:
+        return len(self.val_rows[0]) > 0
+
+    def figures(self) -> dict[str, float]:
+        return {
+            "train_pairs": self.train_report.pairs,
+            "val_pairs": self.val_report.pairs,
+            "train_rows": len(self.train_rows[0]),
+            "truncated_pairs": self.train_report.truncated + self.val_report.truncated,
+            "dropped_pairs": self.train_report.dropped + self.val_report.dropped,
+        }
+
+
+# --- held-out figures ---------------------------------------------------------------
+
+
+def completion_figures(model: GPT, inputs: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor,
+                       batch_size: int) -> dict[str, float]:
+    """Completion loss and perplexity over held-out rows (one pair per row)."""
+    batches = ((inputs[i : i + batch_size], targets[i : i + batch_size]) for i in range(0, len(inputs), batch_size))
+    totals = score_batches(model, batches, byte_lengths, next(model.parameters()).device)
+    return {"completion_loss": totals.loss, "completion_perplexity": totals.perplexity}
+
+
+def parses(prompt: str, body: str) -> bool:
+    try:
+        ast.parse(prompt + body)
+    except (SyntaxError, ValueError):  # ValueError: a NUL character in the source
+        return False
+    return True
+
+
+def parse_rate(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], tokenized: list[list[int]],
+               max_new_tokens: int, batch_size: int) -> float:
+    """Share of greedy completions of `pairs`' prompts that make the prompt parse as Python."""
+    room = model.config.block_size - 1
+    ok = 0
+    for start in range(0, len(pairs), batch_size):
+        prompts = [[*ids, SEP_ID][-room:] for ids in tokenized[start : start + batch_size]]
+        bodies = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=EOS_ID)
+        for pair, body in zip(pairs[start : start + batch_size], bodies):
+            ok += parses(pair.prompt, tokenizer.decode([t for t in body if t != EOS_ID]))
+    return ok / len(pairs) if pairs else float("nan")
+
+
+def held_out_figures(model: GPT, tokenizer: Tokenizer, config: FinetuneConfig, val_pairs: list[Pair],
+                     val_rows: tuple[torch.Tensor, torch.Tensor], prefix: str) -> dict[str, float]:
+    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    figures = completion_figures(model, *val_rows, byte_lengths, config.micro_batch_size)
+    if config.task == DOCSTRING_TASK:
+        sample = val_pairs[: config.eval_pairs]
+        prompts = [ids for ids, _ in tokenize(tokenizer, sample)]
+        figures["parse_rate"] = parse_rate(model, tokenizer, sample, prompts, config.eval_max_new_tokens,
+                                           config.micro_batch_size)
+    return {f"{prefix}_{name}": value for name, value in figures.items()}
+
+
+# --- the stage ----------------------------------------------------------------------
+
+
+def finetune_fingerprint(config: FinetuneConfig, inputs: dict[str, str], block_size: int) -> str:
+    """`inputs`: sha256 of the base weights ("model"), the tokenizer and the pairs' source file."""
+    settings = {**config.settings(), "seq_len": config.seq_len or block_size}
+    return fingerprint("finetune", settings, inputs, FORMAT_VERSION)
+
+
+def run_finetune(
+    config: FinetuneConfig,
+    base_model: str | Path,
+    tokenizer: Path,
+    corpus: Path,
+    workspace: Path,
+    callback: Callable[[int, Mapping[str, float]], None] | None = None,
+) -> FinetuneOutput:
+    """Fine-tune `base_model` (a checkpoint directory or `models:/...` URI) on the config's pairs.
+
+    `tokenizer` is the pipeline's tokenizer.json and `corpus` its corpus Parquet (the source
+    of the default task). `callback(step, metrics)` receives the engine's step metrics.
+    A completed run with the same inputs is reused; an interrupted one resumes.
+    """
+    base = load_model_source(base_model, tokenizer)
+    block_size = base.model.config.block_size
+    seq_len = config.seq_len or block_size
+    if seq_len > block_size:
+        raise UserError(f"finetune.seq_len: {seq_len} exceeds the model's context ({block_size})")
+    pairs, pairs_source = load_pairs(config, corpus)
+    inputs = {"model": base.digest, "tokenizer": sha256_file(tokenizer), "pairs": sha256_file(pairs_source)}
+    stage = StageDir(Path(workspace), "finetune", finetune_fingerprint(config, inputs, block_size))
+
+    with stage.lock():
+        if stage.is_complete():
+            manifest = stage.read_manifest()
+            checkpoint = stage.path / manifest["checkpoint"]
+            return FinetuneOutput(stage.path, stage.fingerprint, checkpoint, manifest["metrics"], reused=True)
+        stage.path.mkdir(parents=True, exist_ok=True)  # not reset: its checkpoints are the resume point
+        write_pairs(pairs.train, stage.path / "pairs-train.parquet")
+        write_pairs(pairs.val, stage.path / "pairs-val.parquet")
+        tok = load_tokenizer(tokenizer)
+        data = TaskData.encode(tok, pairs, seq_len, config, pairs_source)
+
+        model = base.model
+        metrics = held_out_figures(model, tok, config, pairs.val, data.val_rows, "pretrained") if data.has_val else {}
+        env = DistributedEnv.from_environ()
+        train_data = PairBatches(*data.train_rows, config.micro_batch_size, seed=config.seed,
+                                 rank=env.rank, world_size=env.world_size)
+        val_data = PairBatches(*data.val_rows, config.micro_batch_size, shuffle=False,
+                               rank=env.rank, world_size=env.world_size) if data.has_val else None
+        result = train(model, config.train_config(), train_data, val_data, stage.path, callback)
+        model.cpu()
+        if data.has_val:
+            metrics |= held_out_figures(model, tok, config, pairs.val, data.val_rows, "finetuned")
+        metrics |= data.figures() | {"train_loss": result.train_loss}
+
+        write_json_atomic(stage.path / "metrics.json", metrics)
+        checkpoint = result.checkpoint.relative_to(stage.path).as_posix()
+        listed = ["pairs-train.parquet", "pairs-val.parquet", "metrics.json", f"{checkpoint}/{WEIGHTS}", f"{checkpoint}/{CONFIG}"]
+        stage.commit({
+            "format": FORMAT_VERSION,
+            "fingerprint": stage.fingerprint,
+            "inputs": inputs,
+            "checkpoint": checkpoint,
+            "metrics": metrics,
+            "files": [{"path": name, "sha256": sha256_file(stage.path / name)} for name in listed],
+        })
+    return FinetuneOutput(stage.path, stage.fingerprint, result.checkpoint, metrics, reused=False)
+
+
+@task(name="finetune", cache_policy=NO_CACHE)
+def finetune_task(
+    config: FinetuneConfig,
+    base_model: str | Path,
+    tokenizer: Path,
+    corpus: Path,
+    workspace: Path,
+    parent_run_id: str,
+) -> FinetuneOutput:
+    """`run_finetune` in a nested MLflow run: step metrics live, figures at the end."""
+    with tracking.child_run(parent_run_id, "finetune") as run_id:
+        tracking.log_params(run_id, {"finetune": config.model_dump(mode="json"), "base_model": str(base_model)})
+        with tracking.MetricsLogger(run_id) as logger:
+            output = run_finetune(config, base_model, tokenizer, corpus, workspace, callback=logger)
+        tracking.log_metrics(run_id, output.metrics)
+        tracking.log_metrics(parent_run_id, {name: output.metrics[name] for name in HEADLINE if name in output.metrics})
+        tracking.log_artifact(run_id, output.path / "metrics.json", "finetune")
+    create_markdown_artifact(
+        key="finetune",
+        markdown=metrics_markdown(f"Fine-tuning of {base_model}", output.metrics)
+        + f"\nCheckpoint: `{output.checkpoint}`\n\nMLflow run: {tracking.run_link(run_id)}\n",
+        description="fine-tuning figures, pretrained vs fine-tuned",
+    )
+    return output

@@ -1,0 +1,501 @@
+"""Stage 1, ingest: a text source -> one Parquet corpus of clean, deduplicated documents.
+
+Sources (`ingest.source`):
+- `python-stdlib` (the default): the `.py` files of the running Python's standard library,
+  found with `sysconfig`, never `site-packages`/`dist-packages`, without `test/`, `tests/`
+  and `idle_test/` unless `ingest.include_tests`.
+- a local file, directory (recursive) or glob of `.txt`/`.md`/`.py` files (one document
+  each), `.jsonl`/`.json` records and `.parquet` rows (the string in `ingest.text_field`).
+- `hf:NAME`: a Hugging Face dataset through `datasets` (`ingest.hf_config`,
+  `ingest.hf_split`, `ingest.text_field`, `ingest.streaming`).
+
+Document ids: a file's path relative to the source root (`file_doc_id`; for the stdlib,
+e.g. `json/decoder.py`), `PATH:LINE` for a `.jsonl` record, `PATH:INDEX` for a `.json`
+record or `.parquet` row, `SPLIT:INDEX` for a Hugging Face row. A document longer than
+`ingest.max_doc_chars` is cut at line breaks into pieces `ID#0`, `ID#1`, ...; every
+piece goes to the split of its document, decided by `split_of(ID, val_fraction, seed)`,
+a hash of the id, so the split is stable when the corpus grows.
+
+Cleaning, each step counted in the report: files that look binary are skipped; bytes
+that are not UTF-8 (and lone surrogates from JSON escapes) become U+FFFD; NUL characters
+are removed; optional Unicode NFC; pieces shorter than `ingest.min_chars` are dropped;
+exact duplicates (hash of the cleaned text) are dropped, keeping the first. Files are read
+in blocks, so memory is bounded by `max_doc_chars`, not by the size of a file or corpus.
+
+Output `<workspace>/ingest/<fingerprint>/corpus.parquet` with string columns `id`, `text`,
+`split` ("train"/"val"), documents in source order, zstd, row groups of about
+`CORPUS_ROW_GROUP_CHARS` characters (`read_corpus` streams it back in batches).
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import hashlib
+import json
+import re
+import itertools
+import sysconfig
+import unicodedata
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.errors import UserError
+from tasks.progress import progress
+from tasks.workspace import StageDir, atomic_path, fingerprint, sha256_file
+
+FORMAT_VERSION = 1
+STDLIB = "python-stdlib"
+HF_PREFIX = "hf:"
+SPLITS = ("train", "val")
+CORPUS_FILE = "corpus.parquet"
+CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("split", pa.string())])
+CORPUS_ROW_GROUP_CHARS = 8 << 20
+
+TEXT_SUFFIXES = (".txt", ".md", ".py")
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES
+STDLIB_EXCLUDED_DIRS = {"site-packages", "dist-packages"}
+STDLIB_TEST_DIRS = {"test", "tests", "idle_test"}
+
+READ_BYTES = 1 << 20  # files are read and decoded in blocks of this size
+BINARY_SNIFF_BYTES = 8192
+BINARY_ODD_SHARE = 0.3
+# Control characters that do not occur in text, and the lone surrogates that
+# `surrogateescape` decoding makes of bytes that are not UTF-8.
+_ODD_CHARS = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f\udc80-\udcff]")
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+class IngestConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(STDLIB, description="python-stdlib, a file, directory or glob, or hf:NAME")
+    include_tests: bool = Field(False, description="python-stdlib: keep test/, tests/, idle_test/")
+    text_field: str = Field("text", description="the text of a .jsonl/.json record, .parquet or hf row")
+    hf_config: str | None = None
+    hf_split: str = "train"
+    streaming: bool = Field(False, description="hf: stream rows instead of downloading first")
+    nfc: bool = Field(False, description="normalize text to Unicode NFC")
+    max_doc_chars: int = Field(1_000_000, ge=1, description="longer documents are cut into pieces")
+    min_chars: int = Field(64, ge=0, description="shorter documents are dropped")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of document ids in the val split")
+    seed: int = Field(0, description="salt of the split hash")
+
+
+class IngestOutput(BaseModel):
+    path: Path  # the stage directory
+    corpus: Path  # corpus.parquet
+    fingerprint: str
+    report: dict[str, Any]
+    reused: bool = False  # True when a verified earlier run was found and nothing was redone
+
+
+# -- the document split -------------------------------------------------------------
+
+
+def split_of(doc_id: str, val_fraction: float, seed: int) -> str:
+    """"val" for a `val_fraction` share of document ids, by hash: stable, order-independent."""
+    digest = hashlib.sha256(f"{seed}\0{doc_id}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
+
+
+def file_doc_id(path: Path, root: Path) -> str:
+    """A file's document id: its path relative to the source root, with '/' separators."""
+    return path.relative_to(root).as_posix()
+
+
+# -- finding the files of a source ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceFiles:
+    root: Path  # document ids are paths relative to this directory
+    files: list[Path]  # sorted by document id
+
+
+def find_source_files(config: IngestConfig) -> SourceFiles | None:
+    """The files a file-based source names (None for `hf:`); a UserError if there are none."""
+    if config.source == STDLIB:
+        return stdlib_files(config.include_tests)
+    if config.source.startswith(HF_PREFIX):
+        return None
+    return local_files(config.source)
+
+
+def stdlib_files(include_tests: bool = False) -> SourceFiles:
+    """The `.py` files of the running Python's standard library."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    excluded = STDLIB_EXCLUDED_DIRS | (set() if include_tests else STDLIB_TEST_DIRS)
+    files = [p for p in root.rglob("*.py") if not excluded & set(p.relative_to(root).parts[:-1])]
+    if not files:
+        raise UserError(f"ingest.source {STDLIB}: no .py files under {root}")
+    return SourceFiles(root, sorted(files, key=lambda p: file_doc_id(p, root)))
+
+
+def local_files(source: str) -> SourceFiles:
+    supported = "/".join(SUPPORTED_SUFFIXES)
+    if has_wildcard(source):
+        matches = [Path(m) for m in glob.glob(source, recursive=True) if Path(m).is_file()]
+        if not matches:
+            raise UserError(f"ingest.source: the glob {source!r} matches no files")
+        root = glob_root(source)
+    elif (path := Path(source)).is_dir():
+        root = path
+        matches = [p for p in path.rglob("*") if p.is_file() and not is_hidden(p, path)]
+    elif path.is_file():
+        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise UserError(f"ingest.source: {source}: unsupported file type (use {supported})")
+        return SourceFiles(path.parent, [path])
+    else:
+        raise UserError(f"ingest.source: {source}: no such file or directory")
+    files = [p for p in matches if p.suffix.lower() in SUPPORTED_SUFFIXES]
+    if not files:
+        raise UserError(f"ingest.source: {source!r} has {len(matches)} files but none of type {supported}")
+    return SourceFiles(root, sorted(files, key=lambda p: file_doc_id(p, root)))
+
+
+def has_wildcard(text: str) -> bool:
+    return any(char in text for char in "*?[")
+
+
+def glob_root(pattern: str) -> Path:
+    """The directory a glob searches in: its leading parts without wildcards."""
+    return Path(*itertools.takewhile(lambda part: not has_wildcard(part), Path(pattern).parts))
+
+
+def is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def source_signature(files: SourceFiles | None) -> str:
+    """What identifies the source's contents cheaply: each file's id, size and mtime.
+
+    `hf:` sources are identified by their name, config and split alone (in the config).
+    """
+    digest = hashlib.sha256()
+    for path in files.files if files else []:
+        stat = path.stat()
+        digest.update(f"{file_doc_id(path, files.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+# -- reading documents ----------------------------------------------------------------
+
+
+@dataclass
+class IngestStats:
+    """The counters of the ingest report."""
+
+    files_read: int = 0
+    files_binary_skipped: int = 0
+    files_without_text_field: int = 0  # .parquet files without the ingest.text_field column
+    records_without_text: int = 0  # JSON records and rows without a string ingest.text_field
+    documents_in: int = 0  # files, records and rows read
+    documents_split: int = 0  # documents longer than ingest.max_doc_chars ...
+    pieces_from_splits: int = 0  # ... and the pieces they were cut into
+    replaced_bytes: int = 0  # bytes that are not UTF-8 (or lone surrogates), now U+FFFD
+    nul_chars_removed: int = 0
+    dropped_short: int = 0
+    dropped_duplicate: int = 0
+    documents_out: int = 0
+    documents_train: int = 0
+    documents_val: int = 0
+    bytes_train: int = 0  # UTF-8 bytes of the kept text
+    bytes_val: int = 0
+
+    def kept(self, split: str, n_bytes: int) -> None:
+        if split == "train":
+            self.documents_train += 1
+            self.bytes_train += n_bytes
+        else:
+            self.documents_val += 1
+            self.bytes_val += n_bytes
+
+
+@dataclass
+class SourceDocument:
+    id: str
+    chunks: Iterable[str]  # the text, possibly streamed from disk in blocks
+
+
+def source_documents(config: IngestConfig, files: SourceFiles | None, stats: IngestStats) -> Iterator[SourceDocument]:
+    if files is None:
+        yield from hf_documents(config, stats)
+        return
+    for path in progress(files.files, "ingest", total=len(files.files)):
+        stats.files_read += 1
+        doc_id = file_doc_id(path, files.root)
+        suffix = path.suffix.lower()
+        if suffix in TEXT_SUFFIXES:
+            yield from text_file_documents(path, doc_id, stats)
+        elif suffix == ".jsonl":
+            yield from jsonl_documents(path, doc_id, config.text_field, stats)
+        elif suffix == ".json":
+            yield from json_documents(path, doc_id, config.text_field, stats)
+        else:
+            yield from parquet_documents(path, doc_id, config.text_field, stats)
+
+
+def text_file_documents(path: Path, doc_id: str, stats: IngestStats) -> Iterator[SourceDocument]:
+    with open(path, "rb") as f:
+        head = f.read(READ_BYTES)
+        if looks_binary(head[:BINARY_SNIFF_BYTES]):
+            stats.files_binary_skipped += 1
+            return
+        yield SourceDocument(doc_id, decoded_blocks(head, f))
+
+
+def looks_binary(sample: bytes) -> bool:
+    """Binary if many of the first bytes are control characters or not UTF-8."""
+    text = sample.decode("utf-8", "surrogateescape")
+    return len(_ODD_CHARS.findall(text)) > BINARY_ODD_SHARE * len(text)
+
+
+def decoded_blocks(first: bytes, rest: BinaryIO) -> Iterator[str]:
+    """Decode a file block by block; bytes that are not UTF-8 become lone surrogates here
+    (`surrogateescape`) and U+FFFD in `clean`, which counts them."""
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+    block = first
+    while block:
+        yield decoder.decode(block)
+        block = rest.read(READ_BYTES)
+    yield decoder.decode(b"", final=True)
+
+
+def jsonl_documents(path: Path, doc_id: str, text_field: str, stats: IngestStats) -> Iterator[SourceDocument]:
+    with open(path, "rb") as f:
+        for line_number, line in enumerate(f, start=1):
+            if line.strip():
+                text = record_text(line.decode("utf-8", "surrogateescape"), text_field)
+                yield from record_document(f"{doc_id}:{line_number}", text, stats)
+
+
+def json_documents(path: Path, doc_id: str, text_field: str, stats: IngestStats) -> Iterator[SourceDocument]:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8", "surrogateescape"))
+    except json.JSONDecodeError:
+        data = None
+    records = data if isinstance(data, list) else [data]
+    for index, record in enumerate(records):
+        text = record.get(text_field) if isinstance(record, dict) else None
+        yield from record_document(f"{doc_id}:{index}", text, stats)
+
+
+def record_text(line: str, text_field: str) -> Any:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return record.get(text_field) if isinstance(record, dict) else None
+
+
+def record_document(doc_id: str, text: Any, stats: IngestStats) -> Iterator[SourceDocument]:
+    if isinstance(text, str):
+        yield SourceDocument(doc_id, [text])
+    else:
+        stats.records_without_text += 1
+
+
+def parquet_documents(path: Path, doc_id: str, text_field: str, stats: IngestStats) -> Iterator[SourceDocument]:
+    table = pq.ParquetFile(path)
+    if text_field not in table.schema_arrow.names:
+        stats.files_without_text_field += 1
+        return
+    index = 0
+    for batch in table.iter_batches(batch_size=1024, columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            yield from record_document(f"{doc_id}:{index}", text, stats)
+            index += 1
+
+
+def hf_documents(config: IngestConfig, stats: IngestStats) -> Iterator[SourceDocument]:
+    import datasets  # slow to import; only hf: sources need it
+
+    name = config.source.removeprefix(HF_PREFIX)
+    try:
+        dataset = datasets.load_dataset(name, config.hf_config, split=config.hf_split, streaming=config.streaming)
+    except (FileNotFoundError, ValueError, ConnectionError) as e:
+        raise UserError(f"ingest.source {config.source}: cannot load the dataset ({e})") from e
+    columns = dataset.column_names
+    if columns is not None and config.text_field not in columns:
+        raise UserError(
+            f"ingest.text_field: {config.text_field!r} is not a column of {config.source} (columns: {columns})"
+        )
+    total = None if config.streaming else len(dataset)
+    for index, row in enumerate(progress(dataset, "ingest", total=total)):
+        yield from record_document(f"{config.hf_split}:{index}", row.get(config.text_field), stats)
+
+
+# -- cutting, cleaning, deduplicating ---------------------------------------------------
+
+
+def split_long(chunks: Iterable[str], max_chars: int) -> Iterator[str]:
+    """The text of `chunks` in pieces of at most `max_chars`, cut after the last line break
+    that fits, or hard at `max_chars` when a line is longer."""
+    buffer = ""
+    for chunk in chunks:
+        buffer += chunk
+        while len(buffer) > max_chars:
+            cut = buffer.rfind("\n", 0, max_chars) + 1 or max_chars
+            yield buffer[:cut]
+            buffer = buffer[cut:]
+    if buffer:
+        yield buffer
+
+
+def named_pieces(doc_id: str, pieces: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """`(id, text)` for a document that fits, `(id#0, ...), (id#1, ...)` for one that was cut."""
+    previous, index = next(pieces, None), 0
+    if previous is None:
+        return
+    for piece in pieces:
+        yield f"{doc_id}#{index}", previous
+        previous, index = piece, index + 1
+    yield (f"{doc_id}#{index}" if index else doc_id), previous
+
+
+def clean(text: str, nfc: bool, stats: IngestStats) -> str:
+    text, replaced = _SURROGATES.subn("\ufffd", text)
+    stats.replaced_bytes += replaced
+    if "\x00" in text:
+        stats.nul_chars_removed += text.count("\x00")
+        text = text.replace("\x00", "")
+    return unicodedata.normalize("NFC", text) if nfc else text
+
+
+class CorpusWriter:
+    """Appends documents to the corpus Parquet file, one row group per ~8M characters."""
+
+    def __init__(self, path: Path):
+        self._writer = pq.ParquetWriter(path, CORPUS_SCHEMA, compression="zstd")
+        self._columns: dict[str, list[str]] = {name: [] for name in CORPUS_SCHEMA.names}
+        self._chars = 0
+
+    def add(self, doc_id: str, text: str, split: str) -> None:
+        self._columns["id"].append(doc_id)
+        self._columns["text"].append(text)
+        self._columns["split"].append(split)
+        self._chars += len(text)
+        if self._chars >= CORPUS_ROW_GROUP_CHARS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._columns["id"]:
+            self._writer.write_table(pa.table(self._columns, schema=CORPUS_SCHEMA))
+            self._columns = {name: [] for name in CORPUS_SCHEMA.names}
+            self._chars = 0
+
+    def __enter__(self) -> CorpusWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.flush()
+        self._writer.close()
+
+
+def write_corpus(config: IngestConfig, files: SourceFiles | None, path: Path) -> IngestStats:
+    stats = IngestStats()
+    seen: set[bytes] = set()
+    with CorpusWriter(path) as writer:
+        for document in source_documents(config, files, stats):
+            stats.documents_in += 1
+            split = split_of(document.id, config.val_fraction, config.seed)
+            pieces = 0
+            for piece_id, raw in named_pieces(document.id, split_long(document.chunks, config.max_doc_chars)):
+                pieces += 1
+                text = clean(raw, config.nfc, stats)
+                if len(text) < config.min_chars:
+                    stats.dropped_short += 1
+                    continue
+                data = text.encode()
+                digest = hashlib.blake2b(data, digest_size=16).digest()
+                if digest in seen:
+                    stats.dropped_duplicate += 1
+                    continue
+                seen.add(digest)
+                writer.add(piece_id, text, split)
+                stats.kept(split, len(data))
+            if pieces > 1:
+                stats.documents_split += 1
+                stats.pieces_from_splits += pieces
+    stats.documents_out = stats.documents_train + stats.documents_val
+    return stats
+
+
+def check_usable(config: IngestConfig, stats: IngestStats) -> None:
+    """The only fatal corpus problems: nothing usable at all, or an empty split."""
+    if stats.documents_out == 0:
+        counts = ", ".join(f"{name}={count}" for name, count in asdict(stats).items() if count)
+        hint = f"ingest.min_chars is {config.min_chars}"
+        if stats.records_without_text or stats.files_without_text_field:
+            hint += f"; ingest.text_field {config.text_field!r} is missing in records or files"
+        raise UserError(f"ingest.source {config.source!r}: no usable document ({counts or 'nothing read'}); {hint}")
+    for split in SPLITS:
+        if getattr(stats, f"documents_{split}") == 0:
+            change = "raise" if split == "val" else "lower"
+            raise UserError(
+                f"ingest: the {split} split is empty ({stats.documents_out} documents, "
+                f"ingest.val_fraction={config.val_fraction}): {change} ingest.val_fraction or add documents"
+            )
+
+
+# -- the stage ------------------------------------------------------------------------
+
+
+def ingest_fingerprint(config: IngestConfig, files: SourceFiles | None) -> str:
+    # `streaming` changes how rows arrive, not which rows: it is not part of the result.
+    settings = config.model_dump(mode="json", exclude={"streaming"})
+    return fingerprint("ingest", settings, {"source": source_signature(files)}, FORMAT_VERSION)
+
+
+def run_ingest(config: IngestConfig, workspace: Path) -> IngestOutput:
+    """Read the source into `<workspace>/ingest/<fingerprint>/corpus.parquet` (or reuse it)."""
+    files = find_source_files(config)
+    stage = StageDir(Path(workspace).resolve(), "ingest", ingest_fingerprint(config, files))
+
+    def build(directory: Path) -> dict[str, Any]:
+        corpus = directory / CORPUS_FILE
+        with atomic_path(corpus) as tmp:
+            stats = write_corpus(config, files, tmp)
+            check_usable(config, stats)
+        return {
+            "format": FORMAT_VERSION,
+            "fingerprint": stage.fingerprint,
+            "source": config.source,
+            "files": [{"path": CORPUS_FILE, "rows": stats.documents_out, "sha256": sha256_file(corpus)}],
+            "report": asdict(stats),
+        }
+
+    manifest, reused = stage.build_once(build)
+    return IngestOutput(
+        path=stage.path,
+        corpus=stage.path / CORPUS_FILE,
+        fingerprint=stage.fingerprint,
+        report=manifest["report"],
+        reused=reused,
+    )
+
+
+def read_corpus(corpus: Path, split: str | None = None, batch_rows: int = 512) -> Iterator[pa.RecordBatch]:
+    """The corpus in order, in record batches (`id`, `text`, `split`), optionally one split only.
+
+    Memory is bounded by a batch and the corpus row group it comes from.
+    """
+    for batch in pq.ParquetFile(corpus).iter_batches(batch_size=batch_rows):
+        yield batch if split is None else batch.filter(pc.equal(batch.column("split"), split))
+
+
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest_task(config: IngestConfig, workspace: Path) -> IngestOutput:
+    """Prefect task over `run_ingest`; the stage directory's manifest does the caching."""
+    return run_ingest(config, workspace)

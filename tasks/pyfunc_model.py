@@ -1,0 +1,73 @@
+"""The registered model: an MLflow pyfunc that turns prompts into completions.
+
+It bundles three artifacts, none of them pickled: the weights (safetensors), the
+GPTConfig (JSON) and the tokenizer (`tokenizer.json`). The model is logged "from code":
+MLflow stores this file and runs it when loading, with the `model/` package bundled next
+to it, so `mlflow.pyfunc.load_model("models:/NAME@champion").predict(["def fib(n):"])`
+works in any process that has torch, tokenizers and safetensors.
+
+Sampling settings are inference params declared in the signature:
+`predict(prompts, params={"max_new_tokens": 32, "temperature": 0.8, "seed": 1})`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+from mlflow.pyfunc import PythonModel, PythonModelContext
+
+# Artifact names: the safetensors weights, the GPTConfig JSON, the tokenizer.json.
+WEIGHTS_ARTIFACT, CONFIG_ARTIFACT, TOKENIZER_ARTIFACT = "weights", "config", "tokenizer"
+
+# Defaults of the inference params (the signature declares them with these values).
+SAMPLING_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 40, "top_p": 1.0, "seed": -1}
+
+
+class TextGenerator(PythonModel):
+    """Prompts in, completions out: `list[str] -> list[str]`."""
+
+    # The declared signature (with the sampling params) validates inputs; MLflow's
+    # type-hint validation would replace it, so it is switched off.
+    _skip_type_hint_validation = True
+
+    def load_context(self, context: PythonModelContext) -> None:
+        import safetensors.torch
+        from tokenizers import Tokenizer
+
+        from model.config import GPTConfig
+        from model.gpt import GPT
+
+        config = GPTConfig.model_validate_json(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
+        self.model = GPT(config)
+        safetensors.torch.load_model(self.model, context.artifacts[WEIGHTS_ARTIFACT])
+        self.model.eval()
+        self.tokenizer = Tokenizer.from_file(context.artifacts[TOKENIZER_ARTIFACT])
+
+    # No type hints on `model_input`: MLflow would derive a signature from them and drop the
+    # declared sampling params. The input arrives as a list of strings, or as a DataFrame or
+    # Series when it comes from `mlflow models serve` or a pandas caller.
+    def predict(self, context: PythonModelContext, model_input, params: dict | None = None) -> list[str]:
+        from model.generate import generate
+        from model.special_tokens import EOS_ID
+
+        if hasattr(model_input, "columns"):  # a DataFrame: the prompts are its first column
+            model_input = model_input.iloc[:, 0]
+        settings = {**SAMPLING_DEFAULTS, **(params or {})}
+        # Training saw every document after an <|endoftext|>: starting there puts a prompt in
+        # the same position (and lets an empty prompt start a fresh document).
+        prompts = [[EOS_ID, *self.tokenizer.encode(text, add_special_tokens=False).ids] for text in list(model_input)]
+        completions = generate(
+            self.model,
+            prompts,
+            max_new_tokens=int(settings["max_new_tokens"]),
+            temperature=float(settings["temperature"]),
+            top_k=int(settings["top_k"]) or None,
+            top_p=float(settings["top_p"]),
+            eos_id=EOS_ID,
+            seed=None if int(settings["seed"]) < 0 else int(settings["seed"]),
+        )
+        return [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in completions]
+
+
+mlflow.models.set_model(TextGenerator())

@@ -1,0 +1,207 @@
+"""Stage: register the pipeline's final model in MLflow and decide whether it becomes champion.
+
+The model is logged as the pyfunc text generator (`tasks/pyfunc_model.py`) and registered
+as a new version of `name`, tagged with its lineage (data and tokenizer fingerprints, the
+project's git commit, the evaluation data it was scored on). Every new version gets the
+alias `candidate`. `champion` moves to it only when it beats the current champion on
+`gate_metric` over the same evaluation data: the champion's recorded figure is used when
+it was computed on exactly that data, otherwise the champion is evaluated again here. The
+first version becomes champion. The decision and both figures are logged on the stage's
+run and as tags of the new version.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field
+
+from model.checkpoint import CONFIG, WEIGHTS, load_model
+from model.errors import UserError
+from model.gpt import GPT
+from tasks import tracking
+from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, load_tokenizer
+from tasks.pyfunc_model import TOKENIZER_ARTIFACT, WEIGHTS_ARTIFACT
+from tasks.workspace import fingerprint, sha256_file
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+WEIGHTS_TAG = "weights_sha256"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class RegisterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    gate_metric: str = Field(
+        "val_bits_per_byte",
+        description="evaluation figure that decides champion; doc_* figures also compare models with different tokenizers",
+    )
+    lower_is_better: bool = Field(True, description="false for figures where higher wins, e.g. val_accuracy")
+
+
+@dataclass
+class EvalData:
+    """What the gate scores on: the final evaluation's settings and inputs."""
+
+    config: EvaluateConfig
+    shards: Path
+    corpus: Path
+
+    def fingerprint(self) -> str:
+        settings = self.config.model_dump(include={"stride", "max_documents"})
+        inputs = {"shards": sha256_file(self.shards / "manifest.json"), "corpus": sha256_file(self.corpus)}
+        return fingerprint("gate", settings, inputs, format_version=1)
+
+
+@dataclass
+class RegisterOutput:
+    name: str
+    version: str
+    model_uri: str  # models:/NAME/VERSION
+    champion_version: str
+    promoted: bool
+    decision: str
+    candidate_value: float
+    champion_value: float | None
+
+
+def git_commit() -> str:
+    """The project's commit, `-dirty` when the tree has changes; "unknown" outside git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def load_registered_model(model_uri: str) -> tuple[GPT, Path, Path]:
+    """A registered model's GPT, weights file and tokenizer.json, without running its pyfunc code."""
+    artifacts = tracking.model_artifacts(tracking.download_model(model_uri))
+    weights = artifacts.get(WEIGHTS_ARTIFACT)
+    if weights is None or not weights.is_file():
+        raise UserError(f"{model_uri}: not a gptflow text generator (no safetensors weights among its artifacts)")
+    # The pyfunc's artifacts sit side by side with checkpoint names (model.safetensors, config.json).
+    return load_model(weights.parent), weights, artifacts[TOKENIZER_ARTIFACT]
+
+
+def champion_figure(config: RegisterConfig, champion_uri: str, tokenizer: Path, eval_data: EvalData) -> float | None:
+    """The champion's `gate_metric` on `eval_data`, computed now; None if it cannot be compared."""
+    model, _, champion_tokenizer = load_registered_model(champion_uri)
+    tok = load_tokenizer(champion_tokenizer)
+    if sha256_file(champion_tokenizer) == sha256_file(tokenizer):
+        figures = evaluate_model(model, tok, eval_data.config, eval_data.shards, eval_data.corpus)
+    else:
+        # The shards are token ids of the candidate's tokenizer: only the figures over the
+        # corpus text itself are comparable.
+        figures = document_figures(model, tok, eval_data.config, eval_data.corpus)
+    return figures.get(config.gate_metric)
+
+
+def reuse_version(name: str, number: str, candidate_value: float, run_id: str) -> RegisterOutput:
+    """A rerun whose final weights are already registered: no new version; it becomes the
+    candidate again, and champion stays (the gate judged these weights when they were registered)."""
+    tracking.set_alias(name, CANDIDATE, number)
+    champion = tracking.version_for_alias(name, CHAMPION)
+    decision = f"version {number} already holds these weights; nothing new registered"
+    tracking.set_tags(run_id, {"gate.decision": decision, "registered_version": number})
+    champion_version = str(champion.version) if champion else ""
+    return RegisterOutput(name, number, f"models:/{name}/{number}", champion_version, False, decision, candidate_value, None)
+
+
+def run_register(
+    config: RegisterConfig,
+    name: str,
+    checkpoint: Path,
+    tokenizer: Path,
+    metrics: dict[str, float],
+    lineage: dict[str, str],
+    eval_data: EvalData,
+    run_id: str,
+) -> RegisterOutput:
+    """Log, register and gate the model in `checkpoint`; `metrics` is its final evaluation.
+
+    `lineage` (data and tokenizer fingerprints, ...) becomes version tags; `run_id` is the
+    MLflow run the model is logged under.
+    """
+    if config.gate_metric not in metrics:
+        raise UserError(f"register.gate_metric: {config.gate_metric!r} is not an evaluation figure; one of {sorted(metrics)}")
+    candidate_value = metrics[config.gate_metric]
+    weights_sha = sha256_file(checkpoint / WEIGHTS)
+    if existing := tracking.find_version(name, WEIGHTS_TAG, weights_sha):
+        return reuse_version(name, str(existing.version), candidate_value, run_id)
+    eval_fingerprint = eval_data.fingerprint()
+    logged_uri = tracking.log_text_generator(run_id, checkpoint / WEIGHTS, checkpoint / CONFIG, tokenizer)
+    version = tracking.register_version(
+        logged_uri,
+        name,
+        tags={
+            **lineage,
+            "git_commit": git_commit(),
+            WEIGHTS_TAG: weights_sha,
+            "eval_data_fingerprint": eval_fingerprint,
+            config.gate_metric: candidate_value,
+        },
+    )
+    tracking.set_alias(name, CANDIDATE, version)
+
+    champion = tracking.version_for_alias(name, CHAMPION)
+    champion_version = str(champion.version) if champion else version
+    champion_value: float | None = None
+    if champion is None:
+        promoted, decision = True, f"version {version} is the first champion"
+    else:
+        recorded = champion.tags.get(config.gate_metric)
+        if champion.tags.get("eval_data_fingerprint") == eval_fingerprint and recorded is not None:
+            champion_value = float(recorded)
+        else:
+            champion_value = champion_figure(config, f"models:/{name}/{champion_version}", tokenizer, eval_data)
+        if champion_value is None:
+            promoted = False
+            decision = (
+                f"champion version {champion_version} kept: its tokenizer differs, so {config.gate_metric} "
+                "is not comparable (gate on doc_bits_per_byte to compare across tokenizers)"
+            )
+        else:
+            promoted = candidate_value < champion_value if config.lower_is_better else candidate_value > champion_value
+            verb = "replaces" if promoted else "does not beat"
+            decision = (
+                f"version {version} {verb} champion version {champion_version}: "
+                f"{config.gate_metric} {candidate_value:.4f} vs {champion_value:.4f}"
+            )
+    if promoted:
+        tracking.set_alias(name, CHAMPION, version)
+        champion_version = version
+
+    output = RegisterOutput(name, version, f"models:/{name}/{version}", champion_version, promoted, decision, candidate_value, champion_value)
+    gate_figures = {"gate_candidate": candidate_value, **({"gate_champion": champion_value} if champion_value is not None else {})}
+    tracking.log_metrics(run_id, gate_figures)
+    tracking.set_tags(run_id, {"gate.decision": decision, "registered_version": version})
+    tracking.log_dict(run_id, {**asdict(output), "gate_metric": config.gate_metric, "lower_is_better": config.lower_is_better}, "gate.json")
+    tracking.set_version_tags(name, version, {"gate_decision": decision})
+    return output
+
+
+@task(name="register-model", cache_policy=NO_CACHE)
+def register_task(
+    config: RegisterConfig,
+    name: str,
+    checkpoint: Path,
+    tokenizer: Path,
+    metrics: dict[str, float],
+    lineage: dict[str, str],
+    eval_data: EvalData,
+    parent_run_id: str,
+) -> RegisterOutput:
+    """`run_register` in a nested MLflow run; the decision also tagged on the pipeline's run."""
+    with tracking.child_run(parent_run_id, "register") as run_id:
+        tracking.log_params(run_id, {"register": config.model_dump(), "name": name})
+        output = run_register(config, name, checkpoint, tokenizer, metrics, lineage, eval_data, run_id)
+    tracking.set_tags(parent_run_id, {"registered_version": output.version, "gate.decision": output.decision})
+    return output

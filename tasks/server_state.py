@@ -1,0 +1,69 @@
+"""The state file `gptflow up` writes: which local Prefect and MLflow servers are running.
+
+`gptflow up` records each server's PID, API address and UI address in
+`$GPTFLOW_HOME/servers.json` (`~/.gptflow` by default); `gptflow run` and the tracking
+module read it to use those servers when the environment names none. A record whose
+process has died is ignored, so a crashed server never sends runs to a dead address.
+This module only reads and writes the file; starting and stopping lives in
+`flows/servers.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tasks.workspace import write_json_atomic
+
+PREFECT = "prefect"
+MLFLOW = "mlflow"
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    pid: int
+    api_url: str  # what clients talk to: PREFECT_API_URL or MLFLOW_TRACKING_URI
+    ui_url: str  # what a person opens in a browser
+    log_file: str
+
+
+def gptflow_home() -> Path:
+    return Path(os.environ.get("GPTFLOW_HOME") or Path.home() / ".gptflow")
+
+
+def state_file() -> Path:
+    return gptflow_home() / "servers.json"
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def read_records() -> dict[str, ServerRecord]:
+    """Every recorded server, alive or not (what `gptflow down` must stop)."""
+    try:
+        data = json.loads(state_file().read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return {kind: ServerRecord(**fields) for kind, fields in data.items()}
+
+
+def live_server(kind: str) -> ServerRecord | None:
+    """The server of `kind` that `gptflow up` started, if its process is still running."""
+    record = read_records().get(kind)
+    return record if record is not None and is_alive(record.pid) else None
+
+
+def write_records(records: dict[str, ServerRecord]) -> None:
+    if records:
+        write_json_atomic(state_file(), {kind: asdict(r) for kind, r in records.items()})
+    else:
+        state_file().unlink(missing_ok=True)

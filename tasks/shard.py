@@ -1,0 +1,333 @@
+"""Stage 3, shard: corpus + tokenizer -> fixed-length training windows in Parquet files.
+
+The token stream of a split is every document of that split, in corpus order, each
+followed by `<|endoftext|>` (id 0). Window `i` of the stream is the `seq_len + 1` tokens
+starting at stream position `i * stride`: inputs are `window[:-1]`, next-token targets
+`window[1:]`. With `stride == seq_len` consecutive windows share one token (the last
+target of window `i` is the first input of window `i + 1`), so every stream token after
+the first is a target exactly once; with `stride < seq_len` windows overlap as in GPT-3's
+training examples. Tokens after the end of the last window are dropped and counted.
+
+Output directory `<workspace>/shard/<fingerprint>/`:
+
+    train-00000.parquet, train-00001.parquet, ..., val-00000.parquet, ..., manifest.json
+
+Each Parquet file has exactly one column, `tokens`, of Arrow type
+`fixed_size_list<uint16>[seq_len + 1]` (`uint32` when the vocabulary has more than 65,536
+ids), one row per window, windows in stream order: a split's stream continues from the
+last row of `<split>-0000k` to the first row of `<split>-0000(k+1)`. Compression is zstd.
+Every row group holds exactly `row_group_rows` windows except the last group of a split,
+so window `r` of a file is row `r % row_group_rows` of row group `r // row_group_rows`; a
+row group is about 256 KiB uncompressed, cheap to read whole for random access
+(`pyarrow.parquet.ParquetFile(path).read_row_group(g)`). Files are at most `shard_bytes`
+bytes on disk, are written under a temporary name and renamed, and `manifest.json` is
+written last (its presence means the directory is complete). `write_split` writes the
+files of one split from any token stream (for tests that need shards of a known stream).
+
+`manifest.json` (fields in this order; no timestamps or absolute paths, so two runs on
+the same inputs write byte-identical manifests):
+
+    format            int   layout version of this directory (FORMAT_VERSION)
+    fingerprint       str   this directory's name
+    inputs            {"corpus": ingest fingerprint, "tokenizer": bpe fingerprint}
+    seq_len           int   a window is seq_len + 1 tokens
+    stride            int   window i starts at stream token i * stride
+    dtype             "uint16" | "uint32"   numpy/Arrow type of the token ids
+    vocab_size        int   the tokenizer's vocabulary size (ids are < vocab_size)
+    tokenizer_sha256  str   sha256 of the tokenizer.json the windows were encoded with
+    eos_id            int   0, the `<|endoftext|>` id that ends every document
+    compression       "zstd"
+    row_group_rows    int   windows per row group (the last group of a file may be shorter)
+    files             [{"path": "train-00000.parquet", "split": "train", "rows": int,
+                        "tokens": rows * (seq_len + 1), "row_groups": int, "bytes": int,
+                        "sha256": str}, ...]   in split order (train, val), then index order
+    totals            {"train": {"rows", "tokens", "dropped_tokens", "documents",
+                                 "stream_tokens"}, "val": {...}}
+                      tokens = rows * (seq_len + 1); stream_tokens counts the whole
+                      stream (documents + one <|endoftext|> each); dropped_tokens are the
+                      stream tokens after the end of the last window
+    report            the stage report (flat dict of the totals, also in the flow artifact)
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from numpy.lib.stride_tricks import sliding_window_view
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tokenizers import Tokenizer
+
+from model.errors import UserError
+from model.special_tokens import EOS_ID
+from tasks.bpe import BPEOutput, load_tokenizer
+from tasks.ingest import SPLITS, IngestOutput, read_corpus
+from tasks.progress import progress
+from tasks.workspace import StageDir, atomic_path, fingerprint, sha256_file
+
+FORMAT_VERSION = 1
+COMPRESSION = "zstd"
+ROW_GROUP_BYTES = 256 << 10  # uncompressed bytes of a row group: one random read
+ENCODE_BATCH_ROWS = 256  # documents per encode_batch_fast call
+# Parquet's footer grows with the row groups it describes (measured: ~600 bytes + ~80
+# per group); these bounds leave room to spare when deciding whether a group still fits.
+FOOTER_BYTES = 2048
+FOOTER_BYTES_PER_GROUP = 256
+MIN_SHARD_BYTES = 4096
+
+
+class ShardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seq_len: int = Field(256, ge=1, description="tokens of context; a window is seq_len + 1 tokens")
+    stride: int | None = Field(None, ge=1, description="window i starts at token i * stride (default: seq_len)")
+    shard_bytes: int = Field(128 << 20, ge=MIN_SHARD_BYTES, description="largest Parquet file on disk")
+
+    @model_validator(mode="after")
+    def _stride_within_window(self) -> ShardConfig:
+        if self.stride is None:
+            self.stride = self.seq_len
+        if self.stride > self.seq_len:
+            raise ValueError(
+                f"stride ({self.stride}) must be at most seq_len ({self.seq_len}), or some tokens are never targets"
+            )
+        return self
+
+
+class ShardOutput(BaseModel):
+    path: Path  # the stage directory
+    manifest: Path  # manifest.json
+    fingerprint: str
+    report: dict[str, Any]
+    reused: bool = False
+
+
+# -- the token stream and its windows -------------------------------------------------
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
+
+
+@dataclass
+class StreamCounts:
+    documents: int = 0
+    stream_tokens: int = 0
+
+
+def with_eos(documents: list[list[int]], dtype: np.dtype) -> np.ndarray:
+    """The documents' token ids as one stream, each document followed by <|endoftext|>."""
+    length = sum(map(len, documents)) + len(documents)
+    tokens = itertools.chain.from_iterable(itertools.chain(doc, (EOS_ID,)) for doc in documents)
+    return np.fromiter(tokens, dtype, length)
+
+
+def token_stream(
+    tokenizer: Tokenizer, corpus: Path, split: str, dtype: np.dtype, counts: StreamCounts, documents: int
+) -> Iterator[np.ndarray]:
+    """A split's token stream, one encoded batch of documents at a time."""
+    batches = read_corpus(corpus, split, batch_rows=ENCODE_BATCH_ROWS)
+    for batch in progress(batches, f"shard {split}", total=math.ceil(documents / ENCODE_BATCH_ROWS)):
+        ids = [encoding.ids for encoding in tokenizer.encode_batch_fast(batch.column("text").to_pylist())]
+        chunk = with_eos(ids, dtype)
+        counts.documents += len(ids)
+        counts.stream_tokens += len(chunk)
+        yield chunk
+
+
+def window_count(stream_tokens: int, seq_len: int, stride: int) -> int:
+    """How many windows of seq_len + 1 tokens, one every `stride` tokens, fit in a stream."""
+    return 0 if stream_tokens < seq_len + 1 else (stream_tokens - seq_len - 1) // stride + 1
+
+
+def window_groups(stream: Iterable[np.ndarray], seq_len: int, stride: int, group_rows: int) -> Iterator[np.ndarray]:
+    """The stream's windows, `group_rows` at a time (the last group may have fewer), as
+    arrays of shape (rows, seq_len + 1). Only the stream from the next window's start on is
+    kept, so memory is bounded by a group plus one chunk of the stream."""
+    pending: np.ndarray | None = None
+
+    def cut(rows: int) -> np.ndarray:
+        nonlocal pending
+        span = (rows - 1) * stride + seq_len + 1
+        windows = sliding_window_view(pending[:span], seq_len + 1)[::stride].copy()
+        pending = pending[rows * stride :]
+        return windows
+
+    for chunk in stream:
+        pending = chunk if pending is None else np.concatenate([pending, chunk])
+        while window_count(len(pending), seq_len, stride) >= group_rows:
+            yield cut(group_rows)
+    if pending is not None and (rows := window_count(len(pending), seq_len, stride)):
+        yield cut(rows)
+
+
+# -- Parquet files ----------------------------------------------------------------------
+
+
+def row_group_rows(seq_len: int, dtype: np.dtype, shard_bytes: int) -> int:
+    """Windows per row group: ~ROW_GROUP_BYTES uncompressed, and many groups per file."""
+    return max(1, min(ROW_GROUP_BYTES, shard_bytes // 8) // ((seq_len + 1) * dtype.itemsize))
+
+
+def first_group_bound(rows: int, window: int, dtype: np.dtype) -> int:
+    """Before any group is written: uncompressed size plus level and page overhead."""
+    return rows * (window * dtype.itemsize + 8) + 1024
+
+
+def write_shards(
+    groups: Iterable[np.ndarray], directory: Path, split: str, dtype: np.dtype, shard_bytes: int
+) -> list[dict[str, Any]]:
+    """Write window groups (one row group each) to `<split>-00000.parquet`, ... of at most
+    `shard_bytes` each; return their manifest entries.
+
+    A group goes into the current file if the file's size, plus 1.5x the most a window has
+    taken so far times the group's rows, plus the footer still fit.
+    """
+    groups = iter(groups)
+    group = next(groups, None)
+    bytes_per_row = 0.0
+    files: list[dict[str, Any]] = []
+
+    def fits(size: int, groups_in_file: int, rows: int) -> bool:
+        footer = FOOTER_BYTES + FOOTER_BYTES_PER_GROUP * (groups_in_file + 1)
+        return size + 1.5 * bytes_per_row * rows + footer <= shard_bytes
+
+    while group is not None:
+        path = directory / f"{split}-{len(files):05d}.parquet"
+        window = group.shape[1]
+        schema = pa.schema([("tokens", pa.list_(pa.from_numpy_dtype(dtype), window))])
+        rows = groups_in_file = 0
+        with atomic_path(path) as tmp, pa.OSFile(str(tmp), "wb") as sink:
+            # Token ids hardly repeat within a page: dictionary encoding would cost time and
+            # make sizes less predictable; zstd does the compressing.
+            writer = pq.ParquetWriter(sink, schema, compression=COMPRESSION, use_dictionary=False)
+            while group is not None and (groups_in_file == 0 or fits(sink.tell(), groups_in_file, len(group))):
+                before = sink.tell()
+                column = pa.FixedSizeListArray.from_arrays(pa.array(group.reshape(-1)), window)
+                writer.write_table(pa.table([column], schema=schema), row_group_size=len(group))
+                bytes_per_row = max(bytes_per_row, (sink.tell() - before) / len(group))
+                rows, groups_in_file = rows + len(group), groups_in_file + 1
+                group = next(groups, None)
+            writer.close()
+        files.append(
+            {
+                "path": path.name,
+                "split": split,
+                "rows": rows,
+                "tokens": rows * window,
+                "row_groups": groups_in_file,
+                "bytes": path.stat().st_size,
+                "sha256": sha256_file(path),
+            }
+        )
+    return files
+
+
+def write_split(
+    stream: Iterable[np.ndarray], directory: Path, split: str, seq_len: int, stride: int, dtype: np.dtype, shard_bytes: int
+) -> list[dict[str, Any]]:
+    """Cut a split's token stream (chunks of token ids) into windows and write its shard
+    files; return their manifest entries. The stage uses it, and so can tests that need
+    shards of a known stream."""
+    groups = window_groups(stream, seq_len, stride, row_group_rows(seq_len, dtype, shard_bytes))
+    return write_shards(groups, directory, split, dtype, shard_bytes)
+
+
+# -- the stage ------------------------------------------------------------------------
+
+
+def split_totals(files: list[dict[str, Any]], counts: StreamCounts, config: ShardConfig) -> dict[str, int]:
+    rows = sum(entry["rows"] for entry in files)
+    # The windows cover the stream up to the end of the last one; the rest is dropped.
+    covered = (rows - 1) * config.stride + config.seq_len + 1 if rows else 0
+    return {
+        "rows": rows,
+        "tokens": rows * (config.seq_len + 1),
+        "dropped_tokens": counts.stream_tokens - covered,
+        "documents": counts.documents,
+        "stream_tokens": counts.stream_tokens,
+    }
+
+
+def check_shard_bytes(config: ShardConfig, vocab_size: int) -> None:
+    """A file must hold at least one window; known before anything is tokenized."""
+    dtype = token_dtype(vocab_size)
+    if first_group_bound(1, config.seq_len + 1, dtype) + FOOTER_BYTES + FOOTER_BYTES_PER_GROUP > config.shard_bytes:
+        raise UserError(
+            f"shard.shard_bytes={config.shard_bytes} is too small for one window of "
+            f"shard.seq_len + 1 = {config.seq_len + 1} {dtype.name} tokens"
+        )
+
+
+def check_filled(split: str, totals: dict[str, int], config: ShardConfig) -> None:
+    if totals["rows"] == 0:
+        more = "raise ingest.val_fraction" if split == "val" else "add documents"
+        raise UserError(
+            f"shard: the {split} split has {totals['stream_tokens']} tokens, fewer than "
+            f"shard.seq_len + 1 = {config.seq_len + 1}: lower shard.seq_len or {more}"
+        )
+
+
+def shard_fingerprint(config: ShardConfig, corpus_fingerprint: str, tokenizer_fingerprint: str) -> str:
+    inputs = {"corpus": corpus_fingerprint, "tokenizer": tokenizer_fingerprint}
+    return fingerprint("shard", config.model_dump(mode="json"), inputs, FORMAT_VERSION)
+
+
+def run_shard(config: ShardConfig, corpus: IngestOutput, tokenizer: BPEOutput, workspace: Path) -> ShardOutput:
+    """Encode the corpus and write `<workspace>/shard/<fingerprint>/` (or reuse it)."""
+    inputs = {"corpus": corpus.fingerprint, "tokenizer": tokenizer.fingerprint}
+    stage = StageDir(Path(workspace).resolve(), "shard", shard_fingerprint(config, corpus.fingerprint, tokenizer.fingerprint))
+    vocab_size = tokenizer.report["vocab_size"]
+    dtype = token_dtype(vocab_size)
+    check_shard_bytes(config, vocab_size)
+
+    def build(directory: Path) -> dict[str, Any]:
+        bpe = load_tokenizer(tokenizer.tokenizer)
+        files: dict[str, list[dict[str, Any]]] = {}
+        totals: dict[str, dict[str, int]] = {}
+        for split in reversed(SPLITS):  # val first: the split most likely too short fails fast
+            counts = StreamCounts()
+            stream = token_stream(bpe, corpus.corpus, split, dtype, counts, corpus.report[f"documents_{split}"])
+            files[split] = write_split(stream, directory, split, config.seq_len, config.stride, dtype, config.shard_bytes)
+            totals[split] = split_totals(files[split], counts, config)
+            check_filled(split, totals[split], config)
+        return {
+            "format": FORMAT_VERSION,
+            "fingerprint": stage.fingerprint,
+            "inputs": inputs,
+            "seq_len": config.seq_len,
+            "stride": config.stride,
+            "dtype": dtype.name,
+            "vocab_size": vocab_size,
+            "tokenizer_sha256": sha256_file(tokenizer.tokenizer),
+            "eos_id": EOS_ID,
+            "compression": COMPRESSION,
+            "row_group_rows": row_group_rows(config.seq_len, dtype, config.shard_bytes),
+            "files": [entry for split in SPLITS for entry in files[split]],
+            "totals": {split: totals[split] for split in SPLITS},
+            "report": {
+                f"{split}_{name}": value
+                for split in SPLITS
+                for name, value in [*totals[split].items(), ("files", len(files[split]))]
+            },
+        }
+
+    manifest, reused = stage.build_once(build)
+    return ShardOutput(
+        path=stage.path, manifest=stage.manifest_path, fingerprint=stage.fingerprint, report=manifest["report"], reused=reused
+    )
+
+
+@task(name="shard", cache_policy=NO_CACHE)
+def shard_task(config: ShardConfig, corpus: IngestOutput, tokenizer: BPEOutput, workspace: Path) -> ShardOutput:
+    """Prefect task over `run_shard`; the stage directory's manifest does the caching."""
+    return run_shard(config, corpus, tokenizer, workspace)

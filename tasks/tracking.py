@@ -1,0 +1,416 @@
+"""The one module that talks to MLflow.
+
+Every call names its run explicitly (`run_id`) and goes through `MlflowClient`: MLflow's
+"active run" is per thread, and Prefect runs tasks in worker threads, where the fluent API
+would silently open a fresh run. Nesting is MLflow's own convention, the
+`mlflow.parentRunId` tag, which the UI draws as a tree.
+
+Where runs go: `MLFLOW_TRACKING_URI` when set; else the MLflow server `gptflow up`
+started; else a SQLite database `mlflow.db` in the working directory, with artifacts in
+`./mlruns`, MLflow's own embedded default.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.data.dataset_source import DatasetSource
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_ALREADY_EXISTS,
+    RESOURCE_DOES_NOT_EXIST,
+    ErrorCode,
+)
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
+from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+
+from model.errors import UserError
+from tasks import server_state
+
+# Flush buffered training metrics at least this often, so the UI's charts stay live.
+METRICS_FLUSH_SECONDS = 5.0
+METRICS_FLUSH_COUNT = 1000
+
+
+def resolve_tracking_uri() -> str:
+    """The environment's URI, else `gptflow up`'s server, else the embedded SQLite default."""
+    if uri := mlflow.environment_variables.MLFLOW_TRACKING_URI.get():
+        return uri
+    if server := server_state.live_server(server_state.MLFLOW):
+        return server.api_url
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def client() -> MlflowClient:
+    """A client on the resolved URI; also points MLflow's module-level API there
+    (model logging and loading go through it)."""
+    uri = resolve_tracking_uri()
+    if mlflow.get_tracking_uri() != uri:
+        mlflow.set_tracking_uri(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def check_tracking_server(uri: str | None = None, attempts: int = 5, delay: float = 2.0) -> str:
+    """Make sure the tracking store answers before any work starts; returns the URI.
+
+    An HTTP server is asked for `/health` directly (MLflow's own REST client would retry
+    for minutes); a database store is opened and queried. After `attempts` tries,
+    `delay` seconds apart, the problem is reported naming the URI.
+    """
+    uri = uri or resolve_tracking_uri()
+    problem = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(delay)
+        try:
+            if uri.startswith(("http://", "https://")):
+                with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:
+                    response.read()
+            else:
+                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+            return uri
+        except (OSError, urllib.error.URLError, MlflowException) as e:
+            problem = str(e).splitlines()[0] if str(e) else type(e).__name__
+    raise UserError(
+        f"MLflow tracking server {uri} is unreachable after {attempts} attempts ({problem}); "
+        "start it with `gptflow up`, or set MLFLOW_TRACKING_URI"
+    )
+
+
+def experiment_id(name: str) -> str:
+    """The id of experiment `name`, created on first use (safe when two runs race)."""
+    mlflow_client = client()
+    if experiment := mlflow_client.get_experiment_by_name(name):
+        return experiment.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=_artifact_location(name))
+    except MlflowException as e:
+        if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return mlflow_client.get_experiment_by_name(name).experiment_id
+
+
+def _artifact_location(experiment: str) -> str | None:
+    """For a SQLite store, artifacts next to the database (MLflow would use `./mlruns` of
+    whatever directory the process runs in); a server decides for itself."""
+    uri = resolve_tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return None
+    database = Path(uri.removeprefix("sqlite:///"))
+    return (database.parent / "mlruns" / experiment).resolve().as_uri()
+
+
+def start_run(
+    experiment: str,
+    run_name: str,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> str:
+    """Open a run in `experiment` (nested under `parent_run_id` if given); returns its id."""
+    all_tags = {key: truncate(str(value), MAX_TAG_VAL_LENGTH) for key, value in (tags or {}).items()}
+    if parent_run_id:
+        all_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    run = client().create_run(experiment_id(experiment), tags=all_tags, run_name=run_name)
+    return run.info.run_id
+
+
+@contextmanager
+def child_run(parent_run_id: str, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:
+    """A stage's nested run under the pipeline's run, in the same experiment; ended by `ending`."""
+    experiment = get_run(parent_run_id).info.experiment_id
+    run = client().create_run(
+        experiment, tags={**(tags or {}), MLFLOW_PARENT_RUN_ID: parent_run_id}, run_name=run_name
+    )
+    with ending(run.info.run_id):
+        yield run.info.run_id
+
+
+@contextmanager
+def ending(run_id: str) -> Iterator[str]:
+    """End `run_id` by how the block ends: FINISHED, FAILED on an exception, or KILLED when
+    the process is stopped (Ctrl-C, a cancelled flow run's SIGTERM), so the UI never shows
+    a run as still running."""
+    try:
+        yield run_id
+    except BaseException as e:
+        # Prefect's TerminationSignal (a cancelled flow run) is a BaseException too, but
+        # not an Exception; neither are Ctrl-C and SystemExit.
+        end_run(run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
+        raise
+    end_run(run_id)
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    """Close a run as FINISHED, FAILED or KILLED."""
+    RunStatus.from_string(status)  # refuses a misspelt status before it reaches the store
+    client().set_terminated(run_id, status=status)
+
+
+def set_tags(run_id: str, tags: Mapping[str, Any]) -> None:
+    tag_list = [RunTag(key, truncate(str(value), MAX_TAG_VAL_LENGTH)) for key, value in tags.items()]
+    client().log_batch(run_id, tags=tag_list)
+
+
+def flatten(nested: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"a": {"b": 1}, "c": [1, 2]}` -> `{"a.b": 1, "c": [1, 2]}` (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, prefix=f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def log_params(run_id: str, params: Mapping[str, Any]) -> None:
+    """Log a (nested) config as flattened dotted params.
+
+    MLflow stores at most 6000 characters per value: longer ones (a long prompt list) are
+    cut with "..." here rather than failing the run; the resolved config is logged whole as
+    an artifact. The client splits the batch into MLflow's 100-param requests.
+    """
+    param_list = [Param(key, truncate(str(value), MAX_PARAM_VAL_LENGTH)) for key, value in flatten(params).items()]
+    client().log_batch(run_id, params=param_list)
+
+
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+    """Log summary metrics (evaluation results) in one request."""
+    now = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
+
+
+class MetricsLogger:
+    """A progress callback for training loops: `logger(step, {"loss": 2.3, "lr": 1e-3})`.
+
+    Buffers metrics and sends them with `log_batch` every few seconds or thousand values,
+    so a fast loop does not make one HTTP request per step. Call `flush()` (or use it as a
+    context manager) at the end so the last steps are not lost.
+    """
+
+    def __init__(self, run_id: str):
+        self.run_id = run_id
+        self._client = client()
+        self._pending: list[Metric] = []
+        self._last_flush = time.monotonic()
+
+    def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(key, float(value), now, int(step)) for key, value in metrics.items())
+        if len(self._pending) >= METRICS_FLUSH_COUNT or time.monotonic() - self._last_flush >= METRICS_FLUSH_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pending:
+            self._client.log_batch(self.run_id, metrics=self._pending)
+            self._pending = []
+        self._last_flush = time.monotonic()
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.flush()
+
+
+def log_artifact(run_id: str, path: Path | str, artifact_path: str | None = None) -> None:
+    """Upload a file, or a directory's contents, to the run's artifacts."""
+    path = Path(path)
+    if path.is_dir():
+        client().log_artifacts(run_id, str(path), artifact_path)
+    else:
+        client().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_dict(run_id: str, data: Any, artifact_file: str) -> None:
+    """Save a dict as a JSON or YAML artifact (by the file's extension)."""
+    client().log_dict(run_id, data, artifact_file)
+
+
+def log_text(run_id: str, text: str, artifact_file: str) -> None:
+    client().log_text(run_id, text, artifact_file)
+
+
+def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
+    """Save a matplotlib figure (a loss curve) as an image artifact."""
+    client().log_figure(run_id, figure, artifact_file)
+
+
+def log_dataset(
+    run_id: str,
+    name: str,
+    digest: str,
+    source: Path | str,
+    context: str,
+    profile: Mapping[str, Any] | None = None,
+) -> None:
+    """Record a dataset the run read (the corpus, the shards) by name, digest and location.
+
+    Only metadata is logged: the data stays in the workspace and `digest` (a stage
+    fingerprint or sha256) says exactly which version was used. `context` is the role shown
+    in the UI, e.g. "pretrain" or "eval".
+    """
+    source_entity = _dataset_source(str(source))
+    dataset = Dataset(
+        name=name,
+        digest=digest[:MAX_DATASET_DIGEST_SIZE],
+        source_type=source_entity._get_source_type(),
+        source=source_entity.to_json(),
+        profile=json.dumps(profile, sort_keys=True, default=str) if profile is not None else None,
+    )
+    client().log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+
+def _dataset_source(source: str) -> DatasetSource:
+    if source.startswith(("http://", "https://")):
+        return HTTPDatasetSource(source)
+    # A local path resolves to MLflow's local source; the registry warns that two
+    # registrations match the same "file" scheme, which is harmless.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return resolve_dataset_source(str(Path(source).resolve()))
+
+
+def get_run(run_id: str) -> mlflow.entities.Run:
+    return client().get_run(run_id)
+
+
+def run_link(run_id: str) -> str:
+    """Where a person sees the run: the UI page when the server is HTTP, else `runs:/ID`."""
+    uri = resolve_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        experiment = get_run(run_id).info.experiment_id
+        return f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return f"runs:/{run_id} (tracking store {uri}; browse with `mlflow ui --backend-store-uri {uri}`)"
+
+
+
+# --- the model registry -------------------------------------------------------------
+
+PYFUNC_MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+MODEL_PACKAGE = Path(__file__).parents[1] / "model"
+# What the pyfunc needs at load time, pinned to this environment's versions: `mlflow models
+# serve` and `load_model` read them; inferring them instead costs seconds per log.
+PYFUNC_REQUIREMENTS = ("torch", "tokenizers", "safetensors", "pydantic", "numpy")
+
+
+def log_text_generator(run_id: str, weights: Path, model_config: Path, tokenizer: Path, name: str = "model") -> str:
+    """Log the pyfunc text generator (`tasks/pyfunc_model.py`) with its three artifacts.
+
+    The `model/` package is bundled as code, so the logged model loads with nothing of this
+    project installed. Returns the model URI (`models:/m-...`) to register.
+    """
+    from importlib.metadata import version
+
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    from tasks.pyfunc_model import CONFIG_ARTIFACT, SAMPLING_DEFAULTS, TOKENIZER_ARTIFACT, WEIGHTS_ARTIFACT
+
+    param_types = {int: DataType.long, float: DataType.double}
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.string)]),
+        outputs=Schema([ColSpec(DataType.string)]),
+        params=ParamSchema([ParamSpec(key, param_types[type(value)], value) for key, value in SAMPLING_DEFAULTS.items()]),
+    )
+    mlflow_client = client()
+    run = mlflow_client.get_run(run_id)
+    # Created explicitly so the model lives in the run's experiment (MLflow would otherwise
+    # file it under the process's active experiment, the Default one).
+    logged = mlflow_client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id)
+    with warnings.catch_warnings():
+        # MLflow asks for an input example to check the signature by running the model;
+        # the signature is declared here, and loading the model just to log it is slow.
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+        info = Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=logged.model_id,
+            python_model=str(PYFUNC_MODEL_CODE),
+            artifacts={WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(model_config), TOKENIZER_ARTIFACT: str(tokenizer)},
+            code_paths=[str(MODEL_PACKAGE)],
+            signature=signature,
+            pip_requirements=[f"{package}=={version(package)}" for package in PYFUNC_REQUIREMENTS],
+        )
+    return info.model_uri
+
+
+def register_version(model_uri: str, name: str, tags: Mapping[str, str]) -> str:
+    """A new version of registered model `name` (created on first use); returns its number."""
+    client()  # points the module-level API at the resolved URI
+    version = mlflow.register_model(model_uri, name, tags={key: str(value) for key, value in tags.items()})
+    return str(version.version)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    client().set_registered_model_alias(name, alias, version)
+
+
+def set_version_tags(name: str, version: str, tags: Mapping[str, Any]) -> None:
+    mlflow_client = client()
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, version, key, str(value))
+
+
+def version_for_alias(name: str, alias: str) -> mlflow.entities.model_registry.ModelVersion | None:
+    """The version `alias` points at, or None when the model or the alias does not exist yet."""
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if e.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)):
+            return None
+        raise
+
+
+def find_version(name: str, tag: str, value: str) -> mlflow.entities.model_registry.ModelVersion | None:
+    """The newest version of `name` whose tag `tag` equals `value`, if any."""
+    versions = client().search_model_versions(f"name = '{name}'")
+    matches = [v for v in versions if v.tags.get(tag) == value]
+    return max(matches, key=lambda v: int(v.version), default=None)
+
+
+def download_model(model_uri: str) -> Path:
+    """Download a logged or registered model; returns the directory holding `MLmodel`."""
+    client()
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tempfile.mkdtemp(prefix="gptflow-model-")))
+    except MlflowException as e:
+        raise UserError(f"{model_uri}: no such model in the registry at {resolve_tracking_uri()} ({e.message})") from None
+
+
+def model_artifacts(model_dir: Path) -> dict[str, Path]:
+    """The pyfunc's artifacts by name (weights, config, tokenizer) inside a downloaded model."""
+    from mlflow.models import Model
+
+    flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
+    return {key: model_dir / entry["path"] for key, entry in flavor.get("artifacts", {}).items()}
+
+
+def load_text_generator(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """The pyfunc of a logged or registered model, ready to `predict(prompts, params=...)`."""
+    client()
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as e:
+        raise UserError(f"{model_uri}: cannot load the model from {resolve_tracking_uri()} ({e.message})") from None

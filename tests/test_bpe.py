@@ -1,0 +1,87 @@
+"""The bpe stage: a byte-level BPE that round-trips everything, trained on the train split."""
+
+from __future__ import annotations
+
+import json
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import pre_tokenizers
+
+from flows.config import load_config
+from model.errors import UserError
+from model.special_tokens import EOS, EOS_ID, PAD, PAD_ID, SEP, SEP_ID
+from tasks.bpe import BPEConfig, load_tokenizer, run_bpe
+from tasks.ingest import IngestConfig, run_ingest, split_of
+
+VAL_FRACTION = 0.3
+TRAIN_LINE = "quokka = {i}  # the quokka smiles\nprint(quokka, 'café ✓')\n"
+VAL_LINE = "zyzzyva = {i}  # the zyzzyva hides\nprint(zyzzyva)\n"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tokenizer trained on a micro corpus whose val documents alone say 'zyzzyva'."""
+    root = tmp_path_factory.mktemp("bpe")
+    lines = []
+    for line_number in range(1, 61):
+        template = VAL_LINE if split_of(f"c.jsonl:{line_number}", VAL_FRACTION, 0) == "val" else TRAIN_LINE
+        lines.append(json.dumps({"text": "".join(template.format(i=i) for i in range(line_number, line_number + 8))}))
+    (root / "c.jsonl").write_text("\n".join(lines) + "\n")
+    corpus = run_ingest(IngestConfig(source=str(root / "c.jsonl"), val_fraction=VAL_FRACTION), root / "ws")
+    output = run_bpe(BPEConfig(vocab_size=400, min_frequency=2), corpus, root / "ws")
+    val_texts = [json.loads(line)["text"] for line in lines if "zyzzyva" in line]
+    return corpus, output, load_tokenizer(output.tokenizer), val_texts
+
+
+def test_special_tokens_have_fixed_ids_and_all_256_bytes_are_tokens(trained):
+    tokenizer = trained[2]
+    assert [tokenizer.token_to_id(t) for t in (EOS, PAD, SEP)] == [EOS_ID, PAD_ID, SEP_ID]
+    assert set(pre_tokenizers.ByteLevel.alphabet()) <= set(tokenizer.get_vocab())
+    assert len(pre_tokenizers.ByteLevel.alphabet()) == 256
+
+
+def test_trained_on_the_train_split_only(trained):
+    tokenizer = trained[2]
+    assert len(tokenizer.encode(" quokka").ids) == 1  # frequent in train: merged into one token
+    assert len(tokenizer.encode(" zyzzyva").ids) > 2  # frequent too, but only in val: not learned
+
+
+def test_report_measures_the_val_split(trained):
+    corpus, output, tokenizer, val_texts = trained
+    n_bytes = sum(len(t.encode()) for t in val_texts)
+    n_tokens = sum(len(tokenizer.encode(t).ids) for t in val_texts)
+    assert output.report["vocab_size"] == tokenizer.get_vocab_size() <= 400  # a micro corpus has fewer merges
+    assert output.report["val_documents"] == len(val_texts) == corpus.report["documents_val"]
+    assert output.report["val_bytes_per_token"] == pytest.approx(n_bytes / n_tokens, abs=1e-4)
+    assert output.report["val_roundtrip_failures"] == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=200))
+def test_any_text_round_trips(trained, text):
+    tokenizer = trained[2]
+    assert tokenizer.decode(tokenizer.encode(text).ids, skip_special_tokens=False) == text
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_random_bytes_round_trip_as_ingest_leaves_them(trained, data):
+    tokenizer = trained[2]
+    text = data.decode("utf-8", "replace")  # what ingest makes of bytes that are not UTF-8
+    assert tokenizer.decode(tokenizer.encode(text).ids, skip_special_tokens=False).encode() == text.encode()
+
+
+def test_special_token_text_inside_a_document_is_plain_text(trained):
+    tokenizer = trained[2]
+    ids = tokenizer.encode(f"a{EOS}b{SEP}").ids
+    assert EOS_ID not in ids and SEP_ID not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=False) == f"a{EOS}b{SEP}"
+
+
+def test_a_vocab_smaller_than_the_byte_alphabet_fails_at_load_time(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("name: t\nbpe: {vocab_size: 8192}\n")
+    with pytest.raises(UserError, match=r"c.yaml: field 'bpe.vocab_size'.*at least 259"):
+        load_config(config, ["bpe.vocab_size=258"])
+    assert load_config(config, ["bpe.vocab_size=259"]).bpe.vocab_size == 259

@@ -1,0 +1,162 @@
+"""The whole pipeline on a micro config: Prefect (the session's test server) and MLflow (the
+session's temporary SQLite store), then the registry's champion gate across runs."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+
+import pytest
+from mlflow.tracking import MlflowClient
+from pipeline_micro import write_config
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.config import load_config
+from flows.pipeline import artifact_key, pipeline
+from model.errors import UserError
+from tasks import tracking
+from tasks.register import CANDIDATE, CHAMPION
+
+DATA_STAGES = ("ingest", "bpe", "shard")
+
+
+@pytest.fixture(scope="module")
+def micro(tmp_path_factory):
+    return write_config(tmp_path_factory.mktemp("pipeline"), name=f"micro-{uuid.uuid4().hex[:6]}")
+
+
+def stage_runs(parent_run_id):
+    """The nested runs under a pipeline run, by name (evaluate twice: pretrained, finetuned)."""
+    mlflow_client = MlflowClient(tracking.resolve_tracking_uri())
+    parent = mlflow_client.get_run(parent_run_id)
+    runs = mlflow_client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", order_by=["start_time ASC"]
+    )
+    by_name = {}
+    for run in runs:
+        by_name.setdefault(run.info.run_name, []).append(run)
+    return by_name
+
+
+def committed_fingerprint(workspace, stage):
+    (manifest,) = (workspace / stage).glob("*/manifest.json")
+    return json.loads(manifest.read_text())["fingerprint"]
+
+
+def test_pipeline_end_to_end_then_rerun_skips(prefect_server, micro):
+    config = load_config(micro)
+    result = pipeline(config)
+
+    # Registry: one version, candidate and champion, with its lineage.
+    registered = result.registered
+    assert (registered.version, registered.champion_version) == ("1", "1")
+    for alias in (CANDIDATE, CHAMPION):
+        assert str(tracking.version_for_alias(config.name, alias).version) == "1"
+    tags = tracking.version_for_alias(config.name, CANDIDATE).tags
+    assert tags["data_fingerprint"] == committed_fingerprint(config.workspace, "ingest")
+    assert tags["tokenizer_fingerprint"] == committed_fingerprint(config.workspace, "bpe")
+    expected_commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert tags["git_commit"].startswith(expected_commit)
+
+    # MLflow: a parent run tagged with the flow run, a nested run per stage with its figures.
+    parent = tracking.get_run(result.mlflow_run_id)
+    assert parent.data.tags["prefect.flow_run_id"]
+    assert {d.dataset.name: d.dataset.digest for d in parent.inputs.dataset_inputs} == {
+        "corpus": committed_fingerprint(config.workspace, "ingest"),
+        "shards": committed_fingerprint(config.workspace, "shard"),
+    }
+    runs = stage_runs(result.mlflow_run_id)
+    assert set(runs) == {*DATA_STAGES, "pretrain", "evaluate", "finetune", "register"}
+    assert len(runs["evaluate"]) == 2
+    assert all(run.info.status == "FINISHED" for group in runs.values() for run in group)
+    (pretrain_run,) = runs["pretrain"]
+    losses = MlflowClient(tracking.resolve_tracking_uri()).get_metric_history(pretrain_run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == list(range(1, config.pretrain.max_steps + 1))
+    assert pretrain_run.data.params["pretrain.max_steps"] == str(config.pretrain.max_steps)
+    finetuned_eval = runs["evaluate"][1].data.metrics
+    assert finetuned_eval["val_bits_per_byte"] == pytest.approx(result.metrics["val_bits_per_byte"])
+    assert runs["register"][0].data.metrics["gate_candidate"] == pytest.approx(result.metrics["val_bits_per_byte"])
+    assert runs["ingest"][0].data.tags["reused"] == "False"
+
+    # Prefect: the flow run's summary artifact links its MLflow run.
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(config.name)])))
+    assert artifacts and result.mlflow_run_id in artifacts[0].data
+    assert "val_bits_per_byte" in artifacts[0].data
+
+    # The registered pyfunc loads in a fresh process and writes text.
+    script = (
+        "import json, mlflow\n"
+        f"model = mlflow.pyfunc.load_model('models:/{config.name}@champion')\n"
+        "print(json.dumps(model.predict(['def plus', ''], params={'max_new_tokens': 6, 'seed': 1})))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    completions = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert len(completions) == 2 and all(isinstance(text, str) for text in completions)
+
+    # A rerun plans nothing but the registry, skips the data stages, registers nothing new.
+    dry_run = CliRunner().invoke(app, ["run", str(micro), "--dry-run"])
+    assert dry_run.exit_code == 0, dry_run.output
+    planned = dict(line.split()[:2] for line in dry_run.output.split("# stages")[1].splitlines()[1:] if line.strip())
+    assert planned == {"ingest": "skip", "bpe": "skip", "shard": "skip", "pretrain": "skip", "evaluate": "skip",
+                       "finetune": "skip", "register": "run"}  # fmt: skip
+    again = pipeline(config)
+    assert again.registered.version == "1" and "nothing new registered" in again.registered.decision
+    rerun = stage_runs(again.mlflow_run_id)
+    assert all(rerun[stage][0].data.tags["reused"] == "True" for stage in DATA_STAGES)
+
+
+def test_champion_moves_only_to_a_better_version(prefect_server, micro):
+    name = f"gate-{uuid.uuid4().hex[:6]}"
+
+    def run(*overrides):
+        return pipeline(load_config(micro, [f"name={name}", "finetune=null", *overrides])).registered
+
+    first = run("pretrain.max_steps=4")
+    better = run("pretrain.max_steps=40")
+    worse = run("pretrain.max_steps=2", "pretrain.lr=1.0e-5")
+
+    assert first.promoted and first.version == "1"
+    assert better.promoted and better.candidate_value < better.champion_value
+    assert not worse.promoted and worse.candidate_value > worse.champion_value
+    assert str(tracking.version_for_alias(name, CHAMPION).version) == better.version == "2"
+    assert str(tracking.version_for_alias(name, CANDIDATE).version) == worse.version == "3"
+
+
+def test_unreachable_tracking_server_stops_before_any_stage(prefect_server, micro, monkeypatch, tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    config = load_config(micro, [f"workspace={tmp_path / 'workspace'}"])
+    with pytest.raises(UserError, match=f"MLflow tracking server {uri} is unreachable"):
+        pipeline(config)
+    assert not (tmp_path / "workspace").exists()
+
+
+def test_status_and_clean(prefect_server, micro, tmp_path):
+    config = load_config(micro)
+    # An interrupted stage: a directory without a manifest.
+    half_built = config.workspace / "pretrain" / "0123456789abcdef"
+    half_built.mkdir(parents=True)
+    (half_built / "partial.bin").write_bytes(b"x" * 10)
+
+    status = CliRunner().invoke(app, ["status", str(config.workspace)])
+    assert status.exit_code == 0
+    lines = [line.split() for line in status.output.splitlines()]
+    assert ["pretrain", "0123456789abcdef", "10", "B", "incomplete"] in lines
+    assert sum(line[-1] == "complete" for line in lines) >= 6
+
+    dry = CliRunner().invoke(app, ["clean", str(config.workspace), "--dry-run"])
+    assert f"would remove {half_built} (incomplete" in dry.output and half_built.exists()
+    kept = CliRunner().invoke(app, ["clean", str(config.workspace), "--keep", str(micro)])
+    assert kept.exit_code == 0, kept.output
+    assert not half_built.exists()
+    # What the config refers to stays: its plan still skips every stage.
+    assert "run" not in CliRunner().invoke(app, ["run", str(micro), "--dry-run"]).output.split("# stages")[1].split("register")[0]

@@ -1,0 +1,140 @@
+"""The prepare-data flow: determinism, reuse, invalidation, concurrency, artifact, CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from flows.config import load_config
+from flows.prepare import PreparedData, artifact_key, prepare_data, prepare_data_locally
+
+STDLIB_FILES = ["abc.py", "bisect.py", "colorsys.py", "fnmatch.py", "heapq.py", "keyword.py", "shlex.py", "textwrap.py"]
+GPTFLOW = str(Path(sys.executable).with_name("gptflow"))
+
+
+@pytest.fixture(scope="module")
+def micro_config(tmp_path_factory) -> Path:
+    """A config file for a micro corpus of a few stdlib modules, vocab 300, seq_len 32."""
+    root = tmp_path_factory.mktemp("prepare")
+    (root / "src").mkdir()
+    for name in STDLIB_FILES:
+        shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / name, root / "src" / name)
+    config = root / "micro.yaml"
+    config.write_text(
+        "name: micro\n"
+        f"workspace: {root / 'workspace'}\n"
+        f"ingest: {{source: {root / 'src'}, val_fraction: 0.3, seed: 0}}\n"
+        "bpe: {vocab_size: 300, min_frequency: 2}\n"
+        "shard: {seq_len: 32, shard_bytes: 16384}\n"
+    )
+    return config
+
+
+def prepare(micro_config: Path, workspace: Path, *overrides: str) -> PreparedData:
+    return prepare_data_locally(load_config(micro_config, [f"workspace={workspace}", *overrides]))
+
+
+def stage_files(prepared: PreparedData) -> dict[str, bytes]:
+    """Every file of every stage directory, by path relative to the workspace."""
+    workspace = prepared.corpus.path.parents[1]
+    return {
+        str(path.relative_to(workspace)): path.read_bytes()
+        for output in prepared.stages().values()
+        for path in sorted(output.path.iterdir())
+    }
+
+
+def test_two_workspaces_get_byte_identical_stages(tmp_path, micro_config):
+    first = stage_files(prepare(micro_config, tmp_path / "a"))
+    second = stage_files(prepare(micro_config, tmp_path / "b"))
+    assert any(name.startswith("shard/") and name.endswith("train-00001.parquet") for name in first)
+    assert first.keys() == second.keys()
+    assert all(first[name] == second[name] for name in first)
+
+
+def test_a_rerun_verifies_and_reuses_every_stage_without_tokenizing(tmp_path, micro_config, monkeypatch):
+    built = prepare(micro_config, tmp_path)
+    assert not any(output.reused for output in built.stages().values())
+    for work in ("tasks.ingest.write_corpus", "tasks.bpe.train", "tasks.shard.load_tokenizer"):
+        monkeypatch.setattr(work, lambda *args, **kwargs: pytest.fail("a reused stage did work"))
+    reused = prepare(micro_config, tmp_path)
+    assert all(output.reused for output in reused.stages().values())
+    assert reused.model_dump(exclude={"corpus": {"reused"}, "tokenizer": {"reused"}, "shards": {"reused"}}) == (
+        built.model_dump(exclude={"corpus": {"reused"}, "tokenizer": {"reused"}, "shards": {"reused"}})
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "redone"),
+    [("shard.seq_len=16", {"shard"}), ("bpe.vocab_size=280", {"bpe", "shard"}), ("ingest.min_chars=10", {"ingest", "bpe", "shard"})],
+)
+def test_a_changed_setting_redoes_its_stage_and_the_later_ones_only(tmp_path, micro_config, override, redone):
+    before = prepare(micro_config, tmp_path)
+    after = prepare(micro_config, tmp_path, override)
+    assert {stage for stage, output in after.stages().items() if not output.reused} == redone
+    for stage, output in after.stages().items():
+        assert (output.path == before.stages()[stage].path) == (stage not in redone)
+        assert before.stages()[stage].path.is_dir()  # nothing is overwritten or removed
+
+
+def test_two_runs_at_once_on_one_workspace_build_each_stage_once(tmp_path, micro_config):
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(lambda _: prepare(micro_config, tmp_path), range(2)))
+    for stage in ("ingest", "bpe", "shard"):
+        assert sorted(run.stages()[stage].reused for run in runs) == [False, True]
+    assert stage_files(runs[0]) == stage_files(runs[1])
+    assert not list(tmp_path.rglob("*.tmp-*"))
+
+
+def test_the_flow_publishes_the_three_reports(tmp_path, micro_config, prefect_server):
+    from prefect.artifacts import Artifact
+
+    config = load_config(micro_config, [f"workspace={tmp_path}"])
+    state = prepare_data(config, return_state=True)
+    prepared = state.result()
+    assert isinstance(prepared, PreparedData)
+    artifact = Artifact.get(artifact_key(config.name))
+    assert artifact.flow_run_id == state.state_details.flow_run_id
+    rows = json.loads(artifact.data)
+    for stage, output in prepared.stages().items():
+        published = {row["field"]: row["value"] for row in rows if row["stage"] == stage}
+        assert published == {"fingerprint": output.fingerprint, "reused": output.reused, **output.report}
+    assert {"documents_val", "val_bytes_per_token", "train_rows"} <= {row["field"] for row in rows}
+
+
+def run_cli(cli_env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([GPTFLOW, *args], env=cli_env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_prepare_prints_each_stage_output(tmp_path, micro_config, cli_env):
+    result = run_cli(cli_env, "prepare", str(micro_config), "--set", f"workspace={tmp_path}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    manifest = next((tmp_path / "shard").glob("*/manifest.json"))
+    for output in (next((tmp_path / "ingest").glob("*/corpus.parquet")), next((tmp_path / "bpe").glob("*/tokenizer.json")), manifest):
+        assert str(output) in result.stdout
+    assert "built" in result.stdout and "train / " in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["ingest.source=/no/such/corpus"], "error: ingest.source: /no/such/corpus: no such file or directory"),
+        (["ingest.val_fraction=0.001"], "error: ingest: the val split is empty (8 documents, ingest.val_fraction=0.001)"),
+        (["shard.seq_len=100000"], "error: shard: the val split has"),
+        (["bpe.vocab_size=100"], "field 'bpe.vocab_size'"),
+    ],
+)
+def test_cli_user_errors_end_in_one_line_and_exit_code_2(tmp_path, micro_config, cli_env, overrides, message):
+    settings = [arg for override in [f"workspace={tmp_path}", *overrides] for arg in ("--set", override)]
+    result = run_cli(cli_env, "prepare", str(micro_config), *settings)
+    assert result.returncode == 2
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and message in last_line
+    assert "Traceback" not in result.stdout

@@ -1,0 +1,123 @@
+"""The training engine against independent computations: the schedule's formula, one big
+batch instead of accumulated micro-batches, a hand count of FLOPs and decayed parameters."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.checkpoint import checkpoint_dirs, load_model, load_state
+from model.errors import UserError
+from model.gpt import GPT
+from model.schedule import learning_rate
+from model.train import NonFiniteLoss, accumulate_gradients, configure_optimizer, train
+from training import MICRO, RandomBatches, micro_config
+
+
+def test_cosine_schedule_follows_its_formula():
+    kwargs = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
+    assert learning_rate(0, **kwargs) == pytest.approx(0.1)  # (0 + 1) / 10
+    assert learning_rate(9, **kwargs) == pytest.approx(1.0)
+    # after warmup: 0.1 + 0.45 * (1 + cos(pi * (step - 10 + 1) / 100))
+    for step in (10, 59, 85, 109):
+        expected = 0.1 + 0.45 * (1 + math.cos(math.pi * (step - 9) / 100))
+        assert learning_rate(step, **kwargs) == pytest.approx(expected)
+    assert learning_rate(109, **kwargs) == pytest.approx(0.1)
+
+
+def test_wsd_schedule_holds_then_decays_linearly():
+    kwargs = dict(lr=2.0, min_lr=0.0, warmup_steps=5, max_steps=100, schedule="wsd", decay_fraction=0.2)
+    assert learning_rate(2, **kwargs) == pytest.approx(2.0 * 3 / 5)
+    assert learning_rate(5, **kwargs) == learning_rate(79, **kwargs) == 2.0  # stable until step 80
+    assert learning_rate(80, **kwargs) == pytest.approx(2.0 * (1 - 1 / 20))
+    assert learning_rate(89, **kwargs) == pytest.approx(2.0 * (1 - 10 / 20))
+    assert learning_rate(99, **kwargs) == pytest.approx(0.0)
+
+
+def test_weight_decay_applies_to_matrices_only():
+    model = GPT(MICRO)
+    optimizer = configure_optimizer(model, micro_config(weight_decay=0.1), torch.device("cpu"))
+    by_id = {id(p): name for name, p in model.named_parameters()}  # the tied head is listed once, as wte
+    decayed = {by_id[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {by_id[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    expected = {"transformer.wte.weight", "transformer.wpe.weight"} | {
+        f"transformer.h.{i}.{layer}.weight"
+        for i in range(2) for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
+    assert decayed == expected
+    assert plain == set(by_id.values()) - expected
+    assert all(name.endswith(".bias") or ".ln_" in name for name in plain)
+    assert optimizer.defaults["fused"]  # the fused CPU kernel is what every engine test runs
+
+
+def test_flops_per_token_matches_a_hand_count():
+    model = GPT(MICRO)
+    weights = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    hand = 6 * weights + 12 * MICRO.n_layer * 16 * MICRO.n_embd
+    assert MICRO.flops_per_token(16) == hand
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_accumulated_micro_batches_equal_one_batch(masked):
+    torch.manual_seed(0)
+    inputs = torch.randint(64, (8, 16))
+    targets = torch.randint(64, (8, 16))
+    if masked:  # uneven: the micro-batches score 16, 20, 14 and 1 of their 32 targets
+        targets[0, :] = -100
+        targets[2:4, :6] = -100
+        targets[4:6, 7:] = -100
+        targets[6:8, :] = -100
+        targets[7, 3] = 5
+    reference = GPT(MICRO)
+    accumulated = GPT(MICRO)
+    accumulated.load_state_dict(reference.state_dict())
+
+    expected_loss = reference(inputs, targets).loss  # the model's own mean over the whole batch
+    expected_loss.backward()
+    micro_batches = [(inputs[i : i + 2], targets[i : i + 2]) for i in range(0, 8, 2)]
+    loss_sum, scored = accumulate_gradients(accumulated, micro_batches, torch.device("cpu"))
+
+    assert scored.item() == (targets != -100).sum().item()
+    assert (loss_sum / scored).item() == pytest.approx(expected_loss.item(), rel=1e-5)
+    for (name, p), q in zip(reference.named_parameters(), accumulated.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_batch_tokens_must_split_into_micro_batches(tmp_path):
+    with pytest.raises(UserError, match=r"batch_tokens \(100\).*4 x 16 x 1 = 64"):
+        train(GPT(MICRO), micro_config(batch_tokens=100), RandomBatches(), None, tmp_path)
+
+
+def test_bf16_autocast_and_fused_adamw_train_on_cpu(tmp_path):
+    model = GPT(MICRO)
+    dtypes = []
+    model.lm_head.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    before = model.transformer.wte.weight.detach().clone()
+    result = train(model, micro_config(bf16=True, max_steps=3), RandomBatches(), RandomBatches(seed=1), tmp_path)
+    assert set(dtypes) == {torch.bfloat16}
+    assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss)
+    assert not torch.equal(before, model.transformer.wte.weight.detach())
+    assert load_state(result.checkpoint)["optimizer"]["param_groups"][0]["fused"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    model = GPT(MICRO)
+    forwards = []
+
+    def poison_step_3(module, args, output):  # 2 micro-batches per step: forwards 5 and 6 are step 3
+        forwards.append(1)
+        return output._replace(logits=output.logits * math.nan) if len(forwards) == 5 else output
+
+    model.register_forward_hook(poison_step_3)
+    with pytest.raises(NonFiniteLoss, match=r"step 3: the training loss is nan.*checkpoints/step-2"):
+        train(model, micro_config(max_steps=6), RandomBatches(), None, tmp_path)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "checkpoints")] == ["step-1", "step-2"]
+    good = load_model(tmp_path / "checkpoints" / "step-2")
+    assert all(torch.isfinite(p).all() for p in good.parameters())
+    logits = good(torch.zeros(1, 16, dtype=torch.long)).logits
+    assert torch.isfinite(F.log_softmax(logits, -1)).all()
+    assert load_state(tmp_path / "checkpoints" / "step-2")["step"] == 2
