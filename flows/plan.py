@@ -29,7 +29,7 @@ from tasks.workspace import StageDir, sha256_file
 
 @dataclass(frozen=True)
 class PlannedStage:
-    label: str  # e.g. "evaluate (pretrained)"
+    label: str  # the Prefect task name, e.g. "evaluate-pretrained"
     stage: str  # the workspace directory it writes
     fingerprint: str | None  # None: decided by an earlier stage's output
     action: str  # "skip", "run", "resume"
@@ -60,7 +60,7 @@ def plan(config: PipelineConfig) -> list[PlannedStage]:
     tokenizer_fp = bpe_fingerprint(config.bpe, corpus_fp)
     shards_fp = shard_fingerprint(config.shard, corpus_fp, tokenizer_fp)
     corpus_dir = add("ingest", "ingest", corpus_fp)
-    tokenizer_dir = add("bpe (train-tokenizer)", "bpe", tokenizer_fp)
+    tokenizer_dir = add("train-tokenizer", "bpe", tokenizer_fp)
     shards_dir = add("shard", "shard", shards_fp)
     pretrained = add("pretrain", "pretrain", pretrain_fingerprint(config.pretrain, config.model, shards_fp))
 
@@ -84,11 +84,11 @@ def plan(config: PipelineConfig) -> list[PlannedStage]:
         block_size = GPTConfig.model_validate_json((checkpoint / CONFIG).read_text()).block_size
         return finetune_fingerprint(config.finetune, inputs, block_size)
 
-    add("evaluate (pretrained)", "evaluate", model_fingerprint(pretrained, evaluation))
+    add("evaluate-pretrained", "evaluate", model_fingerprint(pretrained, evaluation))
     if config.finetune is not None:
         finetuned = add("finetune", "finetune", model_fingerprint(pretrained, finetuning))
-        add("evaluate (finetuned)", "evaluate", model_fingerprint(finetuned, evaluation))
-    planned.append(PlannedStage("register", "registry", None, "run"))
+        add("evaluate-finetuned", "evaluate", model_fingerprint(finetuned, evaluation))
+    planned.append(PlannedStage("register-model", "registry", None, "run"))
     return planned
 
 

@@ -61,9 +61,11 @@ def up(prefect_port: int = 4200, mlflow_port: int = 5000, data_dir: Path = Path(
     logs = gptflow_home() / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     prefect_url, mlflow_url = f"http://{HOST}:{prefect_port}", f"http://{HOST}:{mlflow_port}"
+    # The Prefect UI finds its API through PREFECT_UI_API_URL, which does not follow --port.
+    prefect_env = {"PREFECT_UI_API_URL": f"{prefect_url}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     records = {
-        PREFECT: _spawn(prefect_command(prefect_port), logs / "prefect.log", api_url=f"{prefect_url}/api", ui_url=prefect_url),
-        MLFLOW: _spawn(mlflow_command(mlflow_port, data_dir), logs / "mlflow.log", api_url=mlflow_url, ui_url=mlflow_url),
+        PREFECT: _spawn(prefect_command(prefect_port), logs / "prefect.log", f"{prefect_url}/api", prefect_url, prefect_env),
+        MLFLOW: _spawn(mlflow_command(mlflow_port, data_dir), logs / "mlflow.log", mlflow_url, mlflow_url),
     }
     # Record before waiting, so `gptflow down` can stop what started even if `up` is interrupted.
     write_records(records)
@@ -88,16 +90,19 @@ def down(timeout: float = 30.0) -> list[str]:
     return stopped
 
 
-def _spawn(command: list[str], log_file: Path, api_url: str, ui_url: str) -> ServerRecord:
+def _spawn(command: list[str], log_file: Path, api_url: str, ui_url: str, env: dict[str, str] | None = None) -> ServerRecord:
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **(env or {})},
+        )  # fmt: skip
     return ServerRecord(pid=process.pid, api_url=api_url, ui_url=ui_url, log_file=str(log_file))
 
 
 def _require_free_port(port: int) -> None:
     with socket.socket() as s:
+        # Connections of a server stopped a moment ago linger in TIME_WAIT; only a listener counts.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:

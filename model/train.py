@@ -432,6 +432,8 @@ def train(
             if stopping and not final:
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, checkpoint)
 
+        if val_data is not None and not math.isfinite(val_loss):  # resumed at max_steps: nothing ran
+            val_loss = validation_loss(raw, val_data, config.eval_batches, device, autocast)
         return TrainResult(
             steps=step,
             checkpoint=checkpoint,

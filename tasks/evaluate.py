@@ -3,7 +3,8 @@
 Figures (names as logged to MLflow):
 
     val_loss, val_perplexity, val_bits_per_byte, val_accuracy, val_tokens
-        over every window of the val shards (next-token targets, as in pretraining)
+        over the windows of the val shards (next-token targets, as in pretraining): all of
+        them, or `max_windows` evenly spaced ones
     doc_loss, doc_perplexity, doc_bits_per_byte, doc_accuracy, doc_tokens
         sliding windows over whole held-out documents (`stride` apart, each token scored
         once with up to block_size tokens of context); a document is scored as
@@ -62,8 +63,11 @@ class EvaluateConfig(BaseModel):
     stride: PositiveInt | None = Field(
         None, description="sliding-window stride over held-out documents; null: half the context"
     )
+    max_windows: PositiveInt | None = Field(
+        256, description="val windows scored, evenly spaced over the val shards; null: all"
+    )
     max_documents: PositiveInt | None = Field(
-        200, description="held-out documents scored with sliding windows, in corpus order; null: all"
+        8, description="held-out documents scored with sliding windows, in corpus order; null: all"
     )
     batch_size: PositiveInt = Field(16, description="windows per forward pass (does not change the figures)")
 
@@ -106,6 +110,13 @@ def shard_windows(shards: Path, split: str = "val") -> tuple[torch.Tensor, dict]
     return windows.view(-1, manifest["seq_len"] + 1), manifest
 
 
+def evenly_spaced(windows: torch.Tensor, limit: int | None) -> torch.Tensor:
+    """At most `limit` windows spread over the whole split (not just its first documents)."""
+    if limit is None or len(windows) <= limit:
+        return windows
+    return windows[torch.linspace(0, len(windows) - 1, limit).round().long()]
+
+
 def window_batches(windows: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
@@ -144,6 +155,7 @@ def metrics_markdown(title: str, metrics: dict[str, float]) -> str:
 def shard_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path) -> dict[str, float]:
     """val_* figures over every window of the val shards, and the scoring throughput."""
     windows, manifest = shard_windows(shards)
+    windows = evenly_spaced(windows, config.max_windows)
     if manifest["seq_len"] > model.config.block_size:
         raise UserError(
             f"{shards / 'manifest.json'}: windows of {manifest['seq_len']} tokens exceed "

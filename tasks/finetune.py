@@ -23,7 +23,7 @@ An interrupted run resumes from its newest checkpoint when run again.
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -40,7 +40,7 @@ from tokenizers import Tokenizer
 from model.checkpoint import CONFIG, WEIGHTS
 from model.errors import UserError
 from model.evaluate import score_batches
-from model.finetune_data import EncodeReport, PairBatches, TooLong, encode_pairs, to_rows
+from model.finetune_data import IGNORE, EncodeReport, PairBatches, TooLong, encode_pairs, to_rows
 from model.generate import generate
 from model.gpt import GPT
 from model.special_tokens import EOS_ID, SEP_ID
@@ -55,6 +55,7 @@ from tasks.workspace import StageDir, fingerprint, sha256_file, write_json_atomi
 FORMAT_VERSION = 1
 DOCSTRING_TASK = "docstring-to-function"
 HEADLINE = ("finetuned_completion_loss", "pretrained_completion_loss", "finetuned_parse_rate", "pretrained_parse_rate")
+GENERATION_BATCH = 32  # prompts generated together when measuring the parse rate
 # TrainConfig fields that decide how a run executes, not what it computes.
 RUN_ONLY_FIELDS = {"resume", "device", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches"}
 
@@ -63,6 +64,7 @@ class FinetuneConfig(TrainConfig):
     """The engine's TrainConfig with fine-tuning defaults, plus where the pairs come from."""
 
     max_steps: PositiveInt = 100
+    batch_tokens: PositiveInt = Field(2048, description="tokens per optimizer step, over all micro-batches and ranks")
     lr: PositiveFloat = 3e-4
     min_lr: float = Field(3e-5, ge=0)
     warmup_steps: int = Field(10, ge=0)
@@ -174,29 +176,39 @@ class TaskData:
 def completion_figures(model: GPT, inputs: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor,
                        batch_size: int) -> dict[str, float]:
     """Completion loss and perplexity over held-out rows (one pair per row)."""
-    batches = ((inputs[i : i + batch_size], targets[i : i + batch_size]) for i in range(0, len(inputs), batch_size))
-    totals = score_batches(model, batches, byte_lengths, next(model.parameters()).device)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(inputs), batch_size):
+            x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
+            # Rows are right-padded: positions after the last scored target cannot change
+            # the loss (the model is causal), so they are not computed.
+            width = int((y != IGNORE).nonzero()[:, 1].max()) + 1
+            yield x[:, :width], y[:, :width]
+
+    totals = score_batches(model, batches(), byte_lengths, next(model.parameters()).device)
     return {"completion_loss": totals.loss, "completion_perplexity": totals.perplexity}
 
 
-def parses(prompt: str, body: str) -> bool:
+def completes_function(prompt: str, body: str) -> bool:
+    """`prompt + body` parses, and the body adds at least one statement to the function
+    (a prompt alone, a `def` and its docstring, already parses)."""
     try:
-        ast.parse(prompt + body)
+        tree = ast.parse(prompt + body)
     except (SyntaxError, ValueError):  # ValueError: a NUL character in the source
         return False
-    return True
+    function = tree.body[0]
+    return isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(function.body) > 1
 
 
-def parse_rate(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], tokenized: list[list[int]],
-               max_new_tokens: int, batch_size: int) -> float:
-    """Share of greedy completions of `pairs`' prompts that make the prompt parse as Python."""
+def parse_rate(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], max_new_tokens: int) -> float:
+    """Share of `pairs` whose prompt, continued greedily, becomes a function that parses."""
     room = model.config.block_size - 1
+    prompts = [[*ids, SEP_ID][-room:] for ids, _ in tokenize(tokenizer, pairs)]
     ok = 0
-    for start in range(0, len(pairs), batch_size):
-        prompts = [[*ids, SEP_ID][-room:] for ids in tokenized[start : start + batch_size]]
-        bodies = generate(model, prompts, max_new_tokens, temperature=0.0, eos_id=EOS_ID)
-        for pair, body in zip(pairs[start : start + batch_size], bodies):
-            ok += parses(pair.prompt, tokenizer.decode([t for t in body if t != EOS_ID]))
+    for start in range(0, len(pairs), GENERATION_BATCH):
+        bodies = generate(model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=EOS_ID)
+        for pair, body in zip(pairs[start : start + GENERATION_BATCH], bodies):
+            ok += completes_function(pair.prompt, tokenizer.decode([t for t in body if t != EOS_ID]))
     return ok / len(pairs) if pairs else float("nan")
 
 
@@ -205,10 +217,7 @@ def held_out_figures(model: GPT, tokenizer: Tokenizer, config: FinetuneConfig, v
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     figures = completion_figures(model, *val_rows, byte_lengths, config.micro_batch_size)
     if config.task == DOCSTRING_TASK:
-        sample = val_pairs[: config.eval_pairs]
-        prompts = [ids for ids, _ in tokenize(tokenizer, sample)]
-        figures["parse_rate"] = parse_rate(model, tokenizer, sample, prompts, config.eval_max_new_tokens,
-                                           config.micro_batch_size)
+        figures["parse_rate"] = parse_rate(model, tokenizer, val_pairs[: config.eval_pairs], config.eval_max_new_tokens)
     return {f"{prefix}_{name}": value for name, value in figures.items()}
 
 

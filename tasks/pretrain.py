@@ -77,11 +77,13 @@ def pretrain_fingerprint(config: PretrainConfig, model: ModelConfig, shards_fing
     return fingerprint("pretrain", settings, {"shards": shards_fingerprint}, FORMAT_VERSION)
 
 
-def unigram_entropy(manifest: Path, split: str = "train") -> float:
+def unigram_entropy(manifest: Path, split: str = "train", windows_per_read: int = 4096) -> float:
     """Entropy in nats of the split's token frequencies: the loss of a model that ignores context."""
     loader = WindowLoader(manifest, split, batch_size=1, shuffle=False)
-    windows = loader.source.windows(0, loader.num_windows)
-    counts = np.bincount(windows[:, 1:].ravel())  # each window's targets: every stream token once
+    counts = np.zeros(loader.vocab_size, dtype=np.int64)
+    for start in range(0, loader.num_windows, windows_per_read):
+        windows = loader.source.windows(start, min(windows_per_read, loader.num_windows - start))
+        counts += np.bincount(windows[:, 1:].ravel(), minlength=loader.vocab_size)  # targets: each stream token once
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 

@@ -77,7 +77,9 @@ from tasks.workspace import StageDir, atomic_path, fingerprint, sha256_file
 FORMAT_VERSION = 1
 COMPRESSION = "zstd"
 ROW_GROUP_BYTES = 256 << 10  # uncompressed bytes of a row group: one random read
-ENCODE_BATCH_ROWS = 256  # documents per encode_batch_fast call
+# Characters per encode_batch_fast call: enough documents for every core, while the
+# Encoding objects (~100 bytes per token) stay small whatever the corpus size.
+ENCODE_BATCH_CHARS = 1 << 20
 # Parquet's footer grows with the row groups it describes (measured: ~600 bytes + ~80
 # per group); these bounds leave room to spare when deciding whether a group still fits.
 FOOTER_BYTES = 2048
@@ -131,13 +133,28 @@ def with_eos(documents: list[list[int]], dtype: np.dtype) -> np.ndarray:
     return np.fromiter(tokens, dtype, length)
 
 
+def text_batches(corpus: Path, split: str, max_chars: int = ENCODE_BATCH_CHARS) -> Iterator[list[str]]:
+    """A split's documents in corpus order, in batches of about `max_chars` characters."""
+    texts: list[str] = []
+    chars = 0
+    for batch in read_corpus(corpus, split):
+        for text in batch.column("text").to_pylist():
+            texts.append(text)
+            chars += len(text)
+            if chars >= max_chars:
+                yield texts
+                texts, chars = [], 0
+    if texts:
+        yield texts
+
+
 def token_stream(
-    tokenizer: Tokenizer, corpus: Path, split: str, dtype: np.dtype, counts: StreamCounts, documents: int
+    tokenizer: Tokenizer, corpus: Path, split: str, dtype: np.dtype, counts: StreamCounts, split_bytes: int
 ) -> Iterator[np.ndarray]:
     """A split's token stream, one encoded batch of documents at a time."""
-    batches = read_corpus(corpus, split, batch_rows=ENCODE_BATCH_ROWS)
-    for batch in progress(batches, f"shard {split}", total=math.ceil(documents / ENCODE_BATCH_ROWS)):
-        ids = [encoding.ids for encoding in tokenizer.encode_batch_fast(batch.column("text").to_pylist())]
+    batches = text_batches(corpus, split)
+    for texts in progress(batches, f"shard {split}", total=math.ceil(split_bytes / ENCODE_BATCH_CHARS)):
+        ids = [encoding.ids for encoding in tokenizer.encode_batch_fast(texts)]
         chunk = with_eos(ids, dtype)
         counts.documents += len(ids)
         counts.stream_tokens += len(chunk)
@@ -296,7 +313,7 @@ def run_shard(config: ShardConfig, corpus: IngestOutput, tokenizer: BPEOutput, w
         totals: dict[str, dict[str, int]] = {}
         for split in reversed(SPLITS):  # val first: the split most likely too short fails fast
             counts = StreamCounts()
-            stream = token_stream(bpe, corpus.corpus, split, dtype, counts, corpus.report[f"documents_{split}"])
+            stream = token_stream(bpe, corpus.corpus, split, dtype, counts, corpus.report[f"bytes_{split}"])
             files[split] = write_split(stream, directory, split, config.seq_len, config.stride, dtype, config.shard_bytes)
             totals[split] = split_totals(files[split], counts, config)
             check_filled(split, totals[split], config)

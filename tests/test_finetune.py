@@ -14,7 +14,7 @@ from micro import save_base_checkpoint, tiny_gpt, toy_tokenizer, write_corpus
 from model.finetune_data import IGNORE, PairBatches, encode_pair, encode_pairs, to_rows
 from model.special_tokens import EOS_ID, PAD_ID, SEP_ID
 from tasks.bpe import load_tokenizer
-from tasks.finetune import FinetuneConfig, run_finetune
+from tasks.finetune import FinetuneConfig, completes_function, run_finetune
 
 PAIRS = [([10, 11, 12], [20, 21]), ([13, 14], [22, 23, 24]), ([15], [25])]
 
@@ -98,6 +98,15 @@ def test_pair_batches_resume_exactly_where_they_stopped():
     assert all(torch.equal(next(resumed_stream)[0], expected) for expected in uninterrupted[2:])
     # every row once per epoch
     assert sorted(torch.cat(uninterrupted[:2] + [uninterrupted[2][:1]])[:, 0].tolist()) == list(range(0, 28, 4))
+
+
+def test_a_generated_body_counts_only_if_it_adds_code_that_parses():
+    prompt = 'def f(x):\n    """Double."""\n'
+    assert completes_function(prompt, "    return 2 * x\n")
+    assert completes_function(prompt, "    y = x\n    return y")  # no trailing newline needed
+    assert not completes_function(prompt, "\n   \n   ")  # the docstring alone parses, but adds nothing
+    assert not completes_function(prompt, "    return (x\n")
+    assert not completes_function(prompt, "return x\n")  # at module level, not in the function
 
 
 # --- the stage ------------------------------------------------------------------------

@@ -124,6 +124,18 @@ def test_long_running_services_have_healthchecks_and_dependencies_exist(services
                 assert services[dependency]["restart"] == "no"
 
 
+def test_every_one_shot_service_is_awaited_by_a_long_running_one(services):
+    """Else `docker compose up --wait` reports the one-shot's clean exit as a failure."""
+    for name, service in services.items():
+        if service.get("restart") == "no":
+            awaiting = [
+                other for other, spec in services.items()
+                if spec.get("depends_on", {}).get(name, {}).get("condition") == "service_completed_successfully"
+                and spec.get("restart") != "no"
+            ]  # fmt: skip
+            assert awaiting, f"nothing long-running waits for {name}"
+
+
 def test_volumes_are_named_or_files_of_this_repository(compose, services):
     for name, service in services.items():
         for entry in service.get("volumes", []):
@@ -186,12 +198,17 @@ def test_the_gpu_override_targets_the_worker(services):
 
 def test_the_readme_names_real_services_ports_and_variables(services, env_example):
     readme = (INFRA / "README.md").read_text()
-    for service in re.findall(r"--scale (\S+)=", readme) + re.findall(r"docker compose [^\n]*?\b(?:logs|restart|exec)\s+(?:-\w+\s+)*([a-z][\w-]*)", readme):
+    named = re.findall(r"--scale (\S+)=", readme)
+    named += re.findall(r"docker compose [^\n]*?\b(?:logs|restart|exec|run)\s+(?:--?[\w-]+\s+)*([a-z][\w-]*)", readme)
+    named += [name for line in re.findall(r"\(or\s+(`[^)]*)\)", readme) for name in re.findall(r"`([\w-]+)`", line)]
+    assert len(named) >= 8
+    for service in named:
         assert service in services, f"README names service {service!r}"
     for port in re.findall(r"127\.0\.0\.1:(\d+)", readme):
         assert port in {env_example[name] for name in env_example if name.endswith("_PORT")}, f"README uses port {port}"
-    for name in re.findall(r"\binfra/\.env\b[^\n]*?\b([A-Z][A-Z0-9_]{3,})\b", readme):
-        assert name in env_example, f"README refers to {name}, not in .env.example"
+    settings = set(env_example) | {key for service in services.values() for key in service.get("environment", {})}
+    for name in set(re.findall(r"\b[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+\b", readme)) - {"RUN_SPEC"}:
+        assert name in settings, f"README refers to {name}, which neither .env.example nor a service defines"
     assert str(COMPOSE_FILE.relative_to(ROOT)) in readme
 
 

@@ -16,10 +16,10 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
@@ -27,8 +27,10 @@ from pathlib import Path
 
 import boto3
 import pytest
+from mlflow import MlflowClient
 
 from compose import INFRA, load_compose, load_env_file, service_environment
+from pipeline_micro import write_config
 from postgres import PostgresServer, postgres_bin_dir, running_postgres
 
 pytestmark = [
@@ -72,34 +74,46 @@ def on_loopback(environment: Mapping[str, str], addresses: Mapping[str, str]) ->
     return result
 
 
+@dataclass(frozen=True)
+class Server:
+    process: subprocess.Popen
+    log: Path
+
+    def wait_healthy(self, health_url: str) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not _answers(health_url):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.process.args[0]} did not become healthy at {health_url}:\n{self.log.read_text()[-3000:]}")
+            time.sleep(0.5)
+
+
 @contextmanager
-def server(command: list[str], env: Mapping[str, str], health_url: str, log: Path) -> Iterator[None]:
-    """Run `command` in its own process group until healthy; stop the group at the end."""
+def process_groups() -> Iterator[list[Server]]:
+    """Servers started into the yielded list are stopped together at the end: SIGTERM to
+    each one's process group (a server and its workers), SIGKILL to what is left after 20 s."""
+    started: list[Server] = []
+    try:
+        yield started
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for server in started:
+                with suppress(ProcessLookupError):
+                    os.killpg(server.process.pid, sig)
+            deadline = time.monotonic() + 20
+            for server in started:
+                with suppress(subprocess.TimeoutExpired):
+                    server.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def start(started: list[Server], command: list[str], env: Mapping[str, str], log: Path) -> Server:
+    """Start a server in its own process group with its output in `log`; add it to `started`."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
             command, env={**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", **env},
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not _answers(health_url):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{command[0]} did not become healthy at {health_url}:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield
-    finally:
-        stop_group(process)
-
-
-def stop_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group, then SIGKILL to whatever of it is left after 20 s."""
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)
-    with suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=20)
-    with suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    started.append(Server(process, log))
+    return started[-1]
 
 
 def _answers(url: str) -> bool:
@@ -111,10 +125,10 @@ def _answers(url: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
+def stack(tmp_path_factory) -> Iterator[Stack]:
     services = load_compose()["services"]
     variables = user_env_file()
-    logs = Path(tempfile.mkdtemp(prefix="gptflow-infra-"))
+    workdir = tmp_path_factory.mktemp("infra")
     ports = {name: free_port() for name in ("postgres", "s3", "prefect", "mlflow")}
     addresses = {
         "postgres:5432": f"127.0.0.1:{ports['postgres']}",
@@ -122,6 +136,7 @@ def stack() -> Iterator[Stack]:
         "prefect-server:4200": f"127.0.0.1:{ports['prefect']}",
         "mlflow:5000": f"127.0.0.1:{ports['mlflow']}",
     }
+    s3_url, prefect_url, mlflow_url = (f"http://{addresses[a]}" for a in ("minio:9000", "prefect-server:4200", "mlflow:5000"))
 
     def environment(name: str) -> dict[str, str]:
         return on_loopback(service_environment(services[name], variables), addresses)
@@ -133,36 +148,42 @@ def stack() -> Iterator[Stack]:
             env={**os.environ, **environment("postgres"), **postgres.client_env()}, check=True, capture_output=True,
         )  # fmt: skip
 
-        s3_endpoint = f"http://{addresses['minio:9000']}"
-        moto = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])]
-        stack.enter_context(server(moto, {}, f"{s3_endpoint}/moto-api/", logs / "s3.log"))
-        s3 = s3_client(s3_endpoint, variables)
+        started = stack.enter_context(process_groups())
+        s3_server = start(started, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])], {}, workdir / "s3.log")
+        prefect = start(
+            started,
+            [*services["prefect-server"]["entrypoint"], *services["prefect-server"]["command"]],
+            {
+                **environment("prefect-server"),
+                "PREFECT_SERVER_API_HOST": "127.0.0.1",
+                "PREFECT_SERVER_API_PORT": str(ports["prefect"]),
+                "PREFECT_HOME": str(workdir / "prefect-home"),
+            },
+            workdir / "prefect.log",
+        )
+        mlflow = start(
+            started,
+            [str(INFRA / "mlflow" / "serve.sh"), *on_this_machine(services["mlflow"]["command"], ports["mlflow"])],
+            # Compose writes the auth ini to the container's /tmp; here, to this test's directory.
+            {**environment("mlflow"), "MLFLOW_AUTH_CONFIG_PATH": str(workdir / "basic-auth.ini")},
+            workdir / "mlflow.log",
+        )
+
+        s3_server.wait_healthy(f"{s3_url}/moto-api/")
+        s3 = s3_client(s3_url, variables)
         for bucket in ("ARTIFACT_BUCKET", "WORKSPACE_BUCKET"):  # what the create-buckets service does
             s3.create_bucket(Bucket=variables[bucket])
-
-        prefect_env = {
-            **environment("prefect-server"),
-            "PREFECT_SERVER_API_HOST": "127.0.0.1",
-            "PREFECT_SERVER_API_PORT": str(ports["prefect"]),
-            "PREFECT_HOME": str(logs / "prefect-home"),
-        }
-        prefect_url = f"http://{addresses['prefect-server:4200']}"
-        prefect_command = [*services["prefect-server"]["entrypoint"], *services["prefect-server"]["command"]]
-        stack.enter_context(server(prefect_command, prefect_env, f"{prefect_url}/api/health", logs / "prefect.log"))
-
-        mlflow_env = {**environment("mlflow"), "MLFLOW_AUTH_CONFIG_PATH": str(logs / "basic-auth.ini")}
-        mlflow_url = f"http://{addresses['mlflow:5000']}"
-        mlflow_command = [str(INFRA / "mlflow" / "serve.sh"), *with_address(services["mlflow"]["command"], ports["mlflow"])]
-        stack.enter_context(server(mlflow_command, mlflow_env, f"{mlflow_url}/health", logs / "mlflow.log"))
-
-        yield Stack(postgres, s3_endpoint, f"{prefect_url}/api", mlflow_url, environment("worker"), variables)
+        prefect.wait_healthy(f"{prefect_url}/api/health")
+        mlflow.wait_healthy(f"{mlflow_url}/health")
+        yield Stack(postgres, s3_url, f"{prefect_url}/api", mlflow_url, environment("worker"), variables)
 
 
-def with_address(command: list[str], port: int) -> list[str]:
-    """The compose command with `--host` set to loopback and `--port` to `port`."""
+def on_this_machine(command: list[str], port: int) -> list[str]:
+    """The compose command with `--host` set to loopback, `--port` to `port`, and one
+    worker process (this machine has two cores, shared with the other servers)."""
     command = list(command)
-    command[command.index("--host") + 1] = "127.0.0.1"
-    command[command.index("--port") + 1] = str(port)
+    for option, value in (("--host", "127.0.0.1"), ("--port", str(port)), ("--workers", "1")):
+        command[command.index(option) + 1] = value
     return command
 
 
@@ -195,7 +216,7 @@ def psql(postgres: PostgresServer, database: str, query: str) -> str:
 
 
 def run_client(code: str, env: Mapping[str, str]) -> str:
-    """Run `code` in a fresh Python with the worker's environment; return its last output line."""
+    """Run `code` in a new Python with the worker's environment; return its last output line."""
     result = subprocess.run(
         [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
     )
@@ -212,35 +233,34 @@ def test_both_servers_keep_their_state_in_their_own_postgres_databases(stack):
     assert {"mlflow=mlflow", "mlflow_auth=mlflow", "prefect=prefect"} <= set(owners.split())
 
 
-def test_mlflow_refuses_anonymous_clients_and_logs_runs_to_postgres_and_artifacts_to_s3(stack):
+def test_mlflow_refuses_anonymous_clients_and_logs_runs_to_postgres_and_artifacts_to_s3(stack, monkeypatch):
     search = f"{stack.mlflow_url}/api/2.0/mlflow/experiments/search"
     assert request(search, body={"max_results": 1})[0] == 401
 
-    run_id = run_client(
-        "import mlflow\n"
-        "mlflow.set_experiment('infra-check')\n"
-        "with mlflow.start_run() as run:\n"
-        "    mlflow.log_param('stage', 'pretrain')\n"
-        "    mlflow.log_metric('val_loss', 2.5, step=7)\n"
-        "    mlflow.log_text('hello from the worker', 'notes/hello.txt')\n"
-        "print(run.info.run_id)\n",
-        stack.client_env,
-    )
-
     env = stack.client_env
-    status, body = request(f"{stack.mlflow_url}/api/2.0/mlflow/runs/get?run_id={run_id}", auth=f"{env['MLFLOW_TRACKING_USERNAME']}:{env['MLFLOW_TRACKING_PASSWORD']}")
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, env[name])
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    run_id = client.create_run(client.create_experiment("infra-check")).info.run_id
+    client.log_param(run_id, "stage", "pretrain")
+    client.log_metric(run_id, "val_loss", 2.5, step=7)
+    client.log_text(run_id, "hello from the worker", "notes/hello.txt")
+    client.set_terminated(run_id)
+
+    auth = f"{env['MLFLOW_TRACKING_USERNAME']}:{env['MLFLOW_TRACKING_PASSWORD']}"
+    status, body = request(f"{stack.mlflow_url}/api/2.0/mlflow/runs/get?run_id={run_id}", auth=auth)
     assert status == 200
-    assert body["info"]["status"] == "FINISHED"
-    assert body["data"]["metrics"] == [{"key": "val_loss", "value": 2.5, "timestamp": body["data"]["metrics"][0]["timestamp"], "step": 7}]
-    assert body["data"]["params"] == [{"key": "stage", "value": "pretrain"}]
+    assert body["run"]["info"]["status"] == "FINISHED"
+    assert [(m["key"], m["value"], m["step"]) for m in body["run"]["data"]["metrics"]] == [("val_loss", 2.5, 7)]
+    assert body["run"]["data"]["params"] == [{"key": "stage", "value": "pretrain"}]
     assert psql(stack.postgres, "mlflow", f"SELECT value FROM metrics WHERE run_uuid = '{run_id}'") == "2.5"
 
+    s3 = s3_client(stack.s3_endpoint, stack.variables)
     bucket = stack.variables["ARTIFACT_BUCKET"]
-    objects = s3_client(stack.s3_endpoint, stack.variables).list_objects_v2(Bucket=bucket).get("Contents", [])
-    stored = [o["Key"] for o in objects if o["Key"].endswith(f"{run_id}/artifacts/notes/hello.txt")]
-    assert len(stored) == 1
-    body = s3_client(stack.s3_endpoint, stack.variables).get_object(Bucket=bucket, Key=stored[0])["Body"].read()
-    assert body == b"hello from the worker"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    stored = [key for key in keys if key.endswith(f"{run_id}/artifacts/notes/hello.txt")]
+    assert len(stored) == 1, keys
+    assert s3.get_object(Bucket=bucket, Key=stored[0])["Body"].read() == b"hello from the worker"
 
 
 def test_prefect_refuses_anonymous_clients_and_completes_a_flow_run(stack):
@@ -266,3 +286,23 @@ def test_prefect_refuses_anonymous_clients_and_completes_a_flow_run(stack):
     task_runs = request(f"{stack.prefect_api_url}/task_runs/filter", auth=auth, body={"flow_runs": {"id": {"any_": [flow_run_id]}}})[1]
     assert sorted(t["state"]["type"] for t in task_runs) == ["COMPLETED"] * 4
     assert psql(stack.postgres, "prefect", f"SELECT state_type FROM flow_run WHERE id = '{flow_run_id}'") == "COMPLETED"
+
+
+def test_the_micro_pipeline_runs_end_to_end_against_the_stack(stack, tmp_path):
+    name = f"infra-micro-{uuid.uuid4().hex[:6]}"
+    result = subprocess.run(
+        [str(VENV_BIN / "gptflow"), "run", str(write_config(tmp_path, name=name))],
+        env={**os.environ, **stack.client_env}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # Prefect on PostgreSQL: the pipeline's flow run and its data subflow completed.
+    flow_runs = psql(stack.postgres, "prefect", "SELECT f.name || '=' || r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id")
+    assert {"pipeline=COMPLETED", "prepare-data=COMPLETED"} <= set(flow_runs.split())
+    # MLflow on PostgreSQL: version 1 of the model, the champion; its files in the S3 bucket.
+    assert psql(stack.postgres, "mlflow", f"SELECT version FROM model_versions WHERE name = '{name}'") == "1"
+    assert psql(stack.postgres, "mlflow", f"SELECT version FROM registered_model_aliases WHERE name = '{name}' AND alias = 'champion'") == "1"
+    s3 = s3_client(stack.s3_endpoint, stack.variables)
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=stack.variables["ARTIFACT_BUCKET"])
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    assert any(key.endswith(".safetensors") for key in keys), keys

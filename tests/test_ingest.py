@@ -206,12 +206,14 @@ def test_an_empty_corpus_or_an_empty_split_is_fatal_and_says_what_to_change(tmp_
     assert not list((tmp_path / "ws").rglob("manifest.json"))
 
 
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak.
 PEAK_RSS_OF_INGEST = """
-import resource, sys
+import sys
 from pathlib import Path
 from tasks.ingest import IngestConfig, run_ingest
 run_ingest(IngestConfig.model_validate_json(sys.argv[1]), Path(sys.argv[2]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+with open("/proc/self/status") as status:
+    print(next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")))
 """
 
 

@@ -40,7 +40,7 @@ def naive_attention(q, k, v, kind: str, window: int):
     return out
 
 
-def layer_norm(x, weight, bias):
+def layer_norm(x, weight, bias=None):
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
     return (x - mean) / torch.sqrt(var + 1e-5) * weight + (0 if bias is None else bias)
@@ -53,22 +53,26 @@ def gelu_tanh(x):
 def reference_logits(model: GPT, tokens: list[int]) -> torch.Tensor:
     """Logits (T, V) of one sequence, computed from the model's parameters by hand."""
     c = model.config
-    p = dict(model.named_parameters())
-    get = lambda name: p.get(name)  # noqa: E731  (biases are absent with bias=False)
-    linear = lambda x, name: x @ p[name + ".weight"].T + (0 if get(name + ".bias") is None else p[name + ".bias"])  # noqa: E731
+    p = dict(model.named_parameters())  # biases are absent with bias=False
+
+    def linear(x, name):
+        return x @ p[name + ".weight"].T + p.get(name + ".bias", 0)
+
+    def heads(t):  # (T, C) -> (nh, T, hs)
+        return t.view(T, c.n_head, c.head_dim).transpose(0, 1)
+
     T = len(tokens)
     x = p["transformer.wte.weight"][tokens] + p["transformer.wpe.weight"][:T]
     for layer in range(c.n_layer):
         pre = f"transformer.h.{layer}."
-        h = layer_norm(x, p[pre + "ln_1.weight"], get(pre + "ln_1.bias"))
+        h = layer_norm(x, p[pre + "ln_1.weight"], p.get(pre + "ln_1.bias"))
         q, k, v = linear(h, pre + "attn.c_attn").split(c.n_embd, dim=-1)
-        heads = lambda t: t.view(T, c.n_head, c.head_dim).transpose(0, 1)  # noqa: E731
         kind = c.attention[layer % len(c.attention)]
         y = naive_attention(heads(q), heads(k), heads(v), kind, c.sparse_window).transpose(0, 1).reshape(T, c.n_embd)
         x = x + linear(y, pre + "attn.c_proj")
-        h = layer_norm(x, p[pre + "ln_2.weight"], get(pre + "ln_2.bias"))
+        h = layer_norm(x, p[pre + "ln_2.weight"], p.get(pre + "ln_2.bias"))
         x = x + linear(gelu_tanh(linear(h, pre + "mlp.c_fc")), pre + "mlp.c_proj")
-    x = layer_norm(x, p["transformer.ln_f.weight"], get("transformer.ln_f.bias"))
+    x = layer_norm(x, p["transformer.ln_f.weight"], p.get("transformer.ln_f.bias"))
     return x @ p["transformer.wte.weight"].T
 
 

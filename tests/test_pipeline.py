@@ -30,6 +30,12 @@ def micro(tmp_path_factory):
     return write_config(tmp_path_factory.mktemp("pipeline"), name=f"micro-{uuid.uuid4().hex[:6]}")
 
 
+@pytest.fixture(scope="module")
+def first_run(prefect_server, micro):
+    """The micro pipeline's first run: everything built, version 1 registered."""
+    return pipeline(load_config(micro))
+
+
 def stage_runs(parent_run_id):
     """The nested runs under a pipeline run, by name (evaluate twice: pretrained, finetuned)."""
     mlflow_client = MlflowClient(tracking.resolve_tracking_uri())
@@ -48,9 +54,8 @@ def committed_fingerprint(workspace, stage):
     return json.loads(manifest.read_text())["fingerprint"]
 
 
-def test_pipeline_end_to_end_then_rerun_skips(prefect_server, micro):
-    config = load_config(micro)
-    result = pipeline(config)
+def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
+    config, result = load_config(micro), first_run
 
     # Registry: one version, candidate and champion, with its lineage.
     registered = result.registered
@@ -104,26 +109,26 @@ def test_pipeline_end_to_end_then_rerun_skips(prefect_server, micro):
     dry_run = CliRunner().invoke(app, ["run", str(micro), "--dry-run"])
     assert dry_run.exit_code == 0, dry_run.output
     planned = dict(line.split()[:2] for line in dry_run.output.split("# stages")[1].splitlines()[1:] if line.strip())
-    assert planned == {"ingest": "skip", "bpe": "skip", "shard": "skip", "pretrain": "skip", "evaluate": "skip",
-                       "finetune": "skip", "register": "run"}  # fmt: skip
+    assert planned == {"ingest": "skip", "train-tokenizer": "skip", "shard": "skip", "pretrain": "skip",
+                       "evaluate-pretrained": "skip", "finetune": "skip", "evaluate-finetuned": "skip",
+                       "register-model": "run"}  # fmt: skip
     again = pipeline(config)
     assert again.registered.version == "1" and "nothing new registered" in again.registered.decision
     rerun = stage_runs(again.mlflow_run_id)
     assert all(rerun[stage][0].data.tags["reused"] == "True" for stage in DATA_STAGES)
 
 
-def test_champion_moves_only_to_a_better_version(prefect_server, micro):
-    name = f"gate-{uuid.uuid4().hex[:6]}"
+def test_champion_moves_only_to_a_better_version(first_run, micro):
+    name = load_config(micro).name  # version 1, the first run's fine-tuned model, is champion
 
     def run(*overrides):
-        return pipeline(load_config(micro, [f"name={name}", "finetune=null", *overrides])).registered
+        return pipeline(load_config(micro, ["finetune=null", *overrides])).registered
 
-    first = run("pretrain.max_steps=4")
     better = run("pretrain.max_steps=40")
     worse = run("pretrain.max_steps=2", "pretrain.lr=1.0e-5")
 
-    assert first.promoted and first.version == "1"
     assert better.promoted and better.candidate_value < better.champion_value
+    assert better.champion_value == pytest.approx(first_run.registered.candidate_value)
     assert not worse.promoted and worse.candidate_value > worse.champion_value
     assert str(tracking.version_for_alias(name, CHAMPION).version) == better.version == "2"
     assert str(tracking.version_for_alias(name, CANDIDATE).version) == worse.version == "3"
@@ -159,4 +164,4 @@ def test_status_and_clean(prefect_server, micro, tmp_path):
     assert kept.exit_code == 0, kept.output
     assert not half_built.exists()
     # What the config refers to stays: its plan still skips every stage.
-    assert "run" not in CliRunner().invoke(app, ["run", str(micro), "--dry-run"]).output.split("# stages")[1].split("register")[0]
+    assert "run" not in CliRunner().invoke(app, ["run", str(micro), "--dry-run"]).output.split("# stages")[1].split("register-model")[0]

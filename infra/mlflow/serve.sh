@@ -14,6 +14,8 @@ cat > "$MLFLOW_AUTH_CONFIG_PATH" <<INI
 default_permission = READ
 database_uri = $MLFLOW_AUTH_DATABASE_URI
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+# Training logs metrics every step: verify each password hash once a minute, not per request.
+auth_cache_ttl_seconds = 60
 INI
 
 exec mlflow server --app-name basic-auth --serve-artifacts "$@"

@@ -1,0 +1,231 @@
+"""Benchmark: corpus -> shards, ours against the way Hugging Face's `run_clm.py` does it.
+
+    .venv/bin/python bench/prepare.py              # the figures (run on a quiet machine)
+    .venv/bin/python bench/prepare.py --quick      # a smoke check on a slice of the corpus
+
+The corpus and tokenizer come from the config's workspace (built, or reused if
+`gptflow prepare` made them). Then, each timed `--runs` times (median and range):
+
+- encode_batch_fast alone: the corpus's documents through the tokenizer in the shard
+  stage's batches and nothing else, the floor for any way of making shards;
+- ours: the whole shard stage (`run_shard`) into a fresh workspace;
+- the run_clm way: `datasets.load_dataset("parquet")`, `.map` tokenize with a
+  `PreTrainedTokenizerFast`, `.map` group_texts, `.to_parquet`; adapted only as far as
+  making the same windows (each document followed by <|endoftext|>, windows of
+  seq_len + 1 sharing one token, grouped over a whole split rather than per 1000-row
+  batch) so a hash over all window contents can show that both made the same ones.
+
+Then the peak memory (RSS) of the shard stage in a fresh process on the corpus and on a
+4x larger corpus of distinct documents: it should not grow with the corpus.
+
+Targets (issue 2): ours >= 1.8x the run_clm way; the shard stage within 1.3x of
+encode_batch_fast alone; peak memory flat from 1x to 4x.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import typer
+from tokenizers import Tokenizer
+
+from flows.config import load_config
+from model.special_tokens import EOS_ID
+from tasks.bpe import BPEOutput, load_tokenizer, run_bpe
+from tasks.ingest import SPLITS, IngestOutput, read_corpus, run_ingest
+from tasks.shard import ShardConfig, run_shard, text_batches
+
+REPO = Path(__file__).resolve().parents[1]
+# A slice of the standard library (~1 MB) for --quick.
+QUICK = ["ingest.source=" + str(Path(sysconfig.get_paths()["stdlib"]) / "[a-c]*.py"), "bpe.vocab_size=2048"]
+
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak.
+PEAK_RSS_OF_SHARD = """
+import json, sys, tempfile
+from pathlib import Path
+from tasks.bpe import BPEOutput
+from tasks.ingest import IngestOutput
+from tasks.shard import ShardConfig, run_shard
+
+def status(field):
+    with open("/proc/self/status") as lines:
+        return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field + ":"))
+
+corpus, tokenizer = IngestOutput.model_validate_json(sys.argv[1]), BPEOutput.model_validate_json(sys.argv[2])
+before = status("VmRSS")
+with tempfile.TemporaryDirectory() as workspace:
+    run_shard(ShardConfig.model_validate_json(sys.argv[3]), corpus, tokenizer, Path(workspace))
+print(json.dumps({"before": before, "peak": status("VmHWM")}))
+"""
+
+
+def timed(work: Callable[[], object], runs: int) -> list[float]:
+    seconds = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        work()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def summary(seconds: list[float], tokens: int) -> str:
+    rates = sorted(tokens / s / 1e6 for s in seconds)
+    return (
+        f"{statistics.median(seconds):7.2f} s  {statistics.median(rates):5.2f} M tokens/s"
+        f"  (range {rates[0]:.2f}-{rates[-1]:.2f}, n={len(seconds)})"
+    )
+
+
+# -- the three ways -------------------------------------------------------------------
+
+
+def encode_alone(bpe: Tokenizer, batches: list[list[str]]) -> tuple[int, float]:
+    """encode_batch_fast over every document, in the shard stage's batches: tokens, seconds."""
+    started = time.perf_counter()
+    tokens = sum(len(encoding.ids) for batch in batches for encoding in bpe.encode_batch_fast(batch))
+    return tokens, time.perf_counter() - started
+
+
+def ours(corpus: IngestOutput, tokenizer: BPEOutput, shard: ShardConfig, workspace: Path) -> Path:
+    return run_shard(shard, corpus, tokenizer, workspace).manifest
+
+
+def run_clm_way(corpus: IngestOutput, tokenizer: BPEOutput, seq_len: int, out: Path) -> dict[str, Path]:
+    """datasets + transformers as run_clm.py uses them, making the shard stage's windows."""
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+
+    datasets.disable_progress_bars()
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=load_tokenizer(tokenizer.tokenizer))
+    raw = datasets.load_dataset("parquet", data_files=str(corpus.corpus), split="train", cache_dir=str(out / "cache"))
+
+    def tokenize(batch):
+        return {"input_ids": [ids + [EOS_ID] for ids in hf_tokenizer(batch["text"])["input_ids"]]}
+
+    def group_texts(batch):
+        stream = list(itertools.chain.from_iterable(batch["input_ids"]))
+        count = (len(stream) - 1) // seq_len
+        return {"tokens": [stream[i * seq_len : i * seq_len + seq_len + 1] for i in range(count)]}
+
+    files = {}
+    for split in SPLITS:
+        part = raw.filter(lambda s: s == split, input_columns="split", load_from_cache_file=False)
+        tokenized = part.map(tokenize, batched=True, remove_columns=part.column_names, load_from_cache_file=False)
+        windows = tokenized.map(
+            group_texts, batched=True, batch_size=None, remove_columns=["input_ids"], load_from_cache_file=False
+        )
+        files[split] = out / f"{split}.parquet"
+        windows.to_parquet(str(files[split]))
+    return files
+
+
+# -- checks ---------------------------------------------------------------------------
+
+
+def windows_digest(tables: dict[str, list[pa.Table]]) -> str:
+    """sha256 over every window's token ids (as uint32), split by split, in order."""
+    digest = hashlib.sha256()
+    for split in SPLITS:
+        column = pa.concat_tables(tables[split]).column("tokens").combine_chunks()
+        values = column.flatten().to_numpy().astype(np.uint32)
+        digest.update(f"{split}:{len(column)}:{len(values)}".encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()
+
+
+def our_windows(manifest: Path) -> dict[str, list[pa.Table]]:
+    files = json.loads(manifest.read_text())["files"]
+    return {split: [pq.read_table(manifest.parent / f["path"]) for f in files if f["split"] == split] for split in SPLITS}
+
+
+def four_times_larger(corpus: IngestOutput, directory: Path) -> IngestOutput:
+    """The corpus four times over, each copy's documents made distinct by a first line."""
+    path = directory / "corpus-4x.parquet"
+    schema = pq.read_schema(corpus.corpus)
+    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+        for copy in range(4):
+            for batch in read_corpus(corpus.corpus):
+                rows = batch.to_pydict()
+                rows["id"] = [f"copy{copy}/{doc_id}" for doc_id in rows["id"]]
+                rows["text"] = [f"# copy {copy}\n{text}" for text in rows["text"]]
+                writer.write_table(pa.table(rows, schema=schema))
+    report = {f"{count}_{split}": 4 * corpus.report[f"{count}_{split}"] for count in ("documents", "bytes") for split in SPLITS}
+    return IngestOutput(path=directory, corpus=path, fingerprint=f"{corpus.fingerprint}-4x", report=report)
+
+
+def peak_rss(corpus: IngestOutput, tokenizer: BPEOutput, shard: ShardConfig) -> dict[str, int]:
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_RSS_OF_SHARD, corpus.model_dump_json(), tokenizer.model_dump_json(), shard.model_dump_json()],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def main(
+    config: Annotated[Path, typer.Option(help="The pipeline config whose corpus and tokenizer to use.")] = REPO / "configs/tiny.yaml",
+    runs: Annotated[int, typer.Option(help="Timed runs of each way (median and range).")] = 5,
+    quick: Annotated[bool, typer.Option(help="One run on a slice of the corpus: only checks that it runs.")] = False,
+) -> None:
+    settings = load_config(config, QUICK if quick else [])
+    runs = 1 if quick else runs
+    corpus = run_ingest(settings.ingest, settings.workspace)
+    tokenizer = run_bpe(settings.bpe, corpus, settings.workspace)
+    shard = settings.shard
+    print(
+        f"corpus {settings.ingest.source}: {corpus.report['documents_out']} documents, "
+        f"{corpus.report['bytes_train'] + corpus.report['bytes_val']:,} bytes; vocab {tokenizer.report['vocab_size']}, "
+        f"seq_len {shard.seq_len}, stride {shard.stride}"
+    )
+
+    # The documents are read before the clock starts: reading the corpus is not tokenizing.
+    batches = [texts for split in SPLITS for texts in text_batches(corpus.corpus, split)]
+    bpe = load_tokenizer(tokenizer.tokenizer)
+    encode_runs = [encode_alone(bpe, batches) for _ in range(runs)]
+    tokens, encode_seconds = encode_runs[0][0], [seconds for _, seconds in encode_runs]
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        workspaces = (scratch / f"ours-{i}" for i in itertools.count())
+        ours_seconds = timed(lambda: ours(corpus, tokenizer, shard, next(workspaces)), runs)
+        manifest = ours(corpus, tokenizer, shard, scratch / "ours-check")
+        outputs = (scratch / f"run_clm-{i}" for i in itertools.count())
+        clm_seconds = timed(lambda: run_clm_way(corpus, tokenizer, shard.seq_len, next(outputs)), runs)
+        clm_files = run_clm_way(corpus, tokenizer, shard.seq_len, scratch / "run_clm-check")
+        ours_digest = windows_digest(our_windows(manifest))
+        clm_digest = windows_digest({split: [pq.read_table(clm_files[split])] for split in SPLITS})
+        peak_1x = peak_rss(corpus, tokenizer, shard)
+        peak_4x = peak_rss(four_times_larger(corpus, scratch), tokenizer, shard)
+
+    print(f"\ncorpus -> shards, {tokens:,} document tokens (medians of {runs} runs):")
+    print(f"  encode_batch_fast alone   {summary(encode_seconds, tokens)}")
+    print(f"  shard stage (ours)        {summary(ours_seconds, tokens)}")
+    print(f"  run_clm way               {summary(clm_seconds, tokens)}")
+    ratio_clm = statistics.median(clm_seconds) / statistics.median(ours_seconds)
+    ratio_encode = statistics.median(ours_seconds) / statistics.median(encode_seconds)
+    print(f"\nours vs run_clm way: {ratio_clm:.2f}x faster (target >= 1.8x)")
+    print(f"shard stage / encode_batch_fast alone: {ratio_encode:.2f}x the time (target <= 1.3x)")
+    same = "yes" if ours_digest == clm_digest else "NO"
+    print(f"same windows: {same} (sha256 {ours_digest[:16]} vs {clm_digest[:16]})")
+    print("\npeak memory (RSS) of the shard stage, fresh process:")
+    for name, peak in (("1x corpus", peak_1x), ("4x corpus", peak_4x)):
+        print(f"  {name}: peak {peak['peak'] / 2**20:6.0f} MiB, {(peak['peak'] - peak['before']) / 2**20:5.0f} MiB above the process before the stage")
+    if ours_digest != clm_digest:
+        raise SystemExit("the two ways made different windows")
+
+
+if __name__ == "__main__":
+    typer.run(main)
