@@ -8,8 +8,8 @@ Runs the pipeline's stages as plain functions in the config's workspace, so stag
 `gptflow run` already built are reused: data preparation, the pretrained model (unless
 `--model` names one), then
 
-- eval tokens/s on the val shards (forward passes only, every window, timed twice: the
-  first pass warms up) and on the held-out documents' sliding windows;
+- eval tokens/s on the val shards (the windows the evaluate stage scores, forward passes
+  and loss, best of two passes) and on the held-out documents' sliding windows;
 - the evaluation figures (val and held-out documents);
 - the fine-tuning stage on the default task, "docstring -> function": completion loss,
   perplexity and the share of generated bodies that parse, pretrained vs fine-tuned.
@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from flows.config import load_config
 from flows.prepare import prepare_data_locally
-from model.evaluate import score_batches, sliding_window_batches
+from model.evaluate import LossTotals, score_batches, sliding_window_batches
 from tasks.bpe import load_tokenizer
 from tasks.evaluate import (
-    document_figures, held_out_documents, shard_figures, shard_windows, token_byte_lengths, window_batches,
+    evenly_spaced, held_out_documents, shard_windows, token_byte_lengths, window_batches,
 )
 from tasks.finetune import run_finetune
 from tasks.model_source import load_model_source
@@ -39,18 +40,18 @@ from tasks.pretrain import run_pretrain
 QUICK = [
     "pretrain.max_steps=3", "pretrain.checkpoint_every=0",
     "finetune.max_steps=3", "finetune.eval_pairs=4", "finetune.eval_max_new_tokens=8",
-    "evaluate.max_documents=2",
+    "evaluate.max_documents=2", "evaluate.max_windows=16",
 ]
 
 
-def timed_tokens_per_s(score, repeats: int = 2) -> float:
-    """Tokens scored per second by `score()` (which returns LossTotals), best of `repeats`."""
+def timed(score: Callable[[], LossTotals], repeats: int = 2) -> tuple[float, LossTotals]:
+    """Tokens scored per second by `score()`, best of `repeats`, and its totals."""
     best = 0.0
     for _ in range(repeats):
         started = time.perf_counter()
         totals = score()
         best = max(best, totals.tokens / (time.perf_counter() - started))
-    return best
+    return best, totals
 
 
 def main() -> None:
@@ -70,26 +71,23 @@ def main() -> None:
     tokenizer = load_tokenizer(tokenizer_path)
     print(f"model {base}: {model.config.num_params():,} parameters, context {model.config.block_size}")
 
-    windows, _ = shard_windows(shards)
+    windows = evenly_spaced(shard_windows(shards)[0], config.evaluate.max_windows)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     batch = config.evaluate.batch_size
     block = model.config.block_size
     stride = config.evaluate.stride or block // 2
     documents = held_out_documents(corpus, tokenizer, config.evaluate.max_documents)
-    val_speed = timed_tokens_per_s(lambda: score_batches(model, window_batches(windows, batch), byte_lengths))
-    doc_speed = timed_tokens_per_s(
+    val_speed, val = timed(lambda: score_batches(model, window_batches(windows, batch), byte_lengths))
+    doc_speed, docs = timed(
         lambda: score_batches(model, sliding_window_batches(documents, block, stride, batch), byte_lengths)
     )
     print(f"\neval throughput (batch {batch}, {len(windows)} val windows, {len(documents)} held-out documents)")
-    print(f"  val shards            {val_speed:>10,.0f} tokens/s")
-    print(f"  sliding windows (stride {stride})  {doc_speed:>10,.0f} scored tokens/s")
+    print(f"  {'val shards':<32} {val_speed:>10,.0f} tokens/s")
+    print(f"  {f'documents, sliding (stride {stride})':<32} {doc_speed:>10,.0f} scored tokens/s")
 
-    figures = {**shard_figures(model, tokenizer, config.evaluate, shards),
-               **document_figures(model, tokenizer, config.evaluate, corpus)}
-    print("\nevaluation")
-    for name, value in figures.items():
-        if name != "eval_tokens_per_s":
-            print(f"  {name:<22} {value:>12.4f}")
+    print("\nevaluation (the evaluate stage's figures)")
+    for name, value in {**val.figures("val"), **docs.figures("doc")}.items():
+        print(f"  {name:<22} {value:>12.4f}")
 
     started = time.perf_counter()
     finetuned = run_finetune(config.finetune, base, tokenizer_path, corpus, config.workspace)
@@ -105,7 +103,7 @@ def main() -> None:
     print(f"  (parse rate over {min(config.finetune.eval_pairs, int(m['val_pairs']))} pairs, "
           f"greedy, at most {config.finetune.eval_max_new_tokens} new tokens)")
     if args.quick:
-        print("\n--quick: a few steps on a fresh workspace; these figures only show that the benchmark runs")
+        print("\n--quick: a few training steps and a few documents; these figures only show that the benchmark runs")
 
 
 if __name__ == "__main__":

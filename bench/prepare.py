@@ -153,16 +153,17 @@ def our_windows(manifest: Path) -> dict[str, list[pa.Table]]:
 
 
 def four_times_larger(corpus: IngestOutput, directory: Path) -> IngestOutput:
-    """The corpus four times over, each copy's documents made distinct by a first line."""
+    """The corpus four times over, each copy's documents made distinct by a first line,
+    in row groups like the corpus's."""
     path = directory / "corpus-4x.parquet"
-    schema = pq.read_schema(corpus.corpus)
-    with pq.ParquetWriter(path, schema, compression="zstd") as writer:
+    source = pq.ParquetFile(corpus.corpus)
+    with pq.ParquetWriter(path, source.schema_arrow, compression="zstd") as writer:
         for copy in range(4):
-            for batch in read_corpus(corpus.corpus):
-                rows = batch.to_pydict()
+            for group in range(source.num_row_groups):
+                rows = source.read_row_group(group).to_pydict()
                 rows["id"] = [f"copy{copy}/{doc_id}" for doc_id in rows["id"]]
                 rows["text"] = [f"# copy {copy}\n{text}" for text in rows["text"]]
-                writer.write_table(pa.table(rows, schema=schema))
+                writer.write_table(pa.table(rows, schema=source.schema_arrow))
     report = {f"{count}_{split}": 4 * corpus.report[f"{count}_{split}"] for count in ("documents", "bytes") for split in SPLITS}
     return IngestOutput(path=directory, corpus=path, fingerprint=f"{corpus.fingerprint}-4x", report=report)
 

@@ -32,19 +32,7 @@ def prepare(config: ConfigArg, overrides: SetOpt = None) -> None:
 
     settings = load_config(config, overrides or [])
     check_prepare_config(settings)
-    prepared = prepare_data(settings)
-
-    corpus, tokenizer, shards = prepared.corpus.report, prepared.tokenizer.report, prepared.shards.report
-    summaries = {
-        "ingest": f"{corpus['documents_train']} train / {corpus['documents_val']} val documents, "
-        f"{corpus['bytes_train'] + corpus['bytes_val']:,} bytes",
-        "bpe": f"vocab {tokenizer['vocab_size']}, {tokenizer['val_bytes_per_token']} bytes/token on val",
-        "shard": f"{shards['train_rows']} train / {shards['val_rows']} val windows",
-    }
-    outputs = {"ingest": prepared.corpus.corpus, "bpe": prepared.tokenizer.tokenizer, "shard": prepared.shards.manifest}
-    for stage, output in prepared.stages().items():
-        print(f"{stage:<7} {'reused' if output.reused else 'built':<7} {outputs[stage]}")
-        print(f"{'':<15} {summaries[stage]}")
+    print(prepare_data(settings).summary())
 
 
 @app.command()

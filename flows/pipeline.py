@@ -11,9 +11,12 @@ holding the resolved config and the headline figures; a nested run per stage. Th
 run publishes a markdown artifact with the key figures and the MLflow link.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect validates the flow's parameters against
+# its annotations, and a deployment loads this file where string annotations do not resolve.
+import os
 import re
+import signal
+import threading
 from datetime import datetime, timezone
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,10 +29,12 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
+from prefect.utilities.urls import url_for
 from pydantic import BaseModel
 
 from flows.config import PipelineConfig, load_config
 from flows.prepare import check_prepare_config, prepare_data
+from model.errors import UserError
 from tasks import tracking
 from tasks.data_tracking import track_data_task
 from tasks.evaluate import EvaluateOutput, evaluate_task
@@ -74,14 +79,42 @@ def ensure_gpu_limit() -> int:
 def pipeline_mlflow_run(config: PipelineConfig) -> Iterator[str]:
     """The flow run's MLflow parent run: tagged with the Prefect run, holding the config."""
     tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
-    if flow_run.ui_url:
-        tags["prefect.flow_run_url"] = flow_run.ui_url
+    # `prefect.runtime.flow_run.ui_url` is Prefect Cloud's path; url_for gives the server UI's page.
+    if link := url_for("flow-run", obj_id=flow_run.id):
+        tags["prefect.flow_run_url"] = link
     run_id = tracking.start_run(config.name, str(flow_run.name), tags=tags)
     with tracking.ending(run_id):
         resolved = config.model_dump(mode="json")
         tracking.log_params(run_id, resolved)
         tracking.log_dict(run_id, resolved, "config.yaml")
         yield run_id
+
+
+@contextmanager
+def stop_when_cancelled(poll_seconds: float = 5.0) -> Iterator[None]:
+    """Stop this process like a runner would when the flow run is cancelled in the UI.
+
+    A deployment's runner answers a cancel with SIGTERM; a flow run started by
+    `gptflow run` has no runner, so a thread watches its state and sends the SIGTERM
+    itself. Prefect turns it into an exception in the main thread; training finishes its
+    step and writes a checkpoint first, so a rerun resumes from there.
+    """
+    run_id, stopped = flow_run.id, threading.Event()
+
+    def watch() -> None:
+        with get_client(sync_client=True) as client:
+            while not stopped.wait(poll_seconds):
+                state = client.read_flow_run(run_id).state
+                if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+
+    watcher = threading.Thread(target=watch, name="cancel-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stopped.set()
 
 
 def artifact_key(name: str) -> str:
@@ -108,13 +141,15 @@ def summary_markdown(config: PipelineConfig, result: PipelineResult, evaluations
 
 def flow_run_title() -> str:
     """`<config name>-<UTC time>`: what the Prefect UI lists and the MLflow parent run is called."""
-    config = flow_run.parameters.get("config")
+    parameters = flow_run.parameters
+    config = parameters.get("config")
     if isinstance(config, PipelineConfig):
         name = config.name
-    elif isinstance(config, dict):
-        name = config.get("name", "pipeline")
     else:
-        name = Path(str(config)).stem
+        try:
+            name = load_config(config, parameters.get("overrides") or ()).name
+        except UserError:  # the flow itself reports the problem
+            name = "pipeline"
     return f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
 
 
@@ -128,7 +163,7 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
     gpu_slots = ensure_gpu_limit()
     workspace = config.workspace
 
-    with pipeline_mlflow_run(config) as run_id:
+    with stop_when_cancelled(), pipeline_mlflow_run(config) as run_id:
         prepared = prepare_data(config)
         corpus, tokenizer, shards = prepared.corpus, prepared.tokenizer, prepared.shards
         track_data_task(config.ingest, config.bpe, config.shard, corpus, tokenizer, shards, parent_run_id=run_id)

@@ -6,8 +6,8 @@ without Prefect, for tests and scripts that need prepared data quickly. Both reu
 stage whose manifest exists and verifies, so a rerun redoes only what changed.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Prefect validates a flow's parameters against its
+# annotations, which do not resolve as strings when a deployment runs the pipeline.
 import re
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,21 @@ class PreparedData(BaseModel):
 
     def stages(self) -> dict[str, IngestOutput | BPEOutput | ShardOutput]:
         return {"ingest": self.corpus, "bpe": self.tokenizer, "shard": self.shards}
+
+    def summary(self) -> str:
+        """Each stage: built or reused, where its output is, and its headline figures."""
+        corpus, tokenizer, shards = self.corpus.report, self.tokenizer.report, self.shards.report
+        rows = [
+            ("ingest", self.corpus, self.corpus.corpus, f"{corpus['documents_train']} train / {corpus['documents_val']} "
+             f"val documents, {corpus['bytes_train'] + corpus['bytes_val']:,} bytes"),
+            ("bpe", self.tokenizer, self.tokenizer.tokenizer, f"vocab {tokenizer['vocab_size']}, "
+             f"{tokenizer['val_bytes_per_token']} bytes/token on val"),
+            ("shard", self.shards, self.shards.manifest, f"{shards['train_rows']} train / {shards['val_rows']} val windows"),
+        ]
+        return "\n".join(
+            f"{stage:<7} {'reused' if output.reused else 'built':<7} {path}\n{'':<15} {figures}"
+            for stage, output, path, figures in rows
+        )
 
 
 def check_prepare_config(config: PipelineConfig) -> None:

@@ -18,6 +18,8 @@ position and sees exactly the remaining windows.
 DataLoader workers. With `workers > 0`, worker `w` builds the rank's batches w, w + workers,
 ..., and the DataLoader hands them back round-robin, i.e. in the rank's order. The position
 counts the batches handed to the caller, so prefetched batches are not skipped on resume.
+Every rank and worker decodes the chunks it draws from whole (a few MB each): cheap next to
+training, as bench/loader.py shows.
 
 Every file of the split is checked against its sha256 in the manifest when the loader is
 created; a modified shard is refused, naming the file.

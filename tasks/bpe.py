@@ -25,7 +25,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from model.special_tokens import SPECIAL_TOKENS
 from tasks.ingest import IngestOutput, read_corpus
 from tasks.progress import progress
-from tasks.workspace import StageDir, atomic_path, fingerprint, sha256_file
+from tasks.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
@@ -49,12 +49,8 @@ class BPEConfig(BaseModel):
         return vocab_size
 
 
-class BPEOutput(BaseModel):
-    path: Path  # the stage directory
+class BPEOutput(StageOutput):
     tokenizer: Path  # tokenizer.json
-    fingerprint: str
-    report: dict[str, Any]
-    reused: bool = False
 
 
 def new_tokenizer() -> Tokenizer:
@@ -131,14 +127,7 @@ def run_bpe(config: BPEConfig, corpus: IngestOutput, workspace: Path) -> BPEOutp
             "report": report,
         }
 
-    manifest, reused = stage.build_once(build)
-    return BPEOutput(
-        path=stage.path,
-        tokenizer=stage.path / TOKENIZER_FILE,
-        fingerprint=stage.fingerprint,
-        report=manifest["report"],
-        reused=reused,
-    )
+    return BPEOutput.build_once(stage, build, tokenizer=TOKENIZER_FILE)
 
 
 @task(name="train-tokenizer", cache_policy=NO_CACHE)

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,13 +71,12 @@ class EvaluateConfig(BaseModel):
     batch_size: PositiveInt = Field(16, description="windows per forward pass (does not change the figures)")
 
 
-@dataclass
-class EvaluateOutput:
+class EvaluateOutput(BaseModel):
     path: Path
     fingerprint: str
     metrics: dict[str, float]
     samples: Path
-    reused: bool
+    reused: bool = False  # True when a verified earlier evaluation was found
 
 
 def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
@@ -228,7 +226,8 @@ def run_evaluate(
         if stage.is_complete():
             manifest = stage.read_manifest()
             samples = stage.path / "samples.md"
-            return EvaluateOutput(stage.path, stage.fingerprint, manifest["metrics"], samples, reused=True)
+            return EvaluateOutput(path=stage.path, fingerprint=stage.fingerprint, metrics=manifest["metrics"],
+                                  samples=samples, reused=True)
         stage.reset()
         tok = load_tokenizer(tokenizer)
         metrics = evaluate_model(loaded.model, tok, config, shards, corpus)
@@ -243,7 +242,7 @@ def run_evaluate(
             "metrics": metrics,
             "files": files,
         })
-    return EvaluateOutput(stage.path, stage.fingerprint, metrics, samples, reused=False)
+    return EvaluateOutput(path=stage.path, fingerprint=stage.fingerprint, metrics=metrics, samples=samples)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

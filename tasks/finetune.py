@@ -34,7 +34,7 @@ import torch
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validator
 from tokenizers import Tokenizer
 
 from model.checkpoint import CONFIG, WEIGHTS
@@ -100,27 +100,33 @@ class FinetuneConfig(TrainConfig):
         return self.model_dump(mode="json", exclude=RUN_ONLY_FIELDS | {"start_from"})
 
 
-@dataclass
-class FinetuneOutput:
+class FinetuneOutput(BaseModel):
     path: Path
     fingerprint: str
     checkpoint: Path  # the fine-tuned checkpoint, a `step-N/` directory
     metrics: dict[str, float]
-    reused: bool
+    reused: bool = False  # True when a verified earlier run was found
 
 
 # --- data ---------------------------------------------------------------------------
 
 
-def load_pairs(config: FinetuneConfig, corpus: Path) -> tuple[PairSet, Path]:
-    """The pair set and the file it was read from (for the fingerprint)."""
+def pairs_source(config: FinetuneConfig, corpus: Path) -> Path:
+    """The file the pairs are read from: the config's, or the corpus for the built-in task."""
+    if config.path is None:
+        return corpus
+    if not config.path.is_file():
+        raise UserError(f"{config.path}: fine-tuning file not found (finetune.path)")
+    return config.path
+
+
+def load_pairs(config: FinetuneConfig, corpus: Path) -> PairSet:
     if config.path is not None:
-        pairs = file_pairs(config.path, config.prompt_field, config.completion_field, config.val_fraction, config.seed)
-        return pairs, config.path
+        return file_pairs(config.path, config.prompt_field, config.completion_field, config.val_fraction, config.seed)
     pairs = docstring_pairs(corpus)
     if not pairs.train or not pairs.val:
         raise UserError(f"{corpus}: no docstring -> function pairs in the train or val split (is the corpus Python?)")
-    return pairs, corpus
+    return pairs
 
 
 def write_pairs(pairs: list[Pair], path: Path) -> None:
@@ -176,14 +182,18 @@ class TaskData:
 def completion_figures(model: GPT, inputs: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor,
                        batch_size: int) -> dict[str, float]:
     """Completion loss and perplexity over held-out rows (one pair per row)."""
+    # Rows are right-padded and the model is causal: positions after a row's last scored
+    # target cannot change its loss. Batching rows of similar length and cutting each batch
+    # after its longest row skips most of the padding.
+    positions = torch.arange(targets.size(1)).expand_as(targets)
+    lengths = torch.where(targets != IGNORE, positions + 1, 0).amax(dim=1)
+    order = lengths.argsort(descending=True)
 
     def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(inputs), batch_size):
-            x, y = inputs[start : start + batch_size], targets[start : start + batch_size]
-            # Rows are right-padded: positions after the last scored target cannot change
-            # the loss (the model is causal), so they are not computed.
-            width = int((y != IGNORE).nonzero()[:, 1].max()) + 1
-            yield x[:, :width], y[:, :width]
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = int(lengths[rows[0]])
+            yield inputs[rows, :width], targets[rows, :width]
 
     totals = score_batches(model, batches(), byte_lengths, next(model.parameters()).device)
     return {"completion_loss": totals.loss, "completion_perplexity": totals.perplexity}
@@ -249,28 +259,33 @@ def run_finetune(
     seq_len = config.seq_len or block_size
     if seq_len > block_size:
         raise UserError(f"finetune.seq_len: {seq_len} exceeds the model's context ({block_size})")
-    pairs, pairs_source = load_pairs(config, corpus)
-    inputs = {"model": base.digest, "tokenizer": sha256_file(tokenizer), "pairs": sha256_file(pairs_source)}
+    source = pairs_source(config, corpus)
+    inputs = {"model": base.digest, "tokenizer": sha256_file(tokenizer), "pairs": sha256_file(source)}
     stage = StageDir(Path(workspace), "finetune", finetune_fingerprint(config, inputs, block_size))
 
     with stage.lock():
         if stage.is_complete():
             manifest = stage.read_manifest()
             checkpoint = stage.path / manifest["checkpoint"]
-            return FinetuneOutput(stage.path, stage.fingerprint, checkpoint, manifest["metrics"], reused=True)
+            return FinetuneOutput(path=stage.path, fingerprint=stage.fingerprint, checkpoint=checkpoint,
+                                  metrics=manifest["metrics"], reused=True)
         stage.path.mkdir(parents=True, exist_ok=True)  # not reset: its checkpoints are the resume point
+        pairs = load_pairs(config, corpus)
         write_pairs(pairs.train, stage.path / "pairs-train.parquet")
         write_pairs(pairs.val, stage.path / "pairs-val.parquet")
         tok = load_tokenizer(tokenizer)
-        data = TaskData.encode(tok, pairs, seq_len, config, pairs_source)
+        data = TaskData.encode(tok, pairs, seq_len, config, source)
 
         model = base.model
         metrics = held_out_figures(model, tok, config, pairs.val, data.val_rows, "pretrained") if data.has_val else {}
         env = DistributedEnv.from_environ()
         train_data = PairBatches(*data.train_rows, config.micro_batch_size, seed=config.seed,
                                  rank=env.rank, world_size=env.world_size)
+        # The engine's periodic validation only when asked for: the held-out figures
+        # after training already give the final completion loss.
+        periodic_validation = data.has_val and config.eval_every > 0
         val_data = PairBatches(*data.val_rows, config.micro_batch_size, shuffle=False,
-                               rank=env.rank, world_size=env.world_size) if data.has_val else None
+                               rank=env.rank, world_size=env.world_size) if periodic_validation else None
         result = train(model, config.train_config(), train_data, val_data, stage.path, callback)
         model.cpu()
         if data.has_val:
@@ -288,7 +303,7 @@ def run_finetune(
             "metrics": metrics,
             "files": [{"path": name, "sha256": sha256_file(stage.path / name)} for name in listed],
         })
-    return FinetuneOutput(stage.path, stage.fingerprint, result.checkpoint, metrics, reused=False)
+    return FinetuneOutput(path=stage.path, fingerprint=stage.fingerprint, checkpoint=result.checkpoint, metrics=metrics)
 
 
 @task(name="finetune", cache_policy=NO_CACHE)

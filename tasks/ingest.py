@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model.errors import UserError
 from tasks.progress import progress
-from tasks.workspace import StageDir, atomic_path, fingerprint, sha256_file
+from tasks.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 
 FORMAT_VERSION = 1
 STDLIB = "python-stdlib"
@@ -59,7 +59,9 @@ HF_PREFIX = "hf:"
 SPLITS = ("train", "val")
 CORPUS_FILE = "corpus.parquet"
 CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("split", pa.string())])
-CORPUS_ROW_GROUP_CHARS = 8 << 20
+# Row groups of ~1M characters: readers hold one at a time, and Arrow's allocator
+# (mimalloc) keeps a few of them cached, so their size bounds readers' memory.
+CORPUS_ROW_GROUP_CHARS = 1 << 20
 
 TEXT_SUFFIXES = (".txt", ".md", ".py")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -92,12 +94,8 @@ class IngestConfig(BaseModel):
     seed: int = Field(0, description="salt of the split hash")
 
 
-class IngestOutput(BaseModel):
-    path: Path  # the stage directory
+class IngestOutput(StageOutput):
     corpus: Path  # corpus.parquet
-    fingerprint: str
-    report: dict[str, Any]
-    reused: bool = False  # True when a verified earlier run was found and nothing was redone
 
 
 # -- the document split -------------------------------------------------------------
@@ -374,7 +372,7 @@ def clean(text: str, nfc: bool, stats: IngestStats) -> str:
 
 
 class CorpusWriter:
-    """Appends documents to the corpus Parquet file, one row group per ~8M characters."""
+    """Appends documents to the corpus Parquet file, one row group per ~1M characters."""
 
     def __init__(self, path: Path):
         self._writer = pq.ParquetWriter(path, CORPUS_SCHEMA, compression="zstd")
@@ -476,14 +474,7 @@ def run_ingest(config: IngestConfig, workspace: Path) -> IngestOutput:
             "report": asdict(stats),
         }
 
-    manifest, reused = stage.build_once(build)
-    return IngestOutput(
-        path=stage.path,
-        corpus=stage.path / CORPUS_FILE,
-        fingerprint=stage.fingerprint,
-        report=manifest["report"],
-        reused=reused,
-    )
+    return IngestOutput.build_once(stage, build, corpus=CORPUS_FILE)
 
 
 def read_corpus(corpus: Path, split: str | None = None, batch_rows: int = 512) -> Iterator[pa.RecordBatch]:

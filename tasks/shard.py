@@ -72,7 +72,7 @@ from model.special_tokens import EOS_ID
 from tasks.bpe import BPEOutput, load_tokenizer
 from tasks.ingest import SPLITS, IngestOutput, read_corpus
 from tasks.progress import progress
-from tasks.workspace import StageDir, atomic_path, fingerprint, sha256_file
+from tasks.workspace import MANIFEST, StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 
 FORMAT_VERSION = 1
 COMPRESSION = "zstd"
@@ -105,12 +105,8 @@ class ShardConfig(BaseModel):
         return self
 
 
-class ShardOutput(BaseModel):
-    path: Path  # the stage directory
+class ShardOutput(StageOutput):
     manifest: Path  # manifest.json
-    fingerprint: str
-    report: dict[str, Any]
-    reused: bool = False
 
 
 # -- the token stream and its windows -------------------------------------------------
@@ -338,10 +334,7 @@ def run_shard(config: ShardConfig, corpus: IngestOutput, tokenizer: BPEOutput, w
             },
         }
 
-    manifest, reused = stage.build_once(build)
-    return ShardOutput(
-        path=stage.path, manifest=stage.manifest_path, fingerprint=stage.fingerprint, report=manifest["report"], reused=reused
-    )
+    return ShardOutput.build_once(stage, build, manifest=MANIFEST)
 
 
 @task(name="shard", cache_policy=NO_CACHE)

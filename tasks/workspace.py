@@ -18,9 +18,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from filelock import FileLock
+from pydantic import BaseModel
 
 from model.errors import UserError
 from model.integrity import MANIFEST, inside, sha256_file, verify_files  # noqa: F401 (re-exported)
@@ -110,3 +111,21 @@ class StageDir:
             manifest = build(self.path)
             self.commit(manifest)
             return manifest, False
+
+
+class StageOutput(BaseModel):
+    """What a stage returns to the next ones: small records and paths, never data."""
+
+    path: Path  # the stage directory
+    fingerprint: str
+    report: dict[str, Any]  # the figures of the stage's manifest
+    reused: bool = False  # a verified earlier run was found and nothing was redone
+
+    @classmethod
+    def build_once(cls, stage: StageDir, build: Callable[[Path], dict[str, Any]], **files: str) -> Self:
+        """Build `stage` (or reuse it, see `StageDir.build_once`) and describe it; `files`
+        maps the output's path fields to file names in the stage directory. The manifest
+        must carry the stage's `report`."""
+        manifest, reused = stage.build_once(build)
+        paths = {field: stage.path / name for field, name in files.items()}
+        return cls(path=stage.path, fingerprint=stage.fingerprint, report=manifest["report"], reused=reused, **paths)

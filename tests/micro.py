@@ -54,7 +54,8 @@ def write_corpus(path: Path, documents: list[tuple[str, str, str]]) -> Path:
     return path
 
 
-def write_val_shards(directory: Path, tokenizer: Tokenizer, tokenizer_path: Path, texts: list[str], seq_len: int) -> Path:
+def write_val_shards(directory: Path, tokenizer: Tokenizer, tokenizer_path: Path, texts: list[str],
+                     seq_len: int) -> Path:
     """Val shards as the shard stage writes them: the stream (documents each followed by
     <|endoftext|>) cut into disjoint windows of seq_len + 1 tokens sharing one token."""
     stream = [EOS_ID]

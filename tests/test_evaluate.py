@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prefect import flow
 import torch.nn.functional as F
 from torch import nn
 
@@ -176,8 +177,13 @@ def test_a_registered_model_evaluates_like_its_checkpoint(tmp_path, stage_inputs
 def test_evaluate_task_logs_a_nested_run_and_headline_figures(tmp_path, stage_inputs, prefect_server):
     s = stage_inputs
     parent = tracking.start_run("test-evaluate", "pipeline")
-    output = evaluate_task(CONFIG, s.checkpoint, s.tokenizer, s.shards, s.corpus, tmp_path, parent_run_id=parent,
-                           run_name="evaluate-finetuned", parent_prefix="finetuned_")
+
+    @flow
+    def pipeline_stage():
+        return evaluate_task(CONFIG, s.checkpoint, s.tokenizer, s.shards, s.corpus, tmp_path, parent_run_id=parent,
+                             run_name="evaluate-finetuned", parent_prefix="finetuned_")
+
+    output = pipeline_stage()
 
     client = tracking.client()
     (child,) = client.search_runs([client.get_run(parent).info.experiment_id],

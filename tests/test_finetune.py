@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from micro import save_base_checkpoint, tiny_gpt, toy_tokenizer, write_corpus
+from model.errors import UserError
 from model.finetune_data import IGNORE, PairBatches, encode_pair, encode_pairs, to_rows
 from model.special_tokens import EOS_ID, PAD_ID, SEP_ID
 from tasks.bpe import load_tokenizer
@@ -168,3 +169,15 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(micro_run):
     actual = safetensors.torch.load_file(resumed.checkpoint / "model.safetensors")
     assert all(torch.allclose(expected[name], actual[name], atol=1e-6) for name in expected)
     assert resumed.metrics["finetuned_completion_loss"] == pytest.approx(uninterrupted.metrics["finetuned_completion_loss"], rel=1e-5)
+
+
+def test_a_malformed_pairs_file_fails_the_stage_naming_file_and_line(micro_run, tmp_path):
+    root, corpus, tokenizer_path, config = micro_run
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
+    from_file = config.model_copy(update={"task": None, "path": pairs})
+    with pytest.raises(UserError, match=f"{pairs}:2: field 'completion' is missing"):
+        run_finetune(from_file, root / "pretrain", tokenizer_path, corpus, tmp_path / "ws")
+    with pytest.raises(UserError, match="fine-tuning file not found"):
+        run_finetune(from_file.model_copy(update={"path": tmp_path / "missing.jsonl"}), root / "pretrain",
+                     tokenizer_path, corpus, tmp_path / "ws")

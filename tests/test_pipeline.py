@@ -6,18 +6,32 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from pipeline_micro import write_config
 from prefect import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.states import Cancelling
 from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.config import load_config
 from flows.pipeline import artifact_key, pipeline
+from flows.plan import plan
+from model.checkpoint import latest_checkpoint
 from model.errors import UserError
 from tasks import tracking
 from tasks.register import CANDIDATE, CHAMPION
@@ -143,6 +157,41 @@ def test_unreachable_tracking_server_stops_before_any_stage(prefect_server, micr
     with pytest.raises(UserError, match=f"MLflow tracking server {uri} is unreachable"):
         pipeline(config)
     assert not (tmp_path / "workspace").exists()
+
+
+def test_cancelling_the_flow_run_stops_training_and_keeps_its_checkpoint(cli_env, micro, tmp_path):
+    overrides = ["pretrain.max_steps=100000", "pretrain.checkpoint_every=5", "finetune=null"]
+    config = load_config(micro, overrides)
+    (pretrain,) = [step for step in plan(config) if step.stage == "pretrain"]
+    checkpoints = config.workspace / "pretrain" / pretrain.fingerprint / "checkpoints"
+    command = [str(Path(sys.executable).parent / "gptflow"), "run", str(micro), *(f"--set={o}" for o in overrides)]
+    with open(tmp_path / "run.log", "w") as log:
+        running = subprocess.Popen(command, env=cli_env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until(lambda: latest_checkpoint(checkpoints), 300, "a first pretraining checkpoint")
+            with get_client(sync_client=True) as client:
+                (flow_run,) = client.read_flow_runs(
+                    flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline"])),
+                    flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))),
+                )
+                client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
+            running.wait(timeout=180)
+        finally:
+            running.kill()
+    assert running.returncode != 0
+    kept = latest_checkpoint(checkpoints)
+    assert kept is not None and not (checkpoints.parent / "manifest.json").exists()
+    assert int(kept.name.removeprefix("step-")) < config.pretrain.max_steps
+    (pretrain,) = [step for step in plan(config) if step.stage == "pretrain"]
+    assert pretrain.action == "resume"
+
+
+def wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+    return result
 
 
 def test_status_and_clean(prefect_server, micro, tmp_path):

@@ -115,7 +115,8 @@ def chromium(url: str, *, dump: bool = False, screenshot: Path | None = None) ->
 def servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("servers")
     env = {key: value for key, value in os.environ.items() if key not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    env.update(GPTFLOW_HOME=str(root / "gptflow-home"), PREFECT_HOME=str(root / "prefect-home"))
+    # As in an activated venv: `mlflow models serve` starts `uvicorn` from PATH.
+    env.update(GPTFLOW_HOME=str(root / "gptflow-home"), PREFECT_HOME=str(root / "prefect-home"), PATH=f"{BIN}{os.pathsep}{env['PATH']}")
     prefect_port, mlflow_port = free_port(), free_port()
     servers = Servers(root, write_config(root, NAME), env, f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}")
     up = gptflow(servers, "up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port), timeout=300)
@@ -191,8 +192,17 @@ def test_served_deployment_schedule_trigger_and_gpu_limit(servers, pipeline_run)
         (start_a, end_a), (start_b, end_b) = sorted(spans)
         assert end_a <= start_b, f"pretraining overlapped: {spans}"
     finally:
-        os.killpg(serving.pid, signal.SIGINT)
-        serving.wait(timeout=60)
+        stop(serving)
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Stop a server this test started, with its process group."""
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 def _deployment(servers: Servers, name: str) -> dict | None:
@@ -220,8 +230,7 @@ def test_mlflow_models_serve_answers_invocations(servers, pipeline_run):
         (completion,) = answer["predictions"]
         assert isinstance(completion, str)
     finally:
-        os.killpg(serving.pid, signal.SIGTERM)
-        serving.wait(timeout=60)
+        stop(serving)
 
 
 def _ping(url: str) -> bool:
