@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -223,8 +224,23 @@ def down() -> None:
     print(f"stopped: {', '.join(stopped)}" if stopped else "no servers were running")
 
 
+class WithoutUserErrorTraceback(logging.Filter):
+    """Prefect logs every failed flow and task run with its traceback; for a UserError the
+    message is the whole story (a traceback is for bugs), so only the message is kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+WITHOUT_USER_ERROR_TRACEBACK = WithoutUserErrorTraceback()  # one instance: addFilter skips a repeat
+
+
 def main() -> None:
     """Console entry point: user errors end as one line `error: ...` and exit code 2."""
+    for run_logger in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(run_logger).addFilter(WITHOUT_USER_ERROR_TRACEBACK)
     try:
         app()
     except UserError as e:

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from flows.runners import TaskRunnerConfig
 from model.config import ModelConfig
 from model.errors import UserError
 from tasks.bpe import BPEConfig
@@ -24,6 +25,7 @@ from tasks.ingest import IngestConfig
 from tasks.pretrain import PretrainConfig
 from tasks.register import RegisterConfig
 from tasks.shard import ShardConfig
+from tasks.storage import Workspace
 
 # The `register:` section's field shadows ABCMeta.register, which nothing calls on a config.
 warnings.filterwarnings("ignore", message='Field name "register" in "PipelineConfig" shadows', category=UserWarning)
@@ -33,7 +35,8 @@ class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="MLflow experiment and registered-model name")
-    workspace: Path = Path("./workspace")
+    workspace: Workspace = Field(Path("./workspace"), description="a local directory or s3://bucket/prefix")
+    task_runner: TaskRunnerConfig = TaskRunnerConfig()
     ingest: IngestConfig = IngestConfig()
     bpe: BPEConfig = BPEConfig()
     shard: ShardConfig = ShardConfig()
@@ -49,7 +52,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(f"--set {text!r}: expected dotted.key=value")
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise UserError(f"--set {text!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
 
 
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:

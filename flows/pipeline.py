@@ -17,17 +17,18 @@ import os
 import re
 import signal
 import threading
-from datetime import datetime, timezone
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from prefect import flow, get_client, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.utilities.urls import url_for
 from pydantic import BaseModel
@@ -39,6 +40,7 @@ from tasks import tracking
 from tasks.data_tracking import track_data_task
 from tasks.evaluate import EvaluateOutput, evaluate_task
 from tasks.finetune import finetune_task
+from tasks.loss_curves import loss_curves_task
 from tasks.pretrain import pretrain_task
 from tasks.register import EvalData, RegisterOutput, register_task
 
@@ -53,7 +55,7 @@ class PipelineResult(BaseModel):
     registered: RegisterOutput
 
 
-@task(name="check-tracking-server", cache_policy=None)
+@task(name="check-tracking-server", cache_policy=NO_CACHE)
 def check_tracking_task() -> str:
     """Fail fast, naming the URI, when MLflow is unreachable (after a bounded retry)."""
     return tracking.check_tracking_server()
@@ -71,8 +73,12 @@ def ensure_gpu_limit() -> int:
         try:
             return client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit
         except ObjectNotFound:
+            pass
+        try:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=device_slots()))
-            return device_slots()
+        except ObjectAlreadyExists:  # another pipeline created it a moment ago
+            pass
+        return client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit
 
 
 @contextmanager
@@ -164,28 +170,33 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
     workspace = config.workspace
 
     with stop_when_cancelled(), pipeline_mlflow_run(config) as run_id:
-        prepared = prepare_data(config)
-        corpus, tokenizer, shards = prepared.corpus, prepared.tokenizer, prepared.shards
+        data = prepare_data(config)
+        corpus, tokenizer, shards = data.corpus, data.tokenizer, data.shards
         track_data_task(config.ingest, config.bpe, config.shard, corpus, tokenizer, shards, parent_run_id=run_id)
+
+        def evaluate(label: str, checkpoint: Path) -> EvaluateOutput:
+            """One evaluation, named after the model it scores in Prefect and MLflow alike."""
+            name = f"evaluate-{label}"
+            return evaluate_task.with_options(task_run_name=name)(
+                config.evaluate, checkpoint, tokenizer.tokenizer, shards.path, corpus.corpus, workspace,
+                parent_run_id=run_id, run_name=name, parent_prefix=f"{label}_",
+            )  # fmt: skip
 
         # A slot per training process (torchrun with N processes holds N devices), at most
         # all of them: CPU-only DDP runs several processes on the one "device".
         with concurrency(GPU_LIMIT, occupy=min(config.pretrain.nproc_per_node, gpu_slots), strict=True):
             pretrained = pretrain_task(config.pretrain, config.model, shards, workspace, parent_run_id=run_id)
-        evaluate = evaluate_task.with_options(task_run_name="evaluate-pretrained")
-        evaluations = {
-            "pretrained": evaluate(config.evaluate, pretrained.checkpoint, tokenizer.tokenizer, shards.path, corpus.corpus, workspace, parent_run_id=run_id)
-        }
+        evaluations = {"pretrained": evaluate("pretrained", pretrained.checkpoint)}
         final_checkpoint = pretrained.checkpoint
         if config.finetune is not None:
             with concurrency(GPU_LIMIT, occupy=1, strict=True):
-                finetuned = finetune_task(config.finetune, pretrained.checkpoint, tokenizer.tokenizer, corpus.corpus, workspace, parent_run_id=run_id)
-            evaluate = evaluate_task.with_options(task_run_name="evaluate-finetuned")
-            evaluations["finetuned"] = evaluate(
-                config.evaluate, finetuned.checkpoint, tokenizer.tokenizer, shards.path, corpus.corpus, workspace, parent_run_id=run_id
-            )
+                finetuned = finetune_task(
+                    config.finetune, pretrained.checkpoint, tokenizer.tokenizer, corpus.corpus, workspace, parent_run_id=run_id
+                )
+            evaluations["finetuned"] = evaluate("finetuned", finetuned.checkpoint)
             final_checkpoint = finetuned.checkpoint
 
+        loss_curves_task(run_id)
         final = evaluations["finetuned" if config.finetune is not None else "pretrained"]
         lineage = {
             "data_fingerprint": corpus.fingerprint,

@@ -1,7 +1,9 @@
 """The data-preparation flow: ingest -> train-tokenizer -> shard, and its report artifact.
 
 `prepare_data` is the Prefect flow; the pretraining, fine-tuning and pipeline flows call
-it as a subflow. `prepare_data_locally` runs the same three stages as plain functions,
+it as a subflow. The shard stage's chunks run as `shard-chunk` task runs on the task
+runner of the config's `task_runner:` section (threads, or a Dask cluster), whichever
+runner the calling flow has. `prepare_data_locally` runs the same three stages as plain functions,
 without Prefect, for tests and scripts that need prepared data quickly. Both reuse any
 stage whose manifest exists and verifies, so a rerun redoes only what changed.
 """
@@ -9,7 +11,7 @@ stage whose manifest exists and verifies, so a rerun redoes only what changed.
 # No `from __future__ import annotations`: Prefect validates a flow's parameters against its
 # annotations, which do not resolve as strings when a deployment runs the pipeline.
 import re
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from prefect import flow
@@ -17,9 +19,11 @@ from prefect.artifacts import create_table_artifact
 from pydantic import BaseModel
 
 from flows.config import PipelineConfig
+from flows.runners import TaskRunnerConfig, make_task_runner
 from tasks.bpe import BPEOutput, run_bpe, train_tokenizer_task
 from tasks.ingest import IngestOutput, find_source_files, ingest_task, run_ingest
-from tasks.shard import ShardOutput, check_shard_bytes, run_shard, shard_task
+from tasks.shard import ChunkCounts, ShardChunk, ShardOutput, check_shard_bytes, encode_chunk_task, run_shard
+from tasks.storage import resolve_workspace
 
 
 class PreparedData(BaseModel):
@@ -58,14 +62,31 @@ def prepare_data(config: PipelineConfig) -> PreparedData:
     """Ingest the corpus, train the tokenizer, write the shards; publish the reports."""
     corpus = ingest_task(config.ingest, config.workspace)
     tokenizer = train_tokenizer_task(config.bpe, corpus, config.workspace)
-    shards = shard_task(config.shard, corpus, tokenizer, config.workspace)
+    shards = run_shard(
+        config.shard, corpus, tokenizer, config.workspace,
+        map_chunks=task_runs_on(config.task_runner), parts_in_workspace=config.task_runner.remote_workers,
+    )
     prepared = PreparedData(corpus=corpus, tokenizer=tokenizer, shards=shards)
     create_table_artifact(
         key=artifact_key(config.name),
         table=report_rows(prepared),
-        description=f"Data preparation reports of `{config.name}` (workspace `{Path(config.workspace).resolve()}`)",
+        description=f"Data preparation reports of `{config.name}` (workspace `{resolve_workspace(config.workspace)}`)",
     )
     return prepared
+
+
+def task_runs_on(runner: TaskRunnerConfig) -> Callable[[list[ShardChunk]], list[ChunkCounts]]:
+    """Map the shard chunks as `shard-chunk` task runs on the configured task runner.
+
+    The runner is started here rather than given to the flow's decorator, so the config
+    chooses it even when another flow calls `prepare_data` as a subflow."""
+
+    def map_chunks(chunks: list[ShardChunk]) -> list[ChunkCounts]:
+        with make_task_runner(runner) as task_runner:
+            futures = task_runner.map(encode_chunk_task, {"chunk": chunks})
+            return [future.result() for future in futures]
+
+    return map_chunks
 
 
 def prepare_data_locally(config: PipelineConfig) -> PreparedData:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -60,7 +61,9 @@ def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, state: dict[
     """Write `checkpoints/step-{step}` atomically, then delete all but the newest `keep`."""
     final = checkpoints / f"step-{step}"
     tmp = checkpoints / f".step-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Half-written checkpoints of a process that was killed: never loaded, only in the way.
+    for stale in checkpoints.glob(".step-*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     plain = unwrap(model)
     safetensors.torch.save_model(plain, str(tmp / WEIGHTS))  # stores the tied head/embedding once
@@ -85,8 +88,17 @@ def load_weights(model: nn.Module, checkpoint: Path) -> None:
 
 
 def load_state(checkpoint: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
-    """The training state saved with the weights (optimizer, step, loader, RNG)."""
-    return torch.load(checkpoint / STATE, map_location=map_location, weights_only=True)
+    """The training state saved with the weights (optimizer, step, loader, RNG).
+
+    `weights_only=True` unpickles tensors and plain containers only: a state file carrying
+    anything else (code to run, e.g. a planted `__reduce__`) is refused before it runs."""
+    try:
+        return torch.load(checkpoint / STATE, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{checkpoint / STATE}: refused: it holds objects other than tensors and plain values, "
+            "and loading them could run code; delete this checkpoint"
+        ) from None
 
 
 def load_model(checkpoint: Path, device: torch.device | str = "cpu") -> GPT:

@@ -108,9 +108,9 @@ def bpe_fingerprint(config: BPEConfig, corpus_fingerprint: str) -> str:
     return fingerprint("bpe", config.model_dump(mode="json"), {"corpus": corpus_fingerprint}, FORMAT_VERSION)
 
 
-def run_bpe(config: BPEConfig, corpus: IngestOutput, workspace: Path) -> BPEOutput:
+def run_bpe(config: BPEConfig, corpus: IngestOutput, workspace: Path | str) -> BPEOutput:
     """Train `<workspace>/bpe/<fingerprint>/tokenizer.json` on the train split (or reuse it)."""
-    stage = StageDir(Path(workspace).resolve(), "bpe", bpe_fingerprint(config, corpus.fingerprint))
+    stage = StageDir(workspace, "bpe", bpe_fingerprint(config, corpus.fingerprint))
 
     def build(directory: Path) -> dict[str, Any]:
         tokenizer = train(config, corpus.corpus, corpus.report["documents_train"])
@@ -131,6 +131,6 @@ def run_bpe(config: BPEConfig, corpus: IngestOutput, workspace: Path) -> BPEOutp
 
 
 @task(name="train-tokenizer", cache_policy=NO_CACHE)
-def train_tokenizer_task(config: BPEConfig, corpus: IngestOutput, workspace: Path) -> BPEOutput:
+def train_tokenizer_task(config: BPEConfig, corpus: IngestOutput, workspace: Path | str) -> BPEOutput:
     """Prefect task over `run_bpe`; the stage directory's manifest does the caching."""
     return run_bpe(config, corpus, workspace)

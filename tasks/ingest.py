@@ -456,10 +456,10 @@ def ingest_fingerprint(config: IngestConfig, files: SourceFiles | None) -> str:
     return fingerprint("ingest", settings, {"source": source_signature(files)}, FORMAT_VERSION)
 
 
-def run_ingest(config: IngestConfig, workspace: Path) -> IngestOutput:
+def run_ingest(config: IngestConfig, workspace: Path | str) -> IngestOutput:
     """Read the source into `<workspace>/ingest/<fingerprint>/corpus.parquet` (or reuse it)."""
     files = find_source_files(config)
-    stage = StageDir(Path(workspace).resolve(), "ingest", ingest_fingerprint(config, files))
+    stage = StageDir(workspace, "ingest", ingest_fingerprint(config, files))
 
     def build(directory: Path) -> dict[str, Any]:
         corpus = directory / CORPUS_FILE
@@ -487,6 +487,6 @@ def read_corpus(corpus: Path, split: str | None = None, batch_rows: int = 512) -
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
-def ingest_task(config: IngestConfig, workspace: Path) -> IngestOutput:
+def ingest_task(config: IngestConfig, workspace: Path | str) -> IngestOutput:
     """Prefect task over `run_ingest`; the stage directory's manifest does the caching."""
     return run_ingest(config, workspace)

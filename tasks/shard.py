@@ -8,6 +8,17 @@ target of window `i` is the first input of window `i + 1`), so every stream toke
 the first is a target exactly once; with `stride < seq_len` windows overlap as in GPT-3's
 training examples. Tokens after the end of the last window are dropped and counted.
 
+The work is split in two steps so it can run on many workers (Prefect task runs on
+threads or a Dask cluster, see flows/prepare.py; plain calls in order without Prefect):
+1. `encode_chunk`, once per chunk of `shard.chunk_documents` consecutive corpus documents:
+   each split's documents of the chunk, encoded and each followed by `<|endoftext|>`,
+   appended as raw token ids to a part file `parts/<chunk>-<split>.tokens`;
+2. `merge_parts`: per split, the parts read back in chunk order are exactly the split's
+   stream, cut into windows and written as below; then the parts are deleted.
+The stream does not depend on where it was cut, so the shards and the manifest are byte
+for byte the same whatever the number of chunks or workers, and `chunk_documents` is not
+part of the fingerprint. Memory is bounded by an encode batch and a row group in both steps.
+
 Output directory `<workspace>/shard/<fingerprint>/`:
 
     train-00000.parquet, train-00001.parquet, ..., val-00000.parquet, ..., manifest.json
@@ -52,9 +63,8 @@ the same inputs write byte-identical manifests):
 from __future__ import annotations
 
 import itertools
-import math
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +82,7 @@ from model.special_tokens import EOS_ID
 from tasks.bpe import BPEOutput, load_tokenizer
 from tasks.ingest import SPLITS, IngestOutput, read_corpus
 from tasks.progress import progress
+from tasks.storage import filesystem
 from tasks.workspace import MANIFEST, StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 
 FORMAT_VERSION = 1
@@ -93,6 +104,9 @@ class ShardConfig(BaseModel):
     seq_len: int = Field(256, ge=1, description="tokens of context; a window is seq_len + 1 tokens")
     stride: int | None = Field(None, ge=1, description="window i starts at token i * stride (default: seq_len)")
     shard_bytes: int = Field(128 << 20, ge=MIN_SHARD_BYTES, description="largest Parquet file on disk")
+    chunk_documents: int = Field(
+        50_000, ge=1, description="corpus documents per encoding task run (does not change the shards)"
+    )
 
     @model_validator(mode="after")
     def _stride_within_window(self) -> ShardConfig:
@@ -116,8 +130,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-@dataclass
-class StreamCounts:
+class StreamCounts(BaseModel):
     documents: int = 0
     stream_tokens: int = 0
 
@@ -129,32 +142,33 @@ def with_eos(documents: list[list[int]], dtype: np.dtype) -> np.ndarray:
     return np.fromiter(tokens, dtype, length)
 
 
-def text_batches(corpus: Path, split: str, max_chars: int = ENCODE_BATCH_CHARS) -> Iterator[list[str]]:
-    """A split's documents in corpus order, in batches of about `max_chars` characters."""
-    texts: list[str] = []
-    chars = 0
-    for batch in read_corpus(corpus, split):
-        for text in batch.column("text").to_pylist():
-            texts.append(text)
-            chars += len(text)
-            if chars >= max_chars:
-                yield texts
-                texts, chars = [], 0
-    if texts:
-        yield texts
+def document_batches(corpus: Path, start: int, stop: int, max_chars: int = ENCODE_BATCH_CHARS) -> Iterator[tuple[str, list[str]]]:
+    """Corpus documents `start` to `stop - 1` as `(split, texts)` batches of about
+    `max_chars` characters, each split's documents in corpus order."""
+    texts: dict[str, list[str]] = {split: [] for split in SPLITS}
+    chars = dict.fromkeys(SPLITS, 0)
+    for group in corpus_slice(corpus, start, stop):
+        for text, split in zip(group.column("text").to_pylist(), group.column("split").to_pylist()):
+            texts[split].append(text)
+            chars[split] += len(text)
+            if chars[split] >= max_chars:
+                yield split, texts[split]
+                texts[split], chars[split] = [], 0
+    for split in SPLITS:
+        if texts[split]:
+            yield split, texts[split]
 
 
-def token_stream(
-    tokenizer: Tokenizer, corpus: Path, split: str, dtype: np.dtype, counts: StreamCounts, split_bytes: int
-) -> Iterator[np.ndarray]:
-    """A split's token stream, one encoded batch of documents at a time."""
-    batches = text_batches(corpus, split)
-    for texts in progress(batches, f"shard {split}", total=math.ceil(split_bytes / ENCODE_BATCH_CHARS)):
-        ids = [encoding.ids for encoding in tokenizer.encode_batch_fast(texts)]
-        chunk = with_eos(ids, dtype)
-        counts.documents += len(ids)
-        counts.stream_tokens += len(chunk)
-        yield chunk
+def corpus_slice(corpus: Path, start: int, stop: int) -> Iterator[pa.Table]:
+    """Rows `start` to `stop - 1` of the corpus, one row group (~1M characters) at a time."""
+    file = pq.ParquetFile(corpus)
+    first = 0
+    for group in range(file.metadata.num_row_groups):
+        rows = file.metadata.row_group(group).num_rows
+        if first < stop and first + rows > start:
+            table = file.read_row_group(group, columns=["text", "split"])
+            yield table.slice(max(start - first, 0), min(stop, first + rows) - max(start, first))
+        first += rows
 
 
 def window_count(stream_tokens: int, seq_len: int, stride: int) -> int:
@@ -255,6 +269,73 @@ def write_split(
     return write_shards(groups, directory, split, dtype, shard_bytes)
 
 
+# -- chunks: encode in parallel, merge in order -------------------------------------------
+
+
+class ShardChunk(BaseModel):
+    """One `encode_chunk` call: corpus documents `start` to `stop - 1`."""
+
+    index: int
+    start: int
+    stop: int
+    corpus: IngestOutput
+    tokenizer: BPEOutput
+    workspace: Path | str  # where a worker on another machine finds the corpus and tokenizer
+    parts: Path | str  # the directory (or s3:// URI) the part files go to
+    dtype: str
+
+
+class ChunkCounts(BaseModel):
+    index: int
+    splits: dict[str, StreamCounts]
+
+
+def part_name(index: int, split: str) -> str:
+    return f"{index:05d}-{split}.tokens"
+
+
+def plan_chunks(config: ShardConfig, corpus: IngestOutput, tokenizer: BPEOutput, workspace: Path | str,
+                parts: Path | str, dtype: np.dtype) -> list[ShardChunk]:
+    documents = corpus.report["documents_out"]
+    return [
+        ShardChunk(index=index, start=start, stop=min(start + config.chunk_documents, documents), corpus=corpus,
+                   tokenizer=tokenizer, workspace=workspace, parts=parts, dtype=dtype.name)
+        for index, start in enumerate(range(0, documents, config.chunk_documents))
+    ]
+
+
+def encode_chunk(chunk: ShardChunk) -> ChunkCounts:
+    """Encode a chunk's documents into one part file per split; count them."""
+    corpus = chunk.corpus.local_file(chunk.corpus.corpus, chunk.workspace)
+    bpe = load_tokenizer(chunk.tokenizer.local_file(chunk.tokenizer.tokenizer, chunk.workspace))
+    dtype = np.dtype(chunk.dtype)
+    counts = {split: StreamCounts() for split in SPLITS}
+    fs, parts = filesystem(chunk.parts)
+    with ExitStack() as files:
+        sinks = {split: files.enter_context(fs.open_output_stream(f"{parts}/{part_name(chunk.index, split)}")) for split in SPLITS}
+        batches = document_batches(corpus, chunk.start, chunk.stop)
+        for split, texts in progress(batches, f"shard chunk {chunk.index}"):
+            tokens = with_eos([encoding.ids for encoding in bpe.encode_batch_fast(texts)], dtype)
+            sinks[split].write(tokens.tobytes())
+            counts[split].documents += len(texts)
+            counts[split].stream_tokens += len(tokens)
+    return ChunkCounts(index=chunk.index, splits=counts)
+
+
+def read_parts(parts: Path | str, names: list[str], dtype: np.dtype, block_tokens: int = 1 << 22) -> Iterator[np.ndarray]:
+    """The part files one after the other, as arrays of at most `block_tokens` token ids."""
+    fs, root = filesystem(parts)
+    for name in names:
+        with fs.open_input_stream(f"{root}/{name}") as source:
+            while block := source.read(block_tokens * dtype.itemsize):
+                yield np.frombuffer(block, dtype)
+
+
+def run_in_order(chunks: list[ShardChunk]) -> list[ChunkCounts]:
+    """How chunks run without Prefect: one after the other, in this process."""
+    return [encode_chunk(chunk) for chunk in chunks]
+
+
 # -- the stage ------------------------------------------------------------------------
 
 
@@ -281,38 +362,62 @@ def check_shard_bytes(config: ShardConfig, vocab_size: int) -> None:
         )
 
 
-def check_filled(split: str, totals: dict[str, int], config: ShardConfig) -> None:
-    if totals["rows"] == 0:
+def check_filled(split: str, counts: StreamCounts, config: ShardConfig) -> None:
+    if window_count(counts.stream_tokens, config.seq_len, config.stride) == 0:
         more = "raise ingest.val_fraction" if split == "val" else "add documents"
         raise UserError(
-            f"shard: the {split} split has {totals['stream_tokens']} tokens, fewer than "
+            f"shard: the {split} split has {counts.stream_tokens} tokens, fewer than "
             f"shard.seq_len + 1 = {config.seq_len + 1}: lower shard.seq_len or {more}"
         )
 
 
 def shard_fingerprint(config: ShardConfig, corpus_fingerprint: str, tokenizer_fingerprint: str) -> str:
+    # How the work is cut into chunks does not change the shards.
+    settings = config.model_dump(mode="json", exclude={"chunk_documents"})
     inputs = {"corpus": corpus_fingerprint, "tokenizer": tokenizer_fingerprint}
-    return fingerprint("shard", config.model_dump(mode="json"), inputs, FORMAT_VERSION)
+    return fingerprint("shard", settings, inputs, FORMAT_VERSION)
 
 
-def run_shard(config: ShardConfig, corpus: IngestOutput, tokenizer: BPEOutput, workspace: Path) -> ShardOutput:
-    """Encode the corpus and write `<workspace>/shard/<fingerprint>/` (or reuse it)."""
+def run_shard(
+    config: ShardConfig,
+    corpus: IngestOutput,
+    tokenizer: BPEOutput,
+    workspace: Path | str,
+    map_chunks: Callable[[list[ShardChunk]], list[ChunkCounts]] = run_in_order,
+    parts_in_workspace: bool = False,
+) -> ShardOutput:
+    """Encode the corpus and write `<workspace>/shard/<fingerprint>/` (or reuse it).
+
+    `map_chunks(chunks)` runs `encode_chunk` on each chunk (in order here; as Prefect
+    task runs in the prepare flow) and returns their counts in chunk order. The part files go
+    to the local build directory, or with `parts_in_workspace` to the workspace itself,
+    for workers on other machines that share only an s3:// workspace.
+    """
     inputs = {"corpus": corpus.fingerprint, "tokenizer": tokenizer.fingerprint}
-    stage = StageDir(Path(workspace).resolve(), "shard", shard_fingerprint(config, corpus.fingerprint, tokenizer.fingerprint))
+    stage = StageDir(workspace, "shard", shard_fingerprint(config, corpus.fingerprint, tokenizer.fingerprint))
     vocab_size = tokenizer.report["vocab_size"]
     dtype = token_dtype(vocab_size)
     check_shard_bytes(config, vocab_size)
 
     def build(directory: Path) -> dict[str, Any]:
-        bpe = load_tokenizer(tokenizer.tokenizer)
+        parts = f"{stage.location}/parts" if parts_in_workspace else directory / "parts"
+        fs, parts_root = filesystem(parts)
+        fs.create_dir(parts_root)
+        chunks = plan_chunks(config, corpus, tokenizer, workspace, parts, dtype)
+        results = map_chunks(chunks)
+        counts = {split: StreamCounts() for split in SPLITS}
+        for result in results:
+            for split, part in result.splits.items():
+                counts[split].documents += part.documents
+                counts[split].stream_tokens += part.stream_tokens
+        for split in reversed(SPLITS):  # val first: the split most likely too short
+            check_filled(split, counts[split], config)
         files: dict[str, list[dict[str, Any]]] = {}
-        totals: dict[str, dict[str, int]] = {}
-        for split in reversed(SPLITS):  # val first: the split most likely too short fails fast
-            counts = StreamCounts()
-            stream = token_stream(bpe, corpus.corpus, split, dtype, counts, corpus.report[f"bytes_{split}"])
+        for split in SPLITS:
+            stream = read_parts(parts, [part_name(result.index, split) for result in results], dtype)
             files[split] = write_split(stream, directory, split, config.seq_len, config.stride, dtype, config.shard_bytes)
-            totals[split] = split_totals(files[split], counts, config)
-            check_filled(split, totals[split], config)
+        fs.delete_dir(parts_root)
+        totals = {split: split_totals(files[split], counts[split], config) for split in SPLITS}
         return {
             "format": FORMAT_VERSION,
             "fingerprint": stage.fingerprint,
@@ -326,7 +431,7 @@ def run_shard(config: ShardConfig, corpus: IngestOutput, tokenizer: BPEOutput, w
             "compression": COMPRESSION,
             "row_group_rows": row_group_rows(config.seq_len, dtype, config.shard_bytes),
             "files": [entry for split in SPLITS for entry in files[split]],
-            "totals": {split: totals[split] for split in SPLITS},
+            "totals": totals,
             "report": {
                 f"{split}_{name}": value
                 for split in SPLITS
@@ -337,7 +442,7 @@ def run_shard(config: ShardConfig, corpus: IngestOutput, tokenizer: BPEOutput, w
     return ShardOutput.build_once(stage, build, manifest=MANIFEST)
 
 
-@task(name="shard", cache_policy=NO_CACHE)
-def shard_task(config: ShardConfig, corpus: IngestOutput, tokenizer: BPEOutput, workspace: Path) -> ShardOutput:
-    """Prefect task over `run_shard`; the stage directory's manifest does the caching."""
-    return run_shard(config, corpus, tokenizer, workspace)
+@task(name="shard-chunk", cache_policy=NO_CACHE)
+def encode_chunk_task(chunk: ShardChunk) -> ChunkCounts:
+    """Prefect task over `encode_chunk`: one chunk of the shard stage."""
+    return encode_chunk(chunk)

@@ -6,8 +6,8 @@ would silently open a fresh run. Nesting is MLflow's own convention, the
 `mlflow.parentRunId` tag, which the UI draws as a tree.
 
 Where runs go: `MLFLOW_TRACKING_URI` when set; else the MLflow server `gptflow up`
-started; else a SQLite database `mlflow.db` in the working directory, with artifacts in
-`./mlruns`, MLflow's own embedded default.
+started; else a SQLite database `mlflow.db` in the working directory (MLflow's embedded
+default), with artifacts in `mlruns/` next to the database.
 """
 
 from __future__ import annotations
@@ -194,7 +194,10 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> None:
 
 
 def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    """Log summary metrics (evaluation results) in one request."""
+    """Log summary metrics (evaluation results) in one request.
+
+    Summaries go at step 0; training loops count their steps from 1, so a figure logged
+    both ways (`val_loss`) keeps a clean step-wise curve from step 1 on."""
     now = int(time.time() * 1000)
     client().log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
 
@@ -246,10 +249,6 @@ def log_dict(run_id: str, data: Any, artifact_file: str) -> None:
     client().log_dict(run_id, data, artifact_file)
 
 
-def log_text(run_id: str, text: str, artifact_file: str) -> None:
-    client().log_text(run_id, text, artifact_file)
-
-
 def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
     """Save a matplotlib figure (a loss curve) as an image artifact."""
     client().log_figure(run_id, figure, artifact_file)
@@ -292,6 +291,19 @@ def _dataset_source(source: str) -> DatasetSource:
 
 def get_run(run_id: str) -> mlflow.entities.Run:
     return client().get_run(run_id)
+
+
+def child_runs(parent_run_id: str) -> dict[str, str]:
+    """The nested runs under `parent_run_id`: run name -> run id."""
+    mlflow_client = client()
+    experiment = mlflow_client.get_run(parent_run_id).info.experiment_id
+    runs = mlflow_client.search_runs([experiment], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'")
+    return {run.info.run_name: run.info.run_id for run in runs}
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """Every (step, value) logged for `key`, in step order."""
+    return sorted((m.step, m.value) for m in client().get_metric_history(run_id, key))
 
 
 def run_link(run_id: str) -> str:

@@ -6,6 +6,15 @@ so the same inputs always land in the same directory and a changed one gets a ne
 directory. `manifest.json` is written last and is the commit marker: a directory without
 one is incomplete and is rebuilt; a directory with one is verified (sha256 of each file it
 lists) and reused.
+
+The workspace may also be an `s3://bucket/prefix` URI (tasks/storage.py). A stage then
+builds in a local cache directory (`StageDir.path`, so stages and `model/` always work on
+local paths); `commit` uploads every file the manifest lists, then the manifest last,
+and that remote manifest is the commit marker: files without one are ignored and
+overwritten by the next build. Reusing a remote stage downloads what the local cache
+lacks, checking each file against the manifest's sha256. The lock only guards builds on
+one machine: two machines may build the same remote stage at once, and the last
+manifest uploaded wins (the outputs are deterministic, so both are the same).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from pydantic import BaseModel
 
 from model.errors import UserError
 from model.integrity import MANIFEST, inside, sha256_file, verify_files  # noqa: F401 (re-exported)
+from tasks.storage import RemoteStore, is_remote, resolve_workspace
 
 
 def fingerprint(stage: str, config: dict[str, Any], inputs: dict[str, str], format_version: int) -> str:
@@ -54,14 +64,32 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 @dataclass(frozen=True)
 class StageDir:
-    """`<workspace>/<stage>/<fingerprint>/` and the operations on it."""
+    """`<workspace>/<stage>/<fingerprint>/` and the operations on it.
 
-    workspace: Path
+    `workspace` is a local directory or an `s3://` URI; `path` is always local (for a
+    remote workspace, the stage's copy in the local cache).
+    """
+
+    workspace: Path | str
     stage: str
     fingerprint: str
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "workspace", resolve_workspace(self.workspace))
+
+    @property
+    def remote(self) -> RemoteStore | None:
+        return RemoteStore(f"{self.workspace}/{self.stage}/{self.fingerprint}") if is_remote(self.workspace) else None
+
+    @property
+    def location(self) -> Path | str:
+        """Where the committed stage lives: `path`, or its URI in a remote workspace."""
+        return f"{self.workspace}/{self.stage}/{self.fingerprint}" if is_remote(self.workspace) else self.path
+
     @property
     def path(self) -> Path:
+        if remote := self.remote:
+            return remote.local_cache()
         return self.workspace / self.stage / self.fingerprint
 
     @property
@@ -69,16 +97,22 @@ class StageDir:
         return self.path / MANIFEST
 
     def lock(self) -> FileLock:
-        """An inter-process lock so two runs never build the same stage at once."""
-        lock_path = self.workspace / self.stage / f"{self.fingerprint}.lock"
+        """An inter-process lock so two runs on this machine never build the stage at once."""
+        lock_path = self.path.parent / f"{self.fingerprint}.lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         return FileLock(str(lock_path))
 
     def is_complete(self) -> bool:
+        if remote := self.remote:
+            return remote.exists(MANIFEST)
         return self.manifest_path.is_file()
 
     def read_manifest(self, verify: bool = True) -> dict[str, Any]:
-        """The committed manifest; with `verify`, every listed file must match its sha256."""
+        """The committed manifest; with `verify`, every listed file must match its sha256.
+
+        In a remote workspace, the files are first copied into `path` (see `fetch`)."""
+        if self.remote:
+            return self.fetch(verify)
         try:
             manifest = json.loads(self.manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -87,15 +121,56 @@ class StageDir:
             verify_files(self.path, manifest.get("files", []))
         return manifest
 
+    def fetch(self, verify: bool = True) -> dict[str, Any]:
+        """Copy a committed remote stage into `path`; return its manifest.
+
+        A cached file that matches the manifest's sha256 is kept; any other is downloaded
+        and must match, or the remote file is refused by name. Without `verify`, a cache
+        whose manifest equals the remote one is trusted as it is. A local stage is only
+        read.
+        """
+        remote = self.remote
+        if remote is None:
+            return self.read_manifest(verify)
+        text = remote.read_bytes(MANIFEST)
+        try:
+            manifest = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{remote.uri}/{MANIFEST}: unreadable manifest ({e})") from e
+        if not verify and self.manifest_path.is_file() and self.manifest_path.read_bytes() == text:
+            return manifest
+        self.path.mkdir(parents=True, exist_ok=True)
+        for entry in manifest.get("files", []):
+            local = inside(self.path, entry["path"])
+            if local.is_file() and sha256_file(local) == entry["sha256"]:
+                continue
+            with atomic_path(local) as tmp:
+                remote.download(entry["path"], tmp)
+                if sha256_file(tmp) != entry["sha256"]:
+                    raise UserError(
+                        f"{remote.uri}/{entry['path']}: contents do not match the sha256 in {remote.uri}/{MANIFEST} "
+                        "(the file was modified or corrupted; delete the remote stage directory to rebuild it)"
+                    )
+        with atomic_path(self.manifest_path) as tmp:
+            tmp.write_bytes(text)
+        return manifest
+
     def reset(self) -> None:
-        """Remove a half-built directory (no manifest) before building it again."""
+        """Remove a half-built directory (no manifest) before building it again. In a
+        remote workspace only the local copy goes: remote files without a manifest are
+        ignored, and the commit overwrites them."""
         if self.path.exists():
             shutil.rmtree(self.path)
         self.path.mkdir(parents=True)
 
     def commit(self, manifest: dict[str, Any]) -> None:
-        """Write the manifest last: from this moment the stage's output exists."""
+        """Write the manifest last: from this moment the stage's output exists. In a remote
+        workspace, upload the files the manifest lists first, then the manifest."""
         write_json_atomic(self.manifest_path, manifest)
+        if remote := self.remote:
+            for entry in manifest.get("files", []):
+                remote.upload(inside(self.path, entry["path"]), entry["path"])
+            remote.upload(self.manifest_path, MANIFEST)
 
     def build_once(self, build: Callable[[Path], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
         """The stage's verified manifest and whether it was reused.
@@ -129,3 +204,13 @@ class StageOutput(BaseModel):
         manifest, reused = stage.build_once(build)
         paths = {field: stage.path / name for field, name in files.items()}
         return cls(path=stage.path, fingerprint=stage.fingerprint, report=manifest["report"], reused=reused, **paths)
+
+    def local_file(self, file: Path, workspace: Path | str) -> Path:
+        """`file` of this output on this machine: where it is, or, on a machine that lacks
+        it (a worker elsewhere), copied from the remote workspace into the local cache."""
+        if file.is_file() or not is_remote(workspace):
+            return file
+        stage = StageDir(workspace, self.path.parent.name, self.fingerprint)
+        with stage.lock():
+            stage.fetch(verify=False)
+        return stage.path / file.relative_to(self.path)

@@ -51,7 +51,7 @@ def first_run(prefect_server, micro):
 
 
 def stage_runs(parent_run_id):
-    """The nested runs under a pipeline run, by name (evaluate twice: pretrained, finetuned)."""
+    """The nested runs under a pipeline run, by name."""
     mlflow_client = MlflowClient(tracking.resolve_tracking_uri())
     parent = mlflow_client.get_run(parent_run_id)
     runs = mlflow_client.search_runs(
@@ -90,17 +90,19 @@ def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
         "shards": committed_fingerprint(config.workspace, "shard"),
     }
     runs = stage_runs(result.mlflow_run_id)
-    assert set(runs) == {*DATA_STAGES, "pretrain", "evaluate", "finetune", "register"}
-    assert len(runs["evaluate"]) == 2
+    assert set(runs) == {*DATA_STAGES, "pretrain", "evaluate-pretrained", "finetune", "evaluate-finetuned", "register"}
     assert all(run.info.status == "FINISHED" for group in runs.values() for run in group)
     (pretrain_run,) = runs["pretrain"]
     losses = MlflowClient(tracking.resolve_tracking_uri()).get_metric_history(pretrain_run.info.run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(1, config.pretrain.max_steps + 1))
     assert pretrain_run.data.params["pretrain.max_steps"] == str(config.pretrain.max_steps)
-    finetuned_eval = runs["evaluate"][1].data.metrics
+    finetuned_eval = runs["evaluate-finetuned"][0].data.metrics
     assert finetuned_eval["val_bits_per_byte"] == pytest.approx(result.metrics["val_bits_per_byte"])
+    assert parent.data.metrics["finetuned_val_bits_per_byte"] == pytest.approx(result.metrics["val_bits_per_byte"])
     assert runs["register"][0].data.metrics["gate_candidate"] == pytest.approx(result.metrics["val_bits_per_byte"])
     assert runs["ingest"][0].data.tags["reused"] == "False"
+    artifacts = {a.path for a in MlflowClient(tracking.resolve_tracking_uri()).list_artifacts(result.mlflow_run_id)}
+    assert {"config.yaml", "pretrain_loss_curve.png", "finetune_loss_curve.png"} <= artifacts
 
     # Prefect: the flow run's summary artifact links its MLflow run.
     with get_client(sync_client=True) as client:
@@ -118,6 +120,10 @@ def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
     assert completed.returncode == 0, completed.stderr
     completions = json.loads(completed.stdout.strip().splitlines()[-1])
     assert len(completions) == 2 and all(isinstance(text, str) for text in completions)
+
+    generated = CliRunner().invoke(app, ["generate", f"models:/{config.name}/1", "-p", "def plus", "-p", "class", "--max-new-tokens", "4"])
+    assert generated.exit_code == 0, generated.output
+    assert generated.output.startswith("def plus") and "\nclass" in generated.output
 
     # A rerun plans nothing but the registry, skips the data stages, registers nothing new.
     dry_run = CliRunner().invoke(app, ["run", str(micro), "--dry-run"])

@@ -1,0 +1,64 @@
+"""The shard stage in chunks: the same bytes for any chunk count, task runner or worker count.
+
+The reference is the stage run as one chunk in one process, whose stream and windows
+tests/test_shard.py checks against the tokenizer directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from flows.config import load_config
+from flows.prepare import prepare_data, prepare_data_locally
+from micro_data import micro_config, stage_digests
+
+
+@pytest.fixture(scope="module")
+def config_file(tmp_path_factory):
+    return micro_config(tmp_path_factory.mktemp("chunks"))
+
+
+@pytest.fixture(scope="module")
+def one_chunk(config_file, tmp_path_factory):
+    """The reference: the default chunk size holds the whole micro corpus."""
+    prepared = prepare_data_locally(load_config(config_file, [f"workspace={tmp_path_factory.mktemp('one-chunk')}"]))
+    assert prepared.corpus.report["documents_out"] < load_config(config_file).shard.chunk_documents
+    return prepared
+
+
+@pytest.mark.parametrize("chunk_documents", [1, 3])
+def test_several_chunks_write_the_same_files_and_manifest_as_one(tmp_path, config_file, one_chunk, chunk_documents):
+    config = load_config(config_file, [f"workspace={tmp_path}", f"shard.chunk_documents={chunk_documents}"])
+    prepared = prepare_data_locally(config)
+    assert prepared.corpus.report["documents_out"] > 2 * chunk_documents  # 3 chunks or more; with 1, some hold one split only
+    assert prepared.shards.fingerprint == one_chunk.shards.fingerprint  # the chunking is not part of it
+    assert stage_digests(prepared)["shard"] == stage_digests(one_chunk)["shard"]  # manifest.json included
+    assert not (prepared.shards.path / "parts").exists()
+
+
+def chunk_task_runs(flow_run_id) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [run for run in runs if run.name.startswith("shard-chunk")]
+
+
+@pytest.mark.parametrize("runner", ["threads", "dask"])
+def test_the_flow_runs_the_chunks_as_task_runs_on_the_configured_runner(
+    tmp_path, config_file, one_chunk, prefect_server, monkeypatch, runner
+):
+    if runner == "dask":
+        # The chunks must run in the cluster's worker processes, not here: in this process
+        # encoding a chunk now fails, in a freshly started worker it does not.
+        monkeypatch.setattr("tasks.shard.encode_chunk", lambda chunk: pytest.fail("a chunk ran in the flow's process"))
+    overrides = [f"workspace={tmp_path}", "shard.chunk_documents=2", f"task_runner.kind={runner}", "task_runner.n_workers=2"]
+    state = prepare_data(load_config(config_file, overrides), return_state=True)
+    prepared = state.result()
+    assert stage_digests(prepared)["shard"] == stage_digests(one_chunk)["shard"]
+    runs = chunk_task_runs(state.state_details.flow_run_id)
+    assert len(runs) == math.ceil(prepared.corpus.report["documents_out"] / 2) > 1
+    assert all(run.state.is_completed() for run in runs)
