@@ -190,8 +190,10 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
         final_checkpoint = pretrained.checkpoint
         if config.finetune is not None:
             with concurrency(GPU_LIMIT, occupy=1, strict=True):
+                # A registered model named in the config wins over this run's pretraining output.
+                base_model = config.finetune.start_from or pretrained.checkpoint
                 finetuned = finetune_task(
-                    config.finetune, pretrained.checkpoint, tokenizer.tokenizer, corpus.corpus, workspace, parent_run_id=run_id
+                    config.finetune, base_model, tokenizer.tokenizer, corpus.corpus, workspace, parent_run_id=run_id
                 )
             evaluations["finetuned"] = evaluate("finetuned", finetuned.checkpoint)
             final_checkpoint = finetuned.checkpoint

@@ -52,7 +52,7 @@ class EvalData:
     corpus: Path
 
     def fingerprint(self) -> str:
-        settings = self.config.model_dump(include={"stride", "max_documents"})
+        settings = self.config.model_dump(include={"stride", "max_documents", "max_windows"})
         inputs = {"shards": sha256_file(self.shards / "manifest.json"), "corpus": sha256_file(self.corpus)}
         return fingerprint("gate", settings, inputs, format_version=1)
 

