@@ -106,7 +106,7 @@ def shard_config(tmp_path_factory) -> Path:
         size += path.stat().st_size
     config = {
         "name": "shard-faults",
-        "ingest": {"source": str(corpus), "val_fraction": 0.1},
+        "ingest": {"source": str(corpus), "val_fraction": 0.3},
         "bpe": {"vocab_size": 320},
         "shard": {"seq_len": 32, "shard_bytes": 4096},
     }
