@@ -8,7 +8,10 @@ The corpus and tokenizer come from the config's workspace (built, or reused if
 
 - encode_batch_fast alone: the corpus's documents through the tokenizer in the shard
   stage's batches and nothing else, the floor for any way of making shards;
-- ours: the whole shard stage (`run_shard`) into a fresh workspace;
+- ours: the whole shard stage (`run_shard`) into a fresh workspace, the corpus as one
+  chunk (the default chunk size holds the standard library);
+- ours in chunks: the same with `--chunk-documents` documents per chunk, run one after the
+  other: the overhead of cutting the work into chunks (part files, one more pass);
 - the run_clm way: `datasets.load_dataset("parquet")`, `.map` tokenize with a
   `PreTrainedTokenizerFast`, `.map` group_texts, `.to_parquet`; adapted only as far as
   making the same windows (each document followed by <|endoftext|>, windows of
@@ -19,7 +22,8 @@ Then the peak memory (RSS) of the shard stage in a fresh process on the corpus a
 4x larger corpus of distinct documents: it should not grow with the corpus.
 
 Targets (issue 2): ours >= 1.8x the run_clm way; the shard stage within 1.3x of
-encode_batch_fast alone; peak memory flat from 1x to 4x.
+encode_batch_fast alone; peak memory flat from 1x to 4x. Issue 7: the same bytes in
+chunks, at little extra cost.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from flows.config import load_config
 from model.special_tokens import EOS_ID
 from tasks.bpe import BPEOutput, load_tokenizer, run_bpe
 from tasks.ingest import SPLITS, IngestOutput, read_corpus, run_ingest
-from tasks.shard import ShardConfig, run_shard, text_batches
+from tasks.shard import ShardConfig, document_batches, run_shard
 
 REPO = Path(__file__).resolve().parents[1]
 # A slice of the standard library (~1 MB) for --quick.
@@ -180,6 +184,7 @@ def main(
     config: Annotated[Path, typer.Option(help="The pipeline config whose corpus and tokenizer to use.")] = REPO / "configs/tiny.yaml",
     runs: Annotated[int, typer.Option(help="Timed runs of each way (median and range).")] = 5,
     quick: Annotated[bool, typer.Option(help="One run on a slice of the corpus: only checks that it runs.")] = False,
+    chunk_documents: Annotated[int, typer.Option(help="Documents per chunk for the chunked run.")] = 200,
 ) -> None:
     settings = load_config(config, QUICK if quick else [])
     runs = 1 if quick else runs
@@ -193,7 +198,7 @@ def main(
     )
 
     # The documents are read before the clock starts: reading the corpus is not tokenizing.
-    batches = [texts for split in SPLITS for texts in text_batches(corpus.corpus, split)]
+    batches = [texts for _, texts in document_batches(corpus.corpus, 0, corpus.report["documents_out"])]
     bpe = load_tokenizer(tokenizer.tokenizer)
     encode_runs = [encode_alone(bpe, batches) for _ in range(runs)]
     tokens, encode_seconds = encode_runs[0][0], [seconds for _, seconds in encode_runs]
@@ -203,6 +208,13 @@ def main(
         workspaces = (scratch / f"ours-{i}" for i in itertools.count())
         ours_seconds = timed(lambda: ours(corpus, tokenizer, shard, next(workspaces)), runs)
         manifest = ours(corpus, tokenizer, shard, scratch / "ours-check")
+        chunked = shard.model_copy(update={"chunk_documents": chunk_documents})
+        chunked_seconds = timed(lambda: ours(corpus, tokenizer, chunked, next(workspaces)), runs)
+        chunked_manifest = ours(corpus, tokenizer, chunked, scratch / "chunked-check")
+        same_in_chunks = all(
+            (manifest.parent / name).read_bytes() == (chunked_manifest.parent / name).read_bytes()
+            for name in [manifest.name, *(entry["path"] for entry in json.loads(manifest.read_text())["files"])]
+        )
         outputs = (scratch / f"run_clm-{i}" for i in itertools.count())
         clm_seconds = timed(lambda: run_clm_way(corpus, tokenizer, shard.seq_len, next(outputs)), runs)
         clm_files = run_clm_way(corpus, tokenizer, shard.seq_len, scratch / "run_clm-check")
@@ -214,11 +226,15 @@ def main(
     print(f"\ncorpus -> shards, {tokens:,} document tokens (medians of {runs} runs):")
     print(f"  encode_batch_fast alone   {summary(encode_seconds, tokens)}")
     print(f"  shard stage (ours)        {summary(ours_seconds, tokens)}")
+    chunks = -(-corpus.report["documents_out"] // chunk_documents)
+    print(f"  ours in {chunks:3d} chunks        {summary(chunked_seconds, tokens)}")
     print(f"  run_clm way               {summary(clm_seconds, tokens)}")
     ratio_clm = statistics.median(clm_seconds) / statistics.median(ours_seconds)
     ratio_encode = statistics.median(ours_seconds) / statistics.median(encode_seconds)
     print(f"\nours vs run_clm way: {ratio_clm:.2f}x faster (target >= 1.8x)")
     print(f"shard stage / encode_batch_fast alone: {ratio_encode:.2f}x the time (target <= 1.3x)")
+    ratio_chunks = statistics.median(chunked_seconds) / statistics.median(ours_seconds)
+    print(f"in {chunks} chunks / in one: {ratio_chunks:.2f}x the time; same bytes: {'yes' if same_in_chunks else 'NO'}")
     same = "yes" if ours_digest == clm_digest else "NO"
     print(f"same windows: {same} (sha256 {ours_digest[:16]} vs {clm_digest[:16]})")
     print("\npeak memory (RSS) of the shard stage, fresh process:")
@@ -226,6 +242,8 @@ def main(
         print(f"  {name}: peak {peak['peak'] / 2**20:6.0f} MiB, {(peak['peak'] - peak['before']) / 2**20:5.0f} MiB above the process before the stage")
     if ours_digest != clm_digest:
         raise SystemExit("the two ways made different windows")
+    if not same_in_chunks:
+        raise SystemExit("the shards made in chunks differ from those made in one")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def make_task_runner(config: TaskRunnerConfig) -> TaskRunner:
     if config.address:
         return DaskTaskRunner(address=config.address)
     # One thread per worker process: the tokenizer already uses every core it is given.
-    cluster = {"threads_per_worker": 1, "dashboard_address": None, "processes": True}
+    cluster = {"threads_per_worker": 1, "dashboard_address": ":0", "processes": True}  # any free port
     if config.n_workers:
         cluster["n_workers"] = config.n_workers
     return DaskTaskRunner(cluster_kwargs=cluster)

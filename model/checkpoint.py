@@ -7,8 +7,17 @@
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a
 `step-N` directory is always complete; only the newest `keep` are kept. Weights are saved
-from the plain module (no `_orig_mod.` from torch.compile, no `module.` from DDP), so a
-checkpoint of a compiled model loads into an uncompiled one and back.
+under the plain module's names (no `_orig_mod.` from torch.compile, no `module.` from DDP),
+the tied head once (as safetensors' `save_model` does, the file's metadata naming the
+alias), so a checkpoint loads into a model wrapped any other way. A sharded (FSDP2) model is
+saved the same way, from its state gathered to rank 0 (`model.parallel.full_state`).
+
+The opt-in sharded format (`checkpoint_format: dcp`) is for models too large to gather:
+every rank writes its shards of the weights and optimizer state with
+torch.distributed.checkpoint into `dcp/` instead of `model.safetensors`; state.pt keeps the
+rest. DCP unpickles its `.metadata` file when loading, so read such checkpoints only from
+storage you trust; the engine reads them only when the run asks for that format.
+`consolidate` turns one into a `model.safetensors` in a single process.
 """
 
 from __future__ import annotations
@@ -18,18 +27,22 @@ import os
 import pickle
 import re
 import shutil
+from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from model.config import GPTConfig
 from model.errors import UserError
 from model.gpt import GPT
 
-WEIGHTS, CONFIG, STATE = "model.safetensors", "config.json", "state.pt"
+WEIGHTS, CONFIG, STATE, DCP = "model.safetensors", "config.json", "state.pt", "dcp"
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -57,18 +70,60 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int) -> Path:
-    """Write `checkpoints/step-{step}` atomically, then delete all but the newest `keep`."""
-    final = checkpoints / f"step-{step}"
-    tmp = checkpoints / f".step-{step}.tmp-{os.getpid()}"
-    # Half-written checkpoints of a process that was killed: never loaded, only in the way.
-    for stale in checkpoints.glob(".step-*.tmp-*"):
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """State-dict names whose tensor is another name's (the head tied to the embedding), each
+    mapped to the name that files store it under: the first in sorted order, as `save_model` picks."""
+    names = defaultdict(list)
+    for name, tensor in unwrap(model).state_dict(keep_vars=True).items():
+        names[id(tensor)].append(name)
+    return {alias: min(group) for group in names.values() for alias in group if alias != min(group)}
+
+
+def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int,
+                    weights: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write `checkpoints/step-{step}` atomically, then delete all but the newest `keep`.
+
+    `weights`: the model's full state dict, when its own parameters are shards (FSDP2)."""
+    tmp = _fresh(checkpoints / f".step-{step}.tmp-{os.getpid()}")
+    plain = unwrap(model)
+    _write_weights(tmp / WEIGHTS, plain, plain.state_dict() if weights is None else weights)
+    return _commit(tmp, checkpoints, step, plain, state, keep)
+
+
+def save_sharded_checkpoint(checkpoints: Path, step: int, model: nn.Module, state: dict[str, Any],
+                            shards: dict[str, Any], keep: int) -> Path:
+    """The DCP format: every rank calls this with its `shards` (model.parallel.sharded_state) and
+    writes them; rank 0 also writes the config and `state`, and commits."""
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    tmp = checkpoints / f".step-{step}.tmp-{DCP}"
+    if main:
+        _fresh(tmp)
+    if dist.is_initialized():
+        dist.barrier()  # the directory exists before any rank writes into it
+    dcp.save(shards, checkpoint_id=tmp / DCP)  # returns on every rank once all shards and the .metadata are written
+    return _commit(tmp, checkpoints, step, unwrap(model), state, keep) if main else checkpoints / f"step-{step}"
+
+
+def _fresh(tmp: Path) -> Path:
+    """Create the temporary directory `tmp`, first removing half-written checkpoints of a
+    process that was killed: never loaded, only in the way."""
+    for stale in tmp.parent.glob(".step-*.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
-    plain = unwrap(model)
-    safetensors.torch.save_model(plain, str(tmp / WEIGHTS))  # stores the tied head/embedding once
+    return tmp
+
+
+def _write_weights(path: Path, plain: nn.Module, weights: Mapping[str, torch.Tensor]) -> None:
+    aliases = tied_names(plain)
+    stored = {name: tensor.contiguous() for name, tensor in weights.items() if name not in aliases}
+    safetensors.torch.save_file(stored, path, metadata=aliases or None)
+
+
+def _commit(tmp: Path, checkpoints: Path, step: int, plain: nn.Module, state: dict[str, Any], keep: int) -> Path:
+    """Add the config and the state to `tmp`, rename it to `step-{step}`, drop all but the newest `keep`."""
     (tmp / CONFIG).write_text(plain.config.model_dump_json(indent=2) + "\n")
     torch.save({"step": step, **state}, tmp / STATE)
+    final = checkpoints / f"step-{step}"
     if final.exists():  # the same step saved again (a resumed run that stopped at once)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -77,23 +132,46 @@ def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, state: dict[
     return final
 
 
+def read_weights(checkpoint: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """`checkpoint`'s weights as `model`'s full state dict, tied names included."""
+    if not (checkpoint / WEIGHTS).is_file() and (checkpoint / DCP).is_dir():
+        raise UserError(
+            f"{checkpoint}: a sharded checkpoint (checkpoint_format: dcp) without {WEIGHTS}; if you trust the "
+            "storage it comes from, model.checkpoint.consolidate() writes the weights file"
+        )
+    weights = safetensors.torch.load_file(checkpoint / WEIGHTS)
+    for alias, name in tied_names(model).items():
+        if name in weights:
+            weights.setdefault(alias, weights[name])
+    expected = unwrap(model).state_dict().keys()
+    if weights.keys() != expected:
+        raise UserError(
+            f"{checkpoint / WEIGHTS}: does not match the model (missing {sorted(expected - weights.keys())[:5]}, "
+            f"unexpected {sorted(weights.keys() - expected)[:5]})"
+        )
+    return weights
+
+
 def load_weights(model: nn.Module, checkpoint: Path) -> None:
     """Load `checkpoint`'s weights into `model` (plain, compiled or DDP-wrapped)."""
-    missing, unexpected = safetensors.torch.load_model(unwrap(model), str(checkpoint / WEIGHTS), strict=False)
-    if missing or unexpected:
-        raise UserError(
-            f"{checkpoint / WEIGHTS}: does not match the model (missing {sorted(missing)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]})"
-        )
+    unwrap(model).load_state_dict(read_weights(checkpoint, model))
+
+
+def load_shards(checkpoint: Path, shards: dict[str, Any]) -> None:
+    """Fill `shards` (model.parallel.sharded_state) in place from a DCP checkpoint, on any number
+    of ranks. Unpickles the checkpoint's .metadata: trusted storage only."""
+    dcp.load(shards, checkpoint_id=checkpoint / DCP)
 
 
 def load_state(checkpoint: Path, map_location: torch.device | str = "cpu") -> dict[str, Any]:
     """The training state saved with the weights (optimizer, step, loader, RNG).
 
     `weights_only=True` unpickles tensors and plain containers only: a state file carrying
-    anything else (code to run, e.g. a planted `__reduce__`) is refused before it runs."""
+    anything else (code to run, e.g. a planted `__reduce__`) is refused before it runs.
+    Memory-mapped: under torchrun every rank reads the step, loader and RNG state, and only
+    rank 0 the optimizer state (which it then broadcasts)."""
     try:
-        return torch.load(checkpoint / STATE, map_location=map_location, weights_only=True)
+        return torch.load(checkpoint / STATE, map_location=map_location, weights_only=True, mmap=True)
     except pickle.UnpicklingError:
         raise UserError(
             f"{checkpoint / STATE}: refused: it holds objects other than tensors and plain values, "
@@ -101,13 +179,30 @@ def load_state(checkpoint: Path, map_location: torch.device | str = "cpu") -> di
         ) from None
 
 
+def read_config(checkpoint: Path) -> GPTConfig:
+    try:
+        return GPTConfig.model_validate(json.loads((checkpoint / CONFIG).read_text()))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{checkpoint / CONFIG}: not a readable model config ({e})") from None
+
+
 def load_model(checkpoint: Path, device: torch.device | str = "cpu") -> GPT:
     """A GPT built from `checkpoint`'s config.json with its weights: e.g. the pretrained model to fine-tune."""
     checkpoint = Path(checkpoint)
-    try:
-        config = GPTConfig.model_validate(json.loads((checkpoint / CONFIG).read_text()))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{checkpoint / CONFIG}: not a readable model config ({e})") from None
-    model = GPT(config)
+    model = GPT(read_config(checkpoint))
     load_weights(model, checkpoint)
     return model.to(device)
+
+
+def consolidate(checkpoint: Path) -> Path:
+    """Write `model.safetensors` into a DCP checkpoint from its shards, in this one process (which
+    must hold the whole model), so that evaluation, fine-tuning and export can read it.
+    Unpickles the checkpoint's .metadata: trusted storage only."""
+    checkpoint = Path(checkpoint)
+    model = GPT(read_config(checkpoint))
+    weights = model.state_dict()  # shares the parameters' storage: DCP loads into the model
+    load_shards(checkpoint, {"model": weights})
+    tmp = checkpoint / f".{WEIGHTS}.tmp-{os.getpid()}"
+    _write_weights(tmp, model, weights)
+    os.replace(tmp, checkpoint / WEIGHTS)
+    return checkpoint / WEIGHTS

@@ -1,7 +1,9 @@
 """The training engine: one loop for pretraining and fine-tuning, on one device or under torchrun.
 
     python -m model.train spec.json                          # one process
-    torchrun --nproc_per_node 2 -m model.train spec.json     # DDP, one process per device
+    torchrun --nproc_per_node 2 -m model.train spec.json     # DDP (or FSDP2), one process per device
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
+        --rdzv_id RUN -m model.train spec.json               # the same on every node (docs/multinode.md)
 
 `spec.json` is a `RunSpec`: the model, the `TrainConfig`, the shard manifest, the output
 directory. Programs call `train(model, config, train_data, val_data, out_dir, callback)`.
@@ -21,10 +23,15 @@ Data interface. The engine reads any object that behaves like `Batches`:
 Each process builds its own `Batches` for its rank (`DistributedEnv.from_environ()`), with
 `batch_size = config.micro_batch_size`; `model.data.WindowLoader` is the shard loader.
 
+How the model is spread over the processes (DDP or FSDP2, activation checkpointing) and how
+checkpoints are written (gathered safetensors or sharded DCP) are `model.parallel`'s
+switches, part of the TrainConfig. Checkpoints hold the whole model's state in the plain
+module's names, so a run resumes on any number of processes, in either mode.
+
 One optimizer step: `batch_tokens` tokens across `accumulation_steps` micro-batches and all
 ranks. The loss is the summed cross-entropy over every scored target of the step divided by
 their number, so a micro-batch with more masked targets weighs less, exactly as in one big
-batch. DDP all-reduces gradients only on the last micro-step. A step whose loss or gradient
+batch. Gradients are reduced over the ranks only on the last micro-step. A step whose loss or gradient
 norm is not finite stops the run before the weights change (`NonFiniteLoss`); the newest
 checkpoint stays the last good one. SIGINT/SIGTERM finish the current step, write a
 checkpoint and raise `TrainingInterrupted`.
@@ -56,14 +63,32 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model.checkpoint import latest_checkpoint, load_state, load_weights, save_checkpoint
+from model.checkpoint import (
+    DCP,
+    latest_checkpoint,
+    load_shards,
+    load_state,
+    read_weights,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from model.config import GPTConfig
 from model.data import WindowLoader
 from model.errors import UserError
 from model.gpt import GPT
 from model.mfu import peak_flops
+from model.parallel import (
+    ParallelConfig,
+    clip_grad_norm,
+    full_state,
+    is_sharded,
+    load_full_state,
+    load_sharded_state,
+    local_gradients,
+    parallelize,
+    sharded_state,
+)
 from model.schedule import Schedule, learning_rate
 
 IGNORE = -100  # target value that is not scored
@@ -80,10 +105,9 @@ class Batches(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
-class TrainConfig(BaseModel):
-    """How to train: optimisation, batch, schedule, evaluation and checkpoint cadence, device."""
-
-    model_config = ConfigDict(extra="forbid")
+class TrainConfig(ParallelConfig):
+    """How to train: optimisation, batch, schedule, evaluation and checkpoint cadence, device,
+    and (inherited) how the model is spread over processes."""
 
     max_steps: PositiveInt = 250
     batch_tokens: PositiveInt = Field(4096, description="tokens per optimizer step, over all micro-batches and ranks")
@@ -104,7 +128,9 @@ class TrainConfig(BaseModel):
     seed: int = 0
     resume: bool = Field(True, description="continue from the newest checkpoint in the output directory")
     device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    bf16: bool | None = Field(None, description="bf16 autocast; default: on for CUDA")
+    bf16: bool | None = Field(
+        None, description="bf16 autocast (fsdp: bf16 parameters in compute, fp32 reduction); default: on for CUDA"
+    )
     compile: bool | None = Field(None, description="torch.compile the model; default: on for CUDA")
 
 
@@ -246,8 +272,9 @@ def accumulation_steps(config: TrainConfig, seq_len: int, world_size: int) -> in
 
 
 def summed_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over the scored targets (not averaged: the step divides once)."""
-    logits = model(inputs).logits  # (B, T, V)
+    """Cross-entropy summed over the scored targets (not averaged: the step divides once), in fp32
+    even when the model computes in bf16."""
+    logits = model(inputs).logits.float()  # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
@@ -256,25 +283,27 @@ def accumulate_gradients(
     micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
     device: torch.device,
     autocast: Any = nullcontext,
-    ddp: DDP | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over one step's micro-batches; returns (summed loss, scored targets),
-    both summed over all ranks. The gradients are those of the mean loss over all of them."""
+    both summed over all ranks. The gradients are those of the mean loss over all of them.
+    Under torchrun `model` is the DDP or FSDP2 module, which reduces the gradients on the last
+    micro-batch only."""
+    distributed = dist.is_initialized()
     scored = torch.tensor(sum(int((y != IGNORE).sum()) for _, y in micro_batches), device=device, dtype=torch.float32)
-    if ddp is not None:
+    if distributed:
         dist.all_reduce(scored)
-    # DDP averages gradients over ranks; scaling by the world size turns that into the sum.
-    scale = (dist.get_world_size() if ddp is not None else 1) / scored.clamp(min=1)
+    # DDP and FSDP2 average gradients over ranks; scaling by the world size turns that into the sum.
+    scale = (dist.get_world_size() if distributed else 1) / scored.clamp(min=1)
     loss_sum = torch.zeros((), device=device)
     for i, (inputs, targets) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with ddp.no_sync() if ddp is not None and not last else nullcontext():
+        with nullcontext() if last else local_gradients(model):
             with autocast():
                 loss = summed_loss(model, inputs, targets)
             (loss * scale).backward()
         loss_sum += loss.detach().float()
-    if ddp is not None:
+    if distributed:
         dist.all_reduce(loss_sum)
     return loss_sum, scored
 
@@ -324,6 +353,27 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
+def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
+                    env: DistributedEnv) -> dict[str, Any]:
+    """Load `checkpoint`'s weights and optimizer state into the (parallelized) model; returns the
+    rest of its state. Rank 0 reads a gathered checkpoint and broadcasts it; a DCP checkpoint is
+    read by every rank, and only when the run opted into that format."""
+    state = load_state(checkpoint)
+    if (checkpoint / DCP).is_dir():
+        if config.checkpoint_format != "dcp":
+            raise UserError(
+                f"{checkpoint}: a sharded checkpoint (checkpoint_format: dcp), whose metadata is unpickled when "
+                "read; set checkpoint_format: dcp to resume from it if you trust its storage, or delete it"
+            )
+        shards = sharded_state(model, optimizer)
+        load_shards(checkpoint, shards)
+        load_sharded_state(model, optimizer, shards)
+    else:
+        weights = read_weights(checkpoint, model) if env.is_main else {}
+        load_full_state(model, optimizer, weights, state["optimizer"] if env.is_main else {})
+    return state
+
+
 def train(
     model: GPT,
     config: TrainConfig,
@@ -335,7 +385,8 @@ def train(
     """Train `model` to `config.max_steps`, resuming from `out_dir/checkpoints` if `config.resume`.
 
     Checkpoints go to `out_dir/checkpoints/step-N/` (see model.checkpoint); rank 0 writes
-    them and calls `callback`. Returns after the final checkpoint.
+    them (every rank its shards, with checkpoint_format dcp) and calls `callback`. Returns
+    after the final checkpoint. `model` is changed in place by `model.parallel.parallelize`.
     """
     env = DistributedEnv.from_environ()
     device = resolve_device(config.device, env)
@@ -344,43 +395,41 @@ def train(
     use_bf16 = device.type == "cuda" if config.bf16 is None else config.bf16
     use_compile = device.type == "cuda" if config.compile is None else config.compile
 
-    def autocast() -> Any:
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
     with process_group(env, device), stop_signals() as stop:
-        raw = model.to(device)
-        optimizer = configure_optimizer(raw, config, device)
+        net = parallelize(model, config, device, env.world_size, use_bf16, use_compile)
+        optimizer = configure_optimizer(model, config, device)
         step = 0
         checkpoint = latest_checkpoint(checkpoints) if config.resume else None
         if checkpoint is not None:
-            load_weights(raw, checkpoint)
-            state = load_state(checkpoint)
-            optimizer.load_state_dict(state["optimizer"])
+            state = load_checkpoint(checkpoint, model, optimizer, config, env)
             train_data.load_state_dict(state["data"])
             step = state["step"]
             restore_rng(state["rng"], env, config.seed, step, device)
         else:
             torch.manual_seed(config.seed + env.rank)  # dropout masks differ across ranks
 
-        ddp = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if env.world_size > 1 else None
-        net = ddp or raw
-        if use_compile:
-            net = torch.compile(net)
+        # FSDP2 casts the parameters itself (model.parallel); autocast is for the other modes.
+        use_autocast = use_bf16 and not is_sharded(model)
         accumulation = accumulation_steps(config, train_data.seq_len, env.world_size)
-        flops_per_token = raw.config.flops_per_token(train_data.seq_len)
+        flops_per_token = model.config.flops_per_token(train_data.seq_len)
         peak = peak_flops(device, use_bf16)
 
+        def autocast() -> Any:
+            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)
+
         def save(step: int) -> Path:
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "data": train_data.state_dict(),
-                "rng": rng_states(device),
-                "world_size": env.world_size,
-            }
-            path = checkpoints / f"step-{step}"
-            if env.is_main:
-                save_checkpoint(checkpoints, step, raw, state, keep=config.keep_checkpoints)
-            return path
+            state = {"data": train_data.state_dict(), "rng": rng_states(device), "world_size": env.world_size}
+            if config.checkpoint_format == "dcp":
+                shards = sharded_state(model, optimizer)
+                save_sharded_checkpoint(checkpoints, step, model, state, shards, keep=config.keep_checkpoints)
+            else:
+                weights, optimizer_state = full_state(model, optimizer)  # collective: every rank takes part
+                if env.is_main:
+                    save_checkpoint(checkpoints, step, model, {"optimizer": optimizer_state, **state},
+                                    keep=config.keep_checkpoints, weights=weights)
+            if dist.is_initialized():
+                dist.barrier()  # no rank goes on (or returns) before the checkpoint is in place
+            return checkpoints / f"step-{step}"
 
         batches = iter(train_data)
         start_step, started = step, time.perf_counter()
@@ -394,10 +443,10 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [next(batches) for _ in range(accumulation)]
-            loss_sum, scored = accumulate_gradients(net, micro_batches, device, autocast, ddp)
-            grad_norm = nn.utils.clip_grad_norm_(raw.parameters(), config.grad_clip or math.inf)
+            loss_sum, scored = accumulate_gradients(net, micro_batches, device, autocast)
+            grad_norm = clip_grad_norm(model, config.grad_clip or math.inf)
             stop_flag = torch.tensor(float(stop.signum is not None), device=device)
-            if ddp is not None:  # every rank must agree to stop at the same step
+            if dist.is_initialized():  # every rank must agree to stop at the same step
                 dist.all_reduce(stop_flag)
             # The one host sync of a step: the loss for the callback and the finite check.
             train_loss, norm, stopping = torch.stack([loss_sum / scored.clamp(min=1), grad_norm, stop_flag]).tolist()
@@ -424,7 +473,7 @@ def train(
             }
             final = step == config.max_steps
             if val_data is not None and (final or (config.eval_every and step % config.eval_every == 0)):
-                val_loss = metrics["val_loss"] = validation_loss(raw, val_data, config.eval_batches, device, autocast)
+                val_loss = metrics["val_loss"] = validation_loss(model, val_data, config.eval_batches, device, autocast)
             if final or stopping or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 checkpoint = save(step)
             if callback is not None and env.is_main:
@@ -433,7 +482,7 @@ def train(
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, checkpoint)
 
         if val_data is not None and not math.isfinite(val_loss):  # resumed at max_steps: nothing ran
-            val_loss = validation_loss(raw, val_data, config.eval_batches, device, autocast)
+            val_loss = validation_loss(model, val_data, config.eval_batches, device, autocast)
         return TrainResult(
             steps=step,
             checkpoint=checkpoint,
@@ -484,12 +533,16 @@ def main(argv: list[str] | None = None, callback: Callback | None = None) -> Non
     """Command line entry (also under torchrun); `callback` defaults to printing each step."""
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", type=Path, help="a RunSpec as JSON: {model, train, shards, out_dir, loader_workers}")
-    parser.add_argument("--result", type=Path, help="rank 0 writes the TrainResult (or the error) here as JSON")
+    parser.add_argument("--result", type=Path,
+                        help="the first process of this node writes the TrainResult (or the error) here as JSON")
     args = parser.parse_args(argv)
-    is_main = DistributedEnv.from_environ().is_main
+    env = DistributedEnv.from_environ()
+    is_main = env.is_main
 
     def report(outcome: dict[str, Any]) -> None:
-        if args.result and is_main:
+        # Every rank ends with the same result; one per node writes it, so that each node's
+        # launcher can read it even when global rank 0 runs on another node.
+        if args.result and env.local_rank == 0:
             args.result.write_text(json.dumps(outcome))
 
     try:

@@ -221,7 +221,7 @@ def run_evaluate(
     if shard_manifest.get("tokenizer_sha256", tokenizer_sha) != tokenizer_sha:
         raise UserError(f"{shards / 'manifest.json'}: shards were encoded with another tokenizer than {tokenizer}")
     inputs = evaluate_inputs(loaded.digest, tokenizer, shards, corpus)
-    stage = StageDir(Path(workspace), "evaluate", evaluate_fingerprint(config, inputs))
+    stage = StageDir(workspace, "evaluate", evaluate_fingerprint(config, inputs))
     with stage.lock():
         if stage.is_complete():
             manifest = stage.read_manifest()

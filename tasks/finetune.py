@@ -43,6 +43,7 @@ from model.evaluate import score_batches
 from model.finetune_data import IGNORE, EncodeReport, PairBatches, TooLong, encode_pairs, to_rows
 from model.generate import generate
 from model.gpt import GPT
+from model.parallel import ParallelConfig
 from model.special_tokens import EOS_ID, SEP_ID
 from model.train import DistributedEnv, TrainConfig, train
 from tasks import tracking
@@ -52,12 +53,13 @@ from tasks.model_source import load_model_source
 from tasks.pairs import Pair, PairSet, docstring_pairs, file_pairs
 from tasks.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checkpoints' optimizer state keyed by parameter name (model.parallel.full_state)
 DOCSTRING_TASK = "docstring-to-function"
 HEADLINE = ("finetuned_completion_loss", "pretrained_completion_loss", "finetuned_parse_rate", "pretrained_parse_rate")
 GENERATION_BATCH = 32  # prompts generated together when measuring the parse rate
 # TrainConfig fields that decide how a run executes, not what it computes.
-RUN_ONLY_FIELDS = {"resume", "device", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches"}
+RUN_ONLY_FIELDS = {"resume", "device", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches",
+                   *ParallelConfig.model_fields}
 
 
 class FinetuneConfig(TrainConfig):
@@ -261,7 +263,7 @@ def run_finetune(
         raise UserError(f"finetune.seq_len: {seq_len} exceeds the model's context ({block_size})")
     source = pairs_source(config, corpus)
     inputs = {"model": base.digest, "tokenizer": sha256_file(tokenizer), "pairs": sha256_file(source)}
-    stage = StageDir(Path(workspace), "finetune", finetune_fingerprint(config, inputs, block_size))
+    stage = StageDir(workspace, "finetune", finetune_fingerprint(config, inputs, block_size))
 
     with stage.lock():
         if stage.is_complete():

@@ -1,16 +1,27 @@
 """Stage 4, pretrain: shards -> a pretrained GPT, with the engine of `model/train.py`.
 
-With `nproc_per_node: 1` the engine runs in this process. With more, the stage launches
+With `nproc_per_node: 1` and `nnodes: 1` the engine runs in this process. With more
+processes on this machine, the stage launches
 
-    torchrun --standalone --nproc_per_node N -m tasks.pretrain_worker spec.json --result result.json
+    torchrun --standalone --nproc_per_node G -m tasks.pretrain_worker spec.json --result result.json
 
-in a process group of its own, so a cancel (SIGINT, or Prefect's SIGTERM) stops every rank
+and with `nnodes: N > 1` machines it joins a c10d rendezvous instead of `--standalone`:
+
+    torchrun --nnodes N --nproc_per_node G --rdzv_backend c10d --rdzv_endpoint HOST:PORT \
+        --rdzv_id ID -m tasks.pretrain_worker spec.json --result result.json
+
+and writes `node.sh`, the same launch for each of the other N - 1 machines to run (they must
+see the workspace at the same path: docs/multinode.md). The endpoint comes from
+`rdzv_endpoint`, else `$GPTFLOW_RDZV_ENDPOINT`, else `$MASTER_ADDR:$MASTER_PORT`; the id
+from `rdzv_id`, else `$GPTFLOW_RDZV_ID`, else the stage's fingerprint. The launch runs in a
+process group of its own, so a cancel (SIGINT, or Prefect's SIGTERM) stops every local rank
 at once; each rank finishes its step and rank 0 writes a checkpoint. Rank 0 logs the step
 metrics to the stage's MLflow run, whose id it gets in the environment (`RUN_ID_ENV`).
 
 Output directory `<workspace>/pretrain/<fingerprint>/`:
 
     spec.json              the engine's RunSpec: resolved model, train config, shards, paths
+    node.sh                with nnodes > 1: the launch for the other nodes
     checkpoints/step-N/    model.safetensors, config.json, state.pt (the newest keep_checkpoints)
     metrics.json           final figures: val/train loss, the corpus' unigram entropy, speed
     manifest.json          written last: the final checkpoint's files with their sha256
@@ -18,7 +29,8 @@ Output directory `<workspace>/pretrain/<fingerprint>/`:
 A run that stopped (cancelled, crashed, a machine restart) continues from its newest
 checkpoint when started again (`resume: true`, the default); `resume: false` starts over.
 The fingerprint covers what decides the weights: the config without how it runs (resume,
-checkpoint cadence, process count, device, loader workers), the model, and the shards.
+checkpoint cadence, process and node counts, rendezvous, device, loader workers, the
+`model.parallel` switches), the model, and the shards.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -38,26 +51,38 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field, NonNegativeInt, PositiveInt
 
-from model.checkpoint import CONFIG, WEIGHTS
+from model.checkpoint import CONFIG, WEIGHTS, consolidate
 from model.config import ModelConfig
 from model.data import WindowLoader
 from model.errors import UserError
+from model.parallel import ParallelConfig
 from model.train import RunSpec, TrainConfig, TrainResult, run
 from tasks import tracking
 from tasks.shard import ShardOutput
 from tasks.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name (model.parallel.full_state)
 RUN_ID_ENV = "GPTFLOW_PRETRAIN_RUN_ID"  # the MLflow run the torchrun ranks log to
+RDZV_ENDPOINT_ENV, RDZV_ID_ENV = "GPTFLOW_RDZV_ENDPOINT", "GPTFLOW_RDZV_ID"
+DEFAULT_RDZV_PORT = 29500  # torchrun's MASTER_PORT default
+NODE_SCRIPT = "node.sh"  # the launch the other nodes run
 # PretrainConfig fields that decide how the run executes, not the weights it produces.
-RUN_ONLY_FIELDS = {"resume", "checkpoint_every", "keep_checkpoints", "nproc_per_node", "device", "loader_workers"}
+RUN_ONLY_FIELDS = {
+    "resume", "checkpoint_every", "keep_checkpoints", "nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id",
+    "device", "loader_workers", *ParallelConfig.model_fields,
+}
 STOP_GRACE_SECONDS = 120  # for the ranks to finish a step and checkpoint after a cancel
 
 
 class PretrainConfig(TrainConfig):
     """The engine's TrainConfig plus how the stage launches it."""
 
-    nproc_per_node: PositiveInt = Field(1, description="processes on this machine, one per device; > 1 runs torchrun + DDP")
+    nproc_per_node: PositiveInt = Field(1, description="processes per machine, one per device; > 1 runs torchrun")
+    nnodes: PositiveInt = Field(1, description="machines; > 1 runs torchrun with a c10d rendezvous (docs/multinode.md)")
+    rdzv_endpoint: str | None = Field(
+        None, description=f"HOST:PORT on one node, reachable from all; default ${RDZV_ENDPOINT_ENV}, else $MASTER_ADDR"
+    )
+    rdzv_id: str | None = Field(None, description=f"the run's rendezvous id; default ${RDZV_ID_ENV}, else the fingerprint")
     loader_workers: NonNegativeInt = Field(0, description="DataLoader worker processes per rank reading the shards")
 
     def train_config(self) -> TrainConfig:
@@ -101,7 +126,7 @@ def run_pretrain(
     In process, `callback(step, metrics)` gets the step metrics; under torchrun, rank 0
     logs them to the MLflow run `run_id` instead.
     """
-    stage = StageDir(Path(workspace).resolve(), "pretrain", pretrain_fingerprint(config, model, shards.fingerprint))
+    stage = StageDir(workspace, "pretrain", pretrain_fingerprint(config, model, shards.fingerprint))
     with stage.lock():
         if stage.is_complete():
             manifest = stage.read_manifest()
@@ -115,10 +140,15 @@ def run_pretrain(
         spec = RunSpec(model=model.resolve(vocab_size), train=config.train_config(), shards=shards.manifest,
                        out_dir=stage.path, loader_workers=config.loader_workers)
         write_json_atomic(stage.path / "spec.json", spec.model_dump(mode="json"))
-        if config.nproc_per_node == 1:
+        if config.nproc_per_node == 1 and config.nnodes == 1:
             result = run(spec, callback)
         else:
-            result = run_torchrun(stage.path / "spec.json", config.nproc_per_node, run_id)
+            launch = torchrun_args(config, stage.path / "spec.json", stage.fingerprint)
+            if config.nnodes > 1:
+                write_node_script(stage.path / NODE_SCRIPT, launch, run_id)
+            result = run_torchrun(launch, stage.path / "result.json", run_id)
+        if config.checkpoint_format == "dcp":  # evaluation and the registry read the weights in one process
+            consolidate(result.checkpoint)
 
         metrics = {
             "val_loss": result.val_loss if result.val_loss is not None else math.nan,
@@ -142,18 +172,53 @@ def run_pretrain(
     return PretrainOutput(path=stage.path, fingerprint=stage.fingerprint, checkpoint=result.checkpoint, metrics=metrics)
 
 
-def run_torchrun(spec: Path, nproc: int, run_id: str | None) -> TrainResult:
-    """Run the engine on `nproc` local ranks; on a cancel, stop them all and wait for their checkpoint."""
-    result_file = spec.with_name("result.json")
+def rendezvous_endpoint(config: PretrainConfig) -> str:
+    if config.rdzv_endpoint:
+        return config.rdzv_endpoint
+    if endpoint := os.environ.get(RDZV_ENDPOINT_ENV):
+        return endpoint
+    if host := os.environ.get("MASTER_ADDR"):
+        return f"{host}:{os.environ.get('MASTER_PORT', DEFAULT_RDZV_PORT)}"
+    raise UserError(
+        f"pretrain.nnodes is {config.nnodes}: set pretrain.rdzv_endpoint to HOST:PORT of one node that all "
+        f"can reach (or {RDZV_ENDPOINT_ENV}, or MASTER_ADDR, in the environment)"
+    )
+
+
+def torchrun_args(config: PretrainConfig, spec: Path, fingerprint: str) -> list[str]:
+    """torchrun's arguments for this stage's launch: the same on every node."""
+    if config.nnodes == 1:
+        rendezvous = ["--standalone"]
+    else:
+        rendezvous = [
+            f"--nnodes={config.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rendezvous_endpoint(config)}",
+            f"--rdzv_id={config.rdzv_id or os.environ.get(RDZV_ID_ENV) or fingerprint}",
+        ]
+    return [*rendezvous, f"--nproc_per_node={config.nproc_per_node}", "-m", "tasks.pretrain_worker", str(spec)]
+
+
+def launch_env(run_id: str | None) -> dict[str, str]:
+    """What the ranks need besides the spec: where to log, and to which run."""
+    return {"MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri(), **({RUN_ID_ENV: run_id} if run_id else {})}
+
+
+def write_node_script(path: Path, launch: list[str], run_id: str | None) -> None:
+    """The launch for the other nodes: global rank 0, which logs to MLflow, may be on any of them."""
+    variables = " ".join(f"{name}={shlex.quote(value)}" for name, value in launch_env(run_id).items())
+    path.write_text(
+        "#!/bin/sh\n# Run on each of the other nodes, with the workspace at the same path (docs/multinode.md).\n"
+        f"exec env {variables} torchrun {shlex.join(launch)}\n"
+    )
+    path.chmod(0o755)
+    print(f"pretrain: waiting for the other nodes at the rendezvous; on each of them run: sh {path}",
+          file=sys.stderr, flush=True)
+
+
+def run_torchrun(launch: list[str], result_file: Path, run_id: str | None) -> TrainResult:
+    """Run torchrun with `launch` on this machine; on a cancel, stop its ranks and wait for their checkpoint."""
     result_file.unlink(missing_ok=True)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "tasks.pretrain_worker", str(spec), "--result", str(result_file),
-    ]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri()}
-    if run_id:
-        env[RUN_ID_ENV] = run_id
-    launcher = subprocess.Popen(command, env=env, start_new_session=True)
+    command = [sys.executable, "-m", "torch.distributed.run", *launch, "--result", str(result_file)]
+    launcher = subprocess.Popen(command, env={**os.environ, **launch_env(run_id)}, start_new_session=True)
     try:
         exit_code = launcher.wait()
     except BaseException:  # Ctrl-C, or Prefect cancelling the flow run
@@ -167,7 +232,7 @@ def run_torchrun(spec: Path, nproc: int, run_id: str | None) -> TrainResult:
     if exit_code == 0 and "checkpoint" in outcome:
         return TrainResult.model_validate(outcome)
     detail = outcome.get("error") or outcome.get("interrupted") or "see the ranks' output above"
-    raise UserError(f"pretraining under torchrun ({nproc} processes) failed with exit code {exit_code}: {detail}")
+    raise UserError(f"pretraining under torchrun ({shlex.join(launch[:-3])}) failed with exit code {exit_code}: {detail}")
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)

@@ -75,12 +75,11 @@ from numpy.lib.stride_tricks import sliding_window_view
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from tokenizers import Tokenizer
 
 from model.errors import UserError
 from model.special_tokens import EOS_ID
 from tasks.bpe import BPEOutput, load_tokenizer
-from tasks.ingest import SPLITS, IngestOutput, read_corpus
+from tasks.ingest import SPLITS, IngestOutput
 from tasks.progress import progress
 from tasks.storage import filesystem
 from tasks.workspace import MANIFEST, StageDir, StageOutput, atomic_path, fingerprint, sha256_file
@@ -296,7 +295,7 @@ def part_name(index: int, split: str) -> str:
 
 def plan_chunks(config: ShardConfig, corpus: IngestOutput, tokenizer: BPEOutput, workspace: Path | str,
                 parts: Path | str, dtype: np.dtype) -> list[ShardChunk]:
-    documents = corpus.report["documents_out"]
+    documents = pq.ParquetFile(corpus.corpus).metadata.num_rows
     return [
         ShardChunk(index=index, start=start, stop=min(start + config.chunk_documents, documents), corpus=corpus,
                    tokenizer=tokenizer, workspace=workspace, parts=parts, dtype=dtype.name)

@@ -127,11 +127,3 @@ class RemoteStore:
                     out.write(block)
         except OSError as e:
             raise self._failed("upload", relative, e) from e
-
-    def delete_dir(self, relative: str) -> None:
-        try:
-            self.fs.delete_dir(self._key(relative))
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            raise self._failed("delete", relative, e) from e

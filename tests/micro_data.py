@@ -1,4 +1,4 @@
-"""A micro corpus for the data-preparation tests: a few standard-library modules."""
+"""The data-preparation tests' micro corpus (a few standard-library modules) and helpers."""
 
 from __future__ import annotations
 
@@ -8,6 +8,17 @@ import sysconfig
 from pathlib import Path
 
 from flows.prepare import PreparedData
+
+# A script that ingests (config JSON, workspace) and prints its peak memory (RSS).
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak.
+PEAK_RSS_OF_INGEST = """
+import sys
+from pathlib import Path
+from tasks.ingest import IngestConfig, run_ingest
+run_ingest(IngestConfig.model_validate_json(sys.argv[1]), Path(sys.argv[2]))
+with open("/proc/self/status") as status:
+    print(next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")))
+"""
 
 STDLIB_FILES = ["abc.py", "bisect.py", "colorsys.py", "fnmatch.py", "heapq.py", "keyword.py", "shlex.py", "textwrap.py"]
 

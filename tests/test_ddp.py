@@ -20,13 +20,13 @@ from pathlib import Path
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-import model.train as engine
+import model.parallel as parallel
 from model.train import RunSpec, run
 
 all_reduces = []
 
 
-class CountingDDP(engine.DDP):
+class CountingDDP(parallel.DDP):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
 
@@ -37,7 +37,7 @@ class CountingDDP(engine.DDP):
         self.register_comm_hook(None, counting_hook)
 
 
-engine.DDP = CountingDDP
+parallel.DDP = CountingDDP
 losses = {}
 run(RunSpec.model_validate_json(Path(sys.argv[1]).read_text()), lambda step, m: losses.update({step: m["loss"]}))
 if not dist.is_initialized() or dist.get_rank() == 0:

@@ -8,8 +8,10 @@ leaves: byte for byte for the shards, bit for bit for the weights.
 
 from __future__ import annotations
 
+import base64
 import hashlib
-import io
+import json
+import os
 import random
 import shutil
 import signal
@@ -18,11 +20,11 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -31,12 +33,12 @@ from flows.config import load_config
 from flows.prepare import prepare_data_locally
 from model.checkpoint import latest_checkpoint
 from pipeline_micro import write_config
-from tasks.pretrain import run_pretrain
+from postgres import postgres_bin_dir
 
 REPO = Path(__file__).resolve().parents[1]
 GPTFLOW = str(Path(sys.executable).with_name("gptflow"))
 SEED = 20261122
-SHARD_TRIALS = 10
+SHARD_TRIALS = 20
 PRETRAIN_TRIALS = 5
 
 
@@ -54,41 +56,93 @@ def temporary_files(root: Path) -> list[Path]:
     return [path for path in root.rglob("*") if ".tmp-" in path.name]
 
 
-def start(code: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)  # fmt: skip
+class Forker:
+    """A Python process that has imported gptflow once and forks a fresh child per trial.
+
+    Each child is a real process that is SIGKILLed; forking from a warm parent spares
+    every trial the seconds that importing torch, pyarrow and prefect take. `code` defines
+    `work(*args)`, which prints progress lines; the child prints `pid N` first.
+    """
+
+    PARENT = """
+import json, os, sys
+exec(sys.argv[1])
+for line in sys.stdin:
+    pid = os.fork()
+    if pid == 0:
+        print(f"pid {os.getpid()}", flush=True)
+        try:
+            work(*json.loads(line))
+        except BaseException as e:
+            print(f"failed {e!r}", flush=True)
+            os._exit(1)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    print(f"exited {os.waitstatus_to_exitcode(status)}", flush=True)
+"""
+
+    def __init__(self, code: str):
+        self.process = subprocess.Popen([sys.executable, "-c", self.PARENT, code], cwd=REPO, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    def fork(self, *args: str) -> int:
+        """Start `work(*args)` in a new child; returns its pid."""
+        self.process.stdin.write(json.dumps(args) + "\n")
+        self.process.stdin.flush()
+        return int(self.read_until("pid ").split()[1])
+
+    def read_until(self, prefix: str) -> str:
+        """The child's (or parent's) output up to the first line starting with `prefix`."""
+        seen = []
+        for line in self.process.stdout:
+            if line.startswith(prefix):
+                return line
+            seen.append(line)
+            assert not line.startswith("failed"), "".join(seen)[-3000:]
+        raise AssertionError(f"the process exited before printing {prefix!r}:\n{''.join(seen)[-3000:]}")
+
+    def wait(self) -> int:
+        """The exit code of the child that ran last."""
+        return int(self.read_until("exited ").split()[1])
+
+    def kill(self, pid: int) -> int:
+        """SIGKILL the child; returns its exit code (-9, or 0 if it had just finished)."""
+        os.kill(pid, signal.SIGKILL)  # a finished child stays a zombie until the parent waits
+        return self.wait()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
 
 
-def wait_for_line(process: subprocess.Popen, prefix: str) -> str:
-    """Read the child's output up to the first line starting with `prefix`."""
-    seen = []
-    for line in process.stdout:
-        if line.startswith(prefix):
-            return line
-        seen.append(line)
-    raise AssertionError(f"the child exited ({process.wait()}) before printing {prefix!r}:\n{''.join(seen)[-3000:]}")
+@pytest.fixture
+def forker_for():
+    started: list[Forker] = []
 
+    def make(code: str) -> Forker:
+        started.append(Forker(code))
+        return started[-1]
 
-def sigkill(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    yield make
+    for forker in started:
+        forker.close()
 
 
 # --- SIGKILL during the shard stage ---------------------------------------------------------
 
-SHARD_CHILD = """
-import sys
+SHARD_WORK = """
 from flows.config import load_config
 from tasks.bpe import run_bpe
 from tasks.ingest import run_ingest
 from tasks.shard import run_shard
 
-config = load_config(sys.argv[1], [f"workspace={sys.argv[2]}"])
-corpus = run_ingest(config.ingest, config.workspace)
-tokenizer = run_bpe(config.bpe, corpus, config.workspace)
-print("sharding", flush=True)
-run_shard(config.shard, corpus, tokenizer, config.workspace)
-print("done", flush=True)
+def work(config_path, workspace):
+    config = load_config(config_path, [f"workspace={workspace}"])
+    corpus = run_ingest(config.ingest, config.workspace)
+    tokenizer = run_bpe(config.bpe, corpus, config.workspace)
+    print("sharding", flush=True)
+    run_shard(config.shard, corpus, tokenizer, config.workspace)
+    print("done", flush=True)
 """
 
 
@@ -116,16 +170,16 @@ def shard_config(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_sigkill_during_the_shard_stage_loses_nothing(shard_config, tmp_path):
-    rng = random.Random(SEED)
+def test_sigkill_during_the_shard_stage_loses_nothing(shard_config, tmp_path, forker_for):
+    rng, forker = random.Random(SEED), forker_for(SHARD_WORK)
     # The uninterrupted run, in a child like the killed ones, timed from the stage's start.
     reference = tmp_path / "reference"
-    child = start(SHARD_CHILD, str(shard_config), str(reference))
-    wait_for_line(child, "sharding")
+    forker.fork(str(shard_config), str(reference))
+    forker.read_until("sharding")
     started = time.monotonic()
-    wait_for_line(child, "done")
+    forker.read_until("done")
     shard_seconds = time.monotonic() - started
-    assert child.wait() == 0
+    assert forker.wait() == 0
     (expected_dir,) = [path for path in (reference / "shard").iterdir() if path.is_dir()]
     expected = digests(expected_dir)
     assert sum(name.endswith(".parquet") for name in expected) >= 50 and "manifest.json" in expected
@@ -138,10 +192,10 @@ def test_sigkill_during_the_shard_stage_loses_nothing(shard_config, tmp_path):
     for trial in range(SHARD_TRIALS):
         workspace = tmp_path / f"trial-{trial}"
         shutil.copytree(base, workspace)
-        child = start(SHARD_CHILD, str(shard_config), str(workspace))
-        wait_for_line(child, "sharding")
+        child = forker.fork(str(shard_config), str(workspace))
+        forker.read_until("sharding")
         time.sleep(rng.uniform(0, shard_seconds))
-        sigkill(child)
+        forker.kill(child)
         stage_dir = workspace / "shard" / expected_dir.name
         interrupted += not (stage_dir / "manifest.json").exists()
         with_temporary_files += bool(temporary_files(workspace))
@@ -154,3 +208,266 @@ def test_sigkill_during_the_shard_stage_loses_nothing(shard_config, tmp_path):
     # The kills must mostly land inside the stage, or the test proves little.
     assert interrupted >= SHARD_TRIALS * 0.6, (interrupted, shard_seconds)
     print(f"shard stage {shard_seconds:.2f} s, {len(expected) - 1} files; {SHARD_TRIALS} kills, {interrupted} before the manifest, {with_temporary_files} with temporary files left")
+
+
+# --- SIGKILL during pretraining and during a checkpoint write ----------------------------------
+
+PRETRAIN_OVERRIDES = ["pretrain.max_steps=16", "pretrain.checkpoint_every=4", "pretrain.keep_checkpoints=2",
+                      "pretrain.eval_every=0", "finetune=null"]  # fmt: skip
+PRETRAIN_WORK = f"""
+import io, os, signal
+import torch
+from flows.config import load_config
+from flows.prepare import prepare_data_locally
+
+real_save = torch.save
+
+def work(config_path, workspace, die_writing_step):
+    config = load_config(config_path, [f"workspace={{workspace}}", *{PRETRAIN_OVERRIDES!r}])
+    data = prepare_data_locally(config)
+    if die_writing_step:
+        def half_then_die(state, path):
+            # The weights are written; the state file gets half its bytes, then the process dies.
+            if state["step"] == int(die_writing_step):
+                buffer = io.BytesIO()
+                real_save(state, buffer)
+                with open(path, "wb") as f:
+                    f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                os.kill(os.getpid(), signal.SIGKILL)
+            real_save(state, path)
+        torch.save = half_then_die
+    output = run_pretrain(config.pretrain, config.model, data.shards, config.workspace,
+                          callback=lambda step, metrics: print(f"step {{step}}", flush=True))
+    print(f"done {{output.checkpoint}}", flush=True)
+"""
+
+
+def pretrain_run(forker: Forker, config: Path, workspace: Path) -> tuple[int, Path]:
+    """Run (or resume) the pretrain stage in a child: (its first step, its final checkpoint)."""
+    forker.fork(str(config), str(workspace), "")
+    first_step = int(forker.read_until("step ").split()[1])
+    checkpoint = Path(forker.read_until("done ").split(maxsplit=1)[1].strip())
+    assert forker.wait() == 0
+    return first_step, checkpoint
+
+
+@pytest.fixture(scope="module")
+def pretrain_config(tmp_path_factory) -> Path:
+    return write_config(tmp_path_factory.mktemp("pretrain-faults"), name="pretrain-faults")
+
+
+@pytest.mark.slow
+def test_sigkill_during_pretraining_resumes_to_bitwise_identical_weights(pretrain_config, tmp_path, forker_for):
+    rng, forker = random.Random(SEED), forker_for(PRETRAIN_WORK)
+    reference = tmp_path / "reference"
+    assert pretrain_run(forker, pretrain_config, reference)[0] == 1
+    (stage_dir,) = (reference / "pretrain").glob("*/manifest.json")
+    expected = stage_dir.parent / "checkpoints" / "step-16" / "model.safetensors"
+    max_steps, every = 16, 4
+
+    def trial(workspace: Path, kill) -> dict:
+        """Kill a run with `kill(child_pid)`; check what is left; rerun; compare weights."""
+        shutil.copytree(reference, workspace, ignore=lambda directory, names: ["pretrain"] if directory == str(reference) else [])
+        checkpoints = workspace / "pretrain" / stage_dir.parent.name / "checkpoints"
+        kill()
+        last = latest_checkpoint(checkpoints)
+        half_written = [path for path in checkpoints.glob(".step-*")] if checkpoints.is_dir() else []
+        if last is not None:  # the newest complete checkpoint: all three files, the state loadable
+            assert {path.name for path in last.iterdir()} == {"model.safetensors", "config.json", "state.pt"}
+            assert torch.load(last / "state.pt", weights_only=True)["step"] == int(last.name.removeprefix("step-"))
+
+        first_step, final = pretrain_run(forker, pretrain_config, workspace)
+
+        resumed_from = int(last.name.removeprefix("step-")) if last else 0
+        assert first_step == resumed_from + 1
+        assert (final / "model.safetensors").read_bytes() == expected.read_bytes()
+        assert not temporary_files(workspace)
+        return {"resumed_from": resumed_from, "half_written": half_written}
+
+    killed_at = []
+    for index in range(PRETRAIN_TRIALS):
+        target = rng.randint(1, max_steps - 1)
+
+        def kill_after_step() -> None:
+            child = forker.fork(str(pretrain_config), str(tmp_path / f"trial-{index}"), "")
+            forker.read_until(f"step {target}\n")
+            time.sleep(rng.uniform(0, 0.05))
+            assert forker.kill(child) == -signal.SIGKILL
+            killed_at.append(target)
+
+        trial(tmp_path / f"trial-{index}", kill_after_step)
+
+    # Dying while writing a checkpoint: the weights are on disk, the state file is half
+    # written, and the directory was never renamed into place.
+    dying_step = 2 * every
+
+    def kill_while_checkpointing() -> None:
+        forker.fork(str(pretrain_config), str(tmp_path / "dying"), str(dying_step))
+        assert forker.wait() == -signal.SIGKILL
+
+    outcome = trial(tmp_path / "dying", kill_while_checkpointing)
+    assert outcome["resumed_from"] == dying_step - every
+    (half,) = outcome["half_written"]
+    assert half.name.startswith(f".step-{dying_step}.tmp-")
+    print(f"pretraining killed after steps {killed_at} and while writing step {dying_step}")
+
+
+# --- the MLflow server: unreachable at start, dying during training ---------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gptflow_run(config: Path, env: dict, *overrides: str, wait: bool = True):
+    command = [GPTFLOW, "run", str(config), *(f"--set={override}" for override in overrides)]
+    if wait:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_an_unreachable_tracking_server_stops_the_pipeline_before_any_stage(cli_env, tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    config = write_config(tmp_path, name="unreachable")
+    started = time.monotonic()
+    result = gptflow_run(config, {**cli_env, "MLFLOW_TRACKING_URI": uri})
+    seconds = time.monotonic() - started
+
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [errors[0]] and f"MLflow tracking server {uri} is unreachable after 5 attempts" in errors[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not (tmp_path / "workspace").exists()  # no stage ran
+    assert seconds < 120  # a bounded retry, not MLflow's minutes of backoff
+
+
+class MlflowServer:
+    """`gptflow up`'s MLflow command on a free port, over a SQLite store that outlives it."""
+
+    def __init__(self, data_dir: Path):
+        from flows.servers import mlflow_command
+
+        self.command, self.port = mlflow_command(free_port(), data_dir), None
+        self.port = int(self.command[self.command.index("--port") + 1])
+        self.uri, self.log = f"http://127.0.0.1:{self.port}", data_dir / "server.log"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 180
+        while not self.healthy():
+            assert self.process.poll() is None and time.monotonic() < deadline, self.log.read_text()[-3000:]
+            time.sleep(0.5)
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        """SIGKILL to the server and its workers: no shutdown, as in a crash."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
+@pytest.mark.slow
+def test_the_tracking_server_dying_during_training_is_survived_without_losing_a_metric(cli_env, tmp_path):
+    """Documented behaviour: MLflow's client retries every request with exponential backoff
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by default: minutes). A server that comes back
+    within that window is invisible to the pipeline: training waits at its next metrics
+    flush, then everything is delivered, and every run is closed."""
+    data_dir = tmp_path / "mlflow"
+    data_dir.mkdir()
+    server = MlflowServer(data_dir)
+    server.start()
+    name = f"dying-{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, name=name)
+    steps = 200
+    running = gptflow_run(config, {**cli_env, "MLFLOW_TRACKING_URI": server.uri}, f"pretrain.max_steps={steps}",
+                          "pretrain.checkpoint_every=20", "finetune=null", wait=False)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not list((tmp_path / "workspace").glob("pretrain/*/checkpoints/step-*")):
+            assert running.poll() is None and time.monotonic() < deadline, running.stdout.read()[-3000:]
+            time.sleep(0.2)
+        server.kill()  # training is under way
+        time.sleep(2)
+        server.start()
+        output, _ = running.communicate(timeout=600)
+    finally:
+        running.kill()
+        server.kill()
+    assert running.returncode == 0, output[-3000:]
+
+    client = MlflowClient(f"sqlite:///{data_dir / 'mlflow.db'}")  # the server's own store
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+    loss_steps = sorted(m.step for run in runs if run.info.run_name == "pretrain"
+                        for m in client.get_metric_history(run.info.run_id, "loss"))  # fmt: skip
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    nested = sorted(run.info.run_name for run in runs if "mlflow.parentRunId" in run.data.tags)
+    assert len(runs) == len(nested) + 1 and len(set(nested)) == len(nested), nested  # one run per stage
+    assert {"ingest", "bpe", "shard", "pretrain", "register"} <= set(nested), nested
+    assert loss_steps == list(range(1, steps + 1))  # no metric lost to the outage
+
+
+# --- runs at once: on one workspace, and under load on the PostgreSQL stack --------------------
+
+
+def prefect_flow_run(stack, flow_run_id: str) -> dict:
+    """The flow run as the stack's Prefect API returns it (with the API's auth string)."""
+    auth = base64.b64encode(stack.client_env["PREFECT_API_AUTH_STRING"].encode()).decode()
+    request = urllib.request.Request(f"{stack.prefect_api_url}/flow_runs/{flow_run_id}", headers={"Authorization": f"Basic {auth}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(postgres_bin_dir() is None, reason="PostgreSQL is not installed; `make test` installs Debian's postgresql")
+def test_four_pipelines_at_once_on_the_postgres_stack_two_sharing_a_workspace(infra_stack, tmp_path, monkeypatch):
+    """Load and a race in one: pipelines `shared` x2 (one config, one workspace), `solo-1` and
+    `solo-2`, all started together against one Prefect and one MLflow server on PostgreSQL."""
+    suffix = uuid.uuid4().hex[:6]
+    shared = write_config(tmp_path / "shared", name=f"shared-{suffix}")
+    configs = [shared, shared, write_config(tmp_path / "solo-1", name=f"solo-1-{suffix}"),
+               write_config(tmp_path / "solo-2", name=f"solo-2-{suffix}")]  # fmt: skip
+    env = {**os.environ, **infra_stack.client_env}
+    running = [gptflow_run(config, env, "finetune=null", "pretrain.max_steps=8", wait=False) for config in configs]
+    outputs = [process.communicate(timeout=900)[0] for process in running]
+    for process, output in zip(running, outputs):
+        assert process.returncode == 0, output[-3000:]
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, infra_stack.client_env[name])
+    client = MlflowClient(infra_stack.client_env["MLFLOW_TRACKING_URI"])
+    flow_run_ids = []
+    for config, pipelines in ((shared, 2), (configs[2], 1), (configs[3], 1)):
+        name = yaml.safe_load(config.read_text())["name"]
+        runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
+        parents = {run.info.run_id: run for run in runs if "mlflow.parentRunId" not in run.data.tags}
+        assert len(parents) == pipelines and {run.info.status for run in runs} == {"FINISHED"}
+        for parent_id in parents:  # each pipeline's own stage runs, in its own experiment
+            stages = [run.info.run_name for run in runs if run.data.tags.get("mlflow.parentRunId") == parent_id]
+            assert {"ingest", "bpe", "shard", "pretrain", "register"} <= set(stages) and len(set(stages)) == len(stages)
+        flow_run_ids += [run.data.tags["prefect.flow_run_id"] for run in parents.values()]
+        # The registry: versions of this name only, each from this config's data.
+        workspace = config.parent / "workspace"
+        (ingest,) = (workspace / "ingest").glob("*/manifest.json")
+        versions = client.search_model_versions(f"name = '{name}'")
+        assert versions and {v.tags["data_fingerprint"] for v in versions} == {ingest.parent.name}
+        assert client.get_model_version_by_alias(name, "champion").version == "1"
+        # Built once: one committed directory per data stage, and one of the two runs reused it.
+        for stage in ("ingest", "bpe", "shard"):
+            assert len(list((workspace / stage).glob("*/manifest.json"))) == 1
+            reused = sorted(run.data.tags["reused"] for run in runs if run.info.run_name == stage)
+            assert reused == (["False", "True"] if pipelines == 2 else ["False"]), (stage, reused)
+        assert not temporary_files(workspace)
+
+    assert len(set(flow_run_ids)) == 4
+    for flow_run_id in flow_run_ids:
+        flow_run = prefect_flow_run(infra_stack, flow_run_id)
+        assert flow_run["state"]["type"] == "COMPLETED"

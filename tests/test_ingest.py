@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from micro_data import PEAK_RSS_OF_INGEST
 from model.errors import UserError
 from tasks.ingest import IngestConfig, file_doc_id, run_ingest, split_of, stdlib_files
 
@@ -204,17 +205,6 @@ def test_an_empty_corpus_or_an_empty_split_is_fatal_and_says_what_to_change(tmp_
     with pytest.raises(UserError, match=r"the val split is empty .*: raise ingest.val_fraction"):
         ingest(tmp_path, tmp_path / "b.txt", ["b.txt"], val_fraction=0.01)
     assert not list((tmp_path / "ws").rglob("manifest.json"))
-
-
-# VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak.
-PEAK_RSS_OF_INGEST = """
-import sys
-from pathlib import Path
-from tasks.ingest import IngestConfig, run_ingest
-run_ingest(IngestConfig.model_validate_json(sys.argv[1]), Path(sys.argv[2]))
-with open("/proc/self/status") as status:
-    print(next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:")))
-"""
 
 
 def peak_rss_ingesting_one_line(tmp_path: Path, megabytes: int) -> int:

@@ -105,7 +105,8 @@ def test_secrets_in_the_environment_never_reach_tracking_artifacts_or_logs(prefe
     store = tmp_path / "tracking"
     store.mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
-    config = write_config(tmp_path, name=f"secrets-{uuid.uuid4().hex[:6]}")
+    name = f"secrets-{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, name=name)
 
     from flows.pipeline import pipeline
 
@@ -119,6 +120,7 @@ def test_secrets_in_the_environment_never_reach_tracking_artifacts_or_logs(prefe
         params = db.execute("SELECT key, value FROM params").fetchall()
         tags = db.execute("SELECT key, value FROM tags").fetchall()
     assert params and tags  # the run did log, so finding nothing means something
+    assert files_containing(store, {"the config's name": name})  # and the search does see what was logged
     # The workspace (manifests, reports, specs, checkpoints) and the console.
     leaks += files_containing(tmp_path / "workspace", planted)
     leaks += [f"{name} in the console output" for name, value in planted.items() if value in output]

@@ -7,12 +7,15 @@ tests/test_shard.py checks against the tokenizer directly.
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 
+import tasks.shard
 from flows.config import load_config
 from flows.prepare import prepare_data, prepare_data_locally
 from micro_data import micro_config, stage_digests
+from model.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +54,29 @@ def chunk_task_runs(flow_run_id) -> list:
 def test_the_flow_runs_the_chunks_as_task_runs_on_the_configured_runner(
     tmp_path, config_file, one_chunk, prefect_server, monkeypatch, runner
 ):
-    if runner == "dask":
-        # The chunks must run in the cluster's worker processes, not here: in this process
-        # encoding a chunk now fails, in a freshly started worker it does not.
-        monkeypatch.setattr("tasks.shard.encode_chunk", lambda chunk: pytest.fail("a chunk ran in the flow's process"))
-    overrides = [f"workspace={tmp_path}", "shard.chunk_documents=2", f"task_runner.kind={runner}", "task_runner.n_workers=2"]
+    # Each chunk leaves the id of the process it ran in (the wrapper travels to Dask
+    # workers by value, as cloudpickle sends the task's function).
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    encode = tasks.shard.encode_chunk
+
+    def encode_and_record_pid(chunk):
+        (pids / str(os.getpid())).touch()
+        return encode(chunk)
+
+    monkeypatch.setattr("tasks.shard.encode_chunk", encode_and_record_pid)
+    overrides = [f"workspace={tmp_path / 'ws'}", "shard.chunk_documents=2", f"task_runner.kind={runner}", "task_runner.n_workers=2"]
     state = prepare_data(load_config(config_file, overrides), return_state=True)
     prepared = state.result()
     assert stage_digests(prepared)["shard"] == stage_digests(one_chunk)["shard"]
     runs = chunk_task_runs(state.state_details.flow_run_id)
     assert len(runs) == math.ceil(prepared.corpus.report["documents_out"] / 2) > 1
     assert all(run.state.is_completed() for run in runs)
+    ran_in = {int(path.name) for path in pids.iterdir()}
+    assert ran_in == {os.getpid()} if runner == "threads" else os.getpid() not in ran_in and ran_in
+
+
+def test_a_scheduler_address_without_dask_is_refused_naming_the_fields(config_file):
+    with pytest.raises(UserError, match=r"field 'task_runner': .*address is the scheduler of a Dask cluster: set kind: dask"):
+        load_config(config_file, ["task_runner.address=tcp://127.0.0.1:8786"])
+    assert load_config(config_file, ["task_runner.kind=dask", "task_runner.address=tcp://127.0.0.1:8786"]).task_runner.remote_workers

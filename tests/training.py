@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from model.config import GPTConfig
-from model.train import TrainConfig
+from model.train import RunSpec, TrainConfig
 from tasks import shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,3 +83,32 @@ def run_python(code: str, *args: str, env: dict[str, str] | None = None, timeout
                             env={**os.environ, **(env or {})}, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+RECORD_METRICS = """
+import json, os, sys
+from pathlib import Path
+from model.train import RunSpec, run
+
+metrics = {}
+run(RunSpec.model_validate_json(Path(sys.argv[1]).read_text()), lambda step, m: metrics.update({step: dict(m)}))
+if os.environ.get("RANK", "0") == "0":
+    print(json.dumps(metrics))
+"""
+
+
+def write_spec(directory: Path, name: str, spec: RunSpec) -> Path:
+    path = directory / f"{name}.json"
+    path.write_text(spec.model_dump_json())
+    return path
+
+
+def torchrun(spec: Path, nproc: int, *rendezvous: str, timeout: float = 300) -> dict[str, dict[str, float]]:
+    """Train `spec` under torchrun (`--standalone` unless a rendezvous is given); rank 0's step metrics by step."""
+    script = spec.with_name("record_metrics.py")
+    script.write_text(RECORD_METRICS)
+    command = [sys.executable, "-m", "torch.distributed.run", *(rendezvous or ["--standalone"]),
+               f"--nproc_per_node={nproc}", str(script), str(spec)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
