@@ -32,6 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import safetensors
 import safetensors.torch
 import torch
 import torch.distributed as dist
@@ -139,7 +140,10 @@ def read_weights(checkpoint: Path, model: nn.Module) -> dict[str, torch.Tensor]:
             f"{checkpoint}: a sharded checkpoint (checkpoint_format: dcp) without {WEIGHTS}; if you trust the "
             "storage it comes from, model.checkpoint.consolidate() writes the weights file"
         )
-    weights = safetensors.torch.load_file(checkpoint / WEIGHTS)
+    try:
+        weights = safetensors.torch.load_file(checkpoint / WEIGHTS)
+    except safetensors.SafetensorError as e:
+        raise UserError(f"{checkpoint / WEIGHTS}: not a readable safetensors file ({e})") from None
     for alias, name in tied_names(model).items():
         if name in weights:
             weights.setdefault(alias, weights[name])

@@ -70,7 +70,7 @@ class Server:
 
     def wait_healthy(self, health_url: str) -> None:
         deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not _answers(health_url):
+        while not answers(health_url):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{self.process.args[0]} did not become healthy at {health_url}:\n{self.log.read_text()[-3000:]}")
             time.sleep(0.5)
@@ -105,7 +105,7 @@ def start(started: list[Server], command: list[str], env: Mapping[str, str], log
     return started[-1]
 
 
-def _answers(url: str) -> bool:
+def answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200

@@ -64,6 +64,12 @@ class Fixtures:
         return ["finetune", str(self.config), "--from", str(self.checkpoint), "--set", f"workspace={self.workspace}",
                 "--set", "finetune.task=null", "--set", f"finetune.path={path}"]  # fmt: skip
 
+    def corrupt_checkpoint(self) -> Path:
+        """A copy of the tiny checkpoint whose weights file is not safetensors."""
+        copy = shutil.copytree(self.checkpoint, self.root / "corrupt")
+        (copy / "model.safetensors").write_bytes(b"not safetensors" * 8)
+        return copy
+
     def tampered_shards(self, tamper: Callable[[Path, dict], dict | None]) -> list[str]:
         """`gptflow prepare` on a copy of the prepared workspace whose shard directory
         `tamper(directory, manifest)` changed; the manifest it returns is written back."""
@@ -176,6 +182,8 @@ CASES: list[tuple[str, Callable[[Fixtures], list[str]], str]] = [
     ("model-malformed-uri", lambda f: ["generate", "models:/", "-p", "x"], "Not a proper models:/ URI"),
     ("model-missing-checkpoint-dir", lambda f: ["evaluate", str(f.config), str(f.root / "no-checkpoint")],
      "no-checkpoint: not a checkpoint directory"),
+    ("model-corrupt-weights", lambda f: ["evaluate", str(f.config), str(f.corrupt_checkpoint())],
+     "model.safetensors: not a readable safetensors file"),
     ("model-finetune-from-missing-dir", lambda f: ["finetune", str(f.config), "--from", str(f.root / "gone")],
      "gone: not a checkpoint directory"),
     # --- manifests ------------------------------------------------------------------------------

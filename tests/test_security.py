@@ -59,9 +59,8 @@ def test_a_pickle_planted_in_the_training_state_is_refused_without_running(check
 def test_a_pickle_in_place_of_the_weights_is_not_unpickled(checkpoint, tmp_path):
     marker = tmp_path / "payload-ran"
     torch.save({"weights": PlantedPayload(marker)}, checkpoint / WEIGHTS)
-    with pytest.raises(Exception) as refused:
+    with pytest.raises(UserError, match="not a readable safetensors file"):
         load_model(checkpoint)
-    assert "safetensor" in f"{type(refused.value).__name__} {refused.value}".lower()
     assert not marker.exists()
 
 
