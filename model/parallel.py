@@ -66,7 +66,9 @@ class ParallelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    parallel: Parallelism = Field("ddp", description="several processes: ddp replicates the model, fsdp (FSDP2) shards it")
+    parallel: Parallelism = Field(
+        "ddp", description="several processes: ddp replicates the model, fsdp (FSDP2) shards it"
+    )
     activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
     checkpoint_format: CheckpointFormat = Field(
         "safetensors",
@@ -106,7 +108,8 @@ def shard(model: GPT, device: torch.device, world_size: int, bf16: bool, compile
     torch.compile goes block by block, in place (parameter names unchanged), inside the
     sharding as torchtitan does."""
     mesh = init_device_mesh(device.type, (world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    # bf16 compute; gradients reduced and weights kept in fp32
+    policy = MixedPrecisionPolicy(torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     for block in model.transformer.h:
         if compile:
             block.compile()

@@ -44,6 +44,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 from prefect import get_run_logger, task
@@ -82,7 +83,9 @@ class PretrainConfig(TrainConfig):
     rdzv_endpoint: str | None = Field(
         None, description=f"HOST:PORT on one node, reachable from all; default ${RDZV_ENDPOINT_ENV}, else $MASTER_ADDR"
     )
-    rdzv_id: str | None = Field(None, description=f"the run's rendezvous id; default ${RDZV_ID_ENV}, else the fingerprint")
+    rdzv_id: str | None = Field(
+        None, description=f"the run's rendezvous id; default ${RDZV_ID_ENV}, else the fingerprint"
+    )
     loader_workers: NonNegativeInt = Field(0, description="DataLoader worker processes per rank reading the shards")
 
     def train_config(self) -> TrainConfig:
@@ -204,7 +207,11 @@ def launch_env(run_id: str | None) -> dict[str, str]:
 
 def write_node_script(path: Path, launch: list[str], run_id: str | None) -> None:
     """The launch for the other nodes: global rank 0, which logs to MLflow, may be on any of them."""
-    variables = " ".join(f"{name}={shlex.quote(value)}" for name, value in launch_env(run_id).items())
+    env = launch_env(run_id)
+    values = {name: shlex.quote(value) for name, value in env.items()}
+    if urlsplit(env["MLFLOW_TRACKING_URI"]).password:  # no secret is written to the workspace
+        values["MLFLOW_TRACKING_URI"] = '"${MLFLOW_TRACKING_URI:?set it as on the first node}"'
+    variables = " ".join(f"{name}={value}" for name, value in values.items())
     path.write_text(
         "#!/bin/sh\n# Run on each of the other nodes, with the workspace at the same path (docs/multinode.md).\n"
         f"exec env {variables} torchrun {shlex.join(launch)}\n"

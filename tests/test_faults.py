@@ -216,7 +216,7 @@ def test_sigkill_during_the_shard_stage_loses_nothing(shard_config, tmp_path, fo
 
 # --- SIGKILL during pretraining and during a checkpoint write ----------------------------------
 
-PRETRAIN_OVERRIDES = ["pretrain.max_steps=16", "pretrain.checkpoint_every=4", "pretrain.keep_checkpoints=2",
+PRETRAIN_OVERRIDES = ["pretrain.max_steps=12", "pretrain.checkpoint_every=3", "pretrain.keep_checkpoints=2",
                       "pretrain.eval_every=0", "finetune=null"]  # fmt: skip
 PRETRAIN_WORK = f"""
 import io, os, signal
@@ -267,8 +267,8 @@ def test_sigkill_during_pretraining_resumes_to_bitwise_identical_weights(pretrai
     reference = tmp_path / "reference"
     assert pretrain_run(forker, pretrain_config, reference)[0] == 1
     (stage_dir,) = (reference / "pretrain").glob("*/manifest.json")
-    expected = stage_dir.parent / "checkpoints" / "step-16" / "model.safetensors"
-    max_steps, every = 16, 4
+    expected = stage_dir.parent / "checkpoints" / "step-12" / "model.safetensors"
+    max_steps, every = 12, 3
 
     def trial(workspace: Path, kill) -> dict:
         """`kill()` starts a run in `workspace` and kills it; check what is left; rerun; compare weights."""
