@@ -66,19 +66,32 @@ def device_slots() -> int:
     return max(1, torch.cuda.device_count())
 
 
-def ensure_gpu_limit() -> int:
-    """Create the `gpu` global concurrency limit on first use (an existing one is kept as
-    set); returns its number of slots."""
+def ensure_limit(name: str, slots: int) -> int:
+    """Create a global concurrency limit on first use (an existing one is kept as set);
+    returns its number of slots."""
     with get_client(sync_client=True) as client:
         try:
-            return client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit
+            return client.read_global_concurrency_limit_by_name(name).limit
         except ObjectNotFound:
             pass
         try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=device_slots()))
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
         except ObjectAlreadyExists:  # another pipeline created it a moment ago
             pass
-        return client.read_global_concurrency_limit_by_name(GPU_LIMIT).limit
+        return client.read_global_concurrency_limit_by_name(name).limit
+
+
+def ensure_gpu_limit() -> int:
+    """The `gpu` limit, one slot per device, so two training stages never share a device."""
+    return ensure_limit(GPU_LIMIT, device_slots())
+
+
+def registry_limit(name: str) -> str:
+    """A one-slot limit per registered model: pipelines that finish together register and
+    gate one after the other, so two of them never both see "no champion yet"."""
+    limit = f"registry-{name}"
+    ensure_limit(limit, 1)
+    return limit
 
 
 @contextmanager
@@ -206,10 +219,11 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
             "shards_fingerprint": shards.fingerprint,
             "prefect_flow_run_id": str(flow_run.id),
         }
-        registered = register_task(
-            config.register, config.name, final_checkpoint, tokenizer.tokenizer, final.metrics, lineage,
-            EvalData(config.evaluate, shards.path, corpus.corpus), parent_run_id=run_id,
-        )  # fmt: skip
+        with concurrency(registry_limit(config.name), occupy=1, strict=True):
+            registered = register_task(
+                config.register, config.name, final_checkpoint, tokenizer.tokenizer, final.metrics, lineage,
+                EvalData(config.evaluate, shards.path, corpus.corpus), parent_run_id=run_id,
+            )  # fmt: skip
         result = PipelineResult(
             mlflow_run_id=run_id,
             mlflow_run_link=tracking.run_link(run_id),
