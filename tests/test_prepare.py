@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,27 +12,15 @@ import pytest
 
 from flows.config import load_config
 from flows.prepare import PreparedData, artifact_key, prepare_data, prepare_data_locally
+from micro_data import micro_config as write_micro_config
 
-STDLIB_FILES = ["abc.py", "bisect.py", "colorsys.py", "fnmatch.py", "heapq.py", "keyword.py", "shlex.py", "textwrap.py"]
 GPTFLOW = str(Path(sys.executable).with_name("gptflow"))
 
 
 @pytest.fixture(scope="module")
 def micro_config(tmp_path_factory) -> Path:
     """A config file for a micro corpus of a few stdlib modules, vocab 300, seq_len 32."""
-    root = tmp_path_factory.mktemp("prepare")
-    (root / "src").mkdir()
-    for name in STDLIB_FILES:
-        shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / name, root / "src" / name)
-    config = root / "micro.yaml"
-    config.write_text(
-        "name: micro\n"
-        f"workspace: {root / 'workspace'}\n"
-        f"ingest: {{source: {root / 'src'}, val_fraction: 0.3, seed: 0}}\n"
-        "bpe: {vocab_size: 300, min_frequency: 2}\n"
-        "shard: {seq_len: 32, shard_bytes: 16384}\n"
-    )
-    return config
+    return write_micro_config(tmp_path_factory.mktemp("prepare"))
 
 
 def prepare(micro_config: Path, workspace: Path, *overrides: str) -> PreparedData:
