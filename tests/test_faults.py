@@ -271,10 +271,12 @@ def test_sigkill_during_pretraining_resumes_to_bitwise_identical_weights(pretrai
     max_steps, every = 12, 3
 
     def trial(workspace: Path, kill) -> dict:
-        """`kill()` starts a run in `workspace` and kills it; check what is left; rerun; compare weights."""
+        """`kill()` starts a run in `workspace` and kills it (False if the run ended first);
+        check what is left; rerun; compare weights."""
         shutil.copytree(reference, workspace, ignore=lambda directory, names: ["pretrain"] if directory == str(reference) else [])
         checkpoints = workspace / "pretrain" / stage_dir.parent.name / "checkpoints"
-        kill()
+        if not kill():  # too late: the run finished on its own, there is nothing to resume
+            return {}
         last = latest_checkpoint(checkpoints)
         half_written = list(checkpoints.glob(".step-*"))
         if last is not None:  # the newest complete checkpoint: all three files, the state loadable
@@ -295,12 +297,14 @@ def test_sigkill_during_pretraining_resumes_to_bitwise_identical_weights(pretrai
             break
         target = rng.randint(1, max_steps - 1)
 
-        def kill_after_step() -> None:
+        def kill_after_step() -> bool:
             child = forker.fork(str(pretrain_config), str(tmp_path / f"trial-{index}"), "")
             forker.read_until(f"step {target}\n")
             time.sleep(rng.uniform(0, 0.05))
-            if forker.kill(child) == -signal.SIGKILL:
+            killed = forker.kill(child) == -signal.SIGKILL
+            if killed:
                 killed_at.append(target)
+            return killed
 
         trial(tmp_path / f"trial-{index}", kill_after_step)
     assert len(killed_at) == PRETRAIN_TRIALS
@@ -309,9 +313,10 @@ def test_sigkill_during_pretraining_resumes_to_bitwise_identical_weights(pretrai
     # written, and the directory was never renamed into place.
     dying_step = 2 * every
 
-    def kill_while_checkpointing() -> None:
+    def kill_while_checkpointing() -> bool:
         forker.fork(str(pretrain_config), str(tmp_path / "dying"), str(dying_step))
         assert forker.wait() == -signal.SIGKILL
+        return True
 
     outcome = trial(tmp_path / "dying", kill_while_checkpointing)
     assert outcome["resumed_from"] == dying_step - every
