@@ -276,7 +276,15 @@ def log_dataset(
         source=source_entity.to_json(),
         profile=json.dumps(profile, sort_keys=True, default=str) if profile is not None else None,
     )
-    client().log_inputs(run_id, [DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+    inputs = [DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
+    try:
+        client().log_inputs(run_id, inputs)
+    except MlflowException as e:
+        # The server's get-or-create of a dataset is not atomic: two runs logging the same
+        # dataset at once can both try to insert it. The second attempt finds it and links it.
+        if "already exists" not in str(e) and "UniqueViolation" not in str(e) and "UNIQUE constraint" not in str(e):
+            raise
+        client().log_inputs(run_id, inputs)
 
 
 def _dataset_source(source: str) -> DatasetSource:
