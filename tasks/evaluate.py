@@ -222,27 +222,18 @@ def run_evaluate(
         raise UserError(f"{shards / 'manifest.json'}: shards were encoded with another tokenizer than {tokenizer}")
     inputs = evaluate_inputs(loaded.digest, tokenizer, shards, corpus)
     stage = StageDir(workspace, "evaluate", evaluate_fingerprint(config, inputs))
-    with stage.lock():
-        if stage.is_complete():
-            manifest = stage.read_manifest()
-            samples = stage.path / "samples.md"
-            return EvaluateOutput(path=stage.path, fingerprint=stage.fingerprint, metrics=manifest["metrics"],
-                                  samples=samples, reused=True)
-        stage.reset()
+
+    def build(directory: Path) -> dict:
         tok = load_tokenizer(tokenizer)
         metrics = evaluate_model(loaded.model, tok, config, shards, corpus)
-        samples = stage.path / "samples.md"
-        samples.write_text(samples_markdown(sample_prompts(loaded.model, tok, config)))
-        write_json_atomic(stage.path / "metrics.json", metrics)
-        files = [{"path": name, "sha256": sha256_file(stage.path / name)} for name in ("metrics.json", "samples.md")]
-        stage.commit({
-            "format": FORMAT_VERSION,
-            "fingerprint": stage.fingerprint,
-            "inputs": inputs,
-            "metrics": metrics,
-            "files": files,
-        })
-    return EvaluateOutput(path=stage.path, fingerprint=stage.fingerprint, metrics=metrics, samples=samples)
+        (directory / "samples.md").write_text(samples_markdown(sample_prompts(loaded.model, tok, config)))
+        write_json_atomic(directory / "metrics.json", metrics)
+        files = [{"path": name, "sha256": sha256_file(directory / name)} for name in ("metrics.json", "samples.md")]
+        return {"format": FORMAT_VERSION, "fingerprint": stage.fingerprint, "inputs": inputs, "metrics": metrics, "files": files}
+
+    manifest, reused = stage.build_once(build)
+    return EvaluateOutput(path=stage.path, fingerprint=stage.fingerprint, metrics=manifest["metrics"],
+                          samples=stage.path / "samples.md", reused=reused)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
