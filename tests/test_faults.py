@@ -95,13 +95,18 @@ for line in sys.stdin:
         return int(self.read_until("pid ").split()[1])
 
     def read_until(self, prefix: str) -> str:
-        """The child's (or parent's) output up to the first line starting with `prefix`."""
+        """The first line of the child's (or parent's) output starting with `prefix`."""
+        return self.lines_until(prefix)[-1]
+
+    def lines_until(self, prefix: str) -> list[str]:
+        """The output lines up to and including the first one starting with `prefix`; fails
+        at once if the child ends or fails first (rather than wait on a parent that waits)."""
         seen = []
         for line in self.process.stdout:
-            if line.startswith(prefix):
-                return line
             seen.append(line)
-            assert not line.startswith("failed"), "".join(seen)[-3000:]
+            if line.startswith(prefix):
+                return seen
+            assert not line.startswith(("failed", "exited ")), f"expected {prefix!r}:\n" + "".join(seen)[-3000:]
         raise AssertionError(f"the process exited before printing {prefix!r}:\n{''.join(seen)[-3000:]}")
 
     def wait(self) -> int:
@@ -247,13 +252,14 @@ def work(config_path, workspace, die_writing_step):
 """
 
 
-def pretrain_run(forker: Forker, config: Path, workspace: Path) -> tuple[int, Path]:
-    """Run (or resume) the pretrain stage in a child: (its first step, its final checkpoint)."""
+def pretrain_run(forker: Forker, config: Path, workspace: Path) -> tuple[int | None, Path]:
+    """Run (or resume) the pretrain stage in a child: (its first step, None if it had no
+    step left to take; its final checkpoint)."""
     forker.fork(str(config), str(workspace), "")
-    first_step = int(forker.read_until("step ").split()[1])
-    checkpoint = Path(forker.read_until("done ").split(maxsplit=1)[1].strip())
+    *output, done = forker.lines_until("done ")
+    steps = [int(line.split()[1]) for line in output if line.startswith("step ")]
     assert forker.wait() == 0
-    return first_step, checkpoint
+    return (steps[0] if steps else None), Path(done.split(maxsplit=1)[1].strip())
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +292,7 @@ def test_sigkill_during_pretraining_resumes_to_bitwise_identical_weights(pretrai
         first_step, final = pretrain_run(forker, pretrain_config, workspace)
 
         resumed_from = int(last.name.removeprefix("step-")) if last else 0
-        assert first_step == resumed_from + 1
+        assert first_step == (resumed_from + 1 if resumed_from < max_steps else None)  # the last checkpoint: no step left
         assert (final / "model.safetensors").read_bytes() == expected.read_bytes()
         assert not temporary_files(workspace)
         return {"resumed_from": resumed_from, "half_written": half_written}
@@ -298,10 +304,12 @@ def test_sigkill_during_pretraining_resumes_to_bitwise_identical_weights(pretrai
         target = rng.randint(1, max_steps - 1)
 
         def kill_after_step() -> bool:
-            child = forker.fork(str(pretrain_config), str(tmp_path / f"trial-{index}"), "")
+            workspace = tmp_path / f"trial-{index}"
+            child = forker.fork(str(pretrain_config), str(workspace), "")
             forker.read_until(f"step {target}\n")
             time.sleep(rng.uniform(0, 0.05))
-            killed = forker.kill(child) == -signal.SIGKILL
+            committed = workspace / "pretrain" / stage_dir.parent.name / "manifest.json"  # killed after the commit
+            killed = forker.kill(child) == -signal.SIGKILL and not committed.exists()
             if killed:
                 killed_at.append(target)
             return killed
