@@ -224,12 +224,21 @@ def down() -> None:
     print(f"stopped: {', '.join(stopped)}" if stopped else "no servers were running")
 
 
+def lost_tracking_server(error: BaseException) -> bool:
+    """MLflow's REST client gave up reaching the server (its retries spent), as opposed
+    to the server answering with an error."""
+    from mlflow.exceptions import MlflowException  # on failure only: mlflow is slow to import
+
+    return isinstance(error, MlflowException) and "failed with exception" in str(error)
+
+
 class WithoutUserErrorTraceback(logging.Filter):
-    """Prefect logs every failed flow and task run with its traceback; for a UserError the
-    message is the whole story (a traceback is for bugs), so only the message is kept."""
+    """Prefect logs every failed flow and task run with its traceback; for a UserError, or
+    a tracking server gone, the message is the whole story (a traceback is for bugs), so
+    only the message is kept."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], UserError):
+        if record.exc_info and (isinstance(record.exc_info[1], UserError) or lost_tracking_server(record.exc_info[1])):
             record.exc_info = record.exc_text = None
         return True
 
@@ -247,6 +256,13 @@ def main() -> None:
         # Plain print, not rich: one line, never wrapped or styled.
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as e:
+        if not lost_tracking_server(e):
+            raise
+        print(f"error: the MLflow tracking server stopped answering: {str(e).splitlines()[0]}. "
+              "Completed stages are kept; rerun when it is back, and this attempt's runs are closed then.",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -9,10 +9,9 @@ pipeline. Training holds a slot of the pipeline's `gpu` concurrency limit.
 from __future__ import annotations
 
 from prefect import flow
-from prefect.concurrency.sync import concurrency
 
 from flows.config import PipelineConfig
-from flows.pipeline import GPU_LIMIT, ensure_gpu_limit, flow_run_title, pipeline_mlflow_run
+from flows.pipeline import GPU_LIMIT, ensure_gpu_limit, holding, flow_run_title, pipeline_mlflow_run
 from flows.prepare import check_prepare_config, prepare_data
 from model.errors import UserError
 from tasks import tracking
@@ -31,7 +30,7 @@ def finetune_flow(config: PipelineConfig, start_from: str | None = None) -> Fine
     with pipeline_mlflow_run(config) as run_id:
         prepared = prepare_data(config)
         base = start_from or config.finetune.start_from
-        with concurrency(GPU_LIMIT, occupy=1, strict=True):
+        with holding(GPU_LIMIT):
             if base is None:
                 pretrained = pretrain_task(config.pretrain, config.model, prepared.shards, config.workspace,
                                            parent_run_id=run_id)

@@ -18,7 +18,7 @@ import re
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from prefect.utilities.urls import url_for
 from pydantic import BaseModel
 
 from flows.config import PipelineConfig, load_config
+from flows.abandoned_runs import FLOW_RUN_TAG, close_abandoned_runs, process_tags
 from flows.prepare import check_prepare_config, prepare_data
 from model.errors import UserError
 from tasks import tracking
@@ -45,6 +46,7 @@ from tasks.pretrain import pretrain_task
 from tasks.register import EvalData, RegisterOutput, register_task
 
 GPU_LIMIT = "gpu"
+LEASE_SECONDS = 60
 
 
 class PipelineResult(BaseModel):
@@ -86,6 +88,19 @@ def ensure_gpu_limit() -> int:
     return ensure_limit(GPU_LIMIT, device_slots())
 
 
+def holding(limit: str, slots: int = 1) -> AbstractContextManager[None]:
+    """Hold `slots` of global concurrency limit `limit` for the block, waiting for them.
+
+    The lease is renewed every 45 s while the block runs, so a process killed while holding
+    slots frees them about a minute later (Prefect's default lease, 300 s, would block the
+    next pipeline for five). A renewal that fails (the Prefect server briefly away) is
+    logged and training goes on: losing days of training to a monitoring outage is worse
+    than briefly exceeding the limit.
+    """
+    return concurrency(limit, occupy=slots, strict=True, lease_duration=LEASE_SECONDS,
+                       raise_on_lease_renewal_failure=False)  # fmt: skip
+
+
 def registry_limit(name: str) -> str:
     """A one-slot limit per registered model: pipelines that finish together register and
     gate one after the other, so two of them never both see "no champion yet"."""
@@ -96,8 +111,10 @@ def registry_limit(name: str) -> str:
 
 @contextmanager
 def pipeline_mlflow_run(config: PipelineConfig) -> Iterator[str]:
-    """The flow run's MLflow parent run: tagged with the Prefect run, holding the config."""
-    tags = {"prefect.flow_run_id": str(flow_run.id), "prefect.flow_run_name": str(flow_run.name)}
+    """The flow run's MLflow parent run: tagged with the Prefect run and the process,
+    holding the config. Runs that earlier flow runs left open are closed first."""
+    close_abandoned_runs(config.name, closed_by=str(flow_run.id))
+    tags = {FLOW_RUN_TAG: str(flow_run.id), "prefect.flow_run_name": str(flow_run.name), **process_tags()}
     # `prefect.runtime.flow_run.ui_url` is Prefect Cloud's path; url_for gives the server UI's page.
     if link := url_for("flow-run", obj_id=flow_run.id):
         tags["prefect.flow_run_url"] = link
@@ -197,12 +214,12 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
 
         # A slot per training process (torchrun with N processes holds N devices), at most
         # all of them: CPU-only DDP runs several processes on the one "device".
-        with concurrency(GPU_LIMIT, occupy=min(config.pretrain.nproc_per_node, gpu_slots), strict=True):
+        with holding(GPU_LIMIT, min(config.pretrain.nproc_per_node, gpu_slots)):
             pretrained = pretrain_task(config.pretrain, config.model, shards, workspace, parent_run_id=run_id)
         evaluations = {"pretrained": evaluate("pretrained", pretrained.checkpoint)}
         final_checkpoint = pretrained.checkpoint
         if config.finetune is not None:
-            with concurrency(GPU_LIMIT, occupy=1, strict=True):
+            with holding(GPU_LIMIT):
                 # A registered model named in the config wins over this run's pretraining output.
                 base_model = config.finetune.start_from or pretrained.checkpoint
                 finetuned = finetune_task(
@@ -219,7 +236,7 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
             "shards_fingerprint": shards.fingerprint,
             "prefect_flow_run_id": str(flow_run.id),
         }
-        with concurrency(registry_limit(config.name), occupy=1, strict=True):
+        with holding(registry_limit(config.name)):
             registered = register_task(
                 config.register, config.name, final_checkpoint, tokenizer.tokenizer, final.metrics, lineage,
                 EvalData(config.evaluate, shards.path, corpus.corpus), parent_run_id=run_id,

@@ -9,10 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
-from prefect.concurrency.sync import concurrency
 
 from flows.config import PipelineConfig, load_config
-from flows.pipeline import GPU_LIMIT, ensure_gpu_limit, flow_run_title, pipeline_mlflow_run
+from flows.pipeline import GPU_LIMIT, ensure_gpu_limit, holding, flow_run_title, pipeline_mlflow_run
 from flows.prepare import check_prepare_config, prepare_data
 from tasks import tracking
 from tasks.pretrain import PretrainOutput, pretrain_task
@@ -28,5 +27,5 @@ def pretrain(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
     ensure_gpu_limit()
     with pipeline_mlflow_run(config) as run_id:
         prepared = prepare_data(config)
-        with concurrency(GPU_LIMIT, occupy=1, strict=True):
+        with holding(GPU_LIMIT):
             return pretrain_task(config.pretrain, config.model, prepared.shards, config.workspace, parent_run_id=run_id)

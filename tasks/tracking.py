@@ -45,6 +45,8 @@ from tasks import server_state
 # Flush buffered training metrics at least this often, so the UI's charts stay live.
 METRICS_FLUSH_SECONDS = 5.0
 METRICS_FLUSH_COUNT = 1000
+# Why a run that its own process never closed was ended by a later one.
+ABANDONED_TAG = "gptflow.abandoned"
 
 
 def resolve_tracking_uri() -> str:
@@ -307,6 +309,31 @@ def child_runs(parent_run_id: str) -> dict[str, str]:
     experiment = mlflow_client.get_run(parent_run_id).info.experiment_id
     runs = mlflow_client.search_runs([experiment], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'")
     return {run.info.run_name: run.info.run_id for run in runs}
+
+
+def open_top_level_runs(experiment: str) -> list[mlflow.entities.Run]:
+    """The runs of `experiment` still marked RUNNING that are not nested under another."""
+    mlflow_client = client()
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    running = mlflow_client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'")
+    return [run for run in running if MLFLOW_PARENT_RUN_ID not in run.data.tags]
+
+
+def close_abandoned(run_id: str, reason: str) -> list[str]:
+    """End `run_id` and its nested runs still RUNNING as FAILED, tagged with `reason`;
+    returns the ids closed."""
+    mlflow_client = client()
+    experiment = mlflow_client.get_run(run_id).info.experiment_id
+    nested = mlflow_client.search_runs(
+        [experiment], filter_string=f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{run_id}' and attributes.status = 'RUNNING'"
+    )
+    closed = [run.info.run_id for run in nested] + [run_id]
+    for closing in closed:
+        set_tags(closing, {ABANDONED_TAG: reason})
+        end_run(closing, "FAILED")
+    return closed
 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:

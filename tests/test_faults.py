@@ -381,6 +381,18 @@ class MlflowServer:
         self.process.wait()
 
 
+def checkpoints_in(workspace: Path) -> set[Path]:
+    return set(workspace.glob("pretrain/*/checkpoints/step-*"))
+
+
+def wait_for_a_checkpoint(running: subprocess.Popen, workspace: Path, seen: set[Path] = frozenset()) -> None:
+    """Until pretraining in `workspace` has written a checkpoint not in `seen`: training is under way."""
+    deadline = time.monotonic() + 300
+    while not checkpoints_in(workspace) - seen:
+        assert running.poll() is None and time.monotonic() < deadline, running.stdout.read()[-3000:]
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_the_tracking_server_dying_during_training_is_survived_without_losing_a_metric(cli_env, tmp_path):
     """Documented behaviour: MLflow's client retries every request with exponential backoff
@@ -397,10 +409,7 @@ def test_the_tracking_server_dying_during_training_is_survived_without_losing_a_
     running = gptflow_run(config, {**cli_env, "MLFLOW_TRACKING_URI": server.uri}, f"pretrain.max_steps={steps}",
                           "pretrain.checkpoint_every=20", "finetune=null", wait=False)  # fmt: skip
     try:
-        deadline = time.monotonic() + 300
-        while not list((tmp_path / "workspace").glob("pretrain/*/checkpoints/step-*")):
-            assert running.poll() is None and time.monotonic() < deadline, running.stdout.read()[-3000:]
-            time.sleep(0.2)
+        wait_for_a_checkpoint(running, tmp_path / "workspace")
         server.kill()  # training is under way
         time.sleep(2)
         server.start()
@@ -477,3 +486,64 @@ def test_four_pipelines_at_once_on_the_postgres_stack_two_sharing_a_workspace(in
     for flow_run_id in flow_run_ids:
         flow_run = prefect_flow_run(infra_stack, flow_run_id)
         assert flow_run["state"]["type"] == "COMPLETED"
+
+
+@pytest.mark.slow
+def test_runs_left_open_by_a_dead_attempt_are_closed_by_the_rerun(infra_stack, tmp_path):
+    """Two attempts die without closing their MLflow runs: the first loses the tracking
+    server for longer than the client retries (set to none here), the second is SIGKILLed.
+    Each next attempt ends the runs the one before left open as FAILED, saying why; the
+    third completes with one finished run per stage.
+
+    Prefect is the stack's server: the killed attempt's `gpu` slot comes back when its
+    lease expires, which only a server running its services (not the test harness's
+    ephemeral one) does."""
+    data_dir = tmp_path / "mlflow"
+    data_dir.mkdir()
+    server = MlflowServer(data_dir)
+    server.start()
+    name = f"abandoned-{uuid.uuid4().hex[:6]}"
+    config = write_config(tmp_path, name=name)
+    env = {**os.environ, **infra_stack.client_env, "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    overrides = ["pretrain.max_steps=400", "pretrain.checkpoint_every=20", "finetune=null"]
+    try:
+        lost_server = gptflow_run(config, env, *overrides, wait=False)
+        wait_for_a_checkpoint(lost_server, tmp_path / "workspace")
+        server.kill()
+        output, _ = lost_server.communicate(timeout=300)
+        assert lost_server.returncode == 1, output[-3000:]
+        assert f"error: the MLflow tracking server stopped answering: API request to {server.uri}" in output
+        assert "Traceback" not in output, output[-3000:]
+        server.start()
+
+        seen = checkpoints_in(tmp_path / "workspace")
+        killed = gptflow_run(config, env, *overrides, wait=False)
+        wait_for_a_checkpoint(killed, tmp_path / "workspace", seen)
+        killed.kill()
+        killed.communicate()
+
+        rerun = gptflow_run(config, env, *overrides)
+    finally:
+        server.kill()
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{data_dir / 'mlflow.db'}")  # the server's own store
+    runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], order_by=["attributes.start_time"])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 3
+    by_parent = {parent.info.run_id: [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+                 for parent in parents}  # fmt: skip
+    first, second, third = parents
+    reasons = ("is FAILED but never closed this run", "that opened it is gone")  # a killed process's flow run stays RUNNING
+    for attempt, reason, closer in zip((first, second), reasons, (second, third)):
+        left_open = [attempt, *(run for run in by_parent[attempt.info.run_id] if run.info.status != "FINISHED")]
+        assert {run.info.run_name for run in left_open} >= {attempt.info.run_name, "pretrain"}
+        for run in left_open:
+            assert run.info.status == "FAILED", run.info
+            assert reason in run.data.tags["gptflow.abandoned"], run.data.tags
+            assert closer.data.tags["prefect.flow_run_id"] in run.data.tags["gptflow.abandoned"]  # the next attempt
+    assert third.info.status == "FINISHED"
+    stages = [run.info.run_name for run in by_parent[third.info.run_id]]
+    assert {run.info.status for run in by_parent[third.info.run_id]} == {"FINISHED"}
+    assert sorted(stages) == sorted(set(stages)) and {"ingest", "bpe", "shard", "pretrain", "register"} <= set(stages)
+    assert "RUNNING" not in {run.info.status for run in runs}
