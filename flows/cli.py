@@ -163,7 +163,7 @@ def serve(
 
 @app.command()
 def status(
-    workspace: Annotated[Path, typer.Argument(help="The workspace directory.")] = Path("workspace"),
+    workspace: Annotated[str, typer.Argument(help="The workspace: a directory or s3://bucket/prefix.")] = "workspace",
 ) -> None:
     """List the workspace's stage outputs: stage, fingerprint, size, complete or not."""
     from flows.housekeeping import format_size, stage_outputs
@@ -178,7 +178,7 @@ def status(
 
 @app.command()
 def clean(
-    workspace: Annotated[Path, typer.Argument(help="The workspace directory.")] = Path("workspace"),
+    workspace: Annotated[str, typer.Argument(help="The workspace: a directory or s3://bucket/prefix.")] = "workspace",
     keep: Annotated[
         Optional[list[Path]],
         typer.Option("--keep", help="A config whose stage outputs (and their inputs) are kept; repeatable. "
@@ -194,7 +194,7 @@ def clean(
     doomed = removable(workspace, configs)
     for output in doomed:
         reason = "incomplete" if not output.complete else "unreferenced"
-        print(f"{'would remove' if dry_run else 'removing'} {output.path} ({reason}, {format_size(output.size)})")
+        print(f"{'would remove' if dry_run else 'removing'} {output.location} ({reason}, {format_size(output.size)})")
     if not dry_run:
         remove(doomed)
     print(f"{len(doomed)} stage output(s), {format_size(sum(o.size for o in doomed))}" + (" (dry run)" if dry_run else " removed"))

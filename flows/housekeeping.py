@@ -9,12 +9,18 @@ its manifest is committed. `clean` removes
   A config refers to the stage outputs its pipeline would read or write now, the
   fingerprints `gptflow run CONFIG --dry-run` prints.
 
-An output whose lock is held (a stage running right now) is never removed.
+An output whose lock is held (a stage running right now) is never removed. The workspace
+may be an `s3://` URI: outputs are then listed and removed in the bucket (and in this
+machine's cache), and an incomplete one written to in the last hour is left alone, since
+a build on another machine holds no lock here.
 """
 
 from __future__ import annotations
 
 import shutil
+import time
+from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,36 +28,53 @@ from filelock import Timeout
 
 from flows.config import PipelineConfig
 from flows.plan import plan
-from tasks.workspace import StageDir
+from tasks.storage import RemoteStore, is_remote, resolve_workspace
+from tasks.workspace import MANIFEST, StageDir
 
 STAGES = ("ingest", "bpe", "shard", "pretrain", "evaluate", "finetune")
+# An incomplete remote output changed within this long may be another machine's build
+# (uploading its commit, or mirroring training checkpoints): `clean` leaves it.
+REMOTE_IDLE_SECONDS = 3600
 
 
 @dataclass(frozen=True)
 class StageOutput:
     stage: str
     fingerprint: str
-    path: Path
-    size: int  # bytes on disk
+    location: Path | str  # the directory, or its URI in a remote workspace
+    size: int  # bytes on disk, or in the bucket
     complete: bool
+    modified: float  # newest file's modification time (seconds since the epoch)
 
 
-def directory_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+def local_outputs(workspace: Path, stage: str) -> Iterator[StageOutput]:
+    stage_root = workspace / stage
+    if not stage_root.is_dir():
+        return
+    for path in sorted(p for p in stage_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = [(f.stat().st_size, f.stat().st_mtime) for f in path.rglob("*") if f.is_file() and not f.is_symlink()]
+        yield StageOutput(stage, path.name, path, sum(size for size, _ in files), (path / MANIFEST).is_file(),
+                          max((mtime for _, mtime in files), default=path.stat().st_mtime))  # fmt: skip
 
 
-def stage_outputs(workspace: Path) -> list[StageOutput]:
+def remote_outputs(workspace: str, stage: str) -> Iterator[StageOutput]:
+    """The stage's outputs in the bucket, from one listing of its prefix."""
+    store, by_fingerprint = RemoteStore(f"{workspace}/{stage}"), defaultdict(list)
+    for info in store.files():
+        fingerprint, _, relative = info.path.removeprefix(f"{store.root}/").partition("/")
+        if relative:
+            by_fingerprint[fingerprint].append((relative, info))
+    for fingerprint, files in sorted(by_fingerprint.items()):
+        yield StageOutput(stage, fingerprint, f"{workspace}/{stage}/{fingerprint}", sum(info.size for _, info in files),
+                          any(relative == MANIFEST for relative, _ in files),
+                          max(info.mtime.timestamp() for _, info in files))  # fmt: skip
+
+
+def stage_outputs(workspace: Path | str) -> list[StageOutput]:
     """Every `<stage>/<fingerprint>/` directory, in pipeline order."""
-    workspace = Path(workspace).resolve()
-    outputs = []
-    for stage in STAGES:
-        stage_root = workspace / stage
-        if not stage_root.is_dir():
-            continue
-        for path in sorted(p for p in stage_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            directory = StageDir(workspace, stage, path.name)
-            outputs.append(StageOutput(stage, path.name, path, directory_size(path), directory.is_complete()))
-    return outputs
+    workspace = resolve_workspace(workspace)
+    outputs = remote_outputs if is_remote(workspace) else local_outputs
+    return [output for stage in STAGES for output in outputs(workspace, stage)]
 
 
 def referenced(configs: list[PipelineConfig]) -> set[tuple[str, str]]:
@@ -59,8 +82,17 @@ def referenced(configs: list[PipelineConfig]) -> set[tuple[str, str]]:
     return {(step.stage, step.fingerprint) for config in configs for step in plan(config) if step.fingerprint}
 
 
+def stage_dir(output: StageOutput) -> StageDir:
+    workspace = output.location.rsplit("/", 2)[0] if isinstance(output.location, str) else output.location.parents[1]
+    return StageDir(workspace, output.stage, output.fingerprint)
+
+
 def in_use(output: StageOutput) -> bool:
-    lock = StageDir(output.path.parents[1], output.stage, output.fingerprint).lock()
+    """A stage being built here holds its lock. Another machine's build of a remote stage
+    cannot be seen, so an incomplete remote output written to recently counts as in use."""
+    if isinstance(output.location, str) and not output.complete and time.time() - output.modified < REMOTE_IDLE_SECONDS:
+        return True
+    lock = stage_dir(output).lock()
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -69,7 +101,7 @@ def in_use(output: StageOutput) -> bool:
     return False
 
 
-def removable(workspace: Path, keep: list[PipelineConfig]) -> list[StageOutput]:
+def removable(workspace: Path | str, keep: list[PipelineConfig]) -> list[StageOutput]:
     """Incomplete outputs; with `keep` configs, also complete ones they do not refer to."""
     kept = referenced(keep)
     return [
@@ -80,9 +112,13 @@ def removable(workspace: Path, keep: list[PipelineConfig]) -> list[StageOutput]:
 
 
 def remove(outputs: list[StageOutput]) -> None:
+    """Delete the outputs, and for a remote one its copy in this machine's cache too."""
     for output in outputs:
-        shutil.rmtree(output.path)
-        output.path.with_name(f"{output.fingerprint}.lock").unlink(missing_ok=True)
+        directory = stage_dir(output)
+        if remote := directory.remote:
+            remote.delete()
+        shutil.rmtree(directory.path, ignore_errors=True)
+        directory.path.with_name(f"{output.fingerprint}.lock").unlink(missing_ok=True)
 
 
 def format_size(size: float) -> str:

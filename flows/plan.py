@@ -10,20 +10,20 @@ completed (otherwise that stage runs, and so does everything after it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
 from flows.config import PipelineConfig
 from model.checkpoint import CONFIG, WEIGHTS
 from model.config import GPTConfig
-from tasks.bpe import bpe_fingerprint
+from tasks.bpe import TOKENIZER_FILE, bpe_fingerprint
+from tasks.checkpoint_mirror import has_checkpoints
 from tasks.evaluate import evaluate_fingerprint, evaluate_inputs
-from tasks.finetune import finetune_fingerprint
+from tasks.finetune import finetune_fingerprint, finetune_inputs
 from tasks.ingest import CORPUS_FILE, find_source_files, ingest_fingerprint
-from tasks.model_source import find_checkpoint
 from tasks.pretrain import pretrain_fingerprint
 from tasks.shard import shard_fingerprint
+from tasks.storage import resolve_workspace
 from tasks.workspace import StageDir, sha256_file
 
 
@@ -43,11 +43,13 @@ def stage_action(stage: StageDir) -> str:
     if stage.is_complete():
         return "skip"
     # A training stage left checkpoints behind: the rerun continues from the newest one.
-    return "resume" if (stage.path / "checkpoints").is_dir() else "run"
+    return "resume" if has_checkpoints(stage) else "run"
 
 
 def plan(config: PipelineConfig) -> list[PlannedStage]:
-    workspace = Path(config.workspace).resolve()
+    """Each stage's fingerprint and action. Only manifests (and a checkpoint's config.json)
+    are read, where the workspace keeps them: nothing is hashed or downloaded."""
+    workspace = resolve_workspace(config.workspace)
     planned: list[PlannedStage] = []
 
     def add(label: str, stage: str, fp: str | None) -> StageDir | None:
@@ -65,24 +67,24 @@ def plan(config: PipelineConfig) -> list[PlannedStage]:
     pretrained = add("pretrain", "pretrain", pretrain_fingerprint(config.pretrain, config.model, shards_fp))
 
     data_ready = corpus_dir and tokenizer_dir and shards_dir
-    tokenizer = tokenizer_dir.path / "tokenizer.json" if tokenizer_dir else None
-    corpus = corpus_dir.path / CORPUS_FILE if corpus_dir else None
 
     def model_fingerprint(model_dir: StageDir | None, stage_fingerprint) -> str | None:
-        """A stage reading `model_dir`'s newest weights; None until those weights exist."""
+        """A stage reading `model_dir`'s final weights; None until those weights exist."""
         if not (model_dir and data_ready):
             return None
-        checkpoint = find_checkpoint(model_dir.path)
-        return stage_fingerprint(sha256_file(checkpoint / WEIGHTS), checkpoint)
+        checkpoint = model_dir.stored_manifest()["checkpoint"]
+        model_config = GPTConfig.model_validate_json(model_dir.read_bytes(f"{checkpoint}/{CONFIG}"))
+        return stage_fingerprint(model_dir.listed_sha256(f"{checkpoint}/{WEIGHTS}"), model_config)
 
-    def evaluation(model_digest: str, checkpoint: Path) -> str:
-        return evaluate_fingerprint(config.evaluate, evaluate_inputs(model_digest, tokenizer, shards_dir.path, corpus))
+    def evaluation(model_sha256: str, model_config: GPTConfig) -> str:
+        inputs = evaluate_inputs(model_sha256, tokenizer_dir.listed_sha256(TOKENIZER_FILE), shards_fp,
+                                 corpus_dir.listed_sha256(CORPUS_FILE))  # fmt: skip
+        return evaluate_fingerprint(config.evaluate, inputs)
 
-    def finetuning(model_digest: str, checkpoint: Path) -> str:
-        pairs_source = config.finetune.path or corpus
-        inputs = {"model": model_digest, "tokenizer": sha256_file(tokenizer), "pairs": sha256_file(pairs_source)}
-        block_size = GPTConfig.model_validate_json((checkpoint / CONFIG).read_text()).block_size
-        return finetune_fingerprint(config.finetune, inputs, block_size)
+    def finetuning(model_sha256: str, model_config: GPTConfig) -> str:
+        pairs = sha256_file(config.finetune.path) if config.finetune.path else corpus_dir.listed_sha256(CORPUS_FILE)
+        inputs = finetune_inputs(model_sha256, tokenizer_dir.listed_sha256(TOKENIZER_FILE), pairs)
+        return finetune_fingerprint(config.finetune, inputs, model_config.block_size)
 
     add("evaluate-pretrained", "evaluate", model_fingerprint(pretrained, evaluation))
     if config.finetune is not None:
@@ -95,4 +97,4 @@ def plan(config: PipelineConfig) -> list[PlannedStage]:
 def describe_plan(config: PipelineConfig) -> str:
     resolved = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     stages = "\n".join(stage.describe() for stage in plan(config))
-    return f"# resolved config\n{resolved}\n# stages (workspace {Path(config.workspace).resolve()})\n{stages}\n"
+    return f"# resolved config\n{resolved}\n# stages (workspace {resolve_workspace(config.workspace)})\n{stages}\n"

@@ -186,15 +186,9 @@ def evaluate_model(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, sha
     return {**shard_figures(model, tokenizer, config, shards), **document_figures(model, tokenizer, config, corpus)}
 
 
-def evaluate_inputs(model_digest: str, tokenizer: Path, shards: Path, corpus: Path) -> dict[str, str]:
+def evaluate_inputs(model_sha256: str, tokenizer_sha256: str, shards_fingerprint: str, corpus_sha256: str) -> dict[str, str]:
     """The identities the evaluation depends on: the weights, tokenizer, shards and corpus."""
-    shard_manifest = json.loads((shards / "manifest.json").read_text())
-    return {
-        "model": model_digest,
-        "tokenizer": sha256_file(tokenizer),
-        "shards": shard_manifest.get("fingerprint") or sha256_file(shards / "manifest.json"),
-        "corpus": sha256_file(corpus),
-    }
+    return {"model": model_sha256, "tokenizer": tokenizer_sha256, "shards": shards_fingerprint, "corpus": corpus_sha256}
 
 
 def evaluate_fingerprint(config: EvaluateConfig, inputs: dict[str, str]) -> str:
@@ -220,7 +214,8 @@ def run_evaluate(
     shard_manifest = json.loads((shards / "manifest.json").read_text())
     if shard_manifest.get("tokenizer_sha256", tokenizer_sha) != tokenizer_sha:
         raise UserError(f"{shards / 'manifest.json'}: shards were encoded with another tokenizer than {tokenizer}")
-    inputs = evaluate_inputs(loaded.digest, tokenizer, shards, corpus)
+    inputs = evaluate_inputs(loaded.digest, tokenizer_sha, shard_manifest.get("fingerprint") or sha256_file(shards / "manifest.json"),
+                             sha256_file(corpus))
     stage = StageDir(workspace, "evaluate", evaluate_fingerprint(config, inputs))
 
     def build(directory: Path) -> dict:

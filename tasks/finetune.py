@@ -48,6 +48,7 @@ from model.special_tokens import EOS_ID, SEP_ID
 from model.train import DistributedEnv, TrainConfig, train
 from tasks import tracking
 from tasks.bpe import load_tokenizer
+from tasks.checkpoint_mirror import mirrored_checkpoints
 from tasks.evaluate import metrics_markdown, token_byte_lengths
 from tasks.model_source import load_model_source
 from tasks.pairs import Pair, PairSet, docstring_pairs, file_pairs
@@ -236,6 +237,11 @@ def held_out_figures(model: GPT, tokenizer: Tokenizer, config: FinetuneConfig, v
 # --- the stage ----------------------------------------------------------------------
 
 
+def finetune_inputs(model_sha256: str, tokenizer_sha256: str, pairs_sha256: str) -> dict[str, str]:
+    """The identities fine-tuning depends on: the base weights, the tokenizer, the pairs' source."""
+    return {"model": model_sha256, "tokenizer": tokenizer_sha256, "pairs": pairs_sha256}
+
+
 def finetune_fingerprint(config: FinetuneConfig, inputs: dict[str, str], block_size: int) -> str:
     """`inputs`: sha256 of the base weights ("model"), the tokenizer and the pairs' source file."""
     settings = {**config.settings(), "seq_len": config.seq_len or block_size}
@@ -262,7 +268,7 @@ def run_finetune(
     if seq_len > block_size:
         raise UserError(f"finetune.seq_len: {seq_len} exceeds the model's context ({block_size})")
     source = pairs_source(config, corpus)
-    inputs = {"model": base.digest, "tokenizer": sha256_file(tokenizer), "pairs": sha256_file(source)}
+    inputs = finetune_inputs(base.digest, sha256_file(tokenizer), sha256_file(source))
     stage = StageDir(workspace, "finetune", finetune_fingerprint(config, inputs, block_size))
 
     with stage.lock():
@@ -288,7 +294,8 @@ def run_finetune(
         periodic_validation = data.has_val and config.eval_every > 0
         val_data = PairBatches(*data.val_rows, config.micro_batch_size, shuffle=False,
                                rank=env.rank, world_size=env.world_size) if periodic_validation else None
-        result = train(model, config.train_config(), train_data, val_data, stage.path, callback)
+        with mirrored_checkpoints(stage):
+            result = train(model, config.train_config(), train_data, val_data, stage.path, callback)
         model.cpu()
         if data.has_val:
             metrics |= held_out_figures(model, tok, config, pairs.val, data.val_rows, "finetuned")

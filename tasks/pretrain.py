@@ -59,6 +59,7 @@ from model.errors import UserError
 from model.parallel import ParallelConfig
 from model.train import RunSpec, TrainConfig, TrainResult, run
 from tasks import tracking
+from tasks.checkpoint_mirror import mirrored_checkpoints
 from tasks.shard import ShardOutput
 from tasks.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
 
@@ -143,13 +144,14 @@ def run_pretrain(
         spec = RunSpec(model=model.resolve(vocab_size), train=config.train_config(), shards=shards.manifest,
                        out_dir=stage.path, loader_workers=config.loader_workers)
         write_json_atomic(stage.path / "spec.json", spec.model_dump(mode="json"))
-        if config.nproc_per_node == 1 and config.nnodes == 1:
-            result = run(spec, callback)
-        else:
-            launch = torchrun_args(config, stage.path / "spec.json", stage.fingerprint)
-            if config.nnodes > 1:
-                write_node_script(stage.path / NODE_SCRIPT, launch, run_id)
-            result = run_torchrun(launch, stage.path / "result.json", run_id)
+        with mirrored_checkpoints(stage, resume=config.resume):
+            if config.nproc_per_node == 1 and config.nnodes == 1:
+                result = run(spec, callback)
+            else:
+                launch = torchrun_args(config, stage.path / "spec.json", stage.fingerprint)
+                if config.nnodes > 1:
+                    write_node_script(stage.path / NODE_SCRIPT, launch, run_id)
+                result = run_torchrun(launch, stage.path / "result.json", run_id)
         if config.checkpoint_format == "dcp":  # evaluation and the registry read the weights in one process
             consolidate(result.checkpoint)
 

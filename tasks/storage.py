@@ -119,6 +119,42 @@ class RemoteStore:
         except OSError as e:
             raise self._failed("download", relative, e) from e
 
+    def files(self) -> list[pafs.FileInfo]:
+        """Every object under the prefix (paths relative to it in `path`), with size and mtime."""
+        try:
+            found = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True, allow_not_found=True))
+        except OSError as e:
+            raise self._failed("list", "", e) from e
+        return [info for info in found if info.type == pafs.FileType.File]
+
+    def subdirectories(self) -> list[str]:
+        """The names of the "directories" (common prefixes) right under the prefix."""
+        try:
+            found = self.fs.get_file_info(pafs.FileSelector(self.root, allow_not_found=True))
+        except OSError as e:
+            raise self._failed("list", "", e) from e
+        return sorted(info.base_name for info in found if info.type == pafs.FileType.Directory)
+
+    def put_empty(self, relative: str) -> None:
+        """An empty object: a marker."""
+        try:
+            with self.fs.open_output_stream(self._key(relative)):
+                pass
+        except OSError as e:
+            raise self._failed("write", relative, e) from e
+
+    def delete(self, relative: str = "") -> None:
+        """Delete the object `relative`, or every object under it if it is a prefix (all of
+        them with the default)."""
+        key = self._key(relative).rstrip("/")
+        try:
+            if self.fs.get_file_info(key).type == pafs.FileType.File:
+                self.fs.delete_file(key)
+            else:
+                self.fs.delete_dir_contents(key, missing_dir_ok=True)
+        except OSError as e:
+            raise self._failed("delete", relative, e) from e
+
     def upload(self, local: Path, relative: str) -> None:
         """Copy a local file to the store; an object that was there is replaced whole."""
         try:

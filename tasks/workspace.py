@@ -121,6 +121,27 @@ class StageDir:
             verify_files(self.path, manifest.get("files", []))
         return manifest
 
+    def read_bytes(self, relative: str) -> bytes:
+        """One file of the stage, read where the stage lives; nothing is copied to the cache."""
+        if remote := self.remote:
+            return remote.read_bytes(relative)
+        return inside(self.path, relative).read_bytes()
+
+    def stored_manifest(self) -> dict[str, Any]:
+        """The committed manifest as stored, without verifying or fetching the files it lists
+        (what a plan reads: for a remote stage, one small download)."""
+        try:
+            return json.loads(self.read_bytes(MANIFEST))
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"{self.location}/{MANIFEST}: unreadable manifest ({e})") from e
+
+    def listed_sha256(self, relative: str) -> str:
+        """The sha256 the committed manifest records for file `relative`."""
+        for entry in self.stored_manifest().get("files", []):
+            if entry["path"] == relative:
+                return entry["sha256"]
+        raise UserError(f"{self.location}/{MANIFEST}: lists no file {relative}")
+
     def fetch(self, verify: bool = True) -> dict[str, Any]:
         """Copy a committed remote stage into `path`; return its manifest.
 

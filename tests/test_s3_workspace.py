@@ -16,11 +16,18 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
+import yaml
 
+from typer.testing import CliRunner
+
+from flows.cli import app
 from flows.config import load_config
+from flows.plan import plan
 from flows.prepare import PreparedData, prepare_data_locally
 from micro_data import file_digests, micro_config, stage_digests
 from model.errors import UserError
+from pipeline_micro import write_config
+from tasks.pretrain import run_pretrain
 from tasks.shard import encode_chunk, run_shard
 from tasks.storage import RemoteStore
 from tasks.workspace import MANIFEST
@@ -180,3 +187,108 @@ def test_a_workspace_uri_without_a_bucket_is_refused_naming_the_field(config_fil
     with pytest.raises(UserError, match=r"field 'workspace': .*'s3:///runs' names no bucket"):
         load_config(config_file, ["workspace=s3:///runs"])
     assert load_config(config_file, ["workspace=s3://bucket/runs/"]).workspace == "s3://bucket/runs/"
+
+
+# --- training checkpoints, and status / clean / --dry-run, on an s3:// workspace -------------
+
+TRAINING = ["pretrain.max_steps=12", "pretrain.checkpoint_every=3", "pretrain.keep_checkpoints=2", "finetune=null"]
+
+
+@pytest.fixture(scope="module")
+def training_config(tmp_path_factory) -> Path:
+    """The micro pipeline config: the data, a model and its training."""
+    return write_config(tmp_path_factory.mktemp("s3-training"), name="s3-training")
+
+
+class Crash(Exception):
+    pass
+
+
+def pretrain_on(training_config: Path, workspace: str | Path, crash_at: int | None = None) -> tuple[list[int], Path]:
+    """Prepare (or reuse) the data and pretrain in `workspace`; with `crash_at`, the process
+    "dies" (an exception out of training) when that step's metrics arrive. Returns the steps
+    taken and the final weights."""
+    config = load_config(training_config, [f"workspace={workspace}", *TRAINING])
+    data = prepare_data_locally(config)
+    steps = []
+
+    def on_step(step, metrics):
+        if step == crash_at:
+            raise Crash
+        steps.append(step)
+
+    output = run_pretrain(config.pretrain, config.model, data.shards, config.workspace, callback=on_step)
+    return steps, output.checkpoint / "model.safetensors"
+
+
+def test_training_resumes_on_another_machine_from_checkpoints_in_the_bucket(s3, tmp_path, monkeypatch, training_config):
+    _, expected = pretrain_on(training_config, tmp_path / "local")  # uninterrupted, local
+    workspace = f"s3://{BUCKET}/run-f"
+    on_machine(monkeypatch, tmp_path, "a")
+    with pytest.raises(Crash):
+        pretrain_on(training_config, workspace, crash_at=8)
+
+    on_machine(monkeypatch, tmp_path, "b")  # nothing of machine a's files here
+    (stage,) = [s for s in load_plan(training_config, workspace) if s.stage == "pretrain"]
+    assert stage.action == "resume"  # seen in the bucket
+    checkpoints = remote_stage("run-f", "pretrain", stage.fingerprint)
+    assert checkpoints.exists("checkpoints/step-6.complete") and checkpoints.exists("checkpoints/step-6/state.pt")
+    assert not checkpoints.exists(MANIFEST)
+    steps, weights = pretrain_on(training_config, workspace)
+    assert steps == list(range(7, 13))  # from machine a's newest checkpoint, step 6
+    assert weights.read_bytes() == expected.read_bytes()  # bitwise the uninterrupted run
+    assert not checkpoints.exists("checkpoints/step-6.complete")  # pruned like the local ones (keep 2)
+
+
+def load_plan(training_config: Path, workspace: str | Path):
+    return plan(load_config(training_config, [f"workspace={workspace}", *TRAINING]))
+
+
+def test_dry_run_status_and_clean_read_the_bucket(s3, tmp_path, monkeypatch, training_config):
+    pretrain_on(training_config, tmp_path / "local")
+    on_machine(monkeypatch, tmp_path, "a")
+    workspace = f"s3://{BUCKET}/run-g"
+    pretrain_on(training_config, workspace)
+    cache = on_machine(monkeypatch, tmp_path, "b")
+
+    # The plan from the bucket's manifests matches the one from hashing the local files.
+    remote_plan, local_plan = load_plan(training_config, workspace), load_plan(training_config, tmp_path / "local")
+    assert [(s.label, s.fingerprint, s.action) for s in remote_plan] == [(s.label, s.fingerprint, s.action) for s in local_plan]
+    assert [s.action for s in remote_plan][:5] == ["skip"] * 4 + ["run"]  # evaluate-pretrained: its fingerprint known
+    assert remote_plan[4].fingerprint is not None
+    assert not list(cache.rglob("*.safetensors"))  # nothing but manifests and a config was read
+
+    half_built = remote_stage("run-g", "pretrain", "0123456789abcdef")
+    half_built.put_empty("checkpoints/step-3/model.safetensors")
+    status = CliRunner().invoke(app, ["status", workspace])
+    assert status.exit_code == 0, status.output
+    lines = [line.split() for line in status.output.splitlines()]
+    assert ["pretrain", "0123456789abcdef", "0", "B", "incomplete"] in lines
+    assert sum(line[-1] == "complete" for line in lines) == 4
+
+    recent = CliRunner().invoke(app, ["clean", workspace])  # just written: maybe another machine's build
+    assert "0 stage output(s)" in recent.output
+    monkeypatch.setattr("flows.housekeeping.REMOTE_IDLE_SECONDS", 0)
+    keep = tmp_path / "keep.yaml"  # the config as run: the bucket's workspace, the training overrides
+    keep.write_text(yaml.safe_dump(load_config(training_config, [f"workspace={workspace}", *TRAINING]).model_dump(mode="json")))
+    cleaned = CliRunner().invoke(app, ["clean", workspace, "--keep", str(keep)])
+    assert cleaned.exit_code == 0, cleaned.output
+    assert f"removing {workspace}/pretrain/0123456789abcdef (incomplete" in cleaned.output
+    assert not half_built.files()
+    assert [s.action for s in load_plan(training_config, workspace)][:4] == ["skip"] * 4  # what the config uses stays
+
+
+def test_the_whole_pipeline_commits_every_stage_to_the_bucket(s3, prefect_server, tmp_path, monkeypatch, training_config):
+    from flows.pipeline import pipeline
+
+    workspace = f"s3://{BUCKET}/run-h"
+    on_machine(monkeypatch, tmp_path, "a")
+    result = pipeline(load_config(training_config, [f"workspace={workspace}"]))
+    assert result.registered.version
+
+    on_machine(monkeypatch, tmp_path, "b")  # a machine that never ran it sees every stage done
+    planned = plan(load_config(training_config, [f"workspace={workspace}"]))
+    assert [(step.label, step.action) for step in planned] == [
+        ("ingest", "skip"), ("train-tokenizer", "skip"), ("shard", "skip"), ("pretrain", "skip"),
+        ("evaluate-pretrained", "skip"), ("finetune", "skip"), ("evaluate-finetuned", "skip"), ("register-model", "run"),
+    ]  # fmt: skip
