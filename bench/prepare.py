@@ -4,10 +4,11 @@
     .venv/bin/python bench/prepare.py --quick      # a smoke check on a slice of the corpus
 
 The corpus and tokenizer come from the config's workspace (built, or reused if
-`gptflow prepare` made them). Then, each timed `--runs` times (median and range):
+`gptflow prepare` made them). Then, each run once untimed and then timed `--runs` times,
+each timed run in a fresh process, the ways taking turns (median and range):
 
-- encode_batch_fast alone: the corpus's documents through the tokenizer in the shard
-  stage's batches and nothing else, the floor for any way of making shards;
+- encode_batch_fast alone: the corpus's documents through a freshly loaded tokenizer in the
+  shard stage's batches and nothing else, the floor for any way of making shards;
 - ours: the whole shard stage (`run_shard`) into a fresh workspace, the corpus as one
   chunk (the default chunk size holds the standard library);
 - ours in chunks: the same with `--chunk-documents` documents per chunk, run one after the
@@ -45,7 +46,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import typer
-from tokenizers import Tokenizer
 
 from flows.config import load_config
 from model.special_tokens import EOS_ID
@@ -77,12 +77,52 @@ print(json.dumps({"before": before, "peak": status("VmHWM")}))
 """
 
 
-def timed(work: Callable[[], object], runs: int) -> list[float]:
-    seconds = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        work()
-        seconds.append(time.perf_counter() - started)
+# One timed run of a way in a fresh process: a process gets slower at this work as it ages
+# (glibc raises its mmap threshold as large buffers are freed; later large buffers come from
+# a fragmented heap and grow by copying), so runs in one process favour whichever runs first.
+TIMED_RUN = """
+import sys, time
+sys.path.insert(0, "bench")
+from prepare import prepared_run
+
+work = prepared_run(*sys.argv[1:])
+started = time.perf_counter()
+work()
+print(time.perf_counter() - started)
+"""
+
+
+def prepared_run(way: str, corpus: str, tokenizer: str, shard: str, out: str) -> Callable[[], object]:
+    """One run of `way` ("encode", "ours" or "run_clm") from the JSON of its inputs, with
+    what is not the way's work (imports, reading the documents to encode) done."""
+    corpus_output = IngestOutput.model_validate_json(corpus)
+    bpe, config = BPEOutput.model_validate_json(tokenizer), ShardConfig.model_validate_json(shard)
+    if way == "encode":
+        # Reading the corpus is not tokenizing.
+        batches = [texts for _, texts in document_batches(corpus_output.corpus, 0, corpus_output.report["documents_out"])]
+        return lambda: encode_alone(bpe.tokenizer, batches)
+    if way == "run_clm":
+        import datasets  # noqa: F401
+        import transformers  # noqa: F401
+
+        return lambda: run_clm_way(corpus_output, bpe, config.seq_len, Path(out))
+    return lambda: ours(corpus_output, bpe, config, Path(out))
+
+
+def timed_in_fresh_process(way: str, corpus: IngestOutput, tokenizer: BPEOutput, shard: ShardConfig, out: Path) -> float:
+    command = [sys.executable, "-c", TIMED_RUN, way, corpus.model_dump_json(), tokenizer.model_dump_json(), shard.model_dump_json(), str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
+    return float(result.stdout.splitlines()[-1])
+
+
+def interleaved(ways: dict[str, Callable[[], float]], runs: int) -> dict[str, list[float]]:
+    """`runs` timings of each way, the ways taking turns (in an order rotated each round) so
+    that the machine's drifting load does not favour one."""
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    names = list(ways)
+    for run in range(runs):
+        for name in names[run % len(names) :] + names[: run % len(names)]:
+            seconds[name].append(ways[name]())
     return seconds
 
 
@@ -97,11 +137,11 @@ def summary(seconds: list[float], tokens: int) -> str:
 # -- the three ways -------------------------------------------------------------------
 
 
-def encode_alone(bpe: Tokenizer, batches: list[list[str]]) -> tuple[int, float]:
-    """encode_batch_fast over every document, in the shard stage's batches: tokens, seconds."""
-    started = time.perf_counter()
-    tokens = sum(len(encoding.ids) for batch in batches for encoding in bpe.encode_batch_fast(batch))
-    return tokens, time.perf_counter() - started
+def encode_alone(tokenizer: Path, batches: list[list[str]]) -> int:
+    """encode_batch_fast over every document, in the shard stage's batches, with the
+    tokenizer loaded afresh as the stage loads it (a used one has a warm word cache): tokens."""
+    bpe = load_tokenizer(tokenizer)
+    return sum(len(encoding.ids) for batch in batches for encoding in bpe.encode_batch_fast(batch))
 
 
 def ours(corpus: IngestOutput, tokenizer: BPEOutput, shard: ShardConfig, workspace: Path) -> Path:
@@ -197,27 +237,30 @@ def main(
         f"seq_len {shard.seq_len}, stride {shard.stride}"
     )
 
-    # The documents are read before the clock starts: reading the corpus is not tokenizing.
     batches = [texts for _, texts in document_batches(corpus.corpus, 0, corpus.report["documents_out"])]
-    bpe = load_tokenizer(tokenizer.tokenizer)
-    encode_runs = [encode_alone(bpe, batches) for _ in range(runs)]
-    tokens, encode_seconds = encode_runs[0][0], [seconds for _, seconds in encode_runs]
+    chunked = shard.model_copy(update={"chunk_documents": chunk_documents})
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        workspaces = (scratch / f"ours-{i}" for i in itertools.count())
-        ours_seconds = timed(lambda: ours(corpus, tokenizer, shard, next(workspaces)), runs)
+        # One untimed run of each way first (file caches): the outputs checked below.
+        tokens = encode_alone(tokenizer.tokenizer, batches)
         manifest = ours(corpus, tokenizer, shard, scratch / "ours-check")
-        chunked = shard.model_copy(update={"chunk_documents": chunk_documents})
-        chunked_seconds = timed(lambda: ours(corpus, tokenizer, chunked, next(workspaces)), runs)
         chunked_manifest = ours(corpus, tokenizer, chunked, scratch / "chunked-check")
+        clm_files = run_clm_way(corpus, tokenizer, shard.seq_len, scratch / "run_clm-check")
         same_in_chunks = all(
             (manifest.parent / name).read_bytes() == (chunked_manifest.parent / name).read_bytes()
             for name in [manifest.name, *(entry["path"] for entry in json.loads(manifest.read_text())["files"])]
         )
-        outputs = (scratch / f"run_clm-{i}" for i in itertools.count())
-        clm_seconds = timed(lambda: run_clm_way(corpus, tokenizer, shard.seq_len, next(outputs)), runs)
-        clm_files = run_clm_way(corpus, tokenizer, shard.seq_len, scratch / "run_clm-check")
+        outputs = (scratch / f"run-{i}" for i in itertools.count())
+
+        def run(way: str, config: ShardConfig) -> Callable[[], float]:
+            return lambda: timed_in_fresh_process(way, corpus, tokenizer, config, next(outputs))
+
+        seconds = interleaved(
+            {"encode": run("encode", shard), "ours": run("ours", shard), "chunked": run("ours", chunked), "run_clm": run("run_clm", shard)},
+            runs,
+        )
+        encode_seconds, ours_seconds, chunked_seconds, clm_seconds = seconds.values()
         ours_digest = windows_digest(our_windows(manifest))
         clm_digest = windows_digest({split: [pq.read_table(clm_files[split])] for split in SPLITS})
         peak_1x = peak_rss(corpus, tokenizer, shard)

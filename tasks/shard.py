@@ -11,8 +11,10 @@ training examples. Tokens after the end of the last window are dropped and count
 The work is split in two steps so it can run on many workers (Prefect task runs on
 threads or a Dask cluster, see flows/prepare.py; plain calls in order without Prefect):
 1. `encode_chunk`, once per chunk of `shard.chunk_documents` consecutive corpus documents:
-   each split's documents of the chunk, encoded and each followed by `<|endoftext|>`,
-   appended as raw token ids to a part file `parts/<chunk>-<split>.tokens`;
+   each split's documents of the chunk, encoded (in batches of `ENCODE_BATCH_CHARS`, two at
+   a time, long documents in pieces cut where that does not change their tokens) and each
+   followed by `<|endoftext|>`, appended as raw token ids to a part file
+   `parts/<chunk>-<split>.tokens`;
 2. `merge_parts`: per split, the parts read back in chunk order are exactly the split's
    stream, cut into windows and written as below; then the parts are deleted.
 The stream does not depend on where it was cut, so the shards and the manifest are byte
@@ -63,7 +65,10 @@ the same inputs write byte-identical manifests):
 from __future__ import annotations
 
 import itertools
+import re
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -75,6 +80,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from tokenizers import Tokenizer
 
 from model.errors import UserError
 from model.special_tokens import EOS_ID
@@ -90,6 +96,20 @@ ROW_GROUP_BYTES = 256 << 10  # uncompressed bytes of a row group: one random rea
 # Characters per encode_batch_fast call: enough documents for every core, while the
 # Encoding objects (~100 bytes per token) stay small whatever the corpus size.
 ENCODE_BATCH_CHARS = 1 << 20
+# Batches being encoded at once (see `encoded`); each holds its token ids until written.
+ENCODE_AHEAD = 2
+# A longer document is encoded in pieces (see `pieces`): a document is encoded on one thread
+# and takes ~100 bytes per character while it is, so the longest document, not the batch,
+# would set the peak memory (the more documents, the longer the longest) and keep one core
+# busy while the other waits.
+PIECE_CHARS = 1 << 16
+# Where a document may be cut into pieces: before a newline that follows a printable
+# non-space ASCII character. In the GPT-2 pattern of the byte-level pre-tokenizer
+# (tasks/bpe.py) no word runs from a non-space character into white space and none looks
+# behind, so a word ends there whether the document goes on or not and the next starts
+# there either way; BPE never merges across words, so the pieces' tokens one after the other
+# are exactly the document's.
+CUT = re.compile(r"(?<=[!-~])(?=\n)")
 # Parquet's footer grows with the row groups it describes (measured: ~600 bytes + ~80
 # per group); these bounds leave room to spare when deciding whether a group still fits.
 FOOTER_BYTES = 2048
@@ -142,20 +162,62 @@ def with_eos(documents: list[list[int]], dtype: np.dtype) -> np.ndarray:
 
 
 def document_batches(corpus: Path, start: int, stop: int, max_chars: int = ENCODE_BATCH_CHARS) -> Iterator[tuple[str, list[str]]]:
-    """Corpus documents `start` to `stop - 1` as `(split, texts)` batches of about
-    `max_chars` characters, each split's documents in corpus order."""
+    """Corpus documents `start` to `stop - 1` as `(split, texts)` batches of at most
+    `max_chars` characters (or one longer document), each split's documents in corpus order."""
     texts: dict[str, list[str]] = {split: [] for split in SPLITS}
     chars = dict.fromkeys(SPLITS, 0)
     for group in corpus_slice(corpus, start, stop):
         for text, split in zip(group.column("text").to_pylist(), group.column("split").to_pylist()):
-            texts[split].append(text)
-            chars[split] += len(text)
-            if chars[split] >= max_chars:
+            # Cut before the document that would overflow the batch: a batch's encodings
+            # are the stage's peak memory, so it must not reach max_chars + a long document
+            # when one happens to come last (more likely the more documents there are).
+            if texts[split] and chars[split] + len(text) > max_chars:
                 yield split, texts[split]
                 texts[split], chars[split] = [], 0
+            texts[split].append(text)
+            chars[split] += len(text)
     for split in SPLITS:
         if texts[split]:
             yield split, texts[split]
+
+
+def pieces(text: str, max_chars: int = PIECE_CHARS) -> list[str]:
+    """`text` cut at `CUT` into pieces of at most `max_chars` characters
+    (longer where `CUT` finds no place within `max_chars`)."""
+    if len(text) <= max_chars:
+        return [text]
+    cuts, start, previous = [], 0, 0
+    for match in itertools.chain(CUT.finditer(text), [None]):
+        end = match.end() if match else len(text)
+        if end - start > max_chars and previous > start:
+            cuts.append(previous)
+            start = previous
+        previous = end
+    return [text[a:b] for a, b in itertools.pairwise([0, *cuts, len(text)])]
+
+
+def encode_documents(bpe: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each document's token ids; long documents are encoded in pieces, in parallel."""
+    cut = [pieces(text) for text in texts]
+    encodings = iter(bpe.encode_batch_fast([piece for document in cut for piece in document]))
+    return [list(itertools.chain.from_iterable(next(encodings).ids for _ in document)) for document in cut]
+
+
+def encoded(bpe: Tokenizer, batches: Iterable[tuple[str, list[str]]]) -> Iterator[tuple[str, list[str], list[list[int]]]]:
+    """`(split, texts, token ids of each text)` for each batch, in order, with the next batches
+    already being encoded. encode_batch_fast releases the GIL and spreads one batch's
+    documents over Rayon's threads: with more batches in flight, a thread done with its share
+    of one batch (the other still on its last document) takes documents of the next, and the
+    caller's Python work on a batch's tokens overlaps the encoding of the next."""
+    with ThreadPoolExecutor(ENCODE_AHEAD) as pool:
+        pending: deque[tuple[str, list[str], Future[list[list[int]]]]] = deque()
+        for split, texts in batches:
+            pending.append((split, texts, pool.submit(encode_documents, bpe, texts)))
+            if len(pending) == ENCODE_AHEAD:
+                split, texts, ids = pending.popleft()
+                yield split, texts, ids.result()
+        for split, texts, ids in pending:
+            yield split, texts, ids.result()
 
 
 def corpus_slice(corpus: Path, start: int, stop: int) -> Iterator[pa.Table]:
@@ -312,9 +374,9 @@ def encode_chunk(chunk: ShardChunk) -> ChunkCounts:
     fs, parts = filesystem(chunk.parts)
     with ExitStack() as files:
         sinks = {split: files.enter_context(fs.open_output_stream(f"{parts}/{part_name(chunk.index, split)}")) for split in SPLITS}
-        batches = document_batches(corpus, chunk.start, chunk.stop)
-        for split, texts in progress(batches, f"shard chunk {chunk.index}"):
-            tokens = with_eos([encoding.ids for encoding in bpe.encode_batch_fast(texts)], dtype)
+        batches = encoded(bpe, document_batches(corpus, chunk.start, chunk.stop))
+        for split, texts, ids in progress(batches, f"shard chunk {chunk.index}"):
+            tokens = with_eos(ids, dtype)
             sinks[split].write(tokens.tobytes())
             counts[split].documents += len(texts)
             counts[split].stream_tokens += len(tokens)

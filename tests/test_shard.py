@@ -15,7 +15,7 @@ from model.errors import UserError
 from model.special_tokens import EOS_ID
 from tasks.bpe import BPEConfig, load_tokenizer, run_bpe
 from tasks.ingest import IngestConfig, run_ingest, split_of
-from tasks.shard import ShardConfig, run_shard, token_dtype, write_split
+from tasks.shard import ShardConfig, encode_documents, pieces, run_shard, token_dtype, write_split
 from tasks.workspace import StageDir, sha256_file
 
 STDLIB_FILES = ["abc.py", "bisect.py", "colorsys.py", "fnmatch.py", "heapq.py", "keyword.py", "shlex.py", "textwrap.py"]
@@ -124,6 +124,18 @@ def test_the_stream_is_each_document_followed_by_endoftext(tmp_path, prepared):
     assert manifest["vocab_size"] == tokenizer.report["vocab_size"]
     assert manifest["tokenizer_sha256"] == sha256_file(tokenizer.tokenizer)
     assert manifest["inputs"] == {"corpus": corpus.fingerprint, "tokenizer": tokenizer.fingerprint}
+
+
+@pytest.mark.parametrize("piece_chars", [16, 200])
+def test_documents_encoded_in_pieces_have_the_tokens_of_the_whole(prepared, monkeypatch, piece_chars):
+    corpus, tokenizer = prepared
+    monkeypatch.setattr("tasks.shard.pieces.__defaults__", (piece_chars,))
+    bpe = load_tokenizer(tokenizer.tokenizer)
+    tricky = "x = 1\n\n    y\r\nz \n\tw\n 's\n's\n<|endoftext|>\n\u00e9\n\u3000a\nb\n" * 20
+    texts = [*pq.read_table(corpus.corpus).column("text").to_pylist(), tricky]
+    assert all("".join(pieces(text)) == text for text in texts)
+    assert max(len(piece) for text in texts for piece in pieces(text)) < 10 * piece_chars  # cut, mostly
+    assert encode_documents(bpe, texts) == [bpe.encode(text).ids for text in texts]
 
 
 def test_a_flipped_byte_in_a_shard_is_named_and_nothing_is_deleted(tmp_path, prepared):
