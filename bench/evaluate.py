@@ -31,7 +31,7 @@ from flows.prepare import prepare_data_locally
 from model.evaluate import LossTotals, score_batches, sliding_window_batches
 from tasks.bpe import load_tokenizer
 from tasks.evaluate import (
-    evenly_spaced, held_out_documents, shard_windows, token_byte_lengths, window_batches,
+    document_stride, evenly_spaced, held_out_documents, shard_windows, token_byte_lengths, window_batches,
 )
 from tasks.finetune import run_finetune
 from tasks.model_source import load_model_source
@@ -75,7 +75,7 @@ def main() -> None:
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     batch = config.evaluate.batch_size
     block = model.config.block_size
-    stride = config.evaluate.stride or block // 2
+    stride = document_stride(config.evaluate, block)
     documents = held_out_documents(corpus, tokenizer, config.evaluate.max_documents)
     val_speed, val = timed(lambda: score_batches(model, window_batches(windows, batch), byte_lengths))
     doc_speed, docs = timed(

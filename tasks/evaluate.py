@@ -151,7 +151,8 @@ def metrics_markdown(title: str, metrics: dict[str, float]) -> str:
 
 
 def shard_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path) -> dict[str, float]:
-    """val_* figures over every window of the val shards, and the scoring throughput."""
+    """val_* figures over the val shards' windows (at most `max_windows`, evenly spaced),
+    and the scoring throughput."""
     windows, manifest = shard_windows(shards)
     windows = evenly_spaced(windows, config.max_windows)
     if manifest["seq_len"] > model.config.block_size:
@@ -166,13 +167,19 @@ def shard_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shar
     return {**val.figures("val"), "eval_tokens_per_s": val.tokens / (time.perf_counter() - started)}
 
 
+def document_stride(config: EvaluateConfig, block_size: int) -> int:
+    """The sliding windows' stride over held-out documents: the config's, or half the context."""
+    stride = config.stride or max(1, block_size // 2)
+    if stride > block_size:
+        raise UserError(f"evaluate.stride: {stride} exceeds the model's context ({block_size})")
+    return stride
+
+
 def document_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, corpus: Path) -> dict[str, float]:
     """doc_* figures: sliding windows over the held-out documents. They need only the
     corpus text, so doc_bits_per_byte compares models with different tokenizers."""
     block_size = model.config.block_size
-    stride = config.stride or max(1, block_size // 2)
-    if stride > block_size:
-        raise UserError(f"evaluate.stride: {stride} exceeds the model's context ({block_size})")
+    stride = document_stride(config, block_size)
     documents = held_out_documents(corpus, tokenizer, config.max_documents)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     batches = sliding_window_batches(documents, block_size, stride, config.batch_size)
@@ -214,8 +221,8 @@ def run_evaluate(
     shard_manifest = json.loads((shards / "manifest.json").read_text())
     if shard_manifest.get("tokenizer_sha256", tokenizer_sha) != tokenizer_sha:
         raise UserError(f"{shards / 'manifest.json'}: shards were encoded with another tokenizer than {tokenizer}")
-    inputs = evaluate_inputs(loaded.digest, tokenizer_sha, shard_manifest.get("fingerprint") or sha256_file(shards / "manifest.json"),
-                             sha256_file(corpus))
+    shards_identity = shard_manifest.get("fingerprint") or sha256_file(shards / "manifest.json")
+    inputs = evaluate_inputs(loaded.digest, tokenizer_sha, shards_identity, sha256_file(corpus))
     stage = StageDir(workspace, "evaluate", evaluate_fingerprint(config, inputs))
 
     def build(directory: Path) -> dict:

@@ -16,6 +16,7 @@ Two sources give the same thing, a `PairSet` of train and val pairs:
 from __future__ import annotations
 
 import ast
+import codecs
 import io
 import json
 from collections import Counter
@@ -48,10 +49,11 @@ class PairSet:
 
 
 def source_lines(source: str) -> list[str]:
-    """Lines as `ast` numbers them: only \\n, \\r\\n and \\r end a line.
+    """Lines as `ast` and text editors number them: only \\n, \\r\\n and \\r end a line.
 
-    (`str.splitlines` also splits at form feeds and other separators that the standard
-    library's sources contain, which would shift every line number after them.)
+    (`str.splitlines` also splits at form feeds, U+2028 and other separators that the
+    standard library's sources contain, and that a JSON string may hold unescaped: it
+    would shift every line number after them, and cut a jsonl record in two.)
     """
     return io.StringIO(source, newline="").readlines()
 
@@ -147,12 +149,14 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
         return [(f"{path} row {i}", row) for i, row in enumerate(rows)]
     if path.suffix not in (".jsonl", ".json"):
         raise UserError(f"{path}: fine-tuning data must be .jsonl or .parquet")
-    records = []
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # a byte-order mark is not part of the first record
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e})") from None
-    for number, line in enumerate(text.splitlines(), start=1):
+        number = data.count(b"\n", 0, e.start) + 1
+        raise UserError(f"{path}:{number}: not UTF-8 text ({e.reason})") from None
+    records = []
+    for number, line in enumerate(source_lines(text), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"

@@ -7,12 +7,15 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
-from prefect import flow
 import torch.nn.functional as F
+from prefect import flow, get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from torch import nn
 
+from model.checkpoint import load_model
 from model.errors import UserError
 from model.evaluate import IGNORE, score_batches, sliding_window_batches, sliding_windows
 from model.gpt import GPTOutput
@@ -137,19 +140,41 @@ def stage_inputs(tmp_path_factory):
 CONFIG = EvaluateConfig(prompts=["def add(", "héllo"], max_new_tokens=5, stride=4)
 
 
-def test_evaluate_stage_writes_figures_and_samples_and_reuses_them(tmp_path, stage_inputs):
+def test_evaluate_stage_figures_equal_hand_computations_and_are_reused(tmp_path, stage_inputs):
     s = stage_inputs
     output = run_evaluate(CONFIG, s.checkpoint.parents[1], s.tokenizer, s.shards, s.corpus, tmp_path)
+    metrics = output.metrics
 
     assert output.path == tmp_path / "evaluate" / output.fingerprint
     manifest = json.loads((output.path / "manifest.json").read_text())
-    assert manifest["metrics"] == output.metrics
-    tokenizer = load_tokenizer(s.tokenizer)
-    assert output.metrics["doc_tokens"] == sum(len(tokenizer.encode(t).ids) + 1 for t in TEXTS[1:])
-    shard_rows = json.loads((s.shards / "manifest.json").read_text())["files"][0]["rows"]
-    assert output.metrics["val_tokens"] == shard_rows * 16
-    assert math.isfinite(output.metrics["val_bits_per_byte"]) and 0 <= output.metrics["val_accuracy"] <= 1
+    assert manifest["metrics"] == metrics
     assert output.samples.read_text().count("### ") == 2
+
+    model = load_model(s.checkpoint).eval()
+    tokenizer = load_tokenizer(s.tokenizer)
+    # val_*: plain cross-entropy over every window of the val shard file (fewer than max_windows).
+    windows = torch.tensor(pq.read_table(s.shards / "val-00000.parquet").column("tokens").to_pylist())
+    inputs, targets = windows[:, :-1], windows[:, 1:]
+    with torch.no_grad():
+        logits = model(inputs).logits
+    assert metrics["val_tokens"] == targets.numel()
+    assert metrics["val_loss"] == pytest.approx(F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item(), rel=1e-5)
+    assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-9)
+    assert metrics["val_accuracy"] == (logits.argmax(dim=-1) == targets).sum().item() / targets.numel()
+    target_bytes = token_byte_lengths(tokenizer, tokenizer.get_vocab_size())[targets].sum().item()
+    assert metrics["val_bits_per_byte"] == pytest.approx(
+        metrics["val_loss"] * targets.numel() / (math.log(2) * target_bytes), rel=1e-9)
+
+    # doc_*: the val documents of the corpus ("b", "c"), each token scored alone with the
+    # context the sliding windows (block_size 16, stride 4) give it; bytes from the text.
+    documents = [[EOS_ID, *tokenizer.encode(t, add_special_tokens=False).ids, EOS_ID] for t in TEXTS[1:]]
+    with torch.no_grad():
+        nats = sum(naive_sliding_nats(model, d, block_size=16, stride=4) for d in documents)
+    scored = sum(len(d) - 1 for d in documents)
+    assert metrics["doc_tokens"] == scored
+    assert metrics["doc_loss"] == pytest.approx(nats / scored, rel=1e-5)
+    text_bytes = sum(len(t.encode("utf-8")) for t in TEXTS[1:])
+    assert metrics["doc_bits_per_byte"] == pytest.approx(nats / (math.log(2) * text_bytes), rel=1e-5)
 
     smaller_batches = CONFIG.model_copy(update={"batch_size": 3})
     again = run_evaluate(smaller_batches, s.checkpoint, s.tokenizer, s.shards, s.corpus, tmp_path)
@@ -192,4 +217,12 @@ def test_evaluate_task_logs_a_nested_run_and_headline_figures(tmp_path, stage_in
     assert child.data.metrics["val_bits_per_byte"] == pytest.approx(output.metrics["val_bits_per_byte"])
     parent_metrics = client.get_run(parent).data.metrics
     assert parent_metrics["finetuned_val_bits_per_byte"] == pytest.approx(output.metrics["val_bits_per_byte"])
-    assert {a.path for a in client.list_artifacts(child.info.run_id, "evaluate")} == {"evaluate/samples.md", "evaluate/metrics.json"}
+    artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "evaluate")}
+    assert artifacts == {"evaluate/samples.md", "evaluate/metrics.json"}
+
+    # The Prefect markdown artifact (its key is the run name) shows the figures and samples.
+    with get_client(sync_client=True) as prefect:
+        markdown = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluate-finetuned"])))
+    [shown] = [a.data for a in markdown if child.info.run_id in a.data]  # the one linking this run
+    assert f"| val_bits_per_byte | {output.metrics['val_bits_per_byte']:.4f} |" in shown
+    assert output.samples.read_text() in shown

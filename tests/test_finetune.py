@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from micro import save_base_checkpoint, tiny_gpt, toy_tokenizer, write_corpus
+from model.checkpoint import CONFIG, WEIGHTS, latest_checkpoint
 from model.errors import UserError
 from model.finetune_data import IGNORE, PairBatches, encode_pair, encode_pairs, to_rows
 from model.special_tokens import EOS_ID, PAD_ID, SEP_ID
+from tasks import tracking
 from tasks.bpe import load_tokenizer
 from tasks.finetune import FinetuneConfig, completes_function, run_finetune
 
@@ -156,19 +158,45 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(micro_run):
     root, corpus, tokenizer_path, config = micro_run
     uninterrupted = run_finetune(config, root / "pretrain", tokenizer_path, corpus, root / "ws")
 
+    first_steps, resumed_steps = [], []
+
     def crash_after_step_7(step, metrics):
+        first_steps.append(step)
         if step == 7:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         run_finetune(config, root / "pretrain", tokenizer_path, corpus, root / "ws2", callback=crash_after_step_7)
+    assert first_steps == list(range(1, 8))
     assert not (root / "ws2" / "finetune" / uninterrupted.fingerprint / "manifest.json").exists()
-    resumed = run_finetune(config, root / "pretrain", tokenizer_path, corpus, root / "ws2")
+    resumed = run_finetune(config, root / "pretrain", tokenizer_path, corpus, root / "ws2",
+                           callback=lambda step, metrics: resumed_steps.append(step))
+    # checkpoint_every 5: steps 6 and 7 are lost with the crash and run again from step-5.
+    assert resumed_steps == list(range(6, 13))
+    assert resumed.fingerprint == uninterrupted.fingerprint and not resumed.reused
 
-    expected = safetensors.torch.load_file(uninterrupted.checkpoint / "model.safetensors")
-    actual = safetensors.torch.load_file(resumed.checkpoint / "model.safetensors")
-    assert all(torch.allclose(expected[name], actual[name], atol=1e-6) for name in expected)
-    assert resumed.metrics["finetuned_completion_loss"] == pytest.approx(uninterrupted.metrics["finetuned_completion_loss"], rel=1e-5)
+    expected = safetensors.torch.load_file(uninterrupted.checkpoint / WEIGHTS)
+    actual = safetensors.torch.load_file(resumed.checkpoint / WEIGHTS)
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    # The same weights give the same held-out figures, and the last step's loss is the same.
+    assert resumed.metrics == uninterrupted.metrics
+
+
+def test_a_registered_model_finetunes_like_its_checkpoint(micro_run, tmp_path):
+    root, corpus, tokenizer_path, config = micro_run
+    checkpoint = latest_checkpoint(root / "pretrain" / "checkpoints")
+    run_id = tracking.start_run("test-finetune", "register")
+    logged = tracking.log_text_generator(run_id, checkpoint / WEIGHTS, checkpoint / CONFIG, tokenizer_path)
+    tracking.set_alias("test-finetune-base", "base", tracking.register_version(logged, "test-finetune-base", tags={}))
+
+    short = config.model_copy(update={"max_steps": 3})
+    from_checkpoint = run_finetune(short, root / "pretrain", tokenizer_path, corpus, tmp_path / "ws1")
+    from_registry = run_finetune(short, "models:/test-finetune-base@base", tokenizer_path, corpus, tmp_path / "ws2")
+    assert not from_registry.reused and from_registry.fingerprint == from_checkpoint.fingerprint
+    expected = safetensors.torch.load_file(from_checkpoint.checkpoint / WEIGHTS)
+    actual = safetensors.torch.load_file(from_registry.checkpoint / WEIGHTS)
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
 
 
 def test_a_malformed_pairs_file_fails_the_stage_naming_file_and_line(micro_run, tmp_path):

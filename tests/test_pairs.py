@@ -154,6 +154,33 @@ def test_empty_or_malformed_file_names_the_file_and_line(tmp_path, content, mess
     assert str(path) in str(error.value)
 
 
+def test_jsonl_records_are_cut_at_newlines_only(tmp_path):
+    # JSON strings may hold U+2028, U+2029 and NEL unescaped (json.dumps(ensure_ascii=False)
+    # writes them so); str.splitlines would cut such a record in two. A leading byte-order
+    # mark is not part of the first record.
+    path = tmp_path / "pairs.jsonl"
+    records = [{"prompt": "a\u2028b", "completion": "c\x85d", "split": "train"},
+               {"prompt": "e", "completion": "f\u2029g", "split": "val"}]
+    path.write_text("\ufeff" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    pairs = file_pairs(path, "prompt", "completion", val_fraction=0.1)
+    assert [(p.prompt, p.completion, p.source) for p in pairs.train] == [("a\u2028b", "c\x85d", f"{path}:1")]
+    assert [(p.prompt, p.completion, p.source) for p in pairs.val] == [("e", "f\u2029g", f"{path}:2")]
+
+
+def test_bytes_that_are_not_utf8_name_their_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b'{"prompt": "a", "completion": "b"}\n{"prompt": "\xff", "completion": "b"}\n')
+    with pytest.raises(UserError, match=f"{path}:2: not UTF-8 text"):
+        file_pairs(path, "prompt", "completion", val_fraction=0.1)
+
+
+def test_a_damaged_parquet_file_is_named(tmp_path):
+    path = tmp_path / "pairs.parquet"
+    path.write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(UserError, match=f"{path}: not a readable Parquet file"):
+        file_pairs(path, "prompt", "completion", val_fraction=0.1)
+
+
 def test_parquet_without_the_field_names_file_and_row(tmp_path):
     path = tmp_path / "pairs.parquet"
     pq.write_table(pa.table({"prompt": ["a", None], "completion": ["b", "c"]}), path)
