@@ -1,10 +1,11 @@
-"""Micro fixtures for the evaluation and fine-tuning tests: a toy tokenizer, a tiny GPT, a
+"""Micro fixtures for the model, evaluation and fine-tuning tests: a toy tokenizer, a tiny GPT, a
 Python corpus and val shards small enough to build in a second."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,6 +18,18 @@ from model.gpt import GPT
 from model.special_tokens import EOS_ID, SPECIAL_TOKENS
 from tasks.bpe import new_tokenizer
 from tasks.workspace import sha256_file
+
+Module = TypeVar("Module", bound=torch.nn.Module)
+
+
+@torch.no_grad()
+def perturbed(model: Module) -> Module:
+    """Noise on every parameter. GPT-2's initialisation leaves LayerNorm weights at 1 and every
+    bias at 0, where a misplaced LayerNorm or a dropped bias would still match a reference."""
+    for p in model.parameters():
+        p.add_(0.1 * torch.randn_like(p))
+    return model
+
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from micro import perturbed
 from model.config import GPTConfig
 from model.errors import UserError
 from model.generate import few_shot_prompt, generate, sample
@@ -17,7 +18,7 @@ def model(request):
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=64, block_size=BLOCK_SIZE, n_layer=2, n_head=2, n_embd=32,
                        attention=request.param, sparse_window=5)
-    return GPT(config).eval()
+    return perturbed(GPT(config)).eval()
 
 
 @torch.no_grad()
@@ -87,10 +88,14 @@ def test_top_k_1_is_greedy(model):
     assert generate(model, prompts, 20, top_k=1, seed=3) == generate(model, prompts, 20, temperature=0)
 
 
-def test_generation_stops_at_eos(model):
-    greedy = generate(model, [[3, 4, 5]], 20, temperature=0)[0]
-    stop = greedy[4]
-    assert generate(model, [[3, 4, 5]], 20, temperature=0, eos_id=stop)[0] == greedy[: greedy.index(stop) + 1]
+def test_each_sequence_stops_at_its_eos(model):
+    prompts = [[3, 4, 5], [9, 10]]
+    greedy = generate(model, prompts, 20, temperature=0)
+    eos = greedy[0][4]
+    stopped = generate(model, prompts, 20, temperature=0, eos_id=eos)
+    assert len(stopped[0]) <= 5
+    for tokens, unstopped in zip(stopped, greedy):  # up to and including the first eos, or all 20
+        assert tokens == (unstopped[: unstopped.index(eos) + 1] if eos in unstopped else unstopped)
 
 
 def test_seed_repeats_results(model):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from micro import perturbed
 from model.config import GPTConfig, ModelConfig, preset
 from model.errors import UserError
 from model.gpt import GPT, banded_block_mask, banded_flex_attention
@@ -15,7 +16,7 @@ TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 def tiny_model(seed: int = 0, **overrides) -> GPT:
     torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+    return perturbed(GPT(GPTConfig(**{**TINY, **overrides}))).eval()
 
 
 # ---- a reference forward pass, written from the papers' equations ----------------------
@@ -40,10 +41,10 @@ def naive_attention(q, k, v, kind: str, window: int):
     return out
 
 
-def layer_norm(x, weight, bias=None):
+def layer_norm(x, weight, bias):
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + 1e-5) * weight + (0 if bias is None else bias)
+    return (x - mean) / torch.sqrt(var + 1e-5) * weight + bias
 
 
 def gelu_tanh(x):
@@ -53,10 +54,13 @@ def gelu_tanh(x):
 def reference_logits(model: GPT, tokens: list[int]) -> torch.Tensor:
     """Logits (T, V) of one sequence, computed from the model's parameters by hand."""
     c = model.config
-    p = dict(model.named_parameters())  # biases are absent with bias=False
+    p = dict(model.named_parameters())
+
+    def bias(name):  # every Linear and LayerNorm has one exactly when config.bias; a missing one is a KeyError
+        return p[name + ".bias"] if c.bias else 0
 
     def linear(x, name):
-        return x @ p[name + ".weight"].T + p.get(name + ".bias", 0)
+        return x @ p[name + ".weight"].T + bias(name)
 
     def heads(t):  # (T, C) -> (nh, T, hs)
         return t.view(T, c.n_head, c.head_dim).transpose(0, 1)
@@ -65,14 +69,14 @@ def reference_logits(model: GPT, tokens: list[int]) -> torch.Tensor:
     x = p["transformer.wte.weight"][tokens] + p["transformer.wpe.weight"][:T]
     for layer in range(c.n_layer):
         pre = f"transformer.h.{layer}."
-        h = layer_norm(x, p[pre + "ln_1.weight"], p.get(pre + "ln_1.bias"))
+        h = layer_norm(x, p[pre + "ln_1.weight"], bias(pre + "ln_1"))
         q, k, v = linear(h, pre + "attn.c_attn").split(c.n_embd, dim=-1)
         kind = c.attention[layer % len(c.attention)]
         y = naive_attention(heads(q), heads(k), heads(v), kind, c.sparse_window).transpose(0, 1).reshape(T, c.n_embd)
         x = x + linear(y, pre + "attn.c_proj")
-        h = layer_norm(x, p[pre + "ln_2.weight"], p.get(pre + "ln_2.bias"))
+        h = layer_norm(x, p[pre + "ln_2.weight"], bias(pre + "ln_2"))
         x = x + linear(gelu_tanh(linear(h, pre + "mlp.c_fc")), pre + "mlp.c_proj")
-    x = layer_norm(x, p["transformer.ln_f.weight"], p.get("transformer.ln_f.bias"))
+    x = layer_norm(x, p["transformer.ln_f.weight"], bias("transformer.ln_f"))
     return x @ p["transformer.wte.weight"].T
 
 
@@ -86,8 +90,9 @@ def reference_logits(model: GPT, tokens: list[int]) -> torch.Tensor:
         dict(attention=["sparse"], sparse_window=3),
         dict(attention=["dense", "sparse"], sparse_window=1),
         dict(attention=["sparse", "dense"], sparse_window=5, bias=False),
+        dict(attention=["sparse"], sparse_window=10),  # the last query alone loses a key, the first
     ],
-    ids=["dense", "sparse-w3", "dense-sparse-w1", "sparse-dense-w5-nobias"],
+    ids=["dense", "sparse-w3", "dense-sparse-w1", "sparse-dense-w5-nobias", "sparse-w10"],
 )
 @torch.no_grad()
 def test_forward_equals_hand_written_attention(overrides):
@@ -124,6 +129,22 @@ def test_causality(attention):
         assert not torch.allclose(after[:, t + 1:], logits[:, t + 1:])  # the change does reach later positions
 
 
+@pytest.mark.parametrize("window", [1, 4, 15, 16])
+@torch.no_grad()
+def test_sparse_layer_sees_exactly_its_band(window):
+    # With a single layer, the logits at position i depend on the token at j exactly when i may
+    # attend to j: i - window < j <= i, both edges included, written out in the assert.
+    model = tiny_model(n_layer=1, attention=["sparse"], sparse_window=window)
+    T = TINY["block_size"]
+    tokens = torch.randint(0, TINY["vocab_size"], (1, T))
+    logits = model(tokens).logits[0]
+    for j in range(T):
+        changed = tokens.clone()
+        changed[0, j] = (changed[0, j] + 1) % TINY["vocab_size"]
+        moved = (model(changed).logits[0] != logits).any(dim=-1)  # (T,) positions whose logits changed
+        assert moved.tolist() == [i - window < j <= i for i in range(T)], f"token {j}"
+
+
 def test_head_is_the_token_embedding():
     model = tiny_model()
     assert model.lm_head.weight is model.transformer.wte.weight
@@ -132,9 +153,12 @@ def test_head_is_the_token_embedding():
 def test_residual_projections_use_scaled_init():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=8, n_head=4, n_embd=128))
-    projections = torch.cat([block.attn.c_proj.weight.flatten() for block in model.transformer.h])
-    assert projections.std().item() == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05)
-    assert model.transformer.h[0].mlp.c_fc.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    for projection in ("attn.c_proj", "mlp.c_proj"):  # the two writes into the residual stream per block
+        weights = torch.cat([block.get_submodule(projection).weight.flatten() for block in model.transformer.h])
+        assert weights.std().item() == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05), projection
+    for weights in (model.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].mlp.c_fc.weight,
+                    model.transformer.wte.weight, model.transformer.wpe.weight):
+        assert weights.std().item() == pytest.approx(0.02, rel=0.05)
 
 
 def test_loss_at_initialisation_is_log_vocab():
@@ -217,17 +241,40 @@ def test_flops_per_token():
     assert c.flops_per_token(16) == 6 * n_without_positions + 12 * 2 * 16 * 32
 
 
-def test_presets():
-    assert [preset(f"gpt2-{s}").n_layer for s in ("small", "medium", "large", "xl")] == [12, 24, 36, 48]
-    for name in ("gpt3-small", "gpt3-xl", "gpt3-13b", "gpt3-175b"):
-        c = preset(name)
+# (n_layer, n_head, n_embd) of the released GPT-2 models and of GPT-3's table 2.1
+PUBLISHED_SHAPES = {
+    "gpt2-small": (12, 12, 768),
+    "gpt2-medium": (24, 16, 1024),
+    "gpt2-large": (36, 20, 1280),
+    "gpt2-xl": (48, 25, 1600),
+    "gpt3-small": (12, 12, 768),
+    "gpt3-medium": (24, 16, 1024),
+    "gpt3-large": (24, 16, 1536),
+    "gpt3-xl": (24, 16, 2048),  # the table's 24 heads of 128 do not make 2,048; its head size is kept
+    "gpt3-2.7b": (32, 32, 2560),
+    "gpt3-6.7b": (32, 32, 4096),
+    "gpt3-13b": (40, 40, 5120),  # the table's 5,140 is not divisible by its 40 heads
+    "gpt3-175b": (96, 96, 12288),
+}
+GPT3_BILLIONS = {"gpt3-small": 0.125, "gpt3-medium": 0.350, "gpt3-large": 0.760, "gpt3-xl": 1.3,
+                 "gpt3-2.7b": 2.7, "gpt3-6.7b": 6.7, "gpt3-13b": 13.0, "gpt3-175b": 175.0}
+
+
+@pytest.mark.parametrize("name", PUBLISHED_SHAPES)
+def test_presets_have_the_published_shapes(name):
+    c = preset(name)
+    assert (c.n_layer, c.n_head, c.n_embd) == PUBLISHED_SHAPES[name]
+    if name.startswith("gpt2"):
+        assert (c.vocab_size, c.block_size, c.attention) == (50257, 1024, ["dense"])
+    else:
         assert (c.vocab_size, c.block_size, c.attention) == (50257, 2048, ["dense", "sparse"])
+        # within 5% of the size the paper gives
+        assert c.num_params() == pytest.approx(GPT3_BILLIONS[name] * 1e9, rel=0.05)
+
+
+def test_tiny_preset():
     tiny = preset("tiny")
-    assert (tiny.n_layer, tiny.n_head, tiny.n_embd, tiny.block_size) == (4, 4, 256, 256)
-    # GPT-3 table 2.1, in billions: each preset within 5% of its published size
-    for name, billions in [("gpt3-small", 0.125), ("gpt3-medium", 0.350), ("gpt3-large", 0.760),
-                           ("gpt3-xl", 1.3), ("gpt3-2.7b", 2.7), ("gpt3-6.7b", 6.7), ("gpt3-13b", 13.0)]:
-        assert abs(preset(name).num_params() / 1e9 - billions) / billions < 0.05, name
+    assert (tiny.n_layer, tiny.n_head, tiny.n_embd, tiny.block_size, tiny.attention) == (4, 4, 256, 256, ["dense"])
 
 
 # ---- bad configs fail with a clear message ----------------------------------------------------
