@@ -23,6 +23,23 @@ def test_only_the_newest_k_are_kept(tmp_path):
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-20", "step-25"]
 
 
+def test_a_checkpoint_that_fails_midway_is_never_seen_and_its_leftovers_go(tmp_path, monkeypatch):
+    model = GPT(MICRO)
+    save_checkpoint(tmp_path, 5, model, {}, keep=3)
+
+    def disk_full(*args, **kwargs):  # torch.save writes the state file, after the weights
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", disk_full)
+        with pytest.raises(OSError, match="disk full"):
+            save_checkpoint(tmp_path, 10, model, {}, keep=3)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-5"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".step-10.tmp-")]  # the half-written one
+    save_checkpoint(tmp_path, 10, model, {}, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-10", "step-5"]
+
+
 def test_numeric_order_not_text_order(tmp_path):
     model = GPT(MICRO)
     for step in (9, 10):

@@ -114,9 +114,11 @@ def test_cli_prepares_data_then_pretrains(tmp_path, cli_env):
     assert "val_loss" in result.stdout and "unigram_entropy" in result.stdout
     [checkpoint] = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("checkpoint ")]
     assert Path(checkpoint).name == "step-6" and (Path(checkpoint) / "model.safetensors").is_file()
+    assert Path(checkpoint).parent.name == "checkpoints" and Path(checkpoint).parents[2].name == "pretrain"
     client = MlflowClient()
     experiment = client.get_experiment_by_name("pretrain-cli")
     [stage_run] = client.search_runs([experiment.experiment_id], "attributes.run_name = 'pretrain'")
     assert stage_run.data.tags["mlflow.parentRunId"]
+    assert stage_run.data.params["pretrain.max_steps"] == "6"  # the --set override, logged as a param
     assert len(client.get_metric_history(stage_run.info.run_id, "loss")) == 6
     assert "checkpoint" in [a.path for a in client.list_artifacts(stage_run.info.run_id)]

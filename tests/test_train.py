@@ -1,10 +1,12 @@
-"""The training engine against independent computations: the schedule's formula, one big
-batch instead of accumulated micro-batches, a hand count of FLOPs and decayed parameters."""
+"""The training engine against independent computations: a hand-written training loop, the
+schedule's formula, one big batch instead of accumulated micro-batches, a hand count of FLOPs
+and decayed parameters, the datasheet peaks behind MFU."""
 
 from __future__ import annotations
 
+import copy
 import math
-from pathlib import Path
+from itertools import islice
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ import torch.nn.functional as F
 from model.checkpoint import checkpoint_dirs, load_model, load_state
 from model.errors import UserError
 from model.gpt import GPT
+from model.mfu import gpu_peak_flops
 from model.schedule import learning_rate
 from model.train import NonFiniteLoss, accumulate_gradients, configure_optimizer, train
 from training import MICRO, RandomBatches, micro_config
@@ -55,10 +58,22 @@ def test_weight_decay_applies_to_matrices_only():
 
 
 def test_flops_per_token_matches_a_hand_count():
+    # d = 32: per block ln_1 64 + c_attn 3,168 + attn c_proj 1,056 + ln_2 64 + c_fc 4,224 + mlp c_proj 4,128
+    # = 12,704; two blocks, wte 64 x 32 = 2,048 (the tied head is the same weights), ln_f 64: 27,520.
+    hand = 6 * 27_520 + 12 * 2 * 16 * 32  # 6N + 12 L T d, T = 16
     model = GPT(MICRO)
-    weights = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
-    hand = 6 * weights + 12 * MICRO.n_layer * 16 * MICRO.n_embd
-    assert MICRO.flops_per_token(16) == hand
+    assert sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel() == 27_520
+    assert MICRO.flops_per_token(16) == hand == 177_408
+
+
+def test_mfu_peak_of_a_known_gpu_is_its_datasheet_figure():
+    assert gpu_peak_flops("NVIDIA H100 PCIe", bf16=True) == 756e12
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3", bf16=False) == 494e12  # tf32
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", bf16=True) == 312e12
+    assert gpu_peak_flops("NVIDIA L40S", bf16=True) == 362e12
+    assert gpu_peak_flops("NVIDIA L40", bf16=True) == 181e12  # not the L4's figure
+    assert gpu_peak_flops("NVIDIA L4", bf16=True) == 121e12
+    assert gpu_peak_flops("Some Future Accelerator", bf16=True) is None  # then measured with matmuls
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -85,6 +100,86 @@ def test_accumulated_micro_batches_equal_one_batch(masked):
     assert (loss_sum / scored).item() == pytest.approx(expected_loss.item(), rel=1e-5)
     for (name, p), q in zip(reference.named_parameters(), accumulated.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+class MaskedBatches(RandomBatches):
+    """RandomBatches whose targets below 16 are not scored: about a quarter, a different
+    number in each micro-batch, so that only a loss normalised over the whole step matches."""
+
+    def __iter__(self):
+        for inputs, targets in super().__iter__():
+            yield inputs, targets.masked_fill(targets < 16, -100)
+
+
+def test_engine_matches_a_hand_written_training_loop(tmp_path, monkeypatch):
+    """Six engine steps against plain PyTorch: 2 micro-batches per step (128 tokens / 4 x 16),
+    clipping that clips every step, decay on matrices only, 2 warmup steps then cosine."""
+    steps, warmup, lr, min_lr, clip, decay, eval_every, eval_batches = 6, 2, 1e-2, 1e-3, 0.05, 0.5, 3, 2
+    config = micro_config(max_steps=steps, warmup_steps=warmup, lr=lr, min_lr=min_lr, grad_clip=clip,
+                          weight_decay=decay, eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=0)
+    peak = 1e9  # a fixed peak instead of a measured one, so that MFU can be checked
+    monkeypatch.setattr("model.train.peak_flops", lambda device, bf16: peak)
+    torch.manual_seed(0)
+    reference = GPT(MICRO)
+    engine_model = copy.deepcopy(reference)
+    logged = {}
+    train(engine_model, config, MaskedBatches(), MaskedBatches(seed=1), tmp_path,
+          callback=lambda step, metrics: logged.update({step: dict(metrics)}))
+
+    named = dict(reference.named_parameters())  # the tied head is wte, listed once
+    matrices = [p for name, p in named.items() if name.endswith(".weight") and ".ln_" not in name]
+    vectors = [p for name, p in named.items() if name.endswith(".bias") or ".ln_" in name]
+    assert len(matrices) + len(vectors) == len(named)
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": decay},
+                                   {"params": vectors, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+    def summed_cross_entropy(inputs, targets):
+        logits = reference(inputs).logits
+        return F.cross_entropy(logits.view(-1, MICRO.vocab_size), targets.view(-1), ignore_index=-100, reduction="sum")
+
+    def scored(batches):
+        return sum(int((targets != -100).sum()) for _, targets in batches)
+
+    train_batches = iter(MaskedBatches())
+    val_batches = list(islice(MaskedBatches(seed=1), eval_batches))
+    scored_per_micro_batch = set()
+    for step in range(steps):
+        if step < warmup:
+            rate = lr * (step + 1) / warmup
+        else:  # down to min_lr at the last step
+            rate = min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (step + 1 - warmup) / (steps - warmup)))
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        micro_batches = [next(train_batches), next(train_batches)]
+        targets_in_step = scored(micro_batches)
+        scored_per_micro_batch |= {scored([batch]) for batch in micro_batches}
+        loss = 0.0
+        for inputs, targets in micro_batches:
+            micro_loss = summed_cross_entropy(inputs, targets) / targets_in_step
+            micro_loss.backward()
+            loss += micro_loss.item()
+        norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), clip).item()
+        optimizer.step()
+        optimizer.zero_grad()
+
+        metrics = logged[step + 1]
+        assert norm > 2 * clip, step  # clipping changes every update
+        assert metrics["lr"] == pytest.approx(rate, rel=1e-12)
+        assert metrics["loss"] == pytest.approx(loss, rel=1e-5)
+        assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
+        assert metrics["mfu"] == pytest.approx(MICRO.flops_per_token(16) * metrics["tokens_per_s"] / peak)
+        assert metrics["tokens_per_s"] > 0 and metrics["memory_mb"] > 0
+        if (step + 1) % eval_every:
+            assert "val_loss" not in metrics
+        else:
+            with torch.no_grad():  # MICRO has no dropout: train and eval mode compute the same
+                val_nats = sum(summed_cross_entropy(inputs, targets).item() for inputs, targets in val_batches)
+            assert metrics["val_loss"] == pytest.approx(val_nats / scored(val_batches), rel=1e-5)
+
+    assert logged.keys() == set(range(1, steps + 1))
+    assert len(scored_per_micro_batch) > 1  # the masking is uneven, as the normalisation needs
+    for (name, expected), actual in zip(reference.state_dict().items(), engine_model.state_dict().values()):
+        torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_batch_tokens_must_split_into_micro_batches(tmp_path):
