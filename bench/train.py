@@ -1,10 +1,11 @@
 """Training throughput and MFU of the engine, against this machine's measured fp32 matmul peak.
 
-    python bench/train.py [--steps 8] [--quick]
+    python bench/train.py [--runs 5] [--steps 8] [--quick]
 
 For each model it runs `model.train.train` (the real step: micro-batches, clipping, fused
 AdamW, the per-step host sync) on random tokens, eager and fp32, one micro-batch per step,
-and reports the median tokens/s of the timed steps with their range, and MFU: the model's
+`--runs` times from a fresh model, and reports the median over runs of each run's tokens/s
+(the median of its timed steps) with their range, and MFU: the model's
 training FLOPs per token (6N + 12·L·T·d, N without position embeddings) times tokens/s
 over the fp32 matmul peak measured in the same run. Then the loader's tokens/s on the
 same machine and the ratio between the two.
@@ -55,8 +56,8 @@ class RandomTokens:
         pass
 
 
-def training_tokens_per_s(config: GPTConfig, batch_size: int, seq_len: int, steps: int) -> list[float]:
-    """Tokens/s of each step after the warm-up ones."""
+def training_tokens_per_s(config: GPTConfig, batch_size: int, seq_len: int, steps: int) -> float:
+    """Tokens/s of one training run from a fresh model: the median of its steps after the warm-up ones."""
     rates: list[float] = []
     settings = TrainConfig(
         max_steps=WARMUP_STEPS + steps, batch_tokens=batch_size * seq_len, micro_batch_size=batch_size,
@@ -66,12 +67,13 @@ def training_tokens_per_s(config: GPTConfig, batch_size: int, seq_len: int, step
     with tempfile.TemporaryDirectory() as out_dir:
         train(GPT(config), settings, RandomTokens(batch_size, seq_len, config.vocab_size), None, Path(out_dir),
               callback=lambda step, metrics: rates.append(metrics["tokens_per_s"]) if step > WARMUP_STEPS else None)
-    return rates
+    return statistics.median(rates)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
+    parser.add_argument("--runs", type=int, default=5, help="training runs per model (median and range)")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per run (after 2 warm-up steps)")
     parser.add_argument("--quick", action="store_true", help="smoke mode: a micro model, 3 steps, a short loader run")
     args = parser.parse_args()
 
@@ -82,7 +84,7 @@ def main() -> None:
     ]
     if args.quick:
         models = [("micro (2x32)", tiny.model_copy(update={"n_layer": 2, "n_head": 2, "n_embd": 32}), 4, 64)]
-        args.steps = 3
+        args.runs, args.steps = 2, 3
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     peaks = [measure_matmul_flops(size=2048, seconds=1.0) for _ in range(1 if args.quick else 5)]
@@ -91,7 +93,7 @@ def main() -> None:
 
     fastest = 0.0  # the loader must keep up with the hungriest model
     for name, config, batch_size, seq_len in models:
-        rates = training_tokens_per_s(config, batch_size, seq_len, args.steps)
+        rates = [training_tokens_per_s(config, batch_size, seq_len, args.steps) for _ in range(args.runs)]
         mfu = [config.flops_per_token(seq_len) * rate / peak for rate in rates]
         fastest = max(fastest, statistics.median(rates))
         print(f"train {name}, batch {batch_size} x {seq_len}: {describe(rates)}; "

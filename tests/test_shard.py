@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sysconfig
@@ -16,7 +17,7 @@ from model.special_tokens import EOS_ID
 from tasks.bpe import BPEConfig, load_tokenizer, run_bpe
 from tasks.ingest import IngestConfig, run_ingest, split_of
 from tasks.shard import ShardConfig, encode_documents, pieces, run_shard, token_dtype, write_split
-from tasks.workspace import StageDir, sha256_file
+from tasks.workspace import StageDir
 
 STDLIB_FILES = ["abc.py", "bisect.py", "colorsys.py", "fnmatch.py", "heapq.py", "keyword.py", "shlex.py", "textwrap.py"]
 
@@ -67,7 +68,7 @@ def test_files_respect_shard_bytes_and_row_groups_are_uniform(tmp_path):
         assert path.stat().st_size == entry["bytes"] <= 16384
         assert entry["tokens"] == entry["rows"] * 33 == metadata.num_rows * 33
         assert entry["row_groups"] == metadata.num_row_groups
-        assert entry["sha256"] == sha256_file(path)
+        assert entry["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
         assert metadata.row_group(0).column(0).compression == "ZSTD"
         group_rows += [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
     # A group is at most shard_bytes / 8 = 2048 bytes uncompressed: 31 windows of 66 bytes.
@@ -122,7 +123,7 @@ def test_the_stream_is_each_document_followed_by_endoftext(tmp_path, prepared):
     assert [entry["split"] for entry in manifest["files"]] == sorted(e["split"] for e in manifest["files"])
     assert (manifest["seq_len"], manifest["stride"], manifest["dtype"], manifest["eos_id"]) == (32, 32, "uint16", 0)
     assert manifest["vocab_size"] == tokenizer.report["vocab_size"]
-    assert manifest["tokenizer_sha256"] == sha256_file(tokenizer.tokenizer)
+    assert manifest["tokenizer_sha256"] == hashlib.sha256(tokenizer.tokenizer.read_bytes()).hexdigest()
     assert manifest["inputs"] == {"corpus": corpus.fingerprint, "tokenizer": tokenizer.fingerprint}
 
 
