@@ -398,12 +398,14 @@ def train(
     with process_group(env, device), stop_signals() as stop:
         net = parallelize(model, config, device, env.world_size, use_bf16, use_compile)
         optimizer = configure_optimizer(model, config, device)
-        step = 0
+        step, train_loss = 0, math.nan
         checkpoint = latest_checkpoint(checkpoints) if config.resume else None
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, model, optimizer, config, env)
             train_data.load_state_dict(state["data"])
             step = state["step"]
+            # What a run resumed at max_steps (killed before its caller recorded the result) returns.
+            train_loss = state.get("train_loss", math.nan)
             restore_rng(state["rng"], env, config.seed, step, device)
         else:
             torch.manual_seed(config.seed + env.rank)  # dropout masks differ across ranks
@@ -418,7 +420,8 @@ def train(
             return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)
 
         def save(step: int) -> Path:
-            state = {"data": train_data.state_dict(), "rng": rng_states(device), "world_size": env.world_size}
+            state = {"data": train_data.state_dict(), "rng": rng_states(device), "world_size": env.world_size,
+                     "train_loss": train_loss}
             if config.checkpoint_format == "dcp":
                 shards = sharded_state(model, optimizer)
                 save_sharded_checkpoint(checkpoints, step, model, state, shards, keep=config.keep_checkpoints)
@@ -433,7 +436,7 @@ def train(
 
         batches = iter(train_data)
         start_step, started = step, time.perf_counter()
-        train_loss = val_loss = math.nan
+        val_loss = math.nan
         while step < config.max_steps:
             step_started = time.perf_counter()
             lr = learning_rate(

@@ -216,3 +216,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     logits = good(torch.zeros(1, 16, dtype=torch.long)).logits
     assert torch.isfinite(F.log_softmax(logits, -1)).all()
     assert load_state(tmp_path / "checkpoints" / "step-2")["step"] == 2
+
+
+def test_a_run_resumed_at_max_steps_reports_the_last_steps_figures(tmp_path):
+    # A stage killed after its final checkpoint but before recording the result reruns
+    # with nothing left to train: it must still report the losses of the run that did.
+    losses = []
+    finished = train(GPT(MICRO), micro_config(max_steps=3), RandomBatches(), RandomBatches(seed=1), tmp_path,
+                     callback=lambda step, metrics: losses.append(metrics["loss"]))
+    rerun = train(GPT(MICRO), micro_config(max_steps=3), RandomBatches(), RandomBatches(seed=1), tmp_path)
+    assert rerun.steps == 3 and rerun.tokens == 0
+    assert rerun.train_loss == losses[-1] == finished.train_loss
+    assert rerun.val_loss == finished.val_loss
