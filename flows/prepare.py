@@ -3,9 +3,12 @@
 `prepare_data` is the Prefect flow; the pretraining, fine-tuning and pipeline flows call
 it as a subflow. The shard stage's chunks run as `shard-chunk` task runs on the task
 runner of the config's `task_runner:` section (threads, or a Dask cluster), whichever
-runner the calling flow has. `prepare_data_locally` runs the same three stages as plain functions,
-without Prefect, for tests and scripts that need prepared data quickly. Both reuse any
-stage whose manifest exists and verifies, so a rerun redoes only what changed.
+runner the calling flow has. Only the ingest of a Hugging Face dataset is retried: it
+reads over the network, where a dropped connection is worth another try; local files and
+the stages after ingest fail the same way every time. `prepare_data_locally` runs the
+same three stages as plain functions, without Prefect, for tests and scripts that need
+prepared data quickly. Both reuse any stage whose manifest exists and verifies, so a
+rerun redoes only what changed.
 """
 
 # No `from __future__ import annotations`: Prefect validates a flow's parameters against its
@@ -14,16 +17,22 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from prefect import flow
+from prefect import Task, flow
 from prefect.artifacts import create_table_artifact
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State, get_state_exception
 from pydantic import BaseModel
 
 from flows.config import PipelineConfig
 from flows.runners import TaskRunnerConfig, make_task_runner
+from model.errors import UserError
 from tasks.bpe import BPEOutput, run_bpe, train_tokenizer_task
-from tasks.ingest import IngestOutput, find_source_files, ingest_task, run_ingest
+from tasks.ingest import HF_PREFIX, IngestConfig, IngestOutput, find_source_files, ingest_task, run_ingest
 from tasks.shard import ChunkCounts, ShardChunk, ShardOutput, check_shard_bytes, encode_chunk_task, run_shard
 from tasks.storage import resolve_workspace
+
+# Seconds before each retry of a remote source's ingest: a blip, then a short outage.
+REMOTE_RETRY_DELAYS = [10, 60]
 
 
 class PreparedData(BaseModel):
@@ -60,7 +69,7 @@ def check_prepare_config(config: PipelineConfig) -> None:
 @flow(name="prepare-data", flow_run_name="prepare-data-{config.name}")
 def prepare_data(config: PipelineConfig) -> PreparedData:
     """Ingest the corpus, train the tokenizer, write the shards; publish the reports."""
-    corpus = ingest_task(config.ingest, config.workspace)
+    corpus = ingest_for(config.ingest)(config.ingest, config.workspace)
     tokenizer = train_tokenizer_task(config.bpe, corpus, config.workspace)
     shards = run_shard(
         config.shard, corpus, tokenizer, config.workspace,
@@ -73,6 +82,28 @@ def prepare_data(config: PipelineConfig) -> PreparedData:
         description=f"Data preparation reports of `{config.name}` (workspace `{resolve_workspace(config.workspace)}`)",
     )
     return prepared
+
+
+def ingest_for(config: IngestConfig) -> Task:
+    """The ingest task, with retries when its source is remote (a Hugging Face dataset).
+
+    A retry starts the stage afresh: its uncommitted directory is reset first."""
+    if not config.source.startswith(HF_PREFIX):
+        return ingest_task
+    return ingest_task.with_options(
+        retries=len(REMOTE_RETRY_DELAYS), retry_delay_seconds=REMOTE_RETRY_DELAYS, retry_condition_fn=may_be_the_network
+    )
+
+
+def may_be_the_network(task: Task, task_run: TaskRun, state: State) -> bool:
+    """Whether a failed ingest of a remote source is worth another try.
+
+    A UserError names a problem of the config (a misspelt dataset, a missing column) that
+    a retry would only repeat, unless what it reports is a lost connection; any other
+    failure while reading over the network may be the network's doing.
+    """
+    error = get_state_exception(state)
+    return isinstance(error.__cause__, ConnectionError) if isinstance(error, UserError) else True
 
 
 def task_runs_on(runner: TaskRunnerConfig) -> Callable[[list[ShardChunk]], list[ChunkCounts]]:

@@ -1,11 +1,17 @@
 """A micro pipeline config for the end-to-end tests: a generated Python corpus, a 300-token
-vocabulary, a one-layer GPT, a few steps per stage. One pipeline run takes seconds."""
+vocabulary, a one-layer GPT, a few steps per stage. One pipeline run takes seconds. And what
+the registered text generator must answer, computed from the checkpoint it was made from."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import yaml
+from tokenizers import Tokenizer
+
+from model.checkpoint import load_model
+from model.generate import generate
+from model.special_tokens import EOS_ID
 
 OPERATORS = (("plus", "+"), ("minus", "-"), ("times", "*"))
 
@@ -50,3 +56,13 @@ def write_config(root: Path, name: str) -> Path:
     path = root / "micro.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def greedy_completions(checkpoint: Path, tokenizer: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions of `prompts` by the checkpoint's weights, each prompt starting a
+    document (after <|endoftext|>, as in training): what the registered model must answer
+    at temperature 0."""
+    tok = Tokenizer.from_file(str(tokenizer))
+    ids = [[EOS_ID, *tok.encode(prompt, add_special_tokens=False).ids] for prompt in prompts]
+    completions = generate(load_model(checkpoint), ids, max_new_tokens, temperature=0.0, eos_id=EOS_ID)
+    return [tok.decode(tokens, skip_special_tokens=True) for tokens in completions]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from pipeline_micro import write_config
-from prefect import get_client
+from pipeline_micro import greedy_completions, write_config
+from prefect import flow, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterKey,
@@ -27,6 +27,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.states import Cancelling
 from typer.testing import CliRunner
 
+from flows import prepare
 from flows.cli import app
 from flows.config import load_config
 from flows.pipeline import artifact_key, pipeline
@@ -34,6 +35,7 @@ from flows.plan import plan
 from model.checkpoint import latest_checkpoint
 from model.errors import UserError
 from tasks import tracking
+from tasks.ingest import IngestConfig, IngestOutput
 from tasks.register import CANDIDATE, CHAMPION
 
 DATA_STAGES = ("ingest", "bpe", "shard")
@@ -110,16 +112,25 @@ def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
     assert artifacts and result.mlflow_run_id in artifacts[0].data
     assert "val_bits_per_byte" in artifacts[0].data
 
-    # The registered pyfunc loads in a fresh process and writes text.
+    # The registered pyfunc loads in a fresh process and writes what greedy generation from
+    # the final checkpoint writes; sampled, it writes strings too.
+    prompts = ["def plus", ""]
     script = (
-        "import json, mlflow\n"
+        "import json, sys, mlflow\n"
         f"model = mlflow.pyfunc.load_model('models:/{config.name}@champion')\n"
-        "print(json.dumps(model.predict(['def plus', ''], params={'max_new_tokens': 6, 'seed': 1})))\n"
+        "prompts = json.loads(sys.argv[1])\n"
+        "greedy = model.predict(prompts, params={'max_new_tokens': 6, 'temperature': 0.0})\n"
+        "print(json.dumps([greedy, model.predict(prompts, params={'max_new_tokens': 6, 'seed': 1})]))\n"
     )
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(prompts)], capture_output=True, text=True, env=os.environ, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr
-    completions = json.loads(completed.stdout.strip().splitlines()[-1])
-    assert len(completions) == 2 and all(isinstance(text, str) for text in completions)
+    greedy, sampled = json.loads(completed.stdout.strip().splitlines()[-1])
+    (tokenizer,) = (config.workspace / "bpe").glob("*/tokenizer.json")
+    assert greedy == greedy_completions(result.final_checkpoint, tokenizer, prompts, 6)
+    assert any(greedy)  # not just an <|endoftext|> each, which would match any model
+    assert len(sampled) == 2 and all(isinstance(text, str) for text in sampled)
 
     generated = CliRunner().invoke(app, ["generate", f"models:/{config.name}/1", "-p", "def plus", "-p", "class", "--max-new-tokens", "4"])
     assert generated.exit_code == 0, generated.output
@@ -163,6 +174,40 @@ def test_unreachable_tracking_server_stops_before_any_stage(prefect_server, micr
     with pytest.raises(UserError, match=f"MLflow tracking server {uri} is unreachable"):
         pipeline(config)
     assert not (tmp_path / "workspace").exists()
+
+
+@flow
+def ingest_flow(config: IngestConfig, workspace: Path) -> IngestOutput:
+    """The ingest task as the prepare-data flow runs it."""
+    return prepare.ingest_for(config)(config, workspace)
+
+
+def test_only_a_lost_connection_to_a_remote_source_is_retried(prefect_server, tmp_path, monkeypatch):
+    import datasets
+
+    data = tmp_path / "dataset"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"text": f"document {i}: " + "words " * 20}) + "\n" for i in range(20)))
+    real_load, attempts = datasets.load_dataset, []
+
+    def unreachable_at_first(path, *args, **kwargs):
+        attempts.append(path)
+        if len(attempts) == 1:
+            raise ConnectionError("Connection reset by peer")
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", unreachable_at_first)
+    monkeypatch.setattr(prepare, "REMOTE_RETRY_DELAYS", [0, 0])
+    remote = IngestConfig(source=f"hf:{data}", streaming=True, min_chars=16, val_fraction=0.3)
+    corpus = ingest_flow(remote, tmp_path / "workspace")
+    assert len(attempts) == 2 and corpus.report["documents_out"] == 20
+
+    # A config problem fails the same way every time: no retry.
+    wrong_field = remote.model_copy(update={"text_field": "body"})
+    with pytest.raises(UserError, match="ingest.text_field: 'body' is not a column"):
+        ingest_flow(wrong_field, tmp_path / "workspace")
+    assert len(attempts) == 3
+    assert prepare.ingest_for(IngestConfig(source=str(data))).retries == 0  # local files: never retried
 
 
 def test_cancelling_the_flow_run_stops_training_and_keeps_its_checkpoint(cli_env, micro, tmp_path):

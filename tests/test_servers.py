@@ -1,6 +1,7 @@
 """Against real servers: `gptflow up` on free ports, the micro pipeline through them, a served
-deployment on a schedule, the `gpu` limit, `mlflow models serve`, both UIs in headless
-Chromium (screenshots for the README go to docs/), then `gptflow down`.
+deployment on a schedule, the `gpu` limit, prefect.yaml's deployment run by a process
+worker, `mlflow models serve`, both UIs in headless Chromium (screenshots for the README
+go to docs/), then `gptflow down`.
 
 The tests run in file order and share the servers of the module fixture.
 """
@@ -19,10 +20,13 @@ import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import pytest
-from pipeline_micro import write_config
+from pipeline_micro import greedy_completions, write_config
+
+from tasks.workspace import sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -183,7 +187,11 @@ def test_served_deployment_schedule_trigger_and_gpu_limit(servers, pipeline_run)
         wait_for(lambda: _state(servers, first_id) in ("COMPLETED", "FAILED", "CRASHED"), 600, "the first triggered run")
         assert _state(servers, first_id) == "COMPLETED"
 
-        # The `gpu` limit (one slot here) kept the two pretraining stages apart.
+        # The two flow runs ran at the same time, yet the `gpu` limit (one slot) kept their
+        # pretraining stages apart.
+        assert get(f"{servers.prefect}/api/v2/concurrency_limits/gpu")["limit"] == 1
+        flow_spans = [_span(get(f"{servers.prefect}/api/flow_runs/{flow_run_id}")) for flow_run_id in (first_id, watched_id)]
+        assert max(start for start, _ in flow_spans) < min(end for _, end in flow_spans), f"the runs did not overlap: {flow_spans}"
         spans = []
         for flow_run_id in (first_id, watched_id):
             parent = parent_run_of(servers, flow_run_id)
@@ -193,6 +201,37 @@ def test_served_deployment_schedule_trigger_and_gpu_limit(servers, pipeline_run)
         assert end_a <= start_b, f"pretraining overlapped: {spans}"
     finally:
         stop(serving)
+
+
+def test_prefect_yaml_deploys_a_scheduled_deployment_that_a_process_worker_runs(servers, pipeline_run):
+    env = {**servers.prefect_env(), "PWD": str(REPO)}  # `prefect deploy` fills in {{ $PWD }}, as from a shell here
+
+    def prefect(*args: str, timeout: float = 300) -> str:
+        completed = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        assert completed.returncode == 0, f"prefect {' '.join(args)}:\n{completed.stdout}\n{completed.stderr}"
+        return completed.stdout
+
+    # As prefect.yaml's header says: a process work pool, then deploy from the project directory.
+    prefect("work-pool", "create", "gptflow-local", "--type", "process")
+    prefect("--no-prompt", "deploy", "--all")
+    deployment = get(f"{servers.prefect}/api/deployments/name/pipeline/nightly")
+    assert deployment["work_pool_name"] == "gptflow-local"
+    assert deployment["parameters"] == {"config": "configs/tiny.yaml", "overrides": []}
+    assert [s["schedule"]["cron"] for s in deployment["schedules"] if s["active"]] == ["0 3 * * *"]
+    assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+
+    # One run now, on the micro config (everything it needs is built: every stage skips),
+    # picked up by a worker of the pool that polls once and waits for it.
+    output = prefect("deployment", "run", "pipeline/nightly", "--params", json.dumps({"config": str(servers.config)}))
+    flow_run_id = output.split("UUID:")[1].split()[0]
+    prefect("worker", "start", "--pool", "gptflow-local", "--run-once", "--limit", "1", timeout=600)
+    assert _state(servers, flow_run_id) == "COMPLETED"
+    assert parent_run_of(servers, flow_run_id)["info"]["status"] == "FINISHED"
+
+
+def _span(flow_run: dict) -> tuple[datetime, datetime]:
+    """A flow run's start and end times."""
+    return datetime.fromisoformat(flow_run["start_time"]), datetime.fromisoformat(flow_run["end_time"])
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -226,11 +265,25 @@ def test_mlflow_models_serve_answers_invocations(servers, pipeline_run):
     )  # fmt: skip
     try:
         wait_for(lambda: _ping(f"http://127.0.0.1:{port}/ping"), 180, "mlflow models serve")
-        answer = post(f"http://127.0.0.1:{port}/invocations", {"inputs": ["def plus"], "params": {"max_new_tokens": 6, "seed": 0}})
-        (completion,) = answer["predictions"]
-        assert isinstance(completion, str)
+        prompts = ["def plus", ""]
+        answer = post(f"http://127.0.0.1:{port}/invocations", {"inputs": prompts, "params": {"max_new_tokens": 6, "temperature": 0.0}})
+        sampled = post(f"http://127.0.0.1:{port}/invocations", {"inputs": prompts, "params": {"max_new_tokens": 6, "seed": 0}})
     finally:
         stop(serving)
+    # Greedy, the served model answers what generation from the checkpoint it bundles answers.
+    (tokenizer,) = (servers.root / "workspace" / "bpe").glob("*/tokenizer.json")
+    assert answer["predictions"] == greedy_completions(champion_checkpoint(servers), tokenizer, prompts, 6)
+    assert any(answer["predictions"])  # not just an <|endoftext|> each, which would match any model
+    assert len(sampled["predictions"]) == 2 and all(isinstance(text, str) for text in sampled["predictions"])
+
+
+def champion_checkpoint(servers: Servers) -> Path:
+    """The workspace checkpoint whose weights the champion bundles (its `weights_sha256` tag)."""
+    champion = get(f"{servers.mlflow}/api/2.0/mlflow/registered-models/alias?name={NAME}&alias=champion")["model_version"]
+    weights_sha256 = {tag["key"]: tag["value"] for tag in champion["tags"]}["weights_sha256"]
+    found = [w.parent for w in (servers.root / "workspace").rglob("model.safetensors") if sha256_file(w) == weights_sha256]
+    assert found, f"no checkpoint in the workspace holds the champion's weights {weights_sha256}"
+    return found[0]
 
 
 def _ping(url: str) -> bool:
