@@ -12,13 +12,14 @@ run and as tags of the new version.
 
 from __future__ import annotations
 
+import json
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.checkpoint import CONFIG, WEIGHTS, load_model
 from model.errors import UserError
@@ -33,6 +34,14 @@ WEIGHTS_TAG = "weights_sha256"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+# The evaluation figures a gate can compare (tasks/evaluate.py), and whether lower is better.
+GATE_METRICS = {
+    f"{figures}_{name}": name != "accuracy"
+    for figures in ("val", "doc")
+    for name in ("loss", "perplexity", "bits_per_byte", "accuracy")
+}
+
+
 class RegisterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -40,7 +49,19 @@ class RegisterConfig(BaseModel):
         "val_bits_per_byte",
         description="evaluation figure that decides champion; doc_* figures also compare models with different tokenizers",
     )
-    lower_is_better: bool = Field(True, description="false for figures where higher wins, e.g. val_accuracy")
+
+    @field_validator("gate_metric")
+    @classmethod
+    def _comparable_figure(cls, name: str) -> str:
+        # Found at load time: a misspelt figure would otherwise keep the champion forever.
+        if name not in GATE_METRICS:
+            raise ValueError(f"{name!r} is not a figure a gate can compare; one of {', '.join(GATE_METRICS)}")
+        return name
+
+    @property
+    def lower_is_better(self) -> bool:
+        """Which way the gate figure wins: accuracy up, the others (losses) down."""
+        return GATE_METRICS[self.gate_metric]
 
 
 @dataclass
@@ -95,11 +116,14 @@ def champion_figure(config: RegisterConfig, champion_uri: str, tokenizer: Path, 
     """The champion's `gate_metric` on `eval_data`, computed now; None if it cannot be compared."""
     model, _, champion_tokenizer = load_registered_model(champion_uri)
     tok = load_tokenizer(champion_tokenizer)
-    if sha256_file(champion_tokenizer) == sha256_file(tokenizer):
+    window = json.loads((eval_data.shards / "manifest.json").read_text())["seq_len"]
+    if sha256_file(champion_tokenizer) == sha256_file(tokenizer) and window <= model.config.block_size:
         figures = evaluate_model(model, tok, eval_data.config, eval_data.shards, eval_data.corpus)
     else:
-        # The shards are token ids of the candidate's tokenizer: only the figures over the
-        # corpus text itself are comparable.
+        # The val windows are token ids of the candidate's tokenizer, `seq_len` tokens long:
+        # a champion scores them only with that tokenizer and a context that holds a window.
+        # The doc_* figures need only the corpus text, read with each model's own tokenizer
+        # and context.
         figures = document_figures(model, tok, eval_data.config, eval_data.corpus)
     return figures.get(config.gate_metric)
 
@@ -165,8 +189,8 @@ def run_register(
         if champion_value is None:
             promoted = False
             decision = (
-                f"champion version {champion_version} kept: its tokenizer differs, so {config.gate_metric} "
-                "is not comparable (gate on doc_bits_per_byte to compare across tokenizers)"
+                f"champion version {champion_version} kept: its tokenizer or context differs from the candidate's, "
+                f"so {config.gate_metric} is not comparable (gate on doc_bits_per_byte to compare such models)"
             )
         else:
             promoted = candidate_value < champion_value if config.lower_is_better else candidate_value > champion_value

@@ -8,21 +8,32 @@ import torch
 from model.checkpoint import load_model
 from model.errors import UserError
 from tasks import tracking
-from tasks.evaluate import EvaluateConfig, evaluate_model, load_tokenizer, shard_windows
+from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, load_tokenizer, shard_windows
 from tasks.register import CANDIDATE, CHAMPION, EvalData, RegisterConfig, load_registered_model, run_register
 from micro import TEXTS, save_base_checkpoint, tiny_gpt, toy_tokenizer, write_corpus, write_val_shards
 
 SEQ_LEN = 16
+# Evaluation data unlike TEXTS, which the toy tokenizer was trained on.
+OTHER_TEXTS = [
+    "while queue:\n    item = queue.pop()\n",
+    "import os\nprint(os.getcwd())\n",
+    "table = {'k': [1, 2, 3]}\n",
+]
+
+
+def eval_data_of(root, tokenizer_path, tokenizer, texts, label):
+    """(root, tokenizer_path, tokenizer, corpus, shards): `texts` as val documents and val
+    shards, the data the gate scores on."""
+    corpus = write_corpus(root / f"{label}.parquet", [(str(i), text, "val") for i, text in enumerate(texts)])
+    shards = write_val_shards(root / f"{label}-shards", tokenizer, tokenizer_path, texts, SEQ_LEN)
+    return root, tokenizer_path, tokenizer, corpus, shards
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("register")
     tokenizer_path = toy_tokenizer(root / "tokenizer.json")
-    tokenizer = load_tokenizer(tokenizer_path)
-    corpus = write_corpus(root / "corpus.parquet", [(str(i), text, "val") for i, text in enumerate(TEXTS * 2)])
-    shards = write_val_shards(root / "shards", tokenizer, tokenizer_path, TEXTS * 2, SEQ_LEN)
-    return root, tokenizer_path, tokenizer, corpus, shards
+    return eval_data_of(root, tokenizer_path, load_tokenizer(tokenizer_path), TEXTS * 2, "eval")
 
 
 def checkpoint_of(model, root, label):
@@ -41,13 +52,13 @@ def fitted(model, shards, steps=30):
     return model
 
 
-def register(name, checkpoint, data, eval_config, metrics=None):
+def register(name, checkpoint, data, eval_config, metrics=None, config=RegisterConfig()):
     root, tokenizer_path, tokenizer, corpus, shards = data
     eval_data = EvalData(eval_config, shards, corpus)
     figures = metrics or evaluate_model(load_model(checkpoint), tokenizer, eval_config, shards, corpus)
     run_id = tracking.start_run(name, "register")
     output = run_register(
-        RegisterConfig(), name, checkpoint, tokenizer_path, figures,
+        config, name, checkpoint, tokenizer_path, figures,
         {"data_fingerprint": "corpus-fp", "tokenizer_fingerprint": "bpe-fp"}, eval_data, run_id,
     )  # fmt: skip
     tracking.end_run(run_id)
@@ -91,15 +102,39 @@ def test_gate_moves_champion_only_for_a_better_version(data):
 def test_champion_is_evaluated_again_on_new_evaluation_data(data):
     root, tokenizer_path, tokenizer, corpus, shards = data
     name = f"regate-{uuid.uuid4().hex[:6]}"
+    eval_config = EvaluateConfig()
     champion_model = tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN, seed=1)
-    register(name, checkpoint_of(champion_model, root, f"{name}-1"), data, EvaluateConfig(max_documents=2))
+    _, recorded, _ = register(name, checkpoint_of(champion_model, root, f"{name}-1"), data, eval_config)
 
-    # Scored on more documents now: the champion's recorded figure does not apply.
-    new_eval = EvaluateConfig(max_documents=6)
+    # The gate now scores on other documents: the figure recorded for the champion does not apply.
+    new_data = eval_data_of(root, tokenizer_path, tokenizer, OTHER_TEXTS, f"{name}-new")
     candidate = tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN, seed=2)
-    output, _, _ = register(name, checkpoint_of(candidate, root, f"{name}-2"), data, new_eval)
-    expected = evaluate_model(champion_model, tokenizer, new_eval, shards, corpus)["val_bits_per_byte"]
+    output, _, _ = register(name, checkpoint_of(candidate, root, f"{name}-2"), new_data, eval_config)
+    *_, new_corpus, new_shards = new_data
+    expected = evaluate_model(champion_model, tokenizer, eval_config, new_shards, new_corpus)["val_bits_per_byte"]
+    assert expected != pytest.approx(recorded["val_bits_per_byte"], rel=1e-3)  # reusing it would fail below
     assert output.champion_value == pytest.approx(expected, rel=1e-5)
+
+
+def test_champion_with_a_shorter_context_is_compared_on_documents_only(data):
+    root, tokenizer_path, tokenizer, corpus, shards = data
+    name = f"context-{uuid.uuid4().hex[:6]}"
+    # The champion's context holds half a val window; its recorded figure came from other data.
+    short = tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN // 2, seed=4)
+    register(name, checkpoint_of(short, root, f"{name}-short"), data, EvaluateConfig(max_windows=2),
+             metrics={"val_bits_per_byte": 99.0, "doc_bits_per_byte": 99.0})  # fmt: skip
+
+    candidate = tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN, seed=5)
+    kept, _, _ = register(name, checkpoint_of(candidate, root, f"{name}-long"), data, EvaluateConfig())
+    assert not kept.promoted and kept.champion_value is None
+    assert "context differs" in kept.decision and str(tracking.version_for_alias(name, CHAMPION).version) == "1"
+
+    # Gated on the held-out documents, which each model reads with its own context.
+    other = tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN, seed=6)
+    doc_gate = RegisterConfig(gate_metric="doc_bits_per_byte")
+    compared, _, _ = register(name, checkpoint_of(other, root, f"{name}-doc"), data, EvaluateConfig(), config=doc_gate)
+    expected = document_figures(short, tokenizer, EvaluateConfig(), corpus)["doc_bits_per_byte"]
+    assert compared.champion_value == pytest.approx(expected, rel=1e-5)
 
 
 def test_registered_weights_load_back_exactly_and_register_once(data):
@@ -115,6 +150,13 @@ def test_registered_weights_load_back_exactly_and_register_once(data):
         assert torch.equal(loaded.state_dict()[key], tensor), key
     assert tokenizer_file.read_text() == tokenizer_path.read_text()
     assert weights.name == "model.safetensors"
+
+
+def test_accuracy_gates_promote_the_higher_figure_and_losses_the_lower():
+    assert not RegisterConfig(gate_metric="val_accuracy").lower_is_better
+    assert not RegisterConfig(gate_metric="doc_accuracy").lower_is_better
+    assert all(RegisterConfig(gate_metric=f"{figures}_{name}").lower_is_better
+               for figures in ("val", "doc") for name in ("loss", "perplexity", "bits_per_byte"))
 
 
 def test_unknown_gate_metric_names_the_field(data):
