@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from flows.runners import TaskRunnerConfig
 from model.config import ModelConfig
@@ -46,6 +46,14 @@ class PipelineConfig(BaseModel):
     finetune: FinetuneConfig | None = Field(FinetuneConfig(), description="null: register the pretrained model")
     register: RegisterConfig = RegisterConfig()
 
+    @model_validator(mode="after")
+    def _windows_fit_the_model(self) -> PipelineConfig:
+        # Otherwise found only when pretraining starts, after the data stages have run.
+        block_size = self.model.resolve(vocab_size=1).block_size
+        if self.shard.seq_len > block_size:
+            raise ValueError(f"shard.seq_len ({self.shard.seq_len}) exceeds the model's context (model.block_size {block_size})")
+        return self
+
 
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (["a", "b", "c"], value), the value read as YAML (1e-3, true, [1, 2])."""
@@ -71,8 +79,10 @@ def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
 def describe_validation_error(source: str, error: ValidationError) -> str:
     problems = []
     for item in error.errors():
-        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        problems.append(f"field '{field}': {item['msg']}")
+        if item["loc"]:
+            problems.append(f"field '{'.'.join(str(part) for part in item['loc'])}': {item['msg']}")
+        else:  # a check across sections, whose message names the fields
+            problems.append(item["msg"].removeprefix("Value error, "))
     return f"{source}: " + "; ".join(problems)
 
 

@@ -134,9 +134,9 @@ CASES: list[tuple[str, Callable[[Fixtures], list[str]], str]] = [
     ("corpus-parquet-without-text-column", lambda f: f.corpus({"a.parquet": parquet_bytes(pa.table({"body": ["x"]}))}),
      "files_without_text_field=1"),
     ("corpus-val-split-empty", lambda f: f.corpus({"a.txt": TEXT}, "ingest.val_fraction=0.001"), "the val split is empty"),
-    ("corpus-seq-len-too-large-for-a-split", lambda f: f.prepare("shard.seq_len=100000", "shard.shard_bytes=10000000"),
+    ("corpus-seq-len-too-large-for-a-split", lambda f: f.prepare("shard.seq_len=100000", "model.block_size=100000", "shard.shard_bytes=10000000"),
      "tokens, fewer than shard.seq_len + 1 = 100001"),
-    ("shard-bytes-too-small-for-a-window", lambda f: f.prepare("shard.seq_len=4000", "shard.shard_bytes=4096"), "too small for one window"),
+    ("shard-bytes-too-small-for-a-window", lambda f: f.prepare("shard.seq_len=4000", "model.block_size=4000", "shard.shard_bytes=4096"), "too small for one window"),
     # --- fine-tuning files ----------------------------------------------------------------
     ("finetune-file-missing", lambda f: f.finetune_file("pairs.jsonl", None), "pairs.jsonl: fine-tuning file not found"),
     ("finetune-file-empty", lambda f: f.finetune_file("pairs.jsonl", ""), "no prompt/completion pairs in the file"),
@@ -167,6 +167,10 @@ CASES: list[tuple[str, Callable[[Fixtures], list[str]], str]] = [
      "field 'ingest.val_fraction'"),
     ("yaml-unknown-preset", lambda f: ["run", str(f.config_with(yaml_config(model={"preset": "gpt-9"}))), "--dry-run"],
      "unknown preset 'gpt-9'"),
+    ("yaml-windows-longer-than-the-context", lambda f: ["run", str(f.config_with(yaml_config(shard={"seq_len": 64}, model={"block_size": 32}))), "--dry-run"],
+     "shard.seq_len (64) exceeds the model's context (model.block_size 32)"),
+    ("yaml-unknown-gate-metric", lambda f: ["run", str(f.config_with(yaml_config(register={"gate_metric": "val_bpb"}))), "--dry-run"],
+     "field 'register.gate_metric': Value error, 'val_bpb' is not a figure a gate can compare"),
     # --- command-line values -------------------------------------------------------------------
     ("cli-set-without-equals", lambda f: ["run", str(f.config), "--set", "pretrain.max_steps", "--dry-run"],
      "--set 'pretrain.max_steps': expected dotted.key=value"),
