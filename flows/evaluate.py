@@ -22,7 +22,7 @@ def evaluate_flow(config: PipelineConfig, model: str) -> EvaluateOutput:
     tracking.check_tracking_server()
     check_prepare_config(config)
     with pipeline_mlflow_run(config) as run_id:
-        prepared = prepare_data(config)
+        prepared = prepare_data(config, parent_run_id=run_id)
         return evaluate_task(
             config.evaluate, model, prepared.tokenizer.tokenizer, prepared.shards.path, prepared.corpus.corpus,
             config.workspace, parent_run_id=run_id,

@@ -28,7 +28,7 @@ def finetune_flow(config: PipelineConfig, start_from: str | None = None) -> Fine
     check_prepare_config(config)
     ensure_gpu_limit()
     with pipeline_mlflow_run(config) as run_id:
-        prepared = prepare_data(config)
+        prepared = prepare_data(config, parent_run_id=run_id)
         base = start_from or config.finetune.start_from
         with holding(GPU_LIMIT):
             if base is None:

@@ -14,7 +14,6 @@ run publishes a markdown artifact with the key figures and the MLflow link.
 # No `from __future__ import annotations`: Prefect validates the flow's parameters against
 # its annotations, and a deployment loads this file where string annotations do not resolve.
 import os
-import re
 import signal
 import threading
 from collections.abc import Iterator
@@ -35,10 +34,9 @@ from pydantic import BaseModel
 
 from flows.config import PipelineConfig, load_config
 from flows.abandoned_runs import FLOW_RUN_TAG, close_abandoned_runs, process_tags
-from flows.prepare import check_prepare_config, prepare_data
+from flows.prepare import artifact_key, check_prepare_config, prepare_data
 from model.errors import UserError
 from tasks import tracking
-from tasks.data_tracking import track_data_task
 from tasks.evaluate import EvaluateOutput, evaluate_task
 from tasks.finetune import finetune_task
 from tasks.loss_curves import loss_curves_task
@@ -153,11 +151,6 @@ def stop_when_cancelled(poll_seconds: float = 5.0) -> Iterator[None]:
         stopped.set()
 
 
-def artifact_key(name: str) -> str:
-    """Prefect artifact keys are lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{name}-pipeline".lower())
-
-
 def summary_markdown(config: PipelineConfig, result: PipelineResult, evaluations: dict[str, EvaluateOutput]) -> str:
     rows = "".join(
         f"| {stage} | {figure} | {output.metrics[figure]:.4f} |\n"
@@ -200,9 +193,8 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
     workspace = config.workspace
 
     with stop_when_cancelled(), pipeline_mlflow_run(config) as run_id:
-        data = prepare_data(config)
+        data = prepare_data(config, parent_run_id=run_id)
         corpus, tokenizer, shards = data.corpus, data.tokenizer, data.shards
-        track_data_task(config.ingest, config.bpe, config.shard, corpus, tokenizer, shards, parent_run_id=run_id)
 
         def evaluate(label: str, checkpoint: Path) -> EvaluateOutput:
             """One evaluation, named after the model it scores in Prefect and MLflow alike."""
@@ -249,7 +241,7 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
             registered=registered,
         )
     create_markdown_artifact(
-        key=artifact_key(config.name),
+        key=artifact_key(config.name, "pipeline"),
         markdown=summary_markdown(config, result, evaluations),
         description=f"Key figures of pipeline `{config.name}` and its MLflow run",
     )

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prefect import Task, flow
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State, get_state_exception
 from pydantic import BaseModel
@@ -26,7 +26,9 @@ from pydantic import BaseModel
 from flows.config import PipelineConfig
 from flows.runners import TaskRunnerConfig, make_task_runner
 from model.errors import UserError
+from tasks import tracking
 from tasks.bpe import BPEOutput, run_bpe, train_tokenizer_task
+from tasks.data_tracking import track_data_task
 from tasks.ingest import HF_PREFIX, IngestConfig, IngestOutput, find_source_files, ingest_task, run_ingest
 from tasks.shard import ChunkCounts, ShardChunk, ShardOutput, check_shard_bytes, encode_chunk_task, run_shard
 from tasks.storage import resolve_workspace
@@ -67,8 +69,9 @@ def check_prepare_config(config: PipelineConfig) -> None:
 
 
 @flow(name="prepare-data", flow_run_name="prepare-data-{config.name}")
-def prepare_data(config: PipelineConfig) -> PreparedData:
-    """Ingest the corpus, train the tokenizer, write the shards; publish the reports."""
+def prepare_data(config: PipelineConfig, parent_run_id: str | None = None) -> PreparedData:
+    """Ingest the corpus, train the tokenizer, write the shards; publish the reports, and
+    record the stages under the MLflow run `parent_run_id` (the calling flow's) when given."""
     corpus = ingest_for(config.ingest)(config.ingest, config.workspace)
     tokenizer = train_tokenizer_task(config.bpe, corpus, config.workspace)
     shards = run_shard(
@@ -76,10 +79,21 @@ def prepare_data(config: PipelineConfig) -> PreparedData:
         map_chunks=task_runs_on(config.task_runner), parts_in_workspace=config.task_runner.remote_workers,
     )
     prepared = PreparedData(corpus=corpus, tokenizer=tokenizer, shards=shards)
+    where = f"workspace `{resolve_workspace(config.workspace)}`"
     create_table_artifact(
-        key=artifact_key(config.name),
+        key=artifact_key(config.name, "data-report"),
         table=report_rows(prepared),
-        description=f"Data preparation reports of `{config.name}` (workspace `{resolve_workspace(config.workspace)}`)",
+        description=f"Data preparation reports of `{config.name}` ({where})",
+    )
+    if parent_run_id is None:
+        tracked = "Not tracked in MLflow: `gptflow run` or `gptflow pretrain` record the data stages."
+    else:
+        track_data_task(config.ingest, config.bpe, config.shard, corpus, tokenizer, shards, parent_run_id=parent_run_id)
+        tracked = f"**MLflow run:** {tracking.run_link(parent_run_id)} (nested runs ingest, bpe, shard)"
+    create_markdown_artifact(
+        key=artifact_key(config.name, "data"),
+        markdown=f"# Data of `{config.name}`\n\n```\n{prepared.summary()}\n```\n\n{tracked}\n",
+        description=f"Where each data stage's output is, its headline figures, and its MLflow run ({where})",
     )
     return prepared
 
@@ -128,9 +142,9 @@ def prepare_data_locally(config: PipelineConfig) -> PreparedData:
     return PreparedData(corpus=corpus, tokenizer=tokenizer, shards=shards)
 
 
-def artifact_key(name: str) -> str:
-    """Prefect artifact keys are lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{name}-data-report".lower())
+def artifact_key(name: str, kind: str) -> str:
+    """The key of a config's `kind` of artifact: Prefect keys are lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{name}-{kind}".lower())
 
 
 def report_rows(prepared: PreparedData) -> list[dict[str, Any]]:

@@ -26,6 +26,6 @@ def pretrain(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
     check_prepare_config(config)
     ensure_gpu_limit()
     with pipeline_mlflow_run(config) as run_id:
-        prepared = prepare_data(config)
+        prepared = prepare_data(config, parent_run_id=run_id)
         with holding(GPU_LIMIT):
             return pretrain_task(config.pretrain, config.model, prepared.shards, config.workspace, parent_run_id=run_id)

@@ -30,7 +30,8 @@ from typer.testing import CliRunner
 from flows import prepare
 from flows.cli import app
 from flows.config import load_config
-from flows.pipeline import artifact_key, pipeline
+from flows.pipeline import pipeline
+from flows.prepare import artifact_key
 from flows.plan import plan
 from model.checkpoint import latest_checkpoint
 from model.errors import UserError
@@ -106,11 +107,16 @@ def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
     artifacts = {a.path for a in MlflowClient(tracking.resolve_tracking_uri()).list_artifacts(result.mlflow_run_id)}
     assert {"config.yaml", "pretrain_loss_curve.png", "finetune_loss_curve.png"} <= artifacts
 
-    # Prefect: the flow run's summary artifact links its MLflow run.
+    # Prefect: the flow run's summary artifact, and its prepare-data subflow run's, link the MLflow run.
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(config.name)])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(config.name, "pipeline")])))
+        data_artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(config.name, "data")])))
+        [data_artifact] = [artifact for artifact in data_artifacts if result.mlflow_run_id in artifact.data]
+        data_flow_run = client.read_flow_run(data_artifact.flow_run_id)
     assert artifacts and result.mlflow_run_id in artifacts[0].data
     assert "val_bits_per_byte" in artifacts[0].data
+    assert data_flow_run.name == f"prepare-data-{config.name}"
+    assert committed_fingerprint(config.workspace, "shard") in data_artifact.data
 
     # The registered pyfunc loads in a fresh process and writes what greedy generation from
     # the final checkpoint writes; sampled, it writes strings too.

@@ -86,13 +86,16 @@ def test_the_flow_publishes_the_three_reports(tmp_path, micro_config, prefect_se
     state = prepare_data(config, return_state=True)
     prepared = state.result()
     assert isinstance(prepared, PreparedData)
-    artifact = Artifact.get(artifact_key(config.name))
+    artifact = Artifact.get(artifact_key(config.name, "data-report"))
     assert artifact.flow_run_id == state.state_details.flow_run_id
     rows = json.loads(artifact.data)
     for stage, output in prepared.stages().items():
         published = {row["field"]: row["value"] for row in rows if row["stage"] == stage}
         assert published == {"fingerprint": output.fingerprint, "reused": output.reused, **output.report}
     assert {"documents_val", "val_bytes_per_token", "train_rows"} <= {row["field"] for row in rows}
+    summary = Artifact.get(artifact_key(config.name, "data"))
+    assert summary.flow_run_id == state.state_details.flow_run_id
+    assert str(prepared.shards.manifest) in summary.data and "Not tracked in MLflow" in summary.data
 
 
 def run_cli(cli_env: dict, *args: str) -> subprocess.CompletedProcess:
