@@ -142,8 +142,14 @@ def test_run_and_model_found_through_the_rest_apis(servers, pipeline_run):
     assert pipeline_run["state_type"] == "COMPLETED"
     task_runs = post(f"{servers.prefect}/api/task_runs/filter", {"flow_runs": {"id": {"any_": [pipeline_run["id"]]}}})
     names = [run["name"] for run in task_runs]  # Prefect appends a short suffix to a task's name
-    for task in ("check-tracking-server", "track-data", "pretrain", "evaluate-pretrained", "finetune", "evaluate-finetuned", "register-model"):
+    for task in ("check-tracking-server", "prepare-data", "pretrain", "evaluate-pretrained", "finetune", "evaluate-finetuned", "register-model"):
         assert any(name.startswith(task) for name in names), (task, names)
+    # The data stages run in the prepare-data subflow, which also records them in MLflow.
+    [subflow_task] = [run for run in task_runs if run["name"].startswith("prepare-data")]
+    [data_flow_run] = post(f"{servers.prefect}/api/flow_runs/filter", {"flow_runs": {"parent_task_run_id": {"any_": [subflow_task["id"]]}}})
+    data_tasks = post(f"{servers.prefect}/api/task_runs/filter", {"flow_runs": {"id": {"any_": [data_flow_run["id"]]}}})
+    for task in ("ingest", "train-tokenizer", "track-data"):
+        assert any(run["name"].startswith(task) for run in data_tasks), (task, [run["name"] for run in data_tasks])
 
     parent = parent_run_of(servers, pipeline_run["id"])
     assert parent["info"]["status"] == "FINISHED"
