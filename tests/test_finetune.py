@@ -17,7 +17,8 @@ from model.finetune_data import IGNORE, PairBatches, encode_pair, encode_pairs, 
 from model.special_tokens import EOS_ID, PAD_ID, SEP_ID
 from tasks import tracking
 from tasks.bpe import load_tokenizer
-from tasks.finetune import FinetuneConfig, completes_function, run_finetune
+from tasks.finetune import FinetuneConfig, completes_function, parse_rate, run_finetune
+from tasks.pairs import Pair
 
 PAIRS = [([10, 11, 12], [20, 21]), ([13, 14], [22, 23, 24]), ([15], [25])]
 
@@ -113,6 +114,28 @@ def test_a_generated_body_counts_only_if_it_adds_code_that_parses():
 
 
 # --- the stage ------------------------------------------------------------------------
+
+
+def test_parse_rate_prompts_leave_room_for_the_body(tmp_path, monkeypatch):
+    # Generation past the context recomputes the whole window at every token; a long prompt
+    # keeps its end (the docstring's close and <|sep|>) and room for max_new_tokens.
+    tokenizer = load_tokenizer(toy_tokenizer(tmp_path / "tokenizer.json"))
+    model = tiny_gpt(tokenizer.get_vocab_size(), block_size=32)
+    long_prompt = 'def f(x):\n    """' + "word " * 40 + '"""\n'
+    pairs = [Pair(long_prompt, "    return x\n"), Pair("def g():\n", "    pass\n")]
+    seen = []
+
+    def recording_generate(model, prompts, max_new_tokens, **settings):
+        seen.extend(prompts)
+        return [[EOS_ID] for _ in prompts]
+
+    monkeypatch.setattr("tasks.finetune.generate", recording_generate)
+    parse_rate(model, tokenizer, pairs, max_new_tokens=8)
+    whole = [*tokenizer.encode(long_prompt, add_special_tokens=False).ids, SEP_ID]
+    assert seen[0] == whole[-24:]  # 32 - 8 tokens: the end of the prompt
+    assert seen[1] == [*tokenizer.encode("def g():\n", add_special_tokens=False).ids, SEP_ID]
+    parse_rate(model, tokenizer, pairs, max_new_tokens=30)
+    assert seen[2] == whole[-16:]  # never under half the context
 
 
 def module(i: int) -> str:
