@@ -71,7 +71,7 @@ def write_val_shards(directory: Path, tokenizer: Tokenizer, tokenizer_path: Path
                      seq_len: int) -> Path:
     """Val shards as the shard stage writes them: the stream (documents each followed by
     <|endoftext|>) cut into disjoint windows of seq_len + 1 tokens sharing one token."""
-    stream = [EOS_ID]
+    stream: list[int] = []
     for text in texts:
         stream += [*tokenizer.encode(text, add_special_tokens=False).ids, EOS_ID]
     windows = [stream[i : i + seq_len + 1] for i in range(0, len(stream) - seq_len, seq_len)]
