@@ -190,8 +190,8 @@ def document_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, c
 def evaluate_model(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path,
                    corpus: Path) -> dict[str, float]:
     """Every figure of the stage, for a loaded model."""
-    document_stride(config, model.config.block_size)  # a stride the model cannot take fails now, not after the val pass
-    return {**shard_figures(model, tokenizer, config, shards), **document_figures(model, tokenizer, config, corpus)}
+    documents = document_figures(model, tokenizer, config, corpus)  # first: a stride the model cannot take fails at once
+    return {**shard_figures(model, tokenizer, config, shards), **documents}
 
 
 def evaluate_inputs(model_sha256: str, tokenizer_sha256: str, shards_fingerprint: str, corpus_sha256: str) -> dict[str, str]:

@@ -152,11 +152,20 @@ def test_registered_weights_load_back_exactly_and_register_once(data):
     assert weights.name == "model.safetensors"
 
 
-def test_accuracy_gates_promote_the_higher_figure_and_losses_the_lower():
-    assert not RegisterConfig(gate_metric="val_accuracy").lower_is_better
-    assert not RegisterConfig(gate_metric="doc_accuracy").lower_is_better
-    assert all(RegisterConfig(gate_metric=f"{figures}_{name}").lower_is_better
-               for figures in ("val", "doc") for name in ("loss", "perplexity", "bits_per_byte"))
+def test_an_accuracy_gate_promotes_the_higher_figure(data):
+    root, tokenizer_path, tokenizer, corpus, shards = data
+    name = f"accuracy-{uuid.uuid4().hex[:6]}"
+    gate, eval_config = RegisterConfig(gate_metric="val_accuracy"), EvaluateConfig()
+    models = [tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN, seed=seed) for seed in (7, 8, 9)]
+
+    def registered(model, label, accuracy):  # figures given: the recorded ones are compared
+        return register(name, checkpoint_of(model, root, f"{name}-{label}"), data, eval_config,
+                        metrics={"val_accuracy": accuracy}, config=gate)[0]  # fmt: skip
+
+    assert registered(models[0], "first", 0.30).promoted
+    assert not registered(models[1], "lower", 0.20).promoted
+    assert registered(models[2], "higher", 0.40).promoted
+    assert str(tracking.version_for_alias(name, CHAMPION).version) == "3"
 
 
 def test_unknown_gate_metric_names_the_field(data):
