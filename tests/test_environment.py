@@ -23,12 +23,12 @@ API_URL = "http://127.0.0.1:4999/api"
 # a Prefect worker does (by its path); prints what each step changed in the environment.
 CHECK = """
 import importlib, json, os, pkgutil
-import flows
 
 def changes(old):
     return {k: os.environ.get(k) for k in old.keys() | os.environ.keys() if old.get(k) != os.environ.get(k)}
 
 before = dict(os.environ)
+import flows
 for module in pkgutil.iter_modules(flows.__path__):
     if module.name != "deployment":
         importlib.import_module(f"flows.{module.name}")
