@@ -13,7 +13,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 from prefect import get_client, task
@@ -62,7 +62,7 @@ def flow_run_title() -> str:
             name = load_config(config, parameters.get("overrides") or ()).name
         except UserError:  # the flow itself reports the problem
             name = "pipeline"
-    return f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    return f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
 
 
 @contextmanager

@@ -94,8 +94,9 @@ def rng_states(device: torch.device) -> list[dict[str, torch.Tensor]]:
     return gathered
 
 
-def restore_rng(saved: list[dict[str, torch.Tensor]], env: DistributedEnv, seed: int, step: int,
-                device: torch.device) -> None:
+def restore_rng(
+    saved: list[dict[str, torch.Tensor]], env: DistributedEnv, seed: int, step: int, device: torch.device
+) -> None:
     if len(saved) == env.world_size:
         torch.set_rng_state(saved[env.rank]["cpu"])
         if device.type == "cuda" and "cuda" in saved[env.rank]:

@@ -49,8 +49,14 @@ def test_importing_flows_leaves_the_environment_alone_and_the_worker_entry_point
     write_records({PREFECT: ServerRecord(pid=os.getpid(), api_url=API_URL, ui_url="", log_file="")})
     env = {key: value for key, value in os.environ.items() if key not in (*DEFAULTS, "PREFECT_API_URL")}
 
-    completed = subprocess.run([sys.executable, "-c", CHECK], cwd=REPO, env={**env, "PYTHONPATH": REPO},
-                               capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(
+        [sys.executable, "-c", CHECK],
+        cwd=REPO,
+        env={**env, "PYTHONPATH": REPO},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     report = json.loads(completed.stdout.splitlines()[-1])
     assert report["by_imports"] == {}
