@@ -86,7 +86,9 @@ def test_torchrun_ranks_log_to_mlflow_and_stop_together_on_cancel(tmp_path, shar
     checkpoints = tmp_path / "ws" / "pretrain" / pretrain_fingerprint(config, MODEL, shards.fingerprint) / "checkpoints"
 
     command = [sys.executable, "-c", CANCELLED_RUN, *arguments, str(tmp_path / "ws"), run_id]
-    stage = subprocess.Popen(with_sigint(command), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stage = subprocess.Popen(
+        with_sigint(command), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 240
     while not (seen := checkpoint_dirs(checkpoints)):  # any: step-5 alone is pruned once step-15 is written
         assert stage.poll() is None and time.monotonic() < deadline, stage.stderr.read()[-3000:]
