@@ -34,7 +34,7 @@ from tasks.evaluate import (
     document_stride, evenly_spaced, held_out_documents, shard_windows, token_byte_lengths, window_batches,
 )
 from tasks.finetune import run_finetune
-from tasks.model_source import load_model_source
+from tasks.core.model_source import load_model_source
 from tasks.pretrain import run_pretrain
 
 QUICK = [

@@ -21,7 +21,7 @@ for _name, _value in {
     os.environ.setdefault(_name, _value)
 
 if "PREFECT_API_URL" not in os.environ:
-    from tasks.server_state import PREFECT, live_server
+    from tasks.core.server_state import PREFECT, live_server
 
     if _server := live_server(PREFECT):
         os.environ["PREFECT_API_URL"] = _server.api_url

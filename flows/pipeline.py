@@ -39,7 +39,7 @@ from model.errors import UserError
 from tasks import tracking
 from tasks.evaluate import EvaluateOutput, evaluate_task
 from tasks.finetune import finetune_task
-from tasks.loss_curves import loss_curves_task
+from tasks.tracking.loss_curves import loss_curves_task
 from tasks.pretrain import pretrain_task
 from tasks.register import EvalData, RegisterOutput, register_task
 

@@ -28,10 +28,10 @@ from flows.runners import TaskRunnerConfig, make_task_runner
 from model.errors import UserError
 from tasks import tracking
 from tasks.bpe import BPEOutput, run_bpe, train_tokenizer_task
-from tasks.data_tracking import track_data_task
+from tasks.tracking.datasets import track_data_task
 from tasks.ingest import HF_PREFIX, IngestConfig, IngestOutput, find_source_files, ingest_task, run_ingest
 from tasks.shard import ChunkCounts, ShardChunk, ShardOutput, check_shard_bytes, encode_chunk_task, run_shard
-from tasks.storage import resolve_workspace
+from tasks.core.storage import resolve_workspace
 
 # Seconds before each retry of a remote source's ingest: a blip, then a short outage.
 REMOTE_RETRY_DELAYS = [10, 60]

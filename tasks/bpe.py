@@ -24,8 +24,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from model.special_tokens import SPECIAL_TOKENS
 from tasks.ingest import IngestOutput, read_corpus
-from tasks.progress import progress
-from tasks.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
+from tasks.core.progress import progress
+from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"

@@ -43,8 +43,8 @@ from model.gpt import GPT
 from model.special_tokens import EOS_ID
 from tasks import tracking
 from tasks.bpe import load_tokenizer
-from tasks.model_source import load_model_source
-from tasks.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
+from tasks.core.model_source import load_model_source
+from tasks.core.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
 
 FORMAT_VERSION = 1
 HEADLINE = ("val_loss", "val_perplexity", "val_bits_per_byte", "doc_perplexity", "doc_bits_per_byte")

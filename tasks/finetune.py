@@ -1,7 +1,7 @@
 """Stage: fine-tune a pretrained model on prompt/completion pairs, with the pretraining engine.
 
 The pairs come from `finetune.path` (jsonl or Parquet) or, by default, from the task
-"docstring -> function" over the corpus's Python documents (`tasks.pairs`). Each pair is
+"docstring -> function" over the corpus's Python documents (`tasks.finetune_pairs`). Each pair is
 trained as `prompt <|sep|> completion <|endoftext|>` with the loss on the completion only
 (`model.finetune_data`), by `model.train.train`: the same loop, checkpoints and exact
 resume as pretraining, with fine-tuning's own learning rate, steps and warmup.
@@ -48,11 +48,11 @@ from model.special_tokens import EOS_ID, SEP_ID
 from model.train import DistributedEnv, TrainConfig, train
 from tasks import tracking
 from tasks.bpe import load_tokenizer
-from tasks.checkpoint_mirror import mirrored_checkpoints
+from tasks.core.checkpoint_mirror import mirrored_checkpoints
 from tasks.evaluate import metrics_markdown, token_byte_lengths
-from tasks.model_source import load_model_source
-from tasks.pairs import Pair, PairSet, docstring_pairs, file_pairs
-from tasks.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
+from tasks.core.model_source import load_model_source
+from tasks.finetune_pairs import Pair, PairSet, docstring_pairs, file_pairs
+from tasks.core.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
 
 FORMAT_VERSION = 2  # 2: checkpoints' optimizer state keyed by parameter name (model.parallel.full_state)
 DOCSTRING_TASK = "docstring-to-function"

@@ -50,8 +50,8 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
 from model.errors import UserError
-from tasks.progress import progress
-from tasks.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
+from tasks.core.progress import progress
+from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 
 FORMAT_VERSION = 1
 STDLIB = "python-stdlib"

@@ -59,9 +59,9 @@ from model.errors import UserError
 from model.parallel import ParallelConfig
 from model.train import RunSpec, TrainConfig, TrainResult, run
 from tasks import tracking
-from tasks.checkpoint_mirror import mirrored_checkpoints
+from tasks.core.checkpoint_mirror import mirrored_checkpoints
 from tasks.shard import ShardOutput
-from tasks.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
+from tasks.core.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
 
 FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name (model.parallel.full_state)
 RUN_ID_ENV = "GPTFLOW_PRETRAIN_RUN_ID"  # the MLflow run the torchrun ranks log to

@@ -1,6 +1,6 @@
 """Stage: register the pipeline's final model in MLflow and decide whether it becomes champion.
 
-The model is logged as the pyfunc text generator (`tasks/pyfunc_model.py`) and registered
+The model is logged as the pyfunc text generator (`tasks/tracking/pyfunc.py`) and registered
 as a new version of `name`, tagged with its lineage (data and tokenizer fingerprints, the
 project's git commit, the evaluation data it was scored on). Every new version gets the
 alias `candidate`. `champion` moves to it only when it beats the current champion on
@@ -26,8 +26,8 @@ from model.errors import UserError
 from model.gpt import GPT
 from tasks import tracking
 from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, load_tokenizer
-from tasks.pyfunc_model import TOKENIZER_ARTIFACT, WEIGHTS_ARTIFACT
-from tasks.workspace import fingerprint, sha256_file
+from tasks.tracking.pyfunc import TOKENIZER_ARTIFACT, WEIGHTS_ARTIFACT
+from tasks.core.workspace import fingerprint, sha256_file
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 WEIGHTS_TAG = "weights_sha256"
@@ -102,19 +102,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def load_registered_model(model_uri: str) -> tuple[GPT, Path, Path]:
-    """A registered model's GPT, weights file and tokenizer.json, without running its pyfunc code."""
-    artifacts = tracking.model_artifacts(tracking.download_model(model_uri))
-    weights = artifacts.get(WEIGHTS_ARTIFACT)
-    if weights is None or not weights.is_file():
-        raise UserError(f"{model_uri}: not a gptflow text generator (no safetensors weights among its artifacts)")
-    # The pyfunc's artifacts sit side by side with checkpoint names (model.safetensors, config.json).
-    return load_model(weights.parent), weights, artifacts[TOKENIZER_ARTIFACT]
-
-
 def champion_figure(config: RegisterConfig, champion_uri: str, tokenizer: Path, eval_data: EvalData) -> float | None:
     """The champion's `gate_metric` on `eval_data`, computed now; None if it cannot be compared."""
-    model, _, champion_tokenizer = load_registered_model(champion_uri)
+    model, _, champion_tokenizer = tracking.load_registered_model(champion_uri)
     tok = load_tokenizer(champion_tokenizer)
     window = json.loads((eval_data.shards / "manifest.json").read_text())["seq_len"]
     if sha256_file(champion_tokenizer) == sha256_file(tokenizer) and window <= model.config.block_size:

@@ -86,9 +86,9 @@ from model.errors import UserError
 from model.special_tokens import EOS_ID
 from tasks.bpe import BPEOutput, load_tokenizer
 from tasks.ingest import SPLITS, IngestOutput
-from tasks.progress import progress
-from tasks.storage import filesystem
-from tasks.workspace import MANIFEST, StageDir, StageOutput, atomic_path, fingerprint, sha256_file
+from tasks.core.progress import progress
+from tasks.core.storage import filesystem
+from tasks.core.workspace import MANIFEST, StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 
 FORMAT_VERSION = 1
 COMPRESSION = "zstd"

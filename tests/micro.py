@@ -17,7 +17,7 @@ from model.config import GPTConfig
 from model.gpt import GPT
 from model.special_tokens import EOS_ID, SPECIAL_TOKENS
 from tasks.bpe import new_tokenizer
-from tasks.workspace import sha256_file
+from tasks.core.workspace import sha256_file
 
 Module = TypeVar("Module", bound=torch.nn.Module)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from pipeline_micro import greedy_completions, write_config
 
-from tasks.workspace import sha256_file
+from tasks.core.workspace import sha256_file
 
 pytestmark = pytest.mark.slow
 
