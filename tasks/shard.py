@@ -504,6 +504,10 @@ def run_shard(
     return ShardOutput.build_once(stage, build, manifest=MANIFEST)
 
 
+# The stage's Prefect task is `run_shard` itself; its `map_chunks` may run the chunks as task runs.
+shard_task = task(name="shard", cache_policy=NO_CACHE)(run_shard)
+
+
 @task(name="shard-chunk", cache_policy=NO_CACHE)
 def encode_chunk_task(chunk: ShardChunk) -> ChunkCounts:
     """Prefect task over `encode_chunk`: one chunk of the shard stage."""
