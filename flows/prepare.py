@@ -29,7 +29,9 @@ from model.errors import UserError
 from tasks import tracking
 from tasks.bpe import BPEOutput, run_bpe, train_tokenizer_task
 from tasks.ingest import HF_PREFIX, IngestConfig, IngestOutput, find_source_files, ingest_task, run_ingest
-from tasks.shard import ChunkCounts, ShardChunk, ShardOutput, check_shard_bytes, encode_chunk_task, run_shard, shard_task
+from tasks.shard import (
+    ChunkCounts, ShardChunk, ShardOutput, check_shard_bytes, encode_chunk_task, run_shard, shard_task,
+)
 from tasks.tracking.datasets import track_data_task
 from tasks.core.storage import resolve_workspace
 

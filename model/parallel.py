@@ -68,7 +68,9 @@ class ParallelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     parallel: Parallelism = Field(
-        "ddp", description="several processes: ddp replicates the model, fsdp (FSDP2) shards it", json_schema_extra=RUN_ONLY
+        "ddp",
+        description="several processes: ddp replicates the model, fsdp (FSDP2) shards it",
+        json_schema_extra=RUN_ONLY,
     )
     activation_checkpointing: bool = Field(
         False, description="recompute each block's activations in backward", json_schema_extra=RUN_ONLY

@@ -131,7 +131,9 @@ class TrainConfig(ParallelConfig):
     resume: bool = Field(
         True, description="continue from the newest checkpoint in the output directory", json_schema_extra=RUN_ONLY
     )
-    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1, ...", json_schema_extra=RUN_ONLY)
+    device: str = Field(
+        "auto", description="auto (cuda if available), cpu, cuda, cuda:1, ...", json_schema_extra=RUN_ONLY
+    )
     bf16: bool | None = Field(
         None, description="bf16 autocast (fsdp: bf16 parameters in compute, fp32 reduction); default: on for CUDA"
     )

@@ -70,7 +70,9 @@ class FinetuneConfig(TrainingStageConfig):
     # Run-only here, unlike pretraining: the held-out figures after training are the result.
     eval_every: int = Field(0, ge=0, description="steps between validation losses; 0: only at the end",
                             json_schema_extra=RUN_ONLY)
-    eval_batches: PositiveInt = Field(8, description="micro-batches per rank in each validation", json_schema_extra=RUN_ONLY)
+    eval_batches: PositiveInt = Field(
+        8, description="micro-batches per rank in each validation", json_schema_extra=RUN_ONLY
+    )
 
     task: Literal["docstring-to-function"] | None = Field(
         DOCSTRING_TASK, description="built-in task over the corpus; null when `path` gives the pairs"
@@ -293,7 +295,8 @@ def run_finetune(
         if data.has_val:
             metrics |= held_out_figures(model, tok, config, pairs.val, data.val_rows, "finetuned")
         metrics |= data.figures() | {"train_loss": result.train_loss}
-        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=["pairs-train.parquet", "pairs-val.parquet"])
+        pair_files = ["pairs-train.parquet", "pairs-val.parquet"]
+        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=pair_files)
 
     return train_once(stage, FinetuneOutput, FORMAT_VERSION, inputs, config.resume, train_pairs)
 

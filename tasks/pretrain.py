@@ -78,14 +78,18 @@ class PretrainConfig(TrainingStageConfig):
         1, description="processes per machine, one per device; > 1 runs torchrun", json_schema_extra=RUN_ONLY
     )
     nnodes: PositiveInt = Field(
-        1, description="machines; > 1 runs torchrun with a c10d rendezvous (docs/multinode.md)", json_schema_extra=RUN_ONLY
+        1,
+        description="machines; > 1 runs torchrun with a c10d rendezvous (docs/multinode.md)",
+        json_schema_extra=RUN_ONLY,
     )
     rdzv_endpoint: str | None = Field(
         None, description=f"HOST:PORT on one node, reachable from all; default ${RDZV_ENDPOINT_ENV}, else $MASTER_ADDR",
         json_schema_extra=RUN_ONLY,
     )
     rdzv_id: str | None = Field(
-        None, description=f"the run's rendezvous id; default ${RDZV_ID_ENV}, else the fingerprint", json_schema_extra=RUN_ONLY
+        None,
+        description=f"the run's rendezvous id; default ${RDZV_ID_ENV}, else the fingerprint",
+        json_schema_extra=RUN_ONLY,
     )
     loader_workers: NonNegativeInt = Field(
         0, description="DataLoader worker processes per rank reading the shards", json_schema_extra=RUN_ONLY

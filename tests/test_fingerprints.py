@@ -43,10 +43,15 @@ def test_data_stage_fingerprints_and_manifest_bytes_are_unchanged(tmp_path, monk
     corpus = run_ingest(IngestConfig(source="src", val_fraction=0.3), "workspace")
     tokenizer = run_bpe(BPEConfig(vocab_size=300, min_frequency=2), corpus, "workspace")
     shards = run_shard(ShardConfig(seq_len=16, shard_bytes=16384), corpus, tokenizer, "workspace")
-    pretrain = pretrain_fingerprint(PretrainConfig(max_steps=10), ModelConfig(preset="tiny", n_layer=1), shards.fingerprint)
+    pretrain = pretrain_fingerprint(
+        PretrainConfig(max_steps=10), ModelConfig(preset="tiny", n_layer=1), shards.fingerprint
+    )
 
     assert (corpus.fingerprint, tokenizer.fingerprint, shards.fingerprint, pretrain) == (
-        "efaafe6e0ff144f4", "0441297364b4bef6", "9318e86d01b8e5ba", "f2a913fe4d2a0631"
+        "efaafe6e0ff144f4",
+        "0441297364b4bef6",
+        "9318e86d01b8e5ba",
+        "f2a913fe4d2a0631",
     )
     manifests = {stage.path.parent.name: manifest_sha256(stage.path) for stage in (corpus, tokenizer, shards)}
     assert manifests == {
@@ -59,7 +64,9 @@ def test_data_stage_fingerprints_and_manifest_bytes_are_unchanged(tmp_path, monk
 def test_a_run_only_setting_leaves_the_pretrain_fingerprint_alone():
     config = PretrainConfig(max_steps=10)
     run_differently = config.model_copy(update={"resume": False, "nproc_per_node": 2, "checkpoint_every": 5})
-    assert pretrain_fingerprint(run_differently, ModelConfig(), "0" * 16) == pretrain_fingerprint(config, ModelConfig(), "0" * 16)
+    assert pretrain_fingerprint(run_differently, ModelConfig(), "0" * 16) == pretrain_fingerprint(
+        config, ModelConfig(), "0" * 16
+    )
 
 
 def test_evaluate_and_finetune_fingerprints_of_fixed_inputs_are_unchanged():

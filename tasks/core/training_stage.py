@@ -84,8 +84,13 @@ def train_once(
     with stage.lock():
         if stage.is_complete():
             manifest = TrainedManifest.model_validate(stage.read_manifest())
-            return output_type(path=stage.path, fingerprint=stage.fingerprint, checkpoint=stage.path / manifest.checkpoint,
-                               metrics=manifest.metrics, reused=True)
+            return output_type(
+                path=stage.path,
+                fingerprint=stage.fingerprint,
+                checkpoint=stage.path / manifest.checkpoint,
+                metrics=manifest.metrics,
+                reused=True,
+            )
         if not resume:
             stage.reset()
         stage.path.mkdir(parents=True, exist_ok=True)  # not reset: its checkpoints are the resume point
@@ -94,9 +99,14 @@ def train_once(
         checkpoint = trained.checkpoint.relative_to(stage.path).as_posix()
         listed = [*trained.files, METRICS_FILE, f"{checkpoint}/{WEIGHTS}", f"{checkpoint}/{CONFIG}"]
         manifest = TrainedManifest(
-            format=format_version, fingerprint=stage.fingerprint, inputs=inputs, checkpoint=checkpoint,
-            metrics=trained.metrics, files=[{"path": name, "sha256": sha256_file(stage.path / name)} for name in listed],
+            format=format_version,
+            fingerprint=stage.fingerprint,
+            inputs=inputs,
+            checkpoint=checkpoint,
+            metrics=trained.metrics,
+            files=[{"path": name, "sha256": sha256_file(stage.path / name)} for name in listed],
         )
         stage.commit(manifest.model_dump())
-    return output_type(path=stage.path, fingerprint=stage.fingerprint, checkpoint=trained.checkpoint,
-                       metrics=trained.metrics)
+    return output_type(
+        path=stage.path, fingerprint=stage.fingerprint, checkpoint=trained.checkpoint, metrics=trained.metrics
+    )
