@@ -237,17 +237,17 @@ def pretrain_task(
     """`run_pretrain` in a nested MLflow run: params, live step metrics, final figures, the checkpoint."""
     logger = get_run_logger()
     params = {"pretrain": config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
-    with stage_run(parent_run_id, "pretrain", params) as stage, tracking.MetricsLogger(stage.run_id) as metrics_logger:
+    with stage_run(parent_run_id, "pretrain", params) as stage:
         tracking.log_dataset(stage.run_id, "shards", shards.fingerprint, shards.path, "pretrain")
+        with tracking.MetricsLogger(stage.run_id) as metrics_logger:
 
-        def on_step(step: int, metrics: Mapping[str, float]) -> None:
-            metrics_logger(step, metrics)
-            if step % 10 == 0 or step == config.max_steps or "val_loss" in metrics:
-                logger.info("step %d/%d: %s", step, config.max_steps,
-                            " ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
+            def on_step(step: int, metrics: Mapping[str, float]) -> None:
+                metrics_logger(step, metrics)
+                if step % 10 == 0 or step == config.max_steps or "val_loss" in metrics:
+                    logger.info("step %d/%d: %s", step, config.max_steps,
+                                " ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
 
-        output = run_pretrain(config, model, shards, workspace, run_id=stage.run_id, callback=on_step)
-        metrics_logger.flush()
+            output = run_pretrain(config, model, shards, workspace, run_id=stage.run_id, callback=on_step)
         figures = "\n".join(f"| {name} | {value:.4g} |" for name, value in output.metrics.items())
         stage.finish(
             output.metrics,
