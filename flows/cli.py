@@ -57,7 +57,7 @@ def evaluate(config: ConfigArg, model: ModelArg, overrides: SetOpt = None) -> No
     """Evaluate a model on the config's data: loss, perplexity, bits per byte, accuracy, samples."""
     from flows.config import load_config
     from flows.evaluate import evaluate_flow
-    from tasks.model_source import find_checkpoint, is_registry_uri
+    from tasks.core.model_source import find_checkpoint, is_registry_uri
 
     settings = load_config(config, overrides or [])
     if not is_registry_uri(model):
@@ -81,7 +81,7 @@ def finetune(
     """Fine-tune on prompt/completion pairs (default task: docstring -> function)."""
     from flows.config import load_config
     from flows.finetune import finetune_flow
-    from tasks.model_source import find_checkpoint, is_registry_uri
+    from tasks.core.model_source import find_checkpoint, is_registry_uri
 
     settings = load_config(config, overrides or [])
     if start_from and not is_registry_uri(start_from):

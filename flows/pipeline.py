@@ -26,7 +26,7 @@ from flows.runtime import flow_run_title, flow_runtime, holding, holding_gpus, r
 from tasks import tracking
 from tasks.evaluate import EvaluateOutput, evaluate_task
 from tasks.finetune import finetune_task
-from tasks.loss_curves import loss_curves_task
+from tasks.tracking.loss_curves import loss_curves_task
 from tasks.pretrain import pretrain_task
 from tasks.register import EvalData, RegisterOutput, register_task
 

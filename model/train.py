@@ -64,9 +64,10 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 from torch import nn
 
 from model.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
-from model.config import GPTConfig
+from model.config import RUN_ONLY, GPTConfig
 from model.data import WindowLoader
 from model.errors import UserError
+from model.evaluate import IGNORE
 from model.gpt import GPT
 from model.mfu import peak_flops
 from model.parallel import ParallelConfig, clip_grad_norm, is_sharded, local_gradients, parallelize
@@ -81,7 +82,6 @@ from model.runtime import (
 )
 from model.schedule import Schedule, learning_rate
 
-IGNORE = -100  # target value that is not scored
 
 Callback = Callable[[int, Mapping[str, float]], None]
 
@@ -113,11 +113,17 @@ class TrainConfig(ParallelConfig):
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
     eval_every: NonNegativeInt = Field(50, description="steps between validation losses; 0: only at the end")
     eval_batches: PositiveInt = Field(8, description="micro-batches per rank in each validation")
-    checkpoint_every: NonNegativeInt = Field(50, description="steps between checkpoints; 0: only at the end")
-    keep_checkpoints: PositiveInt = 3
+    checkpoint_every: NonNegativeInt = Field(
+        50, description="steps between checkpoints; 0: only at the end", json_schema_extra=RUN_ONLY
+    )
+    keep_checkpoints: PositiveInt = Field(3, json_schema_extra=RUN_ONLY)
     seed: int = 0
-    resume: bool = Field(True, description="continue from the newest checkpoint in the output directory")
-    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    resume: bool = Field(
+        True, description="continue from the newest checkpoint in the output directory", json_schema_extra=RUN_ONLY
+    )
+    device: str = Field(
+        "auto", description="auto (cuda if available), cpu, cuda, cuda:1, ...", json_schema_extra=RUN_ONLY
+    )
     bf16: bool | None = Field(
         None, description="bf16 autocast (fsdp: bf16 parameters in compute, fp32 reduction); default: on for CUDA"
     )

@@ -18,7 +18,7 @@ from model.special_tokens import EOS_ID, PAD_ID, SEP_ID
 from tasks import tracking
 from tasks.bpe import load_tokenizer
 from tasks.finetune import FinetuneConfig, completes_function, parse_rate, run_finetune
-from tasks.pairs import Pair
+from tasks.finetune_pairs import Pair
 
 PAIRS = [([10, 11, 12], [20, 21]), ([13, 14], [22, 23, 24]), ([15], [25])]
 

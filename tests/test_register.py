@@ -8,8 +8,10 @@ import torch
 from model.checkpoint import load_model
 from model.errors import UserError
 from tasks import tracking
-from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, load_tokenizer, shard_windows
-from tasks.register import CANDIDATE, CHAMPION, EvalData, RegisterConfig, load_registered_model, run_register
+from tasks.bpe import load_tokenizer
+from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, shard_windows
+from tasks.register import CANDIDATE, CHAMPION, EvalData, RegisterConfig, run_register
+from tasks.tracking.registry import load_registered_model
 from micro import TEXTS, save_base_checkpoint, tiny_gpt, toy_tokenizer, write_corpus, write_val_shards
 
 SEQ_LEN = 16

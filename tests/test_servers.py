@@ -27,7 +27,7 @@ import pytest
 from pipeline_micro import greedy_completions, write_config
 from sigint import with_sigint
 
-from tasks.workspace import sha256_file
+from tasks.core.workspace import sha256_file
 
 pytestmark = pytest.mark.slow
 
