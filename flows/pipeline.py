@@ -22,7 +22,8 @@ from pydantic import BaseModel
 
 from flows.config import PipelineConfig, load_config
 from flows.prepare import artifact_key, prepare_data
-from flows.runtime import flow_run_title, flow_runtime, holding, holding_gpus, registry_limit
+from flows.leases import holding
+from flows.runtime import flow_run_title, flow_runtime, holding_gpus, registry_limit
 from tasks import tracking
 from tasks.evaluate import EvaluateOutput, evaluate_task
 from tasks.finetune import finetune_task
