@@ -27,6 +27,7 @@ from model.special_tokens import SPECIAL_TOKENS
 from tasks.ingest import IngestOutput, read_corpus
 from tasks.core.progress import progress
 from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
+from tasks.core.stage_state import finished
 
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"
@@ -151,4 +152,4 @@ def run_bpe(config: BPEConfig, corpus: IngestOutput, workspace: Path | str) -> B
 @task(name="train-tokenizer", cache_policy=NO_CACHE)
 def train_tokenizer_task(config: BPEConfig, corpus: IngestOutput, workspace: Path | str) -> BPEOutput:
     """Prefect task over `run_bpe`; the stage directory's manifest does the caching."""
-    return run_bpe(config, corpus, workspace)
+    return finished(run_bpe(config, corpus, workspace))

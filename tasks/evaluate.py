@@ -44,6 +44,7 @@ from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.model_source import load_model_source
 from tasks.core.workspace import MANIFEST, StageDir, fingerprint, sha256_file, write_json_atomic
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
+from tasks.core.stage_state import finished
 
 FORMAT_VERSION = 1
 HEADLINE = ("val_loss", "val_perplexity", "val_bits_per_byte", "doc_perplexity", "doc_bits_per_byte")
@@ -240,4 +241,4 @@ def evaluate_task(
             report=Report(run_name, metrics_markdown(f"Evaluation of {model}", output.metrics)
                           + f"\n## Samples\n\n{output.samples.read_text()}", "evaluation figures and samples"),
         )
-    return output
+    return finished(output)

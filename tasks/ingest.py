@@ -53,6 +53,7 @@ from model.data import SPLITS
 from model.errors import UserError
 from tasks.core.progress import progress
 from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
+from tasks.core.stage_state import finished
 
 FORMAT_VERSION = 1
 STDLIB = "python-stdlib"
@@ -489,4 +490,4 @@ def read_corpus(corpus: Path, split: str | None = None, batch_rows: int = 512) -
 @task(name="ingest", cache_policy=NO_CACHE)
 def ingest_task(config: IngestConfig, workspace: Path | str) -> IngestOutput:
     """Prefect task over `run_ingest`; the stage directory's manifest does the caching."""
-    return run_ingest(config, workspace)
+    return finished(run_ingest(config, workspace))

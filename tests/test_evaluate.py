@@ -206,7 +206,7 @@ def test_evaluate_task_logs_a_nested_run_and_headline_figures(tmp_path, stage_in
     @flow
     def pipeline_stage():
         return evaluate_task(CONFIG, s.checkpoint, s.tokenizer, s.shards, s.corpus, tmp_path, parent_run_id=parent,
-                             run_name="evaluate-finetuned", parent_prefix="finetuned_")
+                             run_name="evaluate-finetuned", parent_prefix="finetuned_", return_state=True).result()
 
     output = pipeline_stage()
 

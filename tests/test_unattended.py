@@ -1,0 +1,44 @@
+"""What an unattended run shows in Prefect: a reused stage ends `Cached` naming its directory,
+and each config's reports keep their own artifact keys."""
+
+from __future__ import annotations
+
+from pipeline_micro import write_corpus
+from prefect import flow, get_client
+from prefect.artifacts import Artifact
+
+from tasks import tracking
+from tasks.ingest import IngestConfig, ingest_task
+from tasks.tracking.stage_run import Report, artifact_key, stage_run
+
+
+def test_a_reused_stage_ends_cached_naming_its_directory(prefect_server, tmp_path):
+    config = IngestConfig(source=str(write_corpus(tmp_path / "corpus", files=12)), min_chars=16, val_fraction=0.25)
+
+    @flow
+    def ingest_twice():
+        return [ingest_task(config, tmp_path / "workspace", return_state=True) for _ in range(2)]
+
+    built, reused = ingest_twice()
+    directory = built.result().path
+    assert not built.result().reused and reused.result().path == directory
+    with get_client(sync_client=True) as client:
+        recorded = [client.read_task_run(state.state_details.task_run_id).state for state in (built, reused)]
+    assert [state.name for state in recorded] == ["Completed", "Cached"]
+    assert recorded[1].is_completed() and recorded[1].message == f"reused {directory}"
+
+
+def test_two_configs_reports_land_under_their_own_keys(prefect_server):
+    @flow
+    def report_in(experiment: str) -> None:
+        parent = tracking.start_run(experiment, "pipeline")
+        with stage_run(parent, "pretrain", {}) as stage:
+            stage.finish({}, {}, {}, report=Report("pretrain", f"# Pretraining of {experiment}\n", "figures"))
+        tracking.end_run(parent)
+
+    for experiment in ("keys-alpha", "keys-beta"):
+        report_in(experiment)
+    for experiment in ("keys-alpha", "keys-beta"):
+        artifact = Artifact.get(artifact_key(experiment, "pretrain"))
+        assert artifact is not None and artifact.data.startswith(f"# Pretraining of {experiment}\n")
+    assert Artifact.get("pretrain") is None
