@@ -42,3 +42,17 @@ def test_two_configs_reports_land_under_their_own_keys(prefect_server):
         artifact = Artifact.get(artifact_key(experiment, "pretrain"))
         assert artifact is not None and artifact.data.startswith(f"# Pretraining of {experiment}\n")
     assert Artifact.get("pretrain") is None
+
+
+def test_the_gate_automations_are_created_for_both_events(prefect_server):
+    from prefect.automations import Automation
+
+    from flows.automations import automation_name, create_gate_automations
+    from flows.model_events import PROMOTED, REJECTED
+
+    create_gate_automations("https://hooks.example.com/gptflow")
+    created = create_gate_automations("https://hooks.example.com/gptflow")  # again: replaced, not doubled
+    for event, automation in zip((PROMOTED, REJECTED), created, strict=True):
+        read = Automation.read(name=automation_name(event))
+        assert read.id == automation.id and read.trigger.expect == {event}
+        assert read.actions[0].type == "send-notification" and "event.payload.version" in read.actions[0].body
