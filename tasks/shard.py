@@ -90,7 +90,7 @@ from tasks.ingest import IngestOutput
 from tasks.core.progress import progress
 from tasks.core.storage import filesystem
 from tasks.core.workspace import MANIFEST, StageDir, StageOutput, atomic_path, fingerprint, sha256_file
-from tasks.core.stage_state import finished
+from tasks.core.stage_state import ending_cached
 
 FORMAT_VERSION = 1
 COMPRESSION = "zstd"
@@ -505,20 +505,9 @@ def run_shard(
     return ShardOutput.build_once(stage, build, manifest=MANIFEST)
 
 
-# The stage's Prefect task is `run_shard` itself; its `map_chunks` may run the chunks as task runs.
-
-
-@task(name="shard", cache_policy=NO_CACHE)
-def shard_task(
-    config: ShardConfig,
-    corpus: IngestOutput,
-    tokenizer: BPEOutput,
-    workspace: Path | str,
-    map_chunks: Callable[[list[ShardChunk]], list[ChunkCounts]] = run_in_order,
-    parts_in_workspace: bool = False,
-) -> ShardOutput:
-    """Prefect task over `run_shard`; the stage directory's manifest does the caching."""
-    return finished(run_shard(config, corpus, tokenizer, workspace, map_chunks, parts_in_workspace))
+# The stage's Prefect task is `run_shard` itself (ending `Cached` when reused); its `map_chunks`
+# may run the chunks as task runs.
+shard_task = task(name="shard", cache_policy=NO_CACHE)(ending_cached(run_shard))
 
 
 @task(name="shard-chunk", cache_policy=NO_CACHE)

@@ -8,8 +8,10 @@ a message that names the reused directory, so the UI tells a reused stage from a
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import ParamSpec, Protocol, TypeVar
 
 from prefect.states import Completed, State
 
@@ -20,6 +22,7 @@ class StageOutput(Protocol):
 
 
 OutputT = TypeVar("OutputT", bound=StageOutput)
+P = ParamSpec("P")
 
 
 def finished(output: OutputT) -> OutputT | State:
@@ -28,3 +31,13 @@ def finished(output: OutputT) -> OutputT | State:
     if not output.reused:
         return output
     return Completed(name="Cached", message=f"reused {output.path}", data=output)
+
+
+def ending_cached(run_stage: Callable[P, OutputT]) -> Callable[P, OutputT | State]:
+    """`run_stage` ending as `finished` does, with its signature (Prefect reads the parameters from it)."""
+
+    @functools.wraps(run_stage)
+    def stage(*args: P.args, **kwargs: P.kwargs) -> OutputT | State:
+        return finished(run_stage(*args, **kwargs))
+
+    return stage
