@@ -30,7 +30,7 @@ from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.concurrency.asyncio import AcquireConcurrencySlotTimeoutError
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
-from prefect.logging import get_logger
+from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL
 from prefect.utilities.asyncutils import run_coro_as_sync
@@ -41,8 +41,6 @@ LEASE_SECONDS = 60
 # How long one try for slots waits before expired leases are looked for again.
 TRY_SECONDS = 15
 REPORT_SECONDS = 60  # a waiting run says so once a minute
-
-logger = get_logger("gptflow.leases")
 
 
 def on_embedded_server() -> bool:
@@ -66,10 +64,7 @@ async def _reclaim_expired_leases() -> int:
 
 def reclaim_expired_leases() -> int:
     """Give back the slots of leases that expired (their holder died); returns how many leases."""
-    reclaimed = run_coro_as_sync(_reclaim_expired_leases())
-    if reclaimed:
-        logger.warning("reclaimed %d expired concurrency lease(s) of processes that stopped renewing them", reclaimed)
-    return reclaimed
+    return run_coro_as_sync(_reclaim_expired_leases())
 
 
 async def _holders(limit: str) -> list[str]:
@@ -90,10 +85,13 @@ async def _holders(limit: str) -> list[str]:
         return described
 
 
-def waiting_message(limit: str, slots: int) -> str:
-    """Which limit a run waits for, who holds it and since when (when this machine can see the leases)."""
+def waiting_message(limit: str, slots: int) -> str | None:
+    """Which limit a run waits for, who holds it and since when (when this machine can see the
+    leases); None when `slots` of it are free."""
     with get_client(sync_client=True) as client:
         state = client.read_global_concurrency_limit_by_name(limit)
+    if state.active_slots + slots <= state.limit:
+        return None
     taken = f"{state.active_slots} of {state.limit} slots taken"
     try:
         holders = run_coro_as_sync(_holders(limit))
@@ -113,20 +111,23 @@ def holding(limit: str, slots: int = 1) -> Iterator[None]:
     the block goes on: losing days of training to a monitoring outage is worse than briefly
     exceeding the limit.
     """
-    holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run.id) if flow_run.id else None
+    logger = get_run_logger()  # the flow run's log: the UI shows why it waits
+    holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run.id)
     last_report = None
     with ExitStack() as held:
         while True:
-            if on_embedded_server():
-                reclaim_expired_leases()
+            if on_embedded_server() and (reclaimed := reclaim_expired_leases()):
+                logger.warning("reclaimed %d expired concurrency lease(s) of processes that stopped renewing them", reclaimed)
+            due = last_report is None or time.monotonic() - last_report >= REPORT_SECONDS
+            if due and (waiting := waiting_message(limit, slots)):
+                logger.warning("%s (at %s)", waiting, f"{datetime.now(UTC):%H:%M:%S} UTC")
+                last_report = time.monotonic()
             try:
                 held.enter_context(concurrency(
                     limit, occupy=slots, strict=True, lease_duration=LEASE_SECONDS, timeout_seconds=TRY_SECONDS,
                     holder=holder, raise_on_lease_renewal_failure=False,
                 ))  # fmt: skip
                 break
-            except AcquireConcurrencySlotTimeoutError:
-                if last_report is None or time.monotonic() - last_report >= REPORT_SECONDS:
-                    logger.warning("%s (at %s)", waiting_message(limit, slots), f"{datetime.now(UTC):%H:%M:%S} UTC")
-                    last_report = time.monotonic()
+            except AcquireConcurrencySlotTimeoutError:  # look for expired leases, then try again
+                pass
         yield
