@@ -163,8 +163,9 @@ def reuse_version(name: str, number: str, candidate_value: float, run_id: str) -
     decision = f"version {number} already holds these weights; nothing new registered"
     tracking.set_tags(run_id, {"gate.decision": decision, "registered_version": number})
     champion_version = str(champion.version) if champion else ""
-    return RegisterOutput(name, number, f"models:/{name}/{number}", champion_version, False, decision, candidate_value, None,
-                          judged=False)
+    return RegisterOutput(
+        name, number, f"models:/{name}/{number}", champion_version, False, decision, candidate_value, None, judged=False
+    )
 
 
 def run_register(

@@ -31,7 +31,8 @@ def wait_for(condition, what: str, process: subprocess.Popen, log: Path, timeout
 
 @pytest.mark.slow
 def test_a_run_after_a_sigkill_on_the_embedded_server_proceeds_and_no_server_is_orphaned(tmp_path):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}  # fmt: skip
     env.pop("PREFECT_API_URL", None)  # the embedded default, as a new user has it
     config = write_config(tmp_path, name="leases")
     endless = ["--set=pretrain.max_steps=100000", "--set=pretrain.checkpoint_every=5", "--set=finetune=null"]
