@@ -38,15 +38,17 @@ def test_a_run_after_a_sigkill_on_the_embedded_server_proceeds_and_no_server_is_
     endless = ["--set=pretrain.max_steps=100000", "--set=pretrain.checkpoint_every=5", "--set=finetune=null"]
     killed_log, next_log = tmp_path / "killed.log", tmp_path / "next.log"
     with open(killed_log, "w") as log:
-        killed = subprocess.Popen([GPTFLOW, "pretrain", str(config), *endless], env=env, stdout=log, stderr=subprocess.STDOUT)
-    wait_for(lambda: list((tmp_path / "workspace").glob("pretrain/*/checkpoints/step-*")), "checkpoint", killed, killed_log)
+        killed = subprocess.Popen([GPTFLOW, "pretrain", str(config), *endless], env=env, stdout=log,
+                                  stderr=subprocess.STDOUT)  # fmt: skip
+    checkpoints = tmp_path / "workspace" / "pretrain"
+    wait_for(lambda: list(checkpoints.glob("*/checkpoints/step-*")), "checkpoint", killed, killed_log)
     servers = embedded_servers(killed.pid)
     assert servers, "the run should talk to an embedded server"
 
     # The next run (another config: the first trains for ever) needs the same `gpu` slot: it waits, saying why.
     with open(next_log, "w") as log:
-        following = subprocess.Popen([GPTFLOW, "pretrain", str(config), "--set=pretrain.max_steps=10", "--set=finetune=null"],
-                                     env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        command = [GPTFLOW, "pretrain", str(config), "--set=pretrain.max_steps=10", "--set=finetune=null"]
+        following = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     waiting = "waiting for 1 slot(s) of concurrency limit 'gpu' (1 of 1 slots taken), held by flow run 'leases-"
     wait_for(lambda: waiting in next_log.read_text(), "waiting message", following, next_log)
 

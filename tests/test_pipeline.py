@@ -174,7 +174,8 @@ def test_champion_moves_only_to_a_better_version(first_run, micro):
 
     # What an automation sees, read back through the Prefect API: one event per judged version.
     events = wait_until(lambda: gate_events(name) if len(gate_events(name)) == 3 else None, 60, "three gate events")
-    assert [(event.event, event.payload["version"]) for event in events] == [(PROMOTED, "1"), (PROMOTED, "2"), (REJECTED, "3")]
+    decisions = [(event.event, event.payload["version"]) for event in events]
+    assert decisions == [(PROMOTED, "1"), (PROMOTED, "2"), (REJECTED, "3")]
     promoted, rejected = events[1].payload, events[2].payload
     assert promoted["name"] == name and promoted["gate_metric"] == "val_bits_per_byte"
     assert promoted["candidate_value"] == better.candidate_value and promoted["champion_value"] == better.champion_value

@@ -62,7 +62,8 @@ def pretrain_failing_once(config, shards, workspace, error: Exception, monkeypat
 def test_a_lost_rank_retries_and_resumes_to_the_uninterrupted_weights(prefect_server, micro, tmp_path, monkeypatch):
     config, prepared = micro
     lost_rank = RankFailure("pretraining under torchrun failed with exit code -9: a rank died")
-    attempts, state, parent = pretrain_failing_once(config, prepared.shards, tmp_path / "retried", lost_rank, monkeypatch)
+    attempts, state, parent = pretrain_failing_once(config, prepared.shards, tmp_path / "retried", lost_rank,
+                                                    monkeypatch)  # fmt: skip
     assert state.is_completed() and len(attempts) == 2
     assert attempts[0][-1] == FAIL_AT_STEP and attempts[1][0] == 6  # resumed from the checkpoint of step 5
     retried = state.result()
