@@ -189,7 +189,7 @@ def gate_events(name):
     with get_client(sync_client=True) as client:
         page = client.read_events(EventFilter(
             event=EventNameFilter(prefix=["gptflow.model."]), resource=EventResourceFilter(id=[RESOURCE_PREFIX + name]),
-        ), limit=50)  # the client's default, 100, is more than the server accepts  # fmt: skip
+        ), limit=50)  # the client's default, 100, is more than the server accepts
     return sorted(page.events, key=lambda event: event.occurred)
 
 

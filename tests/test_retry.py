@@ -63,7 +63,7 @@ def test_a_lost_rank_retries_and_resumes_to_the_uninterrupted_weights(prefect_se
     config, prepared = micro
     lost_rank = RankFailure("pretraining under torchrun failed with exit code -9: a rank died")
     attempts, state, parent = pretrain_failing_once(config, prepared.shards, tmp_path / "retried", lost_rank,
-                                                    monkeypatch)  # fmt: skip
+                                                    monkeypatch)
     assert state.is_completed() and len(attempts) == 2
     assert attempts[0][-1] == FAIL_AT_STEP and attempts[1][0] == 6  # resumed from the checkpoint of step 5
     retried = state.result()
