@@ -50,7 +50,9 @@ def create_gate_automations(webhook_url: str) -> list[Automation]:
             name=automation_name(event),
             description="Sends the champion gate's decision to the team's webhook (flows/automations.py)",
             trigger=EventTrigger(
-                expect={event}, match={"prefect.resource.id": f"{RESOURCE_PREFIX}*"}, posture=Posture.Reactive,
+                expect={event},
+                match={"prefect.resource.id": f"{RESOURCE_PREFIX}*"},
+                posture=Posture.Reactive,
                 threshold=1,
             ),
             actions=[SendNotification(block_document_id=block_id, subject=f"gptflow: {event}", body=BODY)],

@@ -30,12 +30,21 @@ def finetune_flow(config: PipelineConfig, start_from: str | None = None) -> Fine
         if base is None:
             with holding_gpus(config.pretrain.nproc_per_node):
                 pretrained = retrying(pretrain_task, config.pretrain)(
-                    config.pretrain, config.model, prepared.shards, config.workspace, parent_run_id=run_id,
+                    config.pretrain,
+                    config.model,
+                    prepared.shards,
+                    config.workspace,
+                    parent_run_id=run_id,
                     return_state=True,
                 ).result()
             base = pretrained.checkpoint
         with holding_gpus():
             return retrying(finetune_task, config.finetune)(
-                config.finetune, base, prepared.tokenizer.tokenizer, prepared.corpus.corpus, config.workspace,
-                parent_run_id=run_id, return_state=True,
+                config.finetune,
+                base,
+                prepared.tokenizer.tokenizer,
+                prepared.corpus.corpus,
+                config.workspace,
+                parent_run_id=run_id,
+                return_state=True,
             ).result()

@@ -117,17 +117,25 @@ def holding(limit: str, slots: int = 1) -> Iterator[None]:
     with ExitStack() as held:
         while True:
             if on_embedded_server() and (reclaimed := reclaim_expired_leases()):
-                logger.warning("reclaimed %d expired concurrency lease(s) of processes that stopped renewing them",
-                               reclaimed)
+                logger.warning(
+                    "reclaimed %d expired concurrency lease(s) of processes that stopped renewing them", reclaimed
+                )
             due = last_report is None or time.monotonic() - last_report >= REPORT_SECONDS
             if due and (waiting := waiting_message(limit, slots)):
                 logger.warning("%s (at %s)", waiting, f"{datetime.now(UTC):%H:%M:%S} UTC")
                 last_report = time.monotonic()
             try:
-                held.enter_context(concurrency(
-                    limit, occupy=slots, strict=True, lease_duration=LEASE_SECONDS, timeout_seconds=TRY_SECONDS,
-                    holder=holder, raise_on_lease_renewal_failure=False,
-                ))
+                held.enter_context(
+                    concurrency(
+                        limit,
+                        occupy=slots,
+                        strict=True,
+                        lease_duration=LEASE_SECONDS,
+                        timeout_seconds=TRY_SECONDS,
+                        holder=holder,
+                        raise_on_lease_renewal_failure=False,
+                    )
+                )
                 break
             except AcquireConcurrencySlotTimeoutError:  # look for expired leases, then try again
                 pass

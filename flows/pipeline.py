@@ -21,17 +21,17 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.config import PipelineConfig, load_config
-from flows.prepare import artifact_key, prepare_data
 from flows.leases import holding
 from flows.model_events import announce_gate
+from flows.prepare import artifact_key, prepare_data
 from flows.runtime import flow_run_title, flow_runtime, holding_gpus, registry_limit
 from tasks import tracking
-from tasks.evaluate import EvaluateOutput, evaluate_task
 from tasks.core.retry import retrying
+from tasks.evaluate import EvaluateOutput, evaluate_task
 from tasks.finetune import finetune_task
-from tasks.tracking.loss_curves import loss_curves_task
 from tasks.pretrain import pretrain_task
 from tasks.register import EvalData, RegisterOutput, register_task
+from tasks.tracking.loss_curves import loss_curves_task
 
 
 class PipelineResult(BaseModel):
@@ -60,7 +60,9 @@ def summary_markdown(config: PipelineConfig, result: PipelineResult, evaluations
 
 
 @flow(name="pipeline", flow_run_name=flow_run_title)
-def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", overrides: list[str] | None = None) -> PipelineResult:
+def pipeline(
+    config: PipelineConfig | str | Path = "configs/tiny.yaml", overrides: list[str] | None = None
+) -> PipelineResult:
     """Corpus to registered model; `config` is a YAML path or a PipelineConfig."""
     if not isinstance(config, PipelineConfig):
         config = load_config(config, overrides or ())
@@ -74,9 +76,17 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
             """One evaluation, named after the model it scores in Prefect and MLflow alike."""
             name = f"evaluate-{label}"
             return evaluate_task.with_options(task_run_name=name)(
-                config.evaluate, checkpoint, tokenizer.tokenizer, shards.path, corpus.corpus, workspace,
-                parent_run_id=run_id, run_name=name, parent_prefix=f"{label}_", return_state=True,
-            ).result()  # fmt: skip
+                config.evaluate,
+                checkpoint,
+                tokenizer.tokenizer,
+                shards.path,
+                corpus.corpus,
+                workspace,
+                parent_run_id=run_id,
+                run_name=name,
+                parent_prefix=f"{label}_",
+                return_state=True,
+            ).result()
 
         with holding_gpus(config.pretrain.nproc_per_node):
             pretrained = retrying(pretrain_task, config.pretrain)(
@@ -89,7 +99,12 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
                 # A registered model named in the config wins over this run's pretraining output.
                 base_model = config.finetune.start_from or pretrained.checkpoint
                 finetuned = retrying(finetune_task, config.finetune)(
-                    config.finetune, base_model, tokenizer.tokenizer, corpus.corpus, workspace, parent_run_id=run_id,
+                    config.finetune,
+                    base_model,
+                    tokenizer.tokenizer,
+                    corpus.corpus,
+                    workspace,
+                    parent_run_id=run_id,
                     return_state=True,
                 ).result()
             evaluations["finetuned"] = evaluate("finetuned", finetuned.checkpoint)
@@ -105,9 +120,15 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
         }
         with holding(registry_limit(config.name)):
             registered = register_task(
-                config.register, config.name, final_checkpoint, tokenizer.tokenizer, final.metrics, lineage,
-                EvalData(config.evaluate, shards.path, corpus.corpus), parent_run_id=run_id,
-            )  # fmt: skip
+                config.register,
+                config.name,
+                final_checkpoint,
+                tokenizer.tokenizer,
+                final.metrics,
+                lineage,
+                EvalData(config.evaluate, shards.path, corpus.corpus),
+                parent_run_id=run_id,
+            )
         announce_gate(registered, config.register.gate_metric, run_id)
         result = PipelineResult(
             mlflow_run_id=run_id,

@@ -18,7 +18,9 @@ from tasks.pretrain import PretrainOutput, pretrain_task
 
 
 @flow(name="pretrain", flow_run_name=flow_run_title)
-def pretrain(config: PipelineConfig | str | Path = "configs/tiny.yaml", overrides: list[str] | None = None) -> PretrainOutput:
+def pretrain(
+    config: PipelineConfig | str | Path = "configs/tiny.yaml", overrides: list[str] | None = None
+) -> PretrainOutput:
     """Shards from the config's corpus, then a pretrained checkpoint; `config` is a YAML path or a PipelineConfig."""
     if not isinstance(config, PipelineConfig):
         config = load_config(config, overrides or ())
@@ -26,6 +28,10 @@ def pretrain(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
         prepared = prepare_data(config, parent_run_id=run_id)
         with holding_gpus(config.pretrain.nproc_per_node):
             return retrying(pretrain_task, config.pretrain)(
-                config.pretrain, config.model, prepared.shards, config.workspace, parent_run_id=run_id,
+                config.pretrain,
+                config.model,
+                prepared.shards,
+                config.workspace,
+                parent_run_id=run_id,
                 return_state=True,
             ).result()

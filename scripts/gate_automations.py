@@ -1,6 +1,6 @@
 """Create the automations that notify a webhook of the champion gate's decisions (flows/automations.py).
 
-    python scripts/gate_automations.py --webhook https://hooks.example.com/gptflow
+python scripts/gate_automations.py --webhook https://hooks.example.com/gptflow
 """
 
 from flows.environment import apply_defaults

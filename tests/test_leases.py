@@ -31,15 +31,19 @@ def wait_for(condition, what: str, process: subprocess.Popen, log: Path, timeout
 
 @pytest.mark.slow
 def test_a_run_after_a_sigkill_on_the_embedded_server_proceeds_and_no_server_is_orphaned(tmp_path):
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+    }
     env.pop("PREFECT_API_URL", None)  # the embedded default, as a new user has it
     config = write_config(tmp_path, name="leases")
     endless = ["--set=pretrain.max_steps=100000", "--set=pretrain.checkpoint_every=5", "--set=finetune=null"]
     killed_log, next_log = tmp_path / "killed.log", tmp_path / "next.log"
     with open(killed_log, "w") as log:
-        killed = subprocess.Popen([GPTFLOW, "pretrain", str(config), *endless], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT)
+        killed = subprocess.Popen(
+            [GPTFLOW, "pretrain", str(config), *endless], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     checkpoints = tmp_path / "workspace" / "pretrain"
     wait_for(lambda: list(checkpoints.glob("*/checkpoints/step-*")), "checkpoint", killed, killed_log)
     servers = embedded_servers(killed.pid)

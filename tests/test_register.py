@@ -5,6 +5,7 @@ import uuid
 import pytest
 import torch
 
+from micro import TEXTS, save_base_checkpoint, tiny_gpt, toy_tokenizer, write_corpus, write_val_shards
 from model.checkpoint import load_model
 from model.errors import UserError
 from tasks import tracking
@@ -12,7 +13,6 @@ from tasks.bpe import load_tokenizer
 from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, shard_windows
 from tasks.register import CANDIDATE, CHAMPION, EvalData, RegisterConfig, run_register
 from tasks.tracking.registry import load_registered_model
-from micro import TEXTS, save_base_checkpoint, tiny_gpt, toy_tokenizer, write_corpus, write_val_shards
 
 SEQ_LEN = 16
 # Evaluation data unlike TEXTS, which the toy tokenizer was trained on.
@@ -174,4 +174,6 @@ def test_unknown_gate_metric_names_the_field(data):
     root = data[0]
     model = tiny_gpt(data[2].get_vocab_size(), SEQ_LEN)
     with pytest.raises(UserError, match="register.gate_metric: 'val_bits_per_byte' is not an evaluation figure"):
-        register("unknown-metric", checkpoint_of(model, root, "unknown"), data, EvaluateConfig(), metrics={"val_loss": 1.0})
+        register(
+            "unknown-metric", checkpoint_of(model, root, "unknown"), data, EvaluateConfig(), metrics={"val_loss": 1.0}
+        )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from pipeline_micro import write_config
 from prefect import flow
 from safetensors.torch import load_file
 
@@ -15,6 +14,7 @@ from flows.prepare import prepare_data_locally
 from model.checkpoint import WEIGHTS
 from model.errors import UserError
 from model.train import NonFiniteLoss
+from pipeline_micro import write_config
 from tasks import pretrain, tracking
 from tasks.core.retry import RankFailure, retrying
 
@@ -62,8 +62,9 @@ def pretrain_failing_once(config, shards, workspace, error: Exception, monkeypat
 def test_a_lost_rank_retries_and_resumes_to_the_uninterrupted_weights(prefect_server, micro, tmp_path, monkeypatch):
     config, prepared = micro
     lost_rank = RankFailure("pretraining under torchrun failed with exit code -9: a rank died")
-    attempts, state, parent = pretrain_failing_once(config, prepared.shards, tmp_path / "retried", lost_rank,
-                                                    monkeypatch)
+    attempts, state, parent = pretrain_failing_once(
+        config, prepared.shards, tmp_path / "retried", lost_rank, monkeypatch
+    )
     assert state.is_completed() and len(attempts) == 2
     assert attempts[0][-1] == FAIL_AT_STEP and attempts[1][0] == 6  # resumed from the checkpoint of step 5
     retried = state.result()

@@ -3,10 +3,10 @@ and each config's reports keep their own artifact keys."""
 
 from __future__ import annotations
 
-from pipeline_micro import write_corpus
 from prefect import flow, get_client
 from prefect.artifacts import Artifact
 
+from pipeline_micro import write_corpus
 from tasks import tracking
 from tasks.ingest import IngestConfig, ingest_task
 from tasks.tracking.stage_run import Report, artifact_key, stage_run

@@ -34,7 +34,8 @@ class TrainingStageConfig(TrainConfig):
     """The engine's TrainConfig as a stage's config; subclasses add the stage's own fields."""
 
     retries: NonNegativeInt = Field(
-        2, description="retries after a lost rank, process or device (tasks/core/retry.py), each resuming",
+        2,
+        description="retries after a lost rank, process or device (tasks/core/retry.py), each resuming",
         json_schema_extra=RUN_ONLY,
     )
     retry_delay_seconds: NonNegativeFloat = Field(
