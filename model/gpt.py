@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from model.config import GPTConfig
+from model.loss import IGNORE, linear_cross_entropy
 
 
 class KVCache:
@@ -51,8 +52,8 @@ class KVCache:
 
 
 class GPTOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, V), for every position
-    loss: torch.Tensor | None  # mean cross-entropy over targets != -100; None without targets
+    logits: torch.Tensor | None  # (B, T, V), for every position; None with targets when loss_chunk fuses the head
+    loss: torch.Tensor | None  # cross-entropy over targets != -100 (mean or sum); None without targets
     cache: KVCache | None  # the cache passed in, advanced by T; None without one
 
 
@@ -171,11 +172,13 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> GPTOutput:
+                cache: KVCache | None = None, reduction: Literal["mean", "sum"] = "mean") -> GPTOutput:
         """idx (B, T) token ids; targets (B, T) next-token ids, -100 where no loss is wanted.
 
-        With a cache, idx continues the tokens already in it: their keys and values are read
-        from it, and this call's are added to it.
+        With targets, the loss is the cross-entropy in fp32 over the scored targets, their mean
+        or their sum (`reduction`); with `config.loss_chunk` the logits are not returned, since
+        they never exist whole (model.loss). With a cache, idx continues the tokens already in
+        it: their keys and values are read from it, and this call's are added to it.
         """
         T = idx.size(1)
         start = cache.offset if cache is not None else 0
@@ -193,12 +196,29 @@ class GPT(nn.Module):
         masks = self._attention_masks(T, start, cache, idx.device)
         for block in self.transformer.h:
             x = block(x, masks, cache)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        x = self.transformer.ln_f(x)
         if cache is not None:
             cache.offset += T
+        if targets is None:
+            return GPTOutput(self.lm_head(x), None, cache)  # (B, T, V): the unpadded head, nothing to slice
+        return self._loss(x, targets, reduction, cache)
+
+    def _loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str, cache: KVCache | None) -> GPTOutput:
+        """The cross-entropy of the head's logits for x (B, T, C) against targets (B, T)."""
+        config = self.config
+        # Zero rows pad the head to padded_vocab_size: the matmuls get tensor-core friendly shapes
+        # (50,257 is odd), and the padded logits are sliced off before the softmax. The stored
+        # parameter keeps vocab_size rows, so checkpoints, exports and num_params are unchanged.
+        weight = F.pad(self.lm_head.weight, (0, 0, 0, config.padded_vocab_size - config.vocab_size))  # (Vp, C)
+        hidden, flat_targets = x.flatten(0, 1), targets.flatten()  # (B*T, C), (B*T,)
+        logits = None
+        if config.loss_chunk:
+            loss = linear_cross_entropy(hidden, weight, flat_targets, config.vocab_size, config.loss_chunk)
+        else:
+            logits = F.linear(x, weight)[..., :config.vocab_size]  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), flat_targets, ignore_index=IGNORE, reduction="sum")
+        if reduction == "mean":
+            loss = loss / (flat_targets != IGNORE).sum()
         return GPTOutput(logits, loss, cache)
 
     def _attention_masks(self, T: int, start: int, cache: KVCache | None,

@@ -1,0 +1,74 @@
+"""The output head and the cross-entropy in one pass, a chunk of positions at a time.
+
+Training needs the loss and its gradients, never the logits. Computed whole, gpt2-small's
+fp32 logits are about 206 MB per 1,024-token sequence, and their softmax and gradient as
+much again: at batch 64 the loss alone would hold tens of GB and its memory traffic would
+cost a quarter of the step. Here each chunk of `chunk` positions computes its (chunk, V)
+logits, its fp32 log-softmax, its loss, and at once its share of the gradients
+(softmax - one-hot, times the head weight and the hidden states); then the chunk's logits
+are dropped. The backward only scales the gradients by the incoming scalar. Same FLOPs as
+head + cross-entropy + their backward, at most one chunk of logits alive.
+
+Hand-written: torch has no fused linear + cross-entropy, and the libraries that do
+(Liger-Kernel, Apple's cut-cross-entropy) are CUDA/Triton only. torch.compile traces this
+Function whole (no graph break; the chunk loop unrolls).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100  # target value that is not scored
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                         chunk: int) -> torch.Tensor:
+    """The summed cross-entropy of `hidden @ weight.T` (logits) against `targets`, over targets != -100.
+
+    hidden (N, C); weight (Vp, C), whose rows past `vocab_size` are padding and never
+    scored; targets (N,). Matmuls run in the autocast dtype when autocast is on, the
+    softmax in fp32. Without autograd (validation) no gradients are computed.
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, chunk)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.size(0), chunk):
+        logits = F.linear(hidden[start:start + chunk], weight)[:, :vocab_size].float()  # (chunk, V)
+        total = total + F.cross_entropy(logits, targets[start:start + chunk], ignore_index=IGNORE, reduction="sum")
+    return total
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                chunk: int) -> torch.Tensor:
+        grad_hidden = torch.empty_like(hidden)  # (N, C)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (Vp, C), summed in fp32
+        total = hidden.new_zeros((), dtype=torch.float32)
+        padding = weight.size(0) - vocab_size
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)  # cast once for all chunks, as autocast would
+        for start in range(0, hidden.size(0), chunk):
+            rows, wanted = hidden_c[start:start + chunk], targets[start:start + chunk]  # (n, C), (n,)
+            logits = F.linear(rows, weight_c)[:, :vocab_size].float()  # (n, V)
+            log_norm = logits.logsumexp(dim=-1)  # (n,)
+            scored = wanted != IGNORE
+            target = wanted.clamp(min=0)[:, None]  # (n, 1); an ignored row reads column 0 and is masked out
+            total = total + ((log_norm - logits.gather(1, target).squeeze(1)) * scored).sum()
+            # d loss / d logits = softmax - one_hot(target), zero on ignored rows; in place on the logits
+            grad_logits = logits.sub_(log_norm[:, None]).exp_()
+            grad_logits.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad_logits.dtype))
+            grad_logits.mul_(scored[:, None])
+            grad_logits = F.pad(grad_logits.to(dtype), (0, padding))  # (n, Vp): padded logits get none
+            grad_hidden[start:start + chunk] = (grad_logits @ weight_c).to(hidden.dtype)
+            grad_weight += (grad_logits.t() @ rows).float()
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype), \
+            None, None, None
