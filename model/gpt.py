@@ -13,7 +13,6 @@ nh heads, hs head size, V vocabulary.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Literal, NamedTuple
 
 import torch
@@ -65,26 +64,26 @@ class AttentionMask(NamedTuple):
     is_causal: bool
 
 
-@lru_cache(maxsize=8)
-def banded_block_mask(seq_len: int, window: int, device: str) -> BlockMask:
+def banded_block_mask(seq_len: int, window: int, device: torch.device | str) -> BlockMask:
     """The sparse band i - window < j <= i as a BlockMask: flex attention skips the blocks outside it."""
 
     def in_band(batch, head, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
 
-    return create_block_mask(in_band, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+    return create_block_mask(in_band, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=str(device))
 
 
-@lru_cache(maxsize=1)
-def compiled_flex_attention():
-    # Compiled once, on first use: uncompiled, flex attention materialises the full score matrix.
-    return torch.compile(flex_attention, dynamic=False)
+# Uncompiled, flex attention materialises the full score matrix. Compiled for fixed shapes: generation
+# buckets its prefill lengths (model.generate) so that a few shapes cover every prompt.
+_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
 
 def banded_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
-    """Attention inside the band only: flex attention skips the key blocks the block mask leaves out."""
-    attend = compiled_flex_attention() if q.is_cuda else flex_attention  # eager on the CPU, for tests
-    return attend(q, k, v, block_mask=block_mask)
+    """Attention inside the band only: flex attention skips the key blocks the block mask leaves out.
+
+    Inside a compiled model the model's own compilation covers it; eager on the CPU (tests)."""
+    compiled = q.is_cuda and not torch.compiler.is_compiling()
+    return (_compiled_flex_attention if compiled else flex_attention)(q, k, v, block_mask=block_mask)
 
 
 class CausalSelfAttention(nn.Module):
@@ -155,12 +154,23 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one Parameter, read by both
+        self._band_masks: dict[tuple[int, str], BlockMask] = {}  # see band_mask
         self.apply(self._init_weights)
         # GPT-2 scales the projections that write into the residual stream by 1/sqrt(N),
         # N = 2 * n_layer residual additions, so the stream's variance does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def band_mask(self, seq_len: int, device: torch.device) -> BlockMask:
+        """The sparse layers' BlockMask for `seq_len` queries from slot 0, built on first use and kept.
+
+        Call it before running a compiled model (model.train does): the forward then reads a
+        mask built outside the graph, instead of building one inside it."""
+        key = (seq_len, str(device))
+        if key not in self._band_masks:
+            self._band_masks[key] = banded_block_mask(seq_len, self.config.sparse_window, device)
+        return self._band_masks[key]
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -239,7 +249,7 @@ class GPT(nn.Module):
                 # SDPA needs no mask tensor: causal from the start, or one query that sees every key
                 masks[kind] = AttentionMask(None, is_causal=start == 0 and T > 1)
             elif band_matters and not padded and start == 0 and device.type == "cuda" and not self._attention_dropout:
-                masks[kind] = AttentionMask(banded_block_mask(T, window, str(device)), False)
+                masks[kind] = AttentionMask(self.band_mask(T, device), False)
             else:
                 masks[kind] = AttentionMask(self._mask_tensor(T, start, kind, cache, device), False)
         return masks

@@ -401,6 +401,8 @@ def train(
 
     with process_group(env, device), stop_signals() as stop:
         net = parallelize(model, config, device, env.world_size, use_bf16, use_compile)
+        if model.config.has_sparse_layers:
+            model.band_mask(train_data.seq_len, device)  # built now, outside the compiled graph
         optimizer = configure_optimizer(model, config, device)
         step, train_loss = 0, math.nan
         checkpoint = latest_checkpoint(checkpoints) if config.resume else None
