@@ -32,9 +32,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, chunk)
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start in range(0, hidden.size(0), chunk):
-        logits = F.linear(hidden[start:start + chunk], weight)[:, :vocab_size].float()  # (chunk, V)
+        logits = F.linear(hidden[start:start + chunk], weight)[:, :vocab_size].to(total.dtype)  # (chunk, V)
         total = total + F.cross_entropy(logits, targets[start:start + chunk], ignore_index=IGNORE, reduction="sum")
     return total
 
@@ -43,16 +43,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                 chunk: int) -> torch.Tensor:
-        grad_hidden = torch.empty_like(hidden)  # (N, C)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # (Vp, C), summed in fp32
-        total = hidden.new_zeros((), dtype=torch.float32)
         padding = weight.size(0) - vocab_size
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        exact = torch.promote_types(dtype, torch.float32)  # softmax, loss and summed gradients: fp32 or better
+        grad_hidden = torch.empty_like(hidden)  # (N, C)
+        grad_weight = torch.zeros(weight.shape, dtype=exact, device=weight.device)  # (Vp, C)
+        total = hidden.new_zeros((), dtype=exact)
         hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)  # cast once for all chunks, as autocast would
         for start in range(0, hidden.size(0), chunk):
             rows, wanted = hidden_c[start:start + chunk], targets[start:start + chunk]  # (n, C), (n,)
-            logits = F.linear(rows, weight_c)[:, :vocab_size].float()  # (n, V)
+            logits = F.linear(rows, weight_c)[:, :vocab_size].to(exact)  # (n, V)
             log_norm = logits.logsumexp(dim=-1)  # (n,)
             scored = wanted != IGNORE
             target = wanted.clamp(min=0)[:, None]  # (n, 1); an ignored row reads column 0 and is masked out
@@ -63,7 +64,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits.mul_(scored[:, None])
             grad_logits = F.pad(grad_logits.to(dtype), (0, padding))  # (n, Vp): padded logits get none
             grad_hidden[start:start + chunk] = (grad_logits @ weight_c).to(hidden.dtype)
-            grad_weight += (grad_logits.t() @ rows).float()
+            grad_weight += grad_logits.t() @ rows
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
 
