@@ -219,7 +219,9 @@ class GPT(nn.Module):
         # Zero rows pad the head to padded_vocab_size: the matmuls get tensor-core friendly shapes
         # (50,257 is odd), and the padded logits are sliced off before the softmax. The stored
         # parameter keeps vocab_size rows, so checkpoints, exports and num_params are unchanged.
-        weight = F.pad(self.lm_head.weight, (0, 0, 0, config.padded_vocab_size - config.vocab_size))  # (Vp, C)
+        weight = self.lm_head.weight  # (V, C)
+        if config.padded_vocab_size > config.vocab_size:
+            weight = F.pad(weight, (0, 0, 0, config.padded_vocab_size - config.vocab_size))  # (Vp, C)
         hidden, flat_targets = x.flatten(0, 1), targets.flatten()  # (B*T, C), (B*T,)
         logits = None
         if config.loss_chunk:

@@ -53,18 +53,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)  # cast once for all chunks, as autocast would
         for start in range(0, hidden.size(0), chunk):
             rows, wanted = hidden_c[start:start + chunk], targets[start:start + chunk]  # (n, C), (n,)
-            logits = F.linear(rows, weight_c)[:, :vocab_size].to(exact)  # (n, V)
-            log_norm = logits.logsumexp(dim=-1)  # (n,)
-            scored = wanted != IGNORE
-            target = wanted.clamp(min=0)[:, None]  # (n, 1); an ignored row reads column 0 and is masked out
-            total = total + ((log_norm - logits.gather(1, target).squeeze(1)) * scored).sum()
-            # d loss / d logits = softmax - one_hot(target), zero on ignored rows; in place on the logits
-            grad_logits = logits.sub_(log_norm[:, None]).exp_()
-            grad_logits.scatter_add_(1, target, torch.full_like(target, -1, dtype=grad_logits.dtype))
-            grad_logits.mul_(scored[:, None])
-            grad_logits = F.pad(grad_logits.to(dtype), (0, padding))  # (n, Vp): padded logits get none
-            grad_hidden[start:start + chunk] = (grad_logits @ weight_c).to(hidden.dtype)
-            grad_weight += grad_logits.t() @ rows
+            scored = (wanted != IGNORE)[:, None]  # (n, 1)
+            target = wanted.clamp(min=0)[:, None]  # (n, 1); an ignored row reads column 0, masked out below
+            log_probs = F.linear(rows, weight_c)[:, :vocab_size].to(exact).log_softmax(dim=-1)  # (n, V)
+            total = total - (log_probs.gather(1, target) * scored).sum()
+            # d loss / d logits = softmax - one_hot(target), in place. Ignored rows are zeroed on the
+            # (n, C) side of the matmuls below, which is V / C times cheaper than on the logits.
+            grad_logits = log_probs.exp_().scatter_add_(1, target, torch.full_like(log_probs[:, :1], -1))
+            if padding:
+                grad_logits = F.pad(grad_logits, (0, padding))  # (n, Vp): padded logits get no gradient
+            grad_logits = grad_logits.to(dtype)
+            grad_hidden[start:start + chunk] = ((grad_logits @ weight_c) * scored).to(hidden.dtype)
+            grad_weight += grad_logits.t() @ (rows * scored)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
 

