@@ -223,7 +223,8 @@ def run_phase(name: str, device: str, smoke: bool) -> None:
 
 
 def criteria(results: dict[str, dict[str, Any]], smoke: bool) -> list[tuple[str, bool | None]]:
-    """(criterion, held) for each pass criterion; None where its phase has no figure."""
+    """(criterion, held) for each pass criterion; None where its phase has no figure, and for the
+    speed targets at --smoke's micro shapes, where they mean nothing."""
     def get(phase: str, key: str) -> Any:
         return results.get(phase, {}).get(key)
 
@@ -232,7 +233,8 @@ def criteria(results: dict[str, dict[str, Any]], smoke: bool) -> list[tuple[str,
         get("sparse", "flex_vs_sdpa_max_abs_diff")
     return [
         ("gpt2-small MFU >= 40% of the bf16 peak", None if mfu is None or smoke else mfu >= 0.40),
-        ("engine >= 1.0x the plain compiled bf16 step", None if engine is None or plain is None else engine >= plain),
+        ("engine >= 1.0x the plain compiled bf16 step",
+         None if engine is None or plain is None or smoke else engine >= plain),
         ("gpt3-small sparse: no graph breaks", None if breaks is None else breaks == 0),
         ("gpt3-small sparse: no recompiles (at most 1 graph)", None if graphs is None else graphs <= 1),
         ("flex attention logits = masked SDPA's (max abs diff < 2e-2)", None if diff is None else diff < 2e-2),
