@@ -101,16 +101,13 @@ def main() -> None:
     for name, config, batch_size, seq_len in models:
         rates, plain_rates = [], []
         for run in range(args.runs):
-            def engine() -> None:
-                rates.append(training_tokens_per_s(config, batch_size, seq_len, args.steps))
-
-            def plain() -> None:
-                plain_rates.append(statistics.median(plain_training_rates(
-                    config, batch_size, seq_len, args.steps, WARMUP_STEPS, torch.device("cpu"), bf16=False,
-                    compile=False)))
-
-            for side in (engine, plain) if run % 2 == 0 else (plain, engine):
-                side()
+            for side in ("engine", "plain") if run % 2 == 0 else ("plain", "engine"):  # alternating who goes first
+                if side == "engine":
+                    rates.append(training_tokens_per_s(config, batch_size, seq_len, args.steps))
+                else:
+                    plain_rates.append(statistics.median(plain_training_rates(
+                        config, batch_size, seq_len, args.steps, WARMUP_STEPS, torch.device("cpu"), bf16=False,
+                        compile=False)))
         mfu = [config.flops_per_token(seq_len) * rate / peak for rate in rates]
         ratios = [rate / plain_rate for rate, plain_rate in zip(rates, plain_rates)]
         fastest = max(fastest, statistics.median(rates))

@@ -59,7 +59,7 @@ def test_same_loss_and_gradients(loss_chunk):
 def test_same_generations():
     padded, unpadded = twin_models()
     prompts = [[5, 6, 7], [8]]
-    for kwargs in (dict(temperature=0), dict(temperature=1.0, seed=3)):
+    for kwargs in ({"temperature": 0}, {"temperature": 1.0, "seed": 3}):
         assert generate(padded, prompts, 12, **kwargs) == generate(unpadded, prompts, 12, **kwargs)
     assert padded(torch.tensor([prompts[0]])).logits.shape == (1, 3, 300)  # no padded logit to sample
 
