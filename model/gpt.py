@@ -73,17 +73,22 @@ def banded_block_mask(seq_len: int, window: int, device: torch.device | str) -> 
     return create_block_mask(in_band, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=str(device))
 
 
-# Uncompiled, flex attention materialises the full score matrix. Compiled for fixed shapes: generation
-# buckets its prefill lengths (model.generate) so that a few shapes cover every prompt.
-_compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+# Uncompiled, flex attention materialises the full score matrix. Compiled for fixed shapes (generation
+# buckets its prefill lengths, model.generate, so that a few shapes cover every prompt), on first use:
+# torch.compile imports the compiler stack, which a process that never runs flex attention should not pay for.
+_compiled_flex_attention = None
 
 
 def banded_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
     """Attention inside the band only: flex attention skips the key blocks the block mask leaves out.
 
     Inside a compiled model the model's own compilation covers it; eager on the CPU (tests)."""
-    compiled = q.is_cuda and not torch.compiler.is_compiling()
-    return (_compiled_flex_attention if compiled else flex_attention)(q, k, v, block_mask=block_mask)
+    global _compiled_flex_attention
+    if not q.is_cuda or torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask)
 
 
 class CausalSelfAttention(nn.Module):
