@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loader import loader_tokens_per_s, random_shards  # noqa: E402
-from plain_step import plain_training_rates  # noqa: E402
+from plain_step import plain_training_steps  # noqa: E402
 from train import RandomTokens  # noqa: E402
 
 from model.config import GPTConfig, preset  # noqa: E402
@@ -127,8 +127,8 @@ def phase_train(shapes: Shapes, device: torch.device, scratch: Path, changes: di
 def phase_plain(shapes: Shapes, device: torch.device, scratch: Path) -> dict[str, Any]:
     cuda = device.type == "cuda"
     started = time.perf_counter()
-    rates = plain_training_rates(shapes.gpt2, shapes.batch, shapes.seq, shapes.steps, shapes.warmup, device,
-                                 bf16=cuda, compile=cuda)
+    steps = plain_training_steps(shapes.gpt2, shapes.batch, shapes.seq, device, bf16=cuda, compile=cuda)
+    rates = list(islice(steps, shapes.warmup + shapes.steps))[shapes.warmup:]
     return {"tokens_per_s": statistics.median(rates), "tokens_per_s_range": [min(rates), max(rates)],
             "seconds": time.perf_counter() - started, "compiled_bf16": cuda}
 

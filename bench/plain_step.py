@@ -11,6 +11,7 @@ no chunked loss) is that model; the loop below is nanoGPT's, not the engine's.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 
 import torch
@@ -24,9 +25,11 @@ def plain_config(config: GPTConfig) -> GPTConfig:
     return config.model_copy(update={"vocab_multiple": 1, "loss_chunk": 0})
 
 
-def plain_training_rates(config: GPTConfig, batch_size: int, seq_len: int, steps: int, warmup: int,
-                         device: torch.device, bf16: bool, compile: bool) -> list[float]:
-    """Tokens/s of each of `steps` timed steps (after `warmup` untimed ones), from a fresh seeded model."""
+def plain_training_steps(config: GPTConfig, batch_size: int, seq_len: int, device: torch.device, bf16: bool,
+                         compile: bool) -> Iterator[float]:
+    """Train a fresh seeded model one step per `next()`, yielding each step's tokens/s.
+
+    A generator, so that a benchmark can interleave its steps with the engine's, step by step."""
     torch.manual_seed(0)
     model = GPT(plain_config(config)).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -38,8 +41,7 @@ def plain_training_rates(config: GPTConfig, batch_size: int, seq_len: int, steps
     net = torch.compile(model) if compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     generator = torch.Generator().manual_seed(0)
-    rates = []
-    for step in range(warmup + steps):
+    while True:
         started = time.perf_counter()  # the batch is drawn inside the step, as the engine's timing counts it
         windows = torch.randint(config.vocab_size, (batch_size, seq_len + 1), generator=generator)
         inputs, targets = windows[:, :-1].to(device), windows[:, 1:].to(device)
@@ -50,6 +52,4 @@ def plain_training_rates(config: GPTConfig, batch_size: int, seq_len: int, steps
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()  # the host sync nanoGPT's loop makes (it also waits for the step to finish)
-        if step >= warmup:
-            rates.append(batch_size * seq_len / (time.perf_counter() - started))
-    return rates
+        yield batch_size * seq_len / (time.perf_counter() - started)

@@ -10,7 +10,7 @@ AdamW, the per-step host sync) on random tokens, eager and fp32, one micro-batch
 training FLOPs per token (6N + 12·L·T·d, N without position embeddings) times tokens/s
 over the fp32 matmul peak measured in the same run. Each engine run is paired with a run
 of the plain step (bench/plain_step.py: whole logits, mean cross-entropy, AdamW) on the
-same shapes, the two alternating which goes first, and the ratio engine / plain is taken
+same shapes, their steps interleaved one for one, and the ratio engine / plain is taken
 per pair, so that load from other processes hits both sides alike. Then the loader's
 tokens/s on the same machine and the ratio between the two.
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loader import describe, find_manifest, loader_tokens_per_s, random_shards  # noqa: E402
-from plain_step import plain_training_rates  # noqa: E402
+from plain_step import plain_training_steps  # noqa: E402
 
 from model.config import GPTConfig, preset  # noqa: E402
 from model.gpt import GPT  # noqa: E402
@@ -62,9 +62,20 @@ class RandomTokens:
         pass
 
 
-def training_tokens_per_s(config: GPTConfig, batch_size: int, seq_len: int, steps: int) -> float:
-    """Tokens/s of one training run from a fresh model: the median of its steps after the warm-up ones."""
+def paired_tokens_per_s(config: GPTConfig, batch_size: int, seq_len: int, steps: int) -> tuple[float, float]:
+    """Tokens/s of one engine run from a fresh model and of the plain step, their steps interleaved
+    (engine step, plain step, ...: load from other processes hits both alike); each the median of
+    its steps after the warm-up ones."""
     rates: list[float] = []
+    plain_rates: list[float] = []
+    plain = plain_training_steps(config, batch_size, seq_len, torch.device("cpu"), bf16=False, compile=False)
+
+    def after_engine_step(step: int, metrics: dict[str, float]) -> None:
+        plain_rate = next(plain)
+        if step > WARMUP_STEPS:
+            rates.append(metrics["tokens_per_s"])
+            plain_rates.append(plain_rate)
+
     settings = TrainConfig(
         max_steps=WARMUP_STEPS + steps, batch_tokens=batch_size * seq_len, micro_batch_size=batch_size,
         warmup_steps=1, eval_every=0, checkpoint_every=0, keep_checkpoints=1, resume=False, device="cpu",
@@ -72,8 +83,8 @@ def training_tokens_per_s(config: GPTConfig, batch_size: int, seq_len: int, step
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out_dir:
         train(GPT(config), settings, RandomTokens(batch_size, seq_len, config.vocab_size), None, Path(out_dir),
-              callback=lambda step, metrics: rates.append(metrics["tokens_per_s"]) if step > WARMUP_STEPS else None)
-    return statistics.median(rates)
+              callback=after_engine_step)
+    return statistics.median(rates), statistics.median(plain_rates)
 
 
 def main() -> None:
@@ -99,15 +110,8 @@ def main() -> None:
 
     fastest = 0.0  # the loader must keep up with the hungriest model
     for name, config, batch_size, seq_len in models:
-        rates, plain_rates = [], []
-        for run in range(args.runs):
-            for side in ("engine", "plain") if run % 2 == 0 else ("plain", "engine"):  # alternating who goes first
-                if side == "engine":
-                    rates.append(training_tokens_per_s(config, batch_size, seq_len, args.steps))
-                else:
-                    plain_rates.append(statistics.median(plain_training_rates(
-                        config, batch_size, seq_len, args.steps, WARMUP_STEPS, torch.device("cpu"), bf16=False,
-                        compile=False)))
+        rates, plain_rates = zip(*(paired_tokens_per_s(config, batch_size, seq_len, args.steps)
+                                   for _ in range(args.runs)))
         mfu = [config.flops_per_token(seq_len) * rate / peak for rate in rates]
         ratios = [rate / plain_rate for rate, plain_rate in zip(rates, plain_rates)]
         fastest = max(fastest, statistics.median(rates))
