@@ -56,8 +56,16 @@ from model.train import TrainConfig, train  # noqa: E402
 
 # Share of --budget per phase, in the order they run (most important first).
 BUDGET_SHARES = {
-    "env": 0.04, "train": 0.2, "plain": 0.15, "no_padding": 0.11, "no_chunked_loss": 0.11, "no_compile": 0.06,
-    "sparse": 0.15, "generate": 0.08, "loader": 0.03, "evaluate": 0.07,
+    "env": 0.04,
+    "train": 0.2,
+    "plain": 0.15,
+    "no_padding": 0.11,
+    "no_chunked_loss": 0.11,
+    "no_compile": 0.06,
+    "sparse": 0.15,
+    "generate": 0.08,
+    "loader": 0.03,
+    "evaluate": 0.07,
 }
 SPEED_CHOICES_OFF = {"no_padding": {"vocab_multiple": 1}, "no_chunked_loss": {"loss_chunk": 0}, "no_compile": {}}
 
@@ -78,25 +86,41 @@ class Shapes:
         self.windows = 200 if smoke else 20_000
 
 
-def engine_run(config: GPTConfig, batch: int, seq: int, shapes: Shapes, device: str, compile: bool | None,
-               out_dir: Path) -> dict[str, Any]:
+def engine_run(
+    config: GPTConfig, batch: int, seq: int, shapes: Shapes, device: str, compile: bool | None, out_dir: Path
+) -> dict[str, Any]:
     """One engine run (model.train.train): step times, and the final checkpoint's time."""
     torch.manual_seed(0)
     model = GPT(config)
     steps = shapes.warmup + shapes.steps
     settings = TrainConfig(
-        max_steps=steps, batch_tokens=batch * seq, micro_batch_size=batch, warmup_steps=1, eval_every=0,
-        checkpoint_every=0, checkpoint_minutes=0, keep_checkpoints=1, resume=False, device=device, compile=compile,
+        max_steps=steps,
+        batch_tokens=batch * seq,
+        micro_batch_size=batch,
+        warmup_steps=1,
+        eval_every=0,
+        checkpoint_every=0,
+        checkpoint_minutes=0,
+        keep_checkpoints=1,
+        resume=False,
+        device=device,
+        compile=compile,
     )
     seen: list[tuple[float, dict[str, float]]] = []  # (time of the callback, metrics)
-    train(model, settings, RandomTokens(batch, seq, config.vocab_size), None, out_dir,
-          callback=lambda step, metrics: seen.append((time.perf_counter(), dict(metrics))))
-    rates = [metrics["tokens_per_s"] for _, metrics in seen[shapes.warmup:]]
+    train(
+        model,
+        settings,
+        RandomTokens(batch, seq, config.vocab_size),
+        None,
+        out_dir,
+        callback=lambda step, metrics: seen.append((time.perf_counter(), dict(metrics))),
+    )
+    rates = [metrics["tokens_per_s"] for _, metrics in seen[shapes.warmup :]]
     last_step_s = batch * seq / seen[-1][1]["tokens_per_s"]
     return {
         "tokens_per_s": statistics.median(rates),
         "tokens_per_s_range": [min(rates), max(rates)],
-        "mfu": statistics.median(metrics["mfu"] for _, metrics in seen[shapes.warmup:]),
+        "mfu": statistics.median(metrics["mfu"] for _, metrics in seen[shapes.warmup :]),
         "first_step_s": batch * seq / seen[0][1]["tokens_per_s"],  # compilation, mostly
         "peak_memory_mb": seen[-1][1]["memory_mb"],
         # The final checkpoint is written between the last step's timing and its callback.
@@ -109,15 +133,22 @@ def phase_env(shapes: Shapes, device: torch.device, scratch: Path) -> dict[str, 
     result: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": str(device)}
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        result |= {"name": name, "bf16_peak_flops": gpu_peak_flops(name, bf16=True),
-                   "memory_gb": torch.cuda.get_device_properties(device).total_memory / 2**30}
-    result["measured_fp32_matmul_flops"] = measure_matmul_flops(size=512 if shapes.steps < 3 else 4096,
-                                                                device=device)
+        result |= {
+            "name": name,
+            "bf16_peak_flops": gpu_peak_flops(name, bf16=True),
+            "memory_gb": torch.cuda.get_device_properties(device).total_memory / 2**30,
+        }
+    result["measured_fp32_matmul_flops"] = measure_matmul_flops(size=512 if shapes.steps < 3 else 4096, device=device)
     return result
 
 
-def phase_train(shapes: Shapes, device: torch.device, scratch: Path, changes: dict[str, Any] | None = None,
-                compile: bool | None = None) -> dict[str, Any]:
+def phase_train(
+    shapes: Shapes,
+    device: torch.device,
+    scratch: Path,
+    changes: dict[str, Any] | None = None,
+    compile: bool | None = None,
+) -> dict[str, Any]:
     config = shapes.gpt2.model_copy(update=changes or {})
     return engine_run(config, shapes.batch, shapes.seq, shapes, device.type, compile, scratch) | {
         "config": {"vocab_multiple": config.vocab_multiple, "loss_chunk": config.loss_chunk, "compile": compile},
@@ -128,9 +159,13 @@ def phase_plain(shapes: Shapes, device: torch.device, scratch: Path) -> dict[str
     cuda = device.type == "cuda"
     started = time.perf_counter()
     steps = plain_training_steps(shapes.gpt2, shapes.batch, shapes.seq, device, bf16=cuda, compile=cuda)
-    rates = list(islice(steps, shapes.warmup + shapes.steps))[shapes.warmup:]
-    return {"tokens_per_s": statistics.median(rates), "tokens_per_s_range": [min(rates), max(rates)],
-            "seconds": time.perf_counter() - started, "compiled_bf16": cuda}
+    rates = list(islice(steps, shapes.warmup + shapes.steps))[shapes.warmup :]
+    return {
+        "tokens_per_s": statistics.median(rates),
+        "tokens_per_s_range": [min(rates), max(rates)],
+        "seconds": time.perf_counter() - started,
+        "compiled_bf16": cuda,
+    }
 
 
 def phase_sparse(shapes: Shapes, device: torch.device, scratch: Path) -> dict[str, Any]:
@@ -148,8 +183,10 @@ def phase_sparse(shapes: Shapes, device: torch.device, scratch: Path) -> dict[st
     tokens = torch.randint(shapes.gpt3.vocab_size, (1, shapes.sparse_seq), device=device)
     with torch.no_grad():
         flex = model(tokens).logits
-        dense = {kind: AttentionMask(model._mask_tensor(shapes.sparse_seq, 0, kind, None, device), False)
-                 for kind in ("dense", "sparse")}
+        dense = {
+            kind: AttentionMask(model._mask_tensor(shapes.sparse_seq, 0, kind, None, device), False)
+            for kind in ("dense", "sparse")
+        }
         model._attention_masks = lambda *args: dense  # every layer through SDPA with a mask tensor
         sdpa = model(tokens).logits
     result["flex_vs_sdpa_max_abs_diff"] = (flex - sdpa).abs().max().item()
@@ -225,16 +262,22 @@ def run_phase(name: str, device: str, smoke: bool) -> None:
 def criteria(results: dict[str, dict[str, Any]], smoke: bool) -> list[tuple[str, bool | None]]:
     """(criterion, held) for each pass criterion; None where its phase has no figure, and for the
     speed targets at --smoke's micro shapes, where they mean nothing."""
+
     def get(phase: str, key: str) -> Any:
         return results.get(phase, {}).get(key)
 
     mfu, engine, plain = get("train", "mfu"), get("train", "tokens_per_s"), get("plain", "tokens_per_s")
-    breaks, graphs, diff = get("sparse", "graph_breaks"), get("sparse", "unique_graphs"), \
-        get("sparse", "flex_vs_sdpa_max_abs_diff")
+    breaks, graphs, diff = (
+        get("sparse", "graph_breaks"),
+        get("sparse", "unique_graphs"),
+        get("sparse", "flex_vs_sdpa_max_abs_diff"),
+    )
     return [
         ("gpt2-small MFU >= 40% of the bf16 peak", None if mfu is None or smoke else mfu >= 0.40),
-        ("engine >= 1.0x the plain compiled bf16 step",
-         None if engine is None or plain is None or smoke else engine >= plain),
+        (
+            "engine >= 1.0x the plain compiled bf16 step",
+            None if engine is None or plain is None or smoke else engine >= plain,
+        ),
         ("gpt3-small sparse: no graph breaks", None if breaks is None else breaks == 0),
         ("gpt3-small sparse: no recompiles (at most 1 graph)", None if graphs is None else graphs <= 1),
         ("flex attention logits = masked SDPA's (max abs diff < 2e-2)", None if diff is None else diff < 2e-2),
@@ -273,8 +316,15 @@ def main() -> None:
         results[name] = record
         with args.out.open("a") as out:
             out.write(json.dumps(record) + "\n")
-        print(f"{name}: " + ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
-                                      for key, value in record.items() if key != "phase"), flush=True)
+        print(
+            f"{name}: "
+            + ", ".join(
+                f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                for key, value in record.items()
+                if key != "phase"
+            ),
+            flush=True,
+        )
 
     print("pass criteria:")
     for criterion, held in criteria(results, args.smoke):

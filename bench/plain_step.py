@@ -25,8 +25,9 @@ def plain_config(config: GPTConfig) -> GPTConfig:
     return config.model_copy(update={"vocab_multiple": 1, "loss_chunk": 0})
 
 
-def plain_training_steps(config: GPTConfig, batch_size: int, seq_len: int, device: torch.device, bf16: bool,
-                         compile: bool) -> Iterator[float]:
+def plain_training_steps(
+    config: GPTConfig, batch_size: int, seq_len: int, device: torch.device, bf16: bool, compile: bool
+) -> Iterator[float]:
     """Train a fresh seeded model one step per `next()`, yielding each step's tokens/s.
 
     A generator, so that a benchmark can interleave its steps with the engine's, step by step."""

@@ -43,12 +43,14 @@ class GPTConfig(BaseModel):
     sparse_window: int = Field(256, description="a sparse layer lets position i attend to i - sparse_window < j <= i")
     # Speed choices: they change how the loss is computed, not what it is (1 and 0 turn them off).
     vocab_multiple: PositiveInt = Field(
-        128, description="the training head multiplies by the vocabulary padded with zero rows to a multiple of this "
-        "(tensor-core shapes); padded logits are never scored, stored or sampled"
+        128,
+        description="the training head multiplies by the vocabulary padded with zero rows to a multiple of this "
+        "(tensor-core shapes); padded logits are never scored, stored or sampled",
     )
     loss_chunk: NonNegativeInt = Field(
-        4096, description="positions per chunk of the fused head + cross-entropy in training (model.loss); "
-        "0: whole logits, then F.cross_entropy"
+        4096,
+        description="positions per chunk of the fused head + cross-entropy in training (model.loss); "
+        "0: whole logits, then F.cross_entropy",
     )
 
     @field_validator("attention")
@@ -119,8 +121,13 @@ def _gpt3(n_layer: int, n_head: int, n_embd: int) -> GPTConfig:
     # The paper does not give the band width of its "locally banded sparse attention";
     # 256 (an eighth of the context) is our choice.
     return GPTConfig(
-        vocab_size=50257, block_size=2048, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-        attention=["dense", "sparse"], sparse_window=256,
+        vocab_size=50257,
+        block_size=2048,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        attention=["dense", "sparse"],
+        sparse_window=256,
     )
 
 

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 IGNORE = -100  # target value that is not scored
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                         chunk: int) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk: int
+) -> torch.Tensor:
     """The summed cross-entropy of `hidden @ weight.T` (logits) against `targets`, over targets != -100.
 
     hidden (N, C); weight (Vp, C), whose rows past `vocab_size` are padding and never
@@ -34,15 +35,16 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         return _LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, chunk)
     total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
     for start in range(0, hidden.size(0), chunk):
-        logits = F.linear(hidden[start:start + chunk], weight)[:, :vocab_size].to(total.dtype)  # (chunk, V)
-        total = total + F.cross_entropy(logits, targets[start:start + chunk], ignore_index=IGNORE, reduction="sum")
+        logits = F.linear(hidden[start : start + chunk], weight)[:, :vocab_size].to(total.dtype)  # (chunk, V)
+        total = total + F.cross_entropy(logits, targets[start : start + chunk], ignore_index=IGNORE, reduction="sum")
     return total
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                chunk: int) -> torch.Tensor:
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int, chunk: int
+    ) -> torch.Tensor:
         padding = weight.size(0) - vocab_size
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
@@ -52,7 +54,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=exact)
         hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)  # cast once for all chunks, as autocast would
         for start in range(0, hidden.size(0), chunk):
-            rows, wanted = hidden_c[start:start + chunk], targets[start:start + chunk]  # (n, C), (n,)
+            rows, wanted = hidden_c[start : start + chunk], targets[start : start + chunk]  # (n, C), (n,)
             scored = (wanted != IGNORE)[:, None]  # (n, 1)
             target = wanted.clamp(min=0)[:, None]  # (n, 1); an ignored row reads column 0, masked out below
             log_probs = F.linear(rows, weight_c)[:, :vocab_size].to(exact).log_softmax(dim=-1)  # (n, V)
@@ -63,7 +65,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if padding:
                 grad_logits = F.pad(grad_logits, (0, padding))  # (n, Vp): padded logits get no gradient
             grad_logits = grad_logits.to(dtype)
-            grad_hidden[start:start + chunk] = ((grad_logits @ weight_c) * scored).to(hidden.dtype)
+            grad_hidden[start : start + chunk] = ((grad_logits @ weight_c) * scored).to(hidden.dtype)
             grad_weight += grad_logits.t() @ (rows * scored)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
@@ -71,5 +73,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), grad_weight * grad_total.to(grad_weight.dtype), \
-            None, None, None
+        return (
+            grad_hidden * grad_total.to(grad_hidden.dtype),
+            grad_weight * grad_total.to(grad_weight.dtype),
+            None,
+            None,
+            None,
+        )

@@ -341,8 +341,9 @@ def rng_states(device: torch.device) -> list[dict[str, torch.Tensor]]:
     return gathered
 
 
-def restore_rng(saved: list[dict[str, torch.Tensor]], env: DistributedEnv, seed: int, step: int,
-                device: torch.device) -> None:
+def restore_rng(
+    saved: list[dict[str, torch.Tensor]], env: DistributedEnv, seed: int, step: int, device: torch.device
+) -> None:
     if len(saved) == env.world_size:
         torch.set_rng_state(saved[env.rank]["cpu"])
         if device.type == "cuda" and "cuda" in saved[env.rank]:
@@ -357,8 +358,9 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
-def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
-                    env: DistributedEnv) -> dict[str, Any]:
+def load_checkpoint(
+    checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, env: DistributedEnv
+) -> dict[str, Any]:
     """Load `checkpoint`'s weights and optimizer state into the (parallelized) model; returns the
     rest of its state. Rank 0 reads a gathered checkpoint and broadcasts it; a DCP checkpoint is
     read by every rank, and only when the run opted into that format."""
@@ -426,16 +428,26 @@ def train(
             return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)
 
         def save(step: int) -> Path:
-            state = {"data": train_data.state_dict(), "rng": rng_states(device), "world_size": env.world_size,
-                     "train_loss": train_loss}
+            state = {
+                "data": train_data.state_dict(),
+                "rng": rng_states(device),
+                "world_size": env.world_size,
+                "train_loss": train_loss,
+            }
             if config.checkpoint_format == "dcp":
                 shards = sharded_state(model, optimizer)
                 save_sharded_checkpoint(checkpoints, step, model, state, shards, keep=config.keep_checkpoints)
             else:
                 weights, optimizer_state = full_state(model, optimizer)  # collective: every rank takes part
                 if env.is_main:
-                    save_checkpoint(checkpoints, step, model, {"optimizer": optimizer_state, **state},
-                                    keep=config.keep_checkpoints, weights=weights)
+                    save_checkpoint(
+                        checkpoints,
+                        step,
+                        model,
+                        {"optimizer": optimizer_state, **state},
+                        keep=config.keep_checkpoints,
+                        weights=weights,
+                    )
             if dist.is_initialized():
                 dist.barrier()  # no rank goes on (or returns) before the checkpoint is in place
             return checkpoints / f"step-{step}"
@@ -447,8 +459,13 @@ def train(
         while step < config.max_steps:
             step_started = time.perf_counter()
             lr = learning_rate(
-                step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
-                max_steps=config.max_steps, schedule=config.schedule, decay_fraction=config.decay_fraction,
+                step,
+                lr=config.lr,
+                min_lr=config.min_lr,
+                warmup_steps=config.warmup_steps,
+                max_steps=config.max_steps,
+                schedule=config.schedule,
+                decay_fraction=config.decay_fraction,
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -525,8 +542,14 @@ def run(spec: RunSpec, callback: Callback | None = None) -> TrainResult:
 
     def loader(split: str, shuffle: bool) -> WindowLoader:
         return WindowLoader(
-            spec.shards, split, spec.train.micro_batch_size, rank=env.rank, world_size=env.world_size,
-            seed=spec.train.seed, shuffle=shuffle, workers=spec.loader_workers,
+            spec.shards,
+            split,
+            spec.train.micro_batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=spec.train.seed,
+            shuffle=shuffle,
+            workers=spec.loader_workers,
         )
 
     train_data, val_data = loader("train", shuffle=True), loader("val", shuffle=False)
@@ -547,8 +570,9 @@ def main(argv: list[str] | None = None, callback: Callback | None = None) -> Non
     """Command line entry (also under torchrun); `callback` defaults to printing each step."""
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", type=Path, help="a RunSpec as JSON: {model, train, shards, out_dir, loader_workers}")
-    parser.add_argument("--result", type=Path,
-                        help="the first process of this node writes the TrainResult (or the error) here as JSON")
+    parser.add_argument(
+        "--result", type=Path, help="the first process of this node writes the TrainResult (or the error) here as JSON"
+    )
     args = parser.parse_args(argv)
     env = DistributedEnv.from_environ()
     is_main = env.is_main

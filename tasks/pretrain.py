@@ -70,8 +70,16 @@ DEFAULT_RDZV_PORT = 29500  # torchrun's MASTER_PORT default
 NODE_SCRIPT = "node.sh"  # the launch the other nodes run
 # PretrainConfig fields that decide how the run executes, not the weights it produces.
 RUN_ONLY_FIELDS = {
-    "resume", "checkpoint_every", "keep_checkpoints", "nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id",
-    "device", "loader_workers", *ParallelConfig.model_fields,
+    "resume",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "nproc_per_node",
+    "nnodes",
+    "rdzv_endpoint",
+    "rdzv_id",
+    "device",
+    "loader_workers",
+    *ParallelConfig.model_fields,
 }
 STOP_GRACE_SECONDS = 120  # for the ranks to finish a step and checkpoint after a cancel
 
@@ -102,7 +110,10 @@ class PretrainOutput(BaseModel):
 
 
 def pretrain_fingerprint(config: PretrainConfig, model: ModelConfig, shards_fingerprint: str) -> str:
-    settings = {"pretrain": config.model_dump(mode="json", exclude=RUN_ONLY_FIELDS), "model": model.model_dump(mode="json")}
+    settings = {
+        "pretrain": config.model_dump(mode="json", exclude=RUN_ONLY_FIELDS),
+        "model": model.model_dump(mode="json"),
+    }
     return fingerprint("pretrain", settings, {"shards": shards_fingerprint}, FORMAT_VERSION)
 
 
@@ -134,15 +145,25 @@ def run_pretrain(
     with stage.lock():
         if stage.is_complete():
             manifest = stage.read_manifest()
-            return PretrainOutput(path=stage.path, fingerprint=stage.fingerprint, checkpoint=stage.path / manifest["checkpoint"],
-                                  metrics=manifest["metrics"], reused=True)
+            return PretrainOutput(
+                path=stage.path,
+                fingerprint=stage.fingerprint,
+                checkpoint=stage.path / manifest["checkpoint"],
+                metrics=manifest["metrics"],
+                reused=True,
+            )
         if not config.resume:
             stage.reset()
         stage.path.mkdir(parents=True, exist_ok=True)  # not reset: its checkpoints are the resume point
 
         vocab_size = json.loads(Path(shards.manifest).read_text())["vocab_size"]
-        spec = RunSpec(model=model.resolve(vocab_size), train=config.train_config(), shards=shards.manifest,
-                       out_dir=stage.path, loader_workers=config.loader_workers)
+        spec = RunSpec(
+            model=model.resolve(vocab_size),
+            train=config.train_config(),
+            shards=shards.manifest,
+            out_dir=stage.path,
+            loader_workers=config.loader_workers,
+        )
         write_json_atomic(stage.path / "spec.json", spec.model_dump(mode="json"))
         with mirrored_checkpoints(stage, resume=config.resume):
             if config.nproc_per_node == 1 and config.nnodes == 1:
@@ -166,14 +187,16 @@ def run_pretrain(
         write_json_atomic(stage.path / "metrics.json", metrics)
         checkpoint = result.checkpoint.relative_to(stage.path).as_posix()
         listed = ["spec.json", "metrics.json", f"{checkpoint}/{WEIGHTS}", f"{checkpoint}/{CONFIG}"]
-        stage.commit({
-            "format": FORMAT_VERSION,
-            "fingerprint": stage.fingerprint,
-            "inputs": {"shards": shards.fingerprint},
-            "checkpoint": checkpoint,
-            "metrics": metrics,
-            "files": [{"path": name, "sha256": sha256_file(stage.path / name)} for name in listed],
-        })
+        stage.commit(
+            {
+                "format": FORMAT_VERSION,
+                "fingerprint": stage.fingerprint,
+                "inputs": {"shards": shards.fingerprint},
+                "checkpoint": checkpoint,
+                "metrics": metrics,
+                "files": [{"path": name, "sha256": sha256_file(stage.path / name)} for name in listed],
+            }
+        )
     return PretrainOutput(path=stage.path, fingerprint=stage.fingerprint, checkpoint=result.checkpoint, metrics=metrics)
 
 
@@ -196,7 +219,9 @@ def torchrun_args(config: PretrainConfig, spec: Path, fingerprint: str) -> list[
         rendezvous = ["--standalone"]
     else:
         rendezvous = [
-            f"--nnodes={config.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rendezvous_endpoint(config)}",
+            f"--nnodes={config.nnodes}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={rendezvous_endpoint(config)}",
             f"--rdzv_id={config.rdzv_id or os.environ.get(RDZV_ID_ENV) or fingerprint}",
         ]
     return [*rendezvous, f"--nproc_per_node={config.nproc_per_node}", "-m", "tasks.pretrain_worker", str(spec)]
@@ -219,8 +244,11 @@ def write_node_script(path: Path, launch: list[str], run_id: str | None) -> None
         f"exec env {variables} torchrun {shlex.join(launch)}\n"
     )
     path.chmod(0o755)
-    print(f"pretrain: waiting for the other nodes at the rendezvous; on each of them run: sh {path}",
-          file=sys.stderr, flush=True)
+    print(
+        f"pretrain: waiting for the other nodes at the rendezvous; on each of them run: sh {path}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def run_torchrun(launch: list[str], result_file: Path, run_id: str | None) -> TrainResult:
@@ -241,7 +269,9 @@ def run_torchrun(launch: list[str], result_file: Path, run_id: str | None) -> Tr
     if exit_code == 0 and "checkpoint" in outcome:
         return TrainResult.model_validate(outcome)
     detail = outcome.get("error") or outcome.get("interrupted") or "see the ranks' output above"
-    raise UserError(f"pretraining under torchrun ({shlex.join(launch[:-3])}) failed with exit code {exit_code}: {detail}")
+    raise UserError(
+        f"pretraining under torchrun ({shlex.join(launch[:-3])}) failed with exit code {exit_code}: {detail}"
+    )
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
@@ -255,19 +285,27 @@ def pretrain_task(
     """`run_pretrain` in a nested MLflow run: params, live step metrics, final figures, the checkpoint."""
     logger = get_run_logger()
     with tracking.child_run(parent_run_id, "pretrain") as run_id:
-        tracking.log_params(run_id, {"pretrain": config.model_dump(mode="json"), "model": model.model_dump(mode="json")})
+        tracking.log_params(
+            run_id, {"pretrain": config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
+        )
         tracking.log_dataset(run_id, "shards", shards.fingerprint, shards.path, "pretrain")
         with tracking.MetricsLogger(run_id) as metrics_logger:
 
             def on_step(step: int, metrics: Mapping[str, float]) -> None:
                 metrics_logger(step, metrics)
                 if step % 10 == 0 or step == config.max_steps or "val_loss" in metrics:
-                    logger.info("step %d/%d: %s", step, config.max_steps,
-                                " ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
+                    logger.info(
+                        "step %d/%d: %s",
+                        step,
+                        config.max_steps,
+                        " ".join(f"{key} {value:.4g}" for key, value in metrics.items()),
+                    )
 
             output = run_pretrain(config, model, shards, workspace, run_id=run_id, callback=on_step)
         tracking.log_metrics(run_id, output.metrics)
-        tracking.log_metrics(parent_run_id, {f"pretrain_{name}": output.metrics[name] for name in ("val_loss", "train_loss")})
+        tracking.log_metrics(
+            parent_run_id, {f"pretrain_{name}": output.metrics[name] for name in ("val_loss", "train_loss")}
+        )
         tracking.log_artifact(run_id, output.checkpoint / WEIGHTS, "checkpoint")
         tracking.log_artifact(run_id, output.checkpoint / CONFIG, "checkpoint")
         tracking.log_artifact(run_id, output.path / "metrics.json")

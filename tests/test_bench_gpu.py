@@ -20,8 +20,9 @@ def run_bench(out, *args):
 def test_smoke_mode_runs_every_kind_of_phase(tmp_path):
     out = tmp_path / "bench.jsonl"
     # no_padding / no_chunked_loss / no_compile are the train phase with one field changed
-    printed = run_bench(out, "--phases", "env", "train", "plain", "sparse", "generate", "loader", "evaluate",
-                        "--budget", "3000")
+    printed = run_bench(
+        out, "--phases", "env", "train", "plain", "sparse", "generate", "loader", "evaluate", "--budget", "3000"
+    )
     records = {record["phase"]: record for record in map(json.loads, out.read_text().splitlines())}
     assert list(records) == ["env", "train", "plain", "sparse", "generate", "loader", "evaluate"]
     assert all(record["ok"] for record in records.values()), records

@@ -73,8 +73,14 @@ def test_a_compiled_run_checkpoints_plain_weights_that_load_both_ways(tmp_path):
         torch.manual_seed(0)
         trained = GPT(MICRO)
         config = micro_config(compile=compile, max_steps=3)
-        result = train(trained, config, RandomBatches(), None, tmp_path / str(compile),
-                       callback=lambda step, m, key=compile: losses.setdefault(key, []).append(m["loss"]))
+        result = train(
+            trained,
+            config,
+            RandomBatches(),
+            None,
+            tmp_path / str(compile),
+            callback=lambda step, m, key=compile: losses.setdefault(key, []).append(m["loss"]),
+        )
     # The losses after one and two updates. (Not the weights: Adam turns float noise in a near-zero
     # gradient into a full-size step, so single elements may differ by up to lr.)
     assert losses[True] == pytest.approx(losses[False], rel=1e-3)

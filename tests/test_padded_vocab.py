@@ -66,8 +66,10 @@ def test_same_generations():
 
 def test_same_hf_export(tmp_path):
     padded, unpadded = twin_models()
-    files = [load_file(export_hf(model, tmp_path / name) / "model.safetensors")
-             for name, model in (("padded", padded), ("unpadded", unpadded))]
+    files = [
+        load_file(export_hf(model, tmp_path / name) / "model.safetensors")
+        for name, model in (("padded", padded), ("unpadded", unpadded))
+    ]
     assert files[0].keys() == files[1].keys()
     for name in files[0]:
         assert torch.equal(files[0][name], files[1][name]), name
