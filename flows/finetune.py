@@ -12,6 +12,7 @@ from prefect import flow
 
 from flows.config import PipelineConfig
 from flows.pipeline import GPU_LIMIT, ensure_gpu_limit, holding, flow_run_title, pipeline_mlflow_run
+from flows.preflight import check_run
 from flows.prepare import check_prepare_config, prepare_data
 from model.errors import UserError
 from tasks import tracking
@@ -26,10 +27,11 @@ def finetune_flow(config: PipelineConfig, start_from: str | None = None) -> Fine
         raise UserError("finetune: the config's finetune section is null; give it settings to fine-tune")
     tracking.check_tracking_server()
     check_prepare_config(config)
+    base = start_from or config.finetune.start_from
+    check_run(config, training=("finetune",) if base else ("pretrain", "finetune"), finetune_from=base)
     ensure_gpu_limit()
     with pipeline_mlflow_run(config) as run_id:
         prepared = prepare_data(config, parent_run_id=run_id)
-        base = start_from or config.finetune.start_from
         with holding(GPU_LIMIT):
             if base is None:
                 pretrained = pretrain_task(config.pretrain, config.model, prepared.shards, config.workspace,

@@ -34,6 +34,7 @@ from pydantic import BaseModel
 
 from flows.config import PipelineConfig, load_config
 from flows.abandoned_runs import FLOW_RUN_TAG, close_abandoned_runs, process_tags
+from flows.preflight import check_run
 from flows.prepare import artifact_key, check_prepare_config, prepare_data
 from model.errors import UserError
 from tasks import tracking
@@ -189,6 +190,7 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
         config = load_config(config, overrides or ())
     check_tracking_task()
     check_prepare_config(config)
+    check_run(config)
     gpu_slots = ensure_gpu_limit()
     workspace = config.workspace
 
@@ -201,7 +203,7 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
             name = f"evaluate-{label}"
             return evaluate_task.with_options(task_run_name=name)(
                 config.evaluate, checkpoint, tokenizer.tokenizer, shards.path, corpus.corpus, workspace,
-                parent_run_id=run_id, run_name=name, parent_prefix=f"{label}_",
+                parent_run_id=run_id, device=config.device, run_name=name, parent_prefix=f"{label}_",
             )  # fmt: skip
 
         # A slot per training process (torchrun with N processes holds N devices), at most
@@ -231,7 +233,7 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
         with holding(registry_limit(config.name)):
             registered = register_task(
                 config.register, config.name, final_checkpoint, tokenizer.tokenizer, final.metrics, lineage,
-                EvalData(config.evaluate, shards.path, corpus.corpus), parent_run_id=run_id,
+                EvalData(config.evaluate, shards.path, corpus.corpus), parent_run_id=run_id, device=config.device,
             )  # fmt: skip
         result = PipelineResult(
             mlflow_run_id=run_id,

@@ -12,6 +12,7 @@ from prefect import flow
 
 from flows.config import PipelineConfig, load_config
 from flows.pipeline import GPU_LIMIT, ensure_gpu_limit, holding, flow_run_title, pipeline_mlflow_run
+from flows.preflight import check_run
 from flows.prepare import check_prepare_config, prepare_data
 from tasks import tracking
 from tasks.pretrain import PretrainOutput, pretrain_task
@@ -24,6 +25,7 @@ def pretrain(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
         config = load_config(config, overrides or ())
     tracking.check_tracking_server()
     check_prepare_config(config)
+    check_run(config, training=("pretrain",))
     ensure_gpu_limit()
     with pipeline_mlflow_run(config) as run_id:
         prepared = prepare_data(config, parent_run_id=run_id)

@@ -38,6 +38,7 @@ from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validat
 from tokenizers import Tokenizer
 
 from model.checkpoint import CONFIG, WEIGHTS
+from model.device import resolve_device
 from model.errors import UserError
 from model.evaluate import score_batches
 from model.finetune_data import IGNORE, EncodeReport, PairBatches, TooLong, encode_pairs, to_rows
@@ -45,7 +46,7 @@ from model.generate import generate
 from model.gpt import GPT
 from model.parallel import ParallelConfig
 from model.special_tokens import EOS_ID, SEP_ID
-from model.train import DistributedEnv, TrainConfig, train
+from model.train import DistributedEnv, Runtime, TrainConfig, train
 from tasks import tracking
 from tasks.bpe import load_tokenizer
 from tasks.checkpoint_mirror import mirrored_checkpoints
@@ -109,6 +110,7 @@ class FinetuneOutput(BaseModel):
     checkpoint: Path  # the fine-tuned checkpoint, a `step-N/` directory
     metrics: dict[str, float]
     reused: bool = False  # True when a verified earlier run was found
+    runtime: Runtime | None = None  # where this call trained (None when reused)
 
 
 # --- data ---------------------------------------------------------------------------
@@ -267,7 +269,8 @@ def run_finetune(
     of the default task). `callback(step, metrics)` receives the engine's step metrics.
     A completed run with the same inputs is reused; an interrupted one resumes.
     """
-    base = load_model_source(base_model, tokenizer)
+    # On the training device from the start: the held-out figures before training run there too.
+    base = load_model_source(base_model, tokenizer, resolve_device(config.device, "finetune.device"))
     block_size = base.model.config.block_size
     seq_len = config.seq_len or block_size
     if seq_len > block_size:
@@ -301,7 +304,6 @@ def run_finetune(
                                rank=env.rank, world_size=env.world_size) if periodic_validation else None
         with mirrored_checkpoints(stage):
             result = train(model, config.train_config(), train_data, val_data, stage.path, callback)
-        model.cpu()
         if data.has_val:
             metrics |= held_out_figures(model, tok, config, pairs.val, data.val_rows, "finetuned")
         metrics |= data.figures() | {"train_loss": result.train_loss}
@@ -317,7 +319,8 @@ def run_finetune(
             "metrics": metrics,
             "files": [{"path": name, "sha256": sha256_file(stage.path / name)} for name in listed],
         })
-    return FinetuneOutput(path=stage.path, fingerprint=stage.fingerprint, checkpoint=result.checkpoint, metrics=metrics)
+    return FinetuneOutput(path=stage.path, fingerprint=stage.fingerprint, checkpoint=result.checkpoint, metrics=metrics,
+                          runtime=result.runtime)
 
 
 @task(name="finetune", cache_policy=NO_CACHE)
@@ -334,6 +337,8 @@ def finetune_task(
         tracking.log_params(run_id, {"finetune": config.model_dump(mode="json"), "base_model": str(base_model)})
         with tracking.MetricsLogger(run_id) as logger:
             output = run_finetune(config, base_model, tokenizer, corpus, workspace, callback=logger)
+        if output.runtime is not None:
+            tracking.log_params(run_id, {"runtime": output.runtime.model_dump()})
         tracking.log_metrics(run_id, output.metrics)
         tracking.log_metrics(parent_run_id, {name: output.metrics[name] for name in HEADLINE if name in output.metrics})
         tracking.log_artifact(run_id, output.path / "metrics.json", "finetune")

@@ -57,7 +57,7 @@ from model.config import ModelConfig
 from model.data import WindowLoader
 from model.errors import UserError
 from model.parallel import ParallelConfig
-from model.train import RunSpec, TrainConfig, TrainResult, run
+from model.train import RunSpec, Runtime, TrainConfig, TrainResult, run
 from tasks import tracking
 from tasks.checkpoint_mirror import mirrored_checkpoints
 from tasks.shard import ShardOutput
@@ -99,6 +99,7 @@ class PretrainOutput(BaseModel):
     checkpoint: Path  # the final checkpoint, a `step-N/` directory
     metrics: dict[str, float]
     reused: bool = False
+    runtime: Runtime | None = None  # where this call trained (None when reused)
 
 
 def pretrain_fingerprint(config: PretrainConfig, model: ModelConfig, shards_fingerprint: str) -> str:
@@ -174,7 +175,8 @@ def run_pretrain(
             "metrics": metrics,
             "files": [{"path": name, "sha256": sha256_file(stage.path / name)} for name in listed],
         })
-    return PretrainOutput(path=stage.path, fingerprint=stage.fingerprint, checkpoint=result.checkpoint, metrics=metrics)
+    return PretrainOutput(path=stage.path, fingerprint=stage.fingerprint, checkpoint=result.checkpoint, metrics=metrics,
+                          runtime=result.runtime)
 
 
 def rendezvous_endpoint(config: PretrainConfig) -> str:
@@ -266,6 +268,9 @@ def pretrain_task(
                                 " ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
 
             output = run_pretrain(config, model, shards, workspace, run_id=run_id, callback=on_step)
+        if output.runtime is not None:
+            logger.info("pretrain: %s", output.runtime.describe())
+            tracking.log_params(run_id, {"runtime": output.runtime.model_dump()})
         tracking.log_metrics(run_id, output.metrics)
         tracking.log_metrics(parent_run_id, {f"pretrain_{name}": output.metrics[name] for name in ("val_loss", "train_loss")})
         tracking.log_artifact(run_id, output.checkpoint / WEIGHTS, "checkpoint")

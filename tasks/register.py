@@ -22,6 +22,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.checkpoint import CONFIG, WEIGHTS, load_model
+from model.device import resolve_device
 from model.errors import UserError
 from model.gpt import GPT
 from tasks import tracking
@@ -112,9 +113,12 @@ def load_registered_model(model_uri: str) -> tuple[GPT, Path, Path]:
     return load_model(weights.parent), weights, artifacts[TOKENIZER_ARTIFACT]
 
 
-def champion_figure(config: RegisterConfig, champion_uri: str, tokenizer: Path, eval_data: EvalData) -> float | None:
-    """The champion's `gate_metric` on `eval_data`, computed now; None if it cannot be compared."""
+def champion_figure(config: RegisterConfig, champion_uri: str, tokenizer: Path, eval_data: EvalData,
+                    device: str = "auto") -> float | None:
+    """The champion's `gate_metric` on `eval_data`, computed now on `device` (the pipeline's
+    setting); None if it cannot be compared."""
     model, _, champion_tokenizer = load_registered_model(champion_uri)
+    model.to(resolve_device(device))
     tok = load_tokenizer(champion_tokenizer)
     window = json.loads((eval_data.shards / "manifest.json").read_text())["seq_len"]
     if sha256_file(champion_tokenizer) == sha256_file(tokenizer) and window <= model.config.block_size:
@@ -148,11 +152,12 @@ def run_register(
     lineage: dict[str, str],
     eval_data: EvalData,
     run_id: str,
+    device: str = "auto",
 ) -> RegisterOutput:
     """Log, register and gate the model in `checkpoint`; `metrics` is its final evaluation.
 
     `lineage` (data and tokenizer fingerprints, ...) becomes version tags; `run_id` is the
-    MLflow run the model is logged under.
+    MLflow run the model is logged under; a champion evaluated again runs on `device`.
     """
     if config.gate_metric not in metrics:
         raise UserError(f"register.gate_metric: {config.gate_metric!r} is not an evaluation figure; one of {sorted(metrics)}")
@@ -185,7 +190,7 @@ def run_register(
         if champion.tags.get("eval_data_fingerprint") == eval_fingerprint and recorded is not None:
             champion_value = float(recorded)
         else:
-            champion_value = champion_figure(config, f"models:/{name}/{champion_version}", tokenizer, eval_data)
+            champion_value = champion_figure(config, f"models:/{name}/{champion_version}", tokenizer, eval_data, device)
         if champion_value is None:
             promoted = False
             decision = (
@@ -222,10 +227,11 @@ def register_task(
     lineage: dict[str, str],
     eval_data: EvalData,
     parent_run_id: str,
+    device: str = "auto",
 ) -> RegisterOutput:
     """`run_register` in a nested MLflow run; the decision also tagged on the pipeline's run."""
     with tracking.child_run(parent_run_id, "register") as run_id:
         tracking.log_params(run_id, {"register": config.model_dump(), "name": name})
-        output = run_register(config, name, checkpoint, tokenizer, metrics, lineage, eval_data, run_id)
+        output = run_register(config, name, checkpoint, tokenizer, metrics, lineage, eval_data, run_id, device)
     tracking.set_tags(parent_run_id, {"registered_version": output.version, "gate.decision": output.decision})
     return output

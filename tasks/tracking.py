@@ -371,13 +371,13 @@ def log_text_generator(run_id: str, weights: Path, model_config: Path, tokenizer
     from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-    from tasks.pyfunc_model import CONFIG_ARTIFACT, SAMPLING_DEFAULTS, TOKENIZER_ARTIFACT, WEIGHTS_ARTIFACT
+    from tasks.pyfunc_model import CONFIG_ARTIFACT, PARAM_DEFAULTS, TOKENIZER_ARTIFACT, WEIGHTS_ARTIFACT
 
-    param_types = {int: DataType.long, float: DataType.double}
+    param_types = {int: DataType.long, float: DataType.double, str: DataType.string}
     signature = ModelSignature(
         inputs=Schema([ColSpec(DataType.string)]),
         outputs=Schema([ColSpec(DataType.string)]),
-        params=ParamSchema([ParamSpec(key, param_types[type(value)], value) for key, value in SAMPLING_DEFAULTS.items()]),
+        params=ParamSchema([ParamSpec(key, param_types[type(value)], value) for key, value in PARAM_DEFAULTS.items()]),
     )
     mlflow_client = client()
     run = mlflow_client.get_run(run_id)
