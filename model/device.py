@@ -65,11 +65,13 @@ def resolve_device(name: str, field: str = "device", local_rank: int = 0) -> tor
     device = torch.device(name)
     if device.type == "cpu":
         return device
-    index = local_rank if device.index is None else device.index
-    if index >= cuda_device_count():
-        shown = name if device.index is not None else f"{name} (cuda:{index}, for local rank {local_rank})"
-        raise UserError(f"{field}: {shown} is not a device here; {machine_devices()}")
-    return torch.device("cuda", index)
+    count = cuda_device_count()
+    if device.index is not None and device.index >= count:
+        raise UserError(f"{field}: {name} is not a device here; {machine_devices()}")
+    if device.index is None and local_rank >= count:  # with no GPU, local rank 0 finds none either
+        needs = "a CUDA device" if not count else f"cuda:{local_rank} for local rank {local_rank}"
+        raise UserError(f"{field}: {name} needs {needs}; {machine_devices()}")
+    return torch.device("cuda", local_rank if device.index is None else device.index)
 
 
 def device_model(device: torch.device) -> str:
