@@ -18,16 +18,9 @@ from model.device import describe_device, resolve_device, training_bf16
 from model.errors import UserError
 from tasks.finetune import FinetuneConfig
 from tasks.pretrain import pretrain_fingerprint
+from micro import stand_in_gpus
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def stand_in_gpus(monkeypatch, names: list[str], bf16: bool = True) -> None:
-    """This machine, as torch sees it, has GPUs with these names."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(names))
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(names))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names[torch.device(device or "cuda:0").index or 0])
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
 
 
 def test_auto_is_the_first_gpu_else_the_cpu(monkeypatch):
