@@ -193,6 +193,8 @@ CASES: list[tuple[str, Callable[[Fixtures], list[str]], str]] = [
      "pretrain.batch_tokens (256) must be a multiple of pretrain.micro_batch_size x seq_len x processes = 3 x 32 x 1"),
     ("device-finetune-micro-batch-does-not-divide", lambda f: ["run", str(f.config), "--set", "finetune.micro_batch_size=3"],
      "finetune.batch_tokens (128) must be a multiple of finetune.micro_batch_size x seq_len x processes = 3 x 32 x 1"),
+    ("device-generate-cuda-absent", lambda f: ["generate", "models:/any@champion", "-p", "x", "--device", "cuda"],
+     "--device: cuda needs a CUDA device; this machine has no CUDA device"),
     # --- model URIs and checkpoints ------------------------------------------------------------
     ("model-unknown-registered-model", lambda f: ["generate", f"models:/no-such-model-{uuid.uuid4().hex[:6]}@champion", "-p", "x"],
      "Registered Model with name=no-such-model"),
