@@ -134,8 +134,8 @@ def generate(
 
     resolve_device(device, field="--device")  # a device this machine lacks fails before the model loads
     generator = tracking.load_text_generator(model_uri)
-    params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
-              "device": device}
+    params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+              "seed": seed, "device": device}
     for text, completion in zip(prompt, generator.predict(prompt, params=params)):
         print(f"{text}{completion}")
         print("-" * 40)

@@ -29,7 +29,9 @@ def check_training(config: TrainConfig, section: str, seq_len: int | None, nproc
                 f"{nproc_per_node}; use cuda (each process takes its local rank's device)"
             )
         if nproc_per_node > cuda_device_count():
-            raise UserError(f"{section}.nproc_per_node: {nproc_per_node} processes, one per GPU, but {machine_devices()}")
+            raise UserError(
+                f"{section}.nproc_per_node: {nproc_per_node} processes, one per GPU, but {machine_devices()}"
+            )
     training_bf16(device, config.bf16, f"{section}.bf16")
     if seq_len is not None:
         accumulation_steps(config, seq_len, nproc_per_node * nnodes, f"{section}.")
@@ -46,5 +48,6 @@ def check_run(config: PipelineConfig, training: Collection[str] = ("pretrain", "
     if "finetune" in training and config.finetune is not None:
         # Fine-tuning rows are the base model's context long unless finetune.seq_len says
         # otherwise; a base from elsewhere (a registered model) has its own context.
-        base_context = None if finetune_from or config.finetune.start_from else config.model.resolve(vocab_size=1).block_size
+        own_base = not (finetune_from or config.finetune.start_from)
+        base_context = config.model.resolve(vocab_size=1).block_size if own_base else None
         check_training(config.finetune, "finetune", config.finetune.seq_len or base_context)

@@ -37,7 +37,9 @@ checkpoint stays the last good one. SIGINT/SIGTERM finish the current step, writ
 checkpoint and raise `TrainingInterrupted`.
 
 Metrics go to `callback(step, metrics)` on rank 0 after every step: loss, lr, grad_norm,
-tokens_per_s, mfu, memory_mb, and val_loss every `eval_every` steps and at the end.
+tokens_per_s, mfu (when `model.mfu` knows the device's peak), memory_mb, and val_loss every
+`eval_every` steps and at the end. Rank 0 prints where it trains, in what precision and the
+peak its MFU is against (`Runtime`, also in the TrainResult).
 """
 
 from __future__ import annotations
@@ -428,8 +430,8 @@ def train(
         accumulation = accumulation_steps(config, train_data.seq_len, env.world_size)
         flops_per_token = model.config.flops_per_token(train_data.seq_len)
         peak = peak_flops(device, use_bf16)
-        runtime = Runtime(device=str(device), device_name=device_model(device), precision="bf16" if use_bf16 else "fp32",
-                          peak_flops=peak.flops, peak_source=peak.source)
+        runtime = Runtime(device=str(device), device_name=device_model(device),
+                          precision="bf16" if use_bf16 else "fp32", peak_flops=peak.flops, peak_source=peak.source)
         if env.is_main:
             print(f"train: {runtime.describe()}", file=sys.stderr, flush=True)
 

@@ -92,7 +92,10 @@ def stand_in_gpus(monkeypatch, names: list[str], bf16: bool = True) -> None:
     """This machine, as torch.cuda answers, has GPUs with these names (with bf16 or not)."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(names))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(names))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: names[torch.device(device or "cuda:0").index or 0])
+    def name(device=None) -> str:
+        return names[torch.device(device or "cuda").index or 0]
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", name)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
 
 

@@ -13,8 +13,8 @@ from model.generate import generate
 from model.special_tokens import EOS_ID
 from tasks.register import (CANDIDATE, CHAMPION, EvalData, RegisterConfig, champion_figure, load_registered_model,
                             run_register)
-from micro import (TEXTS, record_module_moves, save_base_checkpoint, stand_in_gpus, tiny_gpt, toy_tokenizer, write_corpus,
-                   write_val_shards)
+from micro import (TEXTS, record_module_moves, save_base_checkpoint, stand_in_gpus, tiny_gpt, toy_tokenizer,
+                   write_corpus, write_val_shards)
 
 SEQ_LEN = 16
 # Evaluation data unlike TEXTS, which the toy tokenizer was trained on.
@@ -208,7 +208,7 @@ def test_the_registered_generator_loads_on_a_gpu_and_moves_on_request(data, monk
     on_cpu = generator.predict(["def add("], params={**greedy, "device": "cpu"})
     assert moves[-1] == torch.device("cpu")
     prompt = [EOS_ID, *tokenizer.encode("def add(", add_special_tokens=False).ids]
-    expected = tokenizer.decode(generate(model, [prompt], 4, temperature=0.0, eos_id=EOS_ID)[0], skip_special_tokens=True)
-    assert on_cpu == [expected]
-    with pytest.raises(UserError, match=r"the device param: cuda:3 is not a device here; this machine has 1 CUDA device"):
+    expected = generate(model, [prompt], 4, temperature=0.0, eos_id=EOS_ID)[0]
+    assert on_cpu == [tokenizer.decode(expected, skip_special_tokens=True)]
+    with pytest.raises(UserError, match=r"the device param: cuda:3 is not a device here; this machine has 1 CUDA"):
         generator.predict(["def add("], params={**greedy, "device": "cuda:3"})
