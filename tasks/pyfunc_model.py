@@ -8,8 +8,8 @@ works in any process that has torch, tokenizers and safetensors.
 
 Sampling settings are inference params declared in the signature:
 `predict(prompts, params={"max_new_tokens": 32, "temperature": 0.8, "seed": 1})`. The model
-loads on the first GPU when there is one (else the CPU); the `device` param (auto, cpu,
-cuda, cuda:N) moves it for this and later calls.
+loads on the first GPU when there is one (else the CPU); the `device` param (auto, the
+default, or cpu, cuda, cuda:N) says where a call runs, moving the model there if need be.
 """
 
 from __future__ import annotations
