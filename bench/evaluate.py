@@ -29,12 +29,12 @@ from pathlib import Path
 from flows.config import load_config
 from flows.prepare import prepare_data_locally
 from model.evaluate import LossTotals, score_batches, sliding_window_batches
-from tasks.bpe import load_tokenizer
+from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.evaluate import (
-    document_stride, evenly_spaced, held_out_documents, shard_windows, token_byte_lengths, window_batches,
+    document_stride, evenly_spaced, held_out_documents, shard_windows, window_batches,
 )
+from tasks.core.model_source import load_model_source
 from tasks.finetune import run_finetune
-from tasks.model_source import load_model_source
 from tasks.pretrain import run_pretrain
 
 QUICK = [

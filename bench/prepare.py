@@ -48,9 +48,10 @@ import pyarrow.parquet as pq
 import typer
 
 from flows.config import load_config
+from model.data import SPLITS
 from model.special_tokens import EOS_ID
 from tasks.bpe import BPEOutput, load_tokenizer, run_bpe
-from tasks.ingest import SPLITS, IngestOutput, read_corpus, run_ingest
+from tasks.ingest import IngestOutput, read_corpus, run_ingest
 from tasks.shard import ShardConfig, document_batches, run_shard
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from flows.environment import apply_defaults
 from model.errors import UserError
 
 app = typer.Typer(
@@ -56,7 +57,7 @@ def evaluate(config: ConfigArg, model: ModelArg, overrides: SetOpt = None) -> No
     """Evaluate a model on the config's data: loss, perplexity, bits per byte, accuracy, samples."""
     from flows.config import load_config
     from flows.evaluate import evaluate_flow
-    from tasks.model_source import find_checkpoint, is_registry_uri
+    from tasks.core.model_source import find_checkpoint, is_registry_uri
 
     settings = load_config(config, overrides or [])
     if not is_registry_uri(model):
@@ -80,7 +81,7 @@ def finetune(
     """Fine-tune on prompt/completion pairs (default task: docstring -> function)."""
     from flows.config import load_config
     from flows.finetune import finetune_flow
-    from tasks.model_source import find_checkpoint, is_registry_uri
+    from tasks.core.model_source import find_checkpoint, is_registry_uri
 
     settings = load_config(config, overrides or [])
     if start_from and not is_registry_uri(start_from):
@@ -252,6 +253,7 @@ WITHOUT_USER_ERROR_TRACEBACK = WithoutUserErrorTraceback()  # one instance: addF
 
 def main() -> None:
     """Console entry point: user errors end as one line `error: ...` and exit code 2."""
+    apply_defaults()  # before any command imports prefect or mlflow
     for run_logger in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(run_logger).addFilter(WITHOUT_USER_ERROR_TRACEBACK)
     try:

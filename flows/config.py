@@ -26,7 +26,7 @@ from tasks.ingest import IngestConfig
 from tasks.pretrain import PretrainConfig
 from tasks.register import RegisterConfig
 from tasks.shard import ShardConfig
-from tasks.storage import Workspace
+from tasks.core.storage import Workspace
 
 # The `register:` section's field shadows ABCMeta.register, which nothing calls on a config.
 warnings.filterwarnings("ignore", message='Field name "register" in "PipelineConfig" shadows', category=UserWarning)

@@ -28,8 +28,8 @@ from filelock import Timeout
 
 from flows.config import PipelineConfig
 from flows.plan import plan
-from tasks.storage import RemoteStore, is_remote, resolve_workspace
-from tasks.workspace import MANIFEST, StageDir
+from tasks.core.storage import RemoteStore, is_remote, resolve_workspace
+from tasks.core.workspace import MANIFEST, StageDir
 
 STAGES = ("ingest", "bpe", "shard", "pretrain", "evaluate", "finetune")
 # An incomplete remote output changed within this long may be another machine's build

@@ -19,14 +19,14 @@ from model.checkpoint import CONFIG, WEIGHTS
 from model.config import GPTConfig
 from model.device import describe_device
 from tasks.bpe import TOKENIZER_FILE, bpe_fingerprint
-from tasks.checkpoint_mirror import has_checkpoints
+from tasks.core.checkpoint_mirror import has_checkpoints
 from tasks.evaluate import evaluate_fingerprint, evaluate_inputs
 from tasks.finetune import finetune_fingerprint, finetune_inputs
 from tasks.ingest import CORPUS_FILE, find_source_files, ingest_fingerprint
 from tasks.pretrain import pretrain_fingerprint
 from tasks.shard import shard_fingerprint
-from tasks.storage import resolve_workspace
-from tasks.workspace import StageDir, sha256_file
+from tasks.core.storage import resolve_workspace
+from tasks.core.workspace import StageDir, sha256_file
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,12 @@ from flows.runners import TaskRunnerConfig, make_task_runner
 from model.errors import UserError
 from tasks import tracking
 from tasks.bpe import BPEOutput, run_bpe, train_tokenizer_task
-from tasks.data_tracking import track_data_task
 from tasks.ingest import HF_PREFIX, IngestConfig, IngestOutput, find_source_files, ingest_task, run_ingest
-from tasks.shard import ChunkCounts, ShardChunk, ShardOutput, check_shard_bytes, encode_chunk_task, run_shard
-from tasks.storage import resolve_workspace
+from tasks.shard import (
+    ChunkCounts, ShardChunk, ShardOutput, check_shard_bytes, encode_chunk_task, run_shard, shard_task,
+)
+from tasks.tracking.datasets import track_data_task
+from tasks.core.storage import resolve_workspace
 
 # Seconds before each retry of a remote source's ingest: a blip, then a short outage.
 REMOTE_RETRY_DELAYS = [10, 60]
@@ -74,7 +76,7 @@ def prepare_data(config: PipelineConfig, parent_run_id: str | None = None) -> Pr
     record the stages under the MLflow run `parent_run_id` (the calling flow's) when given."""
     corpus = ingest_for(config.ingest)(config.ingest, config.workspace)
     tokenizer = train_tokenizer_task(config.bpe, corpus, config.workspace)
-    shards = run_shard(
+    shards = shard_task(
         config.shard, corpus, tokenizer, config.workspace,
         map_chunks=task_runs_on(config.task_runner), parts_in_workspace=config.task_runner.remote_workers,
     )

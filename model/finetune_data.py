@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 import torch
 
+from model.evaluate import IGNORE
 from model.special_tokens import EOS_ID, PAD_ID, SEP_ID
 
-IGNORE = -100  # target value that is not scored
 TooLong = Literal["truncate", "drop"]
 
 

@@ -55,6 +55,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from model.config import RUN_ONLY
 from model.gpt import GPT
 
 Parallelism = Literal["ddp", "fsdp"]
@@ -67,11 +68,16 @@ class ParallelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     parallel: Parallelism = Field(
-        "ddp", description="several processes: ddp replicates the model, fsdp (FSDP2) shards it"
+        "ddp",
+        description="several processes: ddp replicates the model, fsdp (FSDP2) shards it",
+        json_schema_extra=RUN_ONLY,
     )
-    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block's activations in backward", json_schema_extra=RUN_ONLY
+    )
     checkpoint_format: CheckpointFormat = Field(
         "safetensors",
+        json_schema_extra=RUN_ONLY,
         description="safetensors: gathered to rank 0, resumes anywhere; dcp: sharded torch.distributed.checkpoint, "
         "for models too large to gather, trusted storage only (it unpickles its metadata)",
     )

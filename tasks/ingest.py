@@ -49,14 +49,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.data import SPLITS
 from model.errors import UserError
-from tasks.progress import progress
-from tasks.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
+from tasks.core.progress import progress
+from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 
 FORMAT_VERSION = 1
 STDLIB = "python-stdlib"
 HF_PREFIX = "hf:"
-SPLITS = ("train", "val")
 CORPUS_FILE = "corpus.parquet"
 CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("split", pa.string())])
 # Row groups of ~1M characters: readers hold one at a time, and Arrow's allocator

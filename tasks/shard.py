@@ -82,13 +82,14 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
 
+from model.data import SPLITS, ShardManifest
 from model.errors import UserError
 from model.special_tokens import EOS_ID
 from tasks.bpe import BPEOutput, load_tokenizer
-from tasks.ingest import SPLITS, IngestOutput
-from tasks.progress import progress
-from tasks.storage import filesystem
-from tasks.workspace import MANIFEST, StageDir, StageOutput, atomic_path, fingerprint, sha256_file
+from tasks.ingest import IngestOutput
+from tasks.core.progress import progress
+from tasks.core.storage import filesystem
+from tasks.core.workspace import MANIFEST, StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 
 FORMAT_VERSION = 1
 COMPRESSION = "zstd"
@@ -479,28 +480,32 @@ def run_shard(
             files[split] = write_split(stream, directory, split, config.seq_len, config.stride, dtype, config.shard_bytes)
         fs.delete_dir(parts_root)
         totals = {split: split_totals(files[split], counts[split], config) for split in SPLITS}
-        return {
-            "format": FORMAT_VERSION,
-            "fingerprint": stage.fingerprint,
-            "inputs": inputs,
-            "seq_len": config.seq_len,
-            "stride": config.stride,
-            "dtype": dtype.name,
-            "vocab_size": vocab_size,
-            "tokenizer_sha256": sha256_file(tokenizer.tokenizer),
-            "eos_id": EOS_ID,
-            "compression": COMPRESSION,
-            "row_group_rows": row_group_rows(config.seq_len, dtype, config.shard_bytes),
-            "files": [entry for split in SPLITS for entry in files[split]],
-            "totals": totals,
-            "report": {
+        return ShardManifest(
+            format=FORMAT_VERSION,
+            fingerprint=stage.fingerprint,
+            inputs=inputs,
+            seq_len=config.seq_len,
+            stride=config.stride,
+            dtype=dtype.name,
+            vocab_size=vocab_size,
+            tokenizer_sha256=sha256_file(tokenizer.tokenizer),
+            eos_id=EOS_ID,
+            compression=COMPRESSION,
+            row_group_rows=row_group_rows(config.seq_len, dtype, config.shard_bytes),
+            files=[entry for split in SPLITS for entry in files[split]],
+            totals=totals,
+            report={
                 f"{split}_{name}": value
                 for split in SPLITS
                 for name, value in [*totals[split].items(), ("files", len(files[split]))]
             },
-        }
+        ).to_json()
 
     return ShardOutput.build_once(stage, build, manifest=MANIFEST)
+
+
+# The stage's Prefect task is `run_shard` itself; its `map_chunks` may run the chunks as task runs.
+shard_task = task(name="shard", cache_policy=NO_CACHE)(run_shard)
 
 
 @task(name="shard-chunk", cache_policy=NO_CACHE)

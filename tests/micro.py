@@ -17,7 +17,7 @@ from model.config import GPTConfig
 from model.gpt import GPT
 from model.special_tokens import EOS_ID, SPECIAL_TOKENS
 from tasks.bpe import new_tokenizer
-from tasks.workspace import sha256_file
+from tasks.core.workspace import sha256_file
 
 Module = TypeVar("Module", bound=torch.nn.Module)
 
@@ -80,7 +80,7 @@ def write_val_shards(directory: Path, tokenizer: Tokenizer, tokenizer_path: Path
     pq.write_table(pa.table({"tokens": column}), directory / "val-00000.parquet")
     manifest = {
         "fingerprint": "test-shards", "seq_len": seq_len, "stride": seq_len, "dtype": "uint16",
-        "tokenizer_sha256": sha256_file(tokenizer_path), "eos_id": EOS_ID,
+        "vocab_size": tokenizer.get_vocab_size(), "tokenizer_sha256": sha256_file(tokenizer_path), "eos_id": EOS_ID,
         "files": [{"path": "val-00000.parquet", "split": "val", "rows": len(windows),
                    "tokens": len(windows) * (seq_len + 1), "sha256": sha256_file(directory / "val-00000.parquet")}],
     }

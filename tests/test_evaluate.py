@@ -21,8 +21,8 @@ from model.evaluate import IGNORE, score_batches, sliding_window_batches, slidin
 from model.gpt import GPTOutput
 from model.special_tokens import EOS_ID
 from tasks import tracking
-from tasks.bpe import load_tokenizer
-from tasks.evaluate import EvaluateConfig, evaluate_model, evaluate_task, run_evaluate, token_byte_lengths
+from tasks.bpe import load_tokenizer, token_byte_lengths
+from tasks.evaluate import EvaluateConfig, evaluate_model, evaluate_task, run_evaluate
 from micro import (TEXTS, perturbed, record_module_moves, save_base_checkpoint, stand_in_gpus, tiny_gpt, toy_tokenizer,
                    write_corpus, write_val_shards)
 

@@ -19,7 +19,7 @@ from model.train import train
 from tasks import tracking
 from tasks.bpe import load_tokenizer
 from tasks.finetune import FinetuneConfig, completes_function, parse_rate, run_finetune
-from tasks.pairs import Pair
+from tasks.finetune_pairs import Pair
 
 PAIRS = [([10, 11, 12], [20, 21]), ([13, 14], [22, 23, 24]), ([15], [25])]
 

@@ -11,7 +11,7 @@ import pytest
 
 from micro import write_corpus
 from model.errors import UserError
-from tasks.pairs import docstring_pairs, extract_pairs, file_pairs
+from tasks.finetune_pairs import docstring_pairs, extract_pairs, file_pairs
 
 MODULE = '''\
 import functools

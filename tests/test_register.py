@@ -8,11 +8,12 @@ import torch
 from model.checkpoint import load_model
 from model.errors import UserError
 from tasks import tracking
-from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, load_tokenizer, shard_windows
+from tasks.bpe import load_tokenizer
+from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, shard_windows
 from model.generate import generate
 from model.special_tokens import EOS_ID
-from tasks.register import (CANDIDATE, CHAMPION, EvalData, RegisterConfig, champion_figure, load_registered_model,
-                            run_register)
+from tasks.register import CANDIDATE, CHAMPION, EvalData, RegisterConfig, champion_figure, run_register
+from tasks.tracking.registry import load_registered_model
 from micro import (TEXTS, record_module_moves, save_base_checkpoint, stand_in_gpus, tiny_gpt, toy_tokenizer,
                    write_corpus, write_val_shards)
 

@@ -29,8 +29,8 @@ from model.errors import UserError
 from pipeline_micro import write_config
 from tasks.pretrain import run_pretrain
 from tasks.shard import encode_chunk, run_shard
-from tasks.storage import RemoteStore
-from tasks.workspace import MANIFEST
+from tasks.core.storage import RemoteStore
+from tasks.core.workspace import MANIFEST
 
 BUCKET = "gptflow-test"
 MOTO_SERVER = str(Path(sys.executable).with_name("moto_server"))

@@ -23,7 +23,7 @@ from model.gpt import GPT
 from model.train import train
 from pipeline_micro import write_config
 from tasks import tracking
-from tasks.workspace import StageDir, sha256_file
+from tasks.core.workspace import StageDir, sha256_file
 from training import MICRO, RandomBatches, micro_config
 
 

@@ -17,7 +17,7 @@ from model.special_tokens import EOS_ID
 from tasks.bpe import BPEConfig, load_tokenizer, run_bpe
 from tasks.ingest import IngestConfig, run_ingest, split_of
 from tasks.shard import ShardConfig, encode_documents, pieces, run_shard, token_dtype, write_split
-from tasks.workspace import StageDir
+from tasks.core.workspace import StageDir
 
 STDLIB_FILES = ["abc.py", "bisect.py", "colorsys.py", "fnmatch.py", "heapq.py", "keyword.py", "shlex.py", "textwrap.py"]
 

@@ -1,4 +1,4 @@
-"""tasks/tracking.py against a real MLflow store (the session's temporary SQLite)."""
+"""tasks/tracking against a real MLflow store (the session's temporary SQLite)."""
 
 import os
 import socket
@@ -10,7 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from model.errors import UserError
-from tasks import server_state, tracking
+from tasks import tracking
+from tasks.core import server_state
 
 
 @pytest.fixture

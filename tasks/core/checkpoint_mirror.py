@@ -22,8 +22,8 @@ from pathlib import Path
 
 from model.checkpoint import checkpoint_dirs, latest_checkpoint
 from model.errors import UserError
-from tasks.storage import RemoteStore
-from tasks.workspace import StageDir
+from tasks.core.storage import RemoteStore
+from tasks.core.workspace import StageDir
 
 CHECKPOINTS = "checkpoints"
 MARKER = ".complete"
