@@ -20,13 +20,13 @@ from model.config import GPTConfig
 from model.device import describe_device
 from tasks.bpe import TOKENIZER_FILE, bpe_fingerprint
 from tasks.core.checkpoint_mirror import has_checkpoints
+from tasks.core.storage import resolve_workspace
+from tasks.core.workspace import StageDir, sha256_file
 from tasks.evaluate import evaluate_fingerprint, evaluate_inputs
 from tasks.finetune import finetune_fingerprint, finetune_inputs
 from tasks.ingest import CORPUS_FILE, find_source_files, ingest_fingerprint
 from tasks.pretrain import pretrain_fingerprint
 from tasks.shard import shard_fingerprint
-from tasks.core.storage import resolve_workspace
-from tasks.core.workspace import StageDir, sha256_file
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,9 @@ def plan(config: PipelineConfig) -> list[PlannedStage]:
         return stage_fingerprint(model_dir.listed_sha256(f"{checkpoint}/{WEIGHTS}"), model_config)
 
     def evaluation(model_sha256: str, model_config: GPTConfig) -> str:
-        inputs = evaluate_inputs(model_sha256, tokenizer_dir.listed_sha256(TOKENIZER_FILE), shards_fp,
-                                 corpus_dir.listed_sha256(CORPUS_FILE))  # fmt: skip
+        inputs = evaluate_inputs(
+            model_sha256, tokenizer_dir.listed_sha256(TOKENIZER_FILE), shards_fp, corpus_dir.listed_sha256(CORPUS_FILE)
+        )
         return evaluate_fingerprint(config.evaluate, inputs)
 
     def finetuning(model_sha256: str, model_config: GPTConfig) -> str:
@@ -108,5 +109,7 @@ def describe_devices(config: PipelineConfig) -> str:
 def describe_plan(config: PipelineConfig) -> str:
     resolved = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     stages = "\n".join(stage.describe() for stage in plan(config))
-    return (f"# resolved config\n{resolved}\n# devices on this machine\n{describe_devices(config)}\n\n"
-            f"# stages (workspace {resolve_workspace(config.workspace)})\n{stages}\n")
+    return (
+        f"# resolved config\n{resolved}\n# devices on this machine\n{describe_devices(config)}\n\n"
+        f"# stages (workspace {resolve_workspace(config.workspace)})\n{stages}\n"
+    )

@@ -17,8 +17,9 @@ from model.errors import UserError
 from model.train import TrainConfig, accumulation_steps
 
 
-def check_training(config: TrainConfig, section: str, seq_len: int | None, nproc_per_node: int = 1,
-                   nnodes: int = 1) -> None:
+def check_training(
+    config: TrainConfig, section: str, seq_len: int | None, nproc_per_node: int = 1, nnodes: int = 1
+) -> None:
     """A training section's device, precision and batch shape (`seq_len` None: known only once
     the model loads, so the engine checks it then) on this machine."""
     device = resolve_device(config.device, f"{section}.device")
@@ -37,8 +38,9 @@ def check_training(config: TrainConfig, section: str, seq_len: int | None, nproc
         accumulation_steps(config, seq_len, nproc_per_node * nnodes, f"{section}.")
 
 
-def check_run(config: PipelineConfig, training: Collection[str] = ("pretrain", "finetune"),
-              finetune_from: str | None = None) -> None:
+def check_run(
+    config: PipelineConfig, training: Collection[str] = ("pretrain", "finetune"), finetune_from: str | None = None
+) -> None:
     """The pipeline's `device`, and each training stage in `training` the run includes;
     `finetune_from` is the model fine-tuning starts from when not this run's pretraining."""
     resolve_device(config.device, "device")

@@ -76,8 +76,9 @@ class LossTotals:
 
 
 @torch.no_grad()
-def score_batch(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                byte_lengths: torch.Tensor) -> LossTotals:
+def score_batch(
+    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor
+) -> LossTotals:
     """Totals for one batch: inputs (B, T) token ids, targets (B, T) ids or IGNORE.
 
     On a GPU the matmuls run in bf16 autocast; the logits and the loss sum stay fp32."""

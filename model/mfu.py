@@ -81,8 +81,9 @@ def datasheet_peak(device_name: str, bf16: bool) -> Peak:
     return Peak(None, f"no MFU: {device_name!r} is not in model/mfu.py's table of datasheet peaks")
 
 
-def measure_matmul_flops(size: int = 1024, seconds: float = 0.5, device: torch.device | str = "cpu",
-                         dtype: torch.dtype = torch.float32) -> float:
+def measure_matmul_flops(
+    size: int = 1024, seconds: float = 0.5, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> float:
     """The best FLOP/s of `size` x `size` matmuls in `dtype` over about `seconds` of trials."""
     generator = torch.Generator(device).manual_seed(0)  # leaves the global RNG (dropout) alone
     a = torch.randn(size, size, device=device, generator=generator).to(dtype)

@@ -86,8 +86,9 @@ def shard_windows(shards: Path, split: str = "val") -> tuple[torch.Tensor, Shard
     files = manifest.split_files(split)
     if not files:
         raise UserError(f"{shards / MANIFEST}: no {split} shards (is the {split} split empty?)")
-    tokens = [pq.read_table(shards / entry.path).column("tokens").combine_chunks().flatten().to_numpy()
-              for entry in files]
+    tokens = [
+        pq.read_table(shards / entry.path).column("tokens").combine_chunks().flatten().to_numpy() for entry in files
+    ]
     windows = torch.from_numpy(np.concatenate(tokens).astype(np.int64))
     return windows.view(-1, manifest.seq_len + 1), manifest
 
@@ -119,8 +120,14 @@ def sample_prompts(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig) -> 
         return []
     prompts = [[EOS_ID, *tokenizer.encode(prompt, add_special_tokens=False).ids] for prompt in config.prompts]
     completions = generate(
-        model, prompts, config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
-        top_p=config.top_p, eos_id=EOS_ID, seed=config.seed,
+        model,
+        prompts,
+        config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        eos_id=EOS_ID,
+        seed=config.seed,
     )
     return [(prompt, tokenizer.decode(ids)) for prompt, ids in zip(config.prompts, completions)]
 
@@ -166,14 +173,19 @@ def document_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, c
     return docs.figures("doc")
 
 
-def evaluate_model(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path,
-                   corpus: Path) -> dict[str, float]:
+def evaluate_model(
+    model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path, corpus: Path
+) -> dict[str, float]:
     """Every figure of the stage, for a loaded model."""
-    documents = document_figures(model, tokenizer, config, corpus)  # first: a stride the model cannot take fails at once
+    documents = document_figures(
+        model, tokenizer, config, corpus
+    )  # first: a stride the model cannot take fails at once
     return {**shard_figures(model, tokenizer, config, shards), **documents}
 
 
-def evaluate_inputs(model_sha256: str, tokenizer_sha256: str, shards_fingerprint: str, corpus_sha256: str) -> dict[str, str]:
+def evaluate_inputs(
+    model_sha256: str, tokenizer_sha256: str, shards_fingerprint: str, corpus_sha256: str
+) -> dict[str, str]:
     """The identities the evaluation depends on: the weights, tokenizer, shards and corpus."""
     return {"model": model_sha256, "tokenizer": tokenizer_sha256, "shards": shards_fingerprint, "corpus": corpus_sha256}
 
@@ -212,11 +224,22 @@ def run_evaluate(
         (directory / "samples.md").write_text(samples_markdown(sample_prompts(loaded.model, tok, config)))
         write_json_atomic(directory / "metrics.json", metrics)
         files = [{"path": name, "sha256": sha256_file(directory / name)} for name in ("metrics.json", "samples.md")]
-        return {"format": FORMAT_VERSION, "fingerprint": stage.fingerprint, "inputs": inputs, "metrics": metrics, "files": files}
+        return {
+            "format": FORMAT_VERSION,
+            "fingerprint": stage.fingerprint,
+            "inputs": inputs,
+            "metrics": metrics,
+            "files": files,
+        }
 
     manifest, reused = stage.build_once(build)
-    return EvaluateOutput(path=stage.path, fingerprint=stage.fingerprint, metrics=manifest["metrics"],
-                          samples=stage.path / "samples.md", reused=reused)
+    return EvaluateOutput(
+        path=stage.path,
+        fingerprint=stage.fingerprint,
+        metrics=manifest["metrics"],
+        samples=stage.path / "samples.md",
+        reused=reused,
+    )
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -240,7 +263,11 @@ def evaluate_task(
             output.metrics,
             parent_metrics={parent_prefix + name: output.metrics[name] for name in HEADLINE},
             artifacts={output.samples: "evaluate", output.path / "metrics.json": "evaluate"},
-            report=Report(run_name, metrics_markdown(f"Evaluation of {model}", output.metrics)
-                          + f"\n## Samples\n\n{output.samples.read_text()}", "evaluation figures and samples"),
+            report=Report(
+                run_name,
+                metrics_markdown(f"Evaluation of {model}", output.metrics)
+                + f"\n## Samples\n\n{output.samples.read_text()}",
+                "evaluation figures and samples",
+            ),
         )
     return output

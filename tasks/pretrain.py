@@ -83,7 +83,8 @@ class PretrainConfig(TrainingStageConfig):
         json_schema_extra=RUN_ONLY,
     )
     rdzv_endpoint: str | None = Field(
-        None, description=f"HOST:PORT on one node, reachable from all; default ${RDZV_ENDPOINT_ENV}, else $MASTER_ADDR",
+        None,
+        description=f"HOST:PORT on one node, reachable from all; default ${RDZV_ENDPOINT_ENV}, else $MASTER_ADDR",
         json_schema_extra=RUN_ONLY,
     )
     rdzv_id: str | None = Field(
@@ -133,8 +134,13 @@ def run_pretrain(
 
     def train() -> Trained:
         vocab_size = ShardManifest.read(shards.manifest).vocab_size
-        spec = RunSpec(model=model.resolve(vocab_size), train=config.train_config(), shards=shards.manifest,
-                       out_dir=stage.path, loader_workers=config.loader_workers)
+        spec = RunSpec(
+            model=model.resolve(vocab_size),
+            train=config.train_config(),
+            shards=shards.manifest,
+            out_dir=stage.path,
+            loader_workers=config.loader_workers,
+        )
         write_json_atomic(stage.path / "spec.json", spec.model_dump(mode="json"))
         with mirrored_checkpoints(stage, resume=config.resume):
             if config.nproc_per_node == 1 and config.nnodes == 1:
@@ -178,7 +184,9 @@ def torchrun_args(config: PretrainConfig, spec: Path, fingerprint: str) -> list[
         rendezvous = ["--standalone"]
     else:
         rendezvous = [
-            f"--nnodes={config.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rendezvous_endpoint(config)}",
+            f"--nnodes={config.nnodes}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={rendezvous_endpoint(config)}",
             f"--rdzv_id={config.rdzv_id or os.environ.get(RDZV_ID_ENV) or fingerprint}",
         ]
     return [*rendezvous, f"--nproc_per_node={config.nproc_per_node}", "-m", "tasks.pretrain_worker", str(spec)]
@@ -201,8 +209,11 @@ def write_node_script(path: Path, launch: list[str], run_id: str | None) -> None
         f"exec env {variables} torchrun {shlex.join(launch)}\n"
     )
     path.chmod(0o755)
-    print(f"pretrain: waiting for the other nodes at the rendezvous; on each of them run: sh {path}",
-          file=sys.stderr, flush=True)
+    print(
+        f"pretrain: waiting for the other nodes at the rendezvous; on each of them run: sh {path}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def run_torchrun(launch: list[str], result_file: Path, run_id: str | None) -> TrainResult:
@@ -223,7 +234,9 @@ def run_torchrun(launch: list[str], result_file: Path, run_id: str | None) -> Tr
     if exit_code == 0 and "checkpoint" in outcome:
         return TrainResult.model_validate(outcome)
     detail = outcome.get("error") or outcome.get("interrupted") or "see the ranks' output above"
-    raise UserError(f"pretraining under torchrun ({shlex.join(launch[:-3])}) failed with exit code {exit_code}: {detail}")
+    raise UserError(
+        f"pretraining under torchrun ({shlex.join(launch[:-3])}) failed with exit code {exit_code}: {detail}"
+    )
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
@@ -244,8 +257,12 @@ def pretrain_task(
             def on_step(step: int, metrics: Mapping[str, float]) -> None:
                 metrics_logger(step, metrics)
                 if step % 10 == 0 or step == config.max_steps or "val_loss" in metrics:
-                    logger.info("step %d/%d: %s", step, config.max_steps,
-                                " ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
+                    logger.info(
+                        "step %d/%d: %s",
+                        step,
+                        config.max_steps,
+                        " ".join(f"{key} {value:.4g}" for key, value in metrics.items()),
+                    )
 
             output = run_pretrain(config, model, shards, workspace, run_id=stage.run_id, callback=on_step)
         if output.runtime is not None:
@@ -255,10 +272,16 @@ def pretrain_task(
         stage.finish(
             output.metrics,
             parent_metrics={f"pretrain_{name}": output.metrics[name] for name in ("val_loss", "train_loss")},
-            artifacts={output.checkpoint / WEIGHTS: "checkpoint", output.checkpoint / CONFIG: "checkpoint",
-                       output.path / "metrics.json": None},
-            report=Report("pretrain", f"# Pretraining\n\n| figure | value |\n|---|---|\n{figures}\n\nCheckpoint: "
-                          f"`{output.checkpoint}`{' (reused)' if output.reused else ''}\n",
-                          "pretraining figures: validation loss against the unigram entropy"),
+            artifacts={
+                output.checkpoint / WEIGHTS: "checkpoint",
+                output.checkpoint / CONFIG: "checkpoint",
+                output.path / "metrics.json": None,
+            },
+            report=Report(
+                "pretrain",
+                f"# Pretraining\n\n| figure | value |\n|---|---|\n{figures}\n\nCheckpoint: "
+                f"`{output.checkpoint}`{' (reused)' if output.reused else ''}\n",
+                "pretraining figures: validation loss against the unigram entropy",
+            ),
         )
     return output

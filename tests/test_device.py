@@ -14,11 +14,11 @@ from flows.cli import app
 from flows.config import PipelineConfig, load_config
 from flows.plan import plan
 from flows.preflight import check_run
+from micro import stand_in_gpus
 from model.device import describe_device, resolve_device, training_bf16
 from model.errors import UserError
 from tasks.finetune import FinetuneConfig
 from tasks.pretrain import pretrain_fingerprint
-from micro import stand_in_gpus
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -39,8 +39,11 @@ def test_auto_is_the_first_gpu_else_the_cpu(monkeypatch):
     ("gpus", "name", "message"),
     [
         ([], "cuda", "pretrain.device: cuda needs a CUDA device; this machine has no CUDA device (only the CPU)"),
-        (["NVIDIA L4"], "cuda:3",
-         "pretrain.device: cuda:3 is not a device here; this machine has 1 CUDA device: cuda:0 (NVIDIA L4)"),
+        (
+            ["NVIDIA L4"],
+            "cuda:3",
+            "pretrain.device: cuda:3 is not a device here; this machine has 1 CUDA device: cuda:0 (NVIDIA L4)",
+        ),
         ([], "gpu", "pretrain.device: 'gpu' is not a device; use auto, cpu, cuda or cuda:N"),
         ([], "cuda:x", "pretrain.device: 'cuda:x' is not a device; use auto, cpu, cuda or cuda:N"),
     ],
@@ -91,18 +94,36 @@ def test_no_fingerprint_depends_on_the_device(tmp_path):
     ("gpus", "fields", "message"),
     [
         ([], {"device": "cuda"}, "device: cuda needs a CUDA device"),
-        (["NVIDIA A100-SXM4-80GB"], {"finetune": {"device": "cuda:1"}},
-         "finetune.device: cuda:1 is not a device here; this machine has 1 CUDA device: cuda:0 (NVIDIA A100-SXM4"),
-        (["NVIDIA A100-SXM4-80GB"], {"device": "cuda", "pretrain": {"nproc_per_node": 2, "batch_tokens": 4096}},
-         "pretrain.nproc_per_node: 2 processes, one per GPU, but this machine has 1 CUDA device"),
-        (["NVIDIA A100-SXM4-80GB"] * 2, {"pretrain": {"device": "cuda:1", "nproc_per_node": 2}},
-         "pretrain.device: cuda:1 names one device, but pretrain.nproc_per_node is 2"),
-        (["Tesla T4"], {"device": "cuda", "pretrain": {"bf16": True}},
-         "pretrain.bf16: true, but cuda:0 (Tesla T4) has no bf16"),
-        ([], {"pretrain": {"micro_batch_size": 3}},
-         "pretrain.batch_tokens (4096) must be a multiple of pretrain.micro_batch_size x seq_len x processes = 3 x"),
-        ([], {"finetune": {"micro_batch_size": 3}},
-         "finetune.batch_tokens (2048) must be a multiple of finetune.micro_batch_size x seq_len x processes = 3 x"),
+        (
+            ["NVIDIA A100-SXM4-80GB"],
+            {"finetune": {"device": "cuda:1"}},
+            "finetune.device: cuda:1 is not a device here; this machine has 1 CUDA device: cuda:0 (NVIDIA A100-SXM4",
+        ),
+        (
+            ["NVIDIA A100-SXM4-80GB"],
+            {"device": "cuda", "pretrain": {"nproc_per_node": 2, "batch_tokens": 4096}},
+            "pretrain.nproc_per_node: 2 processes, one per GPU, but this machine has 1 CUDA device",
+        ),
+        (
+            ["NVIDIA A100-SXM4-80GB"] * 2,
+            {"pretrain": {"device": "cuda:1", "nproc_per_node": 2}},
+            "pretrain.device: cuda:1 names one device, but pretrain.nproc_per_node is 2",
+        ),
+        (
+            ["Tesla T4"],
+            {"device": "cuda", "pretrain": {"bf16": True}},
+            "pretrain.bf16: true, but cuda:0 (Tesla T4) has no bf16",
+        ),
+        (
+            [],
+            {"pretrain": {"micro_batch_size": 3}},
+            "pretrain.batch_tokens (4096) must be a multiple of pretrain.micro_batch_size x seq_len x processes = 3 x",
+        ),
+        (
+            [],
+            {"finetune": {"micro_batch_size": 3}},
+            "finetune.batch_tokens (2048) must be a multiple of finetune.micro_batch_size x seq_len x processes = 3 x",
+        ),
     ],
 )
 def test_a_run_checks_devices_and_batch_shapes_first(monkeypatch, gpus, fields, message):

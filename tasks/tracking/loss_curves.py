@@ -38,7 +38,10 @@ def loss_curves_task(parent_run_id: str, stages: tuple[str, ...] = ("pretrain", 
         if stage not in stage_runs:
             continue
         # Step 0 holds the stage's summary figures (see runs.log_metrics), not a training step.
-        histories = {key: [(step, value) for step, value in runs.metric_history(stage_runs[stage], key) if step > 0] for key in CURVES}
+        histories = {
+            key: [(step, value) for step, value in runs.metric_history(stage_runs[stage], key) if step > 0]
+            for key in CURVES
+        }
         curves = {key: points for key, points in histories.items() if points}
         if "loss" not in curves:  # reused: nothing was trained in this run
             continue

@@ -64,7 +64,11 @@ def log_text_generator(run_id: str, weights: Path, model_config: Path, tokenizer
             run_id=run_id,
             model_id=logged.model_id,
             python_model=str(PYFUNC_MODEL_CODE),
-            artifacts={WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(model_config), TOKENIZER_ARTIFACT: str(tokenizer)},
+            artifacts={
+                WEIGHTS_ARTIFACT: str(weights),
+                CONFIG_ARTIFACT: str(model_config),
+                TOKENIZER_ARTIFACT: str(tokenizer),
+            },
             code_paths=[str(MODEL_PACKAGE)],
             signature=signature,
             pip_requirements=[f"{package}=={version(package)}" for package in PYFUNC_REQUIREMENTS],
@@ -110,9 +114,15 @@ def download_model(model_uri: str) -> Path:
     """Download a logged or registered model; returns the directory holding `MLmodel`."""
     client()
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tempfile.mkdtemp(prefix="gptflow-model-")))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=tempfile.mkdtemp(prefix="gptflow-model-")
+            )
+        )
     except MlflowException as e:
-        raise UserError(f"{model_uri}: no such model in the registry at {resolve_tracking_uri()} ({e.message})") from None
+        raise UserError(
+            f"{model_uri}: no such model in the registry at {resolve_tracking_uri()} ({e.message})"
+        ) from None
 
 
 def model_artifacts(model_dir: Path) -> dict[str, Path]:
