@@ -181,12 +181,18 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        fp32_logits: bool = False,
     ) -> GPTOutput:
         """idx (B, T) token ids; targets (B, T) next-token ids, -100 where no loss is wanted.
 
         With a cache, idx continues the tokens already in it: their keys and values are read
-        from it, and this call's are added to it.
+        from it, and this call's are added to it. `fp32_logits` computes the output head in
+        fp32 even under bf16 autocast (evaluation and generation: a bf16 logit is off by up
+        to 2^-9 of its size, which moves the loss); training keeps the head in autocast.
         """
         T = idx.size(1)
         start = cache.offset if cache is not None else 0
@@ -204,7 +210,12 @@ class GPT(nn.Module):
         masks = self._attention_masks(T, start, cache, idx.device)
         for block in self.transformer.h:
             x = block(x, masks, cache)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
+        x = self.transformer.ln_f(x)
+        if fp32_logits:
+            with torch.autocast(idx.device.type, enabled=False):
+                logits = self.lm_head(x.float())  # (B, T, V)
+        else:
+            logits = self.lm_head(x)  # (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)

@@ -17,7 +17,8 @@ Samples: each configured prompt continued by the model, written to `samples.md`.
 Output directory `<workspace>/evaluate/<fingerprint>/`: `metrics.json`, `samples.md` and
 `manifest.json` (written last). The fingerprint covers the settings that change the
 figures and the identity of the weights, tokenizer, shards and corpus; not the batch size
-or device.
+or device. On a GPU the model scores in bf16 autocast with fp32 logits and loss sums
+(`model.device`), so its figures stay comparable with a CPU evaluation's.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from tokenizers import Tokenizer
 
 from model.data import ShardManifest
+from model.device import resolve_device
 from model.errors import UserError
 from model.evaluate import LossTotals, score_batches, sliding_window_batches
 from model.generate import generate
@@ -199,14 +201,15 @@ def run_evaluate(
     shards: Path,
     corpus: Path,
     workspace: Path,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> EvaluateOutput:
     """Evaluate `model` (a checkpoint directory or `models:/...` URI) and sample from it.
 
     `tokenizer` is the pipeline's tokenizer.json, `shards` the shard stage directory,
-    `corpus` the corpus Parquet file. A completed evaluation of the same inputs is reused.
+    `corpus` the corpus Parquet file, `device` the pipeline's `device` setting. A completed
+    evaluation of the same inputs is reused.
     """
-    loaded = load_model_source(model, tokenizer, device)
+    loaded = load_model_source(model, tokenizer, resolve_device(device))
     tokenizer_sha = sha256_file(tokenizer)
     shard_manifest = ShardManifest.read(shards)
     if shard_manifest.tokenizer_sha256 not in (None, tokenizer_sha):
@@ -248,7 +251,7 @@ def evaluate_task(
     corpus: Path,
     workspace: Path,
     parent_run_id: str,
-    device: str = "cpu",
+    device: str = "auto",
     run_name: str = "evaluate",
     parent_prefix: str = "",
 ) -> EvaluateOutput:

@@ -160,7 +160,7 @@ def run_pretrain(
             "tokens_per_s": result.tokens / result.seconds if result.seconds else math.nan,
             "seconds": result.seconds,
         }
-        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=["spec.json"])
+        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=["spec.json"], runtime=result.runtime)
 
     return train_once(stage, PretrainOutput, FORMAT_VERSION, {"shards": shards.fingerprint}, config.resume, train)
 
@@ -265,6 +265,9 @@ def pretrain_task(
                     )
 
             output = run_pretrain(config, model, shards, workspace, run_id=stage.run_id, callback=on_step)
+        if output.runtime is not None:
+            logger.info("pretrain: %s", output.runtime.describe())
+            tracking.log_params(stage.run_id, {"runtime": output.runtime.model_dump()})
         figures = "\n".join(f"| {name} | {value:.4g} |" for name, value in output.metrics.items())
         stage.finish(
             output.metrics,

@@ -321,6 +321,44 @@ CASES: list[tuple[str, Callable[[Fixtures], list[str]], str]] = [
         "field 'pretrain.lr'",
     ),
     ("cli-serve-without-schedule", lambda f: ["serve", str(f.config)], "give exactly one of --cron and --interval"),
+    # --- devices and batch shapes, checked when a run starts (this machine has no GPU) ---------
+    (
+        "device-unknown-spelling",
+        lambda f: ["run", str(f.config_with(yaml_config(device="gpu"))), "--dry-run"],
+        "field 'device': Value error, 'gpu' is not a device; use auto, cpu, cuda or cuda:N",
+    ),
+    (
+        "device-cuda-absent",
+        lambda f: ["run", str(f.config), "--set", "device=cuda"],
+        "device: cuda needs a CUDA device; this machine has no CUDA device",
+    ),
+    (
+        "device-cuda-index-absent",
+        lambda f: ["run", str(f.config), "--set", "device=cuda:3"],
+        "device: cuda:3 is not a device here; this machine has no CUDA device",
+    ),
+    (
+        "device-pretrain-cuda-absent",
+        lambda f: ["pretrain", str(f.config), "--set", "pretrain.device=cuda:3"],
+        "pretrain.device: cuda:3 is not a device here",
+    ),
+    (
+        "device-micro-batch-does-not-divide",
+        lambda f: ["run", str(f.config), "--set", "pretrain.micro_batch_size=3"],
+        "pretrain.batch_tokens (256) must be a multiple of pretrain.micro_batch_size x seq_len x processes"
+        " = 3 x 32 x 1",
+    ),
+    (
+        "device-finetune-micro-batch-does-not-divide",
+        lambda f: ["run", str(f.config), "--set", "finetune.micro_batch_size=3"],
+        "finetune.batch_tokens (128) must be a multiple of finetune.micro_batch_size x seq_len x processes"
+        " = 3 x 32 x 1",
+    ),
+    (
+        "device-generate-cuda-absent",
+        lambda f: ["generate", "models:/any@champion", "-p", "x", "--device", "cuda"],
+        "--device: cuda needs a CUDA device; this machine has no CUDA device",
+    ),
     # --- model URIs and checkpoints ------------------------------------------------------------
     (
         "model-unknown-registered-model",
@@ -381,7 +419,7 @@ def gptflow(args: list[str], capfd) -> tuple[int, str]:
 def test_the_catalogue_is_large_and_covers_every_kind_of_input():
     kinds = {case_id.split("-")[0] for case_id, _, _ in CASES}
     assert len(CASES) >= 25
-    assert kinds == {"corpus", "shard", "finetune", "yaml", "cli", "model", "manifest"}
+    assert kinds == {"corpus", "shard", "finetune", "yaml", "cli", "device", "model", "manifest"}
 
 
 @pytest.mark.parametrize(("build", "fragment"), [case[1:] for case in CASES], ids=[case[0] for case in CASES])

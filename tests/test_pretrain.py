@@ -140,4 +140,14 @@ def test_cli_prepares_data_then_pretrains(tmp_path, cli_env):
     assert stage_run.data.tags["mlflow.parentRunId"]
     assert stage_run.data.params["pretrain.max_steps"] == "6"  # the --set override, logged as a param
     assert len(client.get_metric_history(stage_run.info.run_id, "loss")) == 6
+    # Where it trained and what MFU is against: in the log and the stage run's params.
+    params = stage_run.data.params
+    assert (params["runtime.device"], params["runtime.device_name"], params["runtime.precision"]) == (
+        "cpu",
+        "CPU",
+        "fp32",
+    )
+    assert params["runtime.peak_source"] == "measured: torch.float32 matmuls on the CPU"
+    assert float(params["runtime.peak_flops"]) > 0 and "device cpu (CPU), fp32, MFU peak" in result.stderr
+    assert len(client.get_metric_history(stage_run.info.run_id, "mfu")) == 6
     assert "checkpoint" in [a.path for a in client.list_artifacts(stage_run.info.run_id)]
