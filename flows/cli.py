@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
+from flows.environment import apply_defaults
 from model.errors import UserError
 
 app = typer.Typer(
@@ -20,7 +21,7 @@ app = typer.Typer(
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config, e.g. configs/tiny.yaml")]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a config field: dotted.key=value (repeatable)."),
 ]
 
@@ -56,7 +57,7 @@ def evaluate(config: ConfigArg, model: ModelArg, overrides: SetOpt = None) -> No
     """Evaluate a model on the config's data: loss, perplexity, bits per byte, accuracy, samples."""
     from flows.config import load_config
     from flows.evaluate import evaluate_flow
-    from tasks.model_source import find_checkpoint, is_registry_uri
+    from tasks.core.model_source import find_checkpoint, is_registry_uri
 
     settings = load_config(config, overrides or [])
     if not is_registry_uri(model):
@@ -71,16 +72,19 @@ def evaluate(config: ConfigArg, model: ModelArg, overrides: SetOpt = None) -> No
 def finetune(
     config: ConfigArg,
     start_from: Annotated[
-        Optional[str],
-        typer.Option("--from", help="A registered model (models:/NAME@ALIAS) or checkpoint directory to start from; "
-                     "default: the config's pretraining output."),
+        str | None,
+        typer.Option(
+            "--from",
+            help="A registered model (models:/NAME@ALIAS) or checkpoint directory to start from; "
+            "default: the config's pretraining output.",
+        ),
     ] = None,
     overrides: SetOpt = None,
 ) -> None:
     """Fine-tune on prompt/completion pairs (default task: docstring -> function)."""
     from flows.config import load_config
     from flows.finetune import finetune_flow
-    from tasks.model_source import find_checkpoint, is_registry_uri
+    from tasks.core.model_source import find_checkpoint, is_registry_uri
 
     settings = load_config(config, overrides or [])
     if start_from and not is_registry_uri(start_from):
@@ -95,7 +99,9 @@ def finetune(
 def run(
     config: ConfigArg,
     overrides: SetOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and which stages would run or skip.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved config and which stages would run or skip.")
+    ] = False,
 ) -> None:
     """Run the whole pipeline: data, pretraining, evaluation, fine-tuning, registration."""
     from flows.config import load_config
@@ -126,12 +132,22 @@ def generate(
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 keeps all.")] = 40,
     top_p: float = 1.0,
     seed: Annotated[int, typer.Option(help="Repeatable samples; -1 draws fresh ones.")] = -1,
+    device: Annotated[str, typer.Option(help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Load a registered model (its pyfunc) and print a completion for each prompt."""
+    from model.device import resolve_device
     from tasks import tracking
 
+    resolve_device(device, field="--device")  # a device this machine lacks fails before the model loads
     generator = tracking.load_text_generator(model_uri)
-    params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    params = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": seed,
+        "device": device,
+    }
     for text, completion in zip(prompt, generator.predict(prompt, params=params)):
         print(f"{text}{completion}")
         print("-" * 40)
@@ -140,8 +156,8 @@ def generate(
 @app.command()
 def serve(
     config: ConfigArg,
-    cron: Annotated[Optional[str], typer.Option(help='Cron schedule, e.g. "0 3 * * *" (03:00 every day).')] = None,
-    interval: Annotated[Optional[int], typer.Option(help="Or: run every this many seconds.")] = None,
+    cron: Annotated[str | None, typer.Option(help='Cron schedule, e.g. "0 3 * * *" (03:00 every day).')] = None,
+    interval: Annotated[int | None, typer.Option(help="Or: run every this many seconds.")] = None,
     name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
     overrides: SetOpt = None,
 ) -> None:
@@ -180,9 +196,12 @@ def status(
 def clean(
     workspace: Annotated[str, typer.Argument(help="The workspace: a directory or s3://bucket/prefix.")] = "workspace",
     keep: Annotated[
-        Optional[list[Path]],
-        typer.Option("--keep", help="A config whose stage outputs (and their inputs) are kept; repeatable. "
-                     "Without --keep only incomplete outputs are removed."),
+        list[Path] | None,
+        typer.Option(
+            "--keep",
+            help="A config whose stage outputs (and their inputs) are kept; repeatable. "
+            "Without --keep only incomplete outputs are removed.",
+        ),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
 ) -> None:
@@ -197,7 +216,10 @@ def clean(
         print(f"{'would remove' if dry_run else 'removing'} {output.location} ({reason}, {format_size(output.size)})")
     if not dry_run:
         remove(doomed)
-    print(f"{len(doomed)} stage output(s), {format_size(sum(o.size for o in doomed))}" + (" (dry run)" if dry_run else " removed"))
+    print(
+        f"{len(doomed)} stage output(s), {format_size(sum(o.size for o in doomed))}"
+        + (" (dry run)" if dry_run else " removed")
+    )
 
 
 @app.command()
@@ -248,6 +270,7 @@ WITHOUT_USER_ERROR_TRACEBACK = WithoutUserErrorTraceback()  # one instance: addF
 
 def main() -> None:
     """Console entry point: user errors end as one line `error: ...` and exit code 2."""
+    apply_defaults()  # before any command imports prefect or mlflow
     for run_logger in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(run_logger).addFilter(WITHOUT_USER_ERROR_TRACEBACK)
     try:
@@ -259,9 +282,11 @@ def main() -> None:
     except Exception as e:
         if not lost_tracking_server(e):
             raise
-        print(f"error: the MLflow tracking server stopped answering: {str(e).splitlines()[0]}. "
-              "Completed stages are kept; rerun when it is back, and this attempt's runs are closed then.",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: the MLflow tracking server stopped answering: {str(e).splitlines()[0]}. "
+            "Completed stages are kept; rerun when it is back, and this attempt's runs are closed then.",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
 
 

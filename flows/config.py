@@ -17,15 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from flows.runners import TaskRunnerConfig
 from model.config import ModelConfig
+from model.device import DeviceName
 from model.errors import UserError
 from tasks.bpe import BPEConfig
+from tasks.core.storage import Workspace
 from tasks.evaluate import EvaluateConfig
 from tasks.finetune import FinetuneConfig
 from tasks.ingest import IngestConfig
 from tasks.pretrain import PretrainConfig
 from tasks.register import RegisterConfig
 from tasks.shard import ShardConfig
-from tasks.storage import Workspace
 
 # The `register:` section's field shadows ABCMeta.register, which nothing calls on a config.
 warnings.filterwarnings("ignore", message='Field name "register" in "PipelineConfig" shadows', category=UserWarning)
@@ -36,6 +37,11 @@ class PipelineConfig(BaseModel):
 
     name: str = Field(description="MLflow experiment and registered-model name")
     workspace: Workspace = Field(Path("./workspace"), description="a local directory or s3://bucket/prefix")
+    device: DeviceName = Field(
+        "auto",
+        description="where every model stage runs: auto (the first GPU, else the CPU), cpu, cuda, cuda:N; "
+        "pretrain.device and finetune.device default to it. In no fingerprint: it does not change what is computed",
+    )
     task_runner: TaskRunnerConfig = TaskRunnerConfig()
     ingest: IngestConfig = IngestConfig()
     bpe: BPEConfig = BPEConfig()
@@ -47,11 +53,22 @@ class PipelineConfig(BaseModel):
     register: RegisterConfig = RegisterConfig()
 
     @model_validator(mode="after")
+    def _training_runs_on_the_device(self) -> PipelineConfig:
+        # Each training section's own `device`, when it names none, is the pipeline's.
+        if "device" not in self.pretrain.model_fields_set:
+            self.pretrain = self.pretrain.model_copy(update={"device": self.device})
+        if self.finetune is not None and "device" not in self.finetune.model_fields_set:
+            self.finetune = self.finetune.model_copy(update={"device": self.device})
+        return self
+
+    @model_validator(mode="after")
     def _windows_fit_the_model(self) -> PipelineConfig:
         # Otherwise found only when pretraining starts, after the data stages have run.
         block_size = self.model.resolve(vocab_size=1).block_size
         if self.shard.seq_len > block_size:
-            raise ValueError(f"shard.seq_len ({self.shard.seq_len}) exceeds the model's context (model.block_size {block_size})")
+            raise ValueError(
+                f"shard.seq_len ({self.shard.seq_len}) exceeds the model's context (model.block_size {block_size})"
+            )
         return self
 
 

@@ -23,6 +23,11 @@ from pydantic import (
 
 from model.errors import UserError
 
+# A config field's `json_schema_extra` when the field decides how a run executes (resume,
+# checkpoint cadence, processes, device, parallelism), not what it computes: the stages
+# leave such fields out of their fingerprints (tasks/core/training_stage.py).
+RUN_ONLY = {"run_only": True}
+
 LAYER_KINDS = ("dense", "sparse")
 
 

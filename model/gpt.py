@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from model.config import GPTConfig
-from model.loss import IGNORE, linear_cross_entropy
+from model.evaluate import IGNORE
+from model.loss import linear_cross_entropy
 
 
 class KVCache:
@@ -201,14 +202,22 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        *,
+        fp32_logits: bool = False,
         reduction: Literal["mean", "sum"] = "mean",
     ) -> GPTOutput:
         """idx (B, T) token ids; targets (B, T) next-token ids, -100 where no loss is wanted.
 
-        With targets, the loss is the cross-entropy in fp32 over the scored targets, their mean
-        or their sum (`reduction`); with `config.loss_chunk` the logits are not returned, since
-        they never exist whole (model.loss). With a cache, idx continues the tokens already in
-        it: their keys and values are read from it, and this call's are added to it.
+        With a cache, idx continues the tokens already in it: their keys and values are read
+        from it, and this call's are added to it.
+
+        The output head, two choices:
+        - `fp32_logits` computes the head in fp32 even under bf16 autocast (evaluation and
+          generation: a bf16 logit is off by up to 2^-9 of its size, which moves the loss);
+          training keeps the head's matmuls in autocast. The softmax of the loss is fp32 either way.
+        - `reduction`: with targets, the loss is the mean or the sum of the cross-entropy over
+          the scored targets (training sums, to weigh every token of an accumulated step alike).
+        With targets and `config.loss_chunk`, the logits are None: they never exist whole (model.loss).
         """
         T = idx.size(1)
         start = cache.offset if cache is not None else 0
@@ -229,6 +238,13 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.offset += T
+        if not fp32_logits:
+            return self._head(x, targets, reduction, cache)
+        with torch.autocast(idx.device.type, enabled=False):
+            return self._head(x.float(), targets, reduction, cache)
+
+    def _head(self, x: torch.Tensor, targets: torch.Tensor | None, reduction: str, cache: KVCache | None) -> GPTOutput:
+        """The logits for x (B, T, C), or with targets (B, T) the loss (and the logits unless chunked)."""
         if targets is None:
             return GPTOutput(self.lm_head(x), None, cache)  # (B, T, V): the unpadded head, nothing to slice
         return self._loss(x, targets, reduction, cache)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100  # target value that is not scored
+from model.evaluate import IGNORE
 
 
 def linear_cross_entropy(

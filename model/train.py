@@ -25,8 +25,10 @@ Each process builds its own `Batches` for its rank (`DistributedEnv.from_environ
 
 How the model is spread over the processes (DDP or FSDP2, activation checkpointing) and how
 checkpoints are written (gathered safetensors or sharded DCP) are `model.parallel`'s
-switches, part of the TrainConfig. Checkpoints hold the whole model's state in the plain
-module's names, so a run resumes on any number of processes, in either mode.
+switches, part of the TrainConfig; `model.checkpoint` writes and reads them back, and
+`model.runtime` holds the process around the loop: its rank, device, process group, random
+streams and stop signals. Checkpoints hold the whole model's state in the plain module's
+names, so a run resumes on any number of processes, in either mode.
 
 One optimizer step: `batch_tokens` tokens across `accumulation_steps` micro-batches and all
 ranks. The loss is the summed cross-entropy over every scored target of the step divided by
@@ -37,7 +39,9 @@ checkpoint stays the last good one. SIGINT/SIGTERM finish the current step, writ
 checkpoint and raise `TrainingInterrupted`.
 
 Metrics go to `callback(step, metrics)` on rank 0 after every step: loss, lr, grad_norm,
-tokens_per_s, mfu, memory_mb, and val_loss every `eval_every` steps and at the end.
+tokens_per_s, mfu (when `model.mfu` knows the device's peak), memory_mb, and val_loss every
+`eval_every` steps and at the end. Rank 0 prints where it trains, in what precision and the
+peak its MFU is against (`Runtime`, also in the TrainResult).
 """
 
 from __future__ import annotations
@@ -45,15 +49,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,31 +64,23 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 
-from model.checkpoint import (
-    DCP,
-    latest_checkpoint,
-    load_shards,
-    load_state,
-    read_weights,
-    save_checkpoint,
-    save_sharded_checkpoint,
-)
-from model.config import GPTConfig
+from model.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from model.config import RUN_ONLY, GPTConfig
 from model.data import WindowLoader
+from model.device import DeviceName, device_model, training_bf16
 from model.errors import UserError
+from model.evaluate import IGNORE
 from model.gpt import GPT
-from model.loss import IGNORE
 from model.mfu import peak_flops
-from model.parallel import (
-    ParallelConfig,
-    clip_grad_norm,
-    full_state,
-    is_sharded,
-    load_full_state,
-    load_sharded_state,
-    local_gradients,
-    parallelize,
-    sharded_state,
+from model.parallel import ParallelConfig, clip_grad_norm, is_sharded, local_gradients, parallelize
+from model.runtime import (
+    DistributedEnv,
+    configure_runtime,
+    process_group,
+    restore_rng,
+    rng_states,
+    stop_signals,
+    training_device,
 )
 from model.schedule import Schedule, learning_rate
 
@@ -124,18 +117,42 @@ class TrainConfig(ParallelConfig):
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
     eval_every: NonNegativeInt = Field(50, description="steps between validation losses; 0: only at the end")
     eval_batches: PositiveInt = Field(8, description="micro-batches per rank in each validation")
-    checkpoint_every: NonNegativeInt = Field(50, description="steps between checkpoints; 0: only at the end")
-    checkpoint_minutes: float = Field(
-        30, ge=0, description="also checkpoint once this many minutes passed since the last one; 0: by steps only"
+    checkpoint_every: NonNegativeInt = Field(
+        50, description="steps between checkpoints; 0: only at the end", json_schema_extra=RUN_ONLY
     )
-    keep_checkpoints: PositiveInt = 3
+    checkpoint_minutes: float = Field(
+        30,
+        ge=0,
+        description="also checkpoint once this many minutes passed since the last one; 0: by steps only",
+        json_schema_extra=RUN_ONLY,
+    )
+    keep_checkpoints: PositiveInt = Field(3, json_schema_extra=RUN_ONLY)
     seed: int = 0
-    resume: bool = Field(True, description="continue from the newest checkpoint in the output directory")
-    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    resume: bool = Field(
+        True, description="continue from the newest checkpoint in the output directory", json_schema_extra=RUN_ONLY
+    )
+    device: DeviceName = Field(
+        "auto", description="auto (cuda if available), cpu, cuda, cuda:1, ...", json_schema_extra=RUN_ONLY
+    )
     bf16: bool | None = Field(
-        None, description="bf16 autocast (fsdp: bf16 parameters in compute, fp32 reduction); default: on for CUDA"
+        None,
+        description="bf16 autocast (fsdp: bf16 parameters in compute, fp32 reduction); default: on for a GPU with bf16",
     )
     compile: bool | None = Field(None, description="torch.compile the model; default: on for CUDA")
+
+
+class Runtime(BaseModel):
+    """Where and how a run computes, and what its MFU is measured against."""
+
+    device: str  # e.g. "cuda:0"
+    device_name: str  # e.g. "NVIDIA H100 80GB HBM3", or "CPU"
+    precision: str  # "bf16" or "fp32" (TF32 matmuls on a GPU)
+    peak_flops: float | None  # None: no MFU (an accelerator without a datasheet figure)
+    peak_source: str  # where the peak comes from, or why there is none
+
+    def describe(self) -> str:
+        peak = f"{self.peak_flops / 1e12:.4g} TFLOP/s ({self.peak_source})" if self.peak_flops else self.peak_source
+        return f"device {self.device} ({self.device_name}), {self.precision}, MFU peak {peak}"
 
 
 class TrainResult(BaseModel):
@@ -145,6 +162,7 @@ class TrainResult(BaseModel):
     val_loss: float | None  # of the last validation
     tokens: int  # trained on in this call (not before a resume), all ranks together
     seconds: float
+    runtime: Runtime
 
 
 class NonFiniteLoss(UserError):
@@ -163,92 +181,6 @@ class TrainingInterrupted(BaseException):
         super().__init__(f"{name}: stopped after step {step}; checkpoint {checkpoint} (run again to resume)")
 
 
-@dataclass(frozen=True)
-class DistributedEnv:
-    """This process's place in a torchrun launch (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-
-    @classmethod
-    def from_environ(cls) -> DistributedEnv:
-        env = os.environ
-        return cls(
-            int(env.get("RANK", 0)),
-            int(env.get("WORLD_SIZE", 1)),
-            int(env.get("LOCAL_RANK", 0)),
-            int(env.get("LOCAL_WORLD_SIZE", 1)),
-        )
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str, env: DistributedEnv) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {name!r}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", env.local_rank)
-        torch.cuda.set_device(device)
-    return device
-
-
-def configure_runtime(device: torch.device, env: DistributedEnv) -> None:
-    """Threads and matmul precision: the settings that decide how fast a step runs."""
-    if device.type == "cpu":
-        # Processes on one machine share its cores; oversubscribing them halves throughput.
-        cores = len(os.sched_getaffinity(0))
-        torch.set_num_threads(max(1, cores // env.local_world_size))
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-@contextmanager
-def process_group(env: DistributedEnv, device: torch.device) -> Iterator[None]:
-    if env.world_size == 1 or dist.is_initialized():
-        yield
-        return
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-class StopRequest:
-    """Set by SIGINT/SIGTERM; the loop stops at the end of the current step."""
-
-    signum: int | None = None
-
-
-@contextmanager
-def stop_signals() -> Iterator[StopRequest]:
-    """Catch SIGINT/SIGTERM while training. Signals reach only the main thread; elsewhere
-    (a worker thread) the process's own handlers stay in charge."""
-    stop = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def request_stop(signum: int, frame: object) -> None:
-        stop.signum = signum
-
-    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def configure_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (linear weights, embeddings) only.
 
@@ -265,12 +197,13 @@ def configure_optimizer(model: nn.Module, config: TrainConfig, device: torch.dev
     )
 
 
-def accumulation_steps(config: TrainConfig, seq_len: int, world_size: int) -> int:
+def accumulation_steps(config: TrainConfig, seq_len: int, world_size: int, section: str = "") -> int:
+    """Micro-batches per optimizer step; `section` ("pretrain.") prefixes the fields an error names."""
     per_micro_step = config.micro_batch_size * seq_len * world_size
     if config.batch_tokens % per_micro_step:
         raise UserError(
-            f"batch_tokens ({config.batch_tokens}) must be a multiple of micro_batch_size x seq_len x processes "
-            f"= {config.micro_batch_size} x {seq_len} x {world_size} = {per_micro_step}"
+            f"{section}batch_tokens ({config.batch_tokens}) must be a multiple of {section}micro_batch_size x "
+            f"seq_len x processes = {config.micro_batch_size} x {seq_len} x {world_size} = {per_micro_step}"
         )
     return config.batch_tokens // per_micro_step
 
@@ -329,55 +262,10 @@ def validation_loss(model: nn.Module, data: Batches, batches: int, device: torch
     return nats / scored if scored else math.nan
 
 
-def rng_states(device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Every rank's RNG states (dropout), gathered so rank 0 can save them all."""
-    local = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        local["cuda"] = torch.cuda.get_rng_state(device)
-    if not dist.is_initialized():
-        return [local]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)  # between our own processes, not from a file
-    return gathered
-
-
-def restore_rng(
-    saved: list[dict[str, torch.Tensor]], env: DistributedEnv, seed: int, step: int, device: torch.device
-) -> None:
-    if len(saved) == env.world_size:
-        torch.set_rng_state(saved[env.rank]["cpu"])
-        if device.type == "cuda" and "cuda" in saved[env.rank]:
-            torch.cuda.set_rng_state(saved[env.rank]["cuda"], device)
-    else:  # resumed on a different number of ranks: fresh, still deterministic streams
-        torch.manual_seed(seed + 1_000_003 * step + env.rank)
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
-
-
-def load_checkpoint(
-    checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig, env: DistributedEnv
-) -> dict[str, Any]:
-    """Load `checkpoint`'s weights and optimizer state into the (parallelized) model; returns the
-    rest of its state. Rank 0 reads a gathered checkpoint and broadcasts it; a DCP checkpoint is
-    read by every rank, and only when the run opted into that format."""
-    state = load_state(checkpoint)
-    if (checkpoint / DCP).is_dir():
-        if config.checkpoint_format != "dcp":
-            raise UserError(
-                f"{checkpoint}: a sharded checkpoint (checkpoint_format: dcp), whose metadata is unpickled when "
-                "read; set checkpoint_format: dcp to resume from it if you trust its storage, or delete it"
-            )
-        shards = sharded_state(model, optimizer)
-        load_shards(checkpoint, shards)
-        load_sharded_state(model, optimizer, shards)
-    else:
-        weights = read_weights(checkpoint, model) if env.is_main else {}
-        load_full_state(model, optimizer, weights, state["optimizer"] if env.is_main else {})
-    return state
 
 
 def train(
@@ -395,10 +283,10 @@ def train(
     after the final checkpoint. `model` is changed in place by `model.parallel.parallelize`.
     """
     env = DistributedEnv.from_environ()
-    device = resolve_device(config.device, env)
+    device = training_device(config.device, env)
     configure_runtime(device, env)
     checkpoints = Path(out_dir) / "checkpoints"
-    use_bf16 = device.type == "cuda" if config.bf16 is None else config.bf16
+    use_bf16 = training_bf16(device, config.bf16)
     use_compile = device.type == "cuda" if config.compile is None else config.compile
 
     with process_group(env, device), stop_signals() as stop:
@@ -409,7 +297,7 @@ def train(
         step, train_loss = 0, math.nan
         checkpoint = latest_checkpoint(checkpoints) if config.resume else None
         if checkpoint is not None:
-            state = load_checkpoint(checkpoint, model, optimizer, config, env)
+            state = load_training_checkpoint(checkpoint, model, optimizer, config.checkpoint_format, env.is_main)
             train_data.load_state_dict(state["data"])
             step = state["step"]
             # What a run resumed at max_steps (killed before its caller recorded the result) returns.
@@ -423,6 +311,15 @@ def train(
         accumulation = accumulation_steps(config, train_data.seq_len, env.world_size)
         flops_per_token = model.config.flops_per_token(train_data.seq_len)
         peak = peak_flops(device, use_bf16)
+        runtime = Runtime(
+            device=str(device),
+            device_name=device_model(device),
+            precision="bf16" if use_bf16 else "fp32",
+            peak_flops=peak.flops,
+            peak_source=peak.source,
+        )
+        if env.is_main:
+            print(f"train: {runtime.describe()}", file=sys.stderr, flush=True)
 
         def autocast() -> Any:
             return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)
@@ -434,23 +331,16 @@ def train(
                 "world_size": env.world_size,
                 "train_loss": train_loss,
             }
-            if config.checkpoint_format == "dcp":
-                shards = sharded_state(model, optimizer)
-                save_sharded_checkpoint(checkpoints, step, model, state, shards, keep=config.keep_checkpoints)
-            else:
-                weights, optimizer_state = full_state(model, optimizer)  # collective: every rank takes part
-                if env.is_main:
-                    save_checkpoint(
-                        checkpoints,
-                        step,
-                        model,
-                        {"optimizer": optimizer_state, **state},
-                        keep=config.keep_checkpoints,
-                        weights=weights,
-                    )
-            if dist.is_initialized():
-                dist.barrier()  # no rank goes on (or returns) before the checkpoint is in place
-            return checkpoints / f"step-{step}"
+            return save_training_checkpoint(
+                checkpoints,
+                step,
+                model,
+                optimizer,
+                state,
+                config.checkpoint_format,
+                config.keep_checkpoints,
+                env.is_main,
+            )
 
         batches = iter(train_data)
         start_step, started = step, time.perf_counter()
@@ -498,9 +388,10 @@ def train(
                 "lr": lr,
                 "grad_norm": norm,
                 "tokens_per_s": tokens_per_s,
-                "mfu": flops_per_token * tokens_per_s / env.world_size / peak,
                 "memory_mb": peak_memory_mb(device),
             }
+            if peak.flops:  # none for an accelerator without a datasheet figure (runtime.peak_source says why)
+                metrics["mfu"] = flops_per_token * tokens_per_s / env.world_size / peak.flops
             final = step == config.max_steps
             if val_data is not None and (final or (config.eval_every and step % config.eval_every == 0)):
                 val_loss = metrics["val_loss"] = validation_loss(model, val_data, config.eval_batches, device, autocast)
@@ -521,6 +412,7 @@ def train(
             val_loss=val_loss if math.isfinite(val_loss) else None,
             tokens=(step - start_step) * config.batch_tokens,
             seconds=time.perf_counter() - started,
+            runtime=runtime,
         )
 
 

@@ -17,7 +17,7 @@ from model.config import GPTConfig
 from model.gpt import GPT
 from model.special_tokens import EOS_ID, SPECIAL_TOKENS
 from tasks.bpe import new_tokenizer
-from tasks.workspace import sha256_file
+from tasks.core.workspace import sha256_file
 
 Module = TypeVar("Module", bound=torch.nn.Module)
 
@@ -42,8 +42,10 @@ def toy_tokenizer(path: Path, texts: list[str] = TEXTS, vocab_size: int = 300) -
     """A byte-level BPE tokenizer (the pipeline's kind) trained on `texts`, saved to `path`."""
     tokenizer: Tokenizer = new_tokenizer()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.save(str(path))
@@ -67,8 +69,9 @@ def write_corpus(path: Path, documents: list[tuple[str, str, str]]) -> Path:
     return path
 
 
-def write_val_shards(directory: Path, tokenizer: Tokenizer, tokenizer_path: Path, texts: list[str],
-                     seq_len: int) -> Path:
+def write_val_shards(
+    directory: Path, tokenizer: Tokenizer, tokenizer_path: Path, texts: list[str], seq_len: int
+) -> Path:
     """Val shards as the shard stage writes them: the stream (documents each followed by
     <|endoftext|>) cut into disjoint windows of seq_len + 1 tokens sharing one token."""
     stream: list[int] = []
@@ -79,10 +82,51 @@ def write_val_shards(directory: Path, tokenizer: Tokenizer, tokenizer_path: Path
     column = pa.FixedSizeListArray.from_arrays(pa.array([t for w in windows for t in w], pa.uint16()), seq_len + 1)
     pq.write_table(pa.table({"tokens": column}), directory / "val-00000.parquet")
     manifest = {
-        "fingerprint": "test-shards", "seq_len": seq_len, "stride": seq_len, "dtype": "uint16",
-        "tokenizer_sha256": sha256_file(tokenizer_path), "eos_id": EOS_ID,
-        "files": [{"path": "val-00000.parquet", "split": "val", "rows": len(windows),
-                   "tokens": len(windows) * (seq_len + 1), "sha256": sha256_file(directory / "val-00000.parquet")}],
+        "fingerprint": "test-shards",
+        "seq_len": seq_len,
+        "stride": seq_len,
+        "dtype": "uint16",
+        "vocab_size": tokenizer.get_vocab_size(),
+        "tokenizer_sha256": sha256_file(tokenizer_path),
+        "eos_id": EOS_ID,
+        "files": [
+            {
+                "path": "val-00000.parquet",
+                "split": "val",
+                "rows": len(windows),
+                "tokens": len(windows) * (seq_len + 1),
+                "sha256": sha256_file(directory / "val-00000.parquet"),
+            }
+        ],
     }
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return directory
+
+
+def stand_in_gpus(monkeypatch, names: list[str], bf16: bool = True) -> None:
+    """This machine, as torch.cuda answers, has GPUs with these names (with bf16 or not)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: bool(names))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(names))
+
+    def name(device=None) -> str:
+        return names[torch.device(device or "cuda").index or 0]
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", name)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+
+
+def record_module_moves(monkeypatch) -> list[torch.device]:
+    """Intercept `nn.Module.to`: the list gets every device a model is sent to; one sent to a
+    (stand-in) GPU stays on the CPU, where everything that follows the model's parameters
+    (batches, caches) then runs."""
+    moves: list[torch.device] = []
+    original = torch.nn.Module.to
+
+    def to(module, *args, **kwargs):
+        device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None:
+            moves.append(device)
+        return original(module, None if device is None or device.type == "cuda" else device, dtype, non_blocking)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    return moves

@@ -15,15 +15,25 @@ from prefect import flow, get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from torch import nn
 
+from micro import (
+    TEXTS,
+    perturbed,
+    record_module_moves,
+    save_base_checkpoint,
+    stand_in_gpus,
+    tiny_gpt,
+    toy_tokenizer,
+    write_corpus,
+    write_val_shards,
+)
 from model.checkpoint import load_model
 from model.errors import UserError
 from model.evaluate import IGNORE, score_batches, sliding_window_batches, sliding_windows
 from model.gpt import GPTOutput
 from model.special_tokens import EOS_ID
 from tasks import tracking
-from tasks.bpe import load_tokenizer
-from tasks.evaluate import EvaluateConfig, evaluate_task, run_evaluate, token_byte_lengths
-from micro import TEXTS, save_base_checkpoint, tiny_gpt, toy_tokenizer, write_corpus, write_val_shards
+from tasks.bpe import load_tokenizer, token_byte_lengths
+from tasks.evaluate import EvaluateConfig, evaluate_model, evaluate_task, run_evaluate
 
 
 class Bigram(nn.Module):
@@ -33,7 +43,7 @@ class Bigram(nn.Module):
         super().__init__()
         self.table = nn.Parameter(torch.randn(vocab_size, vocab_size, generator=torch.Generator().manual_seed(0)))
 
-    def forward(self, idx, targets=None, cache=None):
+    def forward(self, idx, targets=None, cache=None, fp32_logits=False):
         return GPTOutput(self.table[idx], None, None)
 
 
@@ -105,7 +115,9 @@ def test_sliding_window_with_stride_equal_to_block_is_the_plain_windowed_loss():
         x, y = tokens[start : start + 8], tokens[start + 1 : start + 9]
         logits = model(torch.tensor([x[: len(y)]])).logits[0]
         plain += F.cross_entropy(logits, torch.tensor(y), reduction="sum").item()
-    totals = score_batches(model, sliding_window_batches([tokens], 8, 8, batch_size=2), torch.ones(50, dtype=torch.long))
+    totals = score_batches(
+        model, sliding_window_batches([tokens], 8, 8, batch_size=2), torch.ones(50, dtype=torch.long)
+    )
     assert totals.nats == pytest.approx(plain, rel=1e-5)
     windows = list(sliding_windows(tokens, 8, 8))
     assert all(IGNORE not in targets for _, targets in windows)  # disjoint: nothing skipped
@@ -158,12 +170,15 @@ def test_evaluate_stage_figures_equal_hand_computations_and_are_reused(tmp_path,
     with torch.no_grad():
         logits = model(inputs).logits
     assert metrics["val_tokens"] == targets.numel()
-    assert metrics["val_loss"] == pytest.approx(F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item(), rel=1e-5)
+    assert metrics["val_loss"] == pytest.approx(
+        F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item(), rel=1e-5
+    )
     assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-9)
     assert metrics["val_accuracy"] == (logits.argmax(dim=-1) == targets).sum().item() / targets.numel()
     target_bytes = token_byte_lengths(tokenizer, tokenizer.get_vocab_size())[targets].sum().item()
     assert metrics["val_bits_per_byte"] == pytest.approx(
-        metrics["val_loss"] * targets.numel() / (math.log(2) * target_bytes), rel=1e-9)
+        metrics["val_loss"] * targets.numel() / (math.log(2) * target_bytes), rel=1e-9
+    )
 
     # doc_*: the val documents of the corpus ("b", "c"), each token scored alone with the
     # context the sliding windows (block_size 16, stride 4) give it; bytes from the text.
@@ -181,10 +196,49 @@ def test_evaluate_stage_figures_equal_hand_computations_and_are_reused(tmp_path,
     assert again.reused and again.path == output.path and again.metrics == output.metrics
 
 
+def test_a_bf16_evaluation_matches_fp32_to_bf16_precision(stage_inputs):
+    """The GPU path (bf16 autocast matmuls; fp32 head, logits and loss sums) run on the CPU.
+
+    bf16 keeps 8 significant bits: each matmul output is rounded by up to 2^-9 of its size,
+    in either direction, and the mean loss over many tokens averages those roundings out. A
+    figure computed from bf16 matmuls cannot be trusted beyond bf16's own precision, 2^-8
+    relative, and must not be worse, or a champion's recorded figure and one computed on
+    another device would not compare. (Measured: about 5e-5 relative on this model.)"""
+    s = stage_inputs
+    tokenizer = load_tokenizer(s.tokenizer)
+    model = perturbed(load_model(s.checkpoint)).eval()  # larger logits than an untrained model's
+    config = CONFIG.model_copy(update={"prompts": []})
+    fp32 = evaluate_model(model, tokenizer, config, s.shards, s.corpus)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = evaluate_model(model, tokenizer, config, s.shards, s.corpus)
+        logits = model(torch.tensor([[EOS_ID, 5, 6]]), fp32_logits=True).logits
+    assert logits.dtype == torch.float32
+
+    for figure in ("val_loss", "doc_loss", "val_bits_per_byte", "doc_bits_per_byte"):
+        assert bf16[figure] != fp32[figure]  # autocast took effect
+        assert abs(bf16[figure] - fp32[figure]) <= 2**-8 * fp32[figure], figure
+    assert bf16["val_tokens"] == fp32["val_tokens"] and bf16["doc_tokens"] == fp32["doc_tokens"]
+
+
+def test_evaluation_runs_on_the_configured_device(tmp_path, stage_inputs, monkeypatch):
+    s = stage_inputs
+    stand_in_gpus(monkeypatch, ["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3"])
+    moves = record_module_moves(monkeypatch)
+    on_gpu = run_evaluate(CONFIG, s.checkpoint, s.tokenizer, s.shards, s.corpus, tmp_path, device="cuda:1")
+    assert moves == [torch.device("cuda", 1)]  # the model, loaded once, then everything follows it
+
+    moves.clear()
+    again = run_evaluate(CONFIG, s.checkpoint, s.tokenizer, s.shards, s.corpus, tmp_path, device="cpu")
+    assert moves == [torch.device("cpu")]
+    assert again.reused and again.fingerprint == on_gpu.fingerprint  # the device is in no fingerprint
+
+
 def test_a_registered_model_evaluates_like_its_checkpoint(tmp_path, stage_inputs):
     s = stage_inputs
     run_id = tracking.start_run("test-evaluate", "register")
-    logged = tracking.log_text_generator(run_id, s.checkpoint / "model.safetensors", s.checkpoint / "config.json", s.tokenizer)
+    logged = tracking.log_text_generator(
+        run_id, s.checkpoint / "model.safetensors", s.checkpoint / "config.json", s.tokenizer
+    )
     uri = f"models:/test-evaluate-model/{tracking.register_version(logged, 'test-evaluate-model', tags={})}"
 
     from_checkpoint = run_evaluate(CONFIG, s.checkpoint, s.tokenizer, s.shards, s.corpus, tmp_path / "ws1")
@@ -205,14 +259,22 @@ def test_evaluate_task_logs_a_nested_run_and_headline_figures(tmp_path, stage_in
 
     @flow
     def pipeline_stage():
-        return evaluate_task(CONFIG, s.checkpoint, s.tokenizer, s.shards, s.corpus, tmp_path, parent_run_id=parent,
-                             run_name="evaluate-finetuned", parent_prefix="finetuned_")
+        return evaluate_task(
+            CONFIG,
+            s.checkpoint,
+            s.tokenizer,
+            s.shards,
+            s.corpus,
+            tmp_path,
+            parent_run_id=parent,
+            run_name="evaluate-finetuned",
+            parent_prefix="finetuned_",
+        )
 
     output = pipeline_stage()
 
     client = tracking.client()
-    (child,) = client.search_runs([client.get_run(parent).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent}'")
+    (child,) = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert child.info.run_name == "evaluate-finetuned" and child.info.status == "FINISHED"
     assert child.data.metrics["val_bits_per_byte"] == pytest.approx(output.metrics["val_bits_per_byte"])
     parent_metrics = client.get_run(parent).data.metrics
@@ -222,7 +284,9 @@ def test_evaluate_task_logs_a_nested_run_and_headline_figures(tmp_path, stage_in
 
     # The Prefect markdown artifact (its key is the run name) shows the figures and samples.
     with get_client(sync_client=True) as prefect:
-        markdown = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluate-finetuned"])))
+        markdown = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluate-finetuned"]))
+        )
     [shown] = [a.data for a in markdown if child.info.run_id in a.data]  # the one linking this run
     assert f"| val_bits_per_byte | {output.metrics['val_bits_per_byte']:.4f} |" in shown
     assert output.samples.read_text() in shown

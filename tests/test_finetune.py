@@ -10,15 +10,16 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 
-from micro import save_base_checkpoint, tiny_gpt, toy_tokenizer, write_corpus
+from micro import record_module_moves, save_base_checkpoint, stand_in_gpus, tiny_gpt, toy_tokenizer, write_corpus
 from model.checkpoint import CONFIG, WEIGHTS, latest_checkpoint
 from model.errors import UserError
 from model.finetune_data import IGNORE, PairBatches, encode_pair, encode_pairs, to_rows
 from model.special_tokens import EOS_ID, PAD_ID, SEP_ID
+from model.train import train
 from tasks import tracking
 from tasks.bpe import load_tokenizer
 from tasks.finetune import FinetuneConfig, completes_function, parse_rate, run_finetune
-from tasks.pairs import Pair
+from tasks.finetune_pairs import Pair
 
 PAIRS = [([10, 11, 12], [20, 21]), ([13, 14], [22, 23, 24]), ([15], [25])]
 
@@ -238,6 +239,30 @@ def test_a_registered_model_finetunes_like_its_checkpoint(micro_run, tmp_path):
     expected = safetensors.torch.load_file(from_checkpoint.checkpoint / WEIGHTS)
     actual = safetensors.torch.load_file(from_registry.checkpoint / WEIGHTS)
     assert all(torch.equal(expected[name], actual[name]) for name in expected)
+
+
+def test_finetuning_runs_on_the_configured_device(micro_run, tmp_path, monkeypatch):
+    root, corpus, tokenizer_path, config = micro_run
+    stand_in_gpus(monkeypatch, ["NVIDIA H100 80GB HBM3", "NVIDIA H100 80GB HBM3"])
+    moves = record_module_moves(monkeypatch)
+    trained = []
+
+    def train_on_the_cpu(model, train_config, *args, **kwargs):
+        """The engine as configured, except on the CPU (torch has no CUDA here)."""
+        trained.append((train_config.device, list(moves)))
+        return train(model, train_config.model_copy(update={"device": "cpu"}), *args, **kwargs)
+
+    monkeypatch.setattr("tasks.finetune.train", train_on_the_cpu)
+    output = run_finetune(
+        config.model_copy(update={"max_steps": 2, "device": "cuda:1"}),
+        root / "pretrain",
+        tokenizer_path,
+        corpus,
+        tmp_path / "ws",
+    )
+    # The base loads on the device (and its held-out figures run there) before training does.
+    assert trained == [("cuda:1", [torch.device("cuda", 1)])]
+    assert "pretrained_completion_loss" in output.metrics and "finetuned_completion_loss" in output.metrics
 
 
 def test_a_malformed_pairs_file_fails_the_stage_naming_file_and_line(micro_run, tmp_path):

@@ -4,6 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from micro import perturbed
+from model.config import GPTConfig
+from model.gpt import GPT
 from model.loss import linear_cross_entropy
 
 
@@ -62,3 +65,19 @@ def test_bf16_autocast_stays_close_to_fp32():
     assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float32
     expected = reference(hidden.detach(), weight.detach(), targets, 100)
     assert loss.item() == pytest.approx(expected.item(), rel=2e-2)
+
+
+@pytest.mark.parametrize("loss_chunk", [0, 16])  # whole logits, and the chunked head + loss
+def test_fp32_logits_keeps_the_loss_head_in_fp32_under_bf16_autocast(loss_chunk):
+    """GPT.forward(fp32_logits=True) with targets: the loss of the fp32 logits it returns without targets."""
+    torch.manual_seed(3)
+    model = perturbed(
+        GPT(GPTConfig(vocab_size=300, block_size=32, n_layer=1, n_head=2, n_embd=32, loss_chunk=loss_chunk))
+    )
+    tokens = torch.randint(300, (2, 33))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(inputs, fp32_logits=True).logits  # (B, T, V), the head alone in fp32
+        loss = model(inputs, targets, fp32_logits=True, reduction="sum").loss
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from model.checkpoint import checkpoint_dirs, load_state
 from model.config import ModelConfig
 from pipeline_micro import write_config
+from sigint import with_sigint
 from tasks import tracking
 from tasks.pretrain import PretrainConfig, pretrain_fingerprint, run_pretrain
 from tasks.shard import ShardOutput
@@ -26,8 +27,17 @@ GPTFLOW = str(Path(sys.executable).with_name("gptflow"))
 
 
 def micro(**overrides) -> PretrainConfig:
-    fields = dict(max_steps=4, batch_tokens=128, micro_batch_size=4, warmup_steps=1, checkpoint_every=2,
-                  eval_every=0, eval_batches=2, lr=1e-2, device="cpu")
+    fields = dict(
+        max_steps=4,
+        batch_tokens=128,
+        micro_batch_size=4,
+        warmup_steps=1,
+        checkpoint_every=2,
+        eval_every=0,
+        eval_batches=2,
+        lr=1e-2,
+        device="cpu",
+    )
     return PretrainConfig(**{**fields, **overrides})
 
 
@@ -39,8 +49,9 @@ def shards(tmp_path_factory) -> ShardOutput:
 
 def test_fingerprint_covers_what_decides_the_weights():
     base = pretrain_fingerprint(micro(), MODEL, "shards-a")
-    how_it_runs = dict(resume=False, checkpoint_every=7, keep_checkpoints=1, nproc_per_node=2, device="cuda",
-                       loader_workers=2)
+    how_it_runs = dict(
+        resume=False, checkpoint_every=7, keep_checkpoints=1, nproc_per_node=2, device="cuda", loader_workers=2
+    )
     assert pretrain_fingerprint(micro(**how_it_runs), MODEL, "shards-a") == base
     assert pretrain_fingerprint(micro(lr=2e-2), MODEL, "shards-a") != base
     assert pretrain_fingerprint(micro(max_steps=5), MODEL, "shards-a") != base
@@ -84,8 +95,10 @@ def test_torchrun_ranks_log_to_mlflow_and_stop_together_on_cancel(tmp_path, shar
         arguments.append(str(tmp_path / f"{name}.json"))
     checkpoints = tmp_path / "ws" / "pretrain" / pretrain_fingerprint(config, MODEL, shards.fingerprint) / "checkpoints"
 
-    stage = subprocess.Popen([sys.executable, "-c", CANCELLED_RUN, *arguments, str(tmp_path / "ws"), run_id], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-c", CANCELLED_RUN, *arguments, str(tmp_path / "ws"), run_id]
+    stage = subprocess.Popen(
+        with_sigint(command), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 240
     while not (seen := checkpoint_dirs(checkpoints)):  # any: step-5 alone is pruned once step-15 is written
         assert stage.poll() is None and time.monotonic() < deadline, stage.stderr.read()[-3000:]
@@ -108,8 +121,14 @@ def test_torchrun_ranks_log_to_mlflow_and_stop_together_on_cancel(tmp_path, shar
 
 def test_cli_prepares_data_then_pretrains(tmp_path, cli_env):
     config = write_config(tmp_path, "pretrain-cli")
-    result = subprocess.run([GPTFLOW, "pretrain", str(config), "--set", "pretrain.max_steps=6"], env=cli_env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [GPTFLOW, "pretrain", str(config), "--set", "pretrain.max_steps=6"],
+        env=cli_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val_loss" in result.stdout and "unigram_entropy" in result.stdout
     [checkpoint] = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("checkpoint ")]
@@ -121,4 +140,14 @@ def test_cli_prepares_data_then_pretrains(tmp_path, cli_env):
     assert stage_run.data.tags["mlflow.parentRunId"]
     assert stage_run.data.params["pretrain.max_steps"] == "6"  # the --set override, logged as a param
     assert len(client.get_metric_history(stage_run.info.run_id, "loss")) == 6
+    # Where it trained and what MFU is against: in the log and the stage run's params.
+    params = stage_run.data.params
+    assert (params["runtime.device"], params["runtime.device_name"], params["runtime.precision"]) == (
+        "cpu",
+        "CPU",
+        "fp32",
+    )
+    assert params["runtime.peak_source"] == "measured: torch.float32 matmuls on the CPU"
+    assert float(params["runtime.peak_flops"]) > 0 and "device cpu (CPU), fp32, MFU peak" in result.stderr
+    assert len(client.get_metric_history(stage_run.info.run_id, "mfu")) == 6
     assert "checkpoint" in [a.path for a in client.list_artifacts(stage_run.info.run_id)]

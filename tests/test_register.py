@@ -5,12 +5,25 @@ import uuid
 import pytest
 import torch
 
+from micro import (
+    TEXTS,
+    record_module_moves,
+    save_base_checkpoint,
+    stand_in_gpus,
+    tiny_gpt,
+    toy_tokenizer,
+    write_corpus,
+    write_val_shards,
+)
 from model.checkpoint import load_model
 from model.errors import UserError
+from model.generate import generate
+from model.special_tokens import EOS_ID
 from tasks import tracking
-from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, load_tokenizer, shard_windows
-from tasks.register import CANDIDATE, CHAMPION, EvalData, RegisterConfig, load_registered_model, run_register
-from micro import TEXTS, save_base_checkpoint, tiny_gpt, toy_tokenizer, write_corpus, write_val_shards
+from tasks.bpe import load_tokenizer
+from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, shard_windows
+from tasks.register import CANDIDATE, CHAMPION, EvalData, RegisterConfig, champion_figure, run_register
+from tasks.tracking.registry import load_registered_model
 
 SEQ_LEN = 16
 # Evaluation data unlike TEXTS, which the toy tokenizer was trained on.
@@ -52,15 +65,22 @@ def fitted(model, shards, steps=30):
     return model
 
 
-def register(name, checkpoint, data, eval_config, metrics=None, config=RegisterConfig()):
+def register(name, checkpoint, data, eval_config, metrics=None, config=None):
+    config = config or RegisterConfig()
     root, tokenizer_path, tokenizer, corpus, shards = data
     eval_data = EvalData(eval_config, shards, corpus)
     figures = metrics or evaluate_model(load_model(checkpoint), tokenizer, eval_config, shards, corpus)
     run_id = tracking.start_run(name, "register")
     output = run_register(
-        config, name, checkpoint, tokenizer_path, figures,
-        {"data_fingerprint": "corpus-fp", "tokenizer_fingerprint": "bpe-fp"}, eval_data, run_id,
-    )  # fmt: skip
+        config,
+        name,
+        checkpoint,
+        tokenizer_path,
+        figures,
+        {"data_fingerprint": "corpus-fp", "tokenizer_fingerprint": "bpe-fp"},
+        eval_data,
+        run_id,
+    )
     tracking.end_run(run_id)
     return output, figures, run_id
 
@@ -121,8 +141,13 @@ def test_champion_with_a_shorter_context_is_compared_on_documents_only(data):
     name = f"context-{uuid.uuid4().hex[:6]}"
     # The champion's context holds half a val window; its recorded figure came from other data.
     short = tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN // 2, seed=4)
-    register(name, checkpoint_of(short, root, f"{name}-short"), data, EvaluateConfig(max_windows=2),
-             metrics={"val_bits_per_byte": 99.0, "doc_bits_per_byte": 99.0})  # fmt: skip
+    register(
+        name,
+        checkpoint_of(short, root, f"{name}-short"),
+        data,
+        EvaluateConfig(max_windows=2),
+        metrics={"val_bits_per_byte": 99.0, "doc_bits_per_byte": 99.0},
+    )
 
     candidate = tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN, seed=5)
     kept, _, _ = register(name, checkpoint_of(candidate, root, f"{name}-long"), data, EvaluateConfig())
@@ -159,8 +184,14 @@ def test_an_accuracy_gate_promotes_the_higher_figure(data):
     models = [tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN, seed=seed) for seed in (7, 8, 9)]
 
     def registered(model, label, accuracy):  # figures given: the recorded ones are compared
-        return register(name, checkpoint_of(model, root, f"{name}-{label}"), data, eval_config,
-                        metrics={"val_accuracy": accuracy}, config=gate)[0]  # fmt: skip
+        return register(
+            name,
+            checkpoint_of(model, root, f"{name}-{label}"),
+            data,
+            eval_config,
+            metrics={"val_accuracy": accuracy},
+            config=gate,
+        )[0]
 
     assert registered(models[0], "first", 0.30).promoted
     assert not registered(models[1], "lower", 0.20).promoted
@@ -172,4 +203,46 @@ def test_unknown_gate_metric_names_the_field(data):
     root = data[0]
     model = tiny_gpt(data[2].get_vocab_size(), SEQ_LEN)
     with pytest.raises(UserError, match="register.gate_metric: 'val_bits_per_byte' is not an evaluation figure"):
-        register("unknown-metric", checkpoint_of(model, root, "unknown"), data, EvaluateConfig(), metrics={"val_loss": 1.0})
+        register(
+            "unknown-metric", checkpoint_of(model, root, "unknown"), data, EvaluateConfig(), metrics={"val_loss": 1.0}
+        )
+
+
+def test_the_champion_is_evaluated_again_on_the_configured_device(data, monkeypatch):
+    root, tokenizer_path, tokenizer, corpus, shards = data
+    name = f"device-{uuid.uuid4().hex[:6]}"
+    checkpoint = checkpoint_of(tiny_gpt(tokenizer.get_vocab_size(), block_size=SEQ_LEN), root, name)
+    eval_config = EvaluateConfig(prompts=[])
+    _, figures, _ = register(name, checkpoint, data, eval_config)
+
+    stand_in_gpus(monkeypatch, ["NVIDIA H200", "NVIDIA H200"])
+    moves = record_module_moves(monkeypatch)
+    figure = champion_figure(
+        RegisterConfig(),
+        f"models:/{name}@{CHAMPION}",
+        tokenizer_path,
+        EvalData(eval_config, shards, corpus),
+        device="cuda:1",
+    )
+    assert moves[-1] == torch.device("cuda", 1)  # read from the registry, then moved there to be scored
+    assert figure == pytest.approx(figures["val_bits_per_byte"])
+
+
+def test_the_registered_generator_loads_on_a_gpu_and_moves_on_request(data, monkeypatch):
+    root, tokenizer_path, tokenizer, corpus, shards = data
+    name = f"pyfunc-{uuid.uuid4().hex[:6]}"
+    model = tiny_gpt(tokenizer.get_vocab_size(), block_size=SEQ_LEN)
+    output, _, _ = register(name, checkpoint_of(model, root, name), data, EvaluateConfig(prompts=[]))
+
+    stand_in_gpus(monkeypatch, ["NVIDIA H100 80GB HBM3"])
+    moves = record_module_moves(monkeypatch)
+    generator = tracking.load_text_generator(output.model_uri)
+    assert moves == [torch.device("cuda", 0)]  # auto: the first GPU
+    greedy = {"max_new_tokens": 4, "temperature": 0.0}
+    on_cpu = generator.predict(["def add("], params={**greedy, "device": "cpu"})
+    assert moves[-1] == torch.device("cpu")
+    prompt = [EOS_ID, *tokenizer.encode("def add(", add_special_tokens=False).ids]
+    expected = generate(model, [prompt], 4, temperature=0.0, eos_id=EOS_ID)[0]
+    assert on_cpu == [tokenizer.decode(expected, skip_special_tokens=True)]
+    with pytest.raises(UserError, match=r"the device param: cuda:3 is not a device here; this machine has 1 CUDA"):
+        generator.predict(["def add("], params={**greedy, "device": "cuda:3"})

@@ -12,10 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from model.checkpoint import WEIGHTS, latest_checkpoint, load_model
 from model.errors import UserError
 from model.gpt import GPT
-from tasks.workspace import sha256_file
+from tasks.core.workspace import sha256_file
+from tasks.tracking.registry import load_registered_model
 
 REGISTRY_SCHEME = "models:/"
 
@@ -41,17 +44,13 @@ def find_checkpoint(path: Path) -> Path:
     raise UserError(f"{path}: not a checkpoint directory (no {WEIGHTS}, no checkpoints/step-N under it)")
 
 
-def load_model_source(spec: str | Path, tokenizer: Path, device: str = "cpu") -> LoadedModel:
+def load_model_source(spec: str | Path, tokenizer: Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Load the model `spec` names (see the module docstring) to use with `tokenizer`.
 
     A registered model brings its own tokenizer; it must be the same file, since the
     pipeline's shards and pairs are encoded with `tokenizer`.
     """
     if is_registry_uri(spec):
-        # Imported here: the registry stage itself evaluates models (tasks.register imports
-        # tasks.evaluate, which imports this module).
-        from tasks.register import load_registered_model
-
         model, weights, own_tokenizer = load_registered_model(str(spec))
         if sha256_file(own_tokenizer) != sha256_file(tokenizer):
             raise UserError(
