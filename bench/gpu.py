@@ -48,10 +48,11 @@ from train import RandomTokens  # noqa: E402
 
 from model.config import GPTConfig, preset  # noqa: E402
 from model.data import WindowLoader  # noqa: E402
+from model.device import device_model, has_bf16  # noqa: E402
 from model.evaluate import score_batches  # noqa: E402
 from model.generate import generate  # noqa: E402
 from model.gpt import GPT, AttentionMask  # noqa: E402
-from model.mfu import gpu_peak_flops, measure_matmul_flops  # noqa: E402
+from model.mfu import measure_matmul_flops, peak_flops  # noqa: E402
 from model.train import TrainConfig, train  # noqa: E402
 
 # Share of --budget per phase, in the order they run (most important first).
@@ -116,11 +117,12 @@ def engine_run(
         callback=lambda step, metrics: seen.append((time.perf_counter(), dict(metrics))),
     )
     rates = [metrics["tokens_per_s"] for _, metrics in seen[shapes.warmup :]]
+    mfus = [metrics["mfu"] for _, metrics in seen[shapes.warmup :] if "mfu" in metrics]  # none: no known peak
     last_step_s = batch * seq / seen[-1][1]["tokens_per_s"]
     return {
         "tokens_per_s": statistics.median(rates),
         "tokens_per_s_range": [min(rates), max(rates)],
-        "mfu": statistics.median(metrics["mfu"] for _, metrics in seen[shapes.warmup :]),
+        "mfu": statistics.median(mfus) if mfus else None,
         "first_step_s": batch * seq / seen[0][1]["tokens_per_s"],  # compilation, mostly
         "peak_memory_mb": seen[-1][1]["memory_mb"],
         # The final checkpoint is written between the last step's timing and its callback.
@@ -132,10 +134,11 @@ def engine_run(
 def phase_env(shapes: Shapes, device: torch.device, scratch: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": str(device)}
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
+        peak = peak_flops(device, bf16=True)
         result |= {
-            "name": name,
-            "bf16_peak_flops": gpu_peak_flops(name, bf16=True),
+            "name": device_model(device),
+            "bf16_peak_flops": peak.flops,
+            "peak_source": peak.source,
             "memory_gb": torch.cuda.get_device_properties(device).total_memory / 2**30,
         }
     result["measured_fp32_matmul_flops"] = measure_matmul_flops(size=512 if shapes.steps < 3 else 4096, device=device)
@@ -230,9 +233,8 @@ def phase_evaluate(shapes: Shapes, device: torch.device, scratch: Path) -> dict[
     batches = list(islice(loader, loader.num_windows // 16))  # one epoch (the loader never ends)
     score_batches(model, batches[:2], byte_lengths, device)  # warm-up
     started = time.perf_counter()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        totals = score_batches(model, batches, byte_lengths, device)
-    return {"tokens_per_s": totals.tokens / (time.perf_counter() - started), "bf16": device.type == "cuda"}
+    totals = score_batches(model, batches, byte_lengths, device)  # bf16 matmuls where the GPU has them
+    return {"tokens_per_s": totals.tokens / (time.perf_counter() - started), "bf16": has_bf16(device)}
 
 
 PHASES = {
