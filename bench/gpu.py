@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loader import loader_tokens_per_s, random_shards  # noqa: E402
 from plain_step import plain_training_steps  # noqa: E402
-from train import RandomTokens  # noqa: E402
+from train import RandomTokens, timing_run  # noqa: E402
 
 from model.config import GPTConfig, preset  # noqa: E402
 from model.data import WindowLoader  # noqa: E402
@@ -53,7 +53,7 @@ from model.evaluate import score_batches  # noqa: E402
 from model.generate import generate  # noqa: E402
 from model.gpt import GPT, AttentionMask  # noqa: E402
 from model.mfu import measure_matmul_flops, peak_flops  # noqa: E402
-from model.train import TrainConfig, train  # noqa: E402
+from model.train import train  # noqa: E402
 
 # Share of --budget per phase, in the order they run (most important first).
 BUDGET_SHARES = {
@@ -93,20 +93,7 @@ def engine_run(
     """One engine run (model.train.train): step times, and the final checkpoint's time."""
     torch.manual_seed(0)
     model = GPT(config)
-    steps = shapes.warmup + shapes.steps
-    settings = TrainConfig(
-        max_steps=steps,
-        batch_tokens=batch * seq,
-        micro_batch_size=batch,
-        warmup_steps=1,
-        eval_every=0,
-        checkpoint_every=0,
-        checkpoint_minutes=0,
-        keep_checkpoints=1,
-        resume=False,
-        device=device,
-        compile=compile,
-    )
+    settings = timing_run(shapes.warmup + shapes.steps, batch, seq, device, compile)
     seen: list[tuple[float, dict[str, float]]] = []  # (time of the callback, metrics)
     train(
         model,

@@ -62,6 +62,24 @@ class RandomTokens:
         pass
 
 
+def timing_run(steps: int, batch_size: int, seq_len: int, device: str, compile: bool | None = None) -> TrainConfig:
+    """The engine's settings for a timed run: one micro-batch per step, from scratch, no validation,
+    only the final checkpoint."""
+    return TrainConfig(
+        max_steps=steps,
+        batch_tokens=batch_size * seq_len,
+        micro_batch_size=batch_size,
+        warmup_steps=1,
+        eval_every=0,
+        checkpoint_every=0,
+        checkpoint_minutes=0,
+        keep_checkpoints=1,
+        resume=False,
+        device=device,
+        compile=compile,
+    )
+
+
 def paired_tokens_per_s(config: GPTConfig, batch_size: int, seq_len: int, steps: int) -> tuple[float, float]:
     """Tokens/s of one engine run from a fresh model and of the plain step, their steps interleaved
     (engine step, plain step, ...: load from other processes hits both alike); each the median of
@@ -76,17 +94,7 @@ def paired_tokens_per_s(config: GPTConfig, batch_size: int, seq_len: int, steps:
             rates.append(metrics["tokens_per_s"])
             plain_rates.append(plain_rate)
 
-    settings = TrainConfig(
-        max_steps=WARMUP_STEPS + steps,
-        batch_tokens=batch_size * seq_len,
-        micro_batch_size=batch_size,
-        warmup_steps=1,
-        eval_every=0,
-        checkpoint_every=0,
-        keep_checkpoints=1,
-        resume=False,
-        device="cpu",
-    )
+    settings = timing_run(WARMUP_STEPS + steps, batch_size, seq_len, "cpu")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out_dir:
         train(
