@@ -86,7 +86,8 @@ from model.errors import UserError
 from model.special_tokens import EOS_ID
 from tasks.bpe import BPEOutput, load_tokenizer
 from tasks.ingest import SPLITS, IngestOutput
-from tasks.progress import progress
+from tasks.progress import step_progress
+from tasks.stopping import check_stop, stop_on_signals
 from tasks.storage import filesystem
 from tasks.workspace import MANIFEST, StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 
@@ -201,6 +202,14 @@ def encode_documents(bpe: Tokenizer, texts: list[str]) -> list[list[int]]:
     cut = [pieces(text) for text in texts]
     encodings = iter(bpe.encode_batch_fast([piece for document in cut for piece in document]))
     return [list(itertools.chain.from_iterable(next(encodings).ids for _ in document)) for document in cut]
+
+
+def stopping_between(batches: Iterable[tuple[str, list[str]]]) -> Iterator[tuple[str, list[str]]]:
+    """The batches, until a stop is asked for (tasks/stopping.py): then StopRequested, before the
+    next batch goes to the encoder."""
+    for batch in batches:
+        check_stop()
+        yield batch
 
 
 def encoded(bpe: Tokenizer, batches: Iterable[tuple[str, list[str]]]) -> Iterator[tuple[str, list[str], list[list[int]]]]:
@@ -374,8 +383,10 @@ def encode_chunk(chunk: ShardChunk) -> ChunkCounts:
     fs, parts = filesystem(chunk.parts)
     with ExitStack() as files:
         sinks = {split: files.enter_context(fs.open_output_stream(f"{parts}/{part_name(chunk.index, split)}")) for split in SPLITS}
-        batches = encoded(bpe, document_batches(corpus, chunk.start, chunk.stop))
-        for split, texts, ids in progress(batches, f"shard chunk {chunk.index}"):
+        batches = encoded(bpe, stopping_between(document_batches(corpus, chunk.start, chunk.stop)))
+        progress = files.enter_context(step_progress(f"shard: chunk {chunk.index}", chunk.stop - chunk.start))
+        for split, texts, ids in batches:
+            progress.advance(len(texts), sum(len(text.encode()) for text in texts), sum(map(len, ids)))
             tokens = with_eos(ids, dtype)
             sinks[split].write(tokens.tobytes())
             counts[split].documents += len(texts)
@@ -465,7 +476,8 @@ def run_shard(
         fs, parts_root = filesystem(parts)
         fs.create_dir(parts_root)
         chunks = plan_chunks(config, corpus, tokenizer, workspace, parts, dtype)
-        results = map_chunks(chunks)
+        with stop_on_signals():  # the chunks may encode on threads that signals do not reach
+            results = map_chunks(chunks)
         counts = {split: StreamCounts() for split in SPLITS}
         for result in results:
             for split, part in result.splits.items():
