@@ -29,7 +29,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from model.special_tokens import SPECIAL_TOKENS
 from tasks.ingest import IngestOutput, read_corpus
@@ -99,15 +99,13 @@ def load_tokenizer(path: Path) -> Tokenizer:
 def train(config: BPEConfig, corpus: Path, train_documents: int, destination: Path) -> None:
     """Train on the corpus's train split (in a child process: see tasks/bpe_trainer.py) and
     save the tokenizer to `destination`."""
-    trainer = trainers.BpeTrainer(
-        vocab_size=config.vocab_size,
-        min_frequency=config.min_frequency,
-        special_tokens=SPECIAL_TOKENS,  # first, so they get ids 0, 1, 2
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    settings = {
+        "vocab_size": config.vocab_size,
+        "min_frequency": config.min_frequency,
+        "special_tokens": SPECIAL_TOKENS,  # first, so they get ids 0, 1, 2
+    }
     with step_progress("bpe: train tokenizer", train_documents) as progress:
-        train_in_child(new_tokenizer(config.max_pretoken_bytes), trainer, corpus, destination, progress)
+        train_in_child(new_tokenizer(config.max_pretoken_bytes), settings, corpus, destination, progress)
 
 
 def check_on_val(tokenizer: Tokenizer, corpus: Path) -> dict[str, Any]:
