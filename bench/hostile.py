@@ -74,6 +74,43 @@ def write_blobs(directory: Path) -> None:
     (directory / "app.min.js.txt").write_text("".join(statements))
 
 
+BOUND_ON_AND_OFF = """
+import json, tempfile
+from pathlib import Path
+from tokenizers import pre_tokenizers
+from tasks.bpe import BPEConfig, run_bpe
+from tasks.ingest import IngestConfig, read_corpus, run_ingest
+from tasks.shard import ShardConfig, run_shard
+
+with tempfile.TemporaryDirectory() as workspace:
+    corpus = run_ingest(IngestConfig(), workspace)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    longest = max(len(word) for batch in read_corpus(corpus.corpus) for text in batch.column("text").to_pylist()
+                  for word, _ in byte_level.pre_tokenize_str(text))
+    files = {}
+    for bound in (BPEConfig().max_pretoken_bytes, None):
+        tokenizer = run_bpe(BPEConfig(max_pretoken_bytes=bound), corpus, workspace)
+        shards = run_shard(ShardConfig(), corpus, tokenizer, workspace)
+        model = json.loads(tokenizer.tokenizer.read_text())["model"]
+        files[bound] = (model, json.loads(shards.manifest.read_text())["files"])
+    (on_model, on_files), (off_model, off_files) = files.values()
+    print(json.dumps({"documents": corpus.report["documents_out"], "longest_pretoken": longest,
+                      "bound": BPEConfig().max_pretoken_bytes, "same_merges": on_model == off_model,
+                      "same_shards": on_files == off_files, "shard_files": len(on_files)}))
+"""
+
+
+def bound_on_and_off() -> None:
+    """The default pipeline's corpus (the whole standard library) with the default bound and
+    without: the tokenizer's merges and every shard file must be the same."""
+    result = subprocess.run([sys.executable, "-c", BOUND_ON_AND_OFF], cwd=REPO, capture_output=True, text=True,
+                            check=True)  # fmt: skip
+    figures = json.loads(result.stdout.splitlines()[-1])
+    print(f"\nstandard library ({figures['documents']} documents): longest pre-token {figures['longest_pretoken']} "
+          f"bytes, bound {figures['bound']}; with and without the bound: same merges {figures['same_merges']}, "
+          f"same {figures['shard_files']} shard files {figures['same_shards']}")
+
+
 def stages(source: Path, filters: str) -> dict:
     with tempfile.TemporaryDirectory() as workspace:
         result = subprocess.run(
@@ -83,7 +120,10 @@ def stages(source: Path, filters: str) -> dict:
     return json.loads(result.stdout.splitlines()[-1])
 
 
-def compare(quick: Annotated[bool, typer.Option(help="A slice of the standard library and a 6 MiB line.")] = False) -> None:
+QuickOpt = Annotated[bool, typer.Option(help="A slice of the standard library and a 6 MiB line.")]
+
+
+def compare(quick: QuickOpt = False) -> None:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(stdlib.glob("[a-c]*.py" if quick else "*.py"))
     with tempfile.TemporaryDirectory() as scratch:
@@ -96,8 +136,8 @@ def compare(quick: Annotated[bool, typer.Option(help="A slice of the standard li
             write_one_char_line(corpora[name], 6 if quick else 60)
         write_blobs(corpora["+line+blobs"])
         clean_mb = sum(path.stat().st_size for path in files) / 1e6
-        print(f"clean: {len(files)} standard-library files, {clean_mb:.1f} MB; +line: and one line of one character, "
-              f"{6 if quick else 60} MiB; +line+blobs: and a base64 blob and minified JavaScript, 4 MB each")  # fmt: skip
+        print(f"clean: {len(files)} standard-library files, {clean_mb:.1f} MB; +line: and one line of one "
+              f"character, {6 if quick else 60} MiB; +line+blobs: and a base64 blob and minified JavaScript, 4 MB each")
         for filters, names in (("on", ["clean", "+line+blobs"]), ("off", ["clean", "+line", "+line+blobs"])):
             figures = {name: stages(corpora[name], filters) for name in names}
             kept = ", ".join(f"{name} {figures[name]['documents']}" for name in names)
@@ -112,10 +152,13 @@ def compare(quick: Annotated[bool, typer.Option(help="A slice of the standard li
                         seconds, peak = figures[name][stage]["seconds"], figures[name][stage]["peak"]
                         row += f" {name:>11} {seconds:6.1f} s {peak / 2**20:5.0f} MiB"
                     if name != "clean":
-                        clean = sum(figures["clean"][s]["seconds"] for s in (["ingest", "bpe", "shard"] if stage == "all" else [stage]))
+                        parts = ["ingest", "bpe", "shard"] if stage == "all" else [stage]
+                        clean = sum(figures["clean"][part]["seconds"] for part in parts)
                         row += f" ({seconds / clean:.2f}x)"
                 print(row)
         print("\ntarget: the hostile corpus at most 2x the time of the clean one")
+    if not quick:
+        bound_on_and_off()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def train_in_child(
 ) -> None:
     """Train `tokenizer` with a BpeTrainer of `settings` on the corpus's train split, in a
     child process, and save it to `destination`; `progress` counts the documents fed."""
-    command = [sys.executable, "-m", "tasks.bpe_trainer", tokenizer.to_str(), json.dumps(settings), str(corpus), str(destination)]
+    arguments = [tokenizer.to_str(), json.dumps(settings), str(corpus), str(destination)]
+    command = [sys.executable, "-m", "tasks.bpe_trainer", *arguments]
     # stderr to a file: a pipe nobody reads while the child runs could fill up and block it.
     with tempfile.TemporaryFile("w+") as errors:
         child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)

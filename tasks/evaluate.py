@@ -43,6 +43,7 @@ from model.gpt import GPT
 from model.special_tokens import EOS_ID
 from tasks import tracking
 from tasks.bpe import load_tokenizer
+from tasks.ingest import read_corpus
 from tasks.model_source import load_model_source
 from tasks.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
 
@@ -122,11 +123,17 @@ def window_batches(windows: torch.Tensor, batch_size: int) -> Iterator[tuple[tor
 
 
 def held_out_documents(corpus: Path, tokenizer: Tokenizer, limit: int | None) -> list[list[int]]:
-    """Token ids of the val documents in corpus order, each framed by <|endoftext|>."""
-    table = pq.read_table(corpus, columns=["text", "split"])
-    texts = [text for text, split in zip(*(table.column(c).to_pylist() for c in ("text", "split"))) if split == "val"]
-    texts = texts[:limit] if limit else texts
-    return [[EOS_ID, *encoding.ids, EOS_ID] for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    """Token ids of the val documents in corpus order, each framed by <|endoftext|>.
+
+    Encoded a corpus batch at a time: a Ctrl-C or SIGTERM is handled between batches, where
+    one native call over the whole split would hold it off until the split is encoded."""
+    documents: list[list[int]] = []
+    for batch in read_corpus(corpus, split="val"):
+        texts = batch.column("text").to_pylist()[: limit - len(documents) if limit else None]
+        documents += [[EOS_ID, *encoding.ids, EOS_ID] for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+        if limit and len(documents) == limit:
+            break
+    return documents
 
 
 def sample_prompts(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig) -> list[tuple[str, str]]:

@@ -114,7 +114,8 @@ def measures(config: FilterConfig) -> dict[str, tuple[Callable[[str], float], fl
         "max_non_alphanumeric_share": non_alphanumeric_share,
         "max_line_chars": longest_line,
     }
-    return {name: (measure, limit) for name, measure in candidates.items() if (limit := getattr(config, name)) is not None}
+    limits = {name: getattr(config, name) for name in candidates}
+    return {name: (measure, limits[name]) for name, measure in candidates.items() if limits[name] is not None}
 
 
 # -- applying them -----------------------------------------------------------------------

@@ -20,6 +20,9 @@ threads or a Dask cluster, see flows/prepare.py; plain calls in order without Pr
 The stream does not depend on where it was cut, so the shards and the manifest are byte
 for byte the same whatever the number of chunks or workers, and `chunk_documents` is not
 part of the fingerprint. Memory is bounded by an encode batch and a row group in both steps.
+A Ctrl-C or SIGTERM stops the stage between batches: chunks on threads check the stop flag
+of tasks/stopping.py before each batch, so what still runs after a signal is the
+`ENCODE_AHEAD` batches each running chunk has in flight (native code, not interruptible).
 
 Output directory `<workspace>/shard/<fingerprint>/`:
 
