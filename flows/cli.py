@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from flows.environment import apply_defaults
 from model.errors import UserError
 
 app = typer.Typer(
@@ -248,6 +249,7 @@ WITHOUT_USER_ERROR_TRACEBACK = WithoutUserErrorTraceback()  # one instance: addF
 
 def main() -> None:
     """Console entry point: user errors end as one line `error: ...` and exit code 2."""
+    apply_defaults()  # before any command imports prefect or mlflow
     for run_logger in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(run_logger).addFilter(WITHOUT_USER_ERROR_TRACEBACK)
     try:

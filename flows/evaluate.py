@@ -10,18 +10,15 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.config import PipelineConfig
-from flows.pipeline import flow_run_title, pipeline_mlflow_run
-from flows.prepare import check_prepare_config, prepare_data
-from tasks import tracking
+from flows.prepare import prepare_data
+from flows.runtime import flow_run_title, flow_runtime
 from tasks.evaluate import EvaluateOutput, evaluate_task
 
 
 @flow(name="evaluate", flow_run_name=flow_run_title)
 def evaluate_flow(config: PipelineConfig, model: str) -> EvaluateOutput:
     """Evaluate `model` on the config's val shards and held-out documents."""
-    tracking.check_tracking_server()
-    check_prepare_config(config)
-    with pipeline_mlflow_run(config) as run_id:
+    with flow_runtime(config) as run_id:
         prepared = prepare_data(config, parent_run_id=run_id)
         return evaluate_task(
             config.evaluate, model, prepared.tokenizer.tokenizer, prepared.shards.path, prepared.corpus.corpus,

@@ -13,38 +13,22 @@ run publishes a markdown artifact with the key figures and the MLflow link.
 
 # No `from __future__ import annotations`: Prefect validates the flow's parameters against
 # its annotations, and a deployment loads this file where string annotations do not resolve.
-import os
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
-from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-from prefect import flow, get_client, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
-from prefect.utilities.urls import url_for
 from pydantic import BaseModel
 
 from flows.config import PipelineConfig, load_config
-from flows.abandoned_runs import FLOW_RUN_TAG, close_abandoned_runs, process_tags
-from flows.prepare import artifact_key, check_prepare_config, prepare_data
-from model.errors import UserError
+from flows.prepare import artifact_key, prepare_data
+from flows.runtime import flow_run_title, flow_runtime, holding, holding_gpus, registry_limit
 from tasks import tracking
 from tasks.evaluate import EvaluateOutput, evaluate_task
 from tasks.finetune import finetune_task
 from tasks.loss_curves import loss_curves_task
 from tasks.pretrain import pretrain_task
 from tasks.register import EvalData, RegisterOutput, register_task
-
-GPU_LIMIT = "gpu"
-LEASE_SECONDS = 60
 
 
 class PipelineResult(BaseModel):
@@ -53,102 +37,6 @@ class PipelineResult(BaseModel):
     final_checkpoint: Path
     metrics: dict[str, float]
     registered: RegisterOutput
-
-
-@task(name="check-tracking-server", cache_policy=NO_CACHE)
-def check_tracking_task() -> str:
-    """Fail fast, naming the URI, when MLflow is unreachable (after a bounded retry)."""
-    return tracking.check_tracking_server()
-
-
-def device_slots() -> int:
-    """One `gpu` slot per device this machine trains on (the CPU counts as one)."""
-    return max(1, torch.cuda.device_count())
-
-
-def ensure_limit(name: str, slots: int) -> int:
-    """Create a global concurrency limit on first use (an existing one is kept as set);
-    returns its number of slots."""
-    with get_client(sync_client=True) as client:
-        try:
-            return client.read_global_concurrency_limit_by_name(name).limit
-        except ObjectNotFound:
-            pass
-        try:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
-        except ObjectAlreadyExists:  # another pipeline created it a moment ago
-            pass
-        return client.read_global_concurrency_limit_by_name(name).limit
-
-
-def ensure_gpu_limit() -> int:
-    """The `gpu` limit, one slot per device, so two training stages never share a device."""
-    return ensure_limit(GPU_LIMIT, device_slots())
-
-
-def holding(limit: str, slots: int = 1) -> AbstractContextManager[None]:
-    """Hold `slots` of global concurrency limit `limit` for the block, waiting for them.
-
-    The lease is renewed every 45 s while the block runs, so a process killed while holding
-    slots frees them about a minute later (Prefect's default lease, 300 s, would block the
-    next pipeline for five). A renewal that fails (the Prefect server briefly away) is
-    logged and training goes on: losing days of training to a monitoring outage is worse
-    than briefly exceeding the limit.
-    """
-    return concurrency(limit, occupy=slots, strict=True, lease_duration=LEASE_SECONDS,
-                       raise_on_lease_renewal_failure=False)  # fmt: skip
-
-
-def registry_limit(name: str) -> str:
-    """A one-slot limit per registered model: pipelines that finish together register and
-    gate one after the other, so two of them never both see "no champion yet"."""
-    limit = f"registry-{name}"
-    ensure_limit(limit, 1)
-    return limit
-
-
-@contextmanager
-def pipeline_mlflow_run(config: PipelineConfig) -> Iterator[str]:
-    """The flow run's MLflow parent run: tagged with the Prefect run and the process,
-    holding the config. Runs that earlier flow runs left open are closed first."""
-    close_abandoned_runs(config.name, closed_by=str(flow_run.id))
-    tags = {FLOW_RUN_TAG: str(flow_run.id), "prefect.flow_run_name": str(flow_run.name), **process_tags()}
-    # `prefect.runtime.flow_run.ui_url` is Prefect Cloud's path; url_for gives the server UI's page.
-    if link := url_for("flow-run", obj_id=flow_run.id):
-        tags["prefect.flow_run_url"] = link
-    run_id = tracking.start_run(config.name, str(flow_run.name), tags=tags)
-    with tracking.ending(run_id):
-        resolved = config.model_dump(mode="json")
-        tracking.log_params(run_id, resolved)
-        tracking.log_dict(run_id, resolved, "config.yaml")
-        yield run_id
-
-
-@contextmanager
-def stop_when_cancelled(poll_seconds: float = 5.0) -> Iterator[None]:
-    """Stop this process like a runner would when the flow run is cancelled in the UI.
-
-    A deployment's runner answers a cancel with SIGTERM; a flow run started by
-    `gptflow run` has no runner, so a thread watches its state and sends the SIGTERM
-    itself. Prefect turns it into an exception in the main thread; training finishes its
-    step and writes a checkpoint first, so a rerun resumes from there.
-    """
-    run_id, stopped = flow_run.id, threading.Event()
-
-    def watch() -> None:
-        with get_client(sync_client=True) as client:
-            while not stopped.wait(poll_seconds):
-                state = client.read_flow_run(run_id).state
-                if state is not None and (state.is_cancelling() or state.is_cancelled()):
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    return
-
-    watcher = threading.Thread(target=watch, name="cancel-watch", daemon=True)
-    watcher.start()
-    try:
-        yield
-    finally:
-        stopped.set()
 
 
 def summary_markdown(config: PipelineConfig, result: PipelineResult, evaluations: dict[str, EvaluateOutput]) -> str:
@@ -168,31 +56,14 @@ def summary_markdown(config: PipelineConfig, result: PipelineResult, evaluations
     )
 
 
-def flow_run_title() -> str:
-    """`<config name>-<UTC time>`: what the Prefect UI lists and the MLflow parent run is called."""
-    parameters = flow_run.parameters
-    config = parameters.get("config")
-    if isinstance(config, PipelineConfig):
-        name = config.name
-    else:
-        try:
-            name = load_config(config, parameters.get("overrides") or ()).name
-        except UserError:  # the flow itself reports the problem
-            name = "pipeline"
-    return f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-
-
 @flow(name="pipeline", flow_run_name=flow_run_title)
 def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", overrides: list[str] | None = None) -> PipelineResult:
     """Corpus to registered model; `config` is a YAML path or a PipelineConfig."""
     if not isinstance(config, PipelineConfig):
         config = load_config(config, overrides or ())
-    check_tracking_task()
-    check_prepare_config(config)
-    gpu_slots = ensure_gpu_limit()
     workspace = config.workspace
 
-    with stop_when_cancelled(), pipeline_mlflow_run(config) as run_id:
+    with flow_runtime(config) as run_id:
         data = prepare_data(config, parent_run_id=run_id)
         corpus, tokenizer, shards = data.corpus, data.tokenizer, data.shards
 
@@ -204,14 +75,12 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
                 parent_run_id=run_id, run_name=name, parent_prefix=f"{label}_",
             )  # fmt: skip
 
-        # A slot per training process (torchrun with N processes holds N devices), at most
-        # all of them: CPU-only DDP runs several processes on the one "device".
-        with holding(GPU_LIMIT, min(config.pretrain.nproc_per_node, gpu_slots)):
+        with holding_gpus(config.pretrain.nproc_per_node):
             pretrained = pretrain_task(config.pretrain, config.model, shards, workspace, parent_run_id=run_id)
         evaluations = {"pretrained": evaluate("pretrained", pretrained.checkpoint)}
         final_checkpoint = pretrained.checkpoint
         if config.finetune is not None:
-            with holding(GPU_LIMIT):
+            with holding_gpus():
                 # A registered model named in the config wins over this run's pretraining output.
                 base_model = config.finetune.start_from or pretrained.checkpoint
                 finetuned = finetune_task(

@@ -11,9 +11,8 @@ from pathlib import Path
 from prefect import flow
 
 from flows.config import PipelineConfig, load_config
-from flows.pipeline import GPU_LIMIT, ensure_gpu_limit, holding, flow_run_title, pipeline_mlflow_run
-from flows.prepare import check_prepare_config, prepare_data
-from tasks import tracking
+from flows.prepare import prepare_data
+from flows.runtime import flow_run_title, flow_runtime, holding_gpus
 from tasks.pretrain import PretrainOutput, pretrain_task
 
 
@@ -22,10 +21,7 @@ def pretrain(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
     """Shards from the config's corpus, then a pretrained checkpoint; `config` is a YAML path or a PipelineConfig."""
     if not isinstance(config, PipelineConfig):
         config = load_config(config, overrides or ())
-    tracking.check_tracking_server()
-    check_prepare_config(config)
-    ensure_gpu_limit()
-    with pipeline_mlflow_run(config) as run_id:
+    with flow_runtime(config) as run_id:
         prepared = prepare_data(config, parent_run_id=run_id)
-        with holding(GPU_LIMIT):
+        with holding_gpus(config.pretrain.nproc_per_node):
             return pretrain_task(config.pretrain, config.model, prepared.shards, config.workspace, parent_run_id=run_id)

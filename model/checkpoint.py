@@ -42,6 +42,7 @@ from torch import nn
 from model.config import GPTConfig
 from model.errors import UserError
 from model.gpt import GPT
+from model.parallel import CheckpointFormat, full_state, load_full_state, load_sharded_state, sharded_state
 
 WEIGHTS, CONFIG, STATE, DCP = "model.safetensors", "config.json", "state.pt", "dcp"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -103,6 +104,45 @@ def save_sharded_checkpoint(checkpoints: Path, step: int, model: nn.Module, stat
         dist.barrier()  # the directory exists before any rank writes into it
     dcp.save(shards, checkpoint_id=tmp / DCP)  # returns on every rank once all shards and the .metadata are written
     return _commit(tmp, checkpoints, step, unwrap(model), state, keep) if main else checkpoints / f"step-{step}"
+
+
+def save_training_checkpoint(checkpoints: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             state: dict[str, Any], checkpoint_format: CheckpointFormat, keep: int,
+                             is_main: bool) -> Path:
+    """The training loop's checkpoint of step `step`: the (parallelized) model's weights and
+    optimizer state in `checkpoint_format`, plus `state`. Every rank calls it: gathering the
+    state, or writing its shards, takes them all; no rank returns before the checkpoint is in place."""
+    if checkpoint_format == "dcp":
+        save_sharded_checkpoint(checkpoints, step, model, state, sharded_state(model, optimizer), keep=keep)
+    else:
+        weights, optimizer_state = full_state(model, optimizer)  # collective: every rank takes part
+        if is_main:
+            save_checkpoint(checkpoints, step, model, {"optimizer": optimizer_state, **state}, keep=keep,
+                            weights=weights)
+    if dist.is_initialized():
+        dist.barrier()
+    return checkpoints / f"step-{step}"
+
+
+def load_training_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                             checkpoint_format: CheckpointFormat, is_main: bool) -> dict[str, Any]:
+    """Load `checkpoint`'s weights and optimizer state into the (parallelized) model; returns the
+    rest of its state. Rank 0 reads a gathered checkpoint and broadcasts it; a DCP checkpoint is
+    read by every rank, and only when the run opted into that format."""
+    state = load_state(checkpoint)
+    if (checkpoint / DCP).is_dir():
+        if checkpoint_format != "dcp":
+            raise UserError(
+                f"{checkpoint}: a sharded checkpoint (checkpoint_format: dcp), whose metadata is unpickled when "
+                "read; set checkpoint_format: dcp to resume from it if you trust its storage, or delete it"
+            )
+        shards = sharded_state(model, optimizer)
+        load_shards(checkpoint, shards)
+        load_sharded_state(model, optimizer, shards)
+    else:
+        weights = read_weights(checkpoint, model) if is_main else {}
+        load_full_state(model, optimizer, weights, state["optimizer"] if is_main else {})
+    return state
 
 
 def _fresh(tmp: Path) -> Path:

@@ -25,8 +25,10 @@ Each process builds its own `Batches` for its rank (`DistributedEnv.from_environ
 
 How the model is spread over the processes (DDP or FSDP2, activation checkpointing) and how
 checkpoints are written (gathered safetensors or sharded DCP) are `model.parallel`'s
-switches, part of the TrainConfig. Checkpoints hold the whole model's state in the plain
-module's names, so a run resumes on any number of processes, in either mode.
+switches, part of the TrainConfig; `model.checkpoint` writes and reads them back, and
+`model.runtime` holds the process around the loop: its rank, device, process group, random
+streams and stop signals. Checkpoints hold the whole model's state in the plain module's
+names, so a run resumes on any number of processes, in either mode.
 
 One optimizer step: `batch_tokens` tokens across `accumulation_steps` micro-batches and all
 ranks. The loss is the summed cross-entropy over every scored target of the step divided by
@@ -45,15 +47,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext
 from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
@@ -64,30 +63,21 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 
-from model.checkpoint import (
-    DCP,
-    latest_checkpoint,
-    load_shards,
-    load_state,
-    read_weights,
-    save_checkpoint,
-    save_sharded_checkpoint,
-)
+from model.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from model.config import GPTConfig
 from model.data import WindowLoader
 from model.errors import UserError
 from model.gpt import GPT
 from model.mfu import peak_flops
-from model.parallel import (
-    ParallelConfig,
-    clip_grad_norm,
-    full_state,
-    is_sharded,
-    load_full_state,
-    load_sharded_state,
-    local_gradients,
-    parallelize,
-    sharded_state,
+from model.parallel import ParallelConfig, clip_grad_norm, is_sharded, local_gradients, parallelize
+from model.runtime import (
+    DistributedEnv,
+    configure_runtime,
+    process_group,
+    resolve_device,
+    restore_rng,
+    rng_states,
+    stop_signals,
 )
 from model.schedule import Schedule, learning_rate
 
@@ -157,92 +147,6 @@ class TrainingInterrupted(BaseException):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         name = signal.Signals(signum).name
         super().__init__(f"{name}: stopped after step {step}; checkpoint {checkpoint} (run again to resume)")
-
-
-@dataclass(frozen=True)
-class DistributedEnv:
-    """This process's place in a torchrun launch (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-
-    @classmethod
-    def from_environ(cls) -> DistributedEnv:
-        env = os.environ
-        return cls(
-            int(env.get("RANK", 0)),
-            int(env.get("WORLD_SIZE", 1)),
-            int(env.get("LOCAL_RANK", 0)),
-            int(env.get("LOCAL_WORLD_SIZE", 1)),
-        )
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def resolve_device(name: str, env: DistributedEnv) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {name!r}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", env.local_rank)
-        torch.cuda.set_device(device)
-    return device
-
-
-def configure_runtime(device: torch.device, env: DistributedEnv) -> None:
-    """Threads and matmul precision: the settings that decide how fast a step runs."""
-    if device.type == "cpu":
-        # Processes on one machine share its cores; oversubscribing them halves throughput.
-        cores = len(os.sched_getaffinity(0))
-        torch.set_num_threads(max(1, cores // env.local_world_size))
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-@contextmanager
-def process_group(env: DistributedEnv, device: torch.device) -> Iterator[None]:
-    if env.world_size == 1 or dist.is_initialized():
-        yield
-        return
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-class StopRequest:
-    """Set by SIGINT/SIGTERM; the loop stops at the end of the current step."""
-
-    signum: int | None = None
-
-
-@contextmanager
-def stop_signals() -> Iterator[StopRequest]:
-    """Catch SIGINT/SIGTERM while training. Signals reach only the main thread; elsewhere
-    (a worker thread) the process's own handlers stay in charge."""
-    stop = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-
-    def request_stop(signum: int, frame: object) -> None:
-        stop.signum = signum
-
-    previous = {signum: signal.signal(signum, request_stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def configure_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
@@ -325,53 +229,10 @@ def validation_loss(model: nn.Module, data: Batches, batches: int, device: torch
     return nats / scored if scored else math.nan
 
 
-def rng_states(device: torch.device) -> list[dict[str, torch.Tensor]]:
-    """Every rank's RNG states (dropout), gathered so rank 0 can save them all."""
-    local = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        local["cuda"] = torch.cuda.get_rng_state(device)
-    if not dist.is_initialized():
-        return [local]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)  # between our own processes, not from a file
-    return gathered
-
-
-def restore_rng(saved: list[dict[str, torch.Tensor]], env: DistributedEnv, seed: int, step: int,
-                device: torch.device) -> None:
-    if len(saved) == env.world_size:
-        torch.set_rng_state(saved[env.rank]["cpu"])
-        if device.type == "cuda" and "cuda" in saved[env.rank]:
-            torch.cuda.set_rng_state(saved[env.rank]["cuda"], device)
-    else:  # resumed on a different number of ranks: fresh, still deterministic streams
-        torch.manual_seed(seed + 1_000_003 * step + env.rank)
-
-
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
-
-
-def load_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
-                    env: DistributedEnv) -> dict[str, Any]:
-    """Load `checkpoint`'s weights and optimizer state into the (parallelized) model; returns the
-    rest of its state. Rank 0 reads a gathered checkpoint and broadcasts it; a DCP checkpoint is
-    read by every rank, and only when the run opted into that format."""
-    state = load_state(checkpoint)
-    if (checkpoint / DCP).is_dir():
-        if config.checkpoint_format != "dcp":
-            raise UserError(
-                f"{checkpoint}: a sharded checkpoint (checkpoint_format: dcp), whose metadata is unpickled when "
-                "read; set checkpoint_format: dcp to resume from it if you trust its storage, or delete it"
-            )
-        shards = sharded_state(model, optimizer)
-        load_shards(checkpoint, shards)
-        load_sharded_state(model, optimizer, shards)
-    else:
-        weights = read_weights(checkpoint, model) if env.is_main else {}
-        load_full_state(model, optimizer, weights, state["optimizer"] if env.is_main else {})
-    return state
 
 
 def train(
@@ -401,7 +262,7 @@ def train(
         step, train_loss = 0, math.nan
         checkpoint = latest_checkpoint(checkpoints) if config.resume else None
         if checkpoint is not None:
-            state = load_checkpoint(checkpoint, model, optimizer, config, env)
+            state = load_training_checkpoint(checkpoint, model, optimizer, config.checkpoint_format, env.is_main)
             train_data.load_state_dict(state["data"])
             step = state["step"]
             # What a run resumed at max_steps (killed before its caller recorded the result) returns.
@@ -422,17 +283,8 @@ def train(
         def save(step: int) -> Path:
             state = {"data": train_data.state_dict(), "rng": rng_states(device), "world_size": env.world_size,
                      "train_loss": train_loss}
-            if config.checkpoint_format == "dcp":
-                shards = sharded_state(model, optimizer)
-                save_sharded_checkpoint(checkpoints, step, model, state, shards, keep=config.keep_checkpoints)
-            else:
-                weights, optimizer_state = full_state(model, optimizer)  # collective: every rank takes part
-                if env.is_main:
-                    save_checkpoint(checkpoints, step, model, {"optimizer": optimizer_state, **state},
-                                    keep=config.keep_checkpoints, weights=weights)
-            if dist.is_initialized():
-                dist.barrier()  # no rank goes on (or returns) before the checkpoint is in place
-            return checkpoints / f"step-{step}"
+            return save_training_checkpoint(checkpoints, step, model, optimizer, state, config.checkpoint_format,
+                                            config.keep_checkpoints, env.is_main)
 
         batches = iter(train_data)
         start_step, started = step, time.perf_counter()

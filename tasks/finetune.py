@@ -44,8 +44,9 @@ from model.finetune_data import IGNORE, EncodeReport, PairBatches, TooLong, enco
 from model.generate import generate
 from model.gpt import GPT
 from model.parallel import ParallelConfig
+from model.runtime import DistributedEnv
 from model.special_tokens import EOS_ID, SEP_ID
-from model.train import DistributedEnv, TrainConfig, train
+from model.train import TrainConfig, train
 from tasks import tracking
 from tasks.bpe import load_tokenizer
 from tasks.checkpoint_mirror import mirrored_checkpoints

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from model.train import DistributedEnv, main, print_metrics
+from model.runtime import DistributedEnv
+from model.train import main, print_metrics
 from tasks import tracking
 from tasks.pretrain import RUN_ID_ENV
 

@@ -16,6 +16,7 @@ from mlflow.tracking import MlflowClient
 from model.checkpoint import checkpoint_dirs, load_state
 from model.config import ModelConfig
 from pipeline_micro import write_config
+from sigint import with_sigint
 from tasks import tracking
 from tasks.pretrain import PretrainConfig, pretrain_fingerprint, run_pretrain
 from tasks.shard import ShardOutput
@@ -84,8 +85,10 @@ def test_torchrun_ranks_log_to_mlflow_and_stop_together_on_cancel(tmp_path, shar
         arguments.append(str(tmp_path / f"{name}.json"))
     checkpoints = tmp_path / "ws" / "pretrain" / pretrain_fingerprint(config, MODEL, shards.fingerprint) / "checkpoints"
 
-    stage = subprocess.Popen([sys.executable, "-c", CANCELLED_RUN, *arguments, str(tmp_path / "ws"), run_id], cwd=REPO,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-c", CANCELLED_RUN, *arguments, str(tmp_path / "ws"), run_id]
+    stage = subprocess.Popen(
+        with_sigint(command), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 240
     while not (seen := checkpoint_dirs(checkpoints)):  # any: step-5 alone is pruned once step-15 is written
         assert stage.poll() is None and time.monotonic() < deadline, stage.stderr.read()[-3000:]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 from pipeline_micro import greedy_completions, write_config
+from sigint import with_sigint
 
 from tasks.workspace import sha256_file
 
@@ -162,8 +163,8 @@ def test_run_and_model_found_through_the_rest_apis(servers, pipeline_run):
 
 def test_served_deployment_schedule_trigger_and_gpu_limit(servers, pipeline_run):
     serve_env = {**servers.env, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
-    serving = subprocess.Popen(
-        [str(BIN / "gptflow"), "serve", str(servers.config), "--interval", "3600", "--name", "hourly"],
+    serving = subprocess.Popen(  # `stop` sends it SIGINT
+        with_sigint([str(BIN / "gptflow"), "serve", str(servers.config), "--interval", "3600", "--name", "hourly"]),
         cwd=servers.root, env=serve_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip
     try:
@@ -263,9 +264,9 @@ def _state(servers: Servers, flow_run_id: str) -> str:
 
 def test_mlflow_models_serve_answers_invocations(servers, pipeline_run):
     port = free_port()
-    serving = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
+    serving = subprocess.Popen(  # `stop` sends it SIGINT
+        with_sigint([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
+                     "--host", "127.0.0.1", "--port", str(port)]),
         cwd=servers.root, env={**servers.env, "MLFLOW_TRACKING_URI": servers.mlflow},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )  # fmt: skip

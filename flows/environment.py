@@ -1,0 +1,35 @@
+"""The environment defaults every gptflow entry point applies before Prefect or MLflow starts.
+
+Prefect reads its settings, and MLflow its telemetry switch, when first imported, so the
+defaults that make the embedded (ephemeral) server dependable on a small machine must be in
+`os.environ` before then. Importing a module of `flows` changes nothing; each entry point
+calls `apply_defaults()` first: the `gptflow` command (`flows.cli.main`), the module a
+Prefect worker loads for prefect.yaml's deployment (`flows/deployment.py`), and the tests'
+conftest. Flow runs that `gptflow serve` starts inherit its environment.
+"""
+
+from __future__ import annotations
+
+import os
+
+from tasks.server_state import PREFECT, live_server
+
+DEFAULTS = {
+    # The ephemeral API server needs more than the default 20 s to start under load.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+    # With no network, analytics only produce errors (and a 'database is locked' trace).
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    # Progress bars for copying a few local files only clutter the flow's log.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def apply_defaults() -> None:
+    """Set each default the environment leaves unset (the environment always wins). With no
+    PREFECT_API_URL set, a Prefect server started by `gptflow up` is used, else Prefect's
+    ephemeral one."""
+    for name, value in DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    if "PREFECT_API_URL" not in os.environ and (server := live_server(PREFECT)):
+        os.environ["PREFECT_API_URL"] = server.api_url
