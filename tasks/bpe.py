@@ -32,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from model.special_tokens import SPECIAL_TOKENS
-from tasks.ingest import IngestOutput, read_corpus
 from tasks.bpe_trainer import train_in_child
+from tasks.ingest import IngestOutput, read_corpus
 from tasks.progress import step_progress
 from tasks.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 

@@ -130,7 +130,8 @@ def held_out_documents(corpus: Path, tokenizer: Tokenizer, limit: int | None) ->
     documents: list[list[int]] = []
     for batch in read_corpus(corpus, split="val"):
         texts = batch.column("text").to_pylist()[: limit - len(documents) if limit else None]
-        documents += [[EOS_ID, *encoding.ids, EOS_ID] for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        documents += [[EOS_ID, *encoding.ids, EOS_ID] for encoding in encodings]
         if limit and len(documents) == limit:
             break
     return documents

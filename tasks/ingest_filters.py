@@ -40,7 +40,7 @@ from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, ConfigDict, Field
 
 REPEAT_RUN = 16  # a run of this many copies of one character counts as repetition
-_RUN = re.compile(r"(\S)\1{%d,}" % (REPEAT_RUN - 1))
+_RUN = re.compile(rf"(\S)\1{{{REPEAT_RUN - 1},}}")
 EXAMPLES_KEPT = 3  # dropped documents shown per filter in the ingest report
 EXAMPLE_CHARS = 80
 NUM_PERM = 128  # MinHash permutations: the Jaccard estimate's standard error is about 1/sqrt(128) = 0.09

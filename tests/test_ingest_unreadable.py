@@ -8,11 +8,11 @@ import gzip
 import json
 
 import pytest
-from test_bad_input import TEXT, UNREADABLE_FILES
-from test_ingest import seed_for
 
 from model.errors import UserError
 from tasks.ingest import IngestConfig, run_ingest
+from test_bad_input import TEXT, UNREADABLE_FILES
+from test_ingest import seed_for
 
 GOOD = {"a.txt": TEXT + "a\n", "b.txt": TEXT + "b\n"}
 REASONS = {
@@ -54,6 +54,7 @@ def test_compressed_text_and_jsonl_are_read(tmp_path):
     source.mkdir()
     (source / "a.txt.gz").write_bytes(gzip.compress((TEXT + "a\n").encode()))
     (source / "b.jsonl.gz").write_bytes(gzip.compress(json.dumps({"text": TEXT + "b\n"}).encode()))
-    config = IngestConfig(source=str(source), min_chars=1, val_fraction=0.5, seed=seed_for(["a.txt.gz", "b.jsonl.gz:1"]))
+    seed = seed_for(["a.txt.gz", "b.jsonl.gz:1"])
+    config = IngestConfig(source=str(source), min_chars=1, val_fraction=0.5, seed=seed)
     report = run_ingest(config, tmp_path / "ws").report
     assert report["documents_out"] == 2 and report["files_unreadable"] == 0

@@ -24,6 +24,8 @@ STAGE_MAY_USE = {("register", "evaluate")}  # (importer, imported): beyond the O
 KNOWN_CYCLES = [{"tasks.evaluate", "tasks.model_source", "tasks.register"}]
 KNOWN_BORROWINGS = [  # (importer, imported)
     ("tasks.bpe", "tasks.ingest"),  # read_corpus
+    ("tasks.bpe_trainer", "tasks.ingest"),  # read_corpus (the tokenizer trainer's child process)
+    ("tasks.evaluate", "tasks.ingest"),  # read_corpus (held-out documents a batch at a time)
     ("tasks.evaluate", "tasks.bpe"),  # load_tokenizer
     ("tasks.finetune", "tasks.bpe"),  # load_tokenizer
     ("tasks.finetune", "tasks.evaluate"),  # metrics_markdown, token_byte_lengths

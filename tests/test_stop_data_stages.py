@@ -13,7 +13,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+
 from micro_data import file_digests
+from sigint import with_sigint
 from test_prepare import GPTFLOW
 
 pytestmark = pytest.mark.slow
@@ -41,12 +43,8 @@ def write_corpus(root: Path) -> Path:
 
 
 def prepare(config: Path, workspace: Path, cli_env: dict) -> subprocess.Popen:
-    # A child of a background job inherits SIGINT ignored; Python then never raises KeyboardInterrupt.
-    return subprocess.Popen(
-        [GPTFLOW, "prepare", str(config), "--set", f"workspace={workspace}"], env=cli_env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip
+    command = with_sigint([GPTFLOW, "prepare", str(config), "--set", f"workspace={workspace}"])
+    return subprocess.Popen(command, env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def stage_digests(workspace: Path) -> dict[str, dict[str, str]]:
@@ -82,7 +80,8 @@ def test_a_signal_stops_the_stage_within_5_seconds_and_a_rerun_matches(uninterru
     process.send_signal(signum)
     sent, sent_at = time.monotonic(), time.strftime("%H:%M:%S") + f".{time.time() % 1:.3f}"[2:]
     output, _ = process.communicate(timeout=60)
-    assert time.monotonic() - sent < STOP_SECONDS, f"sent at {sent_at}, ended {time.monotonic() - sent:.1f} s later\n{output}"
+    ended = time.monotonic() - sent
+    assert ended < STOP_SECONDS, f"sent at {sent_at}, ended {ended:.1f} s later\n{output}"
     assert process.returncode != 0
     assert not list(workspace.glob(f"{stage}/*/manifest.json"))
     trainers = [child for child in descendants if child.is_running() and child.status() != psutil.STATUS_ZOMBIE
