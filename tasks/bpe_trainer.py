@@ -25,12 +25,12 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokenizers import Tokenizer, pre_tokenizers, trainers
 
-from tasks.ingest import read_corpus
-from tasks.progress import StepProgress
+if TYPE_CHECKING:
+    from tasks.progress import StepProgress
 
 
 class TrainingFailed(RuntimeError):
@@ -46,8 +46,10 @@ def train_in_child(
     command = [sys.executable, "-m", "tasks.bpe_trainer", *arguments]
     # stderr to a file: a pipe nobody reads while the child runs could fill up and block it.
     with tempfile.TemporaryFile("w+") as errors:
-        child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)
+        child = None
         try:
+            # Inside the try: a signal handled as Popen returns must not leave the child running.
+            child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)
             for line in child.stdout:  # a signal interrupts this wait in the main thread
                 fed = json.loads(line)
                 progress.advance(documents=fed["documents"], n_bytes=fed["bytes"])
@@ -55,17 +57,22 @@ def train_in_child(
                 errors.seek(0)
                 raise TrainingFailed(f"the tokenizer trainer failed (exit code {child.returncode}):\n{errors.read()}")
         finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-            child.stdin.close()
-            child.stdout.close()
+            if child is not None:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+                child.stdin.close()
+                child.stdout.close()
 
 
 def main(tokenizer_json: str, settings: str, corpus: str, destination: str) -> None:
     """The child: feed the train split to the trainer, reporting each batch, then save."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     threading.Thread(target=exit_with_parent, daemon=True).start()
+    # Imported only now, with the watchdog running: it takes a second (Prefect comes with it),
+    # and a parent that dies meanwhile must not leave the child to start training.
+    from tasks.ingest import read_corpus
+
     tokenizer = Tokenizer.from_str(tokenizer_json)
     trainer = trainers.BpeTrainer(
         **json.loads(settings), initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False

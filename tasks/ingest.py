@@ -254,7 +254,9 @@ def source_documents(
         try:
             yield from file_documents(path, doc_id, config.text_field, stats)
         except (Unreadable, *UNREADABLE) as e:
-            reason = str(e) if before == stats.documents_in else f"{e} (after {stats.documents_in - before} documents)"
+            reason = " ".join(str(e).split())  # one line, whatever the library wrote
+            if stats.documents_in > before:
+                reason += f" (after {stats.documents_in - before} documents)"
             if config.on_unreadable == "fail":
                 raise UserError(f"ingest: {path}: unreadable: {reason} (ingest.on_unreadable=skip skips it)") from e
             stats.files_unreadable += 1
