@@ -69,8 +69,10 @@ def write_blobs(directory: Path) -> None:
     rng = random.Random(0)
     (directory / "blob.txt").write_text(base64.b64encode(rng.randbytes(3 << 20)).decode())
     names = ["a", "b", "c", "e", "n", "t", "x", "fn", "el", "ctx"]
-    statements = [f"var {rng.choice(names)}{i}=function({rng.choice(names)}){{return {i}*{rng.choice(names)}+1}};"
-                  for i in range(4 << 20 >> 5)]  # fmt: skip
+    statements = [
+        f"var {rng.choice(names)}{i}=function({rng.choice(names)}){{return {i}*{rng.choice(names)}+1}};"
+        for i in range(4 << 20 >> 5)
+    ]
     (directory / "app.min.js.txt").write_text("".join(statements))
 
 
@@ -103,20 +105,26 @@ with tempfile.TemporaryDirectory() as workspace:
 def bound_on_and_off() -> None:
     """The default pipeline's corpus (the whole standard library) with the default bound and
     without: the tokenizer's merges and every shard file must be the same."""
-    result = subprocess.run([sys.executable, "-c", BOUND_ON_AND_OFF], cwd=REPO, capture_output=True, text=True,
-                            check=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", BOUND_ON_AND_OFF], cwd=REPO, capture_output=True, text=True, check=True
+    )
     figures = json.loads(result.stdout.splitlines()[-1])
-    print(f"\nstandard library ({figures['documents']} documents): longest pre-token {figures['longest_pretoken']} "
-          f"bytes, bound {figures['bound']}; with and without the bound: same merges {figures['same_merges']}, "
-          f"same {figures['shard_files']} shard files {figures['same_shards']}")
+    print(
+        f"\nstandard library ({figures['documents']} documents): longest pre-token {figures['longest_pretoken']} "
+        f"bytes, bound {figures['bound']}; with and without the bound: same merges {figures['same_merges']}, "
+        f"same {figures['shard_files']} shard files {figures['same_shards']}"
+    )
 
 
 def stages(source: Path, filters: str) -> dict:
     with tempfile.TemporaryDirectory() as workspace:
         result = subprocess.run(
             [sys.executable, "-c", STAGES_IN_A_FRESH_PROCESS, str(source), workspace, filters],
-            cwd=REPO, capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     return json.loads(result.stdout.splitlines()[-1])
 
 
@@ -136,8 +144,10 @@ def compare(quick: QuickOpt = False) -> None:
             write_one_char_line(corpora[name], 6 if quick else 60)
         write_blobs(corpora["+line+blobs"])
         clean_mb = sum(path.stat().st_size for path in files) / 1e6
-        print(f"clean: {len(files)} standard-library files, {clean_mb:.1f} MB; +line: and one line of one "
-              f"character, {6 if quick else 60} MiB; +line+blobs: and a base64 blob and minified JavaScript, 4 MB each")
+        print(
+            f"clean: {len(files)} standard-library files, {clean_mb:.1f} MB; +line: and one line of one "
+            f"character, {6 if quick else 60} MiB; +line+blobs: and a base64 blob and minified JavaScript, 4 MB each"
+        )
         for filters, names in (("on", ["clean", "+line+blobs"]), ("off", ["clean", "+line", "+line+blobs"])):
             figures = {name: stages(corpora[name], filters) for name in names}
             kept = ", ".join(f"{name} {figures[name]['documents']}" for name in names)

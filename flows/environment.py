@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from tasks.server_state import PREFECT, live_server
+from tasks.core.server_state import PREFECT, live_server
 
 DEFAULTS = {
     # The ephemeral API server needs more than the default 20 s to start under load.

@@ -26,9 +26,9 @@ from flows.runtime import flow_run_title, flow_runtime, holding, holding_gpus, r
 from tasks import tracking
 from tasks.evaluate import EvaluateOutput, evaluate_task
 from tasks.finetune import finetune_task
-from tasks.loss_curves import loss_curves_task
 from tasks.pretrain import pretrain_task
 from tasks.register import EvalData, RegisterOutput, register_task
+from tasks.tracking.loss_curves import loss_curves_task
 
 
 class PipelineResult(BaseModel):
@@ -57,7 +57,9 @@ def summary_markdown(config: PipelineConfig, result: PipelineResult, evaluations
 
 
 @flow(name="pipeline", flow_run_name=flow_run_title)
-def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", overrides: list[str] | None = None) -> PipelineResult:
+def pipeline(
+    config: PipelineConfig | str | Path = "configs/tiny.yaml", overrides: list[str] | None = None
+) -> PipelineResult:
     """Corpus to registered model; `config` is a YAML path or a PipelineConfig."""
     if not isinstance(config, PipelineConfig):
         config = load_config(config, overrides or ())
@@ -71,9 +73,16 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
             """One evaluation, named after the model it scores in Prefect and MLflow alike."""
             name = f"evaluate-{label}"
             return evaluate_task.with_options(task_run_name=name)(
-                config.evaluate, checkpoint, tokenizer.tokenizer, shards.path, corpus.corpus, workspace,
-                parent_run_id=run_id, run_name=name, parent_prefix=f"{label}_",
-            )  # fmt: skip
+                config.evaluate,
+                checkpoint,
+                tokenizer.tokenizer,
+                shards.path,
+                corpus.corpus,
+                workspace,
+                parent_run_id=run_id,
+                run_name=name,
+                parent_prefix=f"{label}_",
+            )
 
         with holding_gpus(config.pretrain.nproc_per_node):
             pretrained = pretrain_task(config.pretrain, config.model, shards, workspace, parent_run_id=run_id)
@@ -99,9 +108,15 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
         }
         with holding(registry_limit(config.name)):
             registered = register_task(
-                config.register, config.name, final_checkpoint, tokenizer.tokenizer, final.metrics, lineage,
-                EvalData(config.evaluate, shards.path, corpus.corpus), parent_run_id=run_id,
-            )  # fmt: skip
+                config.register,
+                config.name,
+                final_checkpoint,
+                tokenizer.tokenizer,
+                final.metrics,
+                lineage,
+                EvalData(config.evaluate, shards.path, corpus.corpus),
+                parent_run_id=run_id,
+            )
         result = PipelineResult(
             mlflow_run_id=run_id,
             mlflow_run_link=tracking.run_link(run_id),

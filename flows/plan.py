@@ -17,14 +17,14 @@ from flows.config import PipelineConfig
 from model.checkpoint import CONFIG, WEIGHTS
 from model.config import GPTConfig
 from tasks.bpe import TOKENIZER_FILE, bpe_fingerprint
-from tasks.checkpoint_mirror import has_checkpoints
+from tasks.core.checkpoint_mirror import has_checkpoints
+from tasks.core.storage import resolve_workspace
+from tasks.core.workspace import StageDir, sha256_file
 from tasks.evaluate import evaluate_fingerprint, evaluate_inputs
 from tasks.finetune import finetune_fingerprint, finetune_inputs
 from tasks.ingest import CORPUS_FILE, find_source_files, ingest_fingerprint
 from tasks.pretrain import pretrain_fingerprint
 from tasks.shard import shard_fingerprint
-from tasks.storage import resolve_workspace
-from tasks.workspace import StageDir, sha256_file
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,9 @@ def plan(config: PipelineConfig) -> list[PlannedStage]:
         return stage_fingerprint(model_dir.listed_sha256(f"{checkpoint}/{WEIGHTS}"), model_config)
 
     def evaluation(model_sha256: str, model_config: GPTConfig) -> str:
-        inputs = evaluate_inputs(model_sha256, tokenizer_dir.listed_sha256(TOKENIZER_FILE), shards_fp,
-                                 corpus_dir.listed_sha256(CORPUS_FILE))  # fmt: skip
+        inputs = evaluate_inputs(
+            model_sha256, tokenizer_dir.listed_sha256(TOKENIZER_FILE), shards_fp, corpus_dir.listed_sha256(CORPUS_FILE)
+        )
         return evaluate_fingerprint(config.evaluate, inputs)
 
     def finetuning(model_sha256: str, model_config: GPTConfig) -> str:

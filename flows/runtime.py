@@ -138,8 +138,9 @@ def holding(limit: str, slots: int = 1) -> AbstractContextManager[None]:
     logged and training goes on: losing days of training to a monitoring outage is worse
     than briefly exceeding the limit.
     """
-    return concurrency(limit, occupy=slots, strict=True, lease_duration=LEASE_SECONDS,
-                       raise_on_lease_renewal_failure=False)  # fmt: skip
+    return concurrency(
+        limit, occupy=slots, strict=True, lease_duration=LEASE_SECONDS, raise_on_lease_renewal_failure=False
+    )
 
 
 def holding_gpus(processes: int = 1) -> AbstractContextManager[None]:

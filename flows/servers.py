@@ -3,7 +3,7 @@
 Both run as plain local processes, each in its own process group (so stopping one stops
 its workers too) with its output in a log file under `$GPTFLOW_HOME/logs`. `up` waits
 until both answer their health checks, then records PIDs and addresses in the state file
-(`tasks/server_state.py`) that `gptflow run` reads. MLflow keeps its runs in
+(`tasks/core/server_state.py`) that `gptflow run` reads. MLflow keeps its runs in
 `<data_dir>/mlflow.db` and artifacts in `<data_dir>/mlartifacts`; with the default data
 dir, the working directory, that is the same database the embedded default writes, so
 runs made before `gptflow up` show in its UI. Prefect keeps its database under
@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from model.errors import UserError
-from tasks.server_state import MLFLOW, PREFECT, ServerRecord, gptflow_home, is_alive, read_records, write_records
+from tasks.core.server_state import MLFLOW, PREFECT, ServerRecord, gptflow_home, is_alive, read_records, write_records
 
 HOST = "127.0.0.1"
 
@@ -34,11 +34,19 @@ def prefect_command(port: int) -> list[str]:
 
 def mlflow_command(port: int, data_dir: Path) -> list[str]:
     return [
-        _bin("mlflow"), "server", "--host", HOST, "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{data_dir / 'mlflow.db'}",
-        "--artifacts-destination", str(data_dir / "mlartifacts"),
-        "--workers", "1",
-    ]  # fmt: skip
+        _bin("mlflow"),
+        "server",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{data_dir / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(data_dir / "mlartifacts"),
+        "--workers",
+        "1",
+    ]
 
 
 def _bin(name: str) -> str:
@@ -46,7 +54,9 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def up(prefect_port: int = 4200, mlflow_port: int = 5000, data_dir: Path = Path("."), timeout: float = 180.0) -> dict[str, ServerRecord]:
+def up(
+    prefect_port: int = 4200, mlflow_port: int = 5000, data_dir: Path = Path("."), timeout: float = 180.0
+) -> dict[str, ServerRecord]:
     """Start both servers (unless `gptflow up` already did), wait until healthy, record them."""
     running = read_records()
     if running and all(is_alive(r.pid) for r in running.values()) and set(running) == {PREFECT, MLFLOW}:
@@ -64,7 +74,9 @@ def up(prefect_port: int = 4200, mlflow_port: int = 5000, data_dir: Path = Path(
     # The Prefect UI finds its API through PREFECT_UI_API_URL, which does not follow --port.
     prefect_env = {"PREFECT_UI_API_URL": f"{prefect_url}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     records = {
-        PREFECT: _spawn(prefect_command(prefect_port), logs / "prefect.log", f"{prefect_url}/api", prefect_url, prefect_env),
+        PREFECT: _spawn(
+            prefect_command(prefect_port), logs / "prefect.log", f"{prefect_url}/api", prefect_url, prefect_env
+        ),
         MLFLOW: _spawn(mlflow_command(mlflow_port, data_dir), logs / "mlflow.log", mlflow_url, mlflow_url),
     }
     # Record before waiting, so `gptflow down` can stop what started even if `up` is interrupted.
@@ -90,12 +102,18 @@ def down(timeout: float = 30.0) -> list[str]:
     return stopped
 
 
-def _spawn(command: list[str], log_file: Path, api_url: str, ui_url: str, env: dict[str, str] | None = None) -> ServerRecord:
+def _spawn(
+    command: list[str], log_file: Path, api_url: str, ui_url: str, env: dict[str, str] | None = None
+) -> ServerRecord:
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, **(env or {})},
-        )  # fmt: skip
+        )
     return ServerRecord(pid=process.pid, api_url=api_url, ui_url=ui_url, log_file=str(log_file))
 
 
@@ -106,7 +124,9 @@ def _require_free_port(port: int) -> None:
         try:
             s.bind((HOST, port))
         except OSError:
-            raise UserError(f"port {port} on {HOST} is already in use; choose another with --prefect-port/--mlflow-port") from None
+            raise UserError(
+                f"port {port} on {HOST} is already in use; choose another with --prefect-port/--mlflow-port"
+            ) from None
 
 
 def _wait_healthy(record: ServerRecord, health_url: str, timeout: float) -> None:
@@ -146,4 +166,3 @@ def _running(pid: int) -> bool:
     except ChildProcessError:
         pass  # not our child: its parent (or init) reaps it
     return is_alive(pid)
-

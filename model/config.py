@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from model.errors import UserError
 
+# A config field's `json_schema_extra` when the field decides how a run executes (resume,
+# checkpoint cadence, processes, device, parallelism), not what it computes: the stages
+# leave such fields out of their fingerprints (tasks/core/training_stage.py).
+RUN_ONLY = {"run_only": True}
+
 LAYER_KINDS = ("dense", "sparse")
 
 
@@ -97,8 +102,13 @@ def _gpt3(n_layer: int, n_head: int, n_embd: int) -> GPTConfig:
     # The paper does not give the band width of its "locally banded sparse attention";
     # 256 (an eighth of the context) is our choice.
     return GPTConfig(
-        vocab_size=50257, block_size=2048, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-        attention=["dense", "sparse"], sparse_window=256,
+        vocab_size=50257,
+        block_size=2048,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        attention=["dense", "sparse"],
+        sparse_window=256,
     )
 
 

@@ -23,11 +23,13 @@ training, as bench/loader.py shows.
 
 Every file of the split is checked against its sha256 in the manifest when the loader is
 created; a modified shard is refused, naming the file.
+
+`ShardManifest` is the typed `manifest.json` of a shard directory: the shard stage writes
+it and every reader (this loader, evaluation, pretraining, the registry's gate) reads it.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,17 +37,90 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from pydantic import BaseModel, ValidationError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from model.errors import UserError
-from model.integrity import inside, verify_files
+from model.integrity import MANIFEST, inside, verify_files
+
+SPLITS = ("train", "val")  # the corpus' splits, in the order their shards are written
+
+
+class ShardFile(BaseModel):
+    """One Parquet file of windows; `tokens` is `rows * (seq_len + 1)`."""
+
+    path: str  # relative to the shard directory
+    split: str
+    rows: int
+    tokens: int
+    row_groups: int | None = None  # written by the shard stage; absent from hand-made test shards
+    bytes: int | None = None
+    sha256: str
+
+
+class SplitTotals(BaseModel):
+    rows: int
+    tokens: int
+    dropped_tokens: int  # stream tokens after the last window
+    documents: int
+    stream_tokens: int
+
+
+class ShardManifest(BaseModel):
+    """A shard directory's `manifest.json` (docs: DESIGN.md, "Formats"), fields in file order.
+
+    Only what the readers need is required: shards made by hand (tests, benchmarks) list
+    their windows without the stage's lineage and totals.
+    """
+
+    format: int | None = None
+    fingerprint: str | None = None
+    inputs: dict[str, str] | None = None  # the corpus and tokenizer fingerprints
+    seq_len: int
+    stride: int | None = None
+    dtype: str | None = None
+    vocab_size: int
+    tokenizer_sha256: str | None = None
+    eos_id: int | None = None
+    compression: str | None = None
+    row_group_rows: int | None = None
+    files: list[ShardFile]
+    totals: dict[str, SplitTotals] | None = None
+    report: dict[str, int] | None = None
+
+    @classmethod
+    def read(cls, path: Path | str) -> ShardManifest:
+        """The manifest at `path` (a manifest.json or the shard directory holding one)."""
+        path = Path(path)
+        path = path / MANIFEST if path.is_dir() else path
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except (OSError, ValidationError) as e:
+            raise UserError(f"{path}: unreadable shard manifest ({e})") from None
+
+    def split_files(self, split: str) -> list[ShardFile]:
+        return [entry for entry in self.files if entry.split == split]
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest as the shard stage commits it (fields unset by hand-made shards left out)."""
+        return self.model_dump(exclude_none=True)
 
 
 class WindowSource(IterableDataset):
     """Reads the rank's batches from a given start position on; picklable for DataLoader workers."""
 
-    def __init__(self, files: list[Path], row_groups: list[tuple[int, int, int]], seq_len: int,
-                 batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool, buffer_row_groups: int):
+    def __init__(
+        self,
+        files: list[Path],
+        row_groups: list[tuple[int, int, int]],
+        seq_len: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        buffer_row_groups: int,
+    ):
         self.files = files
         self.row_groups = row_groups  # (file index, row group index, rows), in stream order
         self.num_windows = sum(rows for _, _, rows in row_groups)
@@ -126,24 +201,33 @@ class WindowLoader:
     order, for validation.
     """
 
-    def __init__(self, manifest: Path | str, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, workers: int = 0, buffer_row_groups: int = 64):
+    def __init__(
+        self,
+        manifest: Path | str,
+        split: str,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        workers: int = 0,
+        buffer_row_groups: int = 64,
+    ):
         manifest = Path(manifest)
-        try:
-            info = json.loads(manifest.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"{manifest}: unreadable shard manifest ({e})") from None
-        entries = [entry for entry in info["files"] if entry["split"] == split]
+        info = ShardManifest.read(manifest)
+        entries = [entry.model_dump() for entry in info.split_files(split)]
         verify_files(manifest.parent, entries)
         files = [inside(manifest.parent, entry["path"]) for entry in entries]
         row_groups = []
         for i, path in enumerate(files):
             metadata = pq.ParquetFile(path).metadata
             row_groups += [(i, group, metadata.row_group(group).num_rows) for group in range(metadata.num_row_groups)]
-        self.seq_len, self.vocab_size = int(info["seq_len"]), int(info["vocab_size"])
+        self.seq_len, self.vocab_size = info.seq_len, info.vocab_size
         self.batch_size, self.world_size, self.workers = batch_size, world_size, workers
-        self.source = WindowSource(files, row_groups, self.seq_len, batch_size, rank, world_size,
-                                   seed, shuffle, buffer_row_groups)
+        self.source = WindowSource(
+            files, row_groups, self.seq_len, batch_size, rank, world_size, seed, shuffle, buffer_row_groups
+        )
         if self.source.num_windows < batch_size * world_size:
             raise UserError(
                 f"{manifest}: split {split!r} has {self.source.num_windows} windows, fewer than one batch "
@@ -157,10 +241,19 @@ class WindowLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         start = self.source.start = self.start
-        batches = iter(self.source) if self.workers == 0 else iter(
-            # Its own generator: seeding the workers must not draw from the global RNG (dropout).
-            DataLoader(self.source, batch_size=None, num_workers=self.workers, prefetch_factor=4,
-                       generator=torch.Generator())
+        batches = (
+            iter(self.source)
+            if self.workers == 0
+            else iter(
+                # Its own generator: seeding the workers must not draw from the global RNG (dropout).
+                DataLoader(
+                    self.source,
+                    batch_size=None,
+                    num_workers=self.workers,
+                    prefetch_factor=4,
+                    generator=torch.Generator(),
+                )
+            )
         )
         for count, batch in enumerate(batches, start=1):
             self.position = start + count * self.world_size * self.batch_size

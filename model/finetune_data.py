@@ -23,9 +23,9 @@ from typing import Any, Literal
 
 import torch
 
+from model.evaluate import IGNORE
 from model.special_tokens import EOS_ID, PAD_ID, SEP_ID
 
-IGNORE = -100  # target value that is not scored
 TooLong = Literal["truncate", "drop"]
 
 
@@ -98,8 +98,16 @@ class PairBatches:
     `shuffle` (validation) each `iter()` is one pass over this rank's rows, in order.
     """
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int = 0,
-                 shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if len(inputs) == 0:
             raise ValueError("no rows to draw batches from")
         self.inputs, self.targets = inputs, targets

@@ -1,7 +1,7 @@
 """File integrity: sha256 digests and checking files against the digests a manifest lists.
 
 Lives in `model/` because the shard loader verifies its files when it opens them and
-`model/` imports nothing from `tasks/`; the stages use it through `tasks.workspace`.
+`model/` imports nothing from `tasks/`; the stages use it through `tasks.core.workspace`.
 """
 
 from __future__ import annotations

@@ -55,6 +55,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from model.config import RUN_ONLY
 from model.gpt import GPT
 
 Parallelism = Literal["ddp", "fsdp"]
@@ -67,18 +68,24 @@ class ParallelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     parallel: Parallelism = Field(
-        "ddp", description="several processes: ddp replicates the model, fsdp (FSDP2) shards it"
+        "ddp",
+        description="several processes: ddp replicates the model, fsdp (FSDP2) shards it",
+        json_schema_extra=RUN_ONLY,
     )
-    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block's activations in backward", json_schema_extra=RUN_ONLY
+    )
     checkpoint_format: CheckpointFormat = Field(
         "safetensors",
+        json_schema_extra=RUN_ONLY,
         description="safetensors: gathered to rank 0, resumes anywhere; dcp: sharded torch.distributed.checkpoint, "
         "for models too large to gather, trusted storage only (it unpickles its metadata)",
     )
 
 
-def parallelize(model: GPT, config: ParallelConfig, device: torch.device, world_size: int, bf16: bool,
-                compile: bool) -> nn.Module:
+def parallelize(
+    model: GPT, config: ParallelConfig, device: torch.device, world_size: int, bf16: bool, compile: bool
+) -> nn.Module:
     """Prepare `model` (changed in place) for `world_size` processes on `device`.
 
     Returns the module to call forward on: `model` itself, DDP around it, or torch.compile's
@@ -158,8 +165,12 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     return get_model_state_dict(model, options=_GATHERED), get_optimizer_state_dict(model, optimizer, options=_GATHERED)
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
-                    optimizer_state: dict[str, Any]) -> None:
+def load_full_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+) -> None:
     """Load `full_state`'s output. Under torchrun only rank 0's arguments are read: it
     broadcasts them, and each rank keeps its shard (FSDP2) or a copy (DDP)."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())

@@ -64,9 +64,10 @@ from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat
 from torch import nn
 
 from model.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
-from model.config import GPTConfig
+from model.config import RUN_ONLY, GPTConfig
 from model.data import WindowLoader
 from model.errors import UserError
+from model.evaluate import IGNORE
 from model.gpt import GPT
 from model.mfu import peak_flops
 from model.parallel import ParallelConfig, clip_grad_norm, is_sharded, local_gradients, parallelize
@@ -80,8 +81,6 @@ from model.runtime import (
     stop_signals,
 )
 from model.schedule import Schedule, learning_rate
-
-IGNORE = -100  # target value that is not scored
 
 Callback = Callable[[int, Mapping[str, float]], None]
 
@@ -113,11 +112,17 @@ class TrainConfig(ParallelConfig):
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
     eval_every: NonNegativeInt = Field(50, description="steps between validation losses; 0: only at the end")
     eval_batches: PositiveInt = Field(8, description="micro-batches per rank in each validation")
-    checkpoint_every: NonNegativeInt = Field(50, description="steps between checkpoints; 0: only at the end")
-    keep_checkpoints: PositiveInt = 3
+    checkpoint_every: NonNegativeInt = Field(
+        50, description="steps between checkpoints; 0: only at the end", json_schema_extra=RUN_ONLY
+    )
+    keep_checkpoints: PositiveInt = Field(3, json_schema_extra=RUN_ONLY)
     seed: int = 0
-    resume: bool = Field(True, description="continue from the newest checkpoint in the output directory")
-    device: str = Field("auto", description="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    resume: bool = Field(
+        True, description="continue from the newest checkpoint in the output directory", json_schema_extra=RUN_ONLY
+    )
+    device: str = Field(
+        "auto", description="auto (cuda if available), cpu, cuda, cuda:1, ...", json_schema_extra=RUN_ONLY
+    )
     bf16: bool | None = Field(
         None, description="bf16 autocast (fsdp: bf16 parameters in compute, fp32 reduction); default: on for CUDA"
     )
@@ -281,10 +286,22 @@ def train(
             return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)
 
         def save(step: int) -> Path:
-            state = {"data": train_data.state_dict(), "rng": rng_states(device), "world_size": env.world_size,
-                     "train_loss": train_loss}
-            return save_training_checkpoint(checkpoints, step, model, optimizer, state, config.checkpoint_format,
-                                            config.keep_checkpoints, env.is_main)
+            state = {
+                "data": train_data.state_dict(),
+                "rng": rng_states(device),
+                "world_size": env.world_size,
+                "train_loss": train_loss,
+            }
+            return save_training_checkpoint(
+                checkpoints,
+                step,
+                model,
+                optimizer,
+                state,
+                config.checkpoint_format,
+                config.keep_checkpoints,
+                env.is_main,
+            )
 
         batches = iter(train_data)
         start_step, started = step, time.perf_counter()
@@ -292,8 +309,13 @@ def train(
         while step < config.max_steps:
             step_started = time.perf_counter()
             lr = learning_rate(
-                step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
-                max_steps=config.max_steps, schedule=config.schedule, decay_fraction=config.decay_fraction,
+                step,
+                lr=config.lr,
+                min_lr=config.min_lr,
+                warmup_steps=config.warmup_steps,
+                max_steps=config.max_steps,
+                schedule=config.schedule,
+                decay_fraction=config.decay_fraction,
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -366,8 +388,14 @@ def run(spec: RunSpec, callback: Callback | None = None) -> TrainResult:
 
     def loader(split: str, shuffle: bool) -> WindowLoader:
         return WindowLoader(
-            spec.shards, split, spec.train.micro_batch_size, rank=env.rank, world_size=env.world_size,
-            seed=spec.train.seed, shuffle=shuffle, workers=spec.loader_workers,
+            spec.shards,
+            split,
+            spec.train.micro_batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=spec.train.seed,
+            shuffle=shuffle,
+            workers=spec.loader_workers,
         )
 
     train_data, val_data = loader("train", shuffle=True), loader("val", shuffle=False)
@@ -388,8 +416,9 @@ def main(argv: list[str] | None = None, callback: Callback | None = None) -> Non
     """Command line entry (also under torchrun); `callback` defaults to printing each step."""
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", type=Path, help="a RunSpec as JSON: {model, train, shards, out_dir, loader_workers}")
-    parser.add_argument("--result", type=Path,
-                        help="the first process of this node writes the TrainResult (or the error) here as JSON")
+    parser.add_argument(
+        "--result", type=Path, help="the first process of this node writes the TrainResult (or the error) here as JSON"
+    )
     args = parser.parse_args(argv)
     env = DistributedEnv.from_environ()
     is_main = env.is_main

@@ -26,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -33,9 +34,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from model.special_tokens import SPECIAL_TOKENS
 from tasks.bpe_trainer import train_in_child
+from tasks.core.progress import step_progress
+from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 from tasks.ingest import IngestOutput, read_corpus
-from tasks.progress import step_progress
-from tasks.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 
 FORMAT_VERSION = 2  # 2: the pre-token bound is a pre-tokenizer step in tokenizer.json
 TOKENIZER_FILE = "tokenizer.json"
@@ -94,6 +95,23 @@ def load_tokenizer(path: Path) -> Tokenizer:
     tokenizer = Tokenizer.from_file(str(path))
     tokenizer.encode_special_tokens = True
     return tokenizer
+
+
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
+    """(vocab_size,) UTF-8 byte length of each token as the tokenizer decodes it; special tokens 0.
+
+    A byte-level BPE token's string spells one byte per character (GPT-2's byte-to-unicode
+    alphabet), so its length is its byte count, even for a token that is only part of a
+    multi-byte character and would not decode alone.
+    """
+    lengths = torch.zeros(vocab_size, dtype=torch.long)
+    special = {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
+    byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
+    for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
+        if token in special:
+            continue
+        lengths[token_id] = len(token) if byte_level else len(tokenizer.decode([token_id]).encode("utf-8"))
+    return lengths
 
 
 def train(config: BPEConfig, corpus: Path, train_documents: int, destination: Path) -> None:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from tokenizers import Tokenizer, pre_tokenizers, trainers
 
 if TYPE_CHECKING:
-    from tasks.progress import StepProgress
+    from tasks.core.progress import StepProgress
 
 
 class TrainingFailed(RuntimeError):

@@ -22,7 +22,6 @@ or device.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,21 +30,21 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
-from tokenizers import Tokenizer, decoders
+from tokenizers import Tokenizer
 
+from model.data import ShardManifest
 from model.errors import UserError
 from model.evaluate import LossTotals, score_batches, sliding_window_batches
 from model.generate import generate
 from model.gpt import GPT
 from model.special_tokens import EOS_ID
-from tasks import tracking
-from tasks.bpe import load_tokenizer
+from tasks.bpe import load_tokenizer, token_byte_lengths
+from tasks.core.model_source import load_model_source
+from tasks.core.workspace import MANIFEST, StageDir, fingerprint, sha256_file, write_json_atomic
 from tasks.ingest import read_corpus
-from tasks.model_source import load_model_source
-from tasks.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
+from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
 
 FORMAT_VERSION = 1
 HEADLINE = ("val_loss", "val_perplexity", "val_bits_per_byte", "doc_perplexity", "doc_bits_per_byte")
@@ -80,33 +79,17 @@ class EvaluateOutput(BaseModel):
     reused: bool = False  # True when a verified earlier evaluation was found
 
 
-def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
-    """(vocab_size,) UTF-8 byte length of each token as the tokenizer decodes it; special tokens 0.
-
-    A byte-level BPE token's string spells one byte per character (GPT-2's byte-to-unicode
-    alphabet), so its length is its byte count, even for a token that is only part of a
-    multi-byte character and would not decode alone.
-    """
-    lengths = torch.zeros(vocab_size, dtype=torch.long)
-    special = {token.content for token in tokenizer.get_added_tokens_decoder().values() if token.special}
-    byte_level = isinstance(tokenizer.decoder, decoders.ByteLevel)
-    for token, token_id in tokenizer.get_vocab(with_added_tokens=True).items():
-        if token in special:
-            continue
-        lengths[token_id] = len(token) if byte_level else len(tokenizer.decode([token_id]).encode("utf-8"))
-    return lengths
-
-
-def shard_windows(shards: Path, split: str = "val") -> tuple[torch.Tensor, dict]:
+def shard_windows(shards: Path, split: str = "val") -> tuple[torch.Tensor, ShardManifest]:
     """All windows of a split as one (N, seq_len + 1) tensor, and the shard manifest."""
-    manifest = json.loads((shards / "manifest.json").read_text())
-    files = [entry for entry in manifest["files"] if entry["split"] == split]
+    manifest = ShardManifest.read(shards)
+    files = manifest.split_files(split)
     if not files:
-        raise UserError(f"{shards / 'manifest.json'}: no {split} shards (is the {split} split empty?)")
-    tokens = [pq.read_table(shards / entry["path"]).column("tokens").combine_chunks().flatten().to_numpy()
-              for entry in files]
+        raise UserError(f"{shards / MANIFEST}: no {split} shards (is the {split} split empty?)")
+    tokens = [
+        pq.read_table(shards / entry.path).column("tokens").combine_chunks().flatten().to_numpy() for entry in files
+    ]
     windows = torch.from_numpy(np.concatenate(tokens).astype(np.int64))
-    return windows.view(-1, manifest["seq_len"] + 1), manifest
+    return windows.view(-1, manifest.seq_len + 1), manifest
 
 
 def evenly_spaced(windows: torch.Tensor, limit: int | None) -> torch.Tensor:
@@ -143,8 +126,14 @@ def sample_prompts(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig) -> 
         return []
     prompts = [[EOS_ID, *tokenizer.encode(prompt, add_special_tokens=False).ids] for prompt in config.prompts]
     completions = generate(
-        model, prompts, config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
-        top_p=config.top_p, eos_id=EOS_ID, seed=config.seed,
+        model,
+        prompts,
+        config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        eos_id=EOS_ID,
+        seed=config.seed,
     )
     return [(prompt, tokenizer.decode(ids)) for prompt, ids in zip(config.prompts, completions)]
 
@@ -153,19 +142,14 @@ def samples_markdown(samples: list[tuple[str, str]]) -> str:
     return "".join(f"### `{prompt}`\n\n```\n{prompt}{completion}\n```\n\n" for prompt, completion in samples)
 
 
-def metrics_markdown(title: str, metrics: dict[str, float]) -> str:
-    rows = "".join(f"| {name} | {value:.4f} |\n" for name, value in metrics.items())
-    return f"## {title}\n\n| metric | value |\n|---|---|\n{rows}"
-
-
 def shard_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path) -> dict[str, float]:
     """val_* figures over the val shards' windows (at most `max_windows`, evenly spaced),
     and the scoring throughput."""
     windows, manifest = shard_windows(shards)
     windows = evenly_spaced(windows, config.max_windows)
-    if manifest["seq_len"] > model.config.block_size:
+    if manifest.seq_len > model.config.block_size:
         raise UserError(
-            f"{shards / 'manifest.json'}: windows of {manifest['seq_len']} tokens exceed "
+            f"{shards / MANIFEST}: windows of {manifest.seq_len} tokens exceed "
             f"the model's context ({model.config.block_size})"
         )
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
@@ -195,14 +179,19 @@ def document_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, c
     return docs.figures("doc")
 
 
-def evaluate_model(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path,
-                   corpus: Path) -> dict[str, float]:
+def evaluate_model(
+    model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path, corpus: Path
+) -> dict[str, float]:
     """Every figure of the stage, for a loaded model."""
-    documents = document_figures(model, tokenizer, config, corpus)  # first: a stride the model cannot take fails at once
+    documents = document_figures(
+        model, tokenizer, config, corpus
+    )  # first: a stride the model cannot take fails at once
     return {**shard_figures(model, tokenizer, config, shards), **documents}
 
 
-def evaluate_inputs(model_sha256: str, tokenizer_sha256: str, shards_fingerprint: str, corpus_sha256: str) -> dict[str, str]:
+def evaluate_inputs(
+    model_sha256: str, tokenizer_sha256: str, shards_fingerprint: str, corpus_sha256: str
+) -> dict[str, str]:
     """The identities the evaluation depends on: the weights, tokenizer, shards and corpus."""
     return {"model": model_sha256, "tokenizer": tokenizer_sha256, "shards": shards_fingerprint, "corpus": corpus_sha256}
 
@@ -227,10 +216,10 @@ def run_evaluate(
     """
     loaded = load_model_source(model, tokenizer, device)
     tokenizer_sha = sha256_file(tokenizer)
-    shard_manifest = json.loads((shards / "manifest.json").read_text())
-    if shard_manifest.get("tokenizer_sha256", tokenizer_sha) != tokenizer_sha:
-        raise UserError(f"{shards / 'manifest.json'}: shards were encoded with another tokenizer than {tokenizer}")
-    shards_identity = shard_manifest.get("fingerprint") or sha256_file(shards / "manifest.json")
+    shard_manifest = ShardManifest.read(shards)
+    if shard_manifest.tokenizer_sha256 not in (None, tokenizer_sha):
+        raise UserError(f"{shards / MANIFEST}: shards were encoded with another tokenizer than {tokenizer}")
+    shards_identity = shard_manifest.fingerprint or sha256_file(shards / MANIFEST)
     inputs = evaluate_inputs(loaded.digest, tokenizer_sha, shards_identity, sha256_file(corpus))
     stage = StageDir(workspace, "evaluate", evaluate_fingerprint(config, inputs))
 
@@ -240,11 +229,22 @@ def run_evaluate(
         (directory / "samples.md").write_text(samples_markdown(sample_prompts(loaded.model, tok, config)))
         write_json_atomic(directory / "metrics.json", metrics)
         files = [{"path": name, "sha256": sha256_file(directory / name)} for name in ("metrics.json", "samples.md")]
-        return {"format": FORMAT_VERSION, "fingerprint": stage.fingerprint, "inputs": inputs, "metrics": metrics, "files": files}
+        return {
+            "format": FORMAT_VERSION,
+            "fingerprint": stage.fingerprint,
+            "inputs": inputs,
+            "metrics": metrics,
+            "files": files,
+        }
 
     manifest, reused = stage.build_once(build)
-    return EvaluateOutput(path=stage.path, fingerprint=stage.fingerprint, metrics=manifest["metrics"],
-                          samples=stage.path / "samples.md", reused=reused)
+    return EvaluateOutput(
+        path=stage.path,
+        fingerprint=stage.fingerprint,
+        metrics=manifest["metrics"],
+        samples=stage.path / "samples.md",
+        reused=reused,
+    )
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -262,17 +262,17 @@ def evaluate_task(
 ) -> EvaluateOutput:
     """`run_evaluate` in a nested MLflow run named `run_name`; the headline figures also go
     on the parent run, named with `parent_prefix` (e.g. "finetuned_" for a second evaluation)."""
-    with tracking.child_run(parent_run_id, run_name) as run_id:
-        tracking.log_params(run_id, {"evaluate": config.model_dump(), "model": str(model)})
+    with stage_run(parent_run_id, run_name, {"evaluate": config.model_dump(), "model": str(model)}) as stage:
         output = run_evaluate(config, model, tokenizer, shards, corpus, workspace, device)
-        tracking.log_metrics(run_id, output.metrics)
-        tracking.log_metrics(parent_run_id, {parent_prefix + name: output.metrics[name] for name in HEADLINE})
-        tracking.log_artifact(run_id, output.samples, "evaluate")
-        tracking.log_artifact(run_id, output.path / "metrics.json", "evaluate")
-    create_markdown_artifact(
-        key=run_name,
-        markdown=metrics_markdown(f"Evaluation of {model}", output.metrics)
-        + f"\n## Samples\n\n{output.samples.read_text()}\nMLflow run: {tracking.run_link(run_id)}\n",
-        description="evaluation figures and samples",
-    )
+        stage.finish(
+            output.metrics,
+            parent_metrics={parent_prefix + name: output.metrics[name] for name in HEADLINE},
+            artifacts={output.samples: "evaluate", output.path / "metrics.json": "evaluate"},
+            report=Report(
+                run_name,
+                metrics_markdown(f"Evaluation of {model}", output.metrics)
+                + f"\n## Samples\n\n{output.samples.read_text()}",
+                "evaluation figures and samples",
+            ),
+        )
     return output

@@ -1,7 +1,7 @@
 """Stage: fine-tune a pretrained model on prompt/completion pairs, with the pretraining engine.
 
 The pairs come from `finetune.path` (jsonl or Parquet) or, by default, from the task
-"docstring -> function" over the corpus's Python documents (`tasks.pairs`). Each pair is
+"docstring -> function" over the corpus's Python documents (`tasks.finetune_pairs`). Each pair is
 trained as `prompt <|sep|> completion <|endoftext|>` with the loss on the completion only
 (`model.finetune_data`), by `model.train.train`: the same loop, checkpoints and exact
 resume as pretraining, with fine-tuning's own learning rate, steps and warmup.
@@ -32,39 +32,35 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from tokenizers import Tokenizer
 
-from model.checkpoint import CONFIG, WEIGHTS
+from model.config import RUN_ONLY
 from model.errors import UserError
-from model.evaluate import score_batches
-from model.finetune_data import IGNORE, EncodeReport, PairBatches, TooLong, encode_pairs, to_rows
+from model.evaluate import IGNORE, score_batches
+from model.finetune_data import EncodeReport, PairBatches, TooLong, encode_pairs, to_rows
 from model.generate import generate
 from model.gpt import GPT
-from model.parallel import ParallelConfig
 from model.runtime import DistributedEnv
 from model.special_tokens import EOS_ID, SEP_ID
-from model.train import TrainConfig, train
+from model.train import train
 from tasks import tracking
-from tasks.bpe import load_tokenizer
-from tasks.checkpoint_mirror import mirrored_checkpoints
-from tasks.evaluate import metrics_markdown, token_byte_lengths
-from tasks.model_source import load_model_source
-from tasks.pairs import Pair, PairSet, docstring_pairs, file_pairs
-from tasks.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
+from tasks.bpe import load_tokenizer, token_byte_lengths
+from tasks.core.checkpoint_mirror import mirrored_checkpoints
+from tasks.core.model_source import load_model_source
+from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
+from tasks.core.workspace import StageDir, fingerprint, sha256_file
+from tasks.finetune_pairs import Pair, PairSet, docstring_pairs, file_pairs
+from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
 
 FORMAT_VERSION = 2  # 2: checkpoints' optimizer state keyed by parameter name (model.parallel.full_state)
 DOCSTRING_TASK = "docstring-to-function"
 HEADLINE = ("finetuned_completion_loss", "pretrained_completion_loss", "finetuned_parse_rate", "pretrained_parse_rate")
 GENERATION_BATCH = 32  # prompts generated together when measuring the parse rate
-# TrainConfig fields that decide how a run executes, not what it computes.
-RUN_ONLY_FIELDS = {"resume", "device", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_batches",
-                   *ParallelConfig.model_fields}
 
 
-class FinetuneConfig(TrainConfig):
+class FinetuneConfig(TrainingStageConfig):
     """The engine's TrainConfig with fine-tuning defaults, plus where the pairs come from."""
 
     max_steps: PositiveInt = 100
@@ -72,7 +68,13 @@ class FinetuneConfig(TrainConfig):
     lr: PositiveFloat = 3e-4
     min_lr: float = Field(3e-5, ge=0)
     warmup_steps: int = Field(10, ge=0)
-    eval_every: int = Field(0, ge=0, description="steps between validation losses; 0: only at the end")
+    # Run-only here, unlike pretraining: the held-out figures after training are the result.
+    eval_every: int = Field(
+        0, ge=0, description="steps between validation losses; 0: only at the end", json_schema_extra=RUN_ONLY
+    )
+    eval_batches: PositiveInt = Field(
+        8, description="micro-batches per rank in each validation", json_schema_extra=RUN_ONLY
+    )
 
     task: Literal["docstring-to-function"] | None = Field(
         DOCSTRING_TASK, description="built-in task over the corpus; null when `path` gives the pairs"
@@ -96,20 +98,15 @@ class FinetuneConfig(TrainConfig):
             raise ValueError("set exactly one of finetune.task and finetune.path (task: null to use a file)")
         return self
 
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))
-
     def settings(self) -> dict:
-        """What decides the result (the fingerprint's config): not how the run executes."""
-        return self.model_dump(mode="json", exclude=RUN_ONLY_FIELDS | {"start_from"})
+        """What decides the result; not `start_from`: the base weights' digest is an input."""
+        settings = super().settings()
+        del settings["start_from"]
+        return settings
 
 
-class FinetuneOutput(BaseModel):
-    path: Path
-    fingerprint: str
-    checkpoint: Path  # the fine-tuned checkpoint, a `step-N/` directory
-    metrics: dict[str, float]
-    reused: bool = False  # True when a verified earlier run was found
+class FinetuneOutput(TrainedOutput):
+    """The fine-tuned checkpoint and the held-out figures before and after."""
 
 
 # --- data ---------------------------------------------------------------------------
@@ -134,11 +131,13 @@ def load_pairs(config: FinetuneConfig, corpus: Path) -> PairSet:
 
 
 def write_pairs(pairs: list[Pair], path: Path) -> None:
-    table = pa.table({
-        "prompt": [p.prompt for p in pairs],
-        "completion": [p.completion for p in pairs],
-        "source": [p.source for p in pairs],
-    })
+    table = pa.table(
+        {
+            "prompt": [p.prompt for p in pairs],
+            "completion": [p.completion for p in pairs],
+            "source": [p.source for p in pairs],
+        }
+    )
     pq.write_table(table, path, compression="zstd")
 
 
@@ -158,13 +157,19 @@ class TaskData:
     val_report: EncodeReport
 
     @classmethod
-    def encode(cls, tokenizer: Tokenizer, pairs: PairSet, seq_len: int, config: FinetuneConfig, source: Path) -> TaskData:
+    def encode(
+        cls, tokenizer: Tokenizer, pairs: PairSet, seq_len: int, config: FinetuneConfig, source: Path
+    ) -> TaskData:
         train_examples, train_report = encode_pairs(tokenize(tokenizer, pairs.train), seq_len, config.too_long)
         val_examples, val_report = encode_pairs(tokenize(tokenizer, pairs.val), seq_len, config.too_long)
         if not train_examples:
             raise UserError(f"{source}: every train pair is longer than seq_len {seq_len} and was dropped")
-        return cls(to_rows(train_examples, seq_len, config.packed), to_rows(val_examples, seq_len, packed=False),
-                   train_report, val_report)
+        return cls(
+            to_rows(train_examples, seq_len, config.packed),
+            to_rows(val_examples, seq_len, packed=False),
+            train_report,
+            val_report,
+        )
 
     @property
     def has_val(self) -> bool:
@@ -183,8 +188,9 @@ class TaskData:
 # --- held-out figures ---------------------------------------------------------------
 
 
-def completion_figures(model: GPT, inputs: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor,
-                       batch_size: int) -> dict[str, float]:
+def completion_figures(
+    model: GPT, inputs: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor, batch_size: int
+) -> dict[str, float]:
     """Completion loss and perplexity over held-out rows (one pair per row)."""
     # Rows are right-padded and the model is causal: positions after a row's last scored
     # target cannot change its loss. Batching rows of similar length and cutting each batch
@@ -225,14 +231,22 @@ def parse_rate(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], max_new_toke
     prompts = [[*ids, SEP_ID][-room:] for ids, _ in tokenize(tokenizer, pairs)]
     ok = 0
     for start in range(0, len(pairs), GENERATION_BATCH):
-        bodies = generate(model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=EOS_ID)
+        bodies = generate(
+            model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=EOS_ID
+        )
         for pair, body in zip(pairs[start : start + GENERATION_BATCH], bodies):
             ok += completes_function(pair.prompt, tokenizer.decode([t for t in body if t != EOS_ID]))
     return ok / len(pairs) if pairs else float("nan")
 
 
-def held_out_figures(model: GPT, tokenizer: Tokenizer, config: FinetuneConfig, val_pairs: list[Pair],
-                     val_rows: tuple[torch.Tensor, torch.Tensor], prefix: str) -> dict[str, float]:
+def held_out_figures(
+    model: GPT,
+    tokenizer: Tokenizer,
+    config: FinetuneConfig,
+    val_pairs: list[Pair],
+    val_rows: tuple[torch.Tensor, torch.Tensor],
+    prefix: str,
+) -> dict[str, float]:
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     figures = completion_figures(model, *val_rows, byte_lengths, config.micro_batch_size)
     if config.task == DOCSTRING_TASK:
@@ -277,13 +291,7 @@ def run_finetune(
     inputs = finetune_inputs(base.digest, sha256_file(tokenizer), sha256_file(source))
     stage = StageDir(workspace, "finetune", finetune_fingerprint(config, inputs, block_size))
 
-    with stage.lock():
-        if stage.is_complete():
-            manifest = stage.read_manifest()
-            checkpoint = stage.path / manifest["checkpoint"]
-            return FinetuneOutput(path=stage.path, fingerprint=stage.fingerprint, checkpoint=checkpoint,
-                                  metrics=manifest["metrics"], reused=True)
-        stage.path.mkdir(parents=True, exist_ok=True)  # not reset: its checkpoints are the resume point
+    def train_pairs() -> Trained:
         pairs = load_pairs(config, corpus)
         write_pairs(pairs.train, stage.path / "pairs-train.parquet")
         write_pairs(pairs.val, stage.path / "pairs-val.parquet")
@@ -293,32 +301,29 @@ def run_finetune(
         model = base.model
         metrics = held_out_figures(model, tok, config, pairs.val, data.val_rows, "pretrained") if data.has_val else {}
         env = DistributedEnv.from_environ()
-        train_data = PairBatches(*data.train_rows, config.micro_batch_size, seed=config.seed,
-                                 rank=env.rank, world_size=env.world_size)
+        train_data = PairBatches(
+            *data.train_rows, config.micro_batch_size, seed=config.seed, rank=env.rank, world_size=env.world_size
+        )
         # The engine's periodic validation only when asked for: the held-out figures
         # after training already give the final completion loss.
         periodic_validation = data.has_val and config.eval_every > 0
-        val_data = PairBatches(*data.val_rows, config.micro_batch_size, shuffle=False,
-                               rank=env.rank, world_size=env.world_size) if periodic_validation else None
-        with mirrored_checkpoints(stage):
+        val_data = (
+            PairBatches(
+                *data.val_rows, config.micro_batch_size, shuffle=False, rank=env.rank, world_size=env.world_size
+            )
+            if periodic_validation
+            else None
+        )
+        with mirrored_checkpoints(stage, resume=config.resume):
             result = train(model, config.train_config(), train_data, val_data, stage.path, callback)
         model.cpu()
         if data.has_val:
             metrics |= held_out_figures(model, tok, config, pairs.val, data.val_rows, "finetuned")
         metrics |= data.figures() | {"train_loss": result.train_loss}
+        pair_files = ["pairs-train.parquet", "pairs-val.parquet"]
+        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=pair_files)
 
-        write_json_atomic(stage.path / "metrics.json", metrics)
-        checkpoint = result.checkpoint.relative_to(stage.path).as_posix()
-        listed = ["pairs-train.parquet", "pairs-val.parquet", "metrics.json", f"{checkpoint}/{WEIGHTS}", f"{checkpoint}/{CONFIG}"]
-        stage.commit({
-            "format": FORMAT_VERSION,
-            "fingerprint": stage.fingerprint,
-            "inputs": inputs,
-            "checkpoint": checkpoint,
-            "metrics": metrics,
-            "files": [{"path": name, "sha256": sha256_file(stage.path / name)} for name in listed],
-        })
-    return FinetuneOutput(path=stage.path, fingerprint=stage.fingerprint, checkpoint=result.checkpoint, metrics=metrics)
+    return train_once(stage, FinetuneOutput, FORMAT_VERSION, inputs, config.resume, train_pairs)
 
 
 @task(name="finetune", cache_policy=NO_CACHE)
@@ -331,17 +336,19 @@ def finetune_task(
     parent_run_id: str,
 ) -> FinetuneOutput:
     """`run_finetune` in a nested MLflow run: step metrics live, figures at the end."""
-    with tracking.child_run(parent_run_id, "finetune") as run_id:
-        tracking.log_params(run_id, {"finetune": config.model_dump(mode="json"), "base_model": str(base_model)})
-        with tracking.MetricsLogger(run_id) as logger:
+    params = {"finetune": config.model_dump(mode="json"), "base_model": str(base_model)}
+    with stage_run(parent_run_id, "finetune", params) as stage:
+        with tracking.MetricsLogger(stage.run_id) as logger:
             output = run_finetune(config, base_model, tokenizer, corpus, workspace, callback=logger)
-        tracking.log_metrics(run_id, output.metrics)
-        tracking.log_metrics(parent_run_id, {name: output.metrics[name] for name in HEADLINE if name in output.metrics})
-        tracking.log_artifact(run_id, output.path / "metrics.json", "finetune")
-    create_markdown_artifact(
-        key="finetune",
-        markdown=metrics_markdown(f"Fine-tuning of {base_model}", output.metrics)
-        + f"\nCheckpoint: `{output.checkpoint}`\n\nMLflow run: {tracking.run_link(run_id)}\n",
-        description="fine-tuning figures, pretrained vs fine-tuned",
-    )
+        stage.finish(
+            output.metrics,
+            parent_metrics={name: output.metrics[name] for name in HEADLINE if name in output.metrics},
+            artifacts={output.path / "metrics.json": "finetune"},
+            report=Report(
+                "finetune",
+                metrics_markdown(f"Fine-tuning of {base_model}", output.metrics)
+                + f"\nCheckpoint: `{output.checkpoint}`\n",
+                "fine-tuning figures, pretrained vs fine-tuned",
+            ),
+        )
     return output

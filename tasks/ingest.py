@@ -39,9 +39,9 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import itertools
 import json
 import re
-import itertools
 import sysconfig
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -56,16 +56,16 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field
 
+from model.data import SPLITS
 from model.errors import UserError
+from tasks.core.progress import StepProgress, step_progress
+from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 from tasks.ingest_filters import DocumentFilter, FilterConfig
 from tasks.ingest_readers import UNREADABLE, Unreadable, check_whole, open_file, text_kind
-from tasks.progress import StepProgress, step_progress
-from tasks.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 
 FORMAT_VERSION = 2  # 2: quality filters, near-duplicate removal, unreadable files
 STDLIB = "python-stdlib"
 HF_PREFIX = "hf:"
-SPLITS = ("train", "val")
 CORPUS_FILE = "corpus.parquet"
 CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("split", pa.string())])
 # Row groups of ~1M characters: readers hold one at a time, and Arrow's allocator
@@ -113,7 +113,7 @@ class IngestOutput(StageOutput):
 
 
 def split_of(doc_id: str, val_fraction: float, seed: int) -> str:
-    """"val" for a `val_fraction` share of document ids, by hash: stable, order-independent."""
+    """ "val" for a `val_fraction` share of document ids, by hash: stable, order-independent."""
     digest = hashlib.sha256(f"{seed}\0{doc_id}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
 

@@ -48,61 +48,61 @@ from urllib.parse import urlsplit
 
 import numpy as np
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, Field, NonNegativeInt, PositiveInt
+from pydantic import Field, NonNegativeInt, PositiveInt
 
 from model.checkpoint import CONFIG, WEIGHTS, consolidate
-from model.config import ModelConfig
-from model.data import WindowLoader
+from model.config import RUN_ONLY, ModelConfig
+from model.data import ShardManifest, WindowLoader
 from model.errors import UserError
-from model.parallel import ParallelConfig
-from model.train import RunSpec, TrainConfig, TrainResult, run
+from model.train import RunSpec, TrainResult, run
 from tasks import tracking
-from tasks.checkpoint_mirror import mirrored_checkpoints
+from tasks.core.checkpoint_mirror import mirrored_checkpoints
+from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
+from tasks.core.workspace import StageDir, fingerprint, write_json_atomic
 from tasks.shard import ShardOutput
-from tasks.workspace import StageDir, fingerprint, sha256_file, write_json_atomic
+from tasks.tracking.stage_run import Report, stage_run
 
 FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name (model.parallel.full_state)
 RUN_ID_ENV = "GPTFLOW_PRETRAIN_RUN_ID"  # the MLflow run the torchrun ranks log to
 RDZV_ENDPOINT_ENV, RDZV_ID_ENV = "GPTFLOW_RDZV_ENDPOINT", "GPTFLOW_RDZV_ID"
 DEFAULT_RDZV_PORT = 29500  # torchrun's MASTER_PORT default
 NODE_SCRIPT = "node.sh"  # the launch the other nodes run
-# PretrainConfig fields that decide how the run executes, not the weights it produces.
-RUN_ONLY_FIELDS = {
-    "resume", "checkpoint_every", "keep_checkpoints", "nproc_per_node", "nnodes", "rdzv_endpoint", "rdzv_id",
-    "device", "loader_workers", *ParallelConfig.model_fields,
-}
 STOP_GRACE_SECONDS = 120  # for the ranks to finish a step and checkpoint after a cancel
 
 
-class PretrainConfig(TrainConfig):
-    """The engine's TrainConfig plus how the stage launches it."""
+class PretrainConfig(TrainingStageConfig):
+    """The engine's TrainConfig plus how the stage launches it (all of it run-only)."""
 
-    nproc_per_node: PositiveInt = Field(1, description="processes per machine, one per device; > 1 runs torchrun")
-    nnodes: PositiveInt = Field(1, description="machines; > 1 runs torchrun with a c10d rendezvous (docs/multinode.md)")
+    nproc_per_node: PositiveInt = Field(
+        1, description="processes per machine, one per device; > 1 runs torchrun", json_schema_extra=RUN_ONLY
+    )
+    nnodes: PositiveInt = Field(
+        1,
+        description="machines; > 1 runs torchrun with a c10d rendezvous (docs/multinode.md)",
+        json_schema_extra=RUN_ONLY,
+    )
     rdzv_endpoint: str | None = Field(
-        None, description=f"HOST:PORT on one node, reachable from all; default ${RDZV_ENDPOINT_ENV}, else $MASTER_ADDR"
+        None,
+        description=f"HOST:PORT on one node, reachable from all; default ${RDZV_ENDPOINT_ENV}, else $MASTER_ADDR",
+        json_schema_extra=RUN_ONLY,
     )
     rdzv_id: str | None = Field(
-        None, description=f"the run's rendezvous id; default ${RDZV_ID_ENV}, else the fingerprint"
+        None,
+        description=f"the run's rendezvous id; default ${RDZV_ID_ENV}, else the fingerprint",
+        json_schema_extra=RUN_ONLY,
     )
-    loader_workers: NonNegativeInt = Field(0, description="DataLoader worker processes per rank reading the shards")
+    loader_workers: NonNegativeInt = Field(
+        0, description="DataLoader worker processes per rank reading the shards", json_schema_extra=RUN_ONLY
+    )
 
-    def train_config(self) -> TrainConfig:
-        return TrainConfig(**self.model_dump(include=set(TrainConfig.model_fields)))
 
-
-class PretrainOutput(BaseModel):
-    path: Path  # the stage directory
-    fingerprint: str
-    checkpoint: Path  # the final checkpoint, a `step-N/` directory
-    metrics: dict[str, float]
-    reused: bool = False
+class PretrainOutput(TrainedOutput):
+    """The pretrained checkpoint and its figures (val/train loss, unigram entropy, speed)."""
 
 
 def pretrain_fingerprint(config: PretrainConfig, model: ModelConfig, shards_fingerprint: str) -> str:
-    settings = {"pretrain": config.model_dump(mode="json", exclude=RUN_ONLY_FIELDS), "model": model.model_dump(mode="json")}
+    settings = {"pretrain": config.settings(), "model": model.model_dump(mode="json")}
     return fingerprint("pretrain", settings, {"shards": shards_fingerprint}, FORMAT_VERSION)
 
 
@@ -131,18 +131,16 @@ def run_pretrain(
     logs them to the MLflow run `run_id` instead.
     """
     stage = StageDir(workspace, "pretrain", pretrain_fingerprint(config, model, shards.fingerprint))
-    with stage.lock():
-        if stage.is_complete():
-            manifest = stage.read_manifest()
-            return PretrainOutput(path=stage.path, fingerprint=stage.fingerprint, checkpoint=stage.path / manifest["checkpoint"],
-                                  metrics=manifest["metrics"], reused=True)
-        if not config.resume:
-            stage.reset()
-        stage.path.mkdir(parents=True, exist_ok=True)  # not reset: its checkpoints are the resume point
 
-        vocab_size = json.loads(Path(shards.manifest).read_text())["vocab_size"]
-        spec = RunSpec(model=model.resolve(vocab_size), train=config.train_config(), shards=shards.manifest,
-                       out_dir=stage.path, loader_workers=config.loader_workers)
+    def train() -> Trained:
+        vocab_size = ShardManifest.read(shards.manifest).vocab_size
+        spec = RunSpec(
+            model=model.resolve(vocab_size),
+            train=config.train_config(),
+            shards=shards.manifest,
+            out_dir=stage.path,
+            loader_workers=config.loader_workers,
+        )
         write_json_atomic(stage.path / "spec.json", spec.model_dump(mode="json"))
         with mirrored_checkpoints(stage, resume=config.resume):
             if config.nproc_per_node == 1 and config.nnodes == 1:
@@ -154,7 +152,6 @@ def run_pretrain(
                 result = run_torchrun(launch, stage.path / "result.json", run_id)
         if config.checkpoint_format == "dcp":  # evaluation and the registry read the weights in one process
             consolidate(result.checkpoint)
-
         metrics = {
             "val_loss": result.val_loss if result.val_loss is not None else math.nan,
             "train_loss": result.train_loss,
@@ -163,18 +160,9 @@ def run_pretrain(
             "tokens_per_s": result.tokens / result.seconds if result.seconds else math.nan,
             "seconds": result.seconds,
         }
-        write_json_atomic(stage.path / "metrics.json", metrics)
-        checkpoint = result.checkpoint.relative_to(stage.path).as_posix()
-        listed = ["spec.json", "metrics.json", f"{checkpoint}/{WEIGHTS}", f"{checkpoint}/{CONFIG}"]
-        stage.commit({
-            "format": FORMAT_VERSION,
-            "fingerprint": stage.fingerprint,
-            "inputs": {"shards": shards.fingerprint},
-            "checkpoint": checkpoint,
-            "metrics": metrics,
-            "files": [{"path": name, "sha256": sha256_file(stage.path / name)} for name in listed],
-        })
-    return PretrainOutput(path=stage.path, fingerprint=stage.fingerprint, checkpoint=result.checkpoint, metrics=metrics)
+        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=["spec.json"])
+
+    return train_once(stage, PretrainOutput, FORMAT_VERSION, {"shards": shards.fingerprint}, config.resume, train)
 
 
 def rendezvous_endpoint(config: PretrainConfig) -> str:
@@ -196,7 +184,9 @@ def torchrun_args(config: PretrainConfig, spec: Path, fingerprint: str) -> list[
         rendezvous = ["--standalone"]
     else:
         rendezvous = [
-            f"--nnodes={config.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rendezvous_endpoint(config)}",
+            f"--nnodes={config.nnodes}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={rendezvous_endpoint(config)}",
             f"--rdzv_id={config.rdzv_id or os.environ.get(RDZV_ID_ENV) or fingerprint}",
         ]
     return [*rendezvous, f"--nproc_per_node={config.nproc_per_node}", "-m", "tasks.pretrain_worker", str(spec)]
@@ -219,8 +209,11 @@ def write_node_script(path: Path, launch: list[str], run_id: str | None) -> None
         f"exec env {variables} torchrun {shlex.join(launch)}\n"
     )
     path.chmod(0o755)
-    print(f"pretrain: waiting for the other nodes at the rendezvous; on each of them run: sh {path}",
-          file=sys.stderr, flush=True)
+    print(
+        f"pretrain: waiting for the other nodes at the rendezvous; on each of them run: sh {path}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def run_torchrun(launch: list[str], result_file: Path, run_id: str | None) -> TrainResult:
@@ -241,7 +234,9 @@ def run_torchrun(launch: list[str], result_file: Path, run_id: str | None) -> Tr
     if exit_code == 0 and "checkpoint" in outcome:
         return TrainResult.model_validate(outcome)
     detail = outcome.get("error") or outcome.get("interrupted") or "see the ranks' output above"
-    raise UserError(f"pretraining under torchrun ({shlex.join(launch[:-3])}) failed with exit code {exit_code}: {detail}")
+    raise UserError(
+        f"pretraining under torchrun ({shlex.join(launch[:-3])}) failed with exit code {exit_code}: {detail}"
+    )
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
@@ -254,28 +249,36 @@ def pretrain_task(
 ) -> PretrainOutput:
     """`run_pretrain` in a nested MLflow run: params, live step metrics, final figures, the checkpoint."""
     logger = get_run_logger()
-    with tracking.child_run(parent_run_id, "pretrain") as run_id:
-        tracking.log_params(run_id, {"pretrain": config.model_dump(mode="json"), "model": model.model_dump(mode="json")})
-        tracking.log_dataset(run_id, "shards", shards.fingerprint, shards.path, "pretrain")
-        with tracking.MetricsLogger(run_id) as metrics_logger:
+    params = {"pretrain": config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
+    with stage_run(parent_run_id, "pretrain", params) as stage:
+        tracking.log_dataset(stage.run_id, "shards", shards.fingerprint, shards.path, "pretrain")
+        with tracking.MetricsLogger(stage.run_id) as metrics_logger:
 
             def on_step(step: int, metrics: Mapping[str, float]) -> None:
                 metrics_logger(step, metrics)
                 if step % 10 == 0 or step == config.max_steps or "val_loss" in metrics:
-                    logger.info("step %d/%d: %s", step, config.max_steps,
-                                " ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
+                    logger.info(
+                        "step %d/%d: %s",
+                        step,
+                        config.max_steps,
+                        " ".join(f"{key} {value:.4g}" for key, value in metrics.items()),
+                    )
 
-            output = run_pretrain(config, model, shards, workspace, run_id=run_id, callback=on_step)
-        tracking.log_metrics(run_id, output.metrics)
-        tracking.log_metrics(parent_run_id, {f"pretrain_{name}": output.metrics[name] for name in ("val_loss", "train_loss")})
-        tracking.log_artifact(run_id, output.checkpoint / WEIGHTS, "checkpoint")
-        tracking.log_artifact(run_id, output.checkpoint / CONFIG, "checkpoint")
-        tracking.log_artifact(run_id, output.path / "metrics.json")
-    figures = "\n".join(f"| {name} | {value:.4g} |" for name, value in output.metrics.items())
-    create_markdown_artifact(
-        key="pretrain",
-        markdown=f"# Pretraining\n\n| figure | value |\n|---|---|\n{figures}\n\nCheckpoint: `{output.checkpoint}`"
-        f"{' (reused)' if output.reused else ''}\n\nMLflow run: {tracking.run_link(run_id)}\n",
-        description="pretraining figures: validation loss against the unigram entropy",
-    )
+            output = run_pretrain(config, model, shards, workspace, run_id=stage.run_id, callback=on_step)
+        figures = "\n".join(f"| {name} | {value:.4g} |" for name, value in output.metrics.items())
+        stage.finish(
+            output.metrics,
+            parent_metrics={f"pretrain_{name}": output.metrics[name] for name in ("val_loss", "train_loss")},
+            artifacts={
+                output.checkpoint / WEIGHTS: "checkpoint",
+                output.checkpoint / CONFIG: "checkpoint",
+                output.path / "metrics.json": None,
+            },
+            report=Report(
+                "pretrain",
+                f"# Pretraining\n\n| figure | value |\n|---|---|\n{figures}\n\nCheckpoint: "
+                f"`{output.checkpoint}`{' (reused)' if output.reused else ''}\n",
+                "pretraining figures: validation loss against the unigram entropy",
+            ),
+        )
     return output

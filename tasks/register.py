@@ -1,6 +1,6 @@
 """Stage: register the pipeline's final model in MLflow and decide whether it becomes champion.
 
-The model is logged as the pyfunc text generator (`tasks/pyfunc_model.py`) and registered
+The model is logged as the pyfunc text generator (`tasks/tracking/pyfunc.py`) and registered
 as a new version of `name`, tagged with its lineage (data and tokenizer fingerprints, the
 project's git commit, the evaluation data it was scored on). Every new version gets the
 alias `candidate`. `champion` moves to it only when it beats the current champion on
@@ -12,7 +12,6 @@ run and as tags of the new version.
 
 from __future__ import annotations
 
-import json
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,13 +20,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from model.checkpoint import CONFIG, WEIGHTS, load_model
+from model.checkpoint import CONFIG, WEIGHTS
+from model.data import ShardManifest
 from model.errors import UserError
-from model.gpt import GPT
 from tasks import tracking
-from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, load_tokenizer
-from tasks.pyfunc_model import TOKENIZER_ARTIFACT, WEIGHTS_ARTIFACT
-from tasks.workspace import fingerprint, sha256_file
+from tasks.bpe import load_tokenizer
+from tasks.core.workspace import fingerprint, sha256_file
+from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model
+from tasks.tracking.stage_run import stage_run
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 WEIGHTS_TAG = "weights_sha256"
@@ -47,7 +47,9 @@ class RegisterConfig(BaseModel):
 
     gate_metric: str = Field(
         "val_bits_per_byte",
-        description="evaluation figure that decides champion; doc_* figures also compare models with different tokenizers",
+        description=(
+            "evaluation figure that decides champion; doc_* figures also compare models with different tokenizers"
+        ),
     )
 
     @field_validator("gate_metric")
@@ -90,10 +92,55 @@ class RegisterOutput:
     champion_value: float | None
 
 
+@dataclass(frozen=True)
+class GateDecision:
+    promoted: bool
+    decision: str  # in words, for the run's and the version's tags
+
+
+def decide_champion(
+    gate_metric: str,
+    lower_is_better: bool,
+    version: str,
+    candidate_value: float,
+    champion_version: str | None,
+    champion_value: float | None,
+) -> GateDecision:
+    """Whether the candidate `version` becomes champion, judged on `gate_metric`.
+
+    `champion_version` is None when there is no champion yet (the candidate becomes the
+    first); `champion_value` is None when the champion's figure is not comparable (another
+    tokenizer or a shorter context on a token-level figure): the champion then stays. A tie
+    keeps the champion.
+    """
+    if champion_version is None:
+        return GateDecision(True, f"version {version} is the first champion")
+    if champion_value is None:
+        return GateDecision(
+            False,
+            (
+                f"champion version {champion_version} kept: its tokenizer or context differs from the candidate's, "
+                f"so {gate_metric} is not comparable (gate on doc_bits_per_byte to compare such models)"
+            ),
+        )
+    promoted = candidate_value < champion_value if lower_is_better else candidate_value > champion_value
+    verb = "replaces" if promoted else "does not beat"
+    return GateDecision(
+        promoted,
+        (
+            f"version {version} {verb} champion version {champion_version}: "
+            f"{gate_metric} {candidate_value:.4f} vs {champion_value:.4f}"
+        ),
+    )
+
+
 def git_commit() -> str:
     """The project's commit, `-dirty` when the tree has changes; "unknown" outside git."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
@@ -102,21 +149,11 @@ def git_commit() -> str:
         return "unknown"
 
 
-def load_registered_model(model_uri: str) -> tuple[GPT, Path, Path]:
-    """A registered model's GPT, weights file and tokenizer.json, without running its pyfunc code."""
-    artifacts = tracking.model_artifacts(tracking.download_model(model_uri))
-    weights = artifacts.get(WEIGHTS_ARTIFACT)
-    if weights is None or not weights.is_file():
-        raise UserError(f"{model_uri}: not a gptflow text generator (no safetensors weights among its artifacts)")
-    # The pyfunc's artifacts sit side by side with checkpoint names (model.safetensors, config.json).
-    return load_model(weights.parent), weights, artifacts[TOKENIZER_ARTIFACT]
-
-
 def champion_figure(config: RegisterConfig, champion_uri: str, tokenizer: Path, eval_data: EvalData) -> float | None:
     """The champion's `gate_metric` on `eval_data`, computed now; None if it cannot be compared."""
-    model, _, champion_tokenizer = load_registered_model(champion_uri)
+    model, _, champion_tokenizer = tracking.load_registered_model(champion_uri)
     tok = load_tokenizer(champion_tokenizer)
-    window = json.loads((eval_data.shards / "manifest.json").read_text())["seq_len"]
+    window = ShardManifest.read(eval_data.shards).seq_len
     if sha256_file(champion_tokenizer) == sha256_file(tokenizer) and window <= model.config.block_size:
         figures = evaluate_model(model, tok, eval_data.config, eval_data.shards, eval_data.corpus)
     else:
@@ -136,7 +173,9 @@ def reuse_version(name: str, number: str, candidate_value: float, run_id: str) -
     decision = f"version {number} already holds these weights; nothing new registered"
     tracking.set_tags(run_id, {"gate.decision": decision, "registered_version": number})
     champion_version = str(champion.version) if champion else ""
-    return RegisterOutput(name, number, f"models:/{name}/{number}", champion_version, False, decision, candidate_value, None)
+    return RegisterOutput(
+        name, number, f"models:/{name}/{number}", champion_version, False, decision, candidate_value, None
+    )
 
 
 def run_register(
@@ -155,7 +194,9 @@ def run_register(
     MLflow run the model is logged under.
     """
     if config.gate_metric not in metrics:
-        raise UserError(f"register.gate_metric: {config.gate_metric!r} is not an evaluation figure; one of {sorted(metrics)}")
+        raise UserError(
+            f"register.gate_metric: {config.gate_metric!r} is not an evaluation figure; one of {sorted(metrics)}"
+        )
     candidate_value = metrics[config.gate_metric]
     weights_sha = sha256_file(checkpoint / WEIGHTS)
     if existing := tracking.find_version(name, WEIGHTS_TAG, weights_sha):
@@ -176,39 +217,47 @@ def run_register(
     tracking.set_alias(name, CANDIDATE, version)
 
     champion = tracking.version_for_alias(name, CHAMPION)
-    champion_version = str(champion.version) if champion else version
     champion_value: float | None = None
-    if champion is None:
-        promoted, decision = True, f"version {version} is the first champion"
-    else:
+    if champion is not None:
         recorded = champion.tags.get(config.gate_metric)
         if champion.tags.get("eval_data_fingerprint") == eval_fingerprint and recorded is not None:
             champion_value = float(recorded)
         else:
-            champion_value = champion_figure(config, f"models:/{name}/{champion_version}", tokenizer, eval_data)
-        if champion_value is None:
-            promoted = False
-            decision = (
-                f"champion version {champion_version} kept: its tokenizer or context differs from the candidate's, "
-                f"so {config.gate_metric} is not comparable (gate on doc_bits_per_byte to compare such models)"
-            )
-        else:
-            promoted = candidate_value < champion_value if config.lower_is_better else candidate_value > champion_value
-            verb = "replaces" if promoted else "does not beat"
-            decision = (
-                f"version {version} {verb} champion version {champion_version}: "
-                f"{config.gate_metric} {candidate_value:.4f} vs {champion_value:.4f}"
-            )
-    if promoted:
+            champion_value = champion_figure(config, f"models:/{name}/{champion.version}", tokenizer, eval_data)
+    gate = decide_champion(
+        config.gate_metric,
+        config.lower_is_better,
+        version,
+        candidate_value,
+        str(champion.version) if champion else None,
+        champion_value,
+    )
+    if gate.promoted:
         tracking.set_alias(name, CHAMPION, version)
-        champion_version = version
+    champion_version = version if gate.promoted else str(champion.version)  # no champion: promoted
 
-    output = RegisterOutput(name, version, f"models:/{name}/{version}", champion_version, promoted, decision, candidate_value, champion_value)
-    gate_figures = {"gate_candidate": candidate_value, **({"gate_champion": champion_value} if champion_value is not None else {})}
+    output = RegisterOutput(
+        name,
+        version,
+        f"models:/{name}/{version}",
+        champion_version,
+        gate.promoted,
+        gate.decision,
+        candidate_value,
+        champion_value,
+    )
+    gate_figures = {
+        "gate_candidate": candidate_value,
+        **({"gate_champion": champion_value} if champion_value is not None else {}),
+    }
     tracking.log_metrics(run_id, gate_figures)
-    tracking.set_tags(run_id, {"gate.decision": decision, "registered_version": version})
-    tracking.log_dict(run_id, {**asdict(output), "gate_metric": config.gate_metric, "lower_is_better": config.lower_is_better}, "gate.json")
-    tracking.set_version_tags(name, version, {"gate_decision": decision})
+    tracking.set_tags(run_id, {"gate.decision": gate.decision, "registered_version": version})
+    tracking.log_dict(
+        run_id,
+        {**asdict(output), "gate_metric": config.gate_metric, "lower_is_better": config.lower_is_better},
+        "gate.json",
+    )
+    tracking.set_version_tags(name, version, {"gate_decision": gate.decision})
     return output
 
 
@@ -224,8 +273,7 @@ def register_task(
     parent_run_id: str,
 ) -> RegisterOutput:
     """`run_register` in a nested MLflow run; the decision also tagged on the pipeline's run."""
-    with tracking.child_run(parent_run_id, "register") as run_id:
-        tracking.log_params(run_id, {"register": config.model_dump(), "name": name})
-        output = run_register(config, name, checkpoint, tokenizer, metrics, lineage, eval_data, run_id)
+    with stage_run(parent_run_id, "register", {"register": config.model_dump(), "name": name}) as stage:
+        output = run_register(config, name, checkpoint, tokenizer, metrics, lineage, eval_data, stage.run_id)
     tracking.set_tags(parent_run_id, {"registered_version": output.version, "gate.decision": output.decision})
     return output

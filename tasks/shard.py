@@ -21,7 +21,7 @@ The stream does not depend on where it was cut, so the shards and the manifest a
 for byte the same whatever the number of chunks or workers, and `chunk_documents` is not
 part of the fingerprint. Memory is bounded by an encode batch and a row group in both steps.
 A Ctrl-C or SIGTERM stops the stage between batches: chunks on threads check the stop flag
-of tasks/stopping.py before each batch, so what still runs after a signal is the
+of tasks/core/stopping.py before each batch, so what still runs after a signal is the
 `ENCODE_AHEAD` batches each running chunk has in flight (native code, not interruptible).
 
 Output directory `<workspace>/shard/<fingerprint>/`:
@@ -85,14 +85,15 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tokenizers import Tokenizer
 
+from model.data import SPLITS, ShardManifest
 from model.errors import UserError
 from model.special_tokens import EOS_ID
 from tasks.bpe import BPEOutput, load_tokenizer
-from tasks.ingest import SPLITS, IngestOutput
-from tasks.progress import step_progress
-from tasks.stopping import check_stop, stop_on_signals
-from tasks.storage import filesystem
-from tasks.workspace import MANIFEST, StageDir, StageOutput, atomic_path, fingerprint, sha256_file
+from tasks.core.progress import step_progress
+from tasks.core.stopping import check_stop, stop_on_signals
+from tasks.core.storage import filesystem
+from tasks.core.workspace import MANIFEST, StageDir, StageOutput, atomic_path, fingerprint, sha256_file
+from tasks.ingest import IngestOutput
 
 FORMAT_VERSION = 1
 COMPRESSION = "zstd"
@@ -165,7 +166,9 @@ def with_eos(documents: list[list[int]], dtype: np.dtype) -> np.ndarray:
     return np.fromiter(tokens, dtype, length)
 
 
-def document_batches(corpus: Path, start: int, stop: int, max_chars: int = ENCODE_BATCH_CHARS) -> Iterator[tuple[str, list[str]]]:
+def document_batches(
+    corpus: Path, start: int, stop: int, max_chars: int = ENCODE_BATCH_CHARS
+) -> Iterator[tuple[str, list[str]]]:
     """Corpus documents `start` to `stop - 1` as `(split, texts)` batches of at most
     `max_chars` characters (or one longer document), each split's documents in corpus order."""
     texts: dict[str, list[str]] = {split: [] for split in SPLITS}
@@ -208,14 +211,16 @@ def encode_documents(bpe: Tokenizer, texts: list[str]) -> list[list[int]]:
 
 
 def stopping_between(batches: Iterable[tuple[str, list[str]]]) -> Iterator[tuple[str, list[str]]]:
-    """The batches, until a stop is asked for (tasks/stopping.py): then StopRequested, before the
+    """The batches, until a stop is asked for (tasks/core/stopping.py): then StopRequested, before the
     next batch goes to the encoder."""
     for batch in batches:
         check_stop()
         yield batch
 
 
-def encoded(bpe: Tokenizer, batches: Iterable[tuple[str, list[str]]]) -> Iterator[tuple[str, list[str], list[list[int]]]]:
+def encoded(
+    bpe: Tokenizer, batches: Iterable[tuple[str, list[str]]]
+) -> Iterator[tuple[str, list[str], list[list[int]]]]:
     """`(split, texts, token ids of each text)` for each batch, in order, with the next batches
     already being encoded. encode_batch_fast releases the GIL and spreads one batch's
     documents over Rayon's threads: with more batches in flight, a thread done with its share
@@ -333,7 +338,13 @@ def write_shards(
 
 
 def write_split(
-    stream: Iterable[np.ndarray], directory: Path, split: str, seq_len: int, stride: int, dtype: np.dtype, shard_bytes: int
+    stream: Iterable[np.ndarray],
+    directory: Path,
+    split: str,
+    seq_len: int,
+    stride: int,
+    dtype: np.dtype,
+    shard_bytes: int,
 ) -> list[dict[str, Any]]:
     """Cut a split's token stream (chunks of token ids) into windows and write its shard
     files; return their manifest entries. The stage uses it, and so can tests that need
@@ -367,12 +378,26 @@ def part_name(index: int, split: str) -> str:
     return f"{index:05d}-{split}.tokens"
 
 
-def plan_chunks(config: ShardConfig, corpus: IngestOutput, tokenizer: BPEOutput, workspace: Path | str,
-                parts: Path | str, dtype: np.dtype) -> list[ShardChunk]:
+def plan_chunks(
+    config: ShardConfig,
+    corpus: IngestOutput,
+    tokenizer: BPEOutput,
+    workspace: Path | str,
+    parts: Path | str,
+    dtype: np.dtype,
+) -> list[ShardChunk]:
     documents = pq.ParquetFile(corpus.corpus).metadata.num_rows
     return [
-        ShardChunk(index=index, start=start, stop=min(start + config.chunk_documents, documents), corpus=corpus,
-                   tokenizer=tokenizer, workspace=workspace, parts=parts, dtype=dtype.name)
+        ShardChunk(
+            index=index,
+            start=start,
+            stop=min(start + config.chunk_documents, documents),
+            corpus=corpus,
+            tokenizer=tokenizer,
+            workspace=workspace,
+            parts=parts,
+            dtype=dtype.name,
+        )
         for index, start in enumerate(range(0, documents, config.chunk_documents))
     ]
 
@@ -385,7 +410,10 @@ def encode_chunk(chunk: ShardChunk) -> ChunkCounts:
     counts = {split: StreamCounts() for split in SPLITS}
     fs, parts = filesystem(chunk.parts)
     with ExitStack() as files:
-        sinks = {split: files.enter_context(fs.open_output_stream(f"{parts}/{part_name(chunk.index, split)}")) for split in SPLITS}
+        sinks = {
+            split: files.enter_context(fs.open_output_stream(f"{parts}/{part_name(chunk.index, split)}"))
+            for split in SPLITS
+        }
         batches = encoded(bpe, stopping_between(document_batches(corpus, chunk.start, chunk.stop)))
         progress = files.enter_context(step_progress(f"shard: chunk {chunk.index}", chunk.stop - chunk.start))
         for split, texts, ids in batches:
@@ -397,7 +425,9 @@ def encode_chunk(chunk: ShardChunk) -> ChunkCounts:
     return ChunkCounts(index=chunk.index, splits=counts)
 
 
-def read_parts(parts: Path | str, names: list[str], dtype: np.dtype, block_tokens: int = 1 << 22) -> Iterator[np.ndarray]:
+def read_parts(
+    parts: Path | str, names: list[str], dtype: np.dtype, block_tokens: int = 1 << 22
+) -> Iterator[np.ndarray]:
     """The part files one after the other, as arrays of at most `block_tokens` token ids."""
     fs, root = filesystem(parts)
     for name in names:
@@ -491,31 +521,37 @@ def run_shard(
         files: dict[str, list[dict[str, Any]]] = {}
         for split in SPLITS:
             stream = read_parts(parts, [part_name(result.index, split) for result in results], dtype)
-            files[split] = write_split(stream, directory, split, config.seq_len, config.stride, dtype, config.shard_bytes)
+            files[split] = write_split(
+                stream, directory, split, config.seq_len, config.stride, dtype, config.shard_bytes
+            )
         fs.delete_dir(parts_root)
         totals = {split: split_totals(files[split], counts[split], config) for split in SPLITS}
-        return {
-            "format": FORMAT_VERSION,
-            "fingerprint": stage.fingerprint,
-            "inputs": inputs,
-            "seq_len": config.seq_len,
-            "stride": config.stride,
-            "dtype": dtype.name,
-            "vocab_size": vocab_size,
-            "tokenizer_sha256": sha256_file(tokenizer.tokenizer),
-            "eos_id": EOS_ID,
-            "compression": COMPRESSION,
-            "row_group_rows": row_group_rows(config.seq_len, dtype, config.shard_bytes),
-            "files": [entry for split in SPLITS for entry in files[split]],
-            "totals": totals,
-            "report": {
+        return ShardManifest(
+            format=FORMAT_VERSION,
+            fingerprint=stage.fingerprint,
+            inputs=inputs,
+            seq_len=config.seq_len,
+            stride=config.stride,
+            dtype=dtype.name,
+            vocab_size=vocab_size,
+            tokenizer_sha256=sha256_file(tokenizer.tokenizer),
+            eos_id=EOS_ID,
+            compression=COMPRESSION,
+            row_group_rows=row_group_rows(config.seq_len, dtype, config.shard_bytes),
+            files=[entry for split in SPLITS for entry in files[split]],
+            totals=totals,
+            report={
                 f"{split}_{name}": value
                 for split in SPLITS
                 for name, value in [*totals[split].items(), ("files", len(files[split]))]
             },
-        }
+        ).to_json()
 
     return ShardOutput.build_once(stage, build, manifest=MANIFEST)
+
+
+# The stage's Prefect task is `run_shard` itself; its `map_chunks` may run the chunks as task runs.
+shard_task = task(name="shard", cache_policy=NO_CACHE)(run_shard)
 
 
 @task(name="shard-chunk", cache_policy=NO_CACHE)

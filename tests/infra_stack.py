@@ -72,7 +72,9 @@ class Server:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not answers(health_url):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.process.args[0]} did not become healthy at {health_url}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"{self.process.args[0]} did not become healthy at {health_url}:\n{self.log.read_text()[-3000:]}"
+                )
             time.sleep(0.5)
 
 
@@ -98,9 +100,13 @@ def start(started: list[Server], command: list[str], env: Mapping[str, str], log
     """Start a server in its own process group with its output in `log`; add it to `started`."""
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            command, env={**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", **env},
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            command,
+            env={**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", **env},
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     started.append(Server(process, log))
     return started[-1]
 
@@ -125,7 +131,9 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
         "prefect-server:4200": f"127.0.0.1:{ports['prefect']}",
         "mlflow:5000": f"127.0.0.1:{ports['mlflow']}",
     }
-    s3_url, prefect_url, mlflow_url = (f"http://{addresses[a]}" for a in ("minio:9000", "prefect-server:4200", "mlflow:5000"))
+    s3_url, prefect_url, mlflow_url = (
+        f"http://{addresses[a]}" for a in ("minio:9000", "prefect-server:4200", "mlflow:5000")
+    )
 
     def environment(name: str) -> dict[str, str]:
         return on_loopback(service_environment(services[name], variables), addresses)
@@ -134,11 +142,18 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
         postgres = stack.enter_context(running_postgres(ports["postgres"], variables["POSTGRES_PASSWORD"]))
         subprocess.run(
             ["sh", str(INFRA / "postgres" / "init-databases.sh")],
-            env={**os.environ, **environment("postgres"), **postgres.client_env()}, check=True, capture_output=True,
-        )  # fmt: skip
+            env={**os.environ, **environment("postgres"), **postgres.client_env()},
+            check=True,
+            capture_output=True,
+        )
 
         started = stack.enter_context(process_groups())
-        s3_server = start(started, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])], {}, workdir / "s3.log")
+        s3_server = start(
+            started,
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])],
+            {},
+            workdir / "s3.log",
+        )
         prefect = start(
             started,
             [*services["prefect-server"]["entrypoint"], *services["prefect-server"]["command"]],
@@ -178,6 +193,9 @@ def on_this_machine(command: list[str], port: int) -> list[str]:
 
 def s3_client(endpoint: str, variables: Mapping[str, str]):
     return boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1",
-        aws_access_key_id=variables["MINIO_ROOT_USER"], aws_secret_access_key=variables["MINIO_ROOT_PASSWORD"],
-    )  # fmt: skip
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=variables["MINIO_ROOT_USER"],
+        aws_secret_access_key=variables["MINIO_ROOT_PASSWORD"],
+    )

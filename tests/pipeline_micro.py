@@ -44,15 +44,26 @@ def write_config(root: Path, name: str) -> Path:
         "shard": {"seq_len": 32, "shard_bytes": 65536},
         "model": {"preset": None, "block_size": 32, "n_layer": 1, "n_head": 2, "n_embd": 32},
         "pretrain": {
-            "max_steps": 20, "batch_tokens": 256, "micro_batch_size": 8, "warmup_steps": 2, "lr": 1.0e-2,
-            "checkpoint_every": 10, "eval_every": 0, "device": "cpu",
+            "max_steps": 20,
+            "batch_tokens": 256,
+            "micro_batch_size": 8,
+            "warmup_steps": 2,
+            "lr": 1.0e-2,
+            "checkpoint_every": 10,
+            "eval_every": 0,
+            "device": "cpu",
         },
         "evaluate": {"prompts": ["def plus"], "max_new_tokens": 8, "max_documents": 8},
         "finetune": {
-            "max_steps": 5, "batch_tokens": 128, "micro_batch_size": 4, "warmup_steps": 1, "eval_pairs": 2,
-            "eval_max_new_tokens": 8, "device": "cpu",
+            "max_steps": 5,
+            "batch_tokens": 128,
+            "micro_batch_size": 4,
+            "warmup_steps": 1,
+            "eval_pairs": 2,
+            "eval_max_new_tokens": 8,
+            "device": "cpu",
         },
-    }  # fmt: skip
+    }
     path = root / "micro.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -25,7 +25,10 @@ def postgres_bin_dir() -> Path | None:
     """Where pg_ctl and initdb are: on PATH, else Debian's newest /usr/lib/postgresql/N/bin."""
     if pg_ctl := shutil.which("pg_ctl"):
         return Path(pg_ctl).resolve().parent
-    installed = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(re.sub(r"\D", "", p.parent.parent.name) or 0))
+    installed = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda p: int(re.sub(r"\D", "", p.parent.parent.name) or 0),
+    )
     return installed[-1].parent if installed else None
 
 
@@ -69,8 +72,20 @@ def running_postgres(port: int, password: str) -> Iterator[PostgresServer]:
         subprocess.run([*as_owner, str(bin_dir / command[0]), *command[1:]], check=True, capture_output=True, text=True)
 
     try:
-        run("initdb", "--pgdata", str(data), "--username", SUPERUSER, "--pwfile", str(password_file),
-            "--auth", "scram-sha-256", "--encoding", "UTF8", "--no-locale")  # fmt: skip
+        run(
+            "initdb",
+            "--pgdata",
+            str(data),
+            "--username",
+            SUPERUSER,
+            "--pwfile",
+            str(password_file),
+            "--auth",
+            "scram-sha-256",
+            "--encoding",
+            "UTF8",
+            "--no-locale",
+        )
         server_options = f"-c listen_addresses=127.0.0.1 -p {port} -k {root} -c fsync=off"
         run("pg_ctl", "start", "--pgdata", str(data), "--log", str(log), "--wait", "--options", server_options)
         pid = int((data / "postmaster.pid").read_text().split()[0])
@@ -78,7 +93,9 @@ def running_postgres(port: int, password: str) -> Iterator[PostgresServer]:
             yield PostgresServer(bin_dir, port, password)
         finally:
             # pg_ctl signals the PID in postmaster.pid and waits until the server is gone.
-            stopped = subprocess.run([*as_owner, str(bin_dir / "pg_ctl"), "stop", "--pgdata", str(data), "--mode", "fast", "--wait"])
+            stopped = subprocess.run(
+                [*as_owner, str(bin_dir / "pg_ctl"), "stop", "--pgdata", str(data), "--mode", "fast", "--wait"]
+            )
             if stopped.returncode != 0:
                 os.kill(pid, signal.SIGKILL)
     except subprocess.CalledProcessError as e:
@@ -86,4 +103,3 @@ def running_postgres(port: int, password: str) -> Iterator[PostgresServer]:
         raise RuntimeError(f"{' '.join(e.cmd)} failed:\n{e.stdout}{e.stderr}{server_log}") from None
     finally:
         shutil.rmtree(root, ignore_errors=True)
-

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from flows.environment import DEFAULTS
-from tasks.server_state import PREFECT, ServerRecord, write_records
+from tasks.core.server_state import PREFECT, ServerRecord, write_records
 
 REPO = str(Path(__file__).resolve().parents[1])
 API_URL = "http://127.0.0.1:4999/api"

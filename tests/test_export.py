@@ -32,7 +32,8 @@ def test_exported_model_loads_in_transformers_with_equal_logits(tmp_path, bias):
 
 
 def saved_transformers_model(directory):
-    """A GPT2LMHeadModel with every weight perturbed (its init has LayerNorms at 1, biases at 0), saved by transformers."""
+    """A GPT2LMHeadModel with every weight perturbed (its init has LayerNorms at 1, biases at 0),
+    saved by transformers."""
     torch.manual_seed(0)
     hf_config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_layer=2, n_head=2, n_embd=32)
     hf_model = perturbed(transformers.GPT2LMHeadModel(hf_config)).eval()
@@ -55,8 +56,11 @@ def test_original_gpt2_layout_imports(tmp_path):
     # each layer's causal-mask buffers (`attn.bias`, `attn.masked_bias`).
     saved, original = tmp_path / "saved", tmp_path / "original"
     hf_model = saved_transformers_model(saved)
-    weights = {name.removeprefix("transformer."): tensor
-               for name, tensor in load_file(saved / "model.safetensors").items() if name != "lm_head.weight"}
+    weights = {
+        name.removeprefix("transformer."): tensor
+        for name, tensor in load_file(saved / "model.safetensors").items()
+        if name != "lm_head.weight"
+    }
     for layer in range(2):
         weights[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16)
         weights[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)

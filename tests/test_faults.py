@@ -32,9 +32,8 @@ from mlflow.tracking import MlflowClient
 from flows.config import load_config
 from flows.prepare import prepare_data_locally
 from flows.servers import mlflow_command
-from model.checkpoint import latest_checkpoint
-
 from infra_stack import answers, free_port
+from model.checkpoint import latest_checkpoint
 from pipeline_micro import write_config
 from postgres import postgres_bin_dir
 
@@ -85,8 +84,14 @@ for line in sys.stdin:
 """
 
     def __init__(self, code: str):
-        self.process = subprocess.Popen([sys.executable, "-c", self.PARENT, code], cwd=REPO, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", self.PARENT, code],
+            cwd=REPO,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def fork(self, *args: str) -> int:
         """Start `work(*args)` in a new child; returns its pid."""
@@ -216,13 +221,21 @@ def test_sigkill_during_the_shard_stage_loses_nothing(shard_config, tmp_path, fo
         assert not temporary_files(workspace), f"trial {trial} (seed {SEED})"
     # The kills must mostly land inside the stage, or the test proves little.
     assert interrupted >= SHARD_TRIALS * 0.6, (interrupted, shard_seconds)
-    print(f"shard stage {shard_seconds:.2f} s, {len(expected) - 1} files; {SHARD_TRIALS} kills, {interrupted} before the manifest, {with_temporary_files} with temporary files left")
+    print(
+        f"shard stage {shard_seconds:.2f} s, {len(expected) - 1} files; {SHARD_TRIALS} kills, "
+        f"{interrupted} before the manifest, {with_temporary_files} with temporary files left"
+    )
 
 
 # --- SIGKILL during pretraining and during a checkpoint write ----------------------------------
 
-PRETRAIN_OVERRIDES = ["pretrain.max_steps=12", "pretrain.checkpoint_every=3", "pretrain.keep_checkpoints=2",
-                      "pretrain.eval_every=0", "finetune=null"]  # fmt: skip
+PRETRAIN_OVERRIDES = [
+    "pretrain.max_steps=12",
+    "pretrain.checkpoint_every=3",
+    "pretrain.keep_checkpoints=2",
+    "pretrain.eval_every=0",
+    "finetune=null",
+]
 PRETRAIN_WORK = f"""
 import io, os, signal
 import torch
@@ -279,7 +292,9 @@ def test_sigkill_during_pretraining_resumes_to_bitwise_identical_weights(pretrai
     def trial(workspace: Path, kill) -> dict:
         """`kill()` starts a run in `workspace` and kills it (False if the run ended first);
         check what is left; rerun; compare weights."""
-        shutil.copytree(reference, workspace, ignore=lambda directory, names: ["pretrain"] if directory == str(reference) else [])
+        shutil.copytree(
+            reference, workspace, ignore=lambda directory, names: ["pretrain"] if directory == str(reference) else []
+        )
         checkpoints = workspace / "pretrain" / stage_dir.parent.name / "checkpoints"
         if not kill():  # too late: the run finished on its own, there is nothing to resume
             return {}
@@ -292,7 +307,9 @@ def test_sigkill_during_pretraining_resumes_to_bitwise_identical_weights(pretrai
         first_step, final = pretrain_run(forker, pretrain_config, workspace)
 
         resumed_from = int(last.name.removeprefix("step-")) if last else 0
-        assert first_step == (resumed_from + 1 if resumed_from < max_steps else None)  # the last checkpoint: no step left
+        assert first_step == (
+            resumed_from + 1 if resumed_from < max_steps else None
+        )  # the last checkpoint: no step left
         assert (final / "model.safetensors").read_bytes() == expected.read_bytes()
         assert not temporary_files(workspace)
         return {"resumed_from": resumed_from, "half_written": half_written}
@@ -406,8 +423,14 @@ def test_the_tracking_server_dying_during_training_is_survived_without_losing_a_
     name = f"dying-{uuid.uuid4().hex[:6]}"
     config = write_config(tmp_path, name=name)
     steps = 200
-    running = gptflow_run(config, {**cli_env, "MLFLOW_TRACKING_URI": server.uri}, f"pretrain.max_steps={steps}",
-                          "pretrain.checkpoint_every=20", "finetune=null", wait=False)  # fmt: skip
+    running = gptflow_run(
+        config,
+        {**cli_env, "MLFLOW_TRACKING_URI": server.uri},
+        f"pretrain.max_steps={steps}",
+        "pretrain.checkpoint_every=20",
+        "finetune=null",
+        wait=False,
+    )
     try:
         wait_for_a_checkpoint(running, tmp_path / "workspace")
         server.kill()  # training is under way
@@ -421,8 +444,12 @@ def test_the_tracking_server_dying_during_training_is_survived_without_losing_a_
 
     client = MlflowClient(f"sqlite:///{data_dir / 'mlflow.db'}")  # the server's own store
     runs = client.search_runs([client.get_experiment_by_name(name).experiment_id])
-    loss_steps = sorted(m.step for run in runs if run.info.run_name == "pretrain"
-                        for m in client.get_metric_history(run.info.run_id, "loss"))  # fmt: skip
+    loss_steps = sorted(
+        m.step
+        for run in runs
+        if run.info.run_name == "pretrain"
+        for m in client.get_metric_history(run.info.run_id, "loss")
+    )
     assert {run.info.status for run in runs} == {"FINISHED"}
     nested = sorted(run.info.run_name for run in runs if "mlflow.parentRunId" in run.data.tags)
     assert len(runs) == len(nested) + 1 and len(set(nested)) == len(nested), nested  # one run per stage
@@ -436,20 +463,28 @@ def test_the_tracking_server_dying_during_training_is_survived_without_losing_a_
 def prefect_flow_run(stack, flow_run_id: str) -> dict:
     """The flow run as the stack's Prefect API returns it (with the API's auth string)."""
     auth = base64.b64encode(stack.client_env["PREFECT_API_AUTH_STRING"].encode()).decode()
-    request = urllib.request.Request(f"{stack.prefect_api_url}/flow_runs/{flow_run_id}", headers={"Authorization": f"Basic {auth}"})
+    request = urllib.request.Request(
+        f"{stack.prefect_api_url}/flow_runs/{flow_run_id}", headers={"Authorization": f"Basic {auth}"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(postgres_bin_dir() is None, reason="PostgreSQL is not installed; `make test` installs Debian's postgresql")
+@pytest.mark.skipif(
+    postgres_bin_dir() is None, reason="PostgreSQL is not installed; `make test` installs Debian's postgresql"
+)
 def test_four_pipelines_at_once_on_the_postgres_stack_two_sharing_a_workspace(infra_stack, tmp_path, monkeypatch):
     """Load and a race in one: pipelines `shared` x2 (one config, one workspace), `solo-1` and
     `solo-2`, all started together against one Prefect and one MLflow server on PostgreSQL."""
     suffix = uuid.uuid4().hex[:6]
     shared = write_config(tmp_path / "shared", name=f"shared-{suffix}")
-    configs = [shared, shared, write_config(tmp_path / "solo-1", name=f"solo-1-{suffix}"),
-               write_config(tmp_path / "solo-2", name=f"solo-2-{suffix}")]  # fmt: skip
+    configs = [
+        shared,
+        shared,
+        write_config(tmp_path / "solo-1", name=f"solo-1-{suffix}"),
+        write_config(tmp_path / "solo-2", name=f"solo-2-{suffix}"),
+    ]
     env = {**os.environ, **infra_stack.client_env}
     running = [gptflow_run(config, env, "finetune=null", "pretrain.max_steps=8", wait=False) for config in configs]
     outputs = [process.communicate(timeout=900)[0] for process in running]
@@ -504,7 +539,12 @@ def test_runs_left_open_by_a_dead_attempt_are_closed_by_the_rerun(infra_stack, t
     server.start()
     name = f"abandoned-{uuid.uuid4().hex[:6]}"
     config = write_config(tmp_path, name=name)
-    env = {**os.environ, **infra_stack.client_env, "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    env = {
+        **os.environ,
+        **infra_stack.client_env,
+        "MLFLOW_TRACKING_URI": server.uri,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    }
     overrides = ["pretrain.max_steps=400", "pretrain.checkpoint_every=20", "finetune=null"]
     try:
         lost_server = gptflow_run(config, env, *overrides, wait=False)
@@ -531,10 +571,15 @@ def test_runs_left_open_by_a_dead_attempt_are_closed_by_the_rerun(infra_stack, t
     runs = client.search_runs([client.get_experiment_by_name(name).experiment_id], order_by=["attributes.start_time"])
     parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     assert len(parents) == 3
-    by_parent = {parent.info.run_id: [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-                 for parent in parents}  # fmt: skip
+    by_parent = {
+        parent.info.run_id: [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        for parent in parents
+    }
     first, second, third = parents
-    reasons = ("is FAILED but never closed this run", "that opened it is gone")  # a killed process's flow run stays RUNNING
+    reasons = (
+        "is FAILED but never closed this run",
+        "that opened it is gone",
+    )  # a killed process's flow run stays RUNNING
     for attempt, reason, closer in zip((first, second), reasons, (second, third)):
         left_open = [attempt, *(run for run in by_parent[attempt.info.run_id] if run.info.status != "FINISHED")]
         assert {run.info.run_name for run in left_open} >= {attempt.info.run_name, "pretrain"}

@@ -1,4 +1,4 @@
-"""tasks/tracking.py against a real MLflow store (the session's temporary SQLite)."""
+"""tasks/tracking against a real MLflow store (the session's temporary SQLite)."""
 
 import os
 import socket
@@ -10,7 +10,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from model.errors import UserError
-from tasks import server_state, tracking
+from tasks import tracking
+from tasks.core import server_state
 
 
 @pytest.fixture
@@ -33,7 +34,11 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("GPTFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     server_state.write_records(
-        {server_state.MLFLOW: server_state.ServerRecord(pid=os.getpid(), api_url="http://127.0.0.1:5999", ui_url="x", log_file="x")}
+        {
+            server_state.MLFLOW: server_state.ServerRecord(
+                pid=os.getpid(), api_url="http://127.0.0.1:5999", ui_url="x", log_file="x"
+            )
+        }
     )
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
@@ -46,7 +51,11 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     server_state.write_records(
-        {server_state.MLFLOW: server_state.ServerRecord(pid=finished.pid, api_url="http://127.0.0.1:5999", ui_url="x", log_file="x")}
+        {
+            server_state.MLFLOW: server_state.ServerRecord(
+                pid=finished.pid, api_url="http://127.0.0.1:5999", ui_url="x", log_file="x"
+            )
+        }
     )
     assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
@@ -101,7 +110,9 @@ def test_end_run_refuses_unknown_status(experiment):
 
 def test_datasets_and_artifacts(experiment, tmp_path):
     run_id = tracking.start_run(experiment, "data")
-    tracking.log_dataset(run_id, "corpus", "0123456789abcdef", tmp_path / "corpus", "pretrain", profile={"documents": 12})
+    tracking.log_dataset(
+        run_id, "corpus", "0123456789abcdef", tmp_path / "corpus", "pretrain", profile={"documents": 12}
+    )
     (tmp_path / "report.json").write_text('{"ok": true}')
     tracking.log_artifact(run_id, tmp_path / "report.json", "reports")
     tracking.log_dict(run_id, {"name": "x"}, "config.yaml")

@@ -25,10 +25,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from model.data import SPLITS
 from model.errors import UserError
 from tasks.ingest import split_of
-
-SPLITS = ("train", "val")
 
 
 @dataclass(frozen=True)

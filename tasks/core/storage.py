@@ -2,7 +2,7 @@
 
 `workspace: s3://bucket/prefix` lets stages on different machines share their outputs.
 Stages never work on S3 directly: they build in a local directory, and `StageDir`
-(tasks/workspace.py) uploads a committed stage and downloads one to reuse it, through
+(tasks/core/workspace.py) uploads a committed stage and downloads one to reuse it, through
 `RemoteStore`. S3 has no rename, so the uploaded manifest, written last, is the only
 commit marker there.
 

@@ -7,7 +7,7 @@ directory. `manifest.json` is written last and is the commit marker: a directory
 one is incomplete and is rebuilt; a directory with one is verified (sha256 of each file it
 lists) and reused.
 
-The workspace may also be an `s3://bucket/prefix` URI (tasks/storage.py). A stage then
+The workspace may also be an `s3://bucket/prefix` URI (tasks/core/storage.py). A stage then
 builds in a local cache directory (`StageDir.path`, so stages and `model/` always work on
 local paths); `commit` uploads every file the manifest lists, then the manifest last,
 and that remote manifest is the commit marker: files without one are ignored and
@@ -34,7 +34,7 @@ from pydantic import BaseModel
 
 from model.errors import UserError
 from model.integrity import MANIFEST, inside, sha256_file, verify_files  # noqa: F401 (re-exported)
-from tasks.storage import RemoteStore, is_remote, resolve_workspace
+from tasks.core.storage import RemoteStore, is_remote, resolve_workspace
 
 
 def fingerprint(stage: str, config: dict[str, Any], inputs: dict[str, str], format_version: int) -> str:

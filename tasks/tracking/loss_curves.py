@@ -12,7 +12,7 @@ from matplotlib.figure import Figure
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import tracking
+from tasks.tracking import runs
 
 CURVES = ("loss", "val_loss")
 
@@ -32,18 +32,21 @@ def loss_figure(title: str, curves: dict[str, list[tuple[int, float]]]) -> Figur
 @task(name="plot-loss-curves", cache_policy=NO_CACHE)
 def loss_curves_task(parent_run_id: str, stages: tuple[str, ...] = ("pretrain", "finetune")) -> list[str]:
     """Plot each stage that trained in this run; returns the stages plotted."""
-    runs = tracking.child_runs(parent_run_id)
+    stage_runs = runs.child_runs(parent_run_id)
     plotted = []
     for stage in stages:
-        if stage not in runs:
+        if stage not in stage_runs:
             continue
-        # Step 0 holds the stage's summary figures (see tracking.log_metrics), not a training step.
-        histories = {key: [(step, value) for step, value in tracking.metric_history(runs[stage], key) if step > 0] for key in CURVES}
+        # Step 0 holds the stage's summary figures (see runs.log_metrics), not a training step.
+        histories = {
+            key: [(step, value) for step, value in runs.metric_history(stage_runs[stage], key) if step > 0]
+            for key in CURVES
+        }
         curves = {key: points for key, points in histories.items() if points}
         if "loss" not in curves:  # reused: nothing was trained in this run
             continue
         figure = loss_figure(f"{stage} loss", curves)
-        tracking.log_figure(runs[stage], figure, "loss_curve.png")
-        tracking.log_figure(parent_run_id, figure, f"{stage}_loss_curve.png")
+        runs.log_figure(stage_runs[stage], figure, "loss_curve.png")
+        runs.log_figure(parent_run_id, figure, f"{stage}_loss_curve.png")
         plotted.append(stage)
     return plotted

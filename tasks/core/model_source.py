@@ -15,7 +15,8 @@ from pathlib import Path
 from model.checkpoint import WEIGHTS, latest_checkpoint, load_model
 from model.errors import UserError
 from model.gpt import GPT
-from tasks.workspace import sha256_file
+from tasks.core.workspace import sha256_file
+from tasks.tracking.registry import load_registered_model
 
 REGISTRY_SCHEME = "models:/"
 
@@ -48,10 +49,6 @@ def load_model_source(spec: str | Path, tokenizer: Path, device: str = "cpu") ->
     pipeline's shards and pairs are encoded with `tokenizer`.
     """
     if is_registry_uri(spec):
-        # Imported here: the registry stage itself evaluates models (tasks.register imports
-        # tasks.evaluate, which imports this module).
-        from tasks.register import load_registered_model
-
         model, weights, own_tokenizer = load_registered_model(str(spec))
         if sha256_file(own_tokenizer) != sha256_file(tokenizer):
             raise UserError(

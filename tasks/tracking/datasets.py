@@ -17,28 +17,30 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
-from tasks import tracking
 from tasks.bpe import BPEConfig, BPEOutput
+from tasks.core.workspace import MANIFEST
 from tasks.ingest import IngestConfig, IngestOutput
 from tasks.shard import ShardConfig, ShardOutput
-from tasks.workspace import MANIFEST
+from tasks.tracking import runs
 
 
 def numeric(report: dict[str, Any]) -> dict[str, float]:
     """The report's figures that MLflow can chart (numbers, not flags or names)."""
     return {
         key: float(value)
-        for key, value in tracking.flatten(report).items()
+        for key, value in runs.flatten(report).items()
         if isinstance(value, Real) and not isinstance(value, bool)
     }
 
 
 def record_stage(parent_run_id: str, stage: str, config: BaseModel, output: Any, extra_artifacts: tuple = ()) -> str:
-    with tracking.child_run(parent_run_id, stage, tags={"fingerprint": output.fingerprint, "reused": str(output.reused)}) as run_id:
-        tracking.log_params(run_id, {stage: config.model_dump(mode="json")})
-        tracking.log_metrics(run_id, numeric(output.report))
+    with runs.child_run(
+        parent_run_id, stage, tags={"fingerprint": output.fingerprint, "reused": str(output.reused)}
+    ) as run_id:
+        runs.log_params(run_id, {stage: config.model_dump(mode="json")})
+        runs.log_metrics(run_id, numeric(output.report))
         for path in (output.path / MANIFEST, *extra_artifacts):
-            tracking.log_artifact(run_id, path, stage)
+            runs.log_artifact(run_id, path, stage)
     return run_id
 
 
@@ -58,7 +60,7 @@ def track_data_task(
     shard_run = record_stage(parent_run_id, "shard", shard, shards)
     corpus_profile = numeric(corpus.report)
     for run_id in (ingest_run, parent_run_id):
-        tracking.log_dataset(run_id, "corpus", corpus.fingerprint, corpus.corpus, context="source", profile=corpus_profile)
+        runs.log_dataset(run_id, "corpus", corpus.fingerprint, corpus.corpus, context="source", profile=corpus_profile)
     shard_profile = numeric(shards.report)
     for run_id in (shard_run, parent_run_id):
-        tracking.log_dataset(run_id, "shards", shards.fingerprint, shards.path, context="training", profile=shard_profile)
+        runs.log_dataset(run_id, "shards", shards.fingerprint, shards.path, context="training", profile=shard_profile)

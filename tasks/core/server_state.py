@@ -15,7 +15,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks.workspace import write_json_atomic
+from tasks.core.workspace import write_json_atomic
 
 PREFECT = "prefect"
 MLFLOW = "mlflow"

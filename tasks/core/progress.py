@@ -85,11 +85,17 @@ def step_progress(description: str, total_documents: int | None = None) -> Itera
     with _lock:
         if console.is_terminal and _display is None:
             _display = Progress(
-                TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f} documents"),
-                TextColumn("{task.fields[size]}"), TextColumn("{task.fields[tokens]:,} tokens"),
-                TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(),
-                console=console, transient=True,
-            )  # fmt: skip
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed:,.0f} documents"),
+                TextColumn("{task.fields[size]}"),
+                TextColumn("{task.fields[tokens]:,} tokens"),
+                TimeElapsedColumn(),
+                TextColumn("left"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
             _display.start()
         _open_steps += 1
         step = StepProgress(description, total_documents, _display)

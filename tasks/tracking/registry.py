@@ -1,0 +1,154 @@
+"""The model registry: the pyfunc text generator logged, versions registered, aliases moved.
+
+Registered models are named by aliases (`candidate`, `champion`), never by MLflow's
+deprecated stages. A registered model loads back two ways: as the pyfunc (`predict` on
+prompts) or, for evaluation and fine-tuning, as the GPT and files it bundles, without
+running its code (`load_registered_model`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+from model.checkpoint import load_model
+from model.errors import UserError
+from model.gpt import GPT
+from tasks.tracking.pyfunc import CONFIG_ARTIFACT, SAMPLING_DEFAULTS, TOKENIZER_ARTIFACT, WEIGHTS_ARTIFACT
+from tasks.tracking.runs import client, resolve_tracking_uri
+
+PYFUNC_MODEL_CODE = Path(__file__).with_name("pyfunc.py")
+MODEL_PACKAGE = Path(__file__).parents[2] / "model"
+# What the pyfunc needs at load time, pinned to this environment's versions: `mlflow models
+# serve` and `load_model` read them; inferring them instead costs seconds per log.
+PYFUNC_REQUIREMENTS = ("torch", "tokenizers", "safetensors", "pydantic", "numpy")
+
+
+def log_text_generator(run_id: str, weights: Path, model_config: Path, tokenizer: Path, name: str = "model") -> str:
+    """Log the pyfunc text generator (`tasks/tracking/pyfunc.py`) with its three artifacts.
+
+    The `model/` package is bundled as code, so the logged model loads with nothing of this
+    project installed. Returns the model URI (`models:/m-...`) to register.
+    """
+    from importlib.metadata import version
+
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    param_types = {int: DataType.long, float: DataType.double}
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.string)]),
+        outputs=Schema([ColSpec(DataType.string)]),
+        params=ParamSchema(
+            [ParamSpec(key, param_types[type(value)], value) for key, value in SAMPLING_DEFAULTS.items()]
+        ),
+    )
+    mlflow_client = client()
+    run = mlflow_client.get_run(run_id)
+    # Created explicitly so the model lives in the run's experiment (MLflow would otherwise
+    # file it under the process's active experiment, the Default one).
+    logged = mlflow_client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id)
+    with warnings.catch_warnings():
+        # MLflow asks for an input example to check the signature by running the model;
+        # the signature is declared here, and loading the model just to log it is slow.
+        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+        info = Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            model_id=logged.model_id,
+            python_model=str(PYFUNC_MODEL_CODE),
+            artifacts={
+                WEIGHTS_ARTIFACT: str(weights),
+                CONFIG_ARTIFACT: str(model_config),
+                TOKENIZER_ARTIFACT: str(tokenizer),
+            },
+            code_paths=[str(MODEL_PACKAGE)],
+            signature=signature,
+            pip_requirements=[f"{package}=={version(package)}" for package in PYFUNC_REQUIREMENTS],
+        )
+    return info.model_uri
+
+
+def register_version(model_uri: str, name: str, tags: Mapping[str, str]) -> str:
+    """A new version of registered model `name` (created on first use); returns its number."""
+    client()  # points the module-level API at the resolved URI
+    version = mlflow.register_model(model_uri, name, tags={key: str(value) for key, value in tags.items()})
+    return str(version.version)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    client().set_registered_model_alias(name, alias, version)
+
+
+def set_version_tags(name: str, version: str, tags: Mapping[str, Any]) -> None:
+    mlflow_client = client()
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, version, key, str(value))
+
+
+def version_for_alias(name: str, alias: str) -> mlflow.entities.model_registry.ModelVersion | None:
+    """The version `alias` points at, or None when the model or the alias does not exist yet."""
+    try:
+        return client().get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        if e.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)):
+            return None
+        raise
+
+
+def find_version(name: str, tag: str, value: str) -> mlflow.entities.model_registry.ModelVersion | None:
+    """The newest version of `name` whose tag `tag` equals `value`, if any."""
+    versions = client().search_model_versions(f"name = '{name}'")
+    matches = [v for v in versions if v.tags.get(tag) == value]
+    return max(matches, key=lambda v: int(v.version), default=None)
+
+
+def download_model(model_uri: str) -> Path:
+    """Download a logged or registered model; returns the directory holding `MLmodel`."""
+    client()
+    try:
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=tempfile.mkdtemp(prefix="gptflow-model-")
+            )
+        )
+    except MlflowException as e:
+        raise UserError(
+            f"{model_uri}: no such model in the registry at {resolve_tracking_uri()} ({e.message})"
+        ) from None
+
+
+def model_artifacts(model_dir: Path) -> dict[str, Path]:
+    """The pyfunc's artifacts by name (weights, config, tokenizer) inside a downloaded model."""
+    from mlflow.models import Model
+
+    flavor = Model.load(str(model_dir)).flavors.get("python_function", {})
+    return {key: model_dir / entry["path"] for key, entry in flavor.get("artifacts", {}).items()}
+
+
+def load_text_generator(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """The pyfunc of a logged or registered model, ready to `predict(prompts, params=...)`."""
+    client()
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as e:
+        raise UserError(f"{model_uri}: cannot load the model from {resolve_tracking_uri()} ({e.message})") from None
+
+
+def load_registered_model(model_uri: str) -> tuple[GPT, Path, Path]:
+    """A registered model's GPT, weights file and tokenizer.json, without running its pyfunc code."""
+    artifacts = model_artifacts(download_model(model_uri))
+    weights = artifacts.get(WEIGHTS_ARTIFACT)
+    if weights is None or not weights.is_file():
+        raise UserError(f"{model_uri}: not a gptflow text generator (no safetensors weights among its artifacts)")
+    # The pyfunc's artifacts sit side by side with checkpoint names (model.safetensors, config.json).
+    return load_model(weights.parent), weights, artifacts[TOKENIZER_ARTIFACT]

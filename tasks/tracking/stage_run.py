@@ -1,0 +1,71 @@
+"""The nested MLflow run of a stage task, and the Prefect markdown artifact that reports it.
+
+Every stage `*_task` reads the same way: open the stage's run under the pipeline's run,
+log the config as params, run the plain `run_<stage>` function, then `finish` with its
+figures, the headline figures for the parent run, the files to keep and a markdown report:
+
+    with stage_run(parent_run_id, "evaluate", {"evaluate": config.model_dump()}) as run:
+        output = run_evaluate(...)
+        run.finish(output.metrics, parent_metrics={...}, artifacts={output.samples: "evaluate"},
+                   report=Report("evaluate", "Evaluation of ...", "evaluation figures and samples"))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact
+
+from tasks.tracking import runs
+
+
+def metrics_markdown(title: str, metrics: Mapping[str, float]) -> str:
+    rows = "".join(f"| {name} | {value:.4f} |\n" for name, value in metrics.items())
+    return f"## {title}\n\n| metric | value |\n|---|---|\n{rows}"
+
+
+@dataclass(frozen=True)
+class Report:
+    """The Prefect markdown artifact of a stage: `markdown` is followed by the MLflow run's link."""
+
+    key: str
+    markdown: str
+    description: str
+
+
+@dataclass(frozen=True)
+class StageRun:
+    run_id: str
+    parent_run_id: str
+
+    def finish(
+        self,
+        metrics: Mapping[str, float],
+        parent_metrics: Mapping[str, float],
+        artifacts: Mapping[Path, str | None],
+        report: Report | None = None,
+    ) -> None:
+        """Log the stage's figures on its run and the headline ones on the parent run, upload
+        `artifacts` (file -> artifact directory, None for the root) and publish `report`."""
+        runs.log_metrics(self.run_id, metrics)
+        runs.log_metrics(self.parent_run_id, parent_metrics)
+        for path, directory in artifacts.items():
+            runs.log_artifact(self.run_id, path, directory)
+        if report is not None:
+            create_markdown_artifact(
+                key=report.key,
+                markdown=f"{report.markdown}\nMLflow run: {runs.run_link(self.run_id)}\n",
+                description=report.description,
+            )
+
+
+@contextmanager
+def stage_run(parent_run_id: str, name: str, params: Mapping[str, Any]) -> Iterator[StageRun]:
+    """The stage's nested run named `name`, with `params` logged; ended by how the block ends."""
+    with runs.child_run(parent_run_id, name) as run_id:
+        runs.log_params(run_id, params)
+        yield StageRun(run_id, parent_run_id)
