@@ -45,6 +45,7 @@ from model.special_tokens import EOS_ID
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.model_source import load_model_source
 from tasks.core.workspace import MANIFEST, StageDir, fingerprint, sha256_file, write_json_atomic
+from tasks.ingest import read_corpus
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
 
 FORMAT_VERSION = 1
@@ -107,11 +108,18 @@ def window_batches(windows: torch.Tensor, batch_size: int) -> Iterator[tuple[tor
 
 
 def held_out_documents(corpus: Path, tokenizer: Tokenizer, limit: int | None) -> list[list[int]]:
-    """Token ids of the val documents in corpus order, each framed by <|endoftext|>."""
-    table = pq.read_table(corpus, columns=["text", "split"])
-    texts = [text for text, split in zip(*(table.column(c).to_pylist() for c in ("text", "split"))) if split == "val"]
-    texts = texts[:limit] if limit else texts
-    return [[EOS_ID, *encoding.ids, EOS_ID] for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    """Token ids of the val documents in corpus order, each framed by <|endoftext|>.
+
+    Encoded a corpus batch at a time: a Ctrl-C or SIGTERM is handled between batches, where
+    one native call over the whole split would hold it off until the split is encoded."""
+    documents: list[list[int]] = []
+    for batch in read_corpus(corpus, split="val"):
+        texts = batch.column("text").to_pylist()[: limit - len(documents) if limit else None]
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        documents += [[EOS_ID, *encoding.ids, EOS_ID] for encoding in encodings]
+        if limit and len(documents) == limit:
+            break
+    return documents
 
 
 def sample_prompts(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig) -> list[tuple[str, str]]:

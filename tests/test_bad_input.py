@@ -9,6 +9,7 @@ Builders get a `Fixtures` object with a base config and a few prepared files.
 
 from __future__ import annotations
 
+import gzip
 import json
 import shutil
 import sys
@@ -134,6 +135,20 @@ def yaml_config(**sections) -> str:
 TEXT = "def f(x):\n    return x + 1\n" * 4
 BINARY = bytes(range(256)) * 8
 
+
+def half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+PARQUET = parquet_bytes(pa.table({"text": [TEXT] * 50}))
+UNREADABLE_FILES = {
+    "named.parquet": b"not Parquet at all" * 8,  # no magic bytes
+    "cut.parquet": half(PARQUET),  # truncated: no footer
+    "half.json": json.dumps([{"text": TEXT}] * 4)[:60],
+    "cut.txt.gz": half(gzip.compress(TEXT.encode() * 50)),
+    "cut.jsonl.zst": half(pa.compress(json.dumps({"text": TEXT}).encode() * 50, codec="zstd", asbytes=True)),
+}
+
 CASES: list[tuple[str, Callable[[Fixtures], list[str]], str]] = [
     # --- corpus files -------------------------------------------------------------------
     (
@@ -173,6 +188,18 @@ CASES: list[tuple[str, Callable[[Fixtures], list[str]], str]] = [
         lambda f: f.corpus({"a.parquet": parquet_bytes(pa.table({"body": ["x"]}))}),
         "files_without_text_field=1",
     ),
+    # Unreadable files: skipped by default (here every file is, so nothing is left), one line naming the file with fail.
+    ("corpus-only-unreadable-files", lambda f: f.corpus(UNREADABLE_FILES), "files_unreadable=5"),
+    *[
+        (
+            f"corpus-unreadable-{name.replace('.', '-')}-fail",
+            lambda f, name=name: f.corpus(
+                {name: UNREADABLE_FILES[name], "good.txt": TEXT}, "ingest.on_unreadable=fail"
+            ),
+            f"{name}: unreadable",
+        )
+        for name in UNREADABLE_FILES
+    ],
     (
         "corpus-val-split-empty",
         lambda f: f.corpus({"a.txt": TEXT}, "ingest.val_fraction=0.001"),

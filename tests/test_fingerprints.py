@@ -47,17 +47,19 @@ def test_data_stage_fingerprints_and_manifest_bytes_are_unchanged(tmp_path, monk
         PretrainConfig(max_steps=10), ModelConfig(preset="tiny", n_layer=1), shards.fingerprint
     )
 
+    # Ingest format 2 (filters, near-dedup, unreadable files) and bpe format 2 (the pre-token bound in
+    # tokenizer.json) changed every data fingerprint; the corpus, merges and shard files stayed byte for byte.
     assert (corpus.fingerprint, tokenizer.fingerprint, shards.fingerprint, pretrain) == (
-        "efaafe6e0ff144f4",
-        "0441297364b4bef6",
-        "9318e86d01b8e5ba",
-        "580373be674b3b25",  # pretrain FORMAT_VERSION 3: padded head, chunked loss
+        "846a4ff83c158fc4",
+        "f1585d6e9efcde92",
+        "7e8d01fc02634ca3",
+        "9eadadcfc2d5cca5",  # pretrain FORMAT_VERSION 3: padded head, chunked loss
     )
     manifests = {stage.path.parent.name: manifest_sha256(stage.path) for stage in (corpus, tokenizer, shards)}
     assert manifests == {
-        "ingest": "51cf0a4238921b80c3cae767e970524470c1de135e0bf6749aecd6e1efb9248d",
-        "bpe": "daf91b59679d30722519dd376106018c7fbb7206a5594b5077ce3c65d35bb8b2",
-        "shard": "f839a22c627e992101167bd71035376e3f402b706f78c7a9116acd3994b07d33",
+        "ingest": "77e5bb5f494ff6ee449f48283815af923a4463ec4fa23ba49aea71b4aacd305f",
+        "bpe": "00639f984c6c221d529d506e425b45e3de5d6415a92c3910a35a18890a6fb8d7",
+        "shard": "2f1d95e610e9ba1892dfa1bba069ba1bd1b166dc583b40d3a9b3bdeb4735a1f8",
     }
 
 

@@ -19,6 +19,7 @@ import pytest
 from micro_data import PEAK_RSS_OF_INGEST
 from model.errors import UserError
 from tasks.ingest import CORPUS_ROW_GROUP_CHARS, IngestConfig, run_ingest, split_of
+from tasks.ingest_filters import FilterConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,9 +34,16 @@ def write_dataset(directory: Path, texts: list[str]) -> Path:
 
 
 def streaming_config(data: Path, **settings) -> IngestConfig:
-    return IngestConfig(
-        **{"source": f"hf:{data}", "streaming": True, "text_field": "content", "val_fraction": 0.3, **settings}
-    )
+    # The filters are off: these synthetic documents repeat themselves, and near-dedup would drop them.
+    settings = {
+        "source": f"hf:{data}",
+        "streaming": True,
+        "text_field": "content",
+        "val_fraction": 0.3,
+        "filters": FilterConfig.off(),
+        **settings,
+    }
+    return IngestConfig(**settings)
 
 
 @pytest.fixture(autouse=True)

@@ -13,6 +13,7 @@ import pytest
 from flows.config import load_config
 from flows.prepare import PreparedData, artifact_key, prepare_data, prepare_data_locally
 from micro_data import micro_config as write_micro_config
+from tasks.core.progress import size_text
 
 GPTFLOW = str(Path(sys.executable).with_name("gptflow"))
 
@@ -117,6 +118,15 @@ def test_cli_prepare_prints_each_stage_output(tmp_path, micro_config, cli_env):
     ):
         assert str(output) in result.stdout
     assert "built" in result.stdout and "train / " in result.stdout
+    # Not a terminal: each data step ends with one plain progress line of its documents, bytes and tokens.
+    corpus = json.loads(next((tmp_path / "ingest").glob("*/manifest.json")).read_text())["report"]
+    shards = json.loads(manifest.read_text())["report"]
+    documents, train = corpus["documents_out"], corpus["documents_train"]
+    tokens = shards["train_stream_tokens"] + shards["val_stream_tokens"] - documents  # without one <|endoftext|> each
+    assert f"ingest: {corpus['files_read']}/{corpus['files_read']} documents, " in result.stderr
+    assert f"bpe: train tokenizer: {train}/{train} documents, {size_text(corpus['bytes_train'])}, " in result.stderr
+    everything = size_text(corpus["bytes_train"] + corpus["bytes_val"])
+    assert f"shard: chunk 0: {documents}/{documents} documents, {everything}, {tokens:,} tokens, " in result.stderr
 
 
 @pytest.mark.parametrize(
