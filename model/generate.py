@@ -78,9 +78,12 @@ def _prefill(
 
     Returns the (B, V) next-token logits and a cache filled with the window, or no cache when
     use_cache is off and the rows need no padding (a padded batch keeps one for its pad mask).
+    With the cache the rows are padded to `prefill_length`; without it, only to the longest.
     """
     windows = [row[-model.config.block_size :] for row in rows]
     length = max(len(window) for window in windows)
+    if use_cache:
+        length = prefill_length(length, model.config.block_size)
     pad = torch.tensor([length - len(window) for window in windows])
     idx = torch.tensor([[PAD_ID] * (length - len(window)) + window for window in windows], device=device)
     cache = None
@@ -90,6 +93,13 @@ def _prefill(
         dtype = torch.get_autocast_dtype(device.type) if autocast else next(model.parameters()).dtype
         cache = KVCache(model.config, len(rows), pad=pad, device=device, dtype=dtype)
     return model(idx, cache=cache, fp32_logits=True).logits[:, -1], cache
+
+
+def prefill_length(longest: int, block_size: int) -> int:
+    """The length a cached prefill is left-padded to: the next power of two from 64, at most
+    block_size. Shape-specialised kernels (compiled flex attention, cuBLAS's choices) then see a
+    handful of lengths instead of one per prompt; the pad slots are masked out."""
+    return min(block_size, max(64, 1 << (longest - 1).bit_length()))
 
 
 def sample(

@@ -61,7 +61,6 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 
@@ -86,6 +85,9 @@ from model.runtime import (
 from model.schedule import Schedule, learning_rate
 
 Callback = Callable[[int, Mapping[str, float]], None]
+
+# Seconds, for checkpoint_minutes; a module attribute so that a test can make steps look slow.
+clock = time.monotonic
 
 
 class Batches(Protocol):
@@ -117,6 +119,12 @@ class TrainConfig(ParallelConfig):
     eval_batches: PositiveInt = Field(8, description="micro-batches per rank in each validation")
     checkpoint_every: NonNegativeInt = Field(
         50, description="steps between checkpoints; 0: only at the end", json_schema_extra=RUN_ONLY
+    )
+    checkpoint_minutes: float = Field(
+        30,
+        ge=0,
+        description="also checkpoint once this many minutes passed since the last one; 0: by steps only",
+        json_schema_extra=RUN_ONLY,
     )
     keep_checkpoints: PositiveInt = Field(3, json_schema_extra=RUN_ONLY)
     seed: int = 0
@@ -202,9 +210,9 @@ def accumulation_steps(config: TrainConfig, seq_len: int, world_size: int, secti
 
 def summed_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed over the scored targets (not averaged: the step divides once), in fp32
-    even when the model computes in bf16."""
-    logits = model(inputs).logits.float()  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    even when the model computes in bf16. Inside the model's forward, so that it is compiled with
+    it and the full logits never exist (GPTConfig.loss_chunk)."""
+    return model(inputs, targets, reduction="sum").loss
 
 
 def accumulate_gradients(
@@ -283,6 +291,8 @@ def train(
 
     with process_group(env, device), stop_signals() as stop:
         net = parallelize(model, config, device, env.world_size, use_bf16, use_compile)
+        if model.config.has_sparse_layers:
+            model.band_mask(train_data.seq_len, device)  # built now, outside the compiled graph
         optimizer = configure_optimizer(model, config, device)
         step, train_loss = 0, math.nan
         checkpoint = latest_checkpoint(checkpoints) if config.resume else None
@@ -334,6 +344,7 @@ def train(
 
         batches = iter(train_data)
         start_step, started = step, time.perf_counter()
+        last_saved = clock()
         val_loss = math.nan
         while step < config.max_steps:
             step_started = time.perf_counter()
@@ -351,11 +362,14 @@ def train(
             micro_batches = [next(batches) for _ in range(accumulation)]
             loss_sum, scored = accumulate_gradients(net, micro_batches, device, autocast)
             grad_norm = clip_grad_norm(model, config.grad_clip or math.inf)
-            stop_flag = torch.tensor(float(stop.signum is not None), device=device)
-            if dist.is_initialized():  # every rank must agree to stop at the same step
-                dist.all_reduce(stop_flag)
+            minutes_up = bool(config.checkpoint_minutes) and clock() - last_saved >= 60 * config.checkpoint_minutes
+            flags = torch.tensor([stop.signum is not None, minutes_up], dtype=torch.float32, device=device)
+            if dist.is_initialized():  # every rank must agree to stop (or checkpoint) at the same step
+                dist.all_reduce(flags)
             # The one host sync of a step: the loss for the callback and the finite check.
-            train_loss, norm, stopping = torch.stack([loss_sum / scored.clamp(min=1), grad_norm, stop_flag]).tolist()
+            train_loss, norm, stopping, time_to_save = torch.cat(
+                [torch.stack([loss_sum / scored.clamp(min=1), grad_norm]), flags]
+            ).tolist()
             if not (math.isfinite(train_loss) and math.isfinite(norm)):
                 last_good = latest_checkpoint(checkpoints)
                 raise NonFiniteLoss(
@@ -381,8 +395,9 @@ def train(
             final = step == config.max_steps
             if val_data is not None and (final or (config.eval_every and step % config.eval_every == 0)):
                 val_loss = metrics["val_loss"] = validation_loss(model, val_data, config.eval_batches, device, autocast)
-            if final or stopping or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            if final or stopping or time_to_save or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 checkpoint = save(step)
+                last_saved = clock()
             if callback is not None and env.is_main:
                 callback(step, metrics)
             if stopping and not final:

@@ -63,7 +63,7 @@ from tasks.core.workspace import StageDir, fingerprint, write_json_atomic
 from tasks.shard import ShardOutput
 from tasks.tracking.stage_run import Report, stage_run
 
-FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name (model.parallel.full_state)
+FORMAT_VERSION = 3  # 2: optimizer state keyed by parameter name; 3: padded head, chunked loss (new numerics)
 RUN_ID_ENV = "GPTFLOW_PRETRAIN_RUN_ID"  # the MLflow run the torchrun ranks log to
 RDZV_ENDPOINT_ENV, RDZV_ID_ENV = "GPTFLOW_RDZV_ENDPOINT", "GPTFLOW_RDZV_ID"
 DEFAULT_RDZV_PORT = 29500  # torchrun's MASTER_PORT default

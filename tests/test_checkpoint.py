@@ -65,10 +65,25 @@ def test_weights_of_another_model_are_refused(tmp_path):
 
 
 def test_a_compiled_run_checkpoints_plain_weights_that_load_both_ways(tmp_path):
-    """The engine's torch.compile path on CPU (the one compiling test: it is slow)."""
-    torch.manual_seed(0)
-    trained = GPT(MICRO)
-    result = train(trained, micro_config(compile=True, max_steps=2), RandomBatches(), None, tmp_path)
+    """The engine's torch.compile path on CPU (the one compiling test: it is slow): it trains as the
+    eager model does (vocabulary 64 padded to 128, the chunked loss, all inside the graph), and its
+    checkpoints hold the plain weights."""
+    losses = {}
+    for compile in (False, True):
+        torch.manual_seed(0)
+        trained = GPT(MICRO)
+        config = micro_config(compile=compile, max_steps=3)
+        result = train(
+            trained,
+            config,
+            RandomBatches(),
+            None,
+            tmp_path / str(compile),
+            callback=lambda step, m, key=compile: losses.setdefault(key, []).append(m["loss"]),
+        )
+    # The losses after one and two updates. (Not the weights: Adam turns float noise in a near-zero
+    # gradient into a full-size step, so single elements may differ by up to lr.)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
     weights = safetensors.torch.load_file(result.checkpoint / WEIGHTS)
     assert not any(key.startswith(("_orig_mod", "module.")) for key in weights)
 
@@ -80,3 +95,21 @@ def test_a_compiled_run_checkpoints_plain_weights_that_load_both_ways(tmp_path):
     load_weights(compiled, result.checkpoint)
     for key, value in compiled.state_dict().items():
         assert torch.equal(value, plain.state_dict()[key.removeprefix("_orig_mod.")]), key
+
+
+def test_checkpoints_come_by_minutes_when_steps_are_slow(tmp_path, monkeypatch):
+    """Each step takes 70 s on a fake clock: with checkpoint_minutes 2, one checkpoint every second step."""
+    now = [0.0]
+    monkeypatch.setattr("model.train.clock", lambda: now[0])
+
+    def slow_step(step, metrics):
+        now[0] += 70
+
+    config = micro_config(max_steps=6, checkpoint_every=0, checkpoint_minutes=2, keep_checkpoints=10)
+    train(GPT(MICRO), config, RandomBatches(), None, tmp_path / "minutes", callback=slow_step)
+    # due at 140 s (step 3: 140 - 0 >= 120), then at 280 s (step 5: 280 - 140), and the final one
+    assert [p.name for p in checkpoint_dirs(tmp_path / "minutes" / "checkpoints")] == ["step-3", "step-5", "step-6"]
+
+    config = micro_config(max_steps=6, checkpoint_every=4, checkpoint_minutes=0, keep_checkpoints=10)
+    train(GPT(MICRO), config, RandomBatches(), None, tmp_path / "steps", callback=slow_step)
+    assert [p.name for p in checkpoint_dirs(tmp_path / "steps" / "checkpoints")] == ["step-4", "step-6"]

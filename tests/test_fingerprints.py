@@ -53,7 +53,7 @@ def test_data_stage_fingerprints_and_manifest_bytes_are_unchanged(tmp_path, monk
         "846a4ff83c158fc4",
         "f1585d6e9efcde92",
         "7e8d01fc02634ca3",
-        "9e2e36fc2cac8723",
+        "9eadadcfc2d5cca5",  # pretrain FORMAT_VERSION 3: padded head, chunked loss
     )
     manifests = {stage.path.parent.name: manifest_sha256(stage.path) for stage in (corpus, tokenizer, shards)}
     assert manifests == {
@@ -65,7 +65,9 @@ def test_data_stage_fingerprints_and_manifest_bytes_are_unchanged(tmp_path, monk
 
 def test_a_run_only_setting_leaves_the_pretrain_fingerprint_alone():
     config = PretrainConfig(max_steps=10)
-    run_differently = config.model_copy(update={"resume": False, "nproc_per_node": 2, "checkpoint_every": 5})
+    run_differently = config.model_copy(
+        update={"resume": False, "nproc_per_node": 2, "checkpoint_every": 5, "checkpoint_minutes": 1}
+    )
     assert pretrain_fingerprint(run_differently, ModelConfig(), "0" * 16) == pretrain_fingerprint(
         config, ModelConfig(), "0" * 16
     )
