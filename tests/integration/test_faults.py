@@ -35,7 +35,8 @@ from flows.servers import mlflow_command
 from model.checkpoint import latest_checkpoint
 from support import REPO
 from support.configs import write_pipeline_config
-from support.infra_stack import answers, free_port
+from support.infra_stack import answers
+from support.ports import free_port
 from support.postgres import postgres_bin_dir
 
 GPTFLOW = str(Path(sys.executable).with_name("gptflow"))

@@ -8,7 +8,6 @@ result must match the same spec trained in one process.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,32 +23,21 @@ from model.config import ModelConfig
 from model.errors import UserError
 from model.train import RunSpec, run
 from support import REPO
+from support.configs import micro_pretrain_config
 from support.corpus import make_shards
+from support.ports import free_port
 from tasks.pretrain import NODE_SCRIPT, PretrainConfig, run_pretrain, torchrun_args
 from tasks.shard import ShardOutput
 
 MODEL = ModelConfig(preset=None, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_nodes_on_localhost_match_one_process(tmp_path):
     manifest = make_shards(tmp_path / "shards", {"train": 200, "val": 40})
     shards = ShardOutput(path=manifest.parent, manifest=manifest, fingerprint="micro-shards", report={})
-    config = PretrainConfig(
+    config = micro_pretrain_config(
         max_steps=3,
-        batch_tokens=128,
-        micro_batch_size=4,
-        warmup_steps=1,
-        eval_every=0,
-        eval_batches=2,
         checkpoint_every=0,
-        lr=1e-2,
-        device="cpu",
         nnodes=2,
         nproc_per_node=1,
         rdzv_endpoint=f"127.0.0.1:{free_port()}",

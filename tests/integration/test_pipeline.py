@@ -3,7 +3,6 @@ session's temporary SQLite store), then the registry's champion gate across runs
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from model.checkpoint import latest_checkpoint
 from model.errors import UserError
 from support.configs import write_pipeline_config
 from support.models import greedy_completions
+from support.ports import free_port
 from tasks import tracking
 from tasks.ingest import IngestConfig, IngestOutput
 from tasks.register import CANDIDATE, CHAMPION
@@ -188,9 +188,7 @@ def test_champion_moves_only_to_a_better_version(first_run, micro):
 
 
 def test_unreachable_tracking_server_stops_before_any_stage(prefect_server, micro, monkeypatch, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        uri = f"http://127.0.0.1:{s.getsockname()[1]}"
+    uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     config = load_config(micro, [f"workspace={tmp_path / 'workspace'}"])
     with pytest.raises(UserError, match=f"MLflow tracking server {uri} is unreachable"):

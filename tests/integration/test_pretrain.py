@@ -16,30 +16,15 @@ from mlflow.tracking import MlflowClient
 from model.checkpoint import checkpoint_dirs, load_state
 from model.config import ModelConfig
 from support import REPO
-from support.configs import write_pipeline_config
+from support.configs import micro_pretrain_config, write_pipeline_config
 from support.corpus import make_shards
 from support.sigint import with_sigint
 from tasks import tracking
-from tasks.pretrain import PretrainConfig, pretrain_fingerprint, run_pretrain
+from tasks.pretrain import pretrain_fingerprint, run_pretrain
 from tasks.shard import ShardOutput
 
 MODEL = ModelConfig(preset=None, block_size=16, n_layer=2, n_head=2, n_embd=32)
 GPTFLOW = str(Path(sys.executable).with_name("gptflow"))
-
-
-def micro(**overrides) -> PretrainConfig:
-    fields = dict(
-        max_steps=4,
-        batch_tokens=128,
-        micro_batch_size=4,
-        warmup_steps=1,
-        checkpoint_every=2,
-        eval_every=0,
-        eval_batches=2,
-        lr=1e-2,
-        device="cpu",
-    )
-    return PretrainConfig(**{**fields, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -49,20 +34,22 @@ def shards(tmp_path_factory) -> ShardOutput:
 
 
 def test_fingerprint_covers_what_decides_the_weights():
-    base = pretrain_fingerprint(micro(), MODEL, "shards-a")
+    base = pretrain_fingerprint(micro_pretrain_config(), MODEL, "shards-a")
     how_it_runs = dict(
         resume=False, checkpoint_every=7, keep_checkpoints=1, nproc_per_node=2, device="cuda", loader_workers=2
     )
-    assert pretrain_fingerprint(micro(**how_it_runs), MODEL, "shards-a") == base
-    assert pretrain_fingerprint(micro(lr=2e-2), MODEL, "shards-a") != base
-    assert pretrain_fingerprint(micro(max_steps=5), MODEL, "shards-a") != base
-    assert pretrain_fingerprint(micro(), MODEL.model_copy(update={"n_layer": 3}), "shards-a") != base
-    assert pretrain_fingerprint(micro(), MODEL, "shards-b") != base
+    assert pretrain_fingerprint(micro_pretrain_config(**how_it_runs), MODEL, "shards-a") == base
+    assert pretrain_fingerprint(micro_pretrain_config(lr=2e-2), MODEL, "shards-a") != base
+    assert pretrain_fingerprint(micro_pretrain_config(max_steps=5), MODEL, "shards-a") != base
+    assert pretrain_fingerprint(micro_pretrain_config(), MODEL.model_copy(update={"n_layer": 3}), "shards-a") != base
+    assert pretrain_fingerprint(micro_pretrain_config(), MODEL, "shards-b") != base
 
 
 def test_stage_trains_commits_and_is_reused(tmp_path, shards):
     steps = []
-    output = run_pretrain(micro(), MODEL, shards, tmp_path, callback=lambda step, metrics: steps.append(step))
+    output = run_pretrain(
+        micro_pretrain_config(), MODEL, shards, tmp_path, callback=lambda step, metrics: steps.append(step)
+    )
     assert steps == [1, 2, 3, 4]
     assert output.path == tmp_path / "pretrain" / output.fingerprint
     assert output.checkpoint == output.path / "checkpoints" / "step-4"
@@ -71,7 +58,9 @@ def test_stage_trains_commits_and_is_reused(tmp_path, shards):
     # The micro stream counts 0..63 over and over: every token id equally often.
     assert output.metrics["unigram_entropy"] == pytest.approx(math.log(64))
 
-    again = run_pretrain(micro(checkpoint_every=1), MODEL, shards, tmp_path, callback=lambda *_: pytest.fail("trained"))
+    again = run_pretrain(
+        micro_pretrain_config(checkpoint_every=1), MODEL, shards, tmp_path, callback=lambda *_: pytest.fail("trained")
+    )
     assert again.reused and again.checkpoint == output.checkpoint and again.metrics == output.metrics
 
 
@@ -88,7 +77,9 @@ run_pretrain(config, model, shards, Path(sys.argv[4]), run_id=sys.argv[5])
 
 
 def test_torchrun_ranks_log_to_mlflow_and_stop_together_on_cancel(tmp_path, shards):
-    config = micro(max_steps=40, checkpoint_every=5, keep_checkpoints=2, nproc_per_node=2, eval_every=20)
+    config = micro_pretrain_config(
+        max_steps=40, checkpoint_every=5, keep_checkpoints=2, nproc_per_node=2, eval_every=20
+    )
     run_id = tracking.start_run("pretrain-tests", "pretrain")
     arguments = []
     for name, value in (("config", config), ("model", MODEL), ("shards", shards)):

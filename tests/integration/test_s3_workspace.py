@@ -7,7 +7,6 @@ the reference is the same data prepared into a local workspace.
 from __future__ import annotations
 
 import hashlib
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from flows.prepare import PreparedData, prepare_data_locally
 from model.errors import UserError
 from support.configs import write_data_config, write_pipeline_config
 from support.digests import file_digests, stage_digests
+from support.ports import free_port
 from tasks.core.storage import RemoteStore
 from tasks.core.workspace import MANIFEST
 from tasks.pretrain import run_pretrain
@@ -33,12 +33,6 @@ from tasks.shard import encode_chunk, run_shard
 
 BUCKET = "gptflow-test"
 MOTO_SERVER = str(Path(sys.executable).with_name("moto_server"))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

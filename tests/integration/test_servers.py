@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import pytest
 from support import REPO
 from support.configs import write_pipeline_config
 from support.models import greedy_completions
+from support.ports import free_port
 from support.sigint import with_sigint
 from tasks.core.workspace import sha256_file
 
@@ -49,12 +49,6 @@ class Servers:
     def prefect_env(self) -> dict[str, str]:
         """For the `prefect` CLI, which knows nothing of gptflow's state file."""
         return {**self.env, "PREFECT_API_URL": f"{self.prefect}/api"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gptflow(servers: Servers, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -6,6 +6,7 @@
 - digests: file digests to compare stage outputs byte for byte
 - processes: fresh interpreters and torchrun launches in the repository
 - sigint: child processes a test stops with SIGINT
+- ports: free loopback ports for the servers tests start
 - compose, postgres, infra_stack: infra/'s stack run without Docker
 """
 

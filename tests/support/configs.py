@@ -1,4 +1,4 @@
-"""Micro configurations: the GPT and training settings the engine tests share, and the config
+"""Micro configurations: the GPT and training settings the engine and pretrain tests share, and the config
 files of the two micro worlds: data preparation over a few standard-library modules, and the
 whole pipeline over generated modules (a 320-token vocabulary, a one-layer GPT, a few steps per
 stage: one pipeline run takes seconds)."""
@@ -12,24 +12,34 @@ import yaml
 from model.config import GPTConfig
 from model.train import TrainConfig
 from support.corpus import copy_stdlib_modules, write_python_modules
+from tasks.pretrain import PretrainConfig
 
 MICRO_GPT = GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 
+# A few CPU steps of MICRO_GPT on `RandomBatches` or `make_shards`' shards.
+MICRO_TRAINING = dict(
+    max_steps=4,
+    batch_tokens=128,
+    micro_batch_size=4,
+    warmup_steps=1,
+    eval_every=0,
+    eval_batches=1,
+    checkpoint_every=1,
+    lr=1e-2,
+    device="cpu",
+)
+
+
 def micro_train_config(**overrides) -> TrainConfig:
-    """A few CPU steps of MICRO_GPT on `RandomBatches`, a checkpoint after each; `overrides` win."""
-    fields = dict(
-        max_steps=4,
-        batch_tokens=128,
-        micro_batch_size=4,
-        warmup_steps=1,
-        eval_every=0,
-        eval_batches=1,
-        checkpoint_every=1,
-        lr=1e-2,
-        device="cpu",
-    )
-    return TrainConfig(**{**fields, **overrides})
+    """The engine's config: MICRO_TRAINING, a checkpoint after each step; `overrides` win."""
+    return TrainConfig(**{**MICRO_TRAINING, **overrides})
+
+
+def micro_pretrain_config(**overrides) -> PretrainConfig:
+    """The pretrain stage's config: MICRO_TRAINING, a checkpoint every 2 steps, 2 eval batches;
+    `overrides` (the stage's launch fields too) win."""
+    return PretrainConfig(**{**MICRO_TRAINING, "checkpoint_every": 2, "eval_batches": 2, **overrides})
 
 
 def write_data_config(root: Path) -> Path:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import boto3
 
 from support.compose import INFRA, load_compose, load_env_file, service_environment
+from support.ports import free_port
 from support.postgres import PostgresServer, running_postgres
 
 VENV_BIN = Path(sys.executable).parent
@@ -39,12 +39,6 @@ class Stack:
     mlflow_url: str
     client_env: dict[str, str]  # the worker's environment: PREFECT_API_URL, MLFLOW_TRACKING_URI, auth
     variables: dict[str, str]  # the .env the stack was started with
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def user_env_file() -> dict[str, str]:

@@ -1,7 +1,6 @@
 """tasks/tracking against a real MLflow store (the session's temporary SQLite)."""
 
 import os
-import socket
 import subprocess
 import sys
 import uuid
@@ -10,6 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from model.errors import UserError
+from support.ports import free_port
 from tasks import tracking
 from tasks.core import server_state
 
@@ -61,10 +61,7 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
 
 
 def test_unreachable_server_is_named_after_bounded_retries():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens once the socket closes
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(UserError, match=f"{uri} is unreachable after 2 attempts"):
         tracking.check_tracking_server(uri, attempts=2, delay=0.01)
 
