@@ -1,7 +1,7 @@
-"""Micro configurations: the GPT and training settings the engine and pretrain tests share, and the config
-files of the two micro worlds: data preparation over a few standard-library modules, and the
-whole pipeline over generated modules (a 320-token vocabulary, a one-layer GPT, a few steps per
-stage: one pipeline run takes seconds)."""
+"""Micro configurations: the GPT and training settings the engine and pretrain tests share,
+and the config files of the two micro worlds: data preparation over a few standard-library
+modules, and the whole pipeline over generated modules (a 320-token vocabulary, a one-layer
+GPT, a few steps per stage: one pipeline run takes seconds)."""
 
 from __future__ import annotations
 
