@@ -19,7 +19,7 @@ Each filter measures one figure of a document and drops it above a threshold
   longest line.
 
 Defaults are chosen for code corpora: on the Python standard library they drop nothing
-(measured: tests/test_ingest_filters.py), while a line of one character, a base64 blob on
+(measured: tests/unit/test_ingest_filters.py), while a line of one character, a base64 blob on
 one line and minified JavaScript each fail at least one of them.
 
 Near duplicates: a document whose MinHash signature (over word shingles of
