@@ -9,7 +9,6 @@ Builders get a `Fixtures` object with a base config and a few prepared files.
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 import sys
@@ -20,13 +19,13 @@ from pathlib import Path
 from unittest.mock import patch
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from flows.cli import main
 from flows.config import load_config
 from flows.prepare import prepare_data_locally
+from support.bad_files import BINARY, TEXT, UNREADABLE_FILES, parquet_bytes
 from support.configs import write_pipeline_config
 from support.models import save_base_checkpoint, tiny_gpt
 
@@ -97,12 +96,6 @@ class Fixtures:
         return ["prepare", str(self.config), "--set", f"workspace={copy}"]
 
 
-def parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    return sink.getvalue().to_pybytes()
-
-
 def flip_a_byte(directory: Path, manifest: dict) -> dict:
     shard = directory / manifest["files"][0]["path"]
     data = bytearray(shard.read_bytes())
@@ -131,23 +124,6 @@ def garble_manifest(directory: Path, manifest: dict) -> None:
 def yaml_config(**sections) -> str:
     return yaml.safe_dump({"name": "bad", **sections})
 
-
-TEXT = "def f(x):\n    return x + 1\n" * 4
-BINARY = bytes(range(256)) * 8
-
-
-def half(data: bytes) -> bytes:
-    return data[: len(data) // 2]
-
-
-PARQUET = parquet_bytes(pa.table({"text": [TEXT] * 50}))
-UNREADABLE_FILES = {
-    "named.parquet": b"not Parquet at all" * 8,  # no magic bytes
-    "cut.parquet": half(PARQUET),  # truncated: no footer
-    "half.json": json.dumps([{"text": TEXT}] * 4)[:60],
-    "cut.txt.gz": half(gzip.compress(TEXT.encode() * 50)),
-    "cut.jsonl.zst": half(pa.compress(json.dumps({"text": TEXT}).encode() * 50, codec="zstd", asbytes=True)),
-}
 
 CASES: list[tuple[str, Callable[[Fixtures], list[str]], str]] = [
     # --- corpus files -------------------------------------------------------------------

@@ -38,8 +38,8 @@ from support.configs import write_pipeline_config
 from support.infra_stack import answers
 from support.ports import free_port
 from support.postgres import postgres_bin_dir
+from support.processes import GPTFLOW
 
-GPTFLOW = str(Path(sys.executable).with_name("gptflow"))
 SEED = 20261122
 SHARD_TRIALS = 20
 PRETRAIN_TRIALS = 5

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from support.configs import write_pipeline_config
-
-GPTFLOW = str(Path(sys.executable).with_name("gptflow"))
+from support.processes import GPTFLOW
 
 pytestmark = pytest.mark.slow
 

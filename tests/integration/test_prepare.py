@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,9 +12,8 @@ import pytest
 from flows.config import load_config
 from flows.prepare import PreparedData, artifact_key, prepare_data, prepare_data_locally
 from support.configs import write_data_config
+from support.processes import GPTFLOW
 from tasks.core.progress import size_text
-
-GPTFLOW = str(Path(sys.executable).with_name("gptflow"))
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,13 @@ from model.config import ModelConfig
 from support import REPO
 from support.configs import micro_pretrain_config, write_pipeline_config
 from support.corpus import make_shards
+from support.processes import GPTFLOW
 from support.sigint import with_sigint
 from tasks import tracking
 from tasks.pretrain import pretrain_fingerprint, run_pretrain
 from tasks.shard import ShardOutput
 
 MODEL = ModelConfig(preset=None, block_size=16, n_layer=2, n_head=2, n_embd=32)
-GPTFLOW = str(Path(sys.executable).with_name("gptflow"))
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from test_prepare import GPTFLOW
 
 from support.digests import file_digests
+from support.processes import GPTFLOW
 from support.sigint import with_sigint
 
 pytestmark = pytest.mark.slow

@@ -12,6 +12,8 @@ from pathlib import Path
 from model.train import RunSpec
 from support import REPO
 
+GPTFLOW = str(Path(sys.executable).with_name("gptflow"))  # the command line, as users run it
+
 # A script that ingests (config JSON, workspace) and prints its peak memory (RSS).
 # VmHWM, not ru_maxrss: a child's ru_maxrss starts at its parent's peak.
 PEAK_RSS_OF_INGEST = """

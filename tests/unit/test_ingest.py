@@ -15,6 +15,7 @@ import pytest
 
 from model.errors import UserError
 from support import REPO
+from support.corpus import seed_for
 from support.processes import PEAK_RSS_OF_INGEST
 from tasks.ingest import IngestConfig, file_doc_id, run_ingest, split_of, stdlib_files
 from tasks.ingest_filters import FilterConfig
@@ -29,11 +30,6 @@ def text(i: int, lines: int = 4) -> str:
 
 def corpus_rows(output) -> list[dict]:
     return pq.read_table(output.corpus).to_pylist()
-
-
-def seed_for(ids: list[str]) -> int:
-    """A split seed that puts these few documents in both splits (an empty split is fatal)."""
-    return next((seed for seed in range(100) if {split_of(i, 0.5, seed) for i in ids} == {"train", "val"}), 0)
 
 
 def ingest(tmp_path: Path, source: Path | str, ids: list[str], **settings) -> tuple[object, list[dict]]:

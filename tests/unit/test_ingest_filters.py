@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
-from test_ingest import seed_for
 
+from support.corpus import seed_for
 from tasks.ingest import IngestConfig, run_ingest, stdlib_files
 from tasks.ingest_filters import DocumentFilter, FilterConfig, measures
 

@@ -8,10 +8,10 @@ import gzip
 import json
 
 import pytest
-from test_bad_input import TEXT, UNREADABLE_FILES
-from test_ingest import seed_for
 
 from model.errors import UserError
+from support.bad_files import TEXT, UNREADABLE_FILES
+from support.corpus import seed_for
 from tasks.ingest import IngestConfig, run_ingest
 
 GOOD = {"a.txt": TEXT + "a\n", "b.txt": TEXT + "b\n"}
