@@ -23,7 +23,7 @@ from pydantic import BaseModel
 from flows.config import PipelineConfig, load_config
 from flows.leases import holding
 from flows.model_events import announce_gate
-from flows.prepare import artifact_key, prepare_data
+from flows.prepare import prepare_data
 from flows.runtime import flow_run_title, flow_runtime, holding_gpus, registry_limit
 from tasks import tracking
 from tasks.core.retry import retrying
@@ -32,6 +32,7 @@ from tasks.finetune import finetune_task
 from tasks.pretrain import pretrain_task
 from tasks.register import EvalData, RegisterOutput, register_task
 from tasks.tracking.loss_curves import loss_curves_task
+from tasks.tracking.stage_run import artifact_key
 
 
 class PipelineResult(BaseModel):
@@ -83,6 +84,7 @@ def pipeline(
                 corpus.corpus,
                 workspace,
                 parent_run_id=run_id,
+                device=config.device,
                 run_name=name,
                 parent_prefix=f"{label}_",
                 return_state=True,
@@ -128,6 +130,7 @@ def pipeline(
                 lineage,
                 EvalData(config.evaluate, shards.path, corpus.corpus),
                 parent_run_id=run_id,
+                device=config.device,
             )
         announce_gate(registered, config.register.gate_metric, run_id)
         result = PipelineResult(

@@ -65,7 +65,7 @@ from tasks.core.workspace import StageDir, fingerprint, write_json_atomic
 from tasks.shard import ShardOutput
 from tasks.tracking.stage_run import Report, stage_run
 
-FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name (model.parallel.full_state)
+FORMAT_VERSION = 3  # 2: optimizer state keyed by parameter name; 3: padded head, chunked loss (new numerics)
 RUN_ID_ENV = "GPTFLOW_PRETRAIN_RUN_ID"  # the MLflow run the torchrun ranks log to
 RDZV_ENDPOINT_ENV, RDZV_ID_ENV = "GPTFLOW_RDZV_ENDPOINT", "GPTFLOW_RDZV_ID"
 DEFAULT_RDZV_PORT = 29500  # torchrun's MASTER_PORT default
@@ -162,7 +162,7 @@ def run_pretrain(
             "tokens_per_s": result.tokens / result.seconds if result.seconds else math.nan,
             "seconds": result.seconds,
         }
-        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=["spec.json"])
+        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=["spec.json"], runtime=result.runtime)
 
     return train_once(stage, PretrainOutput, FORMAT_VERSION, {"shards": shards.fingerprint}, config.resume, train)
 
@@ -269,6 +269,9 @@ def pretrain_task(
                     )
 
             output = run_pretrain(config, model, shards, workspace, run_id=stage.run_id, callback=on_step)
+        if output.runtime is not None:
+            logger.info("pretrain: %s", output.runtime.describe())
+            tracking.log_params(stage.run_id, {"runtime": output.runtime.model_dump()})
         figures = "\n".join(f"| {name} | {value:.4g} |" for name, value in output.metrics.items())
         stage.finish(
             output.metrics,

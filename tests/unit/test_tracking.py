@@ -1,0 +1,124 @@
+"""tasks/tracking against a real MLflow store (the session's temporary SQLite)."""
+
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from model.errors import UserError
+from support.ports import free_port
+from tasks import tracking
+from tasks.core import server_state
+
+
+@pytest.fixture
+def experiment():
+    return f"test-tracking-{uuid.uuid4().hex[:8]}"
+
+
+def test_flatten_keeps_leaves_and_dots_the_path():
+    nested = {"name": "x", "model": {"n_layer": 2, "attention": {"kind": "dense"}}, "prompts": ["a", "b"], "empty": {}}
+    assert tracking.flatten(nested) == {
+        "name": "x",
+        "model.n_layer": 2,
+        "model.attention.kind": "dense",
+        "prompts": ["a", "b"],
+        "empty": {},
+    }
+
+
+def test_tracking_uri_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("GPTFLOW_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    server_state.write_records(
+        {
+            server_state.MLFLOW: server_state.ServerRecord(
+                pid=os.getpid(), api_url="http://127.0.0.1:5999", ui_url="x", log_file="x"
+            )
+        }
+    )
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert tracking.resolve_tracking_uri() == "sqlite:///elsewhere.db"
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert tracking.resolve_tracking_uri() == "http://127.0.0.1:5999"
+
+    # A server whose process has exited is ignored: the embedded default in the cwd wins.
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait()
+    server_state.write_records(
+        {
+            server_state.MLFLOW: server_state.ServerRecord(
+                pid=finished.pid, api_url="http://127.0.0.1:5999", ui_url="x", log_file="x"
+            )
+        }
+    )
+    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_unreachable_server_is_named_after_bounded_retries():
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(UserError, match=f"{uri} is unreachable after 2 attempts"):
+        tracking.check_tracking_server(uri, attempts=2, delay=0.01)
+
+
+def test_reachable_store_passes_the_check():
+    assert tracking.check_tracking_server(attempts=1) == tracking.resolve_tracking_uri()
+
+
+def test_nested_runs_params_metrics_and_status(experiment):
+    parent = tracking.start_run(experiment, "pipeline", tags={"prefect.flow_run_id": "abc"})
+    with tracking.child_run(parent, "pretrain") as child:
+        tracking.log_params(child, {"pretrain": {f"p{i}": i for i in range(250)}, "long": "x" * 7000})
+        with tracking.MetricsLogger(child) as log:
+            for step in range(5):
+                log(step, {"loss": 10.0 - step, "lr": 0.1 * step})
+        tracking.log_metrics(child, {"val_loss": 1.5})
+    with pytest.raises(RuntimeError), tracking.child_run(parent, "evaluate") as failed:
+        raise RuntimeError("stage broke")
+    tracking.end_run(parent)
+
+    mlflow_client = MlflowClient(tracking.resolve_tracking_uri())
+    child_run = mlflow_client.get_run(child)
+    assert child_run.data.tags["mlflow.parentRunId"] == parent
+    assert child_run.info.experiment_id == mlflow_client.get_run(parent).info.experiment_id
+    assert child_run.info.status == "FINISHED"
+    assert mlflow_client.get_run(failed).info.status == "FAILED"
+    assert mlflow_client.get_run(parent).data.tags["prefect.flow_run_id"] == "abc"
+
+    params = child_run.data.params
+    assert len(params) == 251 and params["pretrain.p249"] == "249"
+    assert len(params["long"]) == 6000 and params["long"].endswith("...")
+
+    history = mlflow_client.get_metric_history(child, "loss")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(s, 10.0 - s) for s in range(5)]
+    assert child_run.data.metrics["val_loss"] == 1.5
+
+
+def test_end_run_refuses_unknown_status(experiment):
+    run_id = tracking.start_run(experiment, "r")
+    with pytest.raises(Exception, match="DONE"):
+        tracking.end_run(run_id, "DONE")
+
+
+def test_datasets_and_artifacts(experiment, tmp_path):
+    run_id = tracking.start_run(experiment, "data")
+    tracking.log_dataset(
+        run_id, "corpus", "0123456789abcdef", tmp_path / "corpus", "pretrain", profile={"documents": 12}
+    )
+    (tmp_path / "report.json").write_text('{"ok": true}')
+    tracking.log_artifact(run_id, tmp_path / "report.json", "reports")
+    tracking.log_dict(run_id, {"name": "x"}, "config.yaml")
+
+    run = tracking.get_run(run_id)
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert (dataset_input.dataset.name, dataset_input.dataset.digest) == ("corpus", "0123456789abcdef")
+    assert '"documents": 12' in dataset_input.dataset.profile
+    assert {t.key: t.value for t in dataset_input.tags}["mlflow.data.context"] == "pretrain"
+    artifacts = MlflowClient(tracking.resolve_tracking_uri()).list_artifacts(run_id, "reports")
+    assert [a.path for a in artifacts] == ["reports/report.json"]
+    assert tracking.run_link(run_id).startswith(f"runs:/{run_id}")
