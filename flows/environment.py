@@ -22,14 +22,22 @@ DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     # Progress bars for copying a few local files only clutter the flow's log.
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Concurrency leases in files under PREFECT_HOME, not in the granting server's memory, so
+    # a killed run's lease outlives the embedded server and can be reclaimed (flows/leases.py).
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
 }
 
 
 def apply_defaults() -> None:
     """Set each default the environment leaves unset (the environment always wins). With no
     PREFECT_API_URL set, a Prefect server started by `gptflow up` is used, else Prefect's
-    ephemeral one."""
+    ephemeral one, bound to this process's lifetime (flows/embedded_server.py)."""
     for name, value in DEFAULTS.items():
         os.environ.setdefault(name, value)
     if "PREFECT_API_URL" not in os.environ and (server := live_server(PREFECT)):
         os.environ["PREFECT_API_URL"] = server.api_url
+    if "PREFECT_API_URL" not in os.environ:
+        # Imported here: Prefect must not be imported before the defaults above are set.
+        from flows.embedded_server import bind_embedded_server
+
+        bind_embedded_server()

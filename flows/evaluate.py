@@ -29,4 +29,5 @@ def evaluate_flow(config: PipelineConfig, model: str) -> EvaluateOutput:
             config.workspace,
             parent_run_id=run_id,
             device=config.device,
-        )
+            return_state=True,
+        ).result()

@@ -14,6 +14,7 @@ from flows.config import PipelineConfig
 from flows.prepare import prepare_data
 from flows.runtime import flow_run_title, flow_runtime, holding_gpus
 from model.errors import UserError
+from tasks.core.retry import retrying
 from tasks.finetune import FinetuneOutput, finetune_task
 from tasks.pretrain import pretrain_task
 
@@ -29,16 +30,22 @@ def finetune_flow(config: PipelineConfig, start_from: str | None = None) -> Fine
         prepared = prepare_data(config, parent_run_id=run_id)
         if base is None:
             with holding_gpus(config.pretrain.nproc_per_node):
-                pretrained = pretrain_task(
-                    config.pretrain, config.model, prepared.shards, config.workspace, parent_run_id=run_id
-                )
+                pretrained = retrying(pretrain_task, config.pretrain)(
+                    config.pretrain,
+                    config.model,
+                    prepared.shards,
+                    config.workspace,
+                    parent_run_id=run_id,
+                    return_state=True,
+                ).result()
             base = pretrained.checkpoint
         with holding_gpus():
-            return finetune_task(
+            return retrying(finetune_task, config.finetune)(
                 config.finetune,
                 base,
                 prepared.tokenizer.tokenizer,
                 prepared.corpus.corpus,
                 config.workspace,
                 parent_run_id=run_id,
-            )
+                return_state=True,
+            ).result()

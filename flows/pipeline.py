@@ -21,14 +21,18 @@ from prefect.runtime import flow_run
 from pydantic import BaseModel
 
 from flows.config import PipelineConfig, load_config
-from flows.prepare import artifact_key, prepare_data
-from flows.runtime import flow_run_title, flow_runtime, holding, holding_gpus, registry_limit
+from flows.leases import holding
+from flows.model_events import announce_gate
+from flows.prepare import prepare_data
+from flows.runtime import flow_run_title, flow_runtime, holding_gpus, registry_limit
 from tasks import tracking
+from tasks.core.retry import retrying
 from tasks.evaluate import EvaluateOutput, evaluate_task
 from tasks.finetune import finetune_task
 from tasks.pretrain import pretrain_task
 from tasks.register import EvalData, RegisterOutput, register_task
 from tasks.tracking.loss_curves import loss_curves_task
+from tasks.tracking.stage_run import artifact_key
 
 
 class PipelineResult(BaseModel):
@@ -83,19 +87,28 @@ def pipeline(
                 device=config.device,
                 run_name=name,
                 parent_prefix=f"{label}_",
-            )
+                return_state=True,
+            ).result()
 
         with holding_gpus(config.pretrain.nproc_per_node):
-            pretrained = pretrain_task(config.pretrain, config.model, shards, workspace, parent_run_id=run_id)
+            pretrained = retrying(pretrain_task, config.pretrain)(
+                config.pretrain, config.model, shards, workspace, parent_run_id=run_id, return_state=True
+            ).result()
         evaluations = {"pretrained": evaluate("pretrained", pretrained.checkpoint)}
         final_checkpoint = pretrained.checkpoint
         if config.finetune is not None:
             with holding_gpus():
                 # A registered model named in the config wins over this run's pretraining output.
                 base_model = config.finetune.start_from or pretrained.checkpoint
-                finetuned = finetune_task(
-                    config.finetune, base_model, tokenizer.tokenizer, corpus.corpus, workspace, parent_run_id=run_id
-                )
+                finetuned = retrying(finetune_task, config.finetune)(
+                    config.finetune,
+                    base_model,
+                    tokenizer.tokenizer,
+                    corpus.corpus,
+                    workspace,
+                    parent_run_id=run_id,
+                    return_state=True,
+                ).result()
             evaluations["finetuned"] = evaluate("finetuned", finetuned.checkpoint)
             final_checkpoint = finetuned.checkpoint
 
@@ -119,6 +132,7 @@ def pipeline(
                 parent_run_id=run_id,
                 device=config.device,
             )
+        announce_gate(registered, config.register.gate_metric, run_id)
         result = PipelineResult(
             mlflow_run_id=run_id,
             mlflow_run_link=tracking.run_link(run_id),

@@ -13,7 +13,6 @@ rerun redoes only what changed.
 
 # No `from __future__ import annotations`: Prefect validates a flow's parameters against its
 # annotations, which do not resolve as strings when a deployment runs the pipeline.
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +39,7 @@ from tasks.shard import (
     shard_task,
 )
 from tasks.tracking.datasets import track_data_task
+from tasks.tracking.stage_run import artifact_key
 
 # Seconds before each retry of a remote source's ingest: a blip, then a short outage.
 REMOTE_RETRY_DELAYS = [10, 60]
@@ -94,8 +94,8 @@ def check_prepare_config(config: PipelineConfig) -> None:
 def prepare_data(config: PipelineConfig, parent_run_id: str | None = None) -> PreparedData:
     """Ingest the corpus, train the tokenizer, write the shards; publish the reports, and
     record the stages under the MLflow run `parent_run_id` (the calling flow's) when given."""
-    corpus = ingest_for(config.ingest)(config.ingest, config.workspace)
-    tokenizer = train_tokenizer_task(config.bpe, corpus, config.workspace)
+    corpus = ingest_for(config.ingest)(config.ingest, config.workspace, return_state=True).result()
+    tokenizer = train_tokenizer_task(config.bpe, corpus, config.workspace, return_state=True).result()
     shards = shard_task(
         config.shard,
         corpus,
@@ -103,7 +103,8 @@ def prepare_data(config: PipelineConfig, parent_run_id: str | None = None) -> Pr
         config.workspace,
         map_chunks=task_runs_on(config.task_runner),
         parts_in_workspace=config.task_runner.remote_workers,
-    )
+        return_state=True,
+    ).result()
     prepared = PreparedData(corpus=corpus, tokenizer=tokenizer, shards=shards)
     where = f"workspace `{resolve_workspace(config.workspace)}`"
     create_table_artifact(
@@ -166,11 +167,6 @@ def prepare_data_locally(config: PipelineConfig) -> PreparedData:
     tokenizer = run_bpe(config.bpe, corpus, config.workspace)
     shards = run_shard(config.shard, corpus, tokenizer, config.workspace)
     return PreparedData(corpus=corpus, tokenizer=tokenizer, shards=shards)
-
-
-def artifact_key(name: str, kind: str) -> str:
-    """The key of a config's `kind` of artifact: Prefect keys are lowercase letters, digits and dashes."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{name}-{kind}".lower())
 
 
 def report_rows(prepared: PreparedData) -> list[dict[str, Any]]:

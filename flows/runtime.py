@@ -19,20 +19,19 @@ import torch
 from prefect import get_client, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.utilities.urls import url_for
 
 from flows.abandoned_runs import FLOW_RUN_TAG, close_abandoned_runs, process_tags
 from flows.config import PipelineConfig, load_config
+from flows.leases import holding
 from flows.preflight import check_run
 from flows.prepare import check_prepare_config
 from model.errors import UserError
 from tasks import tracking
 
 GPU_LIMIT = "gpu"
-LEASE_SECONDS = 60
 
 
 @task(name="check-tracking-server", cache_policy=NO_CACHE)
@@ -132,20 +131,6 @@ def ensure_limit(name: str, slots: int) -> int:
         except ObjectAlreadyExists:  # another pipeline created it a moment ago
             pass
         return client.read_global_concurrency_limit_by_name(name).limit
-
-
-def holding(limit: str, slots: int = 1) -> AbstractContextManager[None]:
-    """Hold `slots` of global concurrency limit `limit` for the block, waiting for them.
-
-    The lease is renewed every 45 s while the block runs, so a process killed while holding
-    slots frees them about a minute later (Prefect's default lease, 300 s, would block the
-    next pipeline for five). A renewal that fails (the Prefect server briefly away) is
-    logged and training goes on: losing days of training to a monitoring outage is worse
-    than briefly exceeding the limit.
-    """
-    return concurrency(
-        limit, occupy=slots, strict=True, lease_duration=LEASE_SECONDS, raise_on_lease_renewal_failure=False
-    )
 
 
 def holding_gpus(processes: int = 1) -> AbstractContextManager[None]:

@@ -35,6 +35,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from model.special_tokens import SPECIAL_TOKENS
 from tasks.bpe_trainer import train_in_child
 from tasks.core.progress import step_progress
+from tasks.core.stage_state import finished
 from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 from tasks.ingest import IngestOutput, read_corpus
 
@@ -177,4 +178,4 @@ def run_bpe(config: BPEConfig, corpus: IngestOutput, workspace: Path | str) -> B
 @task(name="train-tokenizer", cache_policy=NO_CACHE)
 def train_tokenizer_task(config: BPEConfig, corpus: IngestOutput, workspace: Path | str) -> BPEOutput:
     """Prefect task over `run_bpe`; the stage directory's manifest does the caching."""
-    return run_bpe(config, corpus, workspace)
+    return finished(run_bpe(config, corpus, workspace))

@@ -44,6 +44,7 @@ from model.gpt import GPT
 from model.special_tokens import EOS_ID
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.model_source import load_model_source
+from tasks.core.stage_state import finished
 from tasks.core.workspace import MANIFEST, StageDir, fingerprint, sha256_file, write_json_atomic
 from tasks.ingest import read_corpus
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
@@ -278,4 +279,4 @@ def evaluate_task(
                 "evaluation figures and samples",
             ),
         )
-    return output
+    return finished(output)

@@ -50,6 +50,8 @@ from tasks import tracking
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.checkpoint_mirror import mirrored_checkpoints
 from tasks.core.model_source import load_model_source
+from tasks.core.retry import log_attempt
+from tasks.core.stage_state import finished
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, sha256_file
 from tasks.finetune_pairs import Pair, PairSet, docstring_pairs, file_pairs
@@ -339,6 +341,7 @@ def finetune_task(
     """`run_finetune` in a nested MLflow run: step metrics live, figures at the end."""
     params = {"finetune": config.model_dump(mode="json"), "base_model": str(base_model)}
     with stage_run(parent_run_id, "finetune", params) as stage:
+        log_attempt(stage.run_id)
         with tracking.MetricsLogger(stage.run_id) as logger:
             output = run_finetune(config, base_model, tokenizer, corpus, workspace, callback=logger)
         if output.runtime is not None:
@@ -354,4 +357,4 @@ def finetune_task(
                 "fine-tuning figures, pretrained vs fine-tuned",
             ),
         )
-    return output
+    return finished(output)

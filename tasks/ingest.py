@@ -59,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from model.data import SPLITS
 from model.errors import UserError
 from tasks.core.progress import StepProgress, step_progress
+from tasks.core.stage_state import finished
 from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 from tasks.ingest_filters import DocumentFilter, FilterConfig
 from tasks.ingest_readers import UNREADABLE, Unreadable, check_whole, open_file, text_kind
@@ -530,4 +531,4 @@ def read_corpus(corpus: Path, split: str | None = None, batch_rows: int = 512) -
 @task(name="ingest", cache_policy=NO_CACHE)
 def ingest_task(config: IngestConfig, workspace: Path | str) -> IngestOutput:
     """Prefect task over `run_ingest`; the stage directory's manifest does the caching."""
-    return run_ingest(config, workspace)
+    return finished(run_ingest(config, workspace))

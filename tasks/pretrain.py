@@ -58,6 +58,8 @@ from model.errors import UserError
 from model.train import RunSpec, TrainResult, run
 from tasks import tracking
 from tasks.core.checkpoint_mirror import mirrored_checkpoints
+from tasks.core.retry import RankFailure, log_attempt
+from tasks.core.stage_state import finished
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, write_json_atomic
 from tasks.shard import ShardOutput
@@ -233,10 +235,11 @@ def run_torchrun(launch: list[str], result_file: Path, run_id: str | None) -> Tr
     outcome = json.loads(result_file.read_text()) if result_file.is_file() else {}
     if exit_code == 0 and "checkpoint" in outcome:
         return TrainResult.model_validate(outcome)
-    detail = outcome.get("error") or outcome.get("interrupted") or "see the ranks' output above"
-    raise UserError(
-        f"pretraining under torchrun ({shlex.join(launch[:-3])}) failed with exit code {exit_code}: {detail}"
-    )
+    failed = f"pretraining under torchrun ({shlex.join(launch[:-3])}) failed with exit code {exit_code}"
+    if "error" in outcome:  # the ranks reported a user error (or a non-finite loss): a retry would repeat it
+        raise UserError(f"{failed}: {outcome['error']}")
+    # A rank died (killed, a lost node, a device or NCCL failure) or was stopped from outside.
+    raise RankFailure(f"{failed}: {outcome.get('interrupted') or 'a rank died; see the ranks output above'}")
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
@@ -251,6 +254,7 @@ def pretrain_task(
     logger = get_run_logger()
     params = {"pretrain": config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
     with stage_run(parent_run_id, "pretrain", params) as stage:
+        log_attempt(stage.run_id)
         tracking.log_dataset(stage.run_id, "shards", shards.fingerprint, shards.path, "pretrain")
         with tracking.MetricsLogger(stage.run_id) as metrics_logger:
 
@@ -284,4 +288,4 @@ def pretrain_task(
                 "pretraining figures: validation loss against the unigram entropy",
             ),
         )
-    return output
+    return finished(output)

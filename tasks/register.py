@@ -91,6 +91,7 @@ class RegisterOutput:
     decision: str
     candidate_value: float
     champion_value: float | None
+    judged: bool = True  # False when the weights were already registered: no new version, no gate
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ def reuse_version(name: str, number: str, candidate_value: float, run_id: str) -
     tracking.set_tags(run_id, {"gate.decision": decision, "registered_version": number})
     champion_version = str(champion.version) if champion else ""
     return RegisterOutput(
-        name, number, f"models:/{name}/{number}", champion_version, False, decision, candidate_value, None
+        name, number, f"models:/{name}/{number}", champion_version, False, decision, candidate_value, None, judged=False
     )
 
 

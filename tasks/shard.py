@@ -90,6 +90,7 @@ from model.errors import UserError
 from model.special_tokens import EOS_ID
 from tasks.bpe import BPEOutput, load_tokenizer
 from tasks.core.progress import step_progress
+from tasks.core.stage_state import ending_cached
 from tasks.core.stopping import check_stop, stop_on_signals
 from tasks.core.storage import filesystem
 from tasks.core.workspace import MANIFEST, StageDir, StageOutput, atomic_path, fingerprint, sha256_file
@@ -550,8 +551,9 @@ def run_shard(
     return ShardOutput.build_once(stage, build, manifest=MANIFEST)
 
 
-# The stage's Prefect task is `run_shard` itself; its `map_chunks` may run the chunks as task runs.
-shard_task = task(name="shard", cache_policy=NO_CACHE)(run_shard)
+# The stage's Prefect task is `run_shard` itself (ending `Cached` when reused); its `map_chunks`
+# may run the chunks as task runs.
+shard_task = task(name="shard", cache_policy=NO_CACHE)(ending_cached(run_shard))
 
 
 @task(name="shard-chunk", cache_policy=NO_CACHE)

@@ -13,9 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, NonNegativeFloat, NonNegativeInt
 
 from model.checkpoint import CONFIG, WEIGHTS
+from model.config import RUN_ONLY
 from model.train import Runtime, TrainConfig
 from tasks.core.workspace import StageDir, sha256_file, write_json_atomic
 
@@ -31,6 +32,15 @@ def run_only_fields(config_type: type[BaseModel]) -> set[str]:
 
 class TrainingStageConfig(TrainConfig):
     """The engine's TrainConfig as a stage's config; subclasses add the stage's own fields."""
+
+    retries: NonNegativeInt = Field(
+        2,
+        description="retries after a lost rank, process or device (tasks/core/retry.py), each resuming",
+        json_schema_extra=RUN_ONLY,
+    )
+    retry_delay_seconds: NonNegativeFloat = Field(
+        30.0, description="seconds before each retry: time for a node to come back", json_schema_extra=RUN_ONLY
+    )
 
     def train_config(self) -> TrainConfig:
         """The engine's part of the config."""

@@ -295,6 +295,12 @@ def get_run(run_id: str) -> mlflow.entities.Run:
     return client().get_run(run_id)
 
 
+def experiment_name(run_id: str) -> str:
+    """The name of the experiment run `run_id` is in: gptflow's config name."""
+    mlflow_client = client()
+    return mlflow_client.get_experiment(mlflow_client.get_run(run_id).info.experiment_id).name
+
+
 def child_runs(parent_run_id: str) -> dict[str, str]:
     """The nested runs under `parent_run_id`: run name -> run id."""
     mlflow_client = client()

@@ -12,6 +12,7 @@ figures, the headline figures for the parent run, the files to keep and a markdo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,11 +29,17 @@ def metrics_markdown(title: str, metrics: Mapping[str, float]) -> str:
     return f"## {title}\n\n| metric | value |\n|---|---|\n{rows}"
 
 
+def artifact_key(name: str, kind: str) -> str:
+    """The key of config `name`'s `kind` of artifact, so that two experiments' reports never share
+    one key's history: Prefect keys are lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{name}-{kind}".lower())
+
+
 @dataclass(frozen=True)
 class Report:
     """The Prefect markdown artifact of a stage: `markdown` is followed by the MLflow run's link."""
 
-    key: str
+    key: str  # the kind of report; its artifact key is per config (`artifact_key`)
     markdown: str
     description: str
 
@@ -57,7 +64,7 @@ class StageRun:
             runs.log_artifact(self.run_id, path, directory)
         if report is not None:
             create_markdown_artifact(
-                key=report.key,
+                key=artifact_key(runs.experiment_name(self.parent_run_id), report.key),
                 markdown=f"{report.markdown}\nMLflow run: {runs.run_link(self.run_id)}\n",
                 description=report.description,
             )

@@ -22,15 +22,16 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFilter
 from prefect.states import Cancelling
 from typer.testing import CliRunner
 
 from flows import prepare
 from flows.cli import app
 from flows.config import load_config
+from flows.model_events import PROMOTED, REJECTED, RESOURCE_PREFIX
 from flows.pipeline import pipeline
 from flows.plan import plan
-from flows.prepare import artifact_key
 from model.checkpoint import latest_checkpoint
 from model.errors import UserError
 from support.configs import write_pipeline_config
@@ -39,6 +40,7 @@ from support.ports import free_port
 from tasks import tracking
 from tasks.ingest import IngestConfig, IngestOutput
 from tasks.register import CANDIDATE, CHAMPION
+from tasks.tracking.stage_run import artifact_key
 
 DATA_STAGES = ("ingest", "bpe", "shard")
 
@@ -185,6 +187,30 @@ def test_champion_moves_only_to_a_better_version(first_run, micro):
     assert not worse.promoted and worse.candidate_value > worse.champion_value
     assert str(tracking.version_for_alias(name, CHAMPION).version) == better.version == "2"
     assert str(tracking.version_for_alias(name, CANDIDATE).version) == worse.version == "3"
+
+    # What an automation sees, read back through the Prefect API: one event per judged version.
+    events = wait_until(lambda: gate_events(name) if len(gate_events(name)) == 3 else None, 60, "three gate events")
+    decisions = [(event.event, event.payload["version"]) for event in events]
+    assert decisions == [(PROMOTED, "1"), (PROMOTED, "2"), (REJECTED, "3")]
+    promoted, rejected = events[1].payload, events[2].payload
+    assert promoted["name"] == name and promoted["gate_metric"] == "val_bits_per_byte"
+    assert promoted["candidate_value"] == better.candidate_value and promoted["champion_value"] == better.champion_value
+    assert rejected["candidate_value"] == worse.candidate_value and rejected["champion_value"] == worse.champion_value
+    assert rejected["champion_version"] == "2" and tracking.get_run(rejected["mlflow_run_id"]).data.tags
+    assert events[2].resource.id == RESOURCE_PREFIX + name
+
+
+def gate_events(name):
+    """The gate events of registered model `name`, oldest first."""
+    with get_client(sync_client=True) as client:
+        page = client.read_events(
+            EventFilter(
+                event=EventNameFilter(prefix=["gptflow.model."]),
+                resource=EventResourceFilter(id=[RESOURCE_PREFIX + name]),
+            ),
+            limit=50,
+        )  # the client's default, 100, is more than the server accepts
+    return sorted(page.events, key=lambda event: event.occurred)
 
 
 def test_unreachable_tracking_server_stops_before_any_stage(prefect_server, micro, monkeypatch, tmp_path):

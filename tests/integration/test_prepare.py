@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from flows.config import load_config
-from flows.prepare import PreparedData, artifact_key, prepare_data, prepare_data_locally
+from flows.prepare import PreparedData, prepare_data, prepare_data_locally
 from support.configs import write_data_config
 from support.processes import GPTFLOW
 from tasks.core.progress import size_text
+from tasks.tracking.stage_run import artifact_key
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from support.models import perturbed, save_base_checkpoint, tiny_gpt
 from tasks import tracking
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.evaluate import EvaluateConfig, evaluate_model, evaluate_task, run_evaluate
+from tasks.tracking.stage_run import artifact_key
 
 
 class Bigram(nn.Module):
@@ -261,7 +262,8 @@ def test_evaluate_task_logs_a_nested_run_and_headline_figures(tmp_path, stage_in
             parent_run_id=parent,
             run_name="evaluate-finetuned",
             parent_prefix="finetuned_",
-        )
+            return_state=True,
+        ).result()
 
     output = pipeline_stage()
 
@@ -274,11 +276,11 @@ def test_evaluate_task_logs_a_nested_run_and_headline_figures(tmp_path, stage_in
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "evaluate")}
     assert artifacts == {"evaluate/samples.md", "evaluate/metrics.json"}
 
-    # The Prefect markdown artifact (its key is the run name) shows the figures and samples.
+    # The Prefect markdown artifact (its key is the config, i.e. experiment, and the run name) shows
+    # the figures and samples.
+    key = artifact_key("test-evaluate", "evaluate-finetuned")
     with get_client(sync_client=True) as prefect:
-        markdown = prefect.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluate-finetuned"]))
-        )
+        markdown = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
     [shown] = [a.data for a in markdown if child.info.run_id in a.data]  # the one linking this run
     assert f"| val_bits_per_byte | {output.metrics['val_bits_per_byte']:.4f} |" in shown
     assert output.samples.read_text() in shown
