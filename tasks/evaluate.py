@@ -22,6 +22,7 @@ or device.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from tokenizers import Tokenizer
@@ -42,6 +43,7 @@ from model.gpt import GPT
 from model.special_tokens import EOS_ID
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.model_source import load_model_source
+from tasks.core.train_progress import StageProgress
 from tasks.core.workspace import MANIFEST, StageDir, fingerprint, sha256_file, write_json_atomic
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
 
@@ -127,9 +129,10 @@ def samples_markdown(samples: list[tuple[str, str]]) -> str:
     return "".join(f"### `{prompt}`\n\n```\n{prompt}{completion}\n```\n\n" for prompt, completion in samples)
 
 
-def shard_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path) -> dict[str, float]:
+def shard_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path,
+                  progress: StageProgress | None = None) -> dict[str, float]:
     """val_* figures over the val shards' windows (at most `max_windows`, evenly spaced),
-    and the scoring throughput."""
+    and the scoring throughput; `progress` counts the batches."""
     windows, manifest = shard_windows(shards)
     windows = evenly_spaced(windows, config.max_windows)
     if manifest.seq_len > model.config.block_size:
@@ -140,7 +143,10 @@ def shard_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shar
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     device = next(model.parameters()).device
     started = time.perf_counter()
-    val = score_batches(model, window_batches(windows, config.batch_size), byte_lengths, device)
+    batches = window_batches(windows, config.batch_size)
+    if progress is not None:
+        batches = progress.track(batches, total=math.ceil(len(windows) / config.batch_size))
+    val = score_batches(model, batches, byte_lengths, device)
     return {**val.figures("val"), "eval_tokens_per_s": val.tokens / (time.perf_counter() - started)}
 
 
@@ -165,10 +171,10 @@ def document_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, c
 
 
 def evaluate_model(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path,
-                   corpus: Path) -> dict[str, float]:
-    """Every figure of the stage, for a loaded model."""
+                   corpus: Path, progress: StageProgress | None = None) -> dict[str, float]:
+    """Every figure of the stage, for a loaded model; `progress` follows the val shards' batches."""
     documents = document_figures(model, tokenizer, config, corpus)  # first: a stride the model cannot take fails at once
-    return {**shard_figures(model, tokenizer, config, shards), **documents}
+    return {**shard_figures(model, tokenizer, config, shards, progress), **documents}
 
 
 def evaluate_inputs(model_sha256: str, tokenizer_sha256: str, shards_fingerprint: str, corpus_sha256: str) -> dict[str, str]:
@@ -188,8 +194,10 @@ def run_evaluate(
     corpus: Path,
     workspace: Path,
     device: str = "cpu",
+    progress: StageProgress | None = None,
 ) -> EvaluateOutput:
-    """Evaluate `model` (a checkpoint directory or `models:/...` URI) and sample from it.
+    """Evaluate `model` (a checkpoint directory or `models:/...` URI) and sample from it;
+    `progress` shows how far the scoring of the val shards is.
 
     `tokenizer` is the pipeline's tokenizer.json, `shards` the shard stage directory,
     `corpus` the corpus Parquet file. A completed evaluation of the same inputs is reused.
@@ -205,7 +213,7 @@ def run_evaluate(
 
     def build(directory: Path) -> dict:
         tok = load_tokenizer(tokenizer)
-        metrics = evaluate_model(loaded.model, tok, config, shards, corpus)
+        metrics = evaluate_model(loaded.model, tok, config, shards, corpus, progress)
         (directory / "samples.md").write_text(samples_markdown(sample_prompts(loaded.model, tok, config)))
         write_json_atomic(directory / "metrics.json", metrics)
         files = [{"path": name, "sha256": sha256_file(directory / name)} for name in ("metrics.json", "samples.md")]
@@ -232,7 +240,9 @@ def evaluate_task(
     """`run_evaluate` in a nested MLflow run named `run_name`; the headline figures also go
     on the parent run, named with `parent_prefix` (e.g. "finetuned_" for a second evaluation)."""
     with stage_run(parent_run_id, run_name, {"evaluate": config.model_dump(), "model": str(model)}) as stage:
-        output = run_evaluate(config, model, tokenizer, shards, corpus, workspace, device)
+        # The total is set once the val windows are counted.
+        with StageProgress(f"{run_name}-progress", f"{run_name} batch", 0, get_run_logger().info) as progress:
+            output = run_evaluate(config, model, tokenizer, shards, corpus, workspace, device, progress)
         stage.finish(
             output.metrics,
             parent_metrics={parent_prefix + name: output.metrics[name] for name in HEADLINE},

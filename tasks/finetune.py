@@ -31,7 +31,7 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from tokenizers import Tokenizer
@@ -49,6 +49,7 @@ from tasks import tracking
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.checkpoint_mirror import mirrored_checkpoints
 from tasks.core.model_source import load_model_source
+from tasks.core.train_progress import training_progress
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, sha256_file
 from tasks.finetune_pairs import Pair, PairSet, docstring_pairs, file_pairs
@@ -314,8 +315,14 @@ def finetune_task(
     """`run_finetune` in a nested MLflow run: step metrics live, figures at the end."""
     params = {"finetune": config.model_dump(mode="json"), "base_model": str(base_model)}
     with stage_run(parent_run_id, "finetune", params) as stage:
-        with tracking.MetricsLogger(stage.run_id) as logger:
-            output = run_finetune(config, base_model, tokenizer, corpus, workspace, callback=logger)
+        with tracking.MetricsLogger(stage.run_id) as metrics_logger, \
+                training_progress("finetune", config.max_steps, get_run_logger().info) as progress:
+
+            def on_step(step: int, metrics: Mapping[str, float]) -> None:
+                metrics_logger(step, metrics)
+                progress.update(step, metrics)
+
+            output = run_finetune(config, base_model, tokenizer, corpus, workspace, callback=on_step)
         stage.finish(
             output.metrics,
             parent_metrics={name: output.metrics[name] for name in HEADLINE if name in output.metrics},

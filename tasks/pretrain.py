@@ -58,6 +58,7 @@ from model.errors import UserError
 from model.train import RunSpec, TrainResult, run
 from tasks import tracking
 from tasks.core.checkpoint_mirror import mirrored_checkpoints
+from tasks.core.train_progress import ProgressFileReader, training_progress
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, write_json_atomic
 from tasks.shard import ShardOutput
@@ -65,6 +66,9 @@ from tasks.tracking.stage_run import Report, stage_run
 
 FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name (model.parallel.full_state)
 RUN_ID_ENV = "GPTFLOW_PRETRAIN_RUN_ID"  # the MLflow run the torchrun ranks log to
+PROGRESS_FILE_ENV = "GPTFLOW_PROGRESS_FILE"  # where rank 0 writes its latest step for the task's process
+PROGRESS_FILE = "progress.json"
+PROGRESS_POLL_SECONDS = 1.0
 RDZV_ENDPOINT_ENV, RDZV_ID_ENV = "GPTFLOW_RDZV_ENDPOINT", "GPTFLOW_RDZV_ID"
 DEFAULT_RDZV_PORT = 29500  # torchrun's MASTER_PORT default
 NODE_SCRIPT = "node.sh"  # the launch the other nodes run
@@ -123,11 +127,13 @@ def run_pretrain(
     workspace: Path,
     run_id: str | None = None,
     callback: Callable[[int, Mapping[str, float]], None] | None = None,
+    progress: Callable[[int, Mapping[str, float]], None] | None = None,
 ) -> PretrainOutput:
     """Pretrain on `shards`, or reuse the committed result; an unfinished run resumes.
 
     In process, `callback(step, metrics)` gets the step metrics; under torchrun, rank 0
-    logs them to the MLflow run `run_id` instead.
+    logs them to the MLflow run `run_id` instead, and `progress(step, metrics)` gets its
+    latest step about every second (to show how far training is).
     """
     stage = StageDir(workspace, "pretrain", pretrain_fingerprint(config, model, shards.fingerprint))
 
@@ -143,7 +149,7 @@ def run_pretrain(
                 launch = torchrun_args(config, stage.path / "spec.json", stage.fingerprint)
                 if config.nnodes > 1:
                     write_node_script(stage.path / NODE_SCRIPT, launch, run_id)
-                result = run_torchrun(launch, stage.path / "result.json", run_id)
+                result = run_torchrun(launch, stage.path / "result.json", run_id, progress)
         if config.checkpoint_format == "dcp":  # evaluation and the registry read the weights in one process
             consolidate(result.checkpoint)
         metrics = {
@@ -184,14 +190,19 @@ def torchrun_args(config: PretrainConfig, spec: Path, fingerprint: str) -> list[
     return [*rendezvous, f"--nproc_per_node={config.nproc_per_node}", "-m", "tasks.pretrain_worker", str(spec)]
 
 
-def launch_env(run_id: str | None) -> dict[str, str]:
-    """What the ranks need besides the spec: where to log, and to which run."""
-    return {"MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri(), **({RUN_ID_ENV: run_id} if run_id else {})}
+def launch_env(run_id: str | None, progress_file: Path | None = None) -> dict[str, str]:
+    """What the ranks need besides the spec: where to log, to which run, and where rank 0
+    reports its progress."""
+    return {
+        "MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri(),
+        **({RUN_ID_ENV: run_id} if run_id else {}),
+        **({PROGRESS_FILE_ENV: str(progress_file)} if progress_file else {}),
+    }
 
 
 def write_node_script(path: Path, launch: list[str], run_id: str | None) -> None:
     """The launch for the other nodes: global rank 0, which logs to MLflow, may be on any of them."""
-    env = launch_env(run_id)
+    env = launch_env(run_id, path.with_name(PROGRESS_FILE))  # read when rank 0 runs here, or the workspace is shared
     values = {name: shlex.quote(value) for name, value in env.items()}
     if urlsplit(env["MLFLOW_TRACKING_URI"]).password:  # no secret is written to the workspace
         values["MLFLOW_TRACKING_URI"] = '"${MLFLOW_TRACKING_URI:?set it as on the first node}"'
@@ -205,13 +216,30 @@ def write_node_script(path: Path, launch: list[str], run_id: str | None) -> None
           file=sys.stderr, flush=True)
 
 
-def run_torchrun(launch: list[str], result_file: Path, run_id: str | None) -> TrainResult:
-    """Run torchrun with `launch` on this machine; on a cancel, stop its ranks and wait for their checkpoint."""
+def run_torchrun(
+    launch: list[str],
+    result_file: Path,
+    run_id: str | None,
+    progress: Callable[[int, Mapping[str, float]], None] | None = None,
+) -> TrainResult:
+    """Run torchrun with `launch` on this machine, handing rank 0's progress to `progress`
+    while it runs; on a cancel, stop its ranks and wait for their checkpoint."""
     result_file.unlink(missing_ok=True)
+    progress_file = result_file.with_name(PROGRESS_FILE)
+    progress_file.unlink(missing_ok=True)  # a resumed run's old steps are not this launch's
+    reader = ProgressFileReader(progress_file, progress or (lambda step, metrics: None))
     command = [sys.executable, "-m", "torch.distributed.run", *launch, "--result", str(result_file)]
-    launcher = subprocess.Popen(command, env={**os.environ, **launch_env(run_id)}, start_new_session=True)
+    launcher = subprocess.Popen(
+        command, env={**os.environ, **launch_env(run_id, progress_file)}, start_new_session=True
+    )
     try:
-        exit_code = launcher.wait()
+        while True:
+            try:
+                exit_code = launcher.wait(timeout=PROGRESS_POLL_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                reader.poll()
+        reader.poll()
     except BaseException:  # Ctrl-C, or Prefect cancelling the flow run
         os.killpg(launcher.pid, signal.SIGTERM)
         try:
@@ -239,15 +267,15 @@ def pretrain_task(
     params = {"pretrain": config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
     with stage_run(parent_run_id, "pretrain", params) as stage:
         tracking.log_dataset(stage.run_id, "shards", shards.fingerprint, shards.path, "pretrain")
-        with tracking.MetricsLogger(stage.run_id) as metrics_logger:
+        with tracking.MetricsLogger(stage.run_id) as metrics_logger, \
+                training_progress("pretrain", config.max_steps, logger.info) as progress:
 
             def on_step(step: int, metrics: Mapping[str, float]) -> None:
                 metrics_logger(step, metrics)
-                if step % 10 == 0 or step == config.max_steps or "val_loss" in metrics:
-                    logger.info("step %d/%d: %s", step, config.max_steps,
-                                " ".join(f"{key} {value:.4g}" for key, value in metrics.items()))
+                progress.update(step, metrics)
 
-            output = run_pretrain(config, model, shards, workspace, run_id=stage.run_id, callback=on_step)
+            output = run_pretrain(config, model, shards, workspace, run_id=stage.run_id, callback=on_step,
+                                  progress=progress.update)
         figures = "\n".join(f"| {name} | {value:.4g} |" for name, value in output.metrics.items())
         stage.finish(
             output.metrics,
