@@ -175,3 +175,27 @@ def test_unknown_gate_metric_names_the_field(data):
     model = tiny_gpt(data[2].get_vocab_size(), SEQ_LEN)
     with pytest.raises(UserError, match="register.gate_metric: 'val_bits_per_byte' is not an evaluation figure"):
         register("unknown-metric", checkpoint_of(model, root, "unknown"), data, EvaluateConfig(), metrics={"val_loss": 1.0})
+
+
+def test_the_logged_model_carries_its_evaluation_signature_and_input_example(data, caplog):
+    from mlflow import MlflowClient
+    from mlflow.models import Model
+    from mlflow.types import DataType
+
+    from tasks.tracking.registry import INPUT_EXAMPLE, SAMPLING_DEFAULTS
+
+    root, _, tokenizer, _, _ = data
+    name = f"logged-{uuid.uuid4().hex[:6]}"
+    checkpoint = checkpoint_of(tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN, seed=5), root, name)
+    figures = {"val_bits_per_byte": 1.25, "val_loss": 2.5}
+    output, _, _ = register(name, checkpoint, data, EvaluateConfig(), metrics=figures)
+    client = MlflowClient()
+    source = client.get_model_version(name, output.version).source  # models:/m-<id>
+    logged = client.get_logged_model(source.removeprefix("models:/"))
+    assert {metric.key: metric.value for metric in logged.metrics} == figures
+    model = Model.load(source)
+    assert model.signature.inputs.input_types() == [DataType.string]
+    assert {param.name: param.default for param in model.signature.params.params} == SAMPLING_DEFAULTS
+    model_dir = tracking.download_model(source)
+    assert (model.load_input_example(model_dir), model.load_input_example_params(model_dir)) == INPUT_EXAMPLE
+    assert "Failed to validate" not in caplog.text  # MLflow ran the model on the example when logging it

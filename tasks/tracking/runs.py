@@ -189,13 +189,16 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> None:
     client().log_batch(run_id, params=param_list)
 
 
-def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    """Log summary metrics (evaluation results) in one request.
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0, model_id: str | None = None) -> None:
+    """Log summary metrics (evaluation results) in one request; with `model_id`, linked to
+    that logged model too, so MLflow's models view ranks models by them.
 
     Summaries go at step 0; training loops count their steps from 1, so a figure logged
     both ways (`val_loss`) keeps a clean step-wise curve from step 1 on."""
     now = int(time.time() * 1000)
-    client().log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
+    client().log_batch(
+        run_id, metrics=[Metric(key, float(value), now, step, model_id=model_id) for key, value in metrics.items()]
+    )
 
 
 class MetricsLogger:
