@@ -22,6 +22,9 @@ DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     # Progress bars for copying a few local files only clutter the flow's log.
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    # Training steps logged asynchronously (tasks/tracking/runs.py's MetricsLogger) are merged
+    # into one request per this many seconds, rather than one request per step.
+    "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "2",
 }
 
 

@@ -30,15 +30,15 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunS
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
+from mlflow.utils.async_logging.run_operations import RunOperations
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from model.errors import UserError
 from tasks.core import server_state
 
-# Flush buffered training metrics at least this often, so the UI's charts stay live.
-METRICS_FLUSH_SECONDS = 5.0
-METRICS_FLUSH_COUNT = 1000
+# How often a training loop checks that the steps it queued for MLflow were delivered.
+METRICS_CHECK_SECONDS = 5.0
 # Why a run that its own process never closed was ended by a later one.
 ABANDONED_TAG = "gptflow.abandoned"
 
@@ -204,28 +204,47 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0, model_
 class MetricsLogger:
     """A progress callback for training loops: `logger(step, {"loss": 2.3, "lr": 1e-3})`.
 
-    Buffers metrics and sends them with `log_batch` every few seconds or thousand values,
-    so a fast loop does not make one HTTP request per step. Call `flush()` (or use it as a
-    context manager) at the end so the last steps are not lost.
+    Each step goes to MLflow's async logging, which returns at once; MLflow's logging thread
+    merges the queued steps into a request every MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS
+    (flows/environment.py sets it) and retries a request as any other. Every
+    METRICS_CHECK_SECONDS the logger waits for the steps queued before the previous check
+    (by then normally delivered, so training does not wait), and at the end for all of them
+    (use it as a context manager, or call `flush()`). Steps MLflow could not deliver are
+    sent once more, synchronously: that succeeds when the server came back, or raises the
+    client's own error when it is gone, so no step is lost without an error.
     """
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self._client = client()
-        self._pending: list[Metric] = []
-        self._last_flush = time.monotonic()
+        # (MLflow's handle on a queued batch, the batch): the older ones, then the ones queued since.
+        self._older: list[tuple[RunOperations, list[Metric]]] = []
+        self._recent: list[tuple[RunOperations, list[Metric]]] = []
+        self._last_check = time.monotonic()
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
-        self._pending.extend(Metric(key, float(value), now, int(step)) for key, value in metrics.items())
-        if len(self._pending) >= METRICS_FLUSH_COUNT or time.monotonic() - self._last_flush >= METRICS_FLUSH_SECONDS:
-            self.flush()
+        batch = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
+        self._recent.append((self._client.log_batch(self.run_id, metrics=batch, synchronous=False), batch))
+        if time.monotonic() - self._last_check >= METRICS_CHECK_SECONDS:
+            self._deliver(self._older)
+            self._older, self._recent = self._recent, []
+            self._last_check = time.monotonic()
 
     def flush(self) -> None:
-        if self._pending:
-            self._client.log_batch(self.run_id, metrics=self._pending)
-            self._pending = []
-        self._last_flush = time.monotonic()
+        """Wait until every step logged so far is stored."""
+        self._deliver(self._older + self._recent)
+        self._older, self._recent = [], []
+
+    def _deliver(self, queued: list[tuple[RunOperations, list[Metric]]]) -> None:
+        undelivered = []
+        for operations, batch in queued:
+            try:
+                operations.wait()
+            except MlflowException:  # MLflow logged why; the synchronous retry raises it if it persists
+                undelivered.extend(batch)
+        if undelivered:
+            self._client.log_batch(self.run_id, metrics=undelivered)
 
     def __enter__(self) -> MetricsLogger:
         return self
