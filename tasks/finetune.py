@@ -314,7 +314,7 @@ def finetune_task(
 ) -> FinetuneOutput:
     """`run_finetune` in a nested MLflow run: step metrics live, figures at the end."""
     params = {"finetune": config.model_dump(mode="json"), "base_model": str(base_model)}
-    with stage_run(parent_run_id, "finetune", params) as stage:
+    with stage_run(parent_run_id, "finetune", params, system_metrics=True) as stage:
         with tracking.MetricsLogger(stage.run_id) as metrics_logger, \
                 training_progress("finetune", config.max_steps, get_run_logger().info) as progress:
 

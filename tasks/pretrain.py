@@ -265,7 +265,7 @@ def pretrain_task(
     """`run_pretrain` in a nested MLflow run: params, live step metrics, final figures, the checkpoint."""
     logger = get_run_logger()
     params = {"pretrain": config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
-    with stage_run(parent_run_id, "pretrain", params) as stage:
+    with stage_run(parent_run_id, "pretrain", params, system_metrics=True) as stage:
         tracking.log_dataset(stage.run_id, "shards", shards.fingerprint, shards.path, "pretrain")
         with tracking.MetricsLogger(stage.run_id) as metrics_logger, \
                 training_progress("pretrain", config.max_steps, logger.info) as progress:

@@ -115,3 +115,22 @@ def test_datasets_and_artifacts(experiment, tmp_path):
     artifacts = MlflowClient(tracking.resolve_tracking_uri()).list_artifacts(run_id, "reports")
     assert [a.path for a in artifacts] == ["reports/report.json"]
     assert tracking.run_link(run_id).startswith(f"runs:/{run_id}")
+
+
+def test_system_metrics_sampled_on_a_run(experiment, monkeypatch):
+    import time
+
+    import psutil
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    run_id = tracking.start_run(experiment, "pretrain")
+    mlflow_client = MlflowClient(tracking.resolve_tracking_uri())
+    with tracking.runs.system_metrics(run_id):
+        deadline = time.monotonic() + 60
+        while len(mlflow_client.get_metric_history(run_id, "system/cpu_utilization_percentage")) < 2:
+            assert time.monotonic() < deadline, "no system metrics after 60 s"
+            sum(i * i for i in range(100_000))  # something for the CPU to do
+    tracking.end_run(run_id)
+    metrics = mlflow_client.get_run(run_id).data.metrics
+    assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
+    assert 0 < metrics["system/system_memory_usage_megabytes"] <= psutil.virtual_memory().total / 2**20

@@ -253,6 +253,24 @@ class MetricsLogger:
         self.flush()
 
 
+@contextmanager
+def system_metrics(run_id: str) -> Iterator[None]:
+    """MLflow's system-metrics monitor on `run_id` while the block runs: `system/cpu_utilization_percentage`,
+    memory, disk and network, and GPU utilisation and memory when nvidia-ml-py is installed (the `gpu`
+    extra). It samples every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by default).
+
+    The monitor is started on the run by id: `mlflow.start_run(log_system_metrics=True)` would also
+    make the run the thread's active run and end it on its own terms."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=resolve_tracking_uri())
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def log_artifact(run_id: str, path: Path | str, artifact_path: str | None = None) -> None:
     """Upload a file, or a directory's contents, to the run's artifacts."""
     path = Path(path)

@@ -13,7 +13,7 @@ figures, the headline figures for the parent run, the files to keep and a markdo
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +64,12 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(parent_run_id: str, name: str, params: Mapping[str, Any]) -> Iterator[StageRun]:
-    """The stage's nested run named `name`, with `params` logged; ended by how the block ends."""
+def stage_run(
+    parent_run_id: str, name: str, params: Mapping[str, Any], system_metrics: bool = False
+) -> Iterator[StageRun]:
+    """The stage's nested run named `name`, with `params` logged; ended by how the block ends.
+    With `system_metrics` (the training stages), MLflow's system metrics are logged on it too."""
     with runs.child_run(parent_run_id, name) as run_id:
         runs.log_params(run_id, params)
-        yield StageRun(run_id, parent_run_id)
+        with runs.system_metrics(run_id) if system_metrics else nullcontext():
+            yield StageRun(run_id, parent_run_id)
