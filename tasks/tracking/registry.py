@@ -108,6 +108,20 @@ def version_for_alias(name: str, alias: str) -> mlflow.entities.model_registry.M
         raise
 
 
+def version_aliases(name: str) -> dict[str, list[str]]:
+    """Version number -> the aliases pointing at it, of registered model `name` ({} when it does not exist)."""
+    try:
+        model = client().get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)):
+            return {}
+        raise
+    aliases: dict[str, list[str]] = {}
+    for alias, version in sorted(model.aliases.items()):
+        aliases.setdefault(str(version), []).append(alias)
+    return aliases
+
+
 def find_version(name: str, tag: str, value: str) -> mlflow.entities.model_registry.ModelVersion | None:
     """The newest version of `name` whose tag `tag` equals `value`, if any (the store filters)."""
     found = client().search_model_versions(
