@@ -26,7 +26,6 @@ from flows.runtime import flow_run_title, flow_runtime, holding, holding_gpus, r
 from tasks import tracking
 from tasks.evaluate import EvaluateOutput, evaluate_task
 from tasks.finetune import finetune_task
-from tasks.tracking.loss_curves import loss_curves_task
 from tasks.pretrain import pretrain_task
 from tasks.register import EvalData, RegisterOutput, register_task
 
@@ -89,7 +88,6 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
             evaluations["finetuned"] = evaluate("finetuned", finetuned.checkpoint)
             final_checkpoint = finetuned.checkpoint
 
-        loss_curves_task(run_id)
         final = evaluations["finetuned" if config.finetune is not None else "pretrained"]
         lineage = {
             "data_fingerprint": corpus.fingerprint,

@@ -53,6 +53,7 @@ from tasks.core.train_progress import training_progress
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, sha256_file
 from tasks.finetune_pairs import Pair, PairSet, docstring_pairs, file_pairs
+from tasks.tracking.loss_curves import live_loss_curves
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
 
 FORMAT_VERSION = 2  # 2: checkpoints' optimizer state keyed by parameter name (model.parallel.full_state)
@@ -315,7 +316,7 @@ def finetune_task(
     """`run_finetune` in a nested MLflow run: step metrics live, figures at the end."""
     params = {"finetune": config.model_dump(mode="json"), "base_model": str(base_model)}
     with stage_run(parent_run_id, "finetune", params, system_metrics=True) as stage:
-        with tracking.MetricsLogger(stage.run_id) as metrics_logger, \
+        with live_loss_curves(stage, "finetune"), tracking.MetricsLogger(stage.run_id) as metrics_logger, \
                 training_progress("finetune", config.max_steps, get_run_logger().info) as progress:
 
             def on_step(step: int, metrics: Mapping[str, float]) -> None:

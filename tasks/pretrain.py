@@ -62,6 +62,7 @@ from tasks.core.train_progress import ProgressFileReader, training_progress
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, write_json_atomic
 from tasks.shard import ShardOutput
+from tasks.tracking.loss_curves import live_loss_curves
 from tasks.tracking.stage_run import Report, stage_run
 
 FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name (model.parallel.full_state)
@@ -267,7 +268,9 @@ def pretrain_task(
     params = {"pretrain": config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
     with stage_run(parent_run_id, "pretrain", params, system_metrics=True) as stage:
         tracking.log_dataset(stage.run_id, "shards", shards.fingerprint, shards.path, "pretrain")
-        with tracking.MetricsLogger(stage.run_id) as metrics_logger, \
+        curves_on_pipeline_run = {"loss": "pretrain_loss", "val_loss": "pretrain_val_loss"}
+        with live_loss_curves(stage, "pretrain", curves_on_pipeline_run), \
+                tracking.MetricsLogger(stage.run_id) as metrics_logger, \
                 training_progress("pretrain", config.max_steps, logger.info) as progress:
 
             def on_step(step: int, metrics: Mapping[str, float]) -> None:

@@ -134,3 +134,28 @@ def test_system_metrics_sampled_on_a_run(experiment, monkeypatch):
     metrics = mlflow_client.get_run(run_id).data.metrics
     assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
     assert 0 < metrics["system/system_memory_usage_megabytes"] <= psutil.virtual_memory().total / 2**20
+
+
+def test_loss_curves_refresh_during_training_and_reach_the_pipeline_run(experiment):
+    import time
+
+    from tasks.tracking.loss_curves import live_loss_curves
+    from tasks.tracking.stage_run import StageRun
+
+    parent = tracking.start_run(experiment, "pipeline")
+    mlflow_client = MlflowClient(tracking.resolve_tracking_uri())
+    with tracking.child_run(parent, "pretrain") as child:
+        stage = StageRun(child, parent)
+        with live_loss_curves(stage, "pretrain", {"loss": "pretrain_loss"}, refresh_seconds=0.2):
+            tracking.log_steps(child, [("loss", 1, 5.0), ("lr", 1, 0.1), ("grad_norm", 1, 2.0)])
+            deadline = time.monotonic() + 60
+            while "loss_curve.png" not in {a.path for a in mlflow_client.list_artifacts(child)}:
+                assert time.monotonic() < deadline, "no figure drawn while training"
+                time.sleep(0.1)
+            tracking.log_steps(child, [("loss", 2, 4.0), ("val_loss", 2, 4.5)])
+    tracking.end_run(parent)
+    assert sorted((m.step, m.value) for m in mlflow_client.get_metric_history(parent, "pretrain_loss")) == [
+        (1, 5.0), (2, 4.0)
+    ]  # each step once, though the first was copied by a refresh during training
+    assert "pretrain_loss_curve.png" in {a.path for a in mlflow_client.list_artifacts(parent)}
+    assert not mlflow_client.get_metric_history(parent, "val_loss")  # only the curves asked for

@@ -201,6 +201,13 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0, model_
     )
 
 
+def log_steps(run_id: str, points: list[tuple[str, int, float]]) -> None:
+    """Step-wise (key, step, value) points in one call (the client splits it into MLflow's batches)."""
+    if points:
+        now = int(time.time() * 1000)
+        client().log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, step, value in points])
+
+
 class MetricsLogger:
     """A progress callback for training loops: `logger(step, {"loss": 2.3, "lr": 1e-3})`.
 
