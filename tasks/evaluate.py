@@ -12,16 +12,19 @@ Figures (names as logged to MLflow):
     eval_tokens_per_s
         scoring throughput on the val shards
 
-Samples: each configured prompt continued by the model, written to `samples.md`.
+Samples: each configured prompt continued by the model, written to `samples.md` (to read)
+and `samples.json` (prompt and completion columns: MLflow's table of the run, which lines
+up the samples of several runs).
 
 Output directory `<workspace>/evaluate/<fingerprint>/`: `metrics.json`, `samples.md` and
-`manifest.json` (written last). The fingerprint covers the settings that change the
+`samples.json` and `manifest.json` (written last). The fingerprint covers the settings that change the
 figures and the identity of the weights, tokenizer, shards and corpus; not the batch size
 or device.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Iterator
@@ -47,7 +50,8 @@ from tasks.core.train_progress import StageProgress
 from tasks.core.workspace import MANIFEST, StageDir, fingerprint, sha256_file, write_json_atomic
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: samples.json, the samples as a table (logged with mlflow.log_table)
+SAMPLES_TABLE = "samples.json"  # {"prompt": [...], "completion": [...]}
 HEADLINE = ("val_loss", "val_perplexity", "val_bits_per_byte", "doc_perplexity", "doc_bits_per_byte")
 
 
@@ -214,9 +218,13 @@ def run_evaluate(
     def build(directory: Path) -> dict:
         tok = load_tokenizer(tokenizer)
         metrics = evaluate_model(loaded.model, tok, config, shards, corpus, progress)
-        (directory / "samples.md").write_text(samples_markdown(sample_prompts(loaded.model, tok, config)))
+        samples = sample_prompts(loaded.model, tok, config)
+        (directory / "samples.md").write_text(samples_markdown(samples))
+        table = {"prompt": [prompt for prompt, _ in samples], "completion": [completion for _, completion in samples]}
+        write_json_atomic(directory / SAMPLES_TABLE, table)
         write_json_atomic(directory / "metrics.json", metrics)
-        files = [{"path": name, "sha256": sha256_file(directory / name)} for name in ("metrics.json", "samples.md")]
+        names = ("metrics.json", "samples.md", SAMPLES_TABLE)
+        files = [{"path": name, "sha256": sha256_file(directory / name)} for name in names]
         return {"format": FORMAT_VERSION, "fingerprint": stage.fingerprint, "inputs": inputs, "metrics": metrics, "files": files}
 
     manifest, reused = stage.build_once(build)
@@ -247,6 +255,7 @@ def evaluate_task(
             output.metrics,
             parent_metrics={parent_prefix + name: output.metrics[name] for name in HEADLINE},
             artifacts={output.samples: "evaluate", output.path / "metrics.json": "evaluate"},
+            tables={SAMPLES_TABLE: json.loads((output.path / SAMPLES_TABLE).read_text())},
             report=Report(run_name, metrics_markdown(f"Evaluation of {model}", output.metrics)
                           + f"\n## Samples\n\n{output.samples.read_text()}", "evaluation figures and samples"),
         )

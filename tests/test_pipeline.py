@@ -100,9 +100,10 @@ def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
     losses = MlflowClient(tracking.resolve_tracking_uri()).get_metric_history(pretrain_run.info.run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(1, config.pretrain.max_steps + 1))
     # The parent run carries pretraining's loss curve (for comparing pipeline runs); the stage its figure.
-    parent_losses = MlflowClient(tracking.resolve_tracking_uri()).get_metric_history(result.mlflow_run_id, "pretrain_loss")
+    mlflow_client = MlflowClient(tracking.resolve_tracking_uri())
+    parent_losses = mlflow_client.get_metric_history(result.mlflow_run_id, "pretrain_loss")
     assert sorted((m.step, m.value) for m in parent_losses) == sorted((m.step, m.value) for m in losses)
-    stage_files = {a.path for a in MlflowClient(tracking.resolve_tracking_uri()).list_artifacts(pretrain_run.info.run_id)}
+    stage_files = {a.path for a in mlflow_client.list_artifacts(pretrain_run.info.run_id)}
     assert "loss_curve.png" in stage_files
     assert pretrain_run.data.params["pretrain.max_steps"] == str(config.pretrain.max_steps)
     finetuned_eval = runs["evaluate-finetuned"][0].data.metrics

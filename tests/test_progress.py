@@ -57,7 +57,8 @@ def test_a_task_run_publishes_its_progress_as_a_prefect_artifact(prefect_server)
 
     async def artifacts():
         async with get_client() as client:
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["toy-progress"])))
+            only_toy = ArtifactFilter(key=ArtifactFilterKey(any_=["toy-progress"]))
+            return await client.read_artifacts(artifact_filter=only_toy)
 
     [artifact] = asyncio.run(artifacts())
     assert artifact.type == "progress" and artifact.data == 100.0 and artifact.task_run_id is not None

@@ -292,6 +292,12 @@ def log_dict(run_id: str, data: Any, artifact_file: str) -> None:
     client().log_dict(run_id, data, artifact_file)
 
 
+def log_table(run_id: str, columns: Mapping[str, list], artifact_file: str) -> None:
+    """A table (column name -> values) as MLflow's JSON table artifact, which the UI's
+    evaluation view shows and lines up across runs."""
+    client().log_table(run_id, dict(columns), artifact_file)
+
+
 def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
     """Save a matplotlib figure (a loss curve) as an image artifact."""
     client().log_figure(run_id, figure, artifact_file)

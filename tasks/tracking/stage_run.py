@@ -48,13 +48,17 @@ class StageRun:
         parent_metrics: Mapping[str, float],
         artifacts: Mapping[Path, str | None],
         report: Report | None = None,
+        tables: Mapping[str, Mapping[str, list]] | None = None,
     ) -> None:
         """Log the stage's figures on its run and the headline ones on the parent run, upload
-        `artifacts` (file -> artifact directory, None for the root) and publish `report`."""
+        `artifacts` (file -> artifact directory, None for the root), log `tables` (artifact
+        file -> columns, MLflow's tables: the UI lines them up across runs) and publish `report`."""
         runs.log_metrics(self.run_id, metrics)
         runs.log_metrics(self.parent_run_id, parent_metrics)
         for path, directory in artifacts.items():
             runs.log_artifact(self.run_id, path, directory)
+        for artifact_file, columns in (tables or {}).items():
+            runs.log_table(self.run_id, columns, artifact_file)
         if report is not None:
             create_markdown_artifact(
                 key=report.key,
