@@ -26,6 +26,7 @@ import mlflow
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
@@ -317,14 +318,10 @@ def log_dataset(
     fingerprint or sha256) says exactly which version was used. `context` is the role shown
     in the UI, e.g. "pretrain" or "eval".
     """
-    source_entity = _dataset_source(str(source))
-    dataset = Dataset(
-        name=name,
-        digest=digest[:MAX_DATASET_DIGEST_SIZE],
-        source_type=source_entity._get_source_type(),
-        source=source_entity.to_json(),
-        profile=json.dumps(profile, sort_keys=True, default=str) if profile is not None else None,
-    )
+    # MLflow's dataset of metadata only: a name, a digest and where the data lies.
+    record = MetaDataset(_dataset_source(str(source)), name=name, digest=digest[:MAX_DATASET_DIGEST_SIZE]).to_dict()
+    profile_json = json.dumps(profile, sort_keys=True, default=str) if profile is not None else None
+    dataset = Dataset(**record, profile=profile_json)
     inputs = [DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
     try:
         client().log_inputs(run_id, inputs)
