@@ -36,6 +36,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from tokenizers import Tokenizer
 
+from model.checkpoint import checkpoint_dirs
 from model.config import RUN_ONLY
 from model.errors import UserError
 from model.evaluate import IGNORE, score_batches
@@ -324,6 +325,8 @@ def finetune_task(
                 progress.update(step, metrics)
 
             output = run_finetune(config, base_model, tokenizer, corpus, workspace, callback=on_step)
+        if not output.reused:  # the checkpoints this run wrote and kept
+            tracking.log_checkpoints(stage.run_id, "finetune", checkpoint_dirs(output.checkpoint.parent))
         stage.finish(
             output.metrics,
             parent_metrics={name: output.metrics[name] for name in HEADLINE if name in output.metrics},

@@ -51,7 +51,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, NonNegativeInt, PositiveInt
 
-from model.checkpoint import CONFIG, WEIGHTS, consolidate
+from model.checkpoint import CONFIG, WEIGHTS, checkpoint_dirs, consolidate
 from model.config import RUN_ONLY, ModelConfig
 from model.data import ShardManifest, WindowLoader
 from model.errors import UserError
@@ -279,6 +279,8 @@ def pretrain_task(
 
             output = run_pretrain(config, model, shards, workspace, run_id=stage.run_id, callback=on_step,
                                   progress=progress.update)
+        if not output.reused:  # the checkpoints this run wrote and kept
+            tracking.log_checkpoints(stage.run_id, "pretrain", checkpoint_dirs(output.checkpoint.parent))
         figures = "\n".join(f"| {name} | {value:.4g} |" for name, value in output.metrics.items())
         stage.finish(
             output.metrics,

@@ -105,6 +105,12 @@ def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
     assert sorted((m.step, m.value) for m in parent_losses) == sorted((m.step, m.value) for m in losses)
     stage_files = {a.path for a in mlflow_client.list_artifacts(pretrain_run.info.run_id)}
     assert "loss_curve.png" in stage_files
+    # Each checkpoint pretraining kept is an external logged model: its step and path, no upload.
+    logged = mlflow_client.search_logged_models([parent.info.experiment_id])
+    checkpoints = {m.params["path"]: m.params["step"] for m in logged
+                   if m.model_type == "checkpoint" and m.source_run_id == pretrain_run.info.run_id}  # fmt: skip
+    kept = sorted(Path(config.workspace).glob("pretrain/*/checkpoints/step-*"))
+    assert checkpoints == {str(path): path.name.removeprefix("step-") for path in kept} and kept
     assert pretrain_run.data.params["pretrain.max_steps"] == str(config.pretrain.max_steps)
     finetuned_eval = runs["evaluate-finetuned"][0].data.metrics
     assert finetuned_eval["val_bits_per_byte"] == pytest.approx(result.metrics["val_bits_per_byte"])

@@ -159,3 +159,18 @@ def test_loss_curves_refresh_during_training_and_reach_the_pipeline_run(experime
     ]  # each step once, though the first was copied by a refresh during training
     assert "pretrain_loss_curve.png" in {a.path for a in mlflow_client.list_artifacts(parent)}
     assert not mlflow_client.get_metric_history(parent, "val_loss")  # only the curves asked for
+
+
+def test_checkpoints_become_external_logged_models_at_their_step(experiment, tmp_path):
+    run_id = tracking.start_run(experiment, "pretrain")
+    kept = [tmp_path / "checkpoints" / f"step-{step}" for step in (5, 10)]
+    ids = tracking.log_checkpoints(run_id, "pretrain", kept)
+    tracking.end_run(run_id)
+    mlflow_client = MlflowClient(tracking.resolve_tracking_uri())
+    models = [mlflow_client.get_logged_model(model_id) for model_id in ids]
+    assert [(m.name, m.params, m.model_type, m.source_run_id) for m in models] == [
+        ("pretrain-step-5", {"step": "5", "path": str(kept[0])}, "checkpoint", run_id),
+        ("pretrain-step-10", {"step": "10", "path": str(kept[1])}, "checkpoint", run_id),
+    ]
+    for model_id in ids:  # nothing uploaded but the description MLflow writes of an external model
+        assert [a.path for a in mlflow_client.list_logged_model_artifacts(model_id)] == ["MLmodel"]

@@ -17,7 +17,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from model.checkpoint import load_model
+from model.checkpoint import checkpoint_step, load_model
 from model.errors import UserError
 from model.gpt import GPT
 from tasks.tracking.pyfunc import CONFIG_ARTIFACT, SAMPLING_DEFAULTS, TOKENIZER_ARTIFACT, WEIGHTS_ARTIFACT
@@ -79,6 +79,25 @@ def log_text_generator(
     if metrics:
         log_metrics(run_id, metrics, model_id=logged.model_id)
     return info.model_uri
+
+
+def log_checkpoints(run_id: str, stage: str, checkpoints: list[Path]) -> list[str]:
+    """Each `step-N` checkpoint as an external logged model of `run_id`, named `<stage>-step-N`:
+    MLflow records its step and path, the files stay where they are (no upload). The models
+    view then lists a training stage's checkpoints beside its registered models. Returns
+    their model ids."""
+    experiment = client().get_run(run_id).info.experiment_id
+    models = [
+        mlflow.create_external_model(
+            name=f"{stage}-step-{checkpoint_step(checkpoint)}",
+            source_run_id=run_id,
+            params={"step": str(checkpoint_step(checkpoint)), "path": str(checkpoint)},
+            model_type="checkpoint",
+            experiment_id=experiment,
+        )
+        for checkpoint in checkpoints
+    ]
+    return [model.model_id for model in models]
 
 
 def register_version(model_uri: str, name: str, tags: Mapping[str, str]) -> str:
