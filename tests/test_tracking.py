@@ -84,6 +84,8 @@ def test_nested_runs_params_metrics_and_status(experiment):
     assert child_run.info.status == "FINISHED"
     assert mlflow_client.get_run(failed).info.status == "FAILED"
     assert mlflow_client.get_run(parent).data.tags["prefect.flow_run_id"] == "abc"
+    experiment_tags = mlflow_client.get_experiment(child_run.info.experiment_id).tags
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
 
     params = child_run.data.params
     assert len(params) == 251 and params["pretrain.p249"] == "249"

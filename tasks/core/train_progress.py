@@ -79,8 +79,8 @@ class StageProgress:
         self.last_step = step
         self.bar.update(self.bar_task, completed=step, figures=format_figures(figures))
         if self.bar.disable and (step % PLAIN_EVERY == 0 or step == self.total or "val_loss" in figures):
-            line = f"{self.description} {step}/{self.total}: {format_figures(figures)}{self._time_left(step)}"
-            self.log(line.strip())
+            shown = format_figures(figures)
+            self.log(f"{self.description} {step}/{self.total}{': ' + shown if shown else ''}{self._time_left(step)}")
         self._update_artifact(force=step == self.total)
 
     def track(self, items: Iterable[T], total: int) -> Iterator[T]:

@@ -42,6 +42,8 @@ from tasks.core import server_state
 METRICS_CHECK_SECONDS = 5.0
 # Why a run that its own process never closed was ended by a later one.
 ABANDONED_TAG = "gptflow.abandoned"
+# The experiment tag the MLflow UI reads to choose its view: this one is the model-training view.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_tracking_uri() -> str:
@@ -90,12 +92,17 @@ def check_tracking_server(uri: str | None = None, attempts: int = 5, delay: floa
 
 
 def experiment_id(name: str) -> str:
-    """The id of experiment `name`, created on first use (safe when two runs race)."""
+    """The id of experiment `name`, created on first use (safe when two runs race), marked
+    as model training so that the MLflow UI opens it in its model-training view (not GenAI)."""
     mlflow_client = client()
     if experiment := mlflow_client.get_experiment_by_name(name):
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an earlier gptflow, or by hand
+            mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return experiment.experiment_id
     try:
-        return mlflow_client.create_experiment(name, artifact_location=_artifact_location(name))
+        return mlflow_client.create_experiment(
+            name, artifact_location=_artifact_location(name), tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+        )
     except MlflowException as e:
         if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
