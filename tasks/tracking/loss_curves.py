@@ -12,21 +12,19 @@ in this run and gets no figure.
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 
+from tasks.core.periodic import repeating
 from tasks.tracking import runs
 from tasks.tracking.stage_run import StageRun
 
 CURVES = ("loss", "val_loss", "lr", "grad_norm")
 REFRESH_SECONDS = 30.0
 FIGURE = "loss_curve.png"
-logger = logging.getLogger(__name__)
 
 
 def loss_figure(title: str, curves: Mapping[str, list[tuple[int, float]]]) -> Figure:
@@ -85,21 +83,8 @@ def live_loss_curves(
     figure on both runs. `parent_curves` maps a stage curve to the step metric it becomes on the
     pipeline's run, e.g. {"loss": "pretrain_loss"}."""
     refresher = CurveRefresher(stage, f"{name} loss", parent_curves or {})
-    stopped = threading.Event()
-
-    def refresh_until_stopped() -> None:
-        while not stopped.wait(refresh_seconds):
-            try:
-                refresher.refresh()
-            except MlflowException as e:  # a server outage: training goes on, the next refresh catches up
-                logger.warning("%s: loss curves not refreshed (%s)", name, str(e).splitlines()[0])
-
-    thread = threading.Thread(target=refresh_until_stopped, name=f"{name}-loss-curves", daemon=True)
-    thread.start()
-    try:
+    # MlflowException: a server outage; training goes on and the next refresh catches up.
+    with repeating(refresher.refresh, refresh_seconds, f"{name} loss curves", forgiven=MlflowException):
         yield
-    finally:
-        stopped.set()
-        thread.join()
     if figure := refresher.refresh():
         runs.log_figure(stage.parent_run_id, figure, f"{name}_{FIGURE}")
