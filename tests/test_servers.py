@@ -381,10 +381,15 @@ def test_progress_artifact_and_a_learning_rate_comparison_in_a_browser(servers, 
     assert "pretrain.lr 0.01 0.003" in parameters and "bpe.vocab_size" not in parameters  # only what differs
 
     # The experiment's chart view, in the model-training view: both runs' pretraining loss curves overlaid.
-    browser.get(f"{servers.mlflow}/#/experiments/{experiment}/runs?compareRunsMode=CHART")
+    browser.get(f"{servers.mlflow}/#/experiments/{experiment}/runs")
     page_text_with(browser, "Model training")
-    click_text(browser, "Model training")
+    click_text(browser, "Model training")  # the UI remembers the view; its assistant panel is closed
+    browser.get(f"{servers.mlflow}/#/experiments/{experiment}/runs?compareRunsMode=CHART")
     charts = page_text_with(browser, *(f"{name} (pretrain_loss)" for name in names))
+    if "MLflow Assistant" in charts:
+        browser.execute_script("arguments[0].click()", browser.find_element("css selector", "button[aria-label=Close]"))
+    charts = page_text_with(browser, *(f"{name} (pretrain_loss)" for name in names))
+    assert "MLflow Assistant" not in charts
     assert all(f"{name} (pretrain_val_loss)" in charts for name in names)
     browser.save_screenshot(str(DOCS / "mlflow-compare-charts.png"))
     browser.get(compare)
