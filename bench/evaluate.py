@@ -30,17 +30,25 @@ from flows.config import load_config
 from flows.prepare import prepare_data_locally
 from model.evaluate import LossTotals, score_batches, sliding_window_batches
 from tasks.bpe import load_tokenizer, token_byte_lengths
-from tasks.evaluate import (
-    document_stride, evenly_spaced, held_out_documents, shard_windows, window_batches,
-)
 from tasks.core.model_source import load_model_source
+from tasks.evaluate import (
+    document_stride,
+    evenly_spaced,
+    held_out_documents,
+    shard_windows,
+    window_batches,
+)
 from tasks.finetune import run_finetune
 from tasks.pretrain import run_pretrain
 
 QUICK = [
-    "pretrain.max_steps=3", "pretrain.checkpoint_every=0",
-    "finetune.max_steps=3", "finetune.eval_pairs=4", "finetune.eval_max_new_tokens=8",
-    "evaluate.max_documents=2", "evaluate.max_windows=16",
+    "pretrain.max_steps=3",
+    "pretrain.checkpoint_every=0",
+    "finetune.max_steps=3",
+    "finetune.eval_pairs=4",
+    "finetune.eval_max_new_tokens=8",
+    "evaluate.max_documents=2",
+    "evaluate.max_windows=16",
 ]
 
 
@@ -57,7 +65,9 @@ def timed(score: Callable[[], LossTotals], repeats: int = 2) -> tuple[float, Los
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=Path("configs/tiny.yaml"))
-    parser.add_argument("--model", help="checkpoint directory or models:/NAME@ALIAS; default: the config's pretraining output")
+    parser.add_argument(
+        "--model", help="checkpoint directory or models:/NAME@ALIAS; default: the config's pretraining output"
+    )
     parser.add_argument("--quick", action="store_true", help="a few steps only: checks that the script runs")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="config override dotted.key=value")
     args = parser.parse_args()
@@ -93,15 +103,19 @@ def main() -> None:
     finetuned = run_finetune(config.finetune, base, tokenizer_path, corpus, config.workspace)
     seconds = time.perf_counter() - started
     m = finetuned.metrics
-    print(f"\nfine-tuning, task {config.finetune.task}: {m['train_pairs']:.0f} train / {m['val_pairs']:.0f} "
-          f"held-out pairs, {config.finetune.max_steps} steps"
-          + (" (reused: built earlier)" if finetuned.reused else f", {seconds:.0f} s"))
+    print(
+        f"\nfine-tuning, task {config.finetune.task}: {m['train_pairs']:.0f} train / {m['val_pairs']:.0f} "
+        f"held-out pairs, {config.finetune.max_steps} steps"
+        + (" (reused: built earlier)" if finetuned.reused else f", {seconds:.0f} s")
+    )
     print(f"  {'held-out figure':<24} {'pretrained':>12} {'fine-tuned':>12}")
     for figure in ("completion_loss", "completion_perplexity", "parse_rate"):
         if f"pretrained_{figure}" in m:
             print(f"  {figure:<24} {m[f'pretrained_{figure}']:>12.4f} {m[f'finetuned_{figure}']:>12.4f}")
-    print(f"  (parse rate over {min(config.finetune.eval_pairs, int(m['val_pairs']))} pairs, "
-          f"greedy, at most {config.finetune.eval_max_new_tokens} new tokens)")
+    print(
+        f"  (parse rate over {min(config.finetune.eval_pairs, int(m['val_pairs']))} pairs, "
+        f"greedy, at most {config.finetune.eval_max_new_tokens} new tokens)"
+    )
     if args.quick:
         print("\n--quick: a few training steps and a few documents; these figures only show that the benchmark runs")
 

@@ -17,8 +17,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -76,11 +76,21 @@ def main(
 
         def hugging_face() -> None:
             with torch.inference_mode():
-                hf_model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=40,
-                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
+                hf_model.generate(
+                    prompts,
+                    attention_mask=torch.ones_like(prompts),
+                    do_sample=True,
+                    top_k=40,
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,
+                    pad_token_id=0,
+                )
 
-        for name, run in (("gptflow cached", ours(True)), ("gptflow uncached", ours(False)),
-                          ("HF GPT2LMHeadModel cached", hugging_face)):
+        for name, run in (
+            ("gptflow cached", ours(True)),
+            ("gptflow uncached", ours(False)),
+            ("HF GPT2LMHeadModel cached", hugging_face),
+        ):
             rates = [batch * new_tokens / seconds for seconds in timed_runs(run, repeats)]
             table.add_row(name, str(batch), f"{statistics.median(rates):,.0f}", f"{min(rates):,.0f}-{max(rates):,.0f}")
     Console().print(table)

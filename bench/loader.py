@@ -76,8 +76,9 @@ def main() -> None:
             manifest = random_shards(Path(scratch), windows=500 if args.quick else 12_000)
         print(f"shards: {manifest}")
         for workers in args.workers:
-            rates = loader_tokens_per_s(manifest, workers, runs=2 if args.quick else args.runs,
-                                        max_batches=20 if args.quick else None)
+            rates = loader_tokens_per_s(
+                manifest, workers, runs=2 if args.quick else args.runs, max_batches=20 if args.quick else None
+            )
             print(f"loader, {workers} workers: {describe(rates)}")
 
 

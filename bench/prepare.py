@@ -37,7 +37,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -51,7 +50,7 @@ from flows.config import load_config
 from model.data import SPLITS
 from model.special_tokens import EOS_ID
 from tasks.bpe import BPEOutput, load_tokenizer, run_bpe
-from tasks.ingest import IngestOutput, read_corpus, run_ingest
+from tasks.ingest import IngestOutput, run_ingest
 from tasks.shard import ShardConfig, document_batches, run_shard
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +99,9 @@ def prepared_run(way: str, corpus: str, tokenizer: str, shard: str, out: str) ->
     bpe, config = BPEOutput.model_validate_json(tokenizer), ShardConfig.model_validate_json(shard)
     if way == "encode":
         # Reading the corpus is not tokenizing.
-        batches = [texts for _, texts in document_batches(corpus_output.corpus, 0, corpus_output.report["documents_out"])]
+        batches = [
+            texts for _, texts in document_batches(corpus_output.corpus, 0, corpus_output.report["documents_out"])
+        ]
         return lambda: encode_alone(bpe.tokenizer, batches)
     if way == "run_clm":
         import datasets  # noqa: F401
@@ -110,8 +111,19 @@ def prepared_run(way: str, corpus: str, tokenizer: str, shard: str, out: str) ->
     return lambda: ours(corpus_output, bpe, config, Path(out))
 
 
-def timed_in_fresh_process(way: str, corpus: IngestOutput, tokenizer: BPEOutput, shard: ShardConfig, out: Path) -> float:
-    command = [sys.executable, "-c", TIMED_RUN, way, corpus.model_dump_json(), tokenizer.model_dump_json(), shard.model_dump_json(), str(out)]
+def timed_in_fresh_process(
+    way: str, corpus: IngestOutput, tokenizer: BPEOutput, shard: ShardConfig, out: Path
+) -> float:
+    command = [
+        sys.executable,
+        "-c",
+        TIMED_RUN,
+        way,
+        corpus.model_dump_json(),
+        tokenizer.model_dump_json(),
+        shard.model_dump_json(),
+        str(out),
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=True)
     return float(result.stdout.splitlines()[-1])
 
@@ -194,7 +206,9 @@ def windows_digest(tables: dict[str, list[pa.Table]]) -> str:
 
 def our_windows(manifest: Path) -> dict[str, list[pa.Table]]:
     files = json.loads(manifest.read_text())["files"]
-    return {split: [pq.read_table(manifest.parent / f["path"]) for f in files if f["split"] == split] for split in SPLITS}
+    return {
+        split: [pq.read_table(manifest.parent / f["path"]) for f in files if f["split"] == split] for split in SPLITS
+    }
 
 
 def four_times_larger(corpus: IngestOutput, directory: Path) -> IngestOutput:
@@ -209,20 +223,35 @@ def four_times_larger(corpus: IngestOutput, directory: Path) -> IngestOutput:
                 rows["id"] = [f"copy{copy}/{doc_id}" for doc_id in rows["id"]]
                 rows["text"] = [f"# copy {copy}\n{text}" for text in rows["text"]]
                 writer.write_table(pa.table(rows, schema=source.schema_arrow))
-    report = {f"{count}_{split}": 4 * corpus.report[f"{count}_{split}"] for count in ("documents", "bytes") for split in SPLITS}
+    report = {
+        f"{count}_{split}": 4 * corpus.report[f"{count}_{split}"]
+        for count in ("documents", "bytes")
+        for split in SPLITS
+    }
     return IngestOutput(path=directory, corpus=path, fingerprint=f"{corpus.fingerprint}-4x", report=report)
 
 
 def peak_rss(corpus: IngestOutput, tokenizer: BPEOutput, shard: ShardConfig) -> dict[str, int]:
     result = subprocess.run(
-        [sys.executable, "-c", PEAK_RSS_OF_SHARD, corpus.model_dump_json(), tokenizer.model_dump_json(), shard.model_dump_json()],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            PEAK_RSS_OF_SHARD,
+            corpus.model_dump_json(),
+            tokenizer.model_dump_json(),
+            shard.model_dump_json(),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(result.stdout.splitlines()[-1])
 
 
 def main(
-    config: Annotated[Path, typer.Option(help="The pipeline config whose corpus and tokenizer to use.")] = REPO / "configs/tiny.yaml",
+    config: Annotated[Path, typer.Option(help="The pipeline config whose corpus and tokenizer to use.")] = REPO
+    / "configs/tiny.yaml",
     runs: Annotated[int, typer.Option(help="Timed runs of each way (median and range).")] = 5,
     quick: Annotated[bool, typer.Option(help="One run on a slice of the corpus: only checks that it runs.")] = False,
     chunk_documents: Annotated[int, typer.Option(help="Documents per chunk for the chunked run.")] = 200,
@@ -258,7 +287,12 @@ def main(
             return lambda: timed_in_fresh_process(way, corpus, tokenizer, config, next(outputs))
 
         seconds = interleaved(
-            {"encode": run("encode", shard), "ours": run("ours", shard), "chunked": run("ours", chunked), "run_clm": run("run_clm", shard)},
+            {
+                "encode": run("encode", shard),
+                "ours": run("ours", shard),
+                "chunked": run("ours", chunked),
+                "run_clm": run("run_clm", shard),
+            },
             runs,
         )
         encode_seconds, ours_seconds, chunked_seconds, clm_seconds = seconds.values()
@@ -283,7 +317,9 @@ def main(
     print(f"same windows: {same} (sha256 {ours_digest[:16]} vs {clm_digest[:16]})")
     print("\npeak memory (RSS) of the shard stage, fresh process:")
     for name, peak in (("1x corpus", peak_1x), ("4x corpus", peak_4x)):
-        print(f"  {name}: peak {peak['peak'] / 2**20:6.0f} MiB, {(peak['peak'] - peak['before']) / 2**20:5.0f} MiB above the process before the stage")
+        print(
+            f"  {name}: peak {peak['peak'] / 2**20:6.0f} MiB, {(peak['peak'] - peak['before']) / 2**20:5.0f} MiB above the process before the stage"
+        )
     if ours_digest != clm_digest:
         raise SystemExit("the two ways made different windows")
     if not same_in_chunks:

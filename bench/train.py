@@ -60,13 +60,26 @@ def training_tokens_per_s(config: GPTConfig, batch_size: int, seq_len: int, step
     """Tokens/s of one training run from a fresh model: the median of its steps after the warm-up ones."""
     rates: list[float] = []
     settings = TrainConfig(
-        max_steps=WARMUP_STEPS + steps, batch_tokens=batch_size * seq_len, micro_batch_size=batch_size,
-        warmup_steps=1, eval_every=0, checkpoint_every=0, keep_checkpoints=1, resume=False, device="cpu",
+        max_steps=WARMUP_STEPS + steps,
+        batch_tokens=batch_size * seq_len,
+        micro_batch_size=batch_size,
+        warmup_steps=1,
+        eval_every=0,
+        checkpoint_every=0,
+        keep_checkpoints=1,
+        resume=False,
+        device="cpu",
     )
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out_dir:
-        train(GPT(config), settings, RandomTokens(batch_size, seq_len, config.vocab_size), None, Path(out_dir),
-              callback=lambda step, metrics: rates.append(metrics["tokens_per_s"]) if step > WARMUP_STEPS else None)
+        train(
+            GPT(config),
+            settings,
+            RandomTokens(batch_size, seq_len, config.vocab_size),
+            None,
+            Path(out_dir),
+            callback=lambda step, metrics: rates.append(metrics["tokens_per_s"]) if step > WARMUP_STEPS else None,
+        )
     return statistics.median(rates)
 
 
@@ -96,13 +109,17 @@ def main() -> None:
         rates = [training_tokens_per_s(config, batch_size, seq_len, args.steps) for _ in range(args.runs)]
         mfu = [config.flops_per_token(seq_len) * rate / peak for rate in rates]
         fastest = max(fastest, statistics.median(rates))
-        print(f"train {name}, batch {batch_size} x {seq_len}: {describe(rates)}; "
-              f"MFU {statistics.median(mfu):.1%} (range {min(mfu):.1%} - {max(mfu):.1%})")
+        print(
+            f"train {name}, batch {batch_size} x {seq_len}: {describe(rates)}; "
+            f"MFU {statistics.median(mfu):.1%} (range {min(mfu):.1%} - {max(mfu):.1%})"
+        )
 
     with tempfile.TemporaryDirectory() as scratch:
         manifest = None if args.quick else find_manifest()
         manifest = manifest or random_shards(Path(scratch), windows=500 if args.quick else 12_000)
-        loader_rates = loader_tokens_per_s(manifest, runs=2 if args.quick else 5, max_batches=20 if args.quick else None)
+        loader_rates = loader_tokens_per_s(
+            manifest, runs=2 if args.quick else 5, max_batches=20 if args.quick else None
+        )
     print(f"loader ({manifest.parent.name}): {describe(loader_rates)}")
     print(f"loader / training tokens/s (fastest model): {statistics.median(loader_rates) / fastest:,.0f}x")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -21,7 +21,7 @@ app = typer.Typer(
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config, e.g. configs/tiny.yaml")]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override a config field: dotted.key=value (repeatable)."),
 ]
 
@@ -72,9 +72,12 @@ def evaluate(config: ConfigArg, model: ModelArg, overrides: SetOpt = None) -> No
 def finetune(
     config: ConfigArg,
     start_from: Annotated[
-        Optional[str],
-        typer.Option("--from", help="A registered model (models:/NAME@ALIAS) or checkpoint directory to start from; "
-                     "default: the config's pretraining output."),
+        str | None,
+        typer.Option(
+            "--from",
+            help="A registered model (models:/NAME@ALIAS) or checkpoint directory to start from; "
+            "default: the config's pretraining output.",
+        ),
     ] = None,
     overrides: SetOpt = None,
 ) -> None:
@@ -96,7 +99,9 @@ def finetune(
 def run(
     config: ConfigArg,
     overrides: SetOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved config and which stages would run or skip.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved config and which stages would run or skip.")
+    ] = False,
 ) -> None:
     """Run the whole pipeline: data, pretraining, evaluation, fine-tuning, registration."""
     from flows.config import load_config
@@ -132,7 +137,13 @@ def generate(
     from tasks import tracking
 
     generator = tracking.load_text_generator(model_uri)
-    params = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    params = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": seed,
+    }
     for text, completion in zip(prompt, generator.predict(prompt, params=params)):
         print(f"{text}{completion}")
         print("-" * 40)
@@ -141,8 +152,8 @@ def generate(
 @app.command()
 def serve(
     config: ConfigArg,
-    cron: Annotated[Optional[str], typer.Option(help='Cron schedule, e.g. "0 3 * * *" (03:00 every day).')] = None,
-    interval: Annotated[Optional[int], typer.Option(help="Or: run every this many seconds.")] = None,
+    cron: Annotated[str | None, typer.Option(help='Cron schedule, e.g. "0 3 * * *" (03:00 every day).')] = None,
+    interval: Annotated[int | None, typer.Option(help="Or: run every this many seconds.")] = None,
     name: Annotated[str, typer.Option(help="Deployment name.")] = "scheduled",
     overrides: SetOpt = None,
 ) -> None:
@@ -164,11 +175,11 @@ def serve(
 
 @app.command()
 def runs(
-    config: Annotated[Optional[Path], typer.Argument(help="YAML config: its name is the MLflow experiment")] = None,
+    config: Annotated[Path | None, typer.Argument(help="YAML config: its name is the MLflow experiment")] = None,
     compare: Annotated[
-        Optional[tuple[str, str]], typer.Option(help="Two runs (name or id) side by side: differing settings, figures")
+        tuple[str, str] | None, typer.Option(help="Two runs (name or id) side by side: differing settings, figures")
     ] = None,
-    experiment: Annotated[Optional[str], typer.Option(help="The MLflow experiment, instead of a config's name")] = None,
+    experiment: Annotated[str | None, typer.Option(help="The MLflow experiment, instead of a config's name")] = None,
 ) -> None:
     """List the pipeline runs: start, status, the settings that differ, headline figures, version and aliases."""
     from rich.console import Console
@@ -203,9 +214,12 @@ def status(
 def clean(
     workspace: Annotated[str, typer.Argument(help="The workspace: a directory or s3://bucket/prefix.")] = "workspace",
     keep: Annotated[
-        Optional[list[Path]],
-        typer.Option("--keep", help="A config whose stage outputs (and their inputs) are kept; repeatable. "
-                     "Without --keep only incomplete outputs are removed."),
+        list[Path] | None,
+        typer.Option(
+            "--keep",
+            help="A config whose stage outputs (and their inputs) are kept; repeatable. "
+            "Without --keep only incomplete outputs are removed.",
+        ),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
 ) -> None:
@@ -220,7 +234,10 @@ def clean(
         print(f"{'would remove' if dry_run else 'removing'} {output.location} ({reason}, {format_size(output.size)})")
     if not dry_run:
         remove(doomed)
-    print(f"{len(doomed)} stage output(s), {format_size(sum(o.size for o in doomed))}" + (" (dry run)" if dry_run else " removed"))
+    print(
+        f"{len(doomed)} stage output(s), {format_size(sum(o.size for o in doomed))}"
+        + (" (dry run)" if dry_run else " removed")
+    )
 
 
 @app.command()
@@ -283,9 +300,11 @@ def main() -> None:
     except Exception as e:
         if not lost_tracking_server(e):
             raise
-        print(f"error: the MLflow tracking server stopped answering: {str(e).splitlines()[0]}. "
-              "Completed stages are kept; rerun when it is back, and this attempt's runs are closed then.",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"error: the MLflow tracking server stopped answering: {str(e).splitlines()[0]}. "
+            "Completed stages are kept; rerun when it is back, and this attempt's runs are closed then.",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
 
 

@@ -19,13 +19,13 @@ from flows.runners import TaskRunnerConfig
 from model.config import ModelConfig
 from model.errors import UserError
 from tasks.bpe import BPEConfig
+from tasks.core.storage import Workspace
 from tasks.evaluate import EvaluateConfig
 from tasks.finetune import FinetuneConfig
 from tasks.ingest import IngestConfig
 from tasks.pretrain import PretrainConfig
 from tasks.register import RegisterConfig
 from tasks.shard import ShardConfig
-from tasks.core.storage import Workspace
 
 # The `register:` section's field shadows ABCMeta.register, which nothing calls on a config.
 warnings.filterwarnings("ignore", message='Field name "register" in "PipelineConfig" shadows', category=UserWarning)
@@ -51,7 +51,9 @@ class PipelineConfig(BaseModel):
         # Otherwise found only when pretraining starts, after the data stages have run.
         block_size = self.model.resolve(vocab_size=1).block_size
         if self.shard.seq_len > block_size:
-            raise ValueError(f"shard.seq_len ({self.shard.seq_len}) exceeds the model's context (model.block_size {block_size})")
+            raise ValueError(
+                f"shard.seq_len ({self.shard.seq_len}) exceeds the model's context (model.block_size {block_size})"
+            )
         return self
 
 

@@ -21,6 +21,11 @@ def evaluate_flow(config: PipelineConfig, model: str) -> EvaluateOutput:
     with flow_runtime(config) as run_id:
         prepared = prepare_data(config, parent_run_id=run_id)
         return evaluate_task(
-            config.evaluate, model, prepared.tokenizer.tokenizer, prepared.shards.path, prepared.corpus.corpus,
-            config.workspace, parent_run_id=run_id,
+            config.evaluate,
+            model,
+            prepared.tokenizer.tokenizer,
+            prepared.shards.path,
+            prepared.corpus.corpus,
+            config.workspace,
+            parent_run_id=run_id,
         )

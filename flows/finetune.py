@@ -28,11 +28,16 @@ def finetune_flow(config: PipelineConfig, start_from: str | None = None) -> Fine
         base = start_from or config.finetune.start_from
         if base is None:
             with holding_gpus(config.pretrain.nproc_per_node):
-                pretrained = pretrain_task(config.pretrain, config.model, prepared.shards, config.workspace,
-                                           parent_run_id=run_id)
+                pretrained = pretrain_task(
+                    config.pretrain, config.model, prepared.shards, config.workspace, parent_run_id=run_id
+                )
             base = pretrained.checkpoint
         with holding_gpus():
             return finetune_task(
-                config.finetune, base, prepared.tokenizer.tokenizer, prepared.corpus.corpus, config.workspace,
+                config.finetune,
+                base,
+                prepared.tokenizer.tokenizer,
+                prepared.corpus.corpus,
+                config.workspace,
                 parent_run_id=run_id,
             )

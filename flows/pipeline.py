@@ -56,7 +56,9 @@ def summary_markdown(config: PipelineConfig, result: PipelineResult, evaluations
 
 
 @flow(name="pipeline", flow_run_name=flow_run_title)
-def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", overrides: list[str] | None = None) -> PipelineResult:
+def pipeline(
+    config: PipelineConfig | str | Path = "configs/tiny.yaml", overrides: list[str] | None = None
+) -> PipelineResult:
     """Corpus to registered model; `config` is a YAML path or a PipelineConfig."""
     if not isinstance(config, PipelineConfig):
         config = load_config(config, overrides or ())
@@ -70,9 +72,16 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
             """One evaluation, named after the model it scores in Prefect and MLflow alike."""
             name = f"evaluate-{label}"
             return evaluate_task.with_options(task_run_name=name)(
-                config.evaluate, checkpoint, tokenizer.tokenizer, shards.path, corpus.corpus, workspace,
-                parent_run_id=run_id, run_name=name, parent_prefix=f"{label}_",
-            )  # fmt: skip
+                config.evaluate,
+                checkpoint,
+                tokenizer.tokenizer,
+                shards.path,
+                corpus.corpus,
+                workspace,
+                parent_run_id=run_id,
+                run_name=name,
+                parent_prefix=f"{label}_",
+            )
 
         with holding_gpus(config.pretrain.nproc_per_node):
             pretrained = pretrain_task(config.pretrain, config.model, shards, workspace, parent_run_id=run_id)
@@ -97,9 +106,15 @@ def pipeline(config: PipelineConfig | str | Path = "configs/tiny.yaml", override
         }
         with holding(registry_limit(config.name)):
             registered = register_task(
-                config.register, config.name, final_checkpoint, tokenizer.tokenizer, final.metrics, lineage,
-                EvalData(config.evaluate, shards.path, corpus.corpus), parent_run_id=run_id,
-            )  # fmt: skip
+                config.register,
+                config.name,
+                final_checkpoint,
+                tokenizer.tokenizer,
+                final.metrics,
+                lineage,
+                EvalData(config.evaluate, shards.path, corpus.corpus),
+                parent_run_id=run_id,
+            )
         result = PipelineResult(
             mlflow_run_id=run_id,
             mlflow_run_link=tracking.run_link(run_id),

@@ -18,13 +18,13 @@ from model.checkpoint import CONFIG, WEIGHTS
 from model.config import GPTConfig
 from tasks.bpe import TOKENIZER_FILE, bpe_fingerprint
 from tasks.core.checkpoint_mirror import has_checkpoints
+from tasks.core.storage import resolve_workspace
+from tasks.core.workspace import StageDir, sha256_file
 from tasks.evaluate import evaluate_fingerprint, evaluate_inputs
 from tasks.finetune import finetune_fingerprint, finetune_inputs
 from tasks.ingest import CORPUS_FILE, find_source_files, ingest_fingerprint
 from tasks.pretrain import pretrain_fingerprint
 from tasks.shard import shard_fingerprint
-from tasks.core.storage import resolve_workspace
-from tasks.core.workspace import StageDir, sha256_file
 
 
 @dataclass(frozen=True)

@@ -28,12 +28,18 @@ from flows.runners import TaskRunnerConfig, make_task_runner
 from model.errors import UserError
 from tasks import tracking
 from tasks.bpe import BPEOutput, run_bpe, train_tokenizer_task
+from tasks.core.storage import resolve_workspace
 from tasks.ingest import HF_PREFIX, IngestConfig, IngestOutput, find_source_files, ingest_task, run_ingest
 from tasks.shard import (
-    ChunkCounts, ShardChunk, ShardOutput, check_shard_bytes, encode_chunk_task, run_shard, shard_task,
+    ChunkCounts,
+    ShardChunk,
+    ShardOutput,
+    check_shard_bytes,
+    encode_chunk_task,
+    run_shard,
+    shard_task,
 )
 from tasks.tracking.datasets import track_data_task
-from tasks.core.storage import resolve_workspace
 
 # Seconds before each retry of a remote source's ingest: a blip, then a short outage.
 REMOTE_RETRY_DELAYS = [10, 60]
@@ -51,11 +57,25 @@ class PreparedData(BaseModel):
         """Each stage: built or reused, where its output is, and its headline figures."""
         corpus, tokenizer, shards = self.corpus.report, self.tokenizer.report, self.shards.report
         rows = [
-            ("ingest", self.corpus, self.corpus.corpus, f"{corpus['documents_train']} train / {corpus['documents_val']} "
-             f"val documents, {corpus['bytes_train'] + corpus['bytes_val']:,} bytes"),
-            ("bpe", self.tokenizer, self.tokenizer.tokenizer, f"vocab {tokenizer['vocab_size']}, "
-             f"{tokenizer['val_bytes_per_token']} bytes/token on val"),
-            ("shard", self.shards, self.shards.manifest, f"{shards['train_rows']} train / {shards['val_rows']} val windows"),
+            (
+                "ingest",
+                self.corpus,
+                self.corpus.corpus,
+                f"{corpus['documents_train']} train / {corpus['documents_val']} "
+                f"val documents, {corpus['bytes_train'] + corpus['bytes_val']:,} bytes",
+            ),
+            (
+                "bpe",
+                self.tokenizer,
+                self.tokenizer.tokenizer,
+                f"vocab {tokenizer['vocab_size']}, {tokenizer['val_bytes_per_token']} bytes/token on val",
+            ),
+            (
+                "shard",
+                self.shards,
+                self.shards.manifest,
+                f"{shards['train_rows']} train / {shards['val_rows']} val windows",
+            ),
         ]
         return "\n".join(
             f"{stage:<7} {'reused' if output.reused else 'built':<7} {path}\n{'':<15} {figures}"
@@ -77,8 +97,12 @@ def prepare_data(config: PipelineConfig, parent_run_id: str | None = None) -> Pr
     corpus = ingest_for(config.ingest)(config.ingest, config.workspace)
     tokenizer = train_tokenizer_task(config.bpe, corpus, config.workspace)
     shards = shard_task(
-        config.shard, corpus, tokenizer, config.workspace,
-        map_chunks=task_runs_on(config.task_runner), parts_in_workspace=config.task_runner.remote_workers,
+        config.shard,
+        corpus,
+        tokenizer,
+        config.workspace,
+        map_chunks=task_runs_on(config.task_runner),
+        parts_in_workspace=config.task_runner.remote_workers,
     )
     prepared = PreparedData(corpus=corpus, tokenizer=tokenizer, shards=shards)
     where = f"workspace `{resolve_workspace(config.workspace)}`"

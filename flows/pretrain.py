@@ -17,7 +17,9 @@ from tasks.pretrain import PretrainOutput, pretrain_task
 
 
 @flow(name="pretrain", flow_run_name=flow_run_title)
-def pretrain(config: PipelineConfig | str | Path = "configs/tiny.yaml", overrides: list[str] | None = None) -> PretrainOutput:
+def pretrain(
+    config: PipelineConfig | str | Path = "configs/tiny.yaml", overrides: list[str] | None = None
+) -> PretrainOutput:
     """Shards from the config's corpus, then a pretrained checkpoint; `config` is a YAML path or a PipelineConfig."""
     if not isinstance(config, PipelineConfig):
         config = load_config(config, overrides or ())

@@ -23,7 +23,9 @@ class TaskRunnerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["threads", "dask"] = Field("threads", description="threads in this process, or a Dask cluster")
-    n_workers: int | None = Field(None, ge=1, description="threads, or local Dask worker processes (default: CPU count)")
+    n_workers: int | None = Field(
+        None, ge=1, description="threads, or local Dask worker processes (default: CPU count)"
+    )
     address: str | None = Field(None, description="dask: the scheduler of an existing cluster (default: a local one)")
 
     @model_validator(mode="after")

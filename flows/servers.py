@@ -46,7 +46,9 @@ def _bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def up(prefect_port: int = 4200, mlflow_port: int = 5000, data_dir: Path = Path("."), timeout: float = 180.0) -> dict[str, ServerRecord]:
+def up(
+    prefect_port: int = 4200, mlflow_port: int = 5000, data_dir: Path = Path("."), timeout: float = 180.0
+) -> dict[str, ServerRecord]:
     """Start both servers (unless `gptflow up` already did), wait until healthy, record them."""
     running = read_records()
     if running and all(is_alive(r.pid) for r in running.values()) and set(running) == {PREFECT, MLFLOW}:
@@ -64,7 +66,9 @@ def up(prefect_port: int = 4200, mlflow_port: int = 5000, data_dir: Path = Path(
     # The Prefect UI finds its API through PREFECT_UI_API_URL, which does not follow --port.
     prefect_env = {"PREFECT_UI_API_URL": f"{prefect_url}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     records = {
-        PREFECT: _spawn(prefect_command(prefect_port), logs / "prefect.log", f"{prefect_url}/api", prefect_url, prefect_env),
+        PREFECT: _spawn(
+            prefect_command(prefect_port), logs / "prefect.log", f"{prefect_url}/api", prefect_url, prefect_env
+        ),
         MLFLOW: _spawn(mlflow_command(mlflow_port, data_dir), logs / "mlflow.log", mlflow_url, mlflow_url),
     }
     # Record before waiting, so `gptflow down` can stop what started even if `up` is interrupted.
@@ -90,7 +94,9 @@ def down(timeout: float = 30.0) -> list[str]:
     return stopped
 
 
-def _spawn(command: list[str], log_file: Path, api_url: str, ui_url: str, env: dict[str, str] | None = None) -> ServerRecord:
+def _spawn(
+    command: list[str], log_file: Path, api_url: str, ui_url: str, env: dict[str, str] | None = None
+) -> ServerRecord:
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -106,7 +112,9 @@ def _require_free_port(port: int) -> None:
         try:
             s.bind((HOST, port))
         except OSError:
-            raise UserError(f"port {port} on {HOST} is already in use; choose another with --prefect-port/--mlflow-port") from None
+            raise UserError(
+                f"port {port} on {HOST} is already in use; choose another with --prefect-port/--mlflow-port"
+            ) from None
 
 
 def _wait_healthy(record: ServerRecord, health_url: str, timeout: float) -> None:
@@ -146,4 +154,3 @@ def _running(pid: int) -> bool:
     except ChildProcessError:
         pass  # not our child: its parent (or init) reaps it
     return is_alive(pid)
-

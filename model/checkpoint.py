@@ -86,8 +86,14 @@ def tied_names(model: nn.Module) -> dict[str, str]:
     return {alias: min(group) for group in names.values() for alias in group if alias != min(group)}
 
 
-def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int,
-                    weights: Mapping[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    checkpoints: Path,
+    step: int,
+    model: nn.Module,
+    state: dict[str, Any],
+    keep: int,
+    weights: Mapping[str, torch.Tensor] | None = None,
+) -> Path:
     """Write `checkpoints/step-{step}` atomically, then delete all but the newest `keep`.
 
     `weights`: the model's full state dict, when its own parameters are shards (FSDP2)."""
@@ -97,8 +103,9 @@ def save_checkpoint(checkpoints: Path, step: int, model: nn.Module, state: dict[
     return _commit(tmp, checkpoints, step, plain, state, keep)
 
 
-def save_sharded_checkpoint(checkpoints: Path, step: int, model: nn.Module, state: dict[str, Any],
-                            shards: dict[str, Any], keep: int) -> Path:
+def save_sharded_checkpoint(
+    checkpoints: Path, step: int, model: nn.Module, state: dict[str, Any], shards: dict[str, Any], keep: int
+) -> Path:
     """The DCP format: every rank calls this with its `shards` (model.parallel.sharded_state) and
     writes them; rank 0 also writes the config and `state`, and commits."""
     main = not dist.is_initialized() or dist.get_rank() == 0
@@ -111,9 +118,16 @@ def save_sharded_checkpoint(checkpoints: Path, step: int, model: nn.Module, stat
     return _commit(tmp, checkpoints, step, unwrap(model), state, keep) if main else checkpoints / f"step-{step}"
 
 
-def save_training_checkpoint(checkpoints: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                             state: dict[str, Any], checkpoint_format: CheckpointFormat, keep: int,
-                             is_main: bool) -> Path:
+def save_training_checkpoint(
+    checkpoints: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    checkpoint_format: CheckpointFormat,
+    keep: int,
+    is_main: bool,
+) -> Path:
     """The training loop's checkpoint of step `step`: the (parallelized) model's weights and
     optimizer state in `checkpoint_format`, plus `state`. Every rank calls it: gathering the
     state, or writing its shards, takes them all; no rank returns before the checkpoint is in place."""
@@ -122,15 +136,21 @@ def save_training_checkpoint(checkpoints: Path, step: int, model: nn.Module, opt
     else:
         weights, optimizer_state = full_state(model, optimizer)  # collective: every rank takes part
         if is_main:
-            save_checkpoint(checkpoints, step, model, {"optimizer": optimizer_state, **state}, keep=keep,
-                            weights=weights)
+            save_checkpoint(
+                checkpoints, step, model, {"optimizer": optimizer_state, **state}, keep=keep, weights=weights
+            )
     if dist.is_initialized():
         dist.barrier()
     return checkpoints / f"step-{step}"
 
 
-def load_training_checkpoint(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                             checkpoint_format: CheckpointFormat, is_main: bool) -> dict[str, Any]:
+def load_training_checkpoint(
+    checkpoint: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    checkpoint_format: CheckpointFormat,
+    is_main: bool,
+) -> dict[str, Any]:
     """Load `checkpoint`'s weights and optimizer state into the (parallelized) model; returns the
     rest of its state. Rank 0 reads a gathered checkpoint and broadcasts it; a DCP checkpoint is
     read by every rank, and only when the run opted into that format."""

@@ -102,8 +102,13 @@ def _gpt3(n_layer: int, n_head: int, n_embd: int) -> GPTConfig:
     # The paper does not give the band width of its "locally banded sparse attention";
     # 256 (an eighth of the context) is our choice.
     return GPTConfig(
-        vocab_size=50257, block_size=2048, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-        attention=["dense", "sparse"], sparse_window=256,
+        vocab_size=50257,
+        block_size=2048,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        attention=["dense", "sparse"],
+        sparse_window=256,
     )
 
 

@@ -109,8 +109,18 @@ class ShardManifest(BaseModel):
 class WindowSource(IterableDataset):
     """Reads the rank's batches from a given start position on; picklable for DataLoader workers."""
 
-    def __init__(self, files: list[Path], row_groups: list[tuple[int, int, int]], seq_len: int,
-                 batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool, buffer_row_groups: int):
+    def __init__(
+        self,
+        files: list[Path],
+        row_groups: list[tuple[int, int, int]],
+        seq_len: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        shuffle: bool,
+        buffer_row_groups: int,
+    ):
         self.files = files
         self.row_groups = row_groups  # (file index, row group index, rows), in stream order
         self.num_windows = sum(rows for _, _, rows in row_groups)
@@ -191,8 +201,19 @@ class WindowLoader:
     order, for validation.
     """
 
-    def __init__(self, manifest: Path | str, split: str, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, workers: int = 0, buffer_row_groups: int = 64):
+    def __init__(
+        self,
+        manifest: Path | str,
+        split: str,
+        batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        workers: int = 0,
+        buffer_row_groups: int = 64,
+    ):
         manifest = Path(manifest)
         info = ShardManifest.read(manifest)
         entries = [entry.model_dump() for entry in info.split_files(split)]
@@ -204,8 +225,9 @@ class WindowLoader:
             row_groups += [(i, group, metadata.row_group(group).num_rows) for group in range(metadata.num_row_groups)]
         self.seq_len, self.vocab_size = info.seq_len, info.vocab_size
         self.batch_size, self.world_size, self.workers = batch_size, world_size, workers
-        self.source = WindowSource(files, row_groups, self.seq_len, batch_size, rank, world_size,
-                                   seed, shuffle, buffer_row_groups)
+        self.source = WindowSource(
+            files, row_groups, self.seq_len, batch_size, rank, world_size, seed, shuffle, buffer_row_groups
+        )
         if self.source.num_windows < batch_size * world_size:
             raise UserError(
                 f"{manifest}: split {split!r} has {self.source.num_windows} windows, fewer than one batch "
@@ -219,10 +241,19 @@ class WindowLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         start = self.source.start = self.start
-        batches = iter(self.source) if self.workers == 0 else iter(
-            # Its own generator: seeding the workers must not draw from the global RNG (dropout).
-            DataLoader(self.source, batch_size=None, num_workers=self.workers, prefetch_factor=4,
-                       generator=torch.Generator())
+        batches = (
+            iter(self.source)
+            if self.workers == 0
+            else iter(
+                # Its own generator: seeding the workers must not draw from the global RNG (dropout).
+                DataLoader(
+                    self.source,
+                    batch_size=None,
+                    num_workers=self.workers,
+                    prefetch_factor=4,
+                    generator=torch.Generator(),
+                )
+            )
         )
         for count, batch in enumerate(batches, start=1):
             self.position = start + count * self.world_size * self.batch_size

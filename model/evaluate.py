@@ -75,8 +75,9 @@ class LossTotals:
 
 
 @torch.no_grad()
-def score_batch(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-                byte_lengths: torch.Tensor) -> LossTotals:
+def score_batch(
+    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor
+) -> LossTotals:
     """Totals for one batch: inputs (B, T) token ids, targets (B, T) ids or IGNORE."""
     logits = model(inputs).logits  # (B, T, V)
     flat_logits = logits.flatten(0, 1).float()  # (B*T, V)

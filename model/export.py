@@ -133,8 +133,12 @@ def _gpt_config(hf: dict, path: Path) -> GPTConfig:
             raise UserError(f"{path}: {field}={value!r} is not supported (expected {supported!r})")
     try:
         return GPTConfig(
-            vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-            n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=hf.get("resid_pdrop", 0.0),
+            vocab_size=hf["vocab_size"],
+            block_size=hf["n_positions"],
+            n_layer=hf["n_layer"],
+            n_head=hf["n_head"],
+            n_embd=hf["n_embd"],
+            dropout=hf.get("resid_pdrop", 0.0),
         )
     except KeyError as e:
         raise UserError(f"{path}: missing field {e}") from None

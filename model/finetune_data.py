@@ -98,8 +98,16 @@ class PairBatches:
     `shuffle` (validation) each `iter()` is one pass over this rank's rows, in order.
     """
 
-    def __init__(self, inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, seed: int = 0,
-                 shuffle: bool = True, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if len(inputs) == 0:
             raise ValueError("no rows to draw batches from")
         self.inputs, self.targets = inputs, targets

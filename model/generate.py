@@ -20,9 +20,17 @@ from model.special_tokens import EOS_ID, PAD_ID, SEP_ID
 
 
 @torch.inference_mode()
-def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = 40, top_p: float = 1.0, eos_id: int | None = None, seed: int | None = None,
-             use_cache: bool = True) -> list[list[int]]:
+def generate(
+    model: GPT,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = 40,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
     """Continue each prompt by up to max_new_tokens tokens; return the new tokens only, per prompt.
 
     temperature=0 is greedy. top_k keeps the k most likely tokens (None or 0: all); top_p
@@ -59,14 +67,15 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperat
     return new_tokens
 
 
-def _prefill(model: GPT, rows: list[list[int]], device: torch.device,
-             use_cache: bool) -> tuple[torch.Tensor, KVCache | None]:
+def _prefill(
+    model: GPT, rows: list[list[int]], device: torch.device, use_cache: bool
+) -> tuple[torch.Tensor, KVCache | None]:
     """Run the last block_size tokens of every row, left-padded to one length.
 
     Returns the (B, V) next-token logits and a cache filled with the window, or no cache when
     use_cache is off and the rows need no padding (a padded batch keeps one for its pad mask).
     """
-    windows = [row[-model.config.block_size:] for row in rows]
+    windows = [row[-model.config.block_size :] for row in rows]
     length = max(len(window) for window in windows)
     pad = torch.tensor([length - len(window) for window in windows])
     idx = torch.tensor([[PAD_ID] * (length - len(window)) + window for window in windows], device=device)
@@ -77,8 +86,9 @@ def _prefill(model: GPT, rows: list[list[int]], device: torch.device,
     return model(idx, cache=cache).logits[:, -1], cache
 
 
-def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float,
-           generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Draw one token per row from (B, V) logits; returns (B,) token ids."""
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -108,8 +118,9 @@ def few_shot_prompt(examples: list[tuple[list[int], list[int]]], query: list[int
     return tokens + [*query, SEP_ID]
 
 
-def _check_arguments(model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float,
-                     top_k: int | None, top_p: float) -> None:
+def _check_arguments(
+    model: GPT, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_k: int | None, top_p: float
+) -> None:
     context = model.config.block_size
     if not prompts:
         raise UserError("generate: no prompts given")

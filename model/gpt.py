@@ -33,8 +33,14 @@ class KVCache:
     in place: `GPT.forward(idx, cache=cache)` writes slots offset..offset+T-1 and advances it.
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, pad: torch.Tensor | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        pad: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         shape = (batch_size, config.n_head, config.block_size, config.head_dim)
         self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
@@ -45,8 +51,8 @@ class KVCache:
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's (B, nh, T, hs) keys and values; return all of them so far, (B, nh, S, hs)."""
         end = self.offset + k.size(2)
-        self.keys[layer][:, :, self.offset:end] = k
-        self.values[layer][:, :, self.offset:end] = v
+        self.keys[layer][:, :, self.offset : end] = k
+        self.values[layer][:, :, self.offset : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
@@ -105,7 +111,9 @@ class CausalSelfAttention(nn.Module):
             y = banded_flex_attention(q, k, v, mask.mask)
         else:
             dropout = self.attn_dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, dropout_p=dropout, is_causal=mask.is_causal)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask.mask, dropout_p=dropout, is_causal=mask.is_causal
+            )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -145,13 +153,15 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
-            wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
-            drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
-            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
-        ))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embeddings
+                wpe=nn.Embedding(config.block_size, config.n_embd),  # learned position embeddings
+                drop=nn.Dropout(config.dropout),
+                h=nn.ModuleList(Block(config, layer) for layer in range(config.n_layer)),
+                ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+            )
+        )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one Parameter, read by both
         self.apply(self._init_weights)
@@ -170,8 +180,9 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> GPTOutput:
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> GPTOutput:
         """idx (B, T) token ids; targets (B, T) next-token ids, -100 where no loss is wanted.
 
         With a cache, idx continues the tokens already in it: their keys and values are read
@@ -201,8 +212,9 @@ class GPT(nn.Module):
             cache.offset += T
         return GPTOutput(logits, loss, cache)
 
-    def _attention_masks(self, T: int, start: int, cache: KVCache | None,
-                         device: torch.device) -> dict[str, AttentionMask]:
+    def _attention_masks(
+        self, T: int, start: int, cache: KVCache | None, device: torch.device
+    ) -> dict[str, AttentionMask]:
         """For each layer kind, which keys each of the T queries (slots start..start+T-1) may attend to.
 
         Query i sees key j when j <= i (causal), j > i - sparse_window in sparse layers, and j
@@ -228,8 +240,7 @@ class GPT(nn.Module):
     def _attention_dropout(self) -> bool:
         return self.training and self.config.dropout > 0  # flex attention has no dropout
 
-    def _mask_tensor(self, T: int, start: int, kind: str, cache: KVCache | None,
-                     device: torch.device) -> torch.Tensor:
+    def _mask_tensor(self, T: int, start: int, kind: str, cache: KVCache | None, device: torch.device) -> torch.Tensor:
         query = torch.arange(start, start + T, device=device)[:, None]  # (T, 1) slots
         key = torch.arange(start + T, device=device)[None, :]  # (1, S) slots
         allowed = key <= query

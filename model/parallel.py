@@ -83,8 +83,9 @@ class ParallelConfig(BaseModel):
     )
 
 
-def parallelize(model: GPT, config: ParallelConfig, device: torch.device, world_size: int, bf16: bool,
-                compile: bool) -> nn.Module:
+def parallelize(
+    model: GPT, config: ParallelConfig, device: torch.device, world_size: int, bf16: bool, compile: bool
+) -> nn.Module:
     """Prepare `model` (changed in place) for `world_size` processes on `device`.
 
     Returns the module to call forward on: `model` itself, DDP around it, or torch.compile's
@@ -164,8 +165,12 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict
     return get_model_state_dict(model, options=_GATHERED), get_optimizer_state_dict(model, optimizer, options=_GATHERED)
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, weights: dict[str, torch.Tensor],
-                    optimizer_state: dict[str, Any]) -> None:
+def load_full_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+) -> None:
     """Load `full_state`'s output. Under torchrun only rank 0's arguments are read: it
     broadcasts them, and each rank keeps its shard (FSDP2) or a copy (DDP)."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())

@@ -82,7 +82,6 @@ from model.runtime import (
 )
 from model.schedule import Schedule, learning_rate
 
-
 Callback = Callable[[int, Mapping[str, float]], None]
 
 
@@ -287,10 +286,22 @@ def train(
             return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)
 
         def save(step: int) -> Path:
-            state = {"data": train_data.state_dict(), "rng": rng_states(device), "world_size": env.world_size,
-                     "train_loss": train_loss}
-            return save_training_checkpoint(checkpoints, step, model, optimizer, state, config.checkpoint_format,
-                                            config.keep_checkpoints, env.is_main)
+            state = {
+                "data": train_data.state_dict(),
+                "rng": rng_states(device),
+                "world_size": env.world_size,
+                "train_loss": train_loss,
+            }
+            return save_training_checkpoint(
+                checkpoints,
+                step,
+                model,
+                optimizer,
+                state,
+                config.checkpoint_format,
+                config.keep_checkpoints,
+                env.is_main,
+            )
 
         batches = iter(train_data)
         start_step, started = step, time.perf_counter()
@@ -298,8 +309,13 @@ def train(
         while step < config.max_steps:
             step_started = time.perf_counter()
             lr = learning_rate(
-                step, lr=config.lr, min_lr=config.min_lr, warmup_steps=config.warmup_steps,
-                max_steps=config.max_steps, schedule=config.schedule, decay_fraction=config.decay_fraction,
+                step,
+                lr=config.lr,
+                min_lr=config.min_lr,
+                warmup_steps=config.warmup_steps,
+                max_steps=config.max_steps,
+                schedule=config.schedule,
+                decay_fraction=config.decay_fraction,
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -372,8 +388,14 @@ def run(spec: RunSpec, callback: Callback | None = None) -> TrainResult:
 
     def loader(split: str, shuffle: bool) -> WindowLoader:
         return WindowLoader(
-            spec.shards, split, spec.train.micro_batch_size, rank=env.rank, world_size=env.world_size,
-            seed=spec.train.seed, shuffle=shuffle, workers=spec.loader_workers,
+            spec.shards,
+            split,
+            spec.train.micro_batch_size,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=spec.train.seed,
+            shuffle=shuffle,
+            workers=spec.loader_workers,
         )
 
     train_data, val_data = loader("train", shuffle=True), loader("val", shuffle=False)
@@ -394,8 +416,9 @@ def main(argv: list[str] | None = None, callback: Callback | None = None) -> Non
     """Command line entry (also under torchrun); `callback` defaults to printing each step."""
     parser = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("spec", type=Path, help="a RunSpec as JSON: {model, train, shards, out_dir, loader_workers}")
-    parser.add_argument("--result", type=Path,
-                        help="the first process of this node writes the TrainResult (or the error) here as JSON")
+    parser.add_argument(
+        "--result", type=Path, help="the first process of this node writes the TrainResult (or the error) here as JSON"
+    )
     args = parser.parse_args(argv)
     env = DistributedEnv.from_environ()
     is_main = env.is_main

@@ -17,16 +17,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-import torch
 
 from model.special_tokens import SPECIAL_TOKENS
-from tasks.ingest import IngestOutput, read_corpus
 from tasks.core.progress import progress
 from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
+from tasks.ingest import IngestOutput, read_corpus
 
 FORMAT_VERSION = 1
 TOKENIZER_FILE = "tokenizer.json"

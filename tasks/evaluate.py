@@ -90,8 +90,9 @@ def shard_windows(shards: Path, split: str = "val") -> tuple[torch.Tensor, Shard
     files = manifest.split_files(split)
     if not files:
         raise UserError(f"{shards / MANIFEST}: no {split} shards (is the {split} split empty?)")
-    tokens = [pq.read_table(shards / entry.path).column("tokens").combine_chunks().flatten().to_numpy()
-              for entry in files]
+    tokens = [
+        pq.read_table(shards / entry.path).column("tokens").combine_chunks().flatten().to_numpy() for entry in files
+    ]
     windows = torch.from_numpy(np.concatenate(tokens).astype(np.int64))
     return windows.view(-1, manifest.seq_len + 1), manifest
 
@@ -123,8 +124,14 @@ def sample_prompts(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig) -> 
         return []
     prompts = [[EOS_ID, *tokenizer.encode(prompt, add_special_tokens=False).ids] for prompt in config.prompts]
     completions = generate(
-        model, prompts, config.max_new_tokens, temperature=config.temperature, top_k=config.top_k,
-        top_p=config.top_p, eos_id=EOS_ID, seed=config.seed,
+        model,
+        prompts,
+        config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        eos_id=EOS_ID,
+        seed=config.seed,
     )
     return [(prompt, tokenizer.decode(ids)) for prompt, ids in zip(config.prompts, completions)]
 
@@ -133,8 +140,9 @@ def samples_markdown(samples: list[tuple[str, str]]) -> str:
     return "".join(f"### `{prompt}`\n\n```\n{prompt}{completion}\n```\n\n" for prompt, completion in samples)
 
 
-def shard_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path,
-                  progress: StageProgress | None = None) -> dict[str, float]:
+def shard_figures(
+    model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path, progress: StageProgress | None = None
+) -> dict[str, float]:
     """val_* figures over the val shards' windows (at most `max_windows`, evenly spaced),
     and the scoring throughput; `progress` counts the batches."""
     windows, manifest = shard_windows(shards)
@@ -174,14 +182,24 @@ def document_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, c
     return docs.figures("doc")
 
 
-def evaluate_model(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path,
-                   corpus: Path, progress: StageProgress | None = None) -> dict[str, float]:
+def evaluate_model(
+    model: GPT,
+    tokenizer: Tokenizer,
+    config: EvaluateConfig,
+    shards: Path,
+    corpus: Path,
+    progress: StageProgress | None = None,
+) -> dict[str, float]:
     """Every figure of the stage, for a loaded model; `progress` follows the val shards' batches."""
-    documents = document_figures(model, tokenizer, config, corpus)  # first: a stride the model cannot take fails at once
+    documents = document_figures(
+        model, tokenizer, config, corpus
+    )  # first: a stride the model cannot take fails at once
     return {**shard_figures(model, tokenizer, config, shards, progress), **documents}
 
 
-def evaluate_inputs(model_sha256: str, tokenizer_sha256: str, shards_fingerprint: str, corpus_sha256: str) -> dict[str, str]:
+def evaluate_inputs(
+    model_sha256: str, tokenizer_sha256: str, shards_fingerprint: str, corpus_sha256: str
+) -> dict[str, str]:
     """The identities the evaluation depends on: the weights, tokenizer, shards and corpus."""
     return {"model": model_sha256, "tokenizer": tokenizer_sha256, "shards": shards_fingerprint, "corpus": corpus_sha256}
 
@@ -225,11 +243,22 @@ def run_evaluate(
         write_json_atomic(directory / "metrics.json", metrics)
         names = ("metrics.json", "samples.md", SAMPLES_TABLE)
         files = [{"path": name, "sha256": sha256_file(directory / name)} for name in names]
-        return {"format": FORMAT_VERSION, "fingerprint": stage.fingerprint, "inputs": inputs, "metrics": metrics, "files": files}
+        return {
+            "format": FORMAT_VERSION,
+            "fingerprint": stage.fingerprint,
+            "inputs": inputs,
+            "metrics": metrics,
+            "files": files,
+        }
 
     manifest, reused = stage.build_once(build)
-    return EvaluateOutput(path=stage.path, fingerprint=stage.fingerprint, metrics=manifest["metrics"],
-                          samples=stage.path / "samples.md", reused=reused)
+    return EvaluateOutput(
+        path=stage.path,
+        fingerprint=stage.fingerprint,
+        metrics=manifest["metrics"],
+        samples=stage.path / "samples.md",
+        reused=reused,
+    )
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
@@ -256,7 +285,11 @@ def evaluate_task(
             parent_metrics={parent_prefix + name: output.metrics[name] for name in HEADLINE},
             artifacts={output.samples: "evaluate", output.path / "metrics.json": "evaluate"},
             tables={SAMPLES_TABLE: json.loads((output.path / SAMPLES_TABLE).read_text())},
-            report=Report(run_name, metrics_markdown(f"Evaluation of {model}", output.metrics)
-                          + f"\n## Samples\n\n{output.samples.read_text()}", "evaluation figures and samples"),
+            report=Report(
+                run_name,
+                metrics_markdown(f"Evaluation of {model}", output.metrics)
+                + f"\n## Samples\n\n{output.samples.read_text()}",
+                "evaluation figures and samples",
+            ),
         )
     return output

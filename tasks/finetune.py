@@ -43,8 +43,8 @@ from model.evaluate import IGNORE, score_batches
 from model.finetune_data import EncodeReport, PairBatches, TooLong, encode_pairs, to_rows
 from model.generate import generate
 from model.gpt import GPT
-from model.special_tokens import EOS_ID, SEP_ID
 from model.runtime import DistributedEnv
+from model.special_tokens import EOS_ID, SEP_ID
 from model.train import train
 from tasks import tracking
 from tasks.bpe import load_tokenizer, token_byte_lengths
@@ -72,8 +72,9 @@ class FinetuneConfig(TrainingStageConfig):
     min_lr: float = Field(3e-5, ge=0)
     warmup_steps: int = Field(10, ge=0)
     # Run-only here, unlike pretraining: the held-out figures after training are the result.
-    eval_every: int = Field(0, ge=0, description="steps between validation losses; 0: only at the end",
-                            json_schema_extra=RUN_ONLY)
+    eval_every: int = Field(
+        0, ge=0, description="steps between validation losses; 0: only at the end", json_schema_extra=RUN_ONLY
+    )
     eval_batches: PositiveInt = Field(
         8, description="micro-batches per rank in each validation", json_schema_extra=RUN_ONLY
     )
@@ -133,11 +134,13 @@ def load_pairs(config: FinetuneConfig, corpus: Path) -> PairSet:
 
 
 def write_pairs(pairs: list[Pair], path: Path) -> None:
-    table = pa.table({
-        "prompt": [p.prompt for p in pairs],
-        "completion": [p.completion for p in pairs],
-        "source": [p.source for p in pairs],
-    })
+    table = pa.table(
+        {
+            "prompt": [p.prompt for p in pairs],
+            "completion": [p.completion for p in pairs],
+            "source": [p.source for p in pairs],
+        }
+    )
     pq.write_table(table, path, compression="zstd")
 
 
@@ -157,13 +160,19 @@ class TaskData:
     val_report: EncodeReport
 
     @classmethod
-    def encode(cls, tokenizer: Tokenizer, pairs: PairSet, seq_len: int, config: FinetuneConfig, source: Path) -> TaskData:
+    def encode(
+        cls, tokenizer: Tokenizer, pairs: PairSet, seq_len: int, config: FinetuneConfig, source: Path
+    ) -> TaskData:
         train_examples, train_report = encode_pairs(tokenize(tokenizer, pairs.train), seq_len, config.too_long)
         val_examples, val_report = encode_pairs(tokenize(tokenizer, pairs.val), seq_len, config.too_long)
         if not train_examples:
             raise UserError(f"{source}: every train pair is longer than seq_len {seq_len} and was dropped")
-        return cls(to_rows(train_examples, seq_len, config.packed), to_rows(val_examples, seq_len, packed=False),
-                   train_report, val_report)
+        return cls(
+            to_rows(train_examples, seq_len, config.packed),
+            to_rows(val_examples, seq_len, packed=False),
+            train_report,
+            val_report,
+        )
 
     @property
     def has_val(self) -> bool:
@@ -182,8 +191,9 @@ class TaskData:
 # --- held-out figures ---------------------------------------------------------------
 
 
-def completion_figures(model: GPT, inputs: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor,
-                       batch_size: int) -> dict[str, float]:
+def completion_figures(
+    model: GPT, inputs: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor, batch_size: int
+) -> dict[str, float]:
     """Completion loss and perplexity over held-out rows (one pair per row)."""
     # Rows are right-padded and the model is causal: positions after a row's last scored
     # target cannot change its loss. Batching rows of similar length and cutting each batch
@@ -224,14 +234,22 @@ def parse_rate(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], max_new_toke
     prompts = [[*ids, SEP_ID][-room:] for ids, _ in tokenize(tokenizer, pairs)]
     ok = 0
     for start in range(0, len(pairs), GENERATION_BATCH):
-        bodies = generate(model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=EOS_ID)
+        bodies = generate(
+            model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=EOS_ID
+        )
         for pair, body in zip(pairs[start : start + GENERATION_BATCH], bodies):
             ok += completes_function(pair.prompt, tokenizer.decode([t for t in body if t != EOS_ID]))
     return ok / len(pairs) if pairs else float("nan")
 
 
-def held_out_figures(model: GPT, tokenizer: Tokenizer, config: FinetuneConfig, val_pairs: list[Pair],
-                     val_rows: tuple[torch.Tensor, torch.Tensor], prefix: str) -> dict[str, float]:
+def held_out_figures(
+    model: GPT,
+    tokenizer: Tokenizer,
+    config: FinetuneConfig,
+    val_pairs: list[Pair],
+    val_rows: tuple[torch.Tensor, torch.Tensor],
+    prefix: str,
+) -> dict[str, float]:
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     figures = completion_figures(model, *val_rows, byte_lengths, config.micro_batch_size)
     if config.task == DOCSTRING_TASK:
@@ -286,13 +304,19 @@ def run_finetune(
         model = base.model
         metrics = held_out_figures(model, tok, config, pairs.val, data.val_rows, "pretrained") if data.has_val else {}
         env = DistributedEnv.from_environ()
-        train_data = PairBatches(*data.train_rows, config.micro_batch_size, seed=config.seed,
-                                 rank=env.rank, world_size=env.world_size)
+        train_data = PairBatches(
+            *data.train_rows, config.micro_batch_size, seed=config.seed, rank=env.rank, world_size=env.world_size
+        )
         # The engine's periodic validation only when asked for: the held-out figures
         # after training already give the final completion loss.
         periodic_validation = data.has_val and config.eval_every > 0
-        val_data = PairBatches(*data.val_rows, config.micro_batch_size, shuffle=False,
-                               rank=env.rank, world_size=env.world_size) if periodic_validation else None
+        val_data = (
+            PairBatches(
+                *data.val_rows, config.micro_batch_size, shuffle=False, rank=env.rank, world_size=env.world_size
+            )
+            if periodic_validation
+            else None
+        )
         with mirrored_checkpoints(stage, resume=config.resume):
             result = train(model, config.train_config(), train_data, val_data, stage.path, callback)
         model.cpu()
@@ -317,8 +341,11 @@ def finetune_task(
     """`run_finetune` in a nested MLflow run: step metrics live, figures at the end."""
     params = {"finetune": config.model_dump(mode="json"), "base_model": str(base_model)}
     with stage_run(parent_run_id, "finetune", params, system_metrics=True) as stage:
-        with live_loss_curves(stage, "finetune"), tracking.MetricsLogger(stage.run_id) as metrics_logger, \
-                training_progress("finetune", config.max_steps, get_run_logger().info) as progress:
+        with (
+            live_loss_curves(stage, "finetune"),
+            tracking.MetricsLogger(stage.run_id) as metrics_logger,
+            training_progress("finetune", config.max_steps, get_run_logger().info) as progress,
+        ):
 
             def on_step(step: int, metrics: Mapping[str, float]) -> None:
                 metrics_logger(step, metrics)
@@ -331,7 +358,11 @@ def finetune_task(
             output.metrics,
             parent_metrics={name: output.metrics[name] for name in HEADLINE if name in output.metrics},
             artifacts={output.path / "metrics.json": "finetune"},
-            report=Report("finetune", metrics_markdown(f"Fine-tuning of {base_model}", output.metrics)
-                          + f"\nCheckpoint: `{output.checkpoint}`\n", "fine-tuning figures, pretrained vs fine-tuned"),
+            report=Report(
+                "finetune",
+                metrics_markdown(f"Fine-tuning of {base_model}", output.metrics)
+                + f"\nCheckpoint: `{output.checkpoint}`\n",
+                "fine-tuning figures, pretrained vs fine-tuned",
+            ),
         )
     return output

@@ -32,9 +32,9 @@ from __future__ import annotations
 import codecs
 import glob
 import hashlib
+import itertools
 import json
 import re
-import itertools
 import sysconfig
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -102,7 +102,7 @@ class IngestOutput(StageOutput):
 
 
 def split_of(doc_id: str, val_fraction: float, seed: int) -> str:
-    """"val" for a `val_fraction` share of document ids, by hash: stable, order-independent."""
+    """ "val" for a `val_fraction` share of document ids, by hash: stable, order-independent."""
     digest = hashlib.sha256(f"{seed}\0{doc_id}".encode()).digest()
     return "val" if int.from_bytes(digest[:8], "big") < val_fraction * 2**64 else "train"
 

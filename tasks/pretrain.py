@@ -88,7 +88,8 @@ class PretrainConfig(TrainingStageConfig):
         json_schema_extra=RUN_ONLY,
     )
     rdzv_endpoint: str | None = Field(
-        None, description=f"HOST:PORT on one node, reachable from all; default ${RDZV_ENDPOINT_ENV}, else $MASTER_ADDR",
+        None,
+        description=f"HOST:PORT on one node, reachable from all; default ${RDZV_ENDPOINT_ENV}, else $MASTER_ADDR",
         json_schema_extra=RUN_ONLY,
     )
     rdzv_id: str | None = Field(
@@ -140,8 +141,13 @@ def run_pretrain(
 
     def train() -> Trained:
         vocab_size = ShardManifest.read(shards.manifest).vocab_size
-        spec = RunSpec(model=model.resolve(vocab_size), train=config.train_config(), shards=shards.manifest,
-                       out_dir=stage.path, loader_workers=config.loader_workers)
+        spec = RunSpec(
+            model=model.resolve(vocab_size),
+            train=config.train_config(),
+            shards=shards.manifest,
+            out_dir=stage.path,
+            loader_workers=config.loader_workers,
+        )
         write_json_atomic(stage.path / "spec.json", spec.model_dump(mode="json"))
         with mirrored_checkpoints(stage, resume=config.resume):
             if config.nproc_per_node == 1 and config.nnodes == 1:
@@ -185,7 +191,9 @@ def torchrun_args(config: PretrainConfig, spec: Path, fingerprint: str) -> list[
         rendezvous = ["--standalone"]
     else:
         rendezvous = [
-            f"--nnodes={config.nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rendezvous_endpoint(config)}",
+            f"--nnodes={config.nnodes}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={rendezvous_endpoint(config)}",
             f"--rdzv_id={config.rdzv_id or os.environ.get(RDZV_ID_ENV) or fingerprint}",
         ]
     return [*rendezvous, f"--nproc_per_node={config.nproc_per_node}", "-m", "tasks.pretrain_worker", str(spec)]
@@ -213,8 +221,11 @@ def write_node_script(path: Path, launch: list[str], run_id: str | None) -> None
         f"exec env {variables} torchrun {shlex.join(launch)}\n"
     )
     path.chmod(0o755)
-    print(f"pretrain: waiting for the other nodes at the rendezvous; on each of them run: sh {path}",
-          file=sys.stderr, flush=True)
+    print(
+        f"pretrain: waiting for the other nodes at the rendezvous; on each of them run: sh {path}",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def run_torchrun(
@@ -252,7 +263,9 @@ def run_torchrun(
     if exit_code == 0 and "checkpoint" in outcome:
         return TrainResult.model_validate(outcome)
     detail = outcome.get("error") or outcome.get("interrupted") or "see the ranks' output above"
-    raise UserError(f"pretraining under torchrun ({shlex.join(launch[:-3])}) failed with exit code {exit_code}: {detail}")
+    raise UserError(
+        f"pretraining under torchrun ({shlex.join(launch[:-3])}) failed with exit code {exit_code}: {detail}"
+    )
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
@@ -269,26 +282,35 @@ def pretrain_task(
     with stage_run(parent_run_id, "pretrain", params, system_metrics=True) as stage:
         tracking.log_dataset(stage.run_id, "shards", shards.fingerprint, shards.path, "pretrain")
         curves_on_pipeline_run = {"loss": "pretrain_loss", "val_loss": "pretrain_val_loss"}
-        with live_loss_curves(stage, "pretrain", curves_on_pipeline_run), \
-                tracking.MetricsLogger(stage.run_id) as metrics_logger, \
-                training_progress("pretrain", config.max_steps, logger.info) as progress:
+        with (
+            live_loss_curves(stage, "pretrain", curves_on_pipeline_run),
+            tracking.MetricsLogger(stage.run_id) as metrics_logger,
+            training_progress("pretrain", config.max_steps, logger.info) as progress,
+        ):
 
             def on_step(step: int, metrics: Mapping[str, float]) -> None:
                 metrics_logger(step, metrics)
                 progress.update(step, metrics)
 
-            output = run_pretrain(config, model, shards, workspace, run_id=stage.run_id, callback=on_step,
-                                  progress=progress.update)
+            output = run_pretrain(
+                config, model, shards, workspace, run_id=stage.run_id, callback=on_step, progress=progress.update
+            )
         if not output.reused:  # the checkpoints this run wrote and kept
             tracking.log_checkpoints(stage.run_id, "pretrain", checkpoint_dirs(output.checkpoint.parent))
         figures = "\n".join(f"| {name} | {value:.4g} |" for name, value in output.metrics.items())
         stage.finish(
             output.metrics,
             parent_metrics={f"pretrain_{name}": output.metrics[name] for name in ("val_loss", "train_loss")},
-            artifacts={output.checkpoint / WEIGHTS: "checkpoint", output.checkpoint / CONFIG: "checkpoint",
-                       output.path / "metrics.json": None},
-            report=Report("pretrain", f"# Pretraining\n\n| figure | value |\n|---|---|\n{figures}\n\nCheckpoint: "
-                          f"`{output.checkpoint}`{' (reused)' if output.reused else ''}\n",
-                          "pretraining figures: validation loss against the unigram entropy"),
+            artifacts={
+                output.checkpoint / WEIGHTS: "checkpoint",
+                output.checkpoint / CONFIG: "checkpoint",
+                output.path / "metrics.json": None,
+            },
+            report=Report(
+                "pretrain",
+                f"# Pretraining\n\n| figure | value |\n|---|---|\n{figures}\n\nCheckpoint: "
+                f"`{output.checkpoint}`{' (reused)' if output.reused else ''}\n",
+                "pretraining figures: validation loss against the unigram entropy",
+            ),
         )
     return output

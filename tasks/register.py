@@ -114,22 +114,31 @@ def decide_champion(
     if champion_version is None:
         return GateDecision(True, f"version {version} is the first champion")
     if champion_value is None:
-        return GateDecision(False, (
-            f"champion version {champion_version} kept: its tokenizer or context differs from the candidate's, "
-            f"so {gate_metric} is not comparable (gate on doc_bits_per_byte to compare such models)"
-        ))
+        return GateDecision(
+            False,
+            (
+                f"champion version {champion_version} kept: its tokenizer or context differs from the candidate's, "
+                f"so {gate_metric} is not comparable (gate on doc_bits_per_byte to compare such models)"
+            ),
+        )
     promoted = candidate_value < champion_value if lower_is_better else candidate_value > champion_value
     verb = "replaces" if promoted else "does not beat"
-    return GateDecision(promoted, (
-        f"version {version} {verb} champion version {champion_version}: "
-        f"{gate_metric} {candidate_value:.4f} vs {champion_value:.4f}"
-    ))
+    return GateDecision(
+        promoted,
+        (
+            f"version {version} {verb} champion version {champion_version}: "
+            f"{gate_metric} {candidate_value:.4f} vs {champion_value:.4f}"
+        ),
+    )
 
 
 def git_commit() -> str:
     """The project's commit, `-dirty` when the tree has changes; "unknown" outside git."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")
@@ -162,7 +171,9 @@ def reuse_version(name: str, number: str, candidate_value: float, run_id: str) -
     decision = f"version {number} already holds these weights; nothing new registered"
     tracking.set_tags(run_id, {"gate.decision": decision, "registered_version": number})
     champion_version = str(champion.version) if champion else ""
-    return RegisterOutput(name, number, f"models:/{name}/{number}", champion_version, False, decision, candidate_value, None)
+    return RegisterOutput(
+        name, number, f"models:/{name}/{number}", champion_version, False, decision, candidate_value, None
+    )
 
 
 def run_register(
@@ -181,14 +192,17 @@ def run_register(
     MLflow run the model is logged under.
     """
     if config.gate_metric not in metrics:
-        raise UserError(f"register.gate_metric: {config.gate_metric!r} is not an evaluation figure; one of {sorted(metrics)}")
+        raise UserError(
+            f"register.gate_metric: {config.gate_metric!r} is not an evaluation figure; one of {sorted(metrics)}"
+        )
     candidate_value = metrics[config.gate_metric]
     weights_sha = sha256_file(checkpoint / WEIGHTS)
     if existing := tracking.find_version(name, WEIGHTS_TAG, weights_sha):
         return reuse_version(name, str(existing.version), candidate_value, run_id)
     eval_fingerprint = eval_data.fingerprint()
-    logged_uri = tracking.log_text_generator(run_id, checkpoint / WEIGHTS, checkpoint / CONFIG, tokenizer,
-                                             metrics=metrics)
+    logged_uri = tracking.log_text_generator(
+        run_id, checkpoint / WEIGHTS, checkpoint / CONFIG, tokenizer, metrics=metrics
+    )
     version = tracking.register_version(
         logged_uri,
         name,
@@ -210,18 +224,39 @@ def run_register(
             champion_value = float(recorded)
         else:
             champion_value = champion_figure(config, f"models:/{name}/{champion.version}", tokenizer, eval_data)
-    gate = decide_champion(config.gate_metric, config.lower_is_better, version, candidate_value,
-                           str(champion.version) if champion else None, champion_value)
+    gate = decide_champion(
+        config.gate_metric,
+        config.lower_is_better,
+        version,
+        candidate_value,
+        str(champion.version) if champion else None,
+        champion_value,
+    )
     if gate.promoted:
         tracking.set_alias(name, CHAMPION, version)
     champion_version = version if gate.promoted else str(champion.version)  # no champion: promoted
 
-    output = RegisterOutput(name, version, f"models:/{name}/{version}", champion_version, gate.promoted, gate.decision,
-                            candidate_value, champion_value)
-    gate_figures = {"gate_candidate": candidate_value, **({"gate_champion": champion_value} if champion_value is not None else {})}
+    output = RegisterOutput(
+        name,
+        version,
+        f"models:/{name}/{version}",
+        champion_version,
+        gate.promoted,
+        gate.decision,
+        candidate_value,
+        champion_value,
+    )
+    gate_figures = {
+        "gate_candidate": candidate_value,
+        **({"gate_champion": champion_value} if champion_value is not None else {}),
+    }
     tracking.log_metrics(run_id, gate_figures)
     tracking.set_tags(run_id, {"gate.decision": gate.decision, "registered_version": version})
-    tracking.log_dict(run_id, {**asdict(output), "gate_metric": config.gate_metric, "lower_is_better": config.lower_is_better}, "gate.json")
+    tracking.log_dict(
+        run_id,
+        {**asdict(output), "gate_metric": config.gate_metric, "lower_is_better": config.lower_is_better},
+        "gate.json",
+    )
     tracking.set_version_tags(name, version, {"gate_decision": gate.decision})
     return output
 

@@ -86,10 +86,10 @@ from model.data import SPLITS, ShardManifest
 from model.errors import UserError
 from model.special_tokens import EOS_ID
 from tasks.bpe import BPEOutput, load_tokenizer
-from tasks.ingest import IngestOutput
 from tasks.core.progress import progress
 from tasks.core.storage import filesystem
 from tasks.core.workspace import MANIFEST, StageDir, StageOutput, atomic_path, fingerprint, sha256_file
+from tasks.ingest import IngestOutput
 
 FORMAT_VERSION = 1
 COMPRESSION = "zstd"
@@ -162,7 +162,9 @@ def with_eos(documents: list[list[int]], dtype: np.dtype) -> np.ndarray:
     return np.fromiter(tokens, dtype, length)
 
 
-def document_batches(corpus: Path, start: int, stop: int, max_chars: int = ENCODE_BATCH_CHARS) -> Iterator[tuple[str, list[str]]]:
+def document_batches(
+    corpus: Path, start: int, stop: int, max_chars: int = ENCODE_BATCH_CHARS
+) -> Iterator[tuple[str, list[str]]]:
     """Corpus documents `start` to `stop - 1` as `(split, texts)` batches of at most
     `max_chars` characters (or one longer document), each split's documents in corpus order."""
     texts: dict[str, list[str]] = {split: [] for split in SPLITS}
@@ -204,7 +206,9 @@ def encode_documents(bpe: Tokenizer, texts: list[str]) -> list[list[int]]:
     return [list(itertools.chain.from_iterable(next(encodings).ids for _ in document)) for document in cut]
 
 
-def encoded(bpe: Tokenizer, batches: Iterable[tuple[str, list[str]]]) -> Iterator[tuple[str, list[str], list[list[int]]]]:
+def encoded(
+    bpe: Tokenizer, batches: Iterable[tuple[str, list[str]]]
+) -> Iterator[tuple[str, list[str], list[list[int]]]]:
     """`(split, texts, token ids of each text)` for each batch, in order, with the next batches
     already being encoded. encode_batch_fast releases the GIL and spreads one batch's
     documents over Rayon's threads: with more batches in flight, a thread done with its share
@@ -322,7 +326,13 @@ def write_shards(
 
 
 def write_split(
-    stream: Iterable[np.ndarray], directory: Path, split: str, seq_len: int, stride: int, dtype: np.dtype, shard_bytes: int
+    stream: Iterable[np.ndarray],
+    directory: Path,
+    split: str,
+    seq_len: int,
+    stride: int,
+    dtype: np.dtype,
+    shard_bytes: int,
 ) -> list[dict[str, Any]]:
     """Cut a split's token stream (chunks of token ids) into windows and write its shard
     files; return their manifest entries. The stage uses it, and so can tests that need
@@ -356,12 +366,26 @@ def part_name(index: int, split: str) -> str:
     return f"{index:05d}-{split}.tokens"
 
 
-def plan_chunks(config: ShardConfig, corpus: IngestOutput, tokenizer: BPEOutput, workspace: Path | str,
-                parts: Path | str, dtype: np.dtype) -> list[ShardChunk]:
+def plan_chunks(
+    config: ShardConfig,
+    corpus: IngestOutput,
+    tokenizer: BPEOutput,
+    workspace: Path | str,
+    parts: Path | str,
+    dtype: np.dtype,
+) -> list[ShardChunk]:
     documents = pq.ParquetFile(corpus.corpus).metadata.num_rows
     return [
-        ShardChunk(index=index, start=start, stop=min(start + config.chunk_documents, documents), corpus=corpus,
-                   tokenizer=tokenizer, workspace=workspace, parts=parts, dtype=dtype.name)
+        ShardChunk(
+            index=index,
+            start=start,
+            stop=min(start + config.chunk_documents, documents),
+            corpus=corpus,
+            tokenizer=tokenizer,
+            workspace=workspace,
+            parts=parts,
+            dtype=dtype.name,
+        )
         for index, start in enumerate(range(0, documents, config.chunk_documents))
     ]
 
@@ -374,7 +398,10 @@ def encode_chunk(chunk: ShardChunk) -> ChunkCounts:
     counts = {split: StreamCounts() for split in SPLITS}
     fs, parts = filesystem(chunk.parts)
     with ExitStack() as files:
-        sinks = {split: files.enter_context(fs.open_output_stream(f"{parts}/{part_name(chunk.index, split)}")) for split in SPLITS}
+        sinks = {
+            split: files.enter_context(fs.open_output_stream(f"{parts}/{part_name(chunk.index, split)}"))
+            for split in SPLITS
+        }
         batches = encoded(bpe, document_batches(corpus, chunk.start, chunk.stop))
         for split, texts, ids in progress(batches, f"shard chunk {chunk.index}"):
             tokens = with_eos(ids, dtype)
@@ -384,7 +411,9 @@ def encode_chunk(chunk: ShardChunk) -> ChunkCounts:
     return ChunkCounts(index=chunk.index, splits=counts)
 
 
-def read_parts(parts: Path | str, names: list[str], dtype: np.dtype, block_tokens: int = 1 << 22) -> Iterator[np.ndarray]:
+def read_parts(
+    parts: Path | str, names: list[str], dtype: np.dtype, block_tokens: int = 1 << 22
+) -> Iterator[np.ndarray]:
     """The part files one after the other, as arrays of at most `block_tokens` token ids."""
     fs, root = filesystem(parts)
     for name in names:
@@ -477,7 +506,9 @@ def run_shard(
         files: dict[str, list[dict[str, Any]]] = {}
         for split in SPLITS:
             stream = read_parts(parts, [part_name(result.index, split) for result in results], dtype)
-            files[split] = write_split(stream, directory, split, config.seq_len, config.stride, dtype, config.shard_bytes)
+            files[split] = write_split(
+                stream, directory, split, config.seq_len, config.stride, dtype, config.shard_bytes
+            )
         fs.delete_dir(parts_root)
         totals = {split: split_totals(files[split], counts[split], config) for split in SPLITS}
         return ShardManifest(

@@ -72,7 +72,9 @@ class Server:
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while not answers(health_url):
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{self.process.args[0]} did not become healthy at {health_url}:\n{self.log.read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"{self.process.args[0]} did not become healthy at {health_url}:\n{self.log.read_text()[-3000:]}"
+                )
             time.sleep(0.5)
 
 
@@ -125,7 +127,9 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
         "prefect-server:4200": f"127.0.0.1:{ports['prefect']}",
         "mlflow:5000": f"127.0.0.1:{ports['mlflow']}",
     }
-    s3_url, prefect_url, mlflow_url = (f"http://{addresses[a]}" for a in ("minio:9000", "prefect-server:4200", "mlflow:5000"))
+    s3_url, prefect_url, mlflow_url = (
+        f"http://{addresses[a]}" for a in ("minio:9000", "prefect-server:4200", "mlflow:5000")
+    )
 
     def environment(name: str) -> dict[str, str]:
         return on_loopback(service_environment(services[name], variables), addresses)
@@ -138,7 +142,12 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
         )  # fmt: skip
 
         started = stack.enter_context(process_groups())
-        s3_server = start(started, [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])], {}, workdir / "s3.log")
+        s3_server = start(
+            started,
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(ports["s3"])],
+            {},
+            workdir / "s3.log",
+        )
         prefect = start(
             started,
             [*services["prefect-server"]["entrypoint"], *services["prefect-server"]["command"]],

@@ -42,8 +42,10 @@ def toy_tokenizer(path: Path, texts: list[str] = TEXTS, vocab_size: int = 300) -
     """A byte-level BPE tokenizer (the pipeline's kind) trained on `texts`, saved to `path`."""
     tokenizer: Tokenizer = new_tokenizer()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.save(str(path))
@@ -67,8 +69,9 @@ def write_corpus(path: Path, documents: list[tuple[str, str, str]]) -> Path:
     return path
 
 
-def write_val_shards(directory: Path, tokenizer: Tokenizer, tokenizer_path: Path, texts: list[str],
-                     seq_len: int) -> Path:
+def write_val_shards(
+    directory: Path, tokenizer: Tokenizer, tokenizer_path: Path, texts: list[str], seq_len: int
+) -> Path:
     """Val shards as the shard stage writes them: the stream (documents each followed by
     <|endoftext|>) cut into disjoint windows of seq_len + 1 tokens sharing one token."""
     stream: list[int] = []
@@ -79,10 +82,22 @@ def write_val_shards(directory: Path, tokenizer: Tokenizer, tokenizer_path: Path
     column = pa.FixedSizeListArray.from_arrays(pa.array([t for w in windows for t in w], pa.uint16()), seq_len + 1)
     pq.write_table(pa.table({"tokens": column}), directory / "val-00000.parquet")
     manifest = {
-        "fingerprint": "test-shards", "seq_len": seq_len, "stride": seq_len, "dtype": "uint16",
-        "vocab_size": tokenizer.get_vocab_size(), "tokenizer_sha256": sha256_file(tokenizer_path), "eos_id": EOS_ID,
-        "files": [{"path": "val-00000.parquet", "split": "val", "rows": len(windows),
-                   "tokens": len(windows) * (seq_len + 1), "sha256": sha256_file(directory / "val-00000.parquet")}],
+        "fingerprint": "test-shards",
+        "seq_len": seq_len,
+        "stride": seq_len,
+        "dtype": "uint16",
+        "vocab_size": tokenizer.get_vocab_size(),
+        "tokenizer_sha256": sha256_file(tokenizer_path),
+        "eos_id": EOS_ID,
+        "files": [
+            {
+                "path": "val-00000.parquet",
+                "split": "val",
+                "rows": len(windows),
+                "tokens": len(windows) * (seq_len + 1),
+                "sha256": sha256_file(directory / "val-00000.parquet"),
+            }
+        ],
     }
     (directory / "manifest.json").write_text(json.dumps(manifest))
     return directory

@@ -25,7 +25,10 @@ def postgres_bin_dir() -> Path | None:
     """Where pg_ctl and initdb are: on PATH, else Debian's newest /usr/lib/postgresql/N/bin."""
     if pg_ctl := shutil.which("pg_ctl"):
         return Path(pg_ctl).resolve().parent
-    installed = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(re.sub(r"\D", "", p.parent.parent.name) or 0))
+    installed = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda p: int(re.sub(r"\D", "", p.parent.parent.name) or 0),
+    )
     return installed[-1].parent if installed else None
 
 
@@ -78,7 +81,9 @@ def running_postgres(port: int, password: str) -> Iterator[PostgresServer]:
             yield PostgresServer(bin_dir, port, password)
         finally:
             # pg_ctl signals the PID in postmaster.pid and waits until the server is gone.
-            stopped = subprocess.run([*as_owner, str(bin_dir / "pg_ctl"), "stop", "--pgdata", str(data), "--mode", "fast", "--wait"])
+            stopped = subprocess.run(
+                [*as_owner, str(bin_dir / "pg_ctl"), "stop", "--pgdata", str(data), "--mode", "fast", "--wait"]
+            )
             if stopped.returncode != 0:
                 os.kill(pid, signal.SIGKILL)
     except subprocess.CalledProcessError as e:
@@ -86,4 +91,3 @@ def running_postgres(port: int, password: str) -> Iterator[PostgresServer]:
         raise RuntimeError(f"{' '.join(e.cmd)} failed:\n{e.stdout}{e.stderr}{server_log}") from None
     finally:
         shutil.rmtree(root, ignore_errors=True)
-

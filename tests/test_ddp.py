@@ -45,12 +45,20 @@ if os.environ.get("RANK", "0") == "0":  # the process group is gone once run() r
 
 
 def launch(tmp_path, name, shards, nproc):
-    spec = RunSpec(model=MICRO, train=micro_config(max_steps=3, batch_tokens=256, checkpoint_every=0),
-                   shards=shards, out_dir=tmp_path / name)
+    spec = RunSpec(
+        model=MICRO,
+        train=micro_config(max_steps=3, batch_tokens=256, checkpoint_every=0),
+        shards=shards,
+        out_dir=tmp_path / name,
+    )
     (tmp_path / f"{name}.json").write_text(spec.model_dump_json())
     (tmp_path / "worker.py").write_text(WORKER)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command = [*(launcher if nproc > 1 else [sys.executable]), str(tmp_path / "worker.py"), str(tmp_path / f"{name}.json")]
+    command = [
+        *(launcher if nproc > 1 else [sys.executable]),
+        str(tmp_path / "worker.py"),
+        str(tmp_path / f"{name}.json"),
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -15,6 +15,7 @@ from prefect import flow, get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from torch import nn
 
+from micro import TEXTS, save_base_checkpoint, tiny_gpt, toy_tokenizer, write_corpus, write_val_shards
 from model.checkpoint import load_model
 from model.errors import UserError
 from model.evaluate import IGNORE, score_batches, sliding_window_batches, sliding_windows
@@ -23,7 +24,6 @@ from model.special_tokens import EOS_ID
 from tasks import tracking
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.evaluate import EvaluateConfig, evaluate_task, run_evaluate
-from micro import TEXTS, save_base_checkpoint, tiny_gpt, toy_tokenizer, write_corpus, write_val_shards
 
 
 class Bigram(nn.Module):
@@ -105,7 +105,9 @@ def test_sliding_window_with_stride_equal_to_block_is_the_plain_windowed_loss():
         x, y = tokens[start : start + 8], tokens[start + 1 : start + 9]
         logits = model(torch.tensor([x[: len(y)]])).logits[0]
         plain += F.cross_entropy(logits, torch.tensor(y), reduction="sum").item()
-    totals = score_batches(model, sliding_window_batches([tokens], 8, 8, batch_size=2), torch.ones(50, dtype=torch.long))
+    totals = score_batches(
+        model, sliding_window_batches([tokens], 8, 8, batch_size=2), torch.ones(50, dtype=torch.long)
+    )
     assert totals.nats == pytest.approx(plain, rel=1e-5)
     windows = list(sliding_windows(tokens, 8, 8))
     assert all(IGNORE not in targets for _, targets in windows)  # disjoint: nothing skipped
@@ -158,12 +160,15 @@ def test_evaluate_stage_figures_equal_hand_computations_and_are_reused(tmp_path,
     with torch.no_grad():
         logits = model(inputs).logits
     assert metrics["val_tokens"] == targets.numel()
-    assert metrics["val_loss"] == pytest.approx(F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item(), rel=1e-5)
+    assert metrics["val_loss"] == pytest.approx(
+        F.cross_entropy(logits.flatten(0, 1), targets.flatten()).item(), rel=1e-5
+    )
     assert metrics["val_perplexity"] == pytest.approx(math.exp(metrics["val_loss"]), rel=1e-9)
     assert metrics["val_accuracy"] == (logits.argmax(dim=-1) == targets).sum().item() / targets.numel()
     target_bytes = token_byte_lengths(tokenizer, tokenizer.get_vocab_size())[targets].sum().item()
     assert metrics["val_bits_per_byte"] == pytest.approx(
-        metrics["val_loss"] * targets.numel() / (math.log(2) * target_bytes), rel=1e-9)
+        metrics["val_loss"] * targets.numel() / (math.log(2) * target_bytes), rel=1e-9
+    )
 
     # doc_*: the val documents of the corpus ("b", "c"), each token scored alone with the
     # context the sliding windows (block_size 16, stride 4) give it; bytes from the text.
@@ -184,7 +189,9 @@ def test_evaluate_stage_figures_equal_hand_computations_and_are_reused(tmp_path,
 def test_a_registered_model_evaluates_like_its_checkpoint(tmp_path, stage_inputs):
     s = stage_inputs
     run_id = tracking.start_run("test-evaluate", "register")
-    logged = tracking.log_text_generator(run_id, s.checkpoint / "model.safetensors", s.checkpoint / "config.json", s.tokenizer)
+    logged = tracking.log_text_generator(
+        run_id, s.checkpoint / "model.safetensors", s.checkpoint / "config.json", s.tokenizer
+    )
     uri = f"models:/test-evaluate-model/{tracking.register_version(logged, 'test-evaluate-model', tags={})}"
 
     from_checkpoint = run_evaluate(CONFIG, s.checkpoint, s.tokenizer, s.shards, s.corpus, tmp_path / "ws1")
@@ -205,14 +212,22 @@ def test_evaluate_task_logs_a_nested_run_and_headline_figures(tmp_path, stage_in
 
     @flow
     def pipeline_stage():
-        return evaluate_task(CONFIG, s.checkpoint, s.tokenizer, s.shards, s.corpus, tmp_path, parent_run_id=parent,
-                             run_name="evaluate-finetuned", parent_prefix="finetuned_")
+        return evaluate_task(
+            CONFIG,
+            s.checkpoint,
+            s.tokenizer,
+            s.shards,
+            s.corpus,
+            tmp_path,
+            parent_run_id=parent,
+            run_name="evaluate-finetuned",
+            parent_prefix="finetuned_",
+        )
 
     output = pipeline_stage()
 
     client = tracking.client()
-    (child,) = client.search_runs([client.get_run(parent).info.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent}'")
+    (child,) = client.search_runs([client.get_run(parent).info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert child.info.run_name == "evaluate-finetuned" and child.info.status == "FINISHED"
     assert child.data.metrics["val_bits_per_byte"] == pytest.approx(output.metrics["val_bits_per_byte"])
     parent_metrics = client.get_run(parent).data.metrics
@@ -228,7 +243,9 @@ def test_evaluate_task_logs_a_nested_run_and_headline_figures(tmp_path, stage_in
 
     # The Prefect markdown artifact (its key is the run name) shows the figures and samples.
     with get_client(sync_client=True) as prefect:
-        markdown = prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluate-finetuned"])))
+        markdown = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["evaluate-finetuned"]))
+        )
     [shown] = [a.data for a in markdown if child.info.run_id in a.data]  # the one linking this run
     assert f"| val_bits_per_byte | {output.metrics['val_bits_per_byte']:.4f} |" in shown
     assert output.samples.read_text() in shown

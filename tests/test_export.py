@@ -55,8 +55,11 @@ def test_original_gpt2_layout_imports(tmp_path):
     # each layer's causal-mask buffers (`attn.bias`, `attn.masked_bias`).
     saved, original = tmp_path / "saved", tmp_path / "original"
     hf_model = saved_transformers_model(saved)
-    weights = {name.removeprefix("transformer."): tensor
-               for name, tensor in load_file(saved / "model.safetensors").items() if name != "lm_head.weight"}
+    weights = {
+        name.removeprefix("transformer."): tensor
+        for name, tensor in load_file(saved / "model.safetensors").items()
+        if name != "lm_head.weight"
+    }
     for layer in range(2):
         weights[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(16, 16)).view(1, 1, 16, 16)
         weights[f"h.{layer}.attn.masked_bias"] = torch.tensor(-1e4)

@@ -32,9 +32,8 @@ from mlflow.tracking import MlflowClient
 from flows.config import load_config
 from flows.prepare import prepare_data_locally
 from flows.servers import mlflow_command
-from model.checkpoint import latest_checkpoint
-
 from infra_stack import answers, free_port
+from model.checkpoint import latest_checkpoint
 from pipeline_micro import write_config
 from postgres import postgres_bin_dir
 
@@ -216,7 +215,9 @@ def test_sigkill_during_the_shard_stage_loses_nothing(shard_config, tmp_path, fo
         assert not temporary_files(workspace), f"trial {trial} (seed {SEED})"
     # The kills must mostly land inside the stage, or the test proves little.
     assert interrupted >= SHARD_TRIALS * 0.6, (interrupted, shard_seconds)
-    print(f"shard stage {shard_seconds:.2f} s, {len(expected) - 1} files; {SHARD_TRIALS} kills, {interrupted} before the manifest, {with_temporary_files} with temporary files left")
+    print(
+        f"shard stage {shard_seconds:.2f} s, {len(expected) - 1} files; {SHARD_TRIALS} kills, {interrupted} before the manifest, {with_temporary_files} with temporary files left"
+    )
 
 
 # --- SIGKILL during pretraining and during a checkpoint write ----------------------------------
@@ -279,7 +280,9 @@ def test_sigkill_during_pretraining_resumes_to_bitwise_identical_weights(pretrai
     def trial(workspace: Path, kill) -> dict:
         """`kill()` starts a run in `workspace` and kills it (False if the run ended first);
         check what is left; rerun; compare weights."""
-        shutil.copytree(reference, workspace, ignore=lambda directory, names: ["pretrain"] if directory == str(reference) else [])
+        shutil.copytree(
+            reference, workspace, ignore=lambda directory, names: ["pretrain"] if directory == str(reference) else []
+        )
         checkpoints = workspace / "pretrain" / stage_dir.parent.name / "checkpoints"
         if not kill():  # too late: the run finished on its own, there is nothing to resume
             return {}
@@ -292,7 +295,9 @@ def test_sigkill_during_pretraining_resumes_to_bitwise_identical_weights(pretrai
         first_step, final = pretrain_run(forker, pretrain_config, workspace)
 
         resumed_from = int(last.name.removeprefix("step-")) if last else 0
-        assert first_step == (resumed_from + 1 if resumed_from < max_steps else None)  # the last checkpoint: no step left
+        assert first_step == (
+            resumed_from + 1 if resumed_from < max_steps else None
+        )  # the last checkpoint: no step left
         assert (final / "model.safetensors").read_bytes() == expected.read_bytes()
         assert not temporary_files(workspace)
         return {"resumed_from": resumed_from, "half_written": half_written}
@@ -436,13 +441,17 @@ def test_the_tracking_server_dying_during_training_is_survived_without_losing_a_
 def prefect_flow_run(stack, flow_run_id: str) -> dict:
     """The flow run as the stack's Prefect API returns it (with the API's auth string)."""
     auth = base64.b64encode(stack.client_env["PREFECT_API_AUTH_STRING"].encode()).decode()
-    request = urllib.request.Request(f"{stack.prefect_api_url}/flow_runs/{flow_run_id}", headers={"Authorization": f"Basic {auth}"})
+    request = urllib.request.Request(
+        f"{stack.prefect_api_url}/flow_runs/{flow_run_id}", headers={"Authorization": f"Basic {auth}"}
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(postgres_bin_dir() is None, reason="PostgreSQL is not installed; `make test` installs Debian's postgresql")
+@pytest.mark.skipif(
+    postgres_bin_dir() is None, reason="PostgreSQL is not installed; `make test` installs Debian's postgresql"
+)
 def test_four_pipelines_at_once_on_the_postgres_stack_two_sharing_a_workspace(infra_stack, tmp_path, monkeypatch):
     """Load and a race in one: pipelines `shared` x2 (one config, one workspace), `solo-1` and
     `solo-2`, all started together against one Prefect and one MLflow server on PostgreSQL."""
@@ -504,7 +513,12 @@ def test_runs_left_open_by_a_dead_attempt_are_closed_by_the_rerun(infra_stack, t
     server.start()
     name = f"abandoned-{uuid.uuid4().hex[:6]}"
     config = write_config(tmp_path, name=name)
-    env = {**os.environ, **infra_stack.client_env, "MLFLOW_TRACKING_URI": server.uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    env = {
+        **os.environ,
+        **infra_stack.client_env,
+        "MLFLOW_TRACKING_URI": server.uri,
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    }
     overrides = ["pretrain.max_steps=400", "pretrain.checkpoint_every=20", "finetune=null"]
     try:
         lost_server = gptflow_run(config, env, *overrides, wait=False)
@@ -534,7 +548,10 @@ def test_runs_left_open_by_a_dead_attempt_are_closed_by_the_rerun(infra_stack, t
     by_parent = {parent.info.run_id: [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
                  for parent in parents}  # fmt: skip
     first, second, third = parents
-    reasons = ("is FAILED but never closed this run", "that opened it is gone")  # a killed process's flow run stays RUNNING
+    reasons = (
+        "is FAILED but never closed this run",
+        "that opened it is gone",
+    )  # a killed process's flow run stays RUNNING
     for attempt, reason, closer in zip((first, second), reasons, (second, third)):
         left_open = [attempt, *(run for run in by_parent[attempt.info.run_id] if run.info.status != "FINISHED")]
         assert {run.info.run_name for run in left_open} >= {attempt.info.run_name, "pretrain"}

@@ -153,8 +153,15 @@ def micro_run(tmp_path_factory):
     vocab = load_tokenizer(tokenizer_path).get_vocab_size()
     save_base_checkpoint(tiny_gpt(vocab, block_size=64), root / "pretrain")
     config = FinetuneConfig(
-        max_steps=12, lr=3e-3, warmup_steps=2, batch_tokens=256, micro_batch_size=4, checkpoint_every=5,
-        device="cpu", eval_pairs=4, eval_max_new_tokens=12,
+        max_steps=12,
+        lr=3e-3,
+        warmup_steps=2,
+        batch_tokens=256,
+        micro_batch_size=4,
+        checkpoint_every=5,
+        device="cpu",
+        eval_pairs=4,
+        eval_max_new_tokens=12,
     )
     return root, corpus, tokenizer_path, config
 
@@ -172,8 +179,13 @@ def test_finetuning_lowers_the_held_out_completion_loss(micro_run):
     manifest = json.loads((output.path / "manifest.json").read_text())
     assert manifest["checkpoint"] == "checkpoints/step-12" and manifest["metrics"] == metrics
 
-    again = run_finetune(config.model_copy(update={"device": "auto", "resume": False}), root / "pretrain",
-                         tokenizer_path, corpus, root / "ws")
+    again = run_finetune(
+        config.model_copy(update={"device": "auto", "resume": False}),
+        root / "pretrain",
+        tokenizer_path,
+        corpus,
+        root / "ws",
+    )
     assert again.reused and again.path == output.path
 
 
@@ -192,8 +204,14 @@ def test_an_interrupted_finetune_resumes_to_the_same_weights(micro_run):
         run_finetune(config, root / "pretrain", tokenizer_path, corpus, root / "ws2", callback=crash_after_step_7)
     assert first_steps == list(range(1, 8))
     assert not (root / "ws2" / "finetune" / uninterrupted.fingerprint / "manifest.json").exists()
-    resumed = run_finetune(config, root / "pretrain", tokenizer_path, corpus, root / "ws2",
-                           callback=lambda step, metrics: resumed_steps.append(step))
+    resumed = run_finetune(
+        config,
+        root / "pretrain",
+        tokenizer_path,
+        corpus,
+        root / "ws2",
+        callback=lambda step, metrics: resumed_steps.append(step),
+    )
     # checkpoint_every 5: steps 6 and 7 are lost with the crash and run again from step-5.
     assert resumed_steps == list(range(6, 13))
     assert resumed.fingerprint == uninterrupted.fingerprint and not resumed.reused
@@ -230,5 +248,10 @@ def test_a_malformed_pairs_file_fails_the_stage_naming_file_and_line(micro_run, 
     with pytest.raises(UserError, match=f"{pairs}:2: field 'completion' is missing"):
         run_finetune(from_file, root / "pretrain", tokenizer_path, corpus, tmp_path / "ws")
     with pytest.raises(UserError, match="fine-tuning file not found"):
-        run_finetune(from_file.model_copy(update={"path": tmp_path / "missing.jsonl"}), root / "pretrain",
-                     tokenizer_path, corpus, tmp_path / "ws")
+        run_finetune(
+            from_file.model_copy(update={"path": tmp_path / "missing.jsonl"}),
+            root / "pretrain",
+            tokenizer_path,
+            corpus,
+            tmp_path / "ws",
+        )

@@ -51,5 +51,7 @@ def test_cli_names_a_model_that_is_not_a_checkpoint(tmp_path, cli_env):
     config = str(write_config(tmp_path, "evaluate-cli"))
     result = gptflow("evaluate", config, str(tmp_path / "nowhere"), env=cli_env, cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {tmp_path / 'nowhere'}: not a checkpoint directory " \
+    assert (
+        result.stderr.strip() == f"error: {tmp_path / 'nowhere'}: not a checkpoint directory "
         "(no model.safetensors, no checkpoints/step-N under it)"
+    )

@@ -27,8 +27,17 @@ STEPS = 4
 
 def spec_for(tmp_path, name, shards, **train):
     # 2 ranks x 2 micro-batches of 4 windows of 16 tokens per step; clipping active (norms > 0.5)
-    config = micro_config(**{"max_steps": STEPS, "batch_tokens": 256, "checkpoint_every": 2, "keep_checkpoints": 5,
-                             "grad_clip": 0.5, "eval_batches": 2, **train})
+    config = micro_config(
+        **{
+            "max_steps": STEPS,
+            "batch_tokens": 256,
+            "checkpoint_every": 2,
+            "keep_checkpoints": 5,
+            "grad_clip": 0.5,
+            "eval_batches": 2,
+            **train,
+        }
+    )
     return RunSpec(model=MICRO, train=config, shards=shards, out_dir=tmp_path / name)
 
 
@@ -139,9 +148,14 @@ def test_activation_checkpointing_trains_like_the_plain_engine(tmp_path):
     losses = {}
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        result = train(GPT(MICRO), micro_config(activation_checkpointing=checkpointing, max_steps=3),
-                       RandomBatches(), None, tmp_path / str(checkpointing),
-                       lambda step, m, key=checkpointing: losses.setdefault(key, []).append(m["loss"]))
+        result = train(
+            GPT(MICRO),
+            micro_config(activation_checkpointing=checkpointing, max_steps=3),
+            RandomBatches(),
+            None,
+            tmp_path / str(checkpointing),
+            lambda step, m, key=checkpointing: losses.setdefault(key, []).append(m["loss"]),
+        )
         plain = load_model(result.checkpoint)  # saved under the plain names: loads without the wrapper
         assert type(plain.transformer.h[0]).__name__ == "Block"
     assert losses[True] == pytest.approx(losses[False], rel=1e-6)

@@ -16,8 +16,9 @@ BLOCK_SIZE = 16
 @pytest.fixture(scope="module", params=[["dense"], ["dense", "sparse"]], ids=["gpt2", "gpt3"])
 def model(request):
     torch.manual_seed(0)
-    config = GPTConfig(vocab_size=64, block_size=BLOCK_SIZE, n_layer=2, n_head=2, n_embd=32,
-                       attention=request.param, sparse_window=5)
+    config = GPTConfig(
+        vocab_size=64, block_size=BLOCK_SIZE, n_layer=2, n_head=2, n_embd=32, attention=request.param, sparse_window=5
+    )
     return perturbed(GPT(config)).eval()
 
 
@@ -29,7 +30,7 @@ def greedy_by_recomputation(model: GPT, prompt: list[int], steps: int) -> tuple[
         logits = model(torch.tensor([tokens[-BLOCK_SIZE:]])).logits[0, -1]
         step_logits.append(logits)
         tokens.append(int(logits.argmax()))
-    return tokens[len(prompt):], step_logits
+    return tokens[len(prompt) :], step_logits
 
 
 def record_next_token_logits(model: GPT) -> tuple[list[torch.Tensor], torch.utils.hooks.RemovableHandle]:
@@ -109,7 +110,9 @@ def test_no_token_outside_the_top_k_is_drawn():
     torch.manual_seed(0)
     logits = torch.randn(50)
     top5 = set(sorted(range(50), key=lambda i: -logits[i].item())[:5])
-    draws = sample(logits.repeat(4000, 1), temperature=1.0, top_k=5, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    draws = sample(
+        logits.repeat(4000, 1), temperature=1.0, top_k=5, top_p=1.0, generator=torch.Generator().manual_seed(0)
+    )
     assert set(draws.tolist()) == top5
 
 
@@ -128,8 +131,22 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 def test_few_shot_prompt_layout():
     examples = [([10, 11], [20, 21, 22]), ([12], [23])]
-    assert few_shot_prompt(examples, [13, 14]) == [10, 11, SEP_ID, 20, 21, 22, EOS_ID, 12, SEP_ID, 23, EOS_ID,
-                                                   13, 14, SEP_ID]
+    assert few_shot_prompt(examples, [13, 14]) == [
+        10,
+        11,
+        SEP_ID,
+        20,
+        21,
+        22,
+        EOS_ID,
+        12,
+        SEP_ID,
+        23,
+        EOS_ID,
+        13,
+        14,
+        SEP_ID,
+    ]
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,9 @@ def test_the_compose_file_has_no_literal_credentials(services):
                 assert re.fullmatch(r"\$\{[^}]+\}", value), f"{name}.{key} must come from the .env file"
             credentials = urlsplit(value).password if "://" in value else None
             if credentials is not None:
-                assert re.fullmatch(r"\$\{[^}]+\}", credentials), f"{name}.{key}: password in the URL must come from .env"
+                assert re.fullmatch(r"\$\{[^}]+\}", credentials), (
+                    f"{name}.{key}: password in the URL must come from .env"
+                )
 
 
 def test_published_ports_bind_the_configured_address_which_defaults_to_loopback(services, env_example):
@@ -96,7 +98,9 @@ def test_every_address_a_service_uses_names_a_service_listening_on_that_port(ser
             for host, port in re.findall(r"(?:://|@)([a-z][a-z0-9-]*):(\d+)", interpolate(text, variables)):
                 addresses += 1
                 assert host in services, f"{name} talks to {host}, which is not a service"
-                assert int(port) in container_ports(services[host]), f"{name} talks to {host}:{port}; it listens on {container_ports(services[host])}"
+                assert int(port) in container_ports(services[host]), (
+                    f"{name} talks to {host}:{port}; it listens on {container_ports(services[host])}"
+                )
     assert addresses >= 6
 
 
@@ -107,7 +111,9 @@ def test_servers_listen_where_they_are_published_and_health_checked(services):
     assert container_ports(mlflow) == {int(command[command.index("--port") + 1])}
     for name, service in services.items():
         for port in re.findall(r"127\.0\.0\.1:(\d+)/", " ".join(strings(service.get("healthcheck", {})))):
-            expected = int(service["environment"].get("PREFECT_WORKER_WEBSERVER_PORT", 0)) or min(container_ports(service))
+            expected = int(service["environment"].get("PREFECT_WORKER_WEBSERVER_PORT", 0)) or min(
+                container_ports(service)
+            )
             assert int(port) == expected, f"{name}'s healthcheck probes port {port}"
 
 
@@ -239,7 +245,12 @@ def test_the_work_pool_template_requests_the_gpus_asked_for(job_template):
         assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
         assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus
         assert container["image"] == "gptflow:test"
-        assert container["command"] + shlex.split(container["args"]) == ["/usr/bin/env", "prefect", "flow-run", "execute"]
+        assert container["command"] + shlex.split(container["args"]) == [
+            "/usr/bin/env",
+            "prefect",
+            "flow-run",
+            "execute",
+        ]
     assert manifest["kind"] == "Job"
 
 

@@ -28,7 +28,9 @@ from postgres import PostgresServer, postgres_bin_dir
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(postgres_bin_dir() is None, reason="PostgreSQL is not installed; `make test` installs Debian's postgresql"),
+    pytest.mark.skipif(
+        postgres_bin_dir() is None, reason="PostgreSQL is not installed; `make test` installs Debian's postgresql"
+    ),
 ]
 
 
@@ -71,8 +73,10 @@ def test_both_servers_keep_their_state_in_their_own_postgres_databases(stack):
     admin = stack.variables["MLFLOW_ADMIN_USERNAME"]
     assert psql(stack.postgres, "prefect", "SELECT to_regclass('flow_run') IS NOT NULL") == "t"
     assert psql(stack.postgres, "mlflow", "SELECT to_regclass('experiments') IS NOT NULL") == "t"
-    assert psql(stack.postgres, "mlflow_auth", "SELECT is_admin FROM users WHERE username = " f"'{admin}'") == "t"
-    owners = psql(stack.postgres, "postgres", "SELECT datname || '=' || pg_get_userbyid(datdba) FROM pg_database ORDER BY 1")
+    assert psql(stack.postgres, "mlflow_auth", f"SELECT is_admin FROM users WHERE username = '{admin}'") == "t"
+    owners = psql(
+        stack.postgres, "postgres", "SELECT datname || '=' || pg_get_userbyid(datdba) FROM pg_database ORDER BY 1"
+    )
     assert {"mlflow=mlflow", "mlflow_auth=mlflow", "prefect=prefect"} <= set(owners.split())
 
 
@@ -126,7 +130,9 @@ def test_prefect_refuses_anonymous_clients_and_completes_a_flow_run(stack):
     status, body = request(f"{stack.prefect_api_url}/flow_runs/{flow_run_id}", auth=auth)
     assert status == 200
     assert body["state"]["type"] == "COMPLETED"
-    task_runs = request(f"{stack.prefect_api_url}/task_runs/filter", auth=auth, body={"flow_runs": {"id": {"any_": [flow_run_id]}}})[1]
+    task_runs = request(
+        f"{stack.prefect_api_url}/task_runs/filter", auth=auth, body={"flow_runs": {"id": {"any_": [flow_run_id]}}}
+    )[1]
     assert sorted(t["state"]["type"] for t in task_runs) == ["COMPLETED"] * 4
     assert psql(stack.postgres, "prefect", f"SELECT state_type FROM flow_run WHERE id = '{flow_run_id}'") == "COMPLETED"
 
@@ -140,11 +146,22 @@ def test_the_micro_pipeline_runs_end_to_end_against_the_stack(stack, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     # Prefect on PostgreSQL: the pipeline's flow run and its data subflow completed.
-    flow_runs = psql(stack.postgres, "prefect", "SELECT f.name || '=' || r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id")
+    flow_runs = psql(
+        stack.postgres,
+        "prefect",
+        "SELECT f.name || '=' || r.state_type FROM flow_run r JOIN flow f ON f.id = r.flow_id",
+    )
     assert {"pipeline=COMPLETED", "prepare-data=COMPLETED"} <= set(flow_runs.split())
     # MLflow on PostgreSQL: version 1 of the model, the champion; its files in the S3 bucket.
     assert psql(stack.postgres, "mlflow", f"SELECT version FROM model_versions WHERE name = '{name}'") == "1"
-    assert psql(stack.postgres, "mlflow", f"SELECT version FROM registered_model_aliases WHERE name = '{name}' AND alias = 'champion'") == "1"
+    assert (
+        psql(
+            stack.postgres,
+            "mlflow",
+            f"SELECT version FROM registered_model_aliases WHERE name = '{name}' AND alias = 'champion'",
+        )
+        == "1"
+    )
     s3 = s3_client(stack.s3_endpoint, stack.variables)
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=stack.variables["ARTIFACT_BUCKET"])
     keys = [o["Key"] for page in pages for o in page.get("Contents", [])]

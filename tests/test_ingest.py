@@ -37,7 +37,9 @@ def seed_for(ids: list[str]) -> int:
 
 def ingest(tmp_path: Path, source: Path | str, ids: list[str], **settings) -> tuple[object, list[dict]]:
     """Ingest `source` (expected to keep documents `ids`) into `tmp_path/ws`."""
-    config = IngestConfig(**{"source": str(source), "min_chars": 10, "val_fraction": 0.5, "seed": seed_for(ids), **settings})
+    config = IngestConfig(
+        **{"source": str(source), "min_chars": 10, "val_fraction": 0.5, "seed": seed_for(ids), **settings}
+    )
     output = run_ingest(config, tmp_path / "ws")
     return output, corpus_rows(output)
 
@@ -61,7 +63,13 @@ def test_directory_source_reads_supported_files_with_relative_ids(tmp_path):
 def test_glob_jsonl_json_and_parquet_records(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    lines = [json.dumps({"text": text(0)}), "", "not json", json.dumps({"body": "no text field"}), json.dumps({"text": text(1)})]
+    lines = [
+        json.dumps({"text": text(0)}),
+        "",
+        "not json",
+        json.dumps({"body": "no text field"}),
+        json.dumps({"text": text(1)}),
+    ]
     (src / "r.jsonl").write_text("\n".join(lines) + "\n")
     (src / "r.json").write_text(json.dumps([{"text": text(2)}, {"text": 5}]))
     pq.write_table(pa.table({"text": [text(3), None]}), src / "r.parquet")
@@ -215,10 +223,15 @@ def peak_rss_ingesting_one_line(tmp_path: Path, megabytes: int) -> int:
         for _ in range(megabytes // 2):  # distinct hex digits, no line break
             f.write(os.urandom(1 << 20).hex())
     (src / "good.txt").write_text(text(0))
-    config = IngestConfig(source=str(src), max_doc_chars=1_000_000, val_fraction=0.5, seed=seed_for(["big.txt", "good.txt"]))
+    config = IngestConfig(
+        source=str(src), max_doc_chars=1_000_000, val_fraction=0.5, seed=seed_for(["big.txt", "good.txt"])
+    )
     result = subprocess.run(
         [sys.executable, "-c", PEAK_RSS_OF_INGEST, config.model_dump_json(), str(tmp_path / f"ws-{megabytes}")],
-        cwd=REPO, capture_output=True, text=True, check=True,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return int(result.stdout.split()[-1])
 

@@ -33,7 +33,9 @@ def write_dataset(directory: Path, texts: list[str]) -> Path:
 
 
 def streaming_config(data: Path, **settings) -> IngestConfig:
-    return IngestConfig(**{"source": f"hf:{data}", "streaming": True, "text_field": "content", "val_fraction": 0.3, **settings})
+    return IngestConfig(
+        **{"source": f"hf:{data}", "streaming": True, "text_field": "content", "val_fraction": 0.3, **settings}
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +62,9 @@ def test_a_streamed_source_gives_the_rows_in_order_and_the_same_corpus_as_a_down
 
 def test_a_streamed_source_without_the_text_field_names_it(tmp_path):
     data = write_dataset(tmp_path / "data", [f"document {i} " * 20 for i in range(10)])
-    with pytest.raises(UserError, match=r"ingest.text_field: 'body' is not a column of hf:.*\(columns: \['content'\]\)"):
+    with pytest.raises(
+        UserError, match=r"ingest.text_field: 'body' is not a column of hf:.*\(columns: \['content'\]\)"
+    ):
         run_ingest(streaming_config(data, text_field="body"), tmp_path / "ws")
 
 
@@ -73,7 +77,11 @@ def peak_rss_streaming(tmp_path: Path, megabytes: int) -> tuple[int, Path]:
     workspace = tmp_path / f"ws-{megabytes}"
     result = subprocess.run(
         [sys.executable, "-c", PEAK_RSS_OF_INGEST, config.model_dump_json(), str(workspace)],
-        cwd=REPO, capture_output=True, text=True, check=True, env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf")},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "HF_DATASETS_CACHE": str(tmp_path / "hf")},
     )
     return int(result.stdout.split()[-1]), next(workspace.rglob("corpus.parquet"))
 
@@ -88,7 +96,9 @@ def test_a_streamed_corpus_is_written_in_row_groups_in_bounded_memory(tmp_path):
     assert peak_large < peak_small + 30e6, f"peak {peak_large / 1e6:.0f} MB vs {peak_small / 1e6:.0f} MB for 32 MB"
     file = pq.ParquetFile(corpus)
     assert file.metadata.num_rows == 96 * 128
-    chars = [pc.sum(pc.utf8_length(file.read_row_group(g, columns=["text"]).column("text"))).as_py()
-             for g in range(file.num_row_groups)]
+    chars = [
+        pc.sum(pc.utf8_length(file.read_row_group(g, columns=["text"]).column("text"))).as_py()
+        for g in range(file.num_row_groups)
+    ]
     assert file.num_row_groups >= 90  # written as it streams, one ~1M-character group at a time
     assert all(CORPUS_ROW_GROUP_CHARS <= size < CORPUS_ROW_GROUP_CHARS + 8192 for size in chars[:-1])

@@ -12,8 +12,6 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ("flows", "tasks", "model")  # each may import the ones after it
 STAGES = ("ingest", "bpe", "shard", "pretrain", "evaluate", "finetune", "register")
@@ -88,7 +86,9 @@ def borrowings() -> list[tuple[str, str, str]]:
         for imported, names, line in imports(module)
         if stage(imported) not in (None, stage(module))
         and (stage(module), stage(imported)) not in STAGE_MAY_USE
-        and not (names and all(name.endswith("Output") or name in FORMAT_READERS.get(stage(imported), ()) for name in names))
+        and not (
+            names and all(name.endswith("Output") or name in FORMAT_READERS.get(stage(imported), ()) for name in names)
+        )
     ]
 
 

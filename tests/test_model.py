@@ -123,10 +123,10 @@ def test_causality(attention):
     logits = model(tokens).logits
     for t in (0, 5, 14):
         changed = tokens.clone()
-        changed[0, t + 1:] = (changed[0, t + 1:] + 1) % TINY["vocab_size"]
+        changed[0, t + 1 :] = (changed[0, t + 1 :] + 1) % TINY["vocab_size"]
         after = model(changed).logits
         torch.testing.assert_close(after[:, : t + 1], logits[:, : t + 1], atol=0, rtol=0)
-        assert not torch.allclose(after[:, t + 1:], logits[:, t + 1:])  # the change does reach later positions
+        assert not torch.allclose(after[:, t + 1 :], logits[:, t + 1 :])  # the change does reach later positions
 
 
 @pytest.mark.parametrize("window", [1, 4, 15, 16])
@@ -156,8 +156,12 @@ def test_residual_projections_use_scaled_init():
     for projection in ("attn.c_proj", "mlp.c_proj"):  # the two writes into the residual stream per block
         weights = torch.cat([block.get_submodule(projection).weight.flatten() for block in model.transformer.h])
         assert weights.std().item() == pytest.approx(0.02 / math.sqrt(2 * 8), rel=0.05), projection
-    for weights in (model.transformer.h[0].attn.c_attn.weight, model.transformer.h[0].mlp.c_fc.weight,
-                    model.transformer.wte.weight, model.transformer.wpe.weight):
+    for weights in (
+        model.transformer.h[0].attn.c_attn.weight,
+        model.transformer.h[0].mlp.c_fc.weight,
+        model.transformer.wte.weight,
+        model.transformer.wpe.weight,
+    ):
         assert weights.std().item() == pytest.approx(0.02, rel=0.05)
 
 
@@ -256,8 +260,16 @@ PUBLISHED_SHAPES = {
     "gpt3-13b": (40, 40, 5120),  # the table's 5,140 is not divisible by its 40 heads
     "gpt3-175b": (96, 96, 12288),
 }
-GPT3_BILLIONS = {"gpt3-small": 0.125, "gpt3-medium": 0.350, "gpt3-large": 0.760, "gpt3-xl": 1.3,
-                 "gpt3-2.7b": 2.7, "gpt3-6.7b": 6.7, "gpt3-13b": 13.0, "gpt3-175b": 175.0}
+GPT3_BILLIONS = {
+    "gpt3-small": 0.125,
+    "gpt3-medium": 0.350,
+    "gpt3-large": 0.760,
+    "gpt3-xl": 1.3,
+    "gpt3-2.7b": 2.7,
+    "gpt3-6.7b": 6.7,
+    "gpt3-13b": 13.0,
+    "gpt3-175b": 175.0,
+}
 
 
 @pytest.mark.parametrize("name", PUBLISHED_SHAPES)

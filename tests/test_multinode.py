@@ -39,9 +39,20 @@ def free_port() -> int:
 def test_two_nodes_on_localhost_match_one_process(tmp_path):
     manifest = make_shards(tmp_path / "shards", {"train": 200, "val": 40})
     shards = ShardOutput(path=manifest.parent, manifest=manifest, fingerprint="micro-shards", report={})
-    config = PretrainConfig(max_steps=3, batch_tokens=128, micro_batch_size=4, warmup_steps=1, eval_every=0,
-                            eval_batches=2, checkpoint_every=0, lr=1e-2, device="cpu",
-                            nnodes=2, nproc_per_node=1, rdzv_endpoint=f"127.0.0.1:{free_port()}")
+    config = PretrainConfig(
+        max_steps=3,
+        batch_tokens=128,
+        micro_batch_size=4,
+        warmup_steps=1,
+        eval_every=0,
+        eval_batches=2,
+        checkpoint_every=0,
+        lr=1e-2,
+        device="cpu",
+        nnodes=2,
+        nproc_per_node=1,
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+    )
 
     node0: dict = {}
     stage = threading.Thread(target=lambda: node0.update(output=run_pretrain(config, MODEL, shards, tmp_path / "ws")))
@@ -51,8 +62,9 @@ def test_two_nodes_on_localhost_match_one_process(tmp_path):
         assert stage.is_alive() and time.monotonic() < deadline, "the stage wrote no node.sh"
         time.sleep(0.1)
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"  # the venv's torchrun
-    node1 = subprocess.run(["sh", str(scripts[0])], cwd=REPO, env={**os.environ, "PATH": path},
-                           capture_output=True, text=True, timeout=300)
+    node1 = subprocess.run(
+        ["sh", str(scripts[0])], cwd=REPO, env={**os.environ, "PATH": path}, capture_output=True, text=True, timeout=300
+    )
     stage.join(timeout=300)
     assert node1.returncode == 0, node1.stderr[-3000:]
     output = node0["output"]
@@ -84,10 +96,19 @@ def test_rendezvous_comes_from_the_config_then_the_environment(monkeypatch):
         torchrun_args(PretrainConfig(nnodes=2), Path("spec.json"), "fp")
     monkeypatch.setenv("MASTER_ADDR", "node0")
     assert rendezvous(PretrainConfig(nnodes=2)) == [
-        "--rdzv_backend=c10d", "--rdzv_endpoint=node0:29500", "--rdzv_id=fp"]
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=node0:29500",
+        "--rdzv_id=fp",
+    ]
     monkeypatch.setenv("GPTFLOW_RDZV_ENDPOINT", "head:1234")
     monkeypatch.setenv("GPTFLOW_RDZV_ID", "job-7")
     assert rendezvous(PretrainConfig(nnodes=2)) == [
-        "--rdzv_backend=c10d", "--rdzv_endpoint=head:1234", "--rdzv_id=job-7"]
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=head:1234",
+        "--rdzv_id=job-7",
+    ]
     assert rendezvous(PretrainConfig(nnodes=2, rdzv_endpoint="a:1", rdzv_id="b")) == [
-        "--rdzv_backend=c10d", "--rdzv_endpoint=a:1", "--rdzv_id=b"]
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=a:1",
+        "--rdzv_id=b",
+    ]

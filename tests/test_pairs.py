@@ -84,7 +84,10 @@ def test_extracts_functions_methods_nested_async_and_decorated():
     assert found["plain"].prompt == 'def plain(x):\n    """Return x doubled."""\n'
     assert found["plain"].completion == "    return 2 * x\n"
     assert found["decorated"].prompt.startswith("def decorated(n):")  # the decorator is not part of it
-    assert found["fetch"].prompt == 'async def fetch(url,\n                timeout=3):\n    """Fetch a URL.\n\n    Long description.\n    """\n'
+    assert (
+        found["fetch"].prompt
+        == 'async def fetch(url,\n                timeout=3):\n    """Fetch a URL.\n\n    Long description.\n    """\n'
+    )
     assert found["fetch"].completion == "    # a comment before the body\n    await something(url)\n\n    return url\n"
     # a method and a nested function are dedented to stand alone
     assert found["push"].prompt == 'def push(self, item):\n    """Push an item."""\n'
@@ -106,12 +109,15 @@ def test_line_numbers_ignore_form_feeds():
 
 def test_corpus_pairs_follow_the_document_split(tmp_path):
     shared = 'def twin():\n    """Twin."""\n    return 2\n'
-    corpus = write_corpus(tmp_path / "corpus.parquet", [
-        ("a.py", MODULE, "train"),
-        ("b.py", 'def held_out():\n    """Held out."""\n    return 1\n' + shared, "val"),
-        ("c.py", shared + "x = 1\n", "train"),
-        ("d.txt", "this is not python (", "train"),
-    ])
+    corpus = write_corpus(
+        tmp_path / "corpus.parquet",
+        [
+            ("a.py", MODULE, "train"),
+            ("b.py", 'def held_out():\n    """Held out."""\n    return 1\n' + shared, "val"),
+            ("c.py", shared + "x = 1\n", "train"),
+            ("d.txt", "this is not python (", "train"),
+        ],
+    )
     pairs = docstring_pairs(corpus)
     assert [p.source for p in pairs.val] == ["b.py:1:held_out"]  # the twin is also in train
     assert {p.source.split(":")[0] for p in pairs.train} == {"a.py", "c.py"}
@@ -159,8 +165,10 @@ def test_jsonl_records_are_cut_at_newlines_only(tmp_path):
     # writes them so); str.splitlines would cut such a record in two. A leading byte-order
     # mark is not part of the first record.
     path = tmp_path / "pairs.jsonl"
-    records = [{"prompt": "a\u2028b", "completion": "c\x85d", "split": "train"},
-               {"prompt": "e", "completion": "f\u2029g", "split": "val"}]
+    records = [
+        {"prompt": "a\u2028b", "completion": "c\x85d", "split": "train"},
+        {"prompt": "e", "completion": "f\u2029g", "split": "val"},
+    ]
     path.write_text("\ufeff" + "\r\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
     pairs = file_pairs(path, "prompt", "completion", val_fraction=0.1)
     assert [(p.prompt, p.completion, p.source) for p in pairs.train] == [("a\u2028b", "c\x85d", f"{path}:1")]

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from pipeline_micro import greedy_completions, write_config
 from prefect import flow, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -32,10 +31,11 @@ from flows import prepare
 from flows.cli import app
 from flows.config import load_config
 from flows.pipeline import pipeline
-from flows.prepare import artifact_key
 from flows.plan import plan
+from flows.prepare import artifact_key
 from model.checkpoint import latest_checkpoint
 from model.errors import UserError
+from pipeline_micro import greedy_completions, write_config
 from tasks import tracking
 from tasks.ingest import IngestConfig, IngestOutput
 from tasks.register import CANDIDATE, CHAMPION
@@ -59,7 +59,9 @@ def stage_runs(parent_run_id):
     mlflow_client = MlflowClient(tracking.resolve_tracking_uri())
     parent = mlflow_client.get_run(parent_run_id)
     runs = mlflow_client.search_runs(
-        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", order_by=["start_time ASC"]
+        [parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        order_by=["start_time ASC"],
     )
     by_name = {}
     for run in runs:
@@ -107,8 +109,11 @@ def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
     assert "loss_curve.png" in stage_files
     # Each checkpoint pretraining kept is an external logged model: its step and path, no upload.
     logged = mlflow_client.search_logged_models([parent.info.experiment_id])
-    checkpoints = {m.params["path"]: m.params["step"] for m in logged
-                   if m.model_type == "checkpoint" and m.source_run_id == pretrain_run.info.run_id}  # fmt: skip
+    checkpoints = {
+        m.params["path"]: m.params["step"]
+        for m in logged
+        if m.model_type == "checkpoint" and m.source_run_id == pretrain_run.info.run_id
+    }
     kept = sorted(Path(config.workspace).glob("pretrain/*/checkpoints/step-*"))
     assert checkpoints == {str(path): path.name.removeprefix("step-") for path in kept} and kept
     assert pretrain_run.data.params["pretrain.max_steps"] == str(config.pretrain.max_steps)
@@ -122,8 +127,12 @@ def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
 
     # Prefect: the flow run's summary artifact, and its prepare-data subflow run's, link the MLflow run.
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(config.name, "pipeline")])))
-        data_artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(config.name, "data")])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(config.name, "pipeline")]))
+        )
+        data_artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(config.name, "data")]))
+        )
         [data_artifact] = [artifact for artifact in data_artifacts if result.mlflow_run_id in artifact.data]
         data_flow_run = client.read_flow_run(data_artifact.flow_run_id)
     assert artifacts and result.mlflow_run_id in artifacts[0].data
@@ -134,8 +143,12 @@ def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
     with get_client(sync_client=True) as client:
         progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
     progress = {a.key: a for a in progress if str(a.flow_run_id) == parent.data.tags["prefect.flow_run_id"]}
-    assert set(progress) == {"pretrain-progress", "evaluate-pretrained-progress", "finetune-progress",
-                             "evaluate-finetuned-progress"}
+    assert set(progress) == {
+        "pretrain-progress",
+        "evaluate-pretrained-progress",
+        "finetune-progress",
+        "evaluate-finetuned-progress",
+    }
     assert all(artifact.data == 100.0 and artifact.task_run_id for artifact in progress.values())
 
     # The registered pyfunc loads in a fresh process and writes what greedy generation from
@@ -158,7 +171,9 @@ def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
     assert any(greedy)  # not just an <|endoftext|> each, which would match any model
     assert len(sampled) == 2 and all(isinstance(text, str) for text in sampled)
 
-    generated = CliRunner().invoke(app, ["generate", f"models:/{config.name}/1", "-p", "def plus", "-p", "class", "--max-new-tokens", "4"])
+    generated = CliRunner().invoke(
+        app, ["generate", f"models:/{config.name}/1", "-p", "def plus", "-p", "class", "--max-new-tokens", "4"]
+    )
     assert generated.exit_code == 0, generated.output
     assert generated.output.startswith("def plus") and "\nclass" in generated.output
 
@@ -166,9 +181,16 @@ def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
     dry_run = CliRunner().invoke(app, ["run", str(micro), "--dry-run"])
     assert dry_run.exit_code == 0, dry_run.output
     planned = dict(line.split()[:2] for line in dry_run.output.split("# stages")[1].splitlines()[1:] if line.strip())
-    assert planned == {"ingest": "skip", "train-tokenizer": "skip", "shard": "skip", "pretrain": "skip",
-                       "evaluate-pretrained": "skip", "finetune": "skip", "evaluate-finetuned": "skip",
-                       "register-model": "run"}  # fmt: skip
+    assert planned == {
+        "ingest": "skip",
+        "train-tokenizer": "skip",
+        "shard": "skip",
+        "pretrain": "skip",
+        "evaluate-pretrained": "skip",
+        "finetune": "skip",
+        "evaluate-finetuned": "skip",
+        "register-model": "run",
+    }
     again = pipeline(config)
     assert again.registered.version == "1" and "nothing new registered" in again.registered.decision
     rerun = stage_runs(again.mlflow_run_id)
@@ -213,7 +235,9 @@ def test_only_a_lost_connection_to_a_remote_source_is_retried(prefect_server, tm
 
     data = tmp_path / "dataset"
     data.mkdir()
-    (data / "train.jsonl").write_text("".join(json.dumps({"text": f"document {i}: " + "words " * 20}) + "\n" for i in range(20)))
+    (data / "train.jsonl").write_text(
+        "".join(json.dumps({"text": f"document {i}: " + "words " * 20}) + "\n" for i in range(20))
+    )
     real_load, attempts = datasets.load_dataset, []
 
     def unreachable_at_first(path, *args, **kwargs):
@@ -249,7 +273,9 @@ def test_cancelling_the_flow_run_stops_training_and_keeps_its_checkpoint(cli_env
             with get_client(sync_client=True) as client:
                 (flow_run,) = client.read_flow_runs(
                     flow_filter=FlowFilter(name=FlowFilterName(any_=["pipeline"])),
-                    flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))),
+                    flow_run_filter=FlowRunFilter(
+                        state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+                    ),
                 )
                 client.set_flow_run_state(flow_run.id, Cancelling(), force=True)
             running.wait(timeout=180)
@@ -290,4 +316,10 @@ def test_status_and_clean(prefect_server, micro, tmp_path):
     assert kept.exit_code == 0, kept.output
     assert not half_built.exists()
     # What the config refers to stays: its plan still skips every stage.
-    assert "run" not in CliRunner().invoke(app, ["run", str(micro), "--dry-run"]).output.split("# stages")[1].split("register-model")[0]
+    assert (
+        "run"
+        not in CliRunner()
+        .invoke(app, ["run", str(micro), "--dry-run"])
+        .output.split("# stages")[1]
+        .split("register-model")[0]
+    )

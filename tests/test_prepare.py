@@ -59,7 +59,11 @@ def test_a_rerun_verifies_and_reuses_every_stage_without_tokenizing(tmp_path, mi
 
 @pytest.mark.parametrize(
     ("override", "redone"),
-    [("shard.seq_len=16", {"shard"}), ("bpe.vocab_size=280", {"bpe", "shard"}), ("ingest.min_chars=10", {"ingest", "bpe", "shard"})],
+    [
+        ("shard.seq_len=16", {"shard"}),
+        ("bpe.vocab_size=280", {"bpe", "shard"}),
+        ("ingest.min_chars=10", {"ingest", "bpe", "shard"}),
+    ],
 )
 def test_a_changed_setting_redoes_its_stage_and_the_later_ones_only(tmp_path, micro_config, override, redone):
     before = prepare(micro_config, tmp_path)
@@ -106,7 +110,11 @@ def test_cli_prepare_prints_each_stage_output(tmp_path, micro_config, cli_env):
     result = run_cli(cli_env, "prepare", str(micro_config), "--set", f"workspace={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
     manifest = next((tmp_path / "shard").glob("*/manifest.json"))
-    for output in (next((tmp_path / "ingest").glob("*/corpus.parquet")), next((tmp_path / "bpe").glob("*/tokenizer.json")), manifest):
+    for output in (
+        next((tmp_path / "ingest").glob("*/corpus.parquet")),
+        next((tmp_path / "bpe").glob("*/tokenizer.json")),
+        manifest,
+    ):
         assert str(output) in result.stdout
     assert "built" in result.stdout and "train / " in result.stdout
 
@@ -115,7 +123,10 @@ def test_cli_prepare_prints_each_stage_output(tmp_path, micro_config, cli_env):
     ("overrides", "message"),
     [
         (["ingest.source=/no/such/corpus"], "error: ingest.source: /no/such/corpus: no such file or directory"),
-        (["ingest.val_fraction=0.001"], "error: ingest: the val split is empty (8 documents, ingest.val_fraction=0.001)"),
+        (
+            ["ingest.val_fraction=0.001"],
+            "error: ingest: the val split is empty (8 documents, ingest.val_fraction=0.001)",
+        ),
     ],
     ids=["before-the-flow", "inside-the-flow"],
 )

@@ -27,8 +27,17 @@ GPTFLOW = str(Path(sys.executable).with_name("gptflow"))
 
 
 def micro(**overrides) -> PretrainConfig:
-    fields = dict(max_steps=4, batch_tokens=128, micro_batch_size=4, warmup_steps=1, checkpoint_every=2,
-                  eval_every=0, eval_batches=2, lr=1e-2, device="cpu")
+    fields = dict(
+        max_steps=4,
+        batch_tokens=128,
+        micro_batch_size=4,
+        warmup_steps=1,
+        checkpoint_every=2,
+        eval_every=0,
+        eval_batches=2,
+        lr=1e-2,
+        device="cpu",
+    )
     return PretrainConfig(**{**fields, **overrides})
 
 
@@ -40,8 +49,9 @@ def shards(tmp_path_factory) -> ShardOutput:
 
 def test_fingerprint_covers_what_decides_the_weights():
     base = pretrain_fingerprint(micro(), MODEL, "shards-a")
-    how_it_runs = dict(resume=False, checkpoint_every=7, keep_checkpoints=1, nproc_per_node=2, device="cuda",
-                       loader_workers=2)
+    how_it_runs = dict(
+        resume=False, checkpoint_every=7, keep_checkpoints=1, nproc_per_node=2, device="cuda", loader_workers=2
+    )
     assert pretrain_fingerprint(micro(**how_it_runs), MODEL, "shards-a") == base
     assert pretrain_fingerprint(micro(lr=2e-2), MODEL, "shards-a") != base
     assert pretrain_fingerprint(micro(max_steps=5), MODEL, "shards-a") != base
@@ -103,8 +113,14 @@ def test_torchrun_ranks_log_to_mlflow_and_stop_together_on_cancel(tmp_path, shar
     assert not (checkpoints.parent / "manifest.json").exists()
 
     progress = []  # rank 0's steps, as the task's process sees them
-    output = run_pretrain(config, MODEL, shards, tmp_path / "ws", run_id=run_id,
-                          progress=lambda step, metrics: progress.append((step, set(metrics))))  # resumes
+    output = run_pretrain(
+        config,
+        MODEL,
+        shards,
+        tmp_path / "ws",
+        run_id=run_id,
+        progress=lambda step, metrics: progress.append((step, set(metrics))),
+    )  # resumes
     assert output.checkpoint == checkpoints / "step-40" and not output.reused
     steps = [step for step, _ in progress]
     assert steps[-1] == 40 and steps == sorted(set(steps)) and steps[0] > stopped_at["step"]
@@ -116,8 +132,14 @@ def test_torchrun_ranks_log_to_mlflow_and_stop_together_on_cancel(tmp_path, shar
 
 def test_cli_prepares_data_then_pretrains(tmp_path, cli_env):
     config = write_config(tmp_path, "pretrain-cli")
-    result = subprocess.run([GPTFLOW, "pretrain", str(config), "--set", "pretrain.max_steps=6"], env=cli_env,
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [GPTFLOW, "pretrain", str(config), "--set", "pretrain.max_steps=6"],
+        env=cli_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "val_loss" in result.stdout and "unigram_entropy" in result.stdout
     [checkpoint] = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("checkpoint ")]

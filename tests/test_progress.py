@@ -17,7 +17,10 @@ def test_plain_lines_every_ten_steps_on_validation_and_at_the_end():
             figures = {"loss": 10.0 / step, "tokens_per_s": 1000.0, **({"val_loss": 3.0} if step == 15 else {})}
             progress.update(step, figures)
     assert [line.split(":")[0] for line in lines] == [
-        "pretrain step 10/25", "pretrain step 15/25", "pretrain step 20/25", "pretrain step 25/25"
+        "pretrain step 10/25",
+        "pretrain step 15/25",
+        "pretrain step 20/25",
+        "pretrain step 25/25",
     ]
     assert lines[0].startswith("pretrain step 10/25: loss 1 tokens_per_s 1000 (about ")
     assert "val_loss 3 " in lines[1] and lines[-1] == "pretrain step 25/25: loss 0.4 tokens_per_s 1000"

@@ -35,24 +35,32 @@ NAMES = [
 ]  # fmt: skip
 keys = st.one_of(st.sampled_from(NAMES), st.text(max_size=8))
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=True), st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
     st.sampled_from(["tiny", "gpt2", "cosine", "python-stdlib", "1e-3", "null", "../x", "/"]),
 )
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(keys, inner, max_size=5)),
                       max_leaves=20)  # fmt: skip
 documents = st.one_of(
     st.dictionaries(keys, values, max_size=8).map(lambda d: yaml.safe_dump(d).encode()),
-    st.fixed_dictionaries({"name": st.text(min_size=1, max_size=10)}, optional={n: values for n in NAMES[1:10]})
-    .map(lambda d: yaml.safe_dump(d).encode()),
+    st.fixed_dictionaries({"name": st.text(min_size=1, max_size=10)}, optional={n: values for n in NAMES[1:10]}).map(
+        lambda d: yaml.safe_dump(d).encode()
+    ),
     st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")),
     st.binary(max_size=200),
 )
-override_keys = st.lists(st.one_of(st.sampled_from(NAMES), st.text(alphabet=string.printable, max_size=6)), min_size=0, max_size=4)
+override_keys = st.lists(
+    st.one_of(st.sampled_from(NAMES), st.text(alphabet=string.printable, max_size=6)), min_size=0, max_size=4
+)
 overrides = st.one_of(
     st.text(max_size=40),
     st.tuples(override_keys.map(".".join), st.text(max_size=20)).map(lambda kv: f"{kv[0]}={kv[1]}"),
-    st.tuples(override_keys.map(".".join), values.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip()))
-    .map(lambda kv: f"{kv[0]}={kv[1]}"),
+    st.tuples(
+        override_keys.map(".".join), values.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip())
+    ).map(lambda kv: f"{kv[0]}={kv[1]}"),
 )
 
 
@@ -89,8 +97,10 @@ def test_config_overrides_accept_or_name_the_problem(sets):
 SUFFIXES = [".txt", ".py", ".jsonl", ".json"]
 TEXTY = st.text(max_size=300).map(lambda t: t.encode("utf-8", "surrogatepass"))
 JSON_LINES = st.lists(
-    st.one_of(st.text(max_size=60).map(lambda t: '{"text": %s}' % yaml.safe_dump(t, default_style='"').strip()),
-              st.text(max_size=40)),
+    st.one_of(
+        st.text(max_size=60).map(lambda t: '{"text": %s}' % yaml.safe_dump(t, default_style='"').strip()),
+        st.text(max_size=40),
+    ),
     max_size=6,
 ).map(lambda lines: "\n".join(lines).encode("utf-8", "surrogatepass"))
 contents = st.one_of(st.binary(max_size=400), TEXTY, JSON_LINES)
@@ -115,7 +125,10 @@ def test_corpus_reader_reads_and_counts_any_bytes(files, min_chars):
     assert stats.documents_out == len(rows) == stats.documents_train + stats.documents_val
     text_files = sum(suffix in (".txt", ".py") for suffix, _ in files)
     assert stats.files_binary_skipped <= text_files
-    assert stats.documents_out + stats.dropped_short + stats.dropped_duplicate <= stats.documents_in + stats.pieces_from_splits
+    assert (
+        stats.documents_out + stats.dropped_short + stats.dropped_duplicate
+        <= stats.documents_in + stats.pieces_from_splits
+    )
     texts = [row["text"] for row in rows]
     assert len(set(texts)) == len(texts)  # exact duplicates dropped
     assert len({row["id"] for row in rows}) == len(rows)

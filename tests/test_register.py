@@ -5,6 +5,7 @@ import uuid
 import pytest
 import torch
 
+from micro import TEXTS, save_base_checkpoint, tiny_gpt, toy_tokenizer, write_corpus, write_val_shards
 from model.checkpoint import load_model
 from model.errors import UserError
 from tasks import tracking
@@ -12,7 +13,6 @@ from tasks.bpe import load_tokenizer
 from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, shard_windows
 from tasks.register import CANDIDATE, CHAMPION, EvalData, RegisterConfig, run_register
 from tasks.tracking.registry import load_registered_model
-from micro import TEXTS, save_base_checkpoint, tiny_gpt, toy_tokenizer, write_corpus, write_val_shards
 
 SEQ_LEN = 16
 # Evaluation data unlike TEXTS, which the toy tokenizer was trained on.
@@ -60,9 +60,15 @@ def register(name, checkpoint, data, eval_config, metrics=None, config=RegisterC
     figures = metrics or evaluate_model(load_model(checkpoint), tokenizer, eval_config, shards, corpus)
     run_id = tracking.start_run(name, "register")
     output = run_register(
-        config, name, checkpoint, tokenizer_path, figures,
-        {"data_fingerprint": "corpus-fp", "tokenizer_fingerprint": "bpe-fp"}, eval_data, run_id,
-    )  # fmt: skip
+        config,
+        name,
+        checkpoint,
+        tokenizer_path,
+        figures,
+        {"data_fingerprint": "corpus-fp", "tokenizer_fingerprint": "bpe-fp"},
+        eval_data,
+        run_id,
+    )
     tracking.end_run(run_id)
     return output, figures, run_id
 
@@ -123,8 +129,13 @@ def test_champion_with_a_shorter_context_is_compared_on_documents_only(data):
     name = f"context-{uuid.uuid4().hex[:6]}"
     # The champion's context holds half a val window; its recorded figure came from other data.
     short = tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN // 2, seed=4)
-    register(name, checkpoint_of(short, root, f"{name}-short"), data, EvaluateConfig(max_windows=2),
-             metrics={"val_bits_per_byte": 99.0, "doc_bits_per_byte": 99.0})  # fmt: skip
+    register(
+        name,
+        checkpoint_of(short, root, f"{name}-short"),
+        data,
+        EvaluateConfig(max_windows=2),
+        metrics={"val_bits_per_byte": 99.0, "doc_bits_per_byte": 99.0},
+    )
 
     candidate = tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN, seed=5)
     kept, _, _ = register(name, checkpoint_of(candidate, root, f"{name}-long"), data, EvaluateConfig())
@@ -161,8 +172,14 @@ def test_an_accuracy_gate_promotes_the_higher_figure(data):
     models = [tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN, seed=seed) for seed in (7, 8, 9)]
 
     def registered(model, label, accuracy):  # figures given: the recorded ones are compared
-        return register(name, checkpoint_of(model, root, f"{name}-{label}"), data, eval_config,
-                        metrics={"val_accuracy": accuracy}, config=gate)[0]  # fmt: skip
+        return register(
+            name,
+            checkpoint_of(model, root, f"{name}-{label}"),
+            data,
+            eval_config,
+            metrics={"val_accuracy": accuracy},
+            config=gate,
+        )[0]
 
     assert registered(models[0], "first", 0.30).promoted
     assert not registered(models[1], "lower", 0.20).promoted
@@ -174,7 +191,9 @@ def test_unknown_gate_metric_names_the_field(data):
     root = data[0]
     model = tiny_gpt(data[2].get_vocab_size(), SEQ_LEN)
     with pytest.raises(UserError, match="register.gate_metric: 'val_bits_per_byte' is not an evaluation figure"):
-        register("unknown-metric", checkpoint_of(model, root, "unknown"), data, EvaluateConfig(), metrics={"val_loss": 1.0})
+        register(
+            "unknown-metric", checkpoint_of(model, root, "unknown"), data, EvaluateConfig(), metrics={"val_loss": 1.0}
+        )
 
 
 def test_the_logged_model_carries_its_evaluation_signature_and_input_example(data, caplog):

@@ -44,15 +44,24 @@ def row_of(output: str, run_name: str) -> list[str]:
 
 def test_runs_lists_differing_settings_figures_and_versions(tmp_path):
     experiment = f"runs-{uuid.uuid4().hex[:6]}"
-    ids = [pipeline_run(experiment, lr, loss, version)
-           for lr, loss, version in zip(LEARNING_RATES, (2.5, 2.25, 3.125), ("1", "2", None))]  # fmt: skip
+    ids = [
+        pipeline_run(experiment, lr, loss, version)
+        for lr, loss, version in zip(LEARNING_RATES, (2.5, 2.25, 3.125), ("1", "2", None))
+    ]
     registered(experiment, ids[:2])
 
     result = CliRunner().invoke(app, ["runs", str(write_config(tmp_path, experiment))])
     assert result.exit_code == 0, result.output
     header = row_of(result.output, "run")
-    assert header == ["run", "start", "status", "pretrain.lr", "pretrain_val_loss", "pretrained_val_bits_per_byte",
-                      "version"]  # only the setting that differs; no nested stage run
+    assert header == [
+        "run",
+        "start",
+        "status",
+        "pretrain.lr",
+        "pretrain_val_loss",
+        "pretrained_val_bits_per_byte",
+        "version",
+    ]  # only the setting that differs; no nested stage run
     rows = [row_of(result.output, f"{experiment}-lr{lr}") for lr in LEARNING_RATES]
     assert [row[2:] for row in rows] == [
         ["FINISHED", "0.01", "2.5", "1.25", "1"],

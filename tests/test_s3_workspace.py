@@ -17,7 +17,6 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 import yaml
-
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -27,10 +26,10 @@ from flows.prepare import PreparedData, prepare_data_locally
 from micro_data import file_digests, micro_config, stage_digests
 from model.errors import UserError
 from pipeline_micro import write_config
-from tasks.pretrain import run_pretrain
-from tasks.shard import encode_chunk, run_shard
 from tasks.core.storage import RemoteStore
 from tasks.core.workspace import MANIFEST
+from tasks.pretrain import run_pretrain
+from tasks.shard import encode_chunk, run_shard
 
 BUCKET = "gptflow-test"
 MOTO_SERVER = str(Path(sys.executable).with_name("moto_server"))
@@ -46,8 +45,9 @@ def free_port() -> int:
 def s3():
     """moto's S3 server on a free loopback port, with one bucket; stopped by its PID."""
     port = free_port()
-    server = subprocess.Popen([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -59,10 +59,16 @@ def s3():
                     raise RuntimeError("moto_server did not start") from None
                 time.sleep(0.2)
         with pytest.MonkeyPatch.context() as env:
-            for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                                "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            for name, value in {
+                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+                "AWS_ACCESS_KEY_ID": "testing",
+                "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }.items():
                 env.setenv(name, value)
-            pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True).create_dir(BUCKET)
+            pafs.S3FileSystem(
+                endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True
+            ).create_dir(BUCKET)
             yield
     finally:
         server.terminate()
@@ -103,7 +109,9 @@ def assert_remote_matches(prefix: str, reference: PreparedData) -> None:
             assert hashlib.sha256(remote.read_bytes(name)).hexdigest() == digest, f"{stage}/{name}"
 
 
-def test_prepare_into_s3_uploads_every_stage_and_reads_it_from_local_paths(s3, tmp_path, monkeypatch, config_file, reference):
+def test_prepare_into_s3_uploads_every_stage_and_reads_it_from_local_paths(
+    s3, tmp_path, monkeypatch, config_file, reference
+):
     cache = on_machine(monkeypatch, tmp_path, "a")
     prepared = prepare_remote(config_file, "run-a")
     assert not any(output.reused for output in prepared.stages().values())
@@ -112,7 +120,9 @@ def test_prepare_into_s3_uploads_every_stage_and_reads_it_from_local_paths(s3, t
     assert_remote_matches("run-a", reference)
 
 
-def test_another_machine_reuses_every_stage_from_the_remote_manifests(s3, tmp_path, monkeypatch, config_file, reference):
+def test_another_machine_reuses_every_stage_from_the_remote_manifests(
+    s3, tmp_path, monkeypatch, config_file, reference
+):
     on_machine(monkeypatch, tmp_path, "a")
     prepare_remote(config_file, "run-b")
     cache = on_machine(monkeypatch, tmp_path, "b")
@@ -142,7 +152,9 @@ def test_a_tampered_remote_file_is_refused_by_name(s3, tmp_path, monkeypatch, co
     prepare_remote(config_file, "run-d")
     shards = remote_stage("run-d", "shard", reference.shards.fingerprint)
     tampered = tmp_path / "tampered.parquet"
-    tampered.write_bytes(bytearray(b ^ 1 if i == 100 else b for i, b in enumerate(shards.read_bytes("train-00001.parquet"))))
+    tampered.write_bytes(
+        bytearray(b ^ 1 if i == 100 else b for i, b in enumerate(shards.read_bytes("train-00001.parquet")))
+    )
     shards.upload(tampered, "train-00001.parquet")
     on_machine(monkeypatch, tmp_path, "b")
     name = f"s3://{BUCKET}/run-d/shard/{reference.shards.fingerprint}/train-00001.parquet"
@@ -151,7 +163,9 @@ def test_a_tampered_remote_file_is_refused_by_name(s3, tmp_path, monkeypatch, co
     assert shards.exists(MANIFEST)  # nothing is deleted
 
 
-def test_chunks_on_other_machines_fetch_their_inputs_and_share_parts_through_s3(s3, tmp_path, monkeypatch, config_file, reference):
+def test_chunks_on_other_machines_fetch_their_inputs_and_share_parts_through_s3(
+    s3, tmp_path, monkeypatch, config_file, reference
+):
     on_machine(monkeypatch, tmp_path, "a")
     prepared = prepare_remote(config_file, "run-e")
     config = load_config(config_file, [f"workspace=s3://{BUCKET}/run-e", "shard.seq_len=16", "shard.chunk_documents=3"])
@@ -169,17 +183,27 @@ def test_chunks_on_other_machines_fetch_their_inputs_and_share_parts_through_s3(
         with pytest.MonkeyPatch.context() as worker:
             worker.setenv("GPTFLOW_CACHE", str(worker_cache))
             chunks = [
-                chunk.model_copy(update={"corpus": moved(chunk.corpus, "corpus"), "tokenizer": moved(chunk.tokenizer, "tokenizer")})
+                chunk.model_copy(
+                    update={"corpus": moved(chunk.corpus, "corpus"), "tokenizer": moved(chunk.tokenizer, "tokenizer")}
+                )
                 for chunk in chunks
             ]
             return [encode_chunk(chunk) for chunk in chunks]
 
-    shards = run_shard(config.shard, prepared.corpus, prepared.tokenizer, config.workspace,
-                       map_chunks=on_a_worker_elsewhere, parts_in_workspace=True)
+    shards = run_shard(
+        config.shard,
+        prepared.corpus,
+        prepared.tokenizer,
+        config.workspace,
+        map_chunks=on_a_worker_elsewhere,
+        parts_in_workspace=True,
+    )
     local = load_config(config_file, [f"workspace={tmp_path / 'local'}", "shard.seq_len=16"])
     expected = run_shard(local.shard, reference.corpus, reference.tokenizer, local.workspace)
     assert file_digests(shards.path) == file_digests(expected.path)
-    assert (worker_cache / "s3" / BUCKET / "run-e" / "ingest" / prepared.corpus.fingerprint / "corpus.parquet").is_file()
+    assert (
+        worker_cache / "s3" / BUCKET / "run-e" / "ingest" / prepared.corpus.fingerprint / "corpus.parquet"
+    ).is_file()
     assert not remote_stage("run-e", "shard", shards.fingerprint).exists("parts/00000-train.tokens")
 
 
@@ -253,7 +277,9 @@ def test_dry_run_status_and_clean_read_the_bucket(s3, tmp_path, monkeypatch, tra
 
     # The plan from the bucket's manifests matches the one from hashing the local files.
     remote_plan, local_plan = load_plan(training_config, workspace), load_plan(training_config, tmp_path / "local")
-    assert [(s.label, s.fingerprint, s.action) for s in remote_plan] == [(s.label, s.fingerprint, s.action) for s in local_plan]
+    assert [(s.label, s.fingerprint, s.action) for s in remote_plan] == [
+        (s.label, s.fingerprint, s.action) for s in local_plan
+    ]
     assert [s.action for s in remote_plan][:5] == ["skip"] * 4 + ["run"]  # evaluate-pretrained: its fingerprint known
     assert remote_plan[4].fingerprint is not None
     assert not list(cache.rglob("*.safetensors"))  # nothing but manifests and a config was read
@@ -270,7 +296,9 @@ def test_dry_run_status_and_clean_read_the_bucket(s3, tmp_path, monkeypatch, tra
     assert "0 stage output(s)" in recent.output
     monkeypatch.setattr("flows.housekeeping.REMOTE_IDLE_SECONDS", 0)
     keep = tmp_path / "keep.yaml"  # the config as run: the bucket's workspace, the training overrides
-    keep.write_text(yaml.safe_dump(load_config(training_config, [f"workspace={workspace}", *TRAINING]).model_dump(mode="json")))
+    keep.write_text(
+        yaml.safe_dump(load_config(training_config, [f"workspace={workspace}", *TRAINING]).model_dump(mode="json"))
+    )
     cleaned = CliRunner().invoke(app, ["clean", workspace, "--keep", str(keep)])
     assert cleaned.exit_code == 0, cleaned.output
     assert f"removing {workspace}/pretrain/0123456789abcdef (incomplete" in cleaned.output
@@ -278,7 +306,9 @@ def test_dry_run_status_and_clean_read_the_bucket(s3, tmp_path, monkeypatch, tra
     assert [s.action for s in load_plan(training_config, workspace)][:4] == ["skip"] * 4  # what the config uses stays
 
 
-def test_the_whole_pipeline_commits_every_stage_to_the_bucket(s3, prefect_server, tmp_path, monkeypatch, training_config):
+def test_the_whole_pipeline_commits_every_stage_to_the_bucket(
+    s3, prefect_server, tmp_path, monkeypatch, training_config
+):
     from flows.pipeline import pipeline
 
     workspace = f"s3://{BUCKET}/run-h"

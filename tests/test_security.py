@@ -64,7 +64,9 @@ def test_a_pickle_in_place_of_the_weights_is_not_unpickled(checkpoint, tmp_path)
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("path", ["../../bpe/tokenizer.json", "../sibling/train-00000.parquet", "/etc/passwd", "a/../../x"])
+@pytest.mark.parametrize(
+    "path", ["../../bpe/tokenizer.json", "../sibling/train-00000.parquet", "/etc/passwd", "a/../../x"]
+)
 def test_manifest_paths_cannot_leave_the_stage_directory(tmp_path, path):
     stage = StageDir(tmp_path, "shard", "0123456789abcdef")
     stage.path.mkdir(parents=True)
@@ -96,7 +98,9 @@ def files_containing(root: Path, needles: dict[str, str]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_secrets_in_the_environment_never_reach_tracking_artifacts_or_logs(prefect_server, tmp_path, monkeypatch, capfd):
+def test_secrets_in_the_environment_never_reach_tracking_artifacts_or_logs(
+    prefect_server, tmp_path, monkeypatch, capfd
+):
     # Each value is unique, so finding it anywhere can only mean it leaked from the environment.
     planted = {name: f"leak-{name.lower()}-{secrets.token_hex(8)}" for name in SECRET_NAMES}
     for name, value in planted.items():

@@ -24,9 +24,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+
 from pipeline_micro import greedy_completions, write_config
 from sigint import with_sigint
-
 from tasks.core.workspace import sha256_file
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,12 @@ def free_port() -> int:
 
 def gptflow(servers: Servers, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     completed = subprocess.run(
-        [str(BIN / "gptflow"), *args], cwd=servers.root, env=env or servers.env, capture_output=True, text=True, timeout=timeout
+        [str(BIN / "gptflow"), *args],
+        cwd=servers.root,
+        env=env or servers.env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert completed.returncode == 0, f"gptflow {' '.join(args)}:\n{completed.stdout}\n{completed.stderr}"
     return completed
@@ -86,7 +91,10 @@ def wait_for(condition, timeout: float, what: str, every: float = 2.0):
 
 def mlflow_runs(servers: Servers, filter_string: str = "") -> list[dict]:
     experiment = get(f"{servers.mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name={NAME}")["experiment"]
-    found = post(f"{servers.mlflow}/api/2.0/mlflow/runs/search", {"experiment_ids": [experiment["experiment_id"]], "filter": filter_string, "max_results": 1000})
+    found = post(
+        f"{servers.mlflow}/api/2.0/mlflow/runs/search",
+        {"experiment_ids": [experiment["experiment_id"]], "filter": filter_string, "max_results": 1000},
+    )
     return found.get("runs", [])
 
 
@@ -107,11 +115,21 @@ def chromium(url: str, *, dump: bool = False, screenshot: Path | None = None) ->
     """Render `url` headless; return its DOM, or save a screenshot."""
     with tempfile.TemporaryDirectory() as profile:
         command = [
-            shutil.which("chromium") or "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-            "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={profile}", "--window-size=1400,900", "--virtual-time-budget=20000",
-            "--dump-dom" if dump else f"--screenshot={screenshot}", url,
-        ]  # fmt: skip
+            shutil.which("chromium") or "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--window-size=1400,900",
+            "--virtual-time-budget=20000",
+            "--dump-dom" if dump else f"--screenshot={screenshot}",
+            url,
+        ]
         completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
     return completed.stdout
 
@@ -121,9 +139,15 @@ def servers(tmp_path_factory):
     root = tmp_path_factory.mktemp("servers")
     env = {key: value for key, value in os.environ.items() if key not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
     # As in an activated venv: `mlflow models serve` starts `uvicorn` from PATH.
-    env.update(GPTFLOW_HOME=str(root / "gptflow-home"), PREFECT_HOME=str(root / "prefect-home"), PATH=f"{BIN}{os.pathsep}{env['PATH']}")
+    env.update(
+        GPTFLOW_HOME=str(root / "gptflow-home"),
+        PREFECT_HOME=str(root / "prefect-home"),
+        PATH=f"{BIN}{os.pathsep}{env['PATH']}",
+    )
     prefect_port, mlflow_port = free_port(), free_port()
-    servers = Servers(root, write_config(root, NAME), env, f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}")
+    servers = Servers(
+        root, write_config(root, NAME), env, f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
+    )
     up = gptflow(servers, "up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port), timeout=300)
     assert f"Prefect UI: {servers.prefect}" in up.stdout and f"MLflow UI:  {servers.mlflow}" in up.stdout
     yield servers
@@ -135,7 +159,9 @@ def pipeline_run(servers):
     """`gptflow run` with no server in the environment: it finds both through the state file."""
     output = gptflow(servers, "run", str(servers.config)).stdout
     assert f"mlflow run  {servers.mlflow}/#/experiments/" in output
-    (flow_run,) = flow_runs(servers, {"flow_runs": {"name": {"like_": NAME}}, "flows": {"name": {"any_": ["pipeline"]}}})
+    (flow_run,) = flow_runs(
+        servers, {"flow_runs": {"name": {"like_": NAME}}, "flows": {"name": {"any_": ["pipeline"]}}}
+    )
     return flow_run
 
 
@@ -143,11 +169,21 @@ def test_run_and_model_found_through_the_rest_apis(servers, pipeline_run):
     assert pipeline_run["state_type"] == "COMPLETED"
     task_runs = post(f"{servers.prefect}/api/task_runs/filter", {"flow_runs": {"id": {"any_": [pipeline_run["id"]]}}})
     names = [run["name"] for run in task_runs]  # Prefect appends a short suffix to a task's name
-    for task in ("check-tracking-server", "prepare-data", "pretrain", "evaluate-pretrained", "finetune", "evaluate-finetuned", "register-model"):
+    for task in (
+        "check-tracking-server",
+        "prepare-data",
+        "pretrain",
+        "evaluate-pretrained",
+        "finetune",
+        "evaluate-finetuned",
+        "register-model",
+    ):
         assert any(name.startswith(task) for name in names), (task, names)
     # The data stages run in the prepare-data subflow, which also records them in MLflow.
     [subflow_task] = [run for run in task_runs if run["name"].startswith("prepare-data")]
-    [data_flow_run] = post(f"{servers.prefect}/api/flow_runs/filter", {"flow_runs": {"parent_task_run_id": {"any_": [subflow_task["id"]]}}})
+    [data_flow_run] = post(
+        f"{servers.prefect}/api/flow_runs/filter", {"flow_runs": {"parent_task_run_id": {"any_": [subflow_task["id"]]}}}
+    )
     data_tasks = post(f"{servers.prefect}/api/task_runs/filter", {"flow_runs": {"id": {"any_": [data_flow_run["id"]]}}})
     for task in ("ingest", "train-tokenizer", "track-data"):
         assert any(run["name"].startswith(task) for run in data_tasks), (task, [run["name"] for run in data_tasks])
@@ -155,7 +191,9 @@ def test_run_and_model_found_through_the_rest_apis(servers, pipeline_run):
     parent = parent_run_of(servers, pipeline_run["id"])
     assert parent["info"]["status"] == "FINISHED"
     assert tags(parent)["prefect.flow_run_url"].startswith(f"{servers.prefect}/runs/flow-run/{pipeline_run['id']}")
-    champion = get(f"{servers.mlflow}/api/2.0/mlflow/registered-models/alias?name={NAME}&alias=champion")["model_version"]
+    champion = get(f"{servers.mlflow}/api/2.0/mlflow/registered-models/alias?name={NAME}&alias=champion")[
+        "model_version"
+    ]
     assert champion["version"] == "1" and set(champion["aliases"]) == {"candidate", "champion"}
     register_run = get(f"{servers.mlflow}/api/2.0/mlflow/runs/get?run_id={champion['run_id']}")["run"]
     assert tags(register_run)["mlflow.parentRunId"] == parent["info"]["run_id"]
@@ -165,15 +203,26 @@ def test_served_deployment_schedule_trigger_and_gpu_limit(servers, pipeline_run)
     serve_env = {**servers.env, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
     serving = subprocess.Popen(  # `stop` sends it SIGINT
         with_sigint([str(BIN / "gptflow"), "serve", str(servers.config), "--interval", "3600", "--name", "hourly"]),
-        cwd=servers.root, env=serve_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        cwd=servers.root,
+        env=serve_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deployment = wait_for(lambda: _deployment(servers, "pipeline/hourly"), 120, "the served deployment")
         # The server's scheduler, not the test, creates the scheduled runs.
         scheduled = wait_for(
-            lambda: flow_runs(servers, {"deployments": {"id": {"any_": [deployment["id"]]}}, "flow_runs": {"state": {"type": {"any_": ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"]}}}}),
-            120, "scheduled runs of the deployment",
-        )  # fmt: skip
+            lambda: flow_runs(
+                servers,
+                {
+                    "deployments": {"id": {"any_": [deployment["id"]]}},
+                    "flow_runs": {"state": {"type": {"any_": ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"]}}},
+                },
+            ),
+            120,
+            "scheduled runs of the deployment",
+        )
         assert scheduled
 
         # Two runs that each train (different seeds), the second watched to the end.
@@ -181,8 +230,12 @@ def test_served_deployment_schedule_trigger_and_gpu_limit(servers, pipeline_run)
             params = json.dumps({"overrides": [f"pretrain.seed={seed}", "finetune=null"]})
             return subprocess.Popen(
                 [str(BIN / "prefect"), "deployment", "run", "pipeline/hourly", "--params", params, *extra],
-                cwd=servers.root, env=servers.prefect_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            )  # fmt: skip
+                cwd=servers.root,
+                env=servers.prefect_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
 
         first = trigger(1)
         watched = trigger(2, "--watch")
@@ -191,18 +244,26 @@ def test_served_deployment_schedule_trigger_and_gpu_limit(servers, pipeline_run)
         first_output, _ = first.communicate(timeout=60)
         first_id = first_output.split("UUID:")[1].split()[0]
         watched_id = watched_output.split("UUID:")[1].split()[0]
-        wait_for(lambda: _state(servers, first_id) in ("COMPLETED", "FAILED", "CRASHED"), 600, "the first triggered run")
+        wait_for(
+            lambda: _state(servers, first_id) in ("COMPLETED", "FAILED", "CRASHED"), 600, "the first triggered run"
+        )
         assert _state(servers, first_id) == "COMPLETED"
 
         # The two flow runs ran at the same time, yet the `gpu` limit (one slot) kept their
         # pretraining stages apart.
         assert get(f"{servers.prefect}/api/v2/concurrency_limits/gpu")["limit"] == 1
-        flow_spans = [_span(get(f"{servers.prefect}/api/flow_runs/{flow_run_id}")) for flow_run_id in (first_id, watched_id)]
-        assert max(start for start, _ in flow_spans) < min(end for _, end in flow_spans), f"the runs did not overlap: {flow_spans}"
+        flow_spans = [
+            _span(get(f"{servers.prefect}/api/flow_runs/{flow_run_id}")) for flow_run_id in (first_id, watched_id)
+        ]
+        assert max(start for start, _ in flow_spans) < min(end for _, end in flow_spans), (
+            f"the runs did not overlap: {flow_spans}"
+        )
         spans = []
         for flow_run_id in (first_id, watched_id):
             parent = parent_run_of(servers, flow_run_id)
-            (pretrain,) = mlflow_runs(servers, f"tags.mlflow.parentRunId = '{parent['info']['run_id']}' and attributes.run_name = 'pretrain'")
+            (pretrain,) = mlflow_runs(
+                servers, f"tags.mlflow.parentRunId = '{parent['info']['run_id']}' and attributes.run_name = 'pretrain'"
+            )
             spans.append((int(pretrain["info"]["start_time"]), int(pretrain["info"]["end_time"])))
         (start_a, end_a), (start_b, end_b) = sorted(spans)
         assert end_a <= start_b, f"pretraining overlapped: {spans}"
@@ -214,7 +275,9 @@ def test_prefect_yaml_deploys_a_scheduled_deployment_that_a_process_worker_runs(
     env = {**servers.prefect_env(), "PWD": str(REPO)}  # `prefect deploy` fills in {{ $PWD }}, as from a shell here
 
     def prefect(*args: str, timeout: float = 300) -> str:
-        completed = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        completed = subprocess.run(
+            [str(BIN / "prefect"), *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
         assert completed.returncode == 0, f"prefect {' '.join(args)}:\n{completed.stdout}\n{completed.stderr}"
         return completed.stdout
 
@@ -265,16 +328,37 @@ def _state(servers: Servers, flow_run_id: str) -> str:
 def test_mlflow_models_serve_answers_invocations(servers, pipeline_run):
     port = free_port()
     serving = subprocess.Popen(  # `stop` sends it SIGINT
-        with_sigint([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
-                     "--host", "127.0.0.1", "--port", str(port)]),
-        cwd=servers.root, env={**servers.env, "MLFLOW_TRACKING_URI": servers.mlflow},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
+        with_sigint(
+            [
+                str(BIN / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                f"models:/{NAME}@champion",
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ]
+        ),
+        cwd=servers.root,
+        env={**servers.env, "MLFLOW_TRACKING_URI": servers.mlflow},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_for(lambda: _ping(f"http://127.0.0.1:{port}/ping"), 180, "mlflow models serve")
         prompts = ["def plus", ""]
-        answer = post(f"http://127.0.0.1:{port}/invocations", {"inputs": prompts, "params": {"max_new_tokens": 6, "temperature": 0.0}})
-        sampled = post(f"http://127.0.0.1:{port}/invocations", {"inputs": prompts, "params": {"max_new_tokens": 6, "seed": 0}})
+        answer = post(
+            f"http://127.0.0.1:{port}/invocations",
+            {"inputs": prompts, "params": {"max_new_tokens": 6, "temperature": 0.0}},
+        )
+        sampled = post(
+            f"http://127.0.0.1:{port}/invocations", {"inputs": prompts, "params": {"max_new_tokens": 6, "seed": 0}}
+        )
     finally:
         stop(serving)
     # Greedy, the served model answers what generation from the checkpoint it bundles answers.
@@ -286,9 +370,13 @@ def test_mlflow_models_serve_answers_invocations(servers, pipeline_run):
 
 def champion_checkpoint(servers: Servers) -> Path:
     """The workspace checkpoint whose weights the champion bundles (its `weights_sha256` tag)."""
-    champion = get(f"{servers.mlflow}/api/2.0/mlflow/registered-models/alias?name={NAME}&alias=champion")["model_version"]
+    champion = get(f"{servers.mlflow}/api/2.0/mlflow/registered-models/alias?name={NAME}&alias=champion")[
+        "model_version"
+    ]
     weights_sha256 = {tag["key"]: tag["value"] for tag in champion["tags"]}["weights_sha256"]
-    found = [w.parent for w in (servers.root / "workspace").rglob("model.safetensors") if sha256_file(w) == weights_sha256]
+    found = [
+        w.parent for w in (servers.root / "workspace").rglob("model.safetensors") if sha256_file(w) == weights_sha256
+    ]
     assert found, f"no checkpoint in the workspace holds the champion's weights {weights_sha256}"
     return found[0]
 
@@ -314,7 +402,9 @@ def test_both_uis_in_a_browser(servers, pipeline_run):
     runs = mlflow_runs(servers, "attributes.run_name LIKE 'micro-servers-%'")
     run_ids = [run["info"]["run_id"] for run in runs]
     experiment = runs[0]["info"]["experiment_id"]
-    compare = f"{servers.mlflow}/#/compare-runs?runs={urllib.parse.quote(json.dumps(run_ids))}&experiments={urllib.parse.quote(json.dumps([experiment]))}"
+    runs_query = urllib.parse.quote(json.dumps(run_ids))
+    experiments_query = urllib.parse.quote(json.dumps([experiment]))
+    compare = f"{servers.mlflow}/#/compare-runs?runs={runs_query}&experiments={experiments_query}"
     dom = chromium(compare, dump=True)
     assert all(run["info"]["run_name"] in dom for run in runs) and "val_bits_per_byte" in dom
 
@@ -322,7 +412,9 @@ def test_both_uis_in_a_browser(servers, pipeline_run):
     dom = chromium(model_page, dump=True)
     assert "champion" in dom and "candidate" in dom and "Version 1" in dom
     chromium(model_page, screenshot=DOCS / "mlflow-registered-model.png")
-    assert all((DOCS / name).stat().st_size > 10_000 for name in ("prefect-flow-run.png", "mlflow-registered-model.png"))
+    assert all(
+        (DOCS / name).stat().st_size > 10_000 for name in ("prefect-flow-run.png", "mlflow-registered-model.png")
+    )
 
 
 @pytest.fixture
@@ -332,7 +424,13 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,900"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,900",
+    ):
         options.add_argument(argument)
     options.binary_location = shutil.which("chromium")
     driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
@@ -352,14 +450,20 @@ def page_text_with(driver, *texts: str, timeout: float = 60) -> str:
 def click_text(driver, text: str) -> None:
     from selenium.webdriver.common.by import By
 
-    driver.execute_script("arguments[0].click()", driver.find_element(By.XPATH, f"//*[normalize-space(text())='{text}']"))
+    driver.execute_script(
+        "arguments[0].click()", driver.find_element(By.XPATH, f"//*[normalize-space(text())='{text}']")
+    )
 
 
-@pytest.mark.skipif(shutil.which("chromedriver") is None, reason="needs Debian's chromium-driver (make test installs it)")
+@pytest.mark.skipif(
+    shutil.which("chromedriver") is None, reason="needs Debian's chromium-driver (make test installs it)"
+)
 def test_progress_artifact_and_a_learning_rate_comparison_in_a_browser(servers, pipeline_run, browser):
     # Prefect: the pretrain task run's progress artifact, at 100 % once the stage is done.
-    [artifact] = post(f"{servers.prefect}/api/artifacts/filter", {"artifacts": {
-        "key": {"any_": ["pretrain-progress"]}, "flow_run_id": {"any_": [pipeline_run["id"]]}}})
+    [artifact] = post(
+        f"{servers.prefect}/api/artifacts/filter",
+        {"artifacts": {"key": {"any_": ["pretrain-progress"]}, "flow_run_id": {"any_": [pipeline_run["id"]]}}},
+    )
     assert artifact["task_run_id"] and artifact["data"] == 100
     browser.get(f"{servers.prefect}/artifacts/artifact/{artifact['id']}")
     page_text_with(browser, "pretrain-progress", "Progress: 100%", pipeline_run["name"])
@@ -368,16 +472,20 @@ def test_progress_artifact_and_a_learning_rate_comparison_in_a_browser(servers, 
     # MLflow: a second pipeline run with another learning rate, compared with the first.
     gptflow(servers, "run", str(servers.config), "--set", "pretrain.lr=0.003", "--set", "finetune=null")
     first = parent_run_of(servers, pipeline_run["id"])
-    [second] = [run for run in mlflow_runs(servers, "params.`pretrain.lr` = '0.003'") if "mlflow.parentRunId" not in tags(run)]
+    [second] = [
+        run for run in mlflow_runs(servers, "params.`pretrain.lr` = '0.003'") if "mlflow.parentRunId" not in tags(run)
+    ]
     names = [run["info"]["run_name"] for run in (first, second)]
     run_ids, experiment = [run["info"]["run_id"] for run in (first, second)], first["info"]["experiment_id"]
-    compare = (f"{servers.mlflow}/#/compare-runs?runs={urllib.parse.quote(json.dumps(run_ids))}"
-               f"&experiments={urllib.parse.quote(json.dumps([experiment]))}")  # fmt: skip
+    compare = (
+        f"{servers.mlflow}/#/compare-runs?runs={urllib.parse.quote(json.dumps(run_ids))}"
+        f"&experiments={urllib.parse.quote(json.dumps([experiment]))}"
+    )
     browser.get(compare)
     page_text_with(browser, *names, "Show diff only")
     click_text(browser, "Show diff only")
     shown = page_text_with(browser, "pretrain.lr")
-    parameters = shown[shown.index("Parameters"):]
+    parameters = shown[shown.index("Parameters") :]
     assert "pretrain.lr 0.01 0.003" in parameters and "bpe.vocab_size" not in parameters  # only what differs
 
     # The experiment's chart view, in the model-training view: both runs' pretraining loss curves overlaid.
@@ -399,8 +507,10 @@ def test_progress_artifact_and_a_learning_rate_comparison_in_a_browser(servers, 
     click_text(browser, "Show diff only")
     page_text_with(browser, "pretrain.lr")
     browser.save_screenshot(str(DOCS / "mlflow-compare-runs.png"))
-    assert all((DOCS / name).stat().st_size > 10_000
-               for name in ("prefect-progress.png", "mlflow-compare-charts.png", "mlflow-compare-runs.png"))  # fmt: skip
+    assert all(
+        (DOCS / name).stat().st_size > 10_000
+        for name in ("prefect-progress.png", "mlflow-compare-charts.png", "mlflow-compare-runs.png")
+    )
 
 
 def test_down_stops_both_servers(servers):

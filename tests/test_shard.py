@@ -15,9 +15,9 @@ import pytest
 from model.errors import UserError
 from model.special_tokens import EOS_ID
 from tasks.bpe import BPEConfig, load_tokenizer, run_bpe
+from tasks.core.workspace import StageDir
 from tasks.ingest import IngestConfig, run_ingest, split_of
 from tasks.shard import ShardConfig, encode_documents, pieces, run_shard, token_dtype, write_split
-from tasks.core.workspace import StageDir
 
 STDLIB_FILES = ["abc.py", "bisect.py", "colorsys.py", "fnmatch.py", "heapq.py", "keyword.py", "shlex.py", "textwrap.py"]
 
@@ -28,7 +28,9 @@ def read_windows(directory: Path, files: list[dict]) -> np.ndarray:
     return np.concatenate([np.stack(t.column("tokens").to_numpy(zero_copy_only=False)) for t in tables])
 
 
-def write_stream(tmp_path: Path, stream: np.ndarray, seq_len: int, stride: int, shard_bytes: int = 8192) -> tuple[np.ndarray, list[dict]]:
+def write_stream(
+    tmp_path: Path, stream: np.ndarray, seq_len: int, stride: int, shard_bytes: int = 8192
+) -> tuple[np.ndarray, list[dict]]:
     """Write `stream` (fed in uneven chunks) with the stage's writer; read the windows back."""
     rng = np.random.default_rng(len(stream))
     cuts = np.sort(rng.choice(np.arange(1, len(stream)), size=min(20, len(stream) - 1), replace=False))
@@ -164,7 +166,9 @@ def test_a_seq_len_longer_than_a_split_is_named_and_earlier_stages_stay(tmp_path
 def test_shard_bytes_too_small_for_one_window_fails_before_tokenizing(tmp_path, prepared, monkeypatch):
     corpus, tokenizer = prepared
     monkeypatch.setattr("tasks.shard.load_tokenizer", lambda path: pytest.fail("tokenized"))
-    with pytest.raises(UserError, match=r"shard.shard_bytes=4096 is too small for one window of shard.seq_len \+ 1 = 2049"):
+    with pytest.raises(
+        UserError, match=r"shard.shard_bytes=4096 is too small for one window of shard.seq_len \+ 1 = 2049"
+    ):
         run_shard(ShardConfig(seq_len=2048, shard_bytes=4096), corpus, tokenizer, tmp_path)
 
 

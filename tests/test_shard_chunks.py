@@ -35,7 +35,9 @@ def one_chunk(config_file, tmp_path_factory):
 def test_several_chunks_write_the_same_files_and_manifest_as_one(tmp_path, config_file, one_chunk, chunk_documents):
     config = load_config(config_file, [f"workspace={tmp_path}", f"shard.chunk_documents={chunk_documents}"])
     prepared = prepare_data_locally(config)
-    assert prepared.corpus.report["documents_out"] > 2 * chunk_documents  # 3 chunks or more; with 1, some hold one split only
+    assert (
+        prepared.corpus.report["documents_out"] > 2 * chunk_documents
+    )  # 3 chunks or more; with 1, some hold one split only
     assert prepared.shards.fingerprint == one_chunk.shards.fingerprint  # the chunking is not part of it
     assert stage_digests(prepared)["shard"] == stage_digests(one_chunk)["shard"]  # manifest.json included
     assert not (prepared.shards.path / "parts").exists()
@@ -65,7 +67,12 @@ def test_the_flow_runs_the_chunks_as_task_runs_on_the_configured_runner(
         return encode(chunk)
 
     monkeypatch.setattr("tasks.shard.encode_chunk", encode_and_record_pid)
-    overrides = [f"workspace={tmp_path / 'ws'}", "shard.chunk_documents=2", f"task_runner.kind={runner}", "task_runner.n_workers=2"]
+    overrides = [
+        f"workspace={tmp_path / 'ws'}",
+        "shard.chunk_documents=2",
+        f"task_runner.kind={runner}",
+        "task_runner.n_workers=2",
+    ]
     state = prepare_data(load_config(config_file, overrides), return_state=True)
     prepared = state.result()
     assert stage_digests(prepared)["shard"] == stage_digests(one_chunk)["shard"]
@@ -77,6 +84,10 @@ def test_the_flow_runs_the_chunks_as_task_runs_on_the_configured_runner(
 
 
 def test_a_scheduler_address_without_dask_is_refused_naming_the_fields(config_file):
-    with pytest.raises(UserError, match=r"field 'task_runner': .*address is the scheduler of a Dask cluster: set kind: dask"):
+    with pytest.raises(
+        UserError, match=r"field 'task_runner': .*address is the scheduler of a Dask cluster: set kind: dask"
+    ):
         load_config(config_file, ["task_runner.address=tcp://127.0.0.1:8786"])
-    assert load_config(config_file, ["task_runner.kind=dask", "task_runner.address=tcp://127.0.0.1:8786"]).task_runner.remote_workers
+    assert load_config(
+        config_file, ["task_runner.kind=dask", "task_runner.address=tcp://127.0.0.1:8786"]
+    ).task_runner.remote_workers

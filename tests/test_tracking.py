@@ -34,7 +34,11 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     monkeypatch.setenv("GPTFLOW_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     server_state.write_records(
-        {server_state.MLFLOW: server_state.ServerRecord(pid=os.getpid(), api_url="http://127.0.0.1:5999", ui_url="x", log_file="x")}
+        {
+            server_state.MLFLOW: server_state.ServerRecord(
+                pid=os.getpid(), api_url="http://127.0.0.1:5999", ui_url="x", log_file="x"
+            )
+        }
     )
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
@@ -47,7 +51,11 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     server_state.write_records(
-        {server_state.MLFLOW: server_state.ServerRecord(pid=finished.pid, api_url="http://127.0.0.1:5999", ui_url="x", log_file="x")}
+        {
+            server_state.MLFLOW: server_state.ServerRecord(
+                pid=finished.pid, api_url="http://127.0.0.1:5999", ui_url="x", log_file="x"
+            )
+        }
     )
     assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
@@ -104,7 +112,9 @@ def test_end_run_refuses_unknown_status(experiment):
 
 def test_datasets_and_artifacts(experiment, tmp_path):
     run_id = tracking.start_run(experiment, "data")
-    tracking.log_dataset(run_id, "corpus", "0123456789abcdef", tmp_path / "corpus", "pretrain", profile={"documents": 12})
+    tracking.log_dataset(
+        run_id, "corpus", "0123456789abcdef", tmp_path / "corpus", "pretrain", profile={"documents": 12}
+    )
     (tmp_path / "report.json").write_text('{"ok": true}')
     tracking.log_artifact(run_id, tmp_path / "report.json", "reports")
     tracking.log_dict(run_id, {"name": "x"}, "config.yaml")
@@ -157,7 +167,8 @@ def test_loss_curves_refresh_during_training_and_reach_the_pipeline_run(experime
             tracking.log_steps(child, [("loss", 2, 4.0), ("val_loss", 2, 4.5)])
     tracking.end_run(parent)
     assert sorted((m.step, m.value) for m in mlflow_client.get_metric_history(parent, "pretrain_loss")) == [
-        (1, 5.0), (2, 4.0)
+        (1, 5.0),
+        (2, 4.0),
     ]  # each step once, though the first was copied by a refresh during training
     assert "pretrain_loss_curve.png" in {a.path for a in mlflow_client.list_artifacts(parent)}
     assert not mlflow_client.get_metric_history(parent, "val_loss")  # only the curves asked for

@@ -49,7 +49,8 @@ def test_weight_decay_applies_to_matrices_only():
     plain = {by_id[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
     expected = {"transformer.wte.weight", "transformer.wpe.weight"} | {
         f"transformer.h.{i}.{layer}.weight"
-        for i in range(2) for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+        for i in range(2)
+        for layer in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
     assert decayed == expected
     assert plain == set(by_id.values()) - expected
@@ -115,23 +116,41 @@ def test_engine_matches_a_hand_written_training_loop(tmp_path, monkeypatch):
     """Six engine steps against plain PyTorch: 2 micro-batches per step (128 tokens / 4 x 16),
     clipping that clips every step, decay on matrices only, 2 warmup steps then cosine."""
     steps, warmup, lr, min_lr, clip, decay, eval_every, eval_batches = 6, 2, 1e-2, 1e-3, 0.05, 0.5, 3, 2
-    config = micro_config(max_steps=steps, warmup_steps=warmup, lr=lr, min_lr=min_lr, grad_clip=clip,
-                          weight_decay=decay, eval_every=eval_every, eval_batches=eval_batches, checkpoint_every=0)
+    config = micro_config(
+        max_steps=steps,
+        warmup_steps=warmup,
+        lr=lr,
+        min_lr=min_lr,
+        grad_clip=clip,
+        weight_decay=decay,
+        eval_every=eval_every,
+        eval_batches=eval_batches,
+        checkpoint_every=0,
+    )
     peak = 1e9  # a fixed peak instead of a measured one, so that MFU can be checked
     monkeypatch.setattr("model.train.peak_flops", lambda device, bf16: peak)
     torch.manual_seed(0)
     reference = GPT(MICRO)
     engine_model = copy.deepcopy(reference)
     logged = {}
-    train(engine_model, config, MaskedBatches(), MaskedBatches(seed=1), tmp_path,
-          callback=lambda step, metrics: logged.update({step: dict(metrics)}))
+    train(
+        engine_model,
+        config,
+        MaskedBatches(),
+        MaskedBatches(seed=1),
+        tmp_path,
+        callback=lambda step, metrics: logged.update({step: dict(metrics)}),
+    )
 
     named = dict(reference.named_parameters())  # the tied head is wte, listed once
     matrices = [p for name, p in named.items() if name.endswith(".weight") and ".ln_" not in name]
     vectors = [p for name, p in named.items() if name.endswith(".bias") or ".ln_" in name]
     assert len(matrices) + len(vectors) == len(named)
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": decay},
-                                   {"params": vectors, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": decay}, {"params": vectors, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
 
     def summed_cross_entropy(inputs, targets):
         logits = reference(inputs).logits
@@ -194,10 +213,22 @@ def test_bf16_autocast_and_fused_adamw_train_on_cpu(tmp_path):
     dtypes = []
     model.lm_head.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
     losses: dict[str, list[float]] = {"bf16": [], "fp32": []}
-    result = train(model, micro_config(bf16=True, max_steps=3), RandomBatches(), RandomBatches(seed=1), tmp_path / "bf16",
-                   callback=lambda step, metrics: losses["bf16"].append(metrics["loss"]))
-    train(fp32_model, micro_config(bf16=False, max_steps=3), RandomBatches(), RandomBatches(seed=1), tmp_path / "fp32",
-          callback=lambda step, metrics: losses["fp32"].append(metrics["loss"]))
+    result = train(
+        model,
+        micro_config(bf16=True, max_steps=3),
+        RandomBatches(),
+        RandomBatches(seed=1),
+        tmp_path / "bf16",
+        callback=lambda step, metrics: losses["bf16"].append(metrics["loss"]),
+    )
+    train(
+        fp32_model,
+        micro_config(bf16=False, max_steps=3),
+        RandomBatches(),
+        RandomBatches(seed=1),
+        tmp_path / "fp32",
+        callback=lambda step, metrics: losses["fp32"].append(metrics["loss"]),
+    )
     assert set(dtypes) == {torch.bfloat16}
     assert load_state(result.checkpoint)["optimizer"]["param_groups"][0]["fused"]
     # The same losses as in fp32 to within bf16 matmuls' rounding (measured: ~2e-4 relative;
@@ -229,8 +260,14 @@ def test_a_run_resumed_at_max_steps_reports_the_last_steps_figures(tmp_path):
     # A stage killed after its final checkpoint but before recording the result reruns
     # with nothing left to train: it must still report the losses of the run that did.
     losses = []
-    finished = train(GPT(MICRO), micro_config(max_steps=3), RandomBatches(), RandomBatches(seed=1), tmp_path,
-                     callback=lambda step, metrics: losses.append(metrics["loss"]))
+    finished = train(
+        GPT(MICRO),
+        micro_config(max_steps=3),
+        RandomBatches(),
+        RandomBatches(seed=1),
+        tmp_path,
+        callback=lambda step, metrics: losses.append(metrics["loss"]),
+    )
     rerun = train(GPT(MICRO), micro_config(max_steps=3), RandomBatches(), RandomBatches(seed=1), tmp_path)
     assert rerun.steps == 3 and rerun.tokens == 0
     assert rerun.train_loss == losses[-1] == finished.train_loss

@@ -43,7 +43,9 @@ def train_in_process(tmp_path, name, shards, stop_at=0, workers=0, out=None):
     spec = RunSpec(
         model=MICRO.model_copy(update={"dropout": 0.1}),
         train=micro_config(max_steps=8, checkpoint_every=3, keep_checkpoints=2, eval_every=4, eval_batches=2),
-        shards=shards, out_dir=out or tmp_path / name, loader_workers=workers,
+        shards=shards,
+        out_dir=out or tmp_path / name,
+        loader_workers=workers,
     )
     spec_path = tmp_path / f"{name}.json"
     spec_path.write_text(spec.model_dump_json())

@@ -22,8 +22,17 @@ SEQ_LEN = 16
 
 
 def micro_config(**overrides) -> TrainConfig:
-    fields = dict(max_steps=4, batch_tokens=128, micro_batch_size=4, warmup_steps=1, eval_every=0, eval_batches=1,
-                  checkpoint_every=1, lr=1e-2, device="cpu")
+    fields = dict(
+        max_steps=4,
+        batch_tokens=128,
+        micro_batch_size=4,
+        warmup_steps=1,
+        eval_every=0,
+        eval_batches=1,
+        checkpoint_every=1,
+        lr=1e-2,
+        device="cpu",
+    )
     return TrainConfig(**{**fields, **overrides})
 
 
@@ -50,8 +59,9 @@ class RandomBatches:
         self.start = self.position = state["position"]
 
 
-def make_shards(directory: Path, windows: dict[str, int], vocab_size: int = 64, shard_bytes: int = 8192,
-                 seq_len: int = SEQ_LEN) -> Path:
+def make_shards(
+    directory: Path, windows: dict[str, int], vocab_size: int = 64, shard_bytes: int = 8192, seq_len: int = SEQ_LEN
+) -> Path:
     """Shards of `windows[split]` windows each, written by the shard stage's writer.
 
     The stream is 0, 1, 2, ... (mod `vocab_size`), so with `vocab_size` larger than the
@@ -67,8 +77,9 @@ def make_shards(directory: Path, windows: dict[str, int], vocab_size: int = 64, 
         groups = shard.window_groups([stream], seq_len, seq_len, group_rows)
         files += shard.write_shards(groups, directory, split, dtype, shard_bytes)
     manifest = directory / "manifest.json"
-    manifest.write_text(json.dumps({"seq_len": seq_len, "stride": seq_len, "dtype": "uint16",
-                                    "vocab_size": vocab_size, "files": files}))
+    manifest.write_text(
+        json.dumps({"seq_len": seq_len, "stride": seq_len, "dtype": "uint16", "vocab_size": vocab_size, "files": files})
+    )
     return manifest
 
 
@@ -79,8 +90,14 @@ def window_ids(inputs: torch.Tensor) -> list[int]:
 
 def run_python(code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
     """Run `code` in a fresh interpreter in the repository; returns stdout, fails on an error exit."""
-    result = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, **(env or {})}, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -107,8 +124,15 @@ def torchrun(spec: Path, nproc: int, *rendezvous: str, timeout: float = 300) -> 
     """Train `spec` under torchrun (`--standalone` unless a rendezvous is given); rank 0's step metrics by step."""
     script = spec.with_name("record_metrics.py")
     script.write_text(RECORD_METRICS)
-    command = [sys.executable, "-m", "torch.distributed.run", *(rendezvous or ["--standalone"]),
-               f"--nproc_per_node={nproc}", str(script), str(spec)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *(rendezvous or ["--standalone"]),
+        f"--nproc_per_node={nproc}",
+        str(script),
+        str(spec),
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -36,8 +36,11 @@ def step_of(name: str) -> int:
 def remote_steps(remote: RemoteStore) -> dict[str, list[str]]:
     """Complete remote checkpoints: `step-N` -> its files (relative to the stage)."""
     files = [info.path.removeprefix(remote.root + "/") for info in remote.files()]
-    complete = {name.split("/")[1].removesuffix(MARKER) for name in files
-                if name.startswith(f"{CHECKPOINTS}/") and name.endswith(MARKER)}  # fmt: skip
+    complete = {
+        name.split("/")[1].removesuffix(MARKER)
+        for name in files
+        if name.startswith(f"{CHECKPOINTS}/") and name.endswith(MARKER)
+    }
     return {step: [name for name in files if name.startswith(f"{CHECKPOINTS}/{step}/")] for step in complete}
 
 

@@ -77,11 +77,13 @@ def runs_table(experiment: str) -> Table:
         table.add_column(column, justify="right" if column in headline else "left")
     for run in runs:
         table.add_row(
-            run.info.run_name, started(run), run.info.status,
+            run.info.run_name,
+            started(run),
+            run.info.status,
             *(run.data.params.get(key, MISSING) for key in differing),
             *(figure(run, key) for key in headline),
             version_label(run, aliases),
-        )  # fmt: skip
+        )
     return table
 
 
@@ -102,4 +104,3 @@ def compare_table(experiment: str, first: str, second: str) -> Table:
     table.add_row("status", *(run.info.status for run in runs))
     table.add_row("version", *(version_label(run, aliases) for run in runs))
     return table
-

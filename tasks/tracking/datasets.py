@@ -34,7 +34,9 @@ def numeric(report: dict[str, Any]) -> dict[str, float]:
 
 
 def record_stage(parent_run_id: str, stage: str, config: BaseModel, output: Any, extra_artifacts: tuple = ()) -> str:
-    with runs.child_run(parent_run_id, stage, tags={"fingerprint": output.fingerprint, "reused": str(output.reused)}) as run_id:
+    with runs.child_run(
+        parent_run_id, stage, tags={"fingerprint": output.fingerprint, "reused": str(output.reused)}
+    ) as run_id:
         runs.log_params(run_id, {stage: config.model_dump(mode="json")})
         runs.log_metrics(run_id, numeric(output.report))
         for path in (output.path / MANIFEST, *extra_artifacts):

@@ -32,9 +32,10 @@ def loss_figure(title: str, curves: Mapping[str, list[tuple[int, float]]]) -> Fi
     figure = Figure(figsize=(7, 7), layout="constrained")
     panels = figure.subplots(3, 1, sharex=True)
     for axes, keys, label in zip(
-        panels, (("loss", "val_loss"), ("lr",), ("grad_norm",)),
+        panels,
+        (("loss", "val_loss"), ("lr",), ("grad_norm",)),
         ("cross-entropy (nats per token)", "learning rate", "gradient norm"),
-    ):  # fmt: skip
+    ):
         for key in keys:
             if points := curves.get(key):
                 steps, values = zip(*points)

@@ -55,7 +55,9 @@ def log_text_generator(
     signature = ModelSignature(
         inputs=Schema([ColSpec(DataType.string)]),
         outputs=Schema([ColSpec(DataType.string)]),
-        params=ParamSchema([ParamSpec(key, param_types[type(value)], value) for key, value in SAMPLING_DEFAULTS.items()]),
+        params=ParamSchema(
+            [ParamSpec(key, param_types[type(value)], value) for key, value in SAMPLING_DEFAULTS.items()]
+        ),
     )
     mlflow_client = client()
     run = mlflow_client.get_run(run_id)
@@ -69,7 +71,11 @@ def log_text_generator(
         run_id=run_id,
         model_id=logged.model_id,
         python_model=str(PYFUNC_MODEL_CODE),
-        artifacts={WEIGHTS_ARTIFACT: str(weights), CONFIG_ARTIFACT: str(model_config), TOKENIZER_ARTIFACT: str(tokenizer)},
+        artifacts={
+            WEIGHTS_ARTIFACT: str(weights),
+            CONFIG_ARTIFACT: str(model_config),
+            TOKENIZER_ARTIFACT: str(tokenizer),
+        },
         code_paths=[str(MODEL_PACKAGE)],
         signature=signature,
         # Shown in the UI and by `mlflow models serve`; MLflow runs the model on it once to check the signature.
@@ -153,9 +159,15 @@ def download_model(model_uri: str) -> Path:
     """Download a logged or registered model; returns the directory holding `MLmodel`."""
     client()
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tempfile.mkdtemp(prefix="gptflow-model-")))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=model_uri, dst_path=tempfile.mkdtemp(prefix="gptflow-model-")
+            )
+        )
     except MlflowException as e:
-        raise UserError(f"{model_uri}: no such model in the registry at {resolve_tracking_uri()} ({e.message})") from None
+        raise UserError(
+            f"{model_uri}: no such model in the registry at {resolve_tracking_uri()} ({e.message})"
+        ) from None
 
 
 def model_artifacts(model_dir: Path) -> dict[str, Path]:

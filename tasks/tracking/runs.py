@@ -137,9 +137,7 @@ def start_run(
 def child_run(parent_run_id: str, run_name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:
     """A stage's nested run under the pipeline's run, in the same experiment; ended by `ending`."""
     experiment = get_run(parent_run_id).info.experiment_id
-    run = client().create_run(
-        experiment, tags={**(tags or {}), MLFLOW_PARENT_RUN_ID: parent_run_id}, run_name=run_name
-    )
+    run = client().create_run(experiment, tags={**(tags or {}), MLFLOW_PARENT_RUN_ID: parent_run_id}, run_name=run_name)
     with ending(run.info.run_id):
         yield run.info.run_id
 
