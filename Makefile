@@ -1,11 +1,12 @@
 # Two entry points: `make run` (the whole pipeline on the embedded default) and
-# `make test`. Both create .venv and install into it when needed.
+# `make test` (`make test-unit`: only tests/unit/, the in-process checks). Both create .venv
+# and install into it when needed.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test install postgresql chromium bench clean
+.PHONY: run test test-unit install postgresql chromium bench clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -18,13 +19,13 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/gptflow run configs/tiny.yaml
 
-# tests/test_infra_postgres.py runs PostgreSQL: Debian's package, installed when missing.
+# tests/integration/test_infra_postgres.py runs PostgreSQL: Debian's package, installed when missing.
 postgresql:
 	@command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 || { \
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
 		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; }
 
-# tests/test_servers.py checks both UIs in headless Chromium: Debian's package, installed when missing.
+# tests/integration/test_servers.py checks both UIs in headless Chromium: Debian's package, installed when missing.
 chromium:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
@@ -32,6 +33,9 @@ chromium:
 
 test: $(STAMP) postgresql chromium
 	$(BIN)/pytest --timeout=900 --durations=25 tests
+
+test-unit: $(STAMP)
+	$(BIN)/pytest --timeout=900 --durations=25 tests/unit
 
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done

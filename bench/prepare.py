@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/prepare.py              # the figures (run on a quiet machine)
     .venv/bin/python bench/prepare.py --quick      # a smoke check on a slice of the corpus
+    .venv/bin/python bench/prepare.py --hostile    # the data stages on a hostile corpus (bench/hostile.py)
 
 The corpus and tokenizer come from the config's workspace (built, or reused if
 `gptflow prepare` made them). Then, each run once untimed and then timed `--runs` times,
@@ -255,7 +256,13 @@ def main(
     runs: Annotated[int, typer.Option(help="Timed runs of each way (median and range).")] = 5,
     quick: Annotated[bool, typer.Option(help="One run on a slice of the corpus: only checks that it runs.")] = False,
     chunk_documents: Annotated[int, typer.Option(help="Documents per chunk for the chunked run.")] = 200,
+    hostile: Annotated[bool, typer.Option(help="Instead: each data stage on a hostile corpus vs a clean one.")] = False,
 ) -> None:
+    if hostile:
+        from hostile import compare  # bench/ is on the path of a script run from it
+
+        compare(quick)
+        return
     settings = load_config(config, QUICK if quick else [])
     runs = 1 if quick else runs
     corpus = run_ingest(settings.ingest, settings.workspace)
@@ -318,7 +325,8 @@ def main(
     print("\npeak memory (RSS) of the shard stage, fresh process:")
     for name, peak in (("1x corpus", peak_1x), ("4x corpus", peak_4x)):
         print(
-            f"  {name}: peak {peak['peak'] / 2**20:6.0f} MiB, {(peak['peak'] - peak['before']) / 2**20:5.0f} MiB above the process before the stage"
+            f"  {name}: peak {peak['peak'] / 2**20:6.0f} MiB, "
+            f"{(peak['peak'] - peak['before']) / 2**20:5.0f} MiB above the process before the stage"
         )
     if ours_digest != clm_digest:
         raise SystemExit("the two ways made different windows")

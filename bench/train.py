@@ -1,4 +1,5 @@
-"""Training throughput and MFU of the engine, against this machine's measured fp32 matmul peak.
+"""Training throughput and MFU of the engine, against this machine's measured fp32 matmul peak
+and against a plain GPT-2 step written as nanoGPT's train.py runs it.
 
     python bench/train.py [--runs 5] [--steps 8] [--quick]
 
@@ -7,11 +8,15 @@ AdamW, the per-step host sync) on random tokens, eager and fp32, one micro-batch
 `--runs` times from a fresh model, and reports the median over runs of each run's tokens/s
 (the median of its timed steps) with their range, and MFU: the model's
 training FLOPs per token (6N + 12·L·T·d, N without position embeddings) times tokens/s
-over the fp32 matmul peak measured in the same run. Then the loader's tokens/s on the
-same machine and the ratio between the two.
+over the fp32 matmul peak measured in the same run. Each engine run is paired with a run
+of the plain step (bench/plain_step.py: whole logits, mean cross-entropy, AdamW) on the
+same shapes, their steps interleaved one for one, and the ratio engine / plain is taken
+per pair, so that load from other processes hits both sides alike. Then the loader's
+tokens/s on the same machine and the ratio between the two.
 
 Targets on a 2-core CPU (eager, fp32): MFU >= 70% for 6x384 (seq 256, batch 8) and >= 55%
-for 4x256 (seq 256, batch 16); the loader >= 20x the training tokens/s.
+for 4x256 (seq 256, batch 16); engine / plain step >= 1.1x on both; the loader >= 20x the
+training tokens/s.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from loader import describe, find_manifest, loader_tokens_per_s, random_shards  # noqa: E402
+from plain_step import plain_training_steps  # noqa: E402
 
 from model.config import GPTConfig, preset  # noqa: E402
 from model.gpt import GPT  # noqa: E402
@@ -56,20 +62,39 @@ class RandomTokens:
         pass
 
 
-def training_tokens_per_s(config: GPTConfig, batch_size: int, seq_len: int, steps: int) -> float:
-    """Tokens/s of one training run from a fresh model: the median of its steps after the warm-up ones."""
-    rates: list[float] = []
-    settings = TrainConfig(
-        max_steps=WARMUP_STEPS + steps,
+def timing_run(steps: int, batch_size: int, seq_len: int, device: str, compile: bool | None = None) -> TrainConfig:
+    """The engine's settings for a timed run: one micro-batch per step, from scratch, no validation,
+    only the final checkpoint."""
+    return TrainConfig(
+        max_steps=steps,
         batch_tokens=batch_size * seq_len,
         micro_batch_size=batch_size,
         warmup_steps=1,
         eval_every=0,
         checkpoint_every=0,
+        checkpoint_minutes=0,
         keep_checkpoints=1,
         resume=False,
-        device="cpu",
+        device=device,
+        compile=compile,
     )
+
+
+def paired_tokens_per_s(config: GPTConfig, batch_size: int, seq_len: int, steps: int) -> tuple[float, float]:
+    """Tokens/s of one engine run from a fresh model and of the plain step, their steps interleaved
+    (engine step, plain step, ...: load from other processes hits both alike); each the median of
+    its steps after the warm-up ones."""
+    rates: list[float] = []
+    plain_rates: list[float] = []
+    plain = plain_training_steps(config, batch_size, seq_len, torch.device("cpu"), bf16=False, compile=False)
+
+    def after_engine_step(step: int, metrics: dict[str, float]) -> None:
+        plain_rate = next(plain)
+        if step > WARMUP_STEPS:
+            rates.append(metrics["tokens_per_s"])
+            plain_rates.append(plain_rate)
+
+    settings = timing_run(WARMUP_STEPS + steps, batch_size, seq_len, "cpu")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as out_dir:
         train(
@@ -78,9 +103,9 @@ def training_tokens_per_s(config: GPTConfig, batch_size: int, seq_len: int, step
             RandomTokens(batch_size, seq_len, config.vocab_size),
             None,
             Path(out_dir),
-            callback=lambda step, metrics: rates.append(metrics["tokens_per_s"]) if step > WARMUP_STEPS else None,
+            callback=after_engine_step,
         )
-    return statistics.median(rates)
+    return statistics.median(rates), statistics.median(plain_rates)
 
 
 def main() -> None:
@@ -106,12 +131,19 @@ def main() -> None:
 
     fastest = 0.0  # the loader must keep up with the hungriest model
     for name, config, batch_size, seq_len in models:
-        rates = [training_tokens_per_s(config, batch_size, seq_len, args.steps) for _ in range(args.runs)]
+        rates, plain_rates = zip(
+            *(paired_tokens_per_s(config, batch_size, seq_len, args.steps) for _ in range(args.runs))
+        )
         mfu = [config.flops_per_token(seq_len) * rate / peak for rate in rates]
+        ratios = [rate / plain_rate for rate, plain_rate in zip(rates, plain_rates)]
         fastest = max(fastest, statistics.median(rates))
         print(
             f"train {name}, batch {batch_size} x {seq_len}: {describe(rates)}; "
             f"MFU {statistics.median(mfu):.1%} (range {min(mfu):.1%} - {max(mfu):.1%})"
+        )
+        print(
+            f"  plain nanoGPT step: {describe(plain_rates)}; engine / plain {statistics.median(ratios):.2f}x "
+            f"(range {min(ratios):.2f} - {max(ratios):.2f}, target >= 1.1x)"
         )
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -77,7 +77,12 @@ def close_abandoned_runs(experiment: str, closed_by: str) -> list[str]:
     for run in tracking.open_top_level_runs(experiment):
         if reason := abandonment(run.data.tags):
             ids = tracking.close_abandoned(run.info.run_id, f"{reason}; closed by flow run {closed_by}")
-            logger.warning("MLflow run %s (%s) and %d nested: FAILED, because %s",
-                           run.info.run_id, run.info.run_name, len(ids) - 1, reason)  # fmt: skip
+            logger.warning(
+                "MLflow run %s (%s) and %d nested: FAILED, because %s",
+                run.info.run_id,
+                run.info.run_name,
+                len(ids) - 1,
+                reason,
+            )
             closed += ids
     return closed

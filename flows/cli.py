@@ -132,10 +132,13 @@ def generate(
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 keeps all.")] = 40,
     top_p: float = 1.0,
     seed: Annotated[int, typer.Option(help="Repeatable samples; -1 draws fresh ones.")] = -1,
+    device: Annotated[str, typer.Option(help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """Load a registered model (its pyfunc) and print a completion for each prompt."""
+    from model.device import resolve_device
     from tasks import tracking
 
+    resolve_device(device, field="--device")  # a device this machine lacks fails before the model loads
     generator = tracking.load_text_generator(model_uri)
     params = {
         "max_new_tokens": max_new_tokens,
@@ -143,6 +146,7 @@ def generate(
         "top_k": top_k,
         "top_p": top_p,
         "seed": seed,
+        "device": device,
     }
     for text, completion in zip(prompt, generator.predict(prompt, params=params)):
         print(f"{text}{completion}")

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from flows.runners import TaskRunnerConfig
 from model.config import ModelConfig
+from model.device import DeviceName
 from model.errors import UserError
 from tasks.bpe import BPEConfig
 from tasks.core.storage import Workspace
@@ -36,6 +37,11 @@ class PipelineConfig(BaseModel):
 
     name: str = Field(description="MLflow experiment and registered-model name")
     workspace: Workspace = Field(Path("./workspace"), description="a local directory or s3://bucket/prefix")
+    device: DeviceName = Field(
+        "auto",
+        description="where every model stage runs: auto (the first GPU, else the CPU), cpu, cuda, cuda:N; "
+        "pretrain.device and finetune.device default to it. In no fingerprint: it does not change what is computed",
+    )
     task_runner: TaskRunnerConfig = TaskRunnerConfig()
     ingest: IngestConfig = IngestConfig()
     bpe: BPEConfig = BPEConfig()
@@ -45,6 +51,15 @@ class PipelineConfig(BaseModel):
     evaluate: EvaluateConfig = EvaluateConfig()
     finetune: FinetuneConfig | None = Field(FinetuneConfig(), description="null: register the pretrained model")
     register: RegisterConfig = RegisterConfig()
+
+    @model_validator(mode="after")
+    def _training_runs_on_the_device(self) -> PipelineConfig:
+        # Each training section's own `device`, when it names none, is the pipeline's.
+        if "device" not in self.pretrain.model_fields_set:
+            self.pretrain = self.pretrain.model_copy(update={"device": self.device})
+        if self.finetune is not None and "device" not in self.finetune.model_fields_set:
+            self.finetune = self.finetune.model_copy(update={"device": self.device})
+        return self
 
     @model_validator(mode="after")
     def _windows_fit_the_model(self) -> PipelineConfig:

@@ -18,7 +18,7 @@ from tasks.evaluate import EvaluateOutput, evaluate_task
 @flow(name="evaluate", flow_run_name=flow_run_title)
 def evaluate_flow(config: PipelineConfig, model: str) -> EvaluateOutput:
     """Evaluate `model` on the config's val shards and held-out documents."""
-    with flow_runtime(config) as run_id:
+    with flow_runtime(config, training=()) as run_id:
         prepared = prepare_data(config, parent_run_id=run_id)
         return evaluate_task(
             config.evaluate,
@@ -28,4 +28,5 @@ def evaluate_flow(config: PipelineConfig, model: str) -> EvaluateOutput:
             prepared.corpus.corpus,
             config.workspace,
             parent_run_id=run_id,
+            device=config.device,
         )

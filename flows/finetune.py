@@ -23,9 +23,10 @@ def finetune_flow(config: PipelineConfig, start_from: str | None = None) -> Fine
     """Fine-tune on the config's pairs, starting from `start_from` or the pretraining output."""
     if config.finetune is None:
         raise UserError("finetune: the config's finetune section is null; give it settings to fine-tune")
-    with flow_runtime(config) as run_id:
+    base = start_from or config.finetune.start_from
+    training = ("finetune",) if base else ("pretrain", "finetune")
+    with flow_runtime(config, training, finetune_from=base) as run_id:
         prepared = prepare_data(config, parent_run_id=run_id)
-        base = start_from or config.finetune.start_from
         if base is None:
             with holding_gpus(config.pretrain.nproc_per_node):
                 pretrained = pretrain_task(

@@ -53,8 +53,14 @@ def local_outputs(workspace: Path, stage: str) -> Iterator[StageOutput]:
         return
     for path in sorted(p for p in stage_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = [(f.stat().st_size, f.stat().st_mtime) for f in path.rglob("*") if f.is_file() and not f.is_symlink()]
-        yield StageOutput(stage, path.name, path, sum(size for size, _ in files), (path / MANIFEST).is_file(),
-                          max((mtime for _, mtime in files), default=path.stat().st_mtime))  # fmt: skip
+        yield StageOutput(
+            stage,
+            path.name,
+            path,
+            sum(size for size, _ in files),
+            (path / MANIFEST).is_file(),
+            max((mtime for _, mtime in files), default=path.stat().st_mtime),
+        )
 
 
 def remote_outputs(workspace: str, stage: str) -> Iterator[StageOutput]:
@@ -65,9 +71,14 @@ def remote_outputs(workspace: str, stage: str) -> Iterator[StageOutput]:
         if relative:
             by_fingerprint[fingerprint].append((relative, info))
     for fingerprint, files in sorted(by_fingerprint.items()):
-        yield StageOutput(stage, fingerprint, f"{workspace}/{stage}/{fingerprint}", sum(info.size for _, info in files),
-                          any(relative == MANIFEST for relative, _ in files),
-                          max(info.mtime.timestamp() for _, info in files))  # fmt: skip
+        yield StageOutput(
+            stage,
+            fingerprint,
+            f"{workspace}/{stage}/{fingerprint}",
+            sum(info.size for _, info in files),
+            any(relative == MANIFEST for relative, _ in files),
+            max(info.mtime.timestamp() for _, info in files),
+        )
 
 
 def stage_outputs(workspace: Path | str) -> list[StageOutput]:

@@ -79,6 +79,7 @@ def pipeline(
                 corpus.corpus,
                 workspace,
                 parent_run_id=run_id,
+                device=config.device,
                 run_name=name,
                 parent_prefix=f"{label}_",
             )
@@ -114,6 +115,7 @@ def pipeline(
                 lineage,
                 EvalData(config.evaluate, shards.path, corpus.corpus),
                 parent_run_id=run_id,
+                device=config.device,
             )
         result = PipelineResult(
             mlflow_run_id=run_id,

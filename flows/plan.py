@@ -1,4 +1,5 @@
-"""What `gptflow run CONFIG --dry-run` prints: the resolved config and, per stage, run or skip.
+"""What `gptflow run CONFIG --dry-run` prints: the resolved config, the devices the run would
+use on this machine and, per stage, run or skip.
 
 Nothing is built: each stage's fingerprint is computed the way the stage computes it, from
 the config and its inputs' fingerprints, and its directory is checked for a committed
@@ -16,6 +17,7 @@ import yaml
 from flows.config import PipelineConfig
 from model.checkpoint import CONFIG, WEIGHTS
 from model.config import GPTConfig
+from model.device import describe_device
 from tasks.bpe import TOKENIZER_FILE, bpe_fingerprint
 from tasks.core.checkpoint_mirror import has_checkpoints
 from tasks.core.storage import resolve_workspace
@@ -77,8 +79,9 @@ def plan(config: PipelineConfig) -> list[PlannedStage]:
         return stage_fingerprint(model_dir.listed_sha256(f"{checkpoint}/{WEIGHTS}"), model_config)
 
     def evaluation(model_sha256: str, model_config: GPTConfig) -> str:
-        inputs = evaluate_inputs(model_sha256, tokenizer_dir.listed_sha256(TOKENIZER_FILE), shards_fp,
-                                 corpus_dir.listed_sha256(CORPUS_FILE))  # fmt: skip
+        inputs = evaluate_inputs(
+            model_sha256, tokenizer_dir.listed_sha256(TOKENIZER_FILE), shards_fp, corpus_dir.listed_sha256(CORPUS_FILE)
+        )
         return evaluate_fingerprint(config.evaluate, inputs)
 
     def finetuning(model_sha256: str, model_config: GPTConfig) -> str:
@@ -94,7 +97,19 @@ def plan(config: PipelineConfig) -> list[PlannedStage]:
     return planned
 
 
+def describe_devices(config: PipelineConfig) -> str:
+    """Each device setting and what it resolves to here; one this machine lacks is shown, not
+    refused: the run (on its own machine) checks it."""
+    settings = {"device": config.device, "pretrain.device": config.pretrain.device}
+    if config.finetune is not None:
+        settings["finetune.device"] = config.finetune.device
+    return "\n".join(f"{field:<16} {describe_device(name, field)}" for field, name in settings.items())
+
+
 def describe_plan(config: PipelineConfig) -> str:
     resolved = yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     stages = "\n".join(stage.describe() for stage in plan(config))
-    return f"# resolved config\n{resolved}\n# stages (workspace {resolve_workspace(config.workspace)})\n{stages}\n"
+    return (
+        f"# resolved config\n{resolved}\n# devices on this machine\n{describe_devices(config)}\n\n"
+        f"# stages (workspace {resolve_workspace(config.workspace)})\n{stages}\n"
+    )

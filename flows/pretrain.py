@@ -23,7 +23,7 @@ def pretrain(
     """Shards from the config's corpus, then a pretrained checkpoint; `config` is a YAML path or a PipelineConfig."""
     if not isinstance(config, PipelineConfig):
         config = load_config(config, overrides or ())
-    with flow_runtime(config) as run_id:
+    with flow_runtime(config, training=("pretrain",)) as run_id:
         prepared = prepare_data(config, parent_run_id=run_id)
         with holding_gpus(config.pretrain.nproc_per_node):
             return pretrain_task(config.pretrain, config.model, prepared.shards, config.workspace, parent_run_id=run_id)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import UTC, datetime
 
@@ -26,6 +26,7 @@ from prefect.utilities.urls import url_for
 
 from flows.abandoned_runs import FLOW_RUN_TAG, close_abandoned_runs, process_tags
 from flows.config import PipelineConfig, load_config
+from flows.preflight import check_run
 from flows.prepare import check_prepare_config
 from model.errors import UserError
 from tasks import tracking
@@ -41,12 +42,16 @@ def check_tracking_task() -> str:
 
 
 @contextmanager
-def flow_runtime(config: PipelineConfig) -> Iterator[str]:
-    """Around a flow's stages: fail before any work when MLflow is unreachable or the data
-    settings are wrong, stop when the flow run is cancelled, and hold the flow run's parent
-    MLflow run; yields its id."""
+def flow_runtime(
+    config: PipelineConfig, training: Collection[str] = ("pretrain", "finetune"), finetune_from: str | None = None
+) -> Iterator[str]:
+    """Around a flow's stages: fail before any work when MLflow is unreachable, the data
+    settings are wrong or this machine lacks what the devices settings name (of the training
+    stages in `training`; see `flows.preflight.check_run`), stop when the flow run is
+    cancelled, and hold the flow run's parent MLflow run; yields its id."""
     check_tracking_task()
     check_prepare_config(config)
+    check_run(config, training, finetune_from)
     with stop_when_cancelled(), pipeline_mlflow_run(config) as run_id:
         yield run_id
 
@@ -138,8 +143,9 @@ def holding(limit: str, slots: int = 1) -> AbstractContextManager[None]:
     logged and training goes on: losing days of training to a monitoring outage is worse
     than briefly exceeding the limit.
     """
-    return concurrency(limit, occupy=slots, strict=True, lease_duration=LEASE_SECONDS,
-                       raise_on_lease_renewal_failure=False)  # fmt: skip
+    return concurrency(
+        limit, occupy=slots, strict=True, lease_duration=LEASE_SECONDS, raise_on_lease_renewal_failure=False
+    )
 
 
 def holding_gpus(processes: int = 1) -> AbstractContextManager[None]:

@@ -34,11 +34,19 @@ def prefect_command(port: int) -> list[str]:
 
 def mlflow_command(port: int, data_dir: Path) -> list[str]:
     return [
-        _bin("mlflow"), "server", "--host", HOST, "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{data_dir / 'mlflow.db'}",
-        "--artifacts-destination", str(data_dir / "mlartifacts"),
-        "--workers", "1",
-    ]  # fmt: skip
+        _bin("mlflow"),
+        "server",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        f"sqlite:///{data_dir / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(data_dir / "mlartifacts"),
+        "--workers",
+        "1",
+    ]
 
 
 def _bin(name: str) -> str:
@@ -99,9 +107,13 @@ def _spawn(
 ) -> ServerRecord:
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             env={**os.environ, **(env or {})},
-        )  # fmt: skip
+        )
     return ServerRecord(pid=process.pid, api_url=api_url, ui_url=ui_url, log_file=str(log_file))
 
 

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from model.errors import UserError
 
@@ -37,6 +46,17 @@ class GPTConfig(BaseModel):
         description='layer kinds, cycled over the layers: ["dense"] is GPT-2, ["dense", "sparse"] is GPT-3',
     )
     sparse_window: int = Field(256, description="a sparse layer lets position i attend to i - sparse_window < j <= i")
+    # Speed choices: they change how the loss is computed, not what it is (1 and 0 turn them off).
+    vocab_multiple: PositiveInt = Field(
+        128,
+        description="the training head multiplies by the vocabulary padded with zero rows to a multiple of this "
+        "(tensor-core shapes); padded logits are never scored, stored or sampled",
+    )
+    loss_chunk: NonNegativeInt = Field(
+        4096,
+        description="positions per chunk of the fused head + cross-entropy in training (model.loss); "
+        "0: whole logits, then F.cross_entropy",
+    )
 
     @field_validator("attention")
     @classmethod
@@ -63,6 +83,10 @@ class GPTConfig(BaseModel):
                 "each head gets n_embd / n_head channels"
             )
         return self
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
     @property
     def head_dim(self) -> int:
@@ -153,6 +177,8 @@ class ModelConfig(BaseModel):
     bias: bool | None = None
     attention: list[str] | None = None
     sparse_window: int | None = None
+    vocab_multiple: PositiveInt | None = None
+    loss_chunk: NonNegativeInt | None = None
 
     @field_validator("preset")
     @classmethod

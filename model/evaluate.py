@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from model.device import inference_autocast
 from model.special_tokens import PAD_ID
 
 IGNORE = -100  # target value that is not scored
@@ -78,8 +79,11 @@ class LossTotals:
 def score_batch(
     model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor
 ) -> LossTotals:
-    """Totals for one batch: inputs (B, T) token ids, targets (B, T) ids or IGNORE."""
-    logits = model(inputs).logits  # (B, T, V)
+    """Totals for one batch: inputs (B, T) token ids, targets (B, T) ids or IGNORE.
+
+    On a GPU the matmuls run in bf16 autocast; the logits and the loss sum stay fp32."""
+    with inference_autocast(inputs.device):
+        logits = model(inputs, fp32_logits=True).logits  # (B, T, V)
     flat_logits = logits.flatten(0, 1).float()  # (B*T, V)
     flat_targets = targets.flatten()  # (B*T,)
     scored = flat_targets != IGNORE

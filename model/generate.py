@@ -2,7 +2,8 @@
 
 One token per step: the first step runs the prompts through the model and fills the cache
 (prefill); each later step runs only the newest token against the cached keys and values.
-Prompts of different lengths are left-padded to a common length (see `KVCache`).
+Prompts of different lengths are left-padded to a common length (see `KVCache`). On a GPU
+the matmuls run in bf16 autocast (`model.device.inference_autocast`); the logits stay fp32.
 
 Past the context (block_size) the model sees the last block_size tokens. Positions are
 learned, so sliding the window moves every token to a new position and invalidates every
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from model.device import inference_autocast
 from model.errors import UserError
 from model.gpt import GPT, KVCache
 from model.special_tokens import EOS_ID, PAD_ID, SEP_ID
@@ -51,9 +53,11 @@ def generate(
         for _ in range(max_new_tokens):
             if use_cache and cache is not None and cache.offset < model.config.block_size:
                 last = torch.tensor([[row[-1]] for row in rows], device=device)  # (B, 1)
-                logits = model(last, cache=cache).logits[:, -1]
+                with inference_autocast(device):
+                    logits = model(last, cache=cache, fp32_logits=True).logits[:, -1]  # (B, V)
             else:
-                logits, cache = _prefill(model, rows, device, use_cache)
+                with inference_autocast(device):
+                    logits, cache = _prefill(model, rows, device, use_cache)
             next_tokens = sample(logits, temperature, top_k, top_p, generator).tolist()
             for b, token in enumerate(next_tokens):
                 rows[b].append(token)
@@ -74,16 +78,28 @@ def _prefill(
 
     Returns the (B, V) next-token logits and a cache filled with the window, or no cache when
     use_cache is off and the rows need no padding (a padded batch keeps one for its pad mask).
+    With the cache the rows are padded to `prefill_length`; without it, only to the longest.
     """
     windows = [row[-model.config.block_size :] for row in rows]
     length = max(len(window) for window in windows)
+    if use_cache:
+        length = prefill_length(length, model.config.block_size)
     pad = torch.tensor([length - len(window) for window in windows])
     idx = torch.tensor([[PAD_ID] * (length - len(window)) + window for window in windows], device=device)
     cache = None
     if use_cache or pad.any():
-        dtype = next(model.parameters()).dtype
+        # Under autocast the keys and values come out of the bf16 matmuls: store them as such.
+        autocast = torch.is_autocast_enabled(device.type)
+        dtype = torch.get_autocast_dtype(device.type) if autocast else next(model.parameters()).dtype
         cache = KVCache(model.config, len(rows), pad=pad, device=device, dtype=dtype)
-    return model(idx, cache=cache).logits[:, -1], cache
+    return model(idx, cache=cache, fp32_logits=True).logits[:, -1], cache
+
+
+def prefill_length(longest: int, block_size: int) -> int:
+    """The length a cached prefill is left-padded to: the next power of two from 64, at most
+    block_size. Shape-specialised kernels (compiled flex attention, cuBLAS's choices) then see a
+    handful of lengths instead of one per prompt; the pad slots are masked out."""
+    return min(block_size, max(64, 1 << (longest - 1).bit_length()))
 
 
 def sample(

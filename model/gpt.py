@@ -13,8 +13,7 @@ nh heads, hs head size, V vocabulary.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -22,6 +21,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from model.config import GPTConfig
+from model.evaluate import IGNORE
+from model.loss import linear_cross_entropy
 
 
 class KVCache:
@@ -57,8 +58,8 @@ class KVCache:
 
 
 class GPTOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, V), for every position
-    loss: torch.Tensor | None  # mean cross-entropy over targets != -100; None without targets
+    logits: torch.Tensor | None  # (B, T, V), for every position; None with targets when loss_chunk fuses the head
+    loss: torch.Tensor | None  # cross-entropy over targets != -100 (mean or sum); None without targets
     cache: KVCache | None  # the cache passed in, advanced by T; None without one
 
 
@@ -70,26 +71,31 @@ class AttentionMask(NamedTuple):
     is_causal: bool
 
 
-@lru_cache(maxsize=8)
-def banded_block_mask(seq_len: int, window: int, device: str) -> BlockMask:
+def banded_block_mask(seq_len: int, window: int, device: torch.device | str) -> BlockMask:
     """The sparse band i - window < j <= i as a BlockMask: flex attention skips the blocks outside it."""
 
     def in_band(batch, head, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (kv_idx > q_idx - window)
 
-    return create_block_mask(in_band, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=device)
+    return create_block_mask(in_band, B=None, H=None, Q_LEN=seq_len, KV_LEN=seq_len, device=str(device))
 
 
-@lru_cache(maxsize=1)
-def compiled_flex_attention():
-    # Compiled once, on first use: uncompiled, flex attention materialises the full score matrix.
-    return torch.compile(flex_attention, dynamic=False)
+# Uncompiled, flex attention materialises the full score matrix. Compiled for fixed shapes (generation
+# buckets its prefill lengths, model.generate, so that a few shapes cover every prompt), on first use:
+# torch.compile imports the compiler stack, which a process that never runs flex attention should not pay for.
+_compiled_flex_attention = None
 
 
 def banded_flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask) -> torch.Tensor:
-    """Attention inside the band only: flex attention skips the key blocks the block mask leaves out."""
-    attend = compiled_flex_attention() if q.is_cuda else flex_attention  # eager on the CPU, for tests
-    return attend(q, k, v, block_mask=block_mask)
+    """Attention inside the band only: flex attention skips the key blocks the block mask leaves out.
+
+    Inside a compiled model the model's own compilation covers it; eager on the CPU (tests)."""
+    global _compiled_flex_attention
+    if not q.is_cuda or torch.compiler.is_compiling():
+        return flex_attention(q, k, v, block_mask=block_mask)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask)
 
 
 class CausalSelfAttention(nn.Module):
@@ -164,12 +170,23 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one Parameter, read by both
+        self._band_masks: dict[tuple[int, str], BlockMask] = {}  # see band_mask
         self.apply(self._init_weights)
         # GPT-2 scales the projections that write into the residual stream by 1/sqrt(N),
         # N = 2 * n_layer residual additions, so the stream's variance does not grow with depth.
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def band_mask(self, seq_len: int, device: torch.device) -> BlockMask:
+        """The sparse layers' BlockMask for `seq_len` queries from slot 0, built on first use and kept.
+
+        Call it before running a compiled model (model.train does): the forward then reads a
+        mask built outside the graph, instead of building one inside it."""
+        key = (seq_len, str(device))
+        if key not in self._band_masks:
+            self._band_masks[key] = banded_block_mask(seq_len, self.config.sparse_window, device)
+        return self._band_masks[key]
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -181,12 +198,26 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        fp32_logits: bool = False,
+        reduction: Literal["mean", "sum"] = "mean",
     ) -> GPTOutput:
         """idx (B, T) token ids; targets (B, T) next-token ids, -100 where no loss is wanted.
 
         With a cache, idx continues the tokens already in it: their keys and values are read
         from it, and this call's are added to it.
+
+        The output head, two choices:
+        - `fp32_logits` computes the head in fp32 even under bf16 autocast (evaluation and
+          generation: a bf16 logit is off by up to 2^-9 of its size, which moves the loss);
+          training keeps the head's matmuls in autocast. The softmax of the loss is fp32 either way.
+        - `reduction`: with targets, the loss is the mean or the sum of the cross-entropy over
+          the scored targets (training sums, to weigh every token of an accumulated step alike).
+        With targets and `config.loss_chunk`, the logits are None: they never exist whole (model.loss).
         """
         T = idx.size(1)
         start = cache.offset if cache is not None else 0
@@ -204,12 +235,38 @@ class GPT(nn.Module):
         masks = self._attention_masks(T, start, cache, idx.device)
         for block in self.transformer.h:
             x = block(x, masks, cache)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        x = self.transformer.ln_f(x)
         if cache is not None:
             cache.offset += T
+        if not fp32_logits:
+            return self._head(x, targets, reduction, cache)
+        with torch.autocast(idx.device.type, enabled=False):
+            return self._head(x.float(), targets, reduction, cache)
+
+    def _head(self, x: torch.Tensor, targets: torch.Tensor | None, reduction: str, cache: KVCache | None) -> GPTOutput:
+        """The logits for x (B, T, C), or with targets (B, T) the loss (and the logits unless chunked)."""
+        if targets is None:
+            return GPTOutput(self.lm_head(x), None, cache)  # (B, T, V): the unpadded head, nothing to slice
+        return self._loss(x, targets, reduction, cache)
+
+    def _loss(self, x: torch.Tensor, targets: torch.Tensor, reduction: str, cache: KVCache | None) -> GPTOutput:
+        """The cross-entropy of the head's logits for x (B, T, C) against targets (B, T)."""
+        config = self.config
+        # Zero rows pad the head to padded_vocab_size: the matmuls get tensor-core friendly shapes
+        # (50,257 is odd), and the padded logits are sliced off before the softmax. The stored
+        # parameter keeps vocab_size rows, so checkpoints, exports and num_params are unchanged.
+        weight = self.lm_head.weight  # (V, C)
+        if config.padded_vocab_size > config.vocab_size:
+            weight = F.pad(weight, (0, 0, 0, config.padded_vocab_size - config.vocab_size))  # (Vp, C)
+        hidden, flat_targets = x.flatten(0, 1), targets.flatten()  # (B*T, C), (B*T,)
+        logits = None
+        if config.loss_chunk:
+            loss = linear_cross_entropy(hidden, weight, flat_targets, config.vocab_size, config.loss_chunk)
+        else:
+            logits = F.linear(x, weight)[..., : config.vocab_size]  # (B, T, V)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), flat_targets, ignore_index=IGNORE, reduction="sum")
+        if reduction == "mean":
+            loss = loss / (flat_targets != IGNORE).sum()
         return GPTOutput(logits, loss, cache)
 
     def _attention_masks(
@@ -231,7 +288,7 @@ class GPT(nn.Module):
                 # SDPA needs no mask tensor: causal from the start, or one query that sees every key
                 masks[kind] = AttentionMask(None, is_causal=start == 0 and T > 1)
             elif band_matters and not padded and start == 0 and device.type == "cuda" and not self._attention_dropout:
-                masks[kind] = AttentionMask(banded_block_mask(T, window, str(device)), False)
+                masks[kind] = AttentionMask(self.band_mask(T, device), False)
             else:
                 masks[kind] = AttentionMask(self._mask_tensor(T, start, kind, cache, device), False)
         return masks

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from model.errors import UserError
+from model.device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -46,15 +46,11 @@ class DistributedEnv:
         return self.rank == 0
 
 
-def resolve_device(name: str, env: DistributedEnv) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+def training_device(name: str, env: DistributedEnv) -> torch.device:
+    """The device the setting `name` resolves to for this rank (see `model.device`); CUDA's
+    current device is set to it."""
+    device = resolve_device(name, local_rank=env.local_rank)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {name!r}: CUDA is not available on this machine")
-        if device.index is None:
-            device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     return device
 

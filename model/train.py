@@ -39,7 +39,9 @@ checkpoint stays the last good one. SIGINT/SIGTERM finish the current step, writ
 checkpoint and raise `TrainingInterrupted`.
 
 Metrics go to `callback(step, metrics)` on rank 0 after every step: loss, lr, grad_norm,
-tokens_per_s, mfu, memory_mb, and val_loss every `eval_every` steps and at the end.
+tokens_per_s, mfu (when `model.mfu` knows the device's peak), memory_mb, and val_loss every
+`eval_every` steps and at the end. Rank 0 prints where it trains, in what precision and the
+peak its MFU is against (`Runtime`, also in the TrainResult).
 """
 
 from __future__ import annotations
@@ -59,13 +61,13 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 
 from model.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
 from model.config import RUN_ONLY, GPTConfig
 from model.data import WindowLoader
+from model.device import DeviceName, device_model, training_bf16
 from model.errors import UserError
 from model.evaluate import IGNORE
 from model.gpt import GPT
@@ -75,14 +77,17 @@ from model.runtime import (
     DistributedEnv,
     configure_runtime,
     process_group,
-    resolve_device,
     restore_rng,
     rng_states,
     stop_signals,
+    training_device,
 )
 from model.schedule import Schedule, learning_rate
 
 Callback = Callable[[int, Mapping[str, float]], None]
+
+# Seconds, for checkpoint_minutes; a module attribute so that a test can make steps look slow.
+clock = time.monotonic
 
 
 class Batches(Protocol):
@@ -115,18 +120,39 @@ class TrainConfig(ParallelConfig):
     checkpoint_every: NonNegativeInt = Field(
         50, description="steps between checkpoints; 0: only at the end", json_schema_extra=RUN_ONLY
     )
+    checkpoint_minutes: float = Field(
+        30,
+        ge=0,
+        description="also checkpoint once this many minutes passed since the last one; 0: by steps only",
+        json_schema_extra=RUN_ONLY,
+    )
     keep_checkpoints: PositiveInt = Field(3, json_schema_extra=RUN_ONLY)
     seed: int = 0
     resume: bool = Field(
         True, description="continue from the newest checkpoint in the output directory", json_schema_extra=RUN_ONLY
     )
-    device: str = Field(
+    device: DeviceName = Field(
         "auto", description="auto (cuda if available), cpu, cuda, cuda:1, ...", json_schema_extra=RUN_ONLY
     )
     bf16: bool | None = Field(
-        None, description="bf16 autocast (fsdp: bf16 parameters in compute, fp32 reduction); default: on for CUDA"
+        None,
+        description="bf16 autocast (fsdp: bf16 parameters in compute, fp32 reduction); default: on for a GPU with bf16",
     )
     compile: bool | None = Field(None, description="torch.compile the model; default: on for CUDA")
+
+
+class Runtime(BaseModel):
+    """Where and how a run computes, and what its MFU is measured against."""
+
+    device: str  # e.g. "cuda:0"
+    device_name: str  # e.g. "NVIDIA H100 80GB HBM3", or "CPU"
+    precision: str  # "bf16" or "fp32" (TF32 matmuls on a GPU)
+    peak_flops: float | None  # None: no MFU (an accelerator without a datasheet figure)
+    peak_source: str  # where the peak comes from, or why there is none
+
+    def describe(self) -> str:
+        peak = f"{self.peak_flops / 1e12:.4g} TFLOP/s ({self.peak_source})" if self.peak_flops else self.peak_source
+        return f"device {self.device} ({self.device_name}), {self.precision}, MFU peak {peak}"
 
 
 class TrainResult(BaseModel):
@@ -136,6 +162,7 @@ class TrainResult(BaseModel):
     val_loss: float | None  # of the last validation
     tokens: int  # trained on in this call (not before a resume), all ranks together
     seconds: float
+    runtime: Runtime
 
 
 class NonFiniteLoss(UserError):
@@ -170,21 +197,22 @@ def configure_optimizer(model: nn.Module, config: TrainConfig, device: torch.dev
     )
 
 
-def accumulation_steps(config: TrainConfig, seq_len: int, world_size: int) -> int:
+def accumulation_steps(config: TrainConfig, seq_len: int, world_size: int, section: str = "") -> int:
+    """Micro-batches per optimizer step; `section` ("pretrain.") prefixes the fields an error names."""
     per_micro_step = config.micro_batch_size * seq_len * world_size
     if config.batch_tokens % per_micro_step:
         raise UserError(
-            f"batch_tokens ({config.batch_tokens}) must be a multiple of micro_batch_size x seq_len x processes "
-            f"= {config.micro_batch_size} x {seq_len} x {world_size} = {per_micro_step}"
+            f"{section}batch_tokens ({config.batch_tokens}) must be a multiple of {section}micro_batch_size x "
+            f"seq_len x processes = {config.micro_batch_size} x {seq_len} x {world_size} = {per_micro_step}"
         )
     return config.batch_tokens // per_micro_step
 
 
 def summed_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy summed over the scored targets (not averaged: the step divides once), in fp32
-    even when the model computes in bf16."""
-    logits = model(inputs).logits.float()  # (B, T, V)
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    even when the model computes in bf16. Inside the model's forward, so that it is compiled with
+    it and the full logits never exist (GPTConfig.loss_chunk)."""
+    return model(inputs, targets, reduction="sum").loss
 
 
 def accumulate_gradients(
@@ -255,14 +283,16 @@ def train(
     after the final checkpoint. `model` is changed in place by `model.parallel.parallelize`.
     """
     env = DistributedEnv.from_environ()
-    device = resolve_device(config.device, env)
+    device = training_device(config.device, env)
     configure_runtime(device, env)
     checkpoints = Path(out_dir) / "checkpoints"
-    use_bf16 = device.type == "cuda" if config.bf16 is None else config.bf16
+    use_bf16 = training_bf16(device, config.bf16)
     use_compile = device.type == "cuda" if config.compile is None else config.compile
 
     with process_group(env, device), stop_signals() as stop:
         net = parallelize(model, config, device, env.world_size, use_bf16, use_compile)
+        if model.config.has_sparse_layers:
+            model.band_mask(train_data.seq_len, device)  # built now, outside the compiled graph
         optimizer = configure_optimizer(model, config, device)
         step, train_loss = 0, math.nan
         checkpoint = latest_checkpoint(checkpoints) if config.resume else None
@@ -281,6 +311,15 @@ def train(
         accumulation = accumulation_steps(config, train_data.seq_len, env.world_size)
         flops_per_token = model.config.flops_per_token(train_data.seq_len)
         peak = peak_flops(device, use_bf16)
+        runtime = Runtime(
+            device=str(device),
+            device_name=device_model(device),
+            precision="bf16" if use_bf16 else "fp32",
+            peak_flops=peak.flops,
+            peak_source=peak.source,
+        )
+        if env.is_main:
+            print(f"train: {runtime.describe()}", file=sys.stderr, flush=True)
 
         def autocast() -> Any:
             return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)
@@ -305,6 +344,7 @@ def train(
 
         batches = iter(train_data)
         start_step, started = step, time.perf_counter()
+        last_saved = clock()
         val_loss = math.nan
         while step < config.max_steps:
             step_started = time.perf_counter()
@@ -322,11 +362,14 @@ def train(
             micro_batches = [next(batches) for _ in range(accumulation)]
             loss_sum, scored = accumulate_gradients(net, micro_batches, device, autocast)
             grad_norm = clip_grad_norm(model, config.grad_clip or math.inf)
-            stop_flag = torch.tensor(float(stop.signum is not None), device=device)
-            if dist.is_initialized():  # every rank must agree to stop at the same step
-                dist.all_reduce(stop_flag)
+            minutes_up = bool(config.checkpoint_minutes) and clock() - last_saved >= 60 * config.checkpoint_minutes
+            flags = torch.tensor([stop.signum is not None, minutes_up], dtype=torch.float32, device=device)
+            if dist.is_initialized():  # every rank must agree to stop (or checkpoint) at the same step
+                dist.all_reduce(flags)
             # The one host sync of a step: the loss for the callback and the finite check.
-            train_loss, norm, stopping = torch.stack([loss_sum / scored.clamp(min=1), grad_norm, stop_flag]).tolist()
+            train_loss, norm, stopping, time_to_save = torch.cat(
+                [torch.stack([loss_sum / scored.clamp(min=1), grad_norm]), flags]
+            ).tolist()
             if not (math.isfinite(train_loss) and math.isfinite(norm)):
                 last_good = latest_checkpoint(checkpoints)
                 raise NonFiniteLoss(
@@ -345,14 +388,16 @@ def train(
                 "lr": lr,
                 "grad_norm": norm,
                 "tokens_per_s": tokens_per_s,
-                "mfu": flops_per_token * tokens_per_s / env.world_size / peak,
                 "memory_mb": peak_memory_mb(device),
             }
+            if peak.flops:  # none for an accelerator without a datasheet figure (runtime.peak_source says why)
+                metrics["mfu"] = flops_per_token * tokens_per_s / env.world_size / peak.flops
             final = step == config.max_steps
             if val_data is not None and (final or (config.eval_every and step % config.eval_every == 0)):
                 val_loss = metrics["val_loss"] = validation_loss(model, val_data, config.eval_batches, device, autocast)
-            if final or stopping or (config.checkpoint_every and step % config.checkpoint_every == 0):
+            if final or stopping or time_to_save or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 checkpoint = save(step)
+                last_saved = clock()
             if callback is not None and env.is_main:
                 callback(step, metrics)
             if stopping and not final:
@@ -367,6 +412,7 @@ def train(
             val_loss=val_loss if math.isfinite(val_loss) else None,
             tokens=(step - start_step) * config.batch_tokens,
             seconds=time.perf_counter() - started,
+            runtime=runtime,
         )
 
 

@@ -6,6 +6,15 @@ trained on the train split only, fed in batches from the corpus Parquet file, th
 checked on the val split: bytes per token, and that every val document decodes back to
 itself.
 
+Pre-tokens (the words BPE never merges across) are at most `bpe.max_pretoken_bytes` long:
+a longer one (a line of one repeated character, a DNA string, a minified or base64 blob)
+is cut into pieces of that many bytes by a step of the pre-tokenizer itself, saved in
+tokenizer.json, so training, sharding, evaluation, generation and the Hugging Face export
+cut alike. BPE training slows down with the square of a word's length; the bound keeps it
+linear. The default is above the longest pre-token of the Python standard library (96
+bytes), so ordinary text encodes exactly as without the bound. The trainer runs in a child
+process (tasks/bpe_trainer.py) so that Ctrl-C and SIGTERM stop it.
+
 Output `<workspace>/bpe/<fingerprint>/tokenizer.json`. Load it with `load_tokenizer`,
 which also makes special-token strings that occur in text encode as plain text (a
 document containing "<|endoftext|>" must not end early); that setting is not stored in
@@ -21,16 +30,20 @@ import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
 from model.special_tokens import SPECIAL_TOKENS
-from tasks.core.progress import progress
+from tasks.bpe_trainer import train_in_child
+from tasks.core.progress import step_progress
 from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 from tasks.ingest import IngestOutput, read_corpus
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the pre-token bound is a pre-tokenizer step in tokenizer.json
 TOKENIZER_FILE = "tokenizer.json"
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet and the special tokens
+# Measured (bench/prepare.py): training and encoding a 60 MB line of one character take
+# about as long at 128 to 4096; 256 is well above the standard library's longest pre-token.
+MAX_PRETOKEN_BYTES = 256
 
 
 class BPEConfig(BaseModel):
@@ -38,6 +51,9 @@ class BPEConfig(BaseModel):
 
     vocab_size: int = Field(8192, le=2**32, description="the number of token ids, special tokens included")
     min_frequency: int = Field(2, ge=1, description="a pair must occur this often to be merged")
+    max_pretoken_bytes: int | None = Field(
+        MAX_PRETOKEN_BYTES, ge=1, description="longer pre-tokens are cut into pieces this long; null: no bound"
+    )
 
     @field_validator("vocab_size")
     @classmethod
@@ -54,12 +70,24 @@ class BPEOutput(StageOutput):
     tokenizer: Path  # tokenizer.json
 
 
-def new_tokenizer() -> Tokenizer:
-    """An untrained byte-level BPE tokenizer: GPT-2's pre-tokenizer regex, no normalizer."""
+def new_tokenizer(max_pretoken_bytes: int | None = MAX_PRETOKEN_BYTES) -> Tokenizer:
+    """An untrained byte-level BPE tokenizer: GPT-2's pre-tokenizer regex, pre-tokens cut
+    to at most `max_pretoken_bytes` (None: uncut), no normalizer."""
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = bounded_byte_level(max_pretoken_bytes)
     tokenizer.decoder = decoders.ByteLevel()
     return tokenizer
+
+
+def bounded_byte_level(max_pretoken_bytes: int | None) -> pre_tokenizers.PreTokenizer:
+    """GPT-2's byte-level pre-tokenizer, then pre-tokens longer than `max_pretoken_bytes` cut
+    into pieces of that many bytes (the last one shorter). After the byte-level step every
+    character stands for one byte and none is a newline, so `.{N}` matches N bytes."""
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if max_pretoken_bytes is None:
+        return byte_level
+    cut = pre_tokenizers.Split(Regex(f".{{{max_pretoken_bytes}}}"), behavior="isolated")
+    return pre_tokenizers.Sequence([byte_level, cut])
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
@@ -86,18 +114,16 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
     return lengths
 
 
-def train(config: BPEConfig, corpus: Path, train_documents: int) -> Tokenizer:
-    tokenizer = new_tokenizer()
-    trainer = trainers.BpeTrainer(
-        vocab_size=config.vocab_size,
-        min_frequency=config.min_frequency,
-        special_tokens=SPECIAL_TOKENS,  # first, so they get ids 0, 1, 2
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    batches = (batch.column("text").to_pylist() for batch in read_corpus(corpus, split="train"))
-    tokenizer.train_from_iterator(progress(batches, "train tokenizer"), trainer, length=train_documents)
-    return tokenizer
+def train(config: BPEConfig, corpus: Path, train_documents: int, destination: Path) -> None:
+    """Train on the corpus's train split (in a child process: see tasks/bpe_trainer.py) and
+    save the tokenizer to `destination`."""
+    settings = {
+        "vocab_size": config.vocab_size,
+        "min_frequency": config.min_frequency,
+        "special_tokens": SPECIAL_TOKENS,  # first, so they get ids 0, 1, 2
+    }
+    with step_progress("bpe: train tokenizer", train_documents) as progress:
+        train_in_child(new_tokenizer(config.max_pretoken_bytes), settings, corpus, destination, progress)
 
 
 def check_on_val(tokenizer: Tokenizer, corpus: Path) -> dict[str, Any]:
@@ -131,12 +157,12 @@ def run_bpe(config: BPEConfig, corpus: IngestOutput, workspace: Path | str) -> B
     stage = StageDir(workspace, "bpe", bpe_fingerprint(config, corpus.fingerprint))
 
     def build(directory: Path) -> dict[str, Any]:
-        tokenizer = train(config, corpus.corpus, corpus.report["documents_train"])
         path = directory / TOKENIZER_FILE
         with atomic_path(path) as tmp:
-            tokenizer.save(str(tmp))
+            train(config, corpus.corpus, corpus.report["documents_train"], tmp)
         # The val check runs on the tokenizer as every later stage loads it.
-        report = {"vocab_size": tokenizer.get_vocab_size(), **check_on_val(load_tokenizer(path), corpus.corpus)}
+        tokenizer = load_tokenizer(path)
+        report = {"vocab_size": tokenizer.get_vocab_size(), **check_on_val(tokenizer, corpus.corpus)}
         return {
             "format": FORMAT_VERSION,
             "fingerprint": stage.fingerprint,

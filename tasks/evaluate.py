@@ -19,7 +19,8 @@ up the samples of several runs).
 Output directory `<workspace>/evaluate/<fingerprint>/`: `metrics.json`, `samples.md` and
 `samples.json` and `manifest.json` (written last). The fingerprint covers the settings that change the
 figures and the identity of the weights, tokenizer, shards and corpus; not the batch size
-or device.
+or device. On a GPU the model scores in bf16 autocast with fp32 logits and loss sums
+(`model.device`), so its figures stay comparable with a CPU evaluation's.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from tokenizers import Tokenizer
 
 from model.data import ShardManifest
+from model.device import resolve_device
 from model.errors import UserError
 from model.evaluate import LossTotals, score_batches, sliding_window_batches
 from model.generate import generate
@@ -48,6 +50,7 @@ from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.model_source import load_model_source
 from tasks.core.train_progress import StageProgress
 from tasks.core.workspace import MANIFEST, StageDir, fingerprint, sha256_file, write_json_atomic
+from tasks.ingest import read_corpus
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
 
 FORMAT_VERSION = 2  # 2: samples.json, the samples as a table (logged with mlflow.log_table)
@@ -111,11 +114,18 @@ def window_batches(windows: torch.Tensor, batch_size: int) -> Iterator[tuple[tor
 
 
 def held_out_documents(corpus: Path, tokenizer: Tokenizer, limit: int | None) -> list[list[int]]:
-    """Token ids of the val documents in corpus order, each framed by <|endoftext|>."""
-    table = pq.read_table(corpus, columns=["text", "split"])
-    texts = [text for text, split in zip(*(table.column(c).to_pylist() for c in ("text", "split"))) if split == "val"]
-    texts = texts[:limit] if limit else texts
-    return [[EOS_ID, *encoding.ids, EOS_ID] for encoding in tokenizer.encode_batch(texts, add_special_tokens=False)]
+    """Token ids of the val documents in corpus order, each framed by <|endoftext|>.
+
+    Encoded a corpus batch at a time: a Ctrl-C or SIGTERM is handled between batches, where
+    one native call over the whole split would hold it off until the split is encoded."""
+    documents: list[list[int]] = []
+    for batch in read_corpus(corpus, split="val"):
+        texts = batch.column("text").to_pylist()[: limit - len(documents) if limit else None]
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        documents += [[EOS_ID, *encoding.ids, EOS_ID] for encoding in encodings]
+        if limit and len(documents) == limit:
+            break
+    return documents
 
 
 def sample_prompts(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig) -> list[tuple[str, str]]:
@@ -215,16 +225,17 @@ def run_evaluate(
     shards: Path,
     corpus: Path,
     workspace: Path,
-    device: str = "cpu",
+    device: str = "auto",
     progress: StageProgress | None = None,
 ) -> EvaluateOutput:
     """Evaluate `model` (a checkpoint directory or `models:/...` URI) and sample from it;
     `progress` shows how far the scoring of the val shards is.
 
     `tokenizer` is the pipeline's tokenizer.json, `shards` the shard stage directory,
-    `corpus` the corpus Parquet file. A completed evaluation of the same inputs is reused.
+    `corpus` the corpus Parquet file, `device` the pipeline's `device` setting. A completed
+    evaluation of the same inputs is reused.
     """
-    loaded = load_model_source(model, tokenizer, device)
+    loaded = load_model_source(model, tokenizer, resolve_device(device))
     tokenizer_sha = sha256_file(tokenizer)
     shard_manifest = ShardManifest.read(shards)
     if shard_manifest.tokenizer_sha256 not in (None, tokenizer_sha):
@@ -270,7 +281,7 @@ def evaluate_task(
     corpus: Path,
     workspace: Path,
     parent_run_id: str,
-    device: str = "cpu",
+    device: str = "auto",
     run_name: str = "evaluate",
     parent_prefix: str = "",
 ) -> EvaluateOutput:

@@ -38,6 +38,7 @@ from tokenizers import Tokenizer
 
 from model.checkpoint import checkpoint_dirs
 from model.config import RUN_ONLY
+from model.device import resolve_device
 from model.errors import UserError
 from model.evaluate import IGNORE, score_batches
 from model.finetune_data import EncodeReport, PairBatches, TooLong, encode_pairs, to_rows
@@ -285,7 +286,8 @@ def run_finetune(
     of the default task). `callback(step, metrics)` receives the engine's step metrics.
     A completed run with the same inputs is reused; an interrupted one resumes.
     """
-    base = load_model_source(base_model, tokenizer)
+    # On the training device from the start: the held-out figures before training run there too.
+    base = load_model_source(base_model, tokenizer, resolve_device(config.device, "finetune.device"))
     block_size = base.model.config.block_size
     seq_len = config.seq_len or block_size
     if seq_len > block_size:
@@ -319,12 +321,11 @@ def run_finetune(
         )
         with mirrored_checkpoints(stage, resume=config.resume):
             result = train(model, config.train_config(), train_data, val_data, stage.path, callback)
-        model.cpu()
         if data.has_val:
             metrics |= held_out_figures(model, tok, config, pairs.val, data.val_rows, "finetuned")
         metrics |= data.figures() | {"train_loss": result.train_loss}
         pair_files = ["pairs-train.parquet", "pairs-val.parquet"]
-        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=pair_files)
+        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=pair_files, runtime=result.runtime)
 
     return train_once(stage, FinetuneOutput, FORMAT_VERSION, inputs, config.resume, train_pairs)
 
@@ -354,6 +355,8 @@ def finetune_task(
             output = run_finetune(config, base_model, tokenizer, corpus, workspace, callback=on_step)
         if not output.reused:  # the checkpoints this run wrote and kept
             tracking.log_checkpoints(stage.run_id, "finetune", checkpoint_dirs(output.checkpoint.parent))
+        if output.runtime is not None:
+            tracking.log_params(stage.run_id, {"runtime": output.runtime.model_dump()})
         stage.finish(
             output.metrics,
             parent_metrics={name: output.metrics[name] for name in HEADLINE if name in output.metrics},

@@ -19,8 +19,15 @@ a hash of the id, so the split is stable when the corpus grows.
 Cleaning, each step counted in the report: files that look binary are skipped; bytes
 that are not UTF-8 (and lone surrogates from JSON escapes) become U+FFFD; NUL characters
 are removed; optional Unicode NFC; pieces shorter than `ingest.min_chars` are dropped;
-exact duplicates (hash of the cleaned text) are dropped, keeping the first. Files are read
+exact duplicates (hash of the cleaned text) are dropped, keeping the first; then the quality
+filters and near-duplicate removal of tasks/ingest_filters.py (`ingest.filters`). Files are read
 in blocks, so memory is bounded by `max_doc_chars`, not by the size of a file or corpus.
+
+A file that cannot be read as what its name says (a corrupt or truncated Parquet or
+compressed file, a JSON file cut short) is skipped and listed with the reason in the report
+(`ingest.on_unreadable: skip`), or stops the stage with a UserError naming it (`fail`).
+Text and JSON Lines files may be compressed (`.gz`, `.bz2`, `.zst`, `.lz4`): such a file is
+decompressed once to check it is whole before any of its documents are read.
 
 Output `<workspace>/ingest/<fingerprint>/corpus.parquet` with string columns `id`, `text`,
 `split` ("train"/"val"), documents in source order, zstd, row groups of about
@@ -38,9 +45,9 @@ import re
 import sysconfig
 import unicodedata
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -51,10 +58,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from model.data import SPLITS
 from model.errors import UserError
-from tasks.core.progress import progress
+from tasks.core.progress import StepProgress, step_progress
 from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
+from tasks.ingest_filters import DocumentFilter, FilterConfig
+from tasks.ingest_readers import UNREADABLE, Unreadable, check_whole, open_file, text_kind
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quality filters, near-duplicate removal, unreadable files
 STDLIB = "python-stdlib"
 HF_PREFIX = "hf:"
 CORPUS_FILE = "corpus.parquet"
@@ -92,6 +101,8 @@ class IngestConfig(BaseModel):
     min_chars: int = Field(64, ge=0, description="shorter documents are dropped")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="share of document ids in the val split")
     seed: int = Field(0, description="salt of the split hash")
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="quality filters, near-dedup")
+    on_unreadable: Literal["skip", "fail"] = Field("skip", description="a file that cannot be read: skip or fail")
 
 
 class IngestOutput(StageOutput):
@@ -141,7 +152,7 @@ def stdlib_files(include_tests: bool = False) -> SourceFiles:
 
 
 def local_files(source: str) -> SourceFiles:
-    supported = "/".join(SUPPORTED_SUFFIXES)
+    supported = "/".join(SUPPORTED_SUFFIXES) + ", text and JSON compressed as .gz/.bz2/.zst/.lz4"
     if has_wildcard(source):
         matches = [Path(m) for m in glob.glob(source, recursive=True) if Path(m).is_file()]
         if not matches:
@@ -151,12 +162,12 @@ def local_files(source: str) -> SourceFiles:
         root = path
         matches = [p for p in path.rglob("*") if p.is_file() and not is_hidden(p, path)]
     elif path.is_file():
-        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        if text_kind(path) not in SUPPORTED_SUFFIXES:
             raise UserError(f"ingest.source: {source}: unsupported file type (use {supported})")
         return SourceFiles(path.parent, [path])
     else:
         raise UserError(f"ingest.source: {source}: no such file or directory")
-    files = [p for p in matches if p.suffix.lower() in SUPPORTED_SUFFIXES]
+    files = [p for p in matches if text_kind(p) in SUPPORTED_SUFFIXES]
     if not files:
         raise UserError(f"ingest.source: {source!r} has {len(matches)} files but none of type {supported}")
     return SourceFiles(root, sorted(files, key=lambda p: file_doc_id(p, root)))
@@ -203,8 +214,12 @@ class IngestStats:
     pieces_from_splits: int = 0  # ... and the pieces they were cut into
     replaced_bytes: int = 0  # bytes that are not UTF-8 (or lone surrogates), now U+FFFD
     nul_chars_removed: int = 0
+    files_unreadable: int = 0
+    unreadable: list[dict[str, str]] = field(default_factory=list)  # {"file", "reason"} of each
     dropped_short: int = 0
     dropped_duplicate: int = 0
+    dropped_by_filter: dict[str, int] = field(default_factory=dict)  # filter name (or near_duplicate) -> count
+    dropped_examples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     documents_out: int = 0
     documents_train: int = 0
     documents_val: int = 0
@@ -226,26 +241,44 @@ class SourceDocument:
     chunks: Iterable[str]  # the text, possibly streamed from disk in blocks
 
 
-def source_documents(config: IngestConfig, files: SourceFiles | None, stats: IngestStats) -> Iterator[SourceDocument]:
+def source_documents(
+    config: IngestConfig, files: SourceFiles | None, stats: IngestStats, progress: StepProgress
+) -> Iterator[SourceDocument]:
     if files is None:
         yield from hf_documents(config, stats)
         return
-    for path in progress(files.files, "ingest", total=len(files.files)):
+    for path in files.files:
         stats.files_read += 1
         doc_id = file_doc_id(path, files.root)
-        suffix = path.suffix.lower()
-        if suffix in TEXT_SUFFIXES:
-            yield from text_file_documents(path, doc_id, stats)
-        elif suffix == ".jsonl":
-            yield from jsonl_documents(path, doc_id, config.text_field, stats)
-        elif suffix == ".json":
-            yield from json_documents(path, doc_id, config.text_field, stats)
-        else:
-            yield from parquet_documents(path, doc_id, config.text_field, stats)
+        before = stats.documents_in
+        try:
+            yield from file_documents(path, doc_id, config.text_field, stats)
+        except (Unreadable, *UNREADABLE) as e:
+            reason = " ".join(str(e).split())  # one line, whatever the library wrote
+            if stats.documents_in > before:
+                reason += f" (after {stats.documents_in - before} documents)"
+            if config.on_unreadable == "fail":
+                raise UserError(f"ingest: {path}: unreadable: {reason} (ingest.on_unreadable=skip skips it)") from e
+            stats.files_unreadable += 1
+            stats.unreadable.append({"file": doc_id, "reason": reason})
+        progress.advance(documents=1, n_bytes=path.stat().st_size)  # here a document is a file
+
+
+def file_documents(path: Path, doc_id: str, text_field: str, stats: IngestStats) -> Iterator[SourceDocument]:
+    kind = text_kind(path)
+    if kind in TEXT_SUFFIXES:
+        yield from text_file_documents(path, doc_id, stats)
+    elif kind == ".jsonl":
+        yield from jsonl_documents(path, doc_id, text_field, stats)
+    elif kind == ".json":
+        yield from json_documents(path, doc_id, text_field, stats)
+    else:
+        yield from parquet_documents(path, doc_id, text_field, stats)
 
 
 def text_file_documents(path: Path, doc_id: str, stats: IngestStats) -> Iterator[SourceDocument]:
-    with open(path, "rb") as f:
+    check_whole(path)
+    with open_file(path) as f:
         head = f.read(READ_BYTES)
         if looks_binary(head[:BINARY_SNIFF_BYTES]):
             stats.files_binary_skipped += 1
@@ -271,7 +304,8 @@ def decoded_blocks(first: bytes, rest: BinaryIO) -> Iterator[str]:
 
 
 def jsonl_documents(path: Path, doc_id: str, text_field: str, stats: IngestStats) -> Iterator[SourceDocument]:
-    with open(path, "rb") as f:
+    check_whole(path)
+    with open_file(path) as f:
         for line_number, line in enumerate(f, start=1):
             if line.strip():
                 text = record_text(line.decode("utf-8", "surrogateescape"), text_field)
@@ -280,9 +314,10 @@ def jsonl_documents(path: Path, doc_id: str, text_field: str, stats: IngestStats
 
 def json_documents(path: Path, doc_id: str, text_field: str, stats: IngestStats) -> Iterator[SourceDocument]:
     try:
-        data = json.loads(path.read_bytes().decode("utf-8", "surrogateescape"))
-    except json.JSONDecodeError:
-        data = None
+        with open_file(path) as f:
+            data = json.loads(f.read().decode("utf-8", "surrogateescape"))
+    except json.JSONDecodeError as e:
+        raise Unreadable(f"not valid JSON ({e})") from e
     records = data if isinstance(data, list) else [data]
     for index, record in enumerate(records):
         text = record.get(text_field) if isinstance(record, dict) else None
@@ -329,8 +364,7 @@ def hf_documents(config: IngestConfig, stats: IngestStats) -> Iterator[SourceDoc
         raise UserError(
             f"ingest.text_field: {config.text_field!r} is not a column of {config.source} (columns: {columns})"
         )
-    total = None if config.streaming else len(dataset)
-    for index, row in enumerate(progress(dataset, "ingest", total=total)):
+    for index, row in enumerate(dataset):
         yield from record_document(f"{config.hf_split}:{index}", row.get(config.text_field), stats)
 
 
@@ -404,9 +438,13 @@ class CorpusWriter:
 def write_corpus(config: IngestConfig, files: SourceFiles | None, path: Path) -> IngestStats:
     stats = IngestStats()
     seen: set[bytes] = set()
-    with CorpusWriter(path) as writer:
-        for document in source_documents(config, files, stats):
+    quality = DocumentFilter(config.filters)
+    total_files = len(files.files) if files else None
+    with CorpusWriter(path) as writer, step_progress("ingest", total_files) as progress:
+        for document in source_documents(config, files, stats, progress):
             stats.documents_in += 1
+            if files is None:
+                progress.advance(documents=1)
             split = split_of(document.id, config.val_fraction, config.seed)
             pieces = 0
             for piece_id, raw in named_pieces(document.id, split_long(document.chunks, config.max_doc_chars)):
@@ -421,12 +459,15 @@ def write_corpus(config: IngestConfig, files: SourceFiles | None, path: Path) ->
                     stats.dropped_duplicate += 1
                     continue
                 seen.add(digest)
+                if not quality.keep(piece_id, text):
+                    continue
                 writer.add(piece_id, text, split)
                 stats.kept(split, len(data))
             if pieces > 1:
                 stats.documents_split += 1
                 stats.pieces_from_splits += pieces
     stats.documents_out = stats.documents_train + stats.documents_val
+    stats.dropped_by_filter, stats.dropped_examples = quality.counts.dropped, quality.counts.examples
     return stats
 
 

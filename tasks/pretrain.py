@@ -65,7 +65,7 @@ from tasks.shard import ShardOutput
 from tasks.tracking.loss_curves import live_loss_curves
 from tasks.tracking.stage_run import Report, stage_run
 
-FORMAT_VERSION = 2  # 2: optimizer state keyed by parameter name (model.parallel.full_state)
+FORMAT_VERSION = 3  # 2: optimizer state keyed by parameter name; 3: padded head, chunked loss (new numerics)
 RUN_ID_ENV = "GPTFLOW_PRETRAIN_RUN_ID"  # the MLflow run the torchrun ranks log to
 PROGRESS_FILE_ENV = "GPTFLOW_PROGRESS_FILE"  # where rank 0 writes its latest step for the task's process
 PROGRESS_FILE = "progress.json"
@@ -167,7 +167,7 @@ def run_pretrain(
             "tokens_per_s": result.tokens / result.seconds if result.seconds else math.nan,
             "seconds": result.seconds,
         }
-        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=["spec.json"])
+        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=["spec.json"], runtime=result.runtime)
 
     return train_once(stage, PretrainOutput, FORMAT_VERSION, {"shards": shards.fingerprint}, config.resume, train)
 
@@ -297,6 +297,9 @@ def pretrain_task(
             )
         if not output.reused:  # the checkpoints this run wrote and kept
             tracking.log_checkpoints(stage.run_id, "pretrain", checkpoint_dirs(output.checkpoint.parent))
+        if output.runtime is not None:
+            logger.info("pretrain: %s", output.runtime.describe())
+            tracking.log_params(stage.run_id, {"runtime": output.runtime.model_dump()})
         figures = "\n".join(f"| {name} | {value:.4g} |" for name, value in output.metrics.items())
         stage.finish(
             output.metrics,

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.checkpoint import CONFIG, WEIGHTS
 from model.data import ShardManifest
+from model.device import resolve_device
 from model.errors import UserError
 from tasks import tracking
 from tasks.bpe import load_tokenizer
@@ -47,7 +48,9 @@ class RegisterConfig(BaseModel):
 
     gate_metric: str = Field(
         "val_bits_per_byte",
-        description="evaluation figure that decides champion; doc_* figures also compare models with different tokenizers",
+        description=(
+            "evaluation figure that decides champion; doc_* figures also compare models with different tokenizers"
+        ),
     )
 
     @field_validator("gate_metric")
@@ -147,9 +150,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def champion_figure(config: RegisterConfig, champion_uri: str, tokenizer: Path, eval_data: EvalData) -> float | None:
-    """The champion's `gate_metric` on `eval_data`, computed now; None if it cannot be compared."""
+def champion_figure(
+    config: RegisterConfig, champion_uri: str, tokenizer: Path, eval_data: EvalData, device: str = "auto"
+) -> float | None:
+    """The champion's `gate_metric` on `eval_data`, computed now on `device` (the pipeline's
+    setting); None if it cannot be compared."""
     model, _, champion_tokenizer = tracking.load_registered_model(champion_uri)
+    model.to(resolve_device(device))
     tok = load_tokenizer(champion_tokenizer)
     window = ShardManifest.read(eval_data.shards).seq_len
     if sha256_file(champion_tokenizer) == sha256_file(tokenizer) and window <= model.config.block_size:
@@ -185,11 +192,12 @@ def run_register(
     lineage: dict[str, str],
     eval_data: EvalData,
     run_id: str,
+    device: str = "auto",
 ) -> RegisterOutput:
     """Log, register and gate the model in `checkpoint`; `metrics` is its final evaluation.
 
     `lineage` (data and tokenizer fingerprints, ...) becomes version tags; `run_id` is the
-    MLflow run the model is logged under.
+    MLflow run the model is logged under; a champion evaluated again runs on `device`.
     """
     if config.gate_metric not in metrics:
         raise UserError(
@@ -223,7 +231,7 @@ def run_register(
         if champion.tags.get("eval_data_fingerprint") == eval_fingerprint and recorded is not None:
             champion_value = float(recorded)
         else:
-            champion_value = champion_figure(config, f"models:/{name}/{champion.version}", tokenizer, eval_data)
+            champion_value = champion_figure(config, f"models:/{name}/{champion.version}", tokenizer, eval_data, device)
     gate = decide_champion(
         config.gate_metric,
         config.lower_is_better,
@@ -271,9 +279,10 @@ def register_task(
     lineage: dict[str, str],
     eval_data: EvalData,
     parent_run_id: str,
+    device: str = "auto",
 ) -> RegisterOutput:
     """`run_register` in a nested MLflow run; the decision also tagged on the pipeline's run."""
     with stage_run(parent_run_id, "register", {"register": config.model_dump(), "name": name}) as stage:
-        output = run_register(config, name, checkpoint, tokenizer, metrics, lineage, eval_data, stage.run_id)
+        output = run_register(config, name, checkpoint, tokenizer, metrics, lineage, eval_data, stage.run_id, device)
     tracking.set_tags(parent_run_id, {"registered_version": output.version, "gate.decision": output.decision})
     return output

@@ -20,6 +20,9 @@ threads or a Dask cluster, see flows/prepare.py; plain calls in order without Pr
 The stream does not depend on where it was cut, so the shards and the manifest are byte
 for byte the same whatever the number of chunks or workers, and `chunk_documents` is not
 part of the fingerprint. Memory is bounded by an encode batch and a row group in both steps.
+A Ctrl-C or SIGTERM stops the stage between batches: chunks on threads check the stop flag
+of tasks/core/stopping.py before each batch, so what still runs after a signal is the
+`ENCODE_AHEAD` batches each running chunk has in flight (native code, not interruptible).
 
 Output directory `<workspace>/shard/<fingerprint>/`:
 
@@ -86,7 +89,8 @@ from model.data import SPLITS, ShardManifest
 from model.errors import UserError
 from model.special_tokens import EOS_ID
 from tasks.bpe import BPEOutput, load_tokenizer
-from tasks.core.progress import progress
+from tasks.core.progress import step_progress
+from tasks.core.stopping import check_stop, stop_on_signals
 from tasks.core.storage import filesystem
 from tasks.core.workspace import MANIFEST, StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 from tasks.ingest import IngestOutput
@@ -204,6 +208,14 @@ def encode_documents(bpe: Tokenizer, texts: list[str]) -> list[list[int]]:
     cut = [pieces(text) for text in texts]
     encodings = iter(bpe.encode_batch_fast([piece for document in cut for piece in document]))
     return [list(itertools.chain.from_iterable(next(encodings).ids for _ in document)) for document in cut]
+
+
+def stopping_between(batches: Iterable[tuple[str, list[str]]]) -> Iterator[tuple[str, list[str]]]:
+    """The batches, until a stop is asked for (tasks/core/stopping.py): then StopRequested, before the
+    next batch goes to the encoder."""
+    for batch in batches:
+        check_stop()
+        yield batch
 
 
 def encoded(
@@ -402,8 +414,10 @@ def encode_chunk(chunk: ShardChunk) -> ChunkCounts:
             split: files.enter_context(fs.open_output_stream(f"{parts}/{part_name(chunk.index, split)}"))
             for split in SPLITS
         }
-        batches = encoded(bpe, document_batches(corpus, chunk.start, chunk.stop))
-        for split, texts, ids in progress(batches, f"shard chunk {chunk.index}"):
+        batches = encoded(bpe, stopping_between(document_batches(corpus, chunk.start, chunk.stop)))
+        progress = files.enter_context(step_progress(f"shard: chunk {chunk.index}", chunk.stop - chunk.start))
+        for split, texts, ids in batches:
+            progress.advance(len(texts), sum(len(text.encode()) for text in texts), sum(map(len, ids)))
             tokens = with_eos(ids, dtype)
             sinks[split].write(tokens.tobytes())
             counts[split].documents += len(texts)
@@ -495,7 +509,8 @@ def run_shard(
         fs, parts_root = filesystem(parts)
         fs.create_dir(parts_root)
         chunks = plan_chunks(config, corpus, tokenizer, workspace, parts, dtype)
-        results = map_chunks(chunks)
+        with stop_on_signals():  # the chunks may encode on threads that signals do not reach
+            results = map_chunks(chunks)
         counts = {split: StreamCounts() for split in SPLITS}
         for result in results:
             for split, part in result.splits.items():

@@ -57,8 +57,8 @@ def cli_env(prefect_server):
 @pytest.fixture(scope="session")
 def infra_stack(tmp_path_factory):
     """infra/'s stack without Docker (PostgreSQL, S3 API, Prefect and MLflow servers with
-    auth; see tests/infra_stack.py), started once for every test module that needs it."""
-    from infra_stack import running_stack
+    auth; see tests/support/infra_stack.py), started once for every test module that needs it."""
+    from support.infra_stack import running_stack
 
     with running_stack(tmp_path_factory.mktemp("infra")) as stack:
         yield stack

@@ -2,7 +2,7 @@
 # Creates one role and database for Prefect and one role with two databases for MLflow
 # (its tracking store and its basic-auth user store), each owned by its role, so neither
 # server can read the other's data. The postgres image runs this once, on an empty data
-# volume; tests/test_infra_postgres.py runs it against a local PostgreSQL the same way.
+# volume; tests/integration/test_infra_postgres.py runs it against a local PostgreSQL the same way.
 # Passwords come from the environment and reach SQL as psql variables (quoted by psql).
 set -eu
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from model.checkpoint import WEIGHTS, latest_checkpoint, load_model
 from model.errors import UserError
 from model.gpt import GPT
@@ -42,7 +44,7 @@ def find_checkpoint(path: Path) -> Path:
     raise UserError(f"{path}: not a checkpoint directory (no {WEIGHTS}, no checkpoints/step-N under it)")
 
 
-def load_model_source(spec: str | Path, tokenizer: Path, device: str = "cpu") -> LoadedModel:
+def load_model_source(spec: str | Path, tokenizer: Path, device: torch.device | str = "cpu") -> LoadedModel:
     """Load the model `spec` names (see the module docstring) to use with `tokenizer`.
 
     A registered model brings its own tokenizer; it must be the same file, since the

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from model.checkpoint import CONFIG, WEIGHTS
-from model.train import TrainConfig
+from model.train import Runtime, TrainConfig
 from tasks.core.workspace import StageDir, sha256_file, write_json_atomic
 
 METRICS_FILE = "metrics.json"
@@ -47,6 +47,7 @@ class TrainedOutput(BaseModel):
     checkpoint: Path  # the final checkpoint, a `step-N/` directory
     metrics: dict[str, float]
     reused: bool = False  # True when a verified earlier run was found
+    runtime: Runtime | None = None  # where this call trained (None when reused)
 
 
 class TrainedManifest(BaseModel):
@@ -66,6 +67,7 @@ class Trained(BaseModel):
     checkpoint: Path
     metrics: dict[str, float | int]
     files: list[str]  # files of the stage directory to list besides metrics.json and the checkpoint
+    runtime: Runtime  # where it trained: device, its name, precision, MFU peak
 
 
 OutputT = TypeVar("OutputT", bound=TrainedOutput)
@@ -108,5 +110,9 @@ def train_once(
         )
         stage.commit(manifest.model_dump())
     return output_type(
-        path=stage.path, fingerprint=stage.fingerprint, checkpoint=trained.checkpoint, metrics=trained.metrics
+        path=stage.path,
+        fingerprint=stage.fingerprint,
+        checkpoint=trained.checkpoint,
+        metrics=trained.metrics,
+        runtime=trained.runtime,
     )

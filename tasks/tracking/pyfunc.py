@@ -7,7 +7,9 @@ to it, so `mlflow.pyfunc.load_model("models:/NAME@champion").predict(["def fib(n
 works in any process that has torch, tokenizers and safetensors.
 
 Sampling settings are inference params declared in the signature:
-`predict(prompts, params={"max_new_tokens": 32, "temperature": 0.8, "seed": 1})`.
+`predict(prompts, params={"max_new_tokens": 32, "temperature": 0.8, "seed": 1})`. The model
+loads on the first GPU when there is one (else the CPU); the `device` param (auto, the
+default, or cpu, cuda, cuda:N) says where a call runs, moving the model there if need be.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from mlflow.pyfunc import PythonModel, PythonModelContext
 WEIGHTS_ARTIFACT, CONFIG_ARTIFACT, TOKENIZER_ARTIFACT = "weights", "config", "tokenizer"
 
 # Defaults of the inference params (the signature declares them with these values).
-SAMPLING_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 40, "top_p": 1.0, "seed": -1}
+PARAM_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 40, "top_p": 1.0, "seed": -1, "device": "auto"}
 
 
 class TextGenerator(PythonModel):
@@ -36,24 +38,27 @@ class TextGenerator(PythonModel):
         from tokenizers import Tokenizer
 
         from model.config import GPTConfig
+        from model.device import resolve_device
         from model.gpt import GPT
 
         config = GPTConfig.model_validate_json(Path(context.artifacts[CONFIG_ARTIFACT]).read_text())
         self.model = GPT(config)
         safetensors.torch.load_model(self.model, context.artifacts[WEIGHTS_ARTIFACT])
-        self.model.eval()
+        self.model.to(resolve_device(PARAM_DEFAULTS["device"])).eval()
         self.tokenizer = Tokenizer.from_file(context.artifacts[TOKENIZER_ARTIFACT])
 
     # No type hints on `model_input`: MLflow would derive a signature from them and drop the
     # declared sampling params. The input arrives as a list of strings, or as a DataFrame or
     # Series when it comes from `mlflow models serve` or a pandas caller.
     def predict(self, context: PythonModelContext, model_input, params: dict | None = None) -> list[str]:
+        from model.device import resolve_device
         from model.generate import generate
         from model.special_tokens import EOS_ID
 
         if hasattr(model_input, "columns"):  # a DataFrame: the prompts are its first column
             model_input = model_input.iloc[:, 0]
-        settings = {**SAMPLING_DEFAULTS, **(params or {})}
+        settings = {**PARAM_DEFAULTS, **(params or {})}
+        self.model.to(resolve_device(str(settings["device"]), field="the device param"))  # no-op where it already is
         # Training saw every document after an <|endoftext|>: starting there puts a prompt in
         # the same position (and lets an empty prompt start a fresh document).
         prompts = [[EOS_ID, *self.tokenizer.encode(text, add_special_tokens=False).ids] for text in list(model_input)]

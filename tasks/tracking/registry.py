@@ -20,7 +20,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_
 from model.checkpoint import checkpoint_step, load_model
 from model.errors import UserError
 from model.gpt import GPT
-from tasks.tracking.pyfunc import CONFIG_ARTIFACT, SAMPLING_DEFAULTS, TOKENIZER_ARTIFACT, WEIGHTS_ARTIFACT
+from tasks.tracking.pyfunc import CONFIG_ARTIFACT, PARAM_DEFAULTS, TOKENIZER_ARTIFACT, WEIGHTS_ARTIFACT
 from tasks.tracking.runs import client, log_metrics, resolve_tracking_uri
 
 PYFUNC_MODEL_CODE = Path(__file__).with_name("pyfunc.py")
@@ -51,13 +51,11 @@ def log_text_generator(
     from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-    param_types = {int: DataType.long, float: DataType.double}
+    param_types = {int: DataType.long, float: DataType.double, str: DataType.string}
     signature = ModelSignature(
         inputs=Schema([ColSpec(DataType.string)]),
         outputs=Schema([ColSpec(DataType.string)]),
-        params=ParamSchema(
-            [ParamSpec(key, param_types[type(value)], value) for key, value in SAMPLING_DEFAULTS.items()]
-        ),
+        params=ParamSchema([ParamSpec(key, param_types[type(value)], value) for key, value in PARAM_DEFAULTS.items()]),
     )
     mlflow_client = client()
     run = mlflow_client.get_run(run_id)

@@ -1,0 +1,324 @@
+"""GPU training speed, and everything around it, in one run on a single GPU with no network.
+
+    python bench/gpu.py [--out bench-gpu.jsonl] [--budget 420]      # one H100/H200, about 7 minutes
+    python bench/gpu.py --device cpu --smoke                         # micro shapes: checks the script
+
+Random tokens and shards it writes itself. Each phase runs in a child process of its own,
+with its own time budget (its share of --budget) and its own error handling: a phase that
+fails, runs out of memory or out of time records that and the next one starts on a fresh
+device. Each phase appends one JSON line to --out as it finishes, so a run cut short keeps
+what it measured. Phases:
+
+    env         torch, CUDA, the device, the bf16 datasheet peak MFU is measured against
+    train       gpt2-small at seq 1024 with the defaults: tokens/s, MFU, compile time (the first
+                step), peak memory, checkpoint time (the final one)
+    no_padding, no_chunked_loss, no_compile    the same with one speed choice off
+    plain       a compiled bf16 GPT-2 step written as nanoGPT's train.py runs it, same shapes
+    sparse      gpt3-small at seq 2048 (dense and banded sparse layers): tokens/s, graph breaks
+                and recompiles, flex attention's logits against masked SDPA's
+    generate    cached generation tokens/s at batch 1 and 8; cached = uncached greedy tokens
+    loader      WindowLoader tokens/s on the shards
+    evaluate    evaluation (forward + loss) tokens/s on the shards
+
+Then it prints the pass criteria and whether each held: MFU >= 40% and >= 1.0x the plain step
+(train), no graph break or recompile and flex = SDPA (sparse), cached = uncached (generate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from loader import loader_tokens_per_s, random_shards  # noqa: E402
+from plain_step import plain_training_steps  # noqa: E402
+from train import RandomTokens, timing_run  # noqa: E402
+
+from model.config import GPTConfig, preset  # noqa: E402
+from model.data import WindowLoader  # noqa: E402
+from model.device import device_model, has_bf16  # noqa: E402
+from model.evaluate import score_batches  # noqa: E402
+from model.generate import generate  # noqa: E402
+from model.gpt import GPT, AttentionMask  # noqa: E402
+from model.mfu import measure_matmul_flops, peak_flops  # noqa: E402
+from model.train import train  # noqa: E402
+
+# Share of --budget per phase, in the order they run (most important first).
+BUDGET_SHARES = {
+    "env": 0.04,
+    "train": 0.2,
+    "plain": 0.15,
+    "no_padding": 0.11,
+    "no_chunked_loss": 0.11,
+    "no_compile": 0.06,
+    "sparse": 0.15,
+    "generate": 0.08,
+    "loader": 0.03,
+    "evaluate": 0.07,
+}
+SPEED_CHOICES_OFF = {"no_padding": {"vocab_multiple": 1}, "no_chunked_loss": {"loss_chunk": 0}, "no_compile": {}}
+
+
+class Shapes:
+    """What the phases run: gpt2-small / gpt3-small on the GPU, micro models with --smoke."""
+
+    def __init__(self, smoke: bool):
+        micro = {"n_layer": 2, "n_head": 2, "n_embd": 64, "vocab_size": 1000}  # 1,000: not a multiple of 128
+        self.gpt2 = preset("gpt2-small").model_copy(update={**micro, "block_size": 128} if smoke else {})
+        self.gpt3 = preset("gpt3-small").model_copy(
+            update={**micro, "block_size": 256, "sparse_window": 64} if smoke else {}
+        )
+        self.batch, self.seq = (4, 128) if smoke else (16, 1024)
+        self.sparse_batch, self.sparse_seq = (2, 256) if smoke else (8, 2048)
+        self.warmup, self.steps = (1, 2) if smoke else (3, 10)
+        self.prompt, self.new_tokens = (16, 16) if smoke else (128, 256)
+        self.windows = 200 if smoke else 20_000
+
+
+def engine_run(
+    config: GPTConfig, batch: int, seq: int, shapes: Shapes, device: str, compile: bool | None, out_dir: Path
+) -> dict[str, Any]:
+    """One engine run (model.train.train): step times, and the final checkpoint's time."""
+    torch.manual_seed(0)
+    model = GPT(config)
+    settings = timing_run(shapes.warmup + shapes.steps, batch, seq, device, compile)
+    seen: list[tuple[float, dict[str, float]]] = []  # (time of the callback, metrics)
+    train(
+        model,
+        settings,
+        RandomTokens(batch, seq, config.vocab_size),
+        None,
+        out_dir,
+        callback=lambda step, metrics: seen.append((time.perf_counter(), dict(metrics))),
+    )
+    rates = [metrics["tokens_per_s"] for _, metrics in seen[shapes.warmup :]]
+    mfus = [metrics["mfu"] for _, metrics in seen[shapes.warmup :] if "mfu" in metrics]  # none: no known peak
+    last_step_s = batch * seq / seen[-1][1]["tokens_per_s"]
+    return {
+        "tokens_per_s": statistics.median(rates),
+        "tokens_per_s_range": [min(rates), max(rates)],
+        "mfu": statistics.median(mfus) if mfus else None,
+        "first_step_s": batch * seq / seen[0][1]["tokens_per_s"],  # compilation, mostly
+        "peak_memory_mb": seen[-1][1]["memory_mb"],
+        # The final checkpoint is written between the last step's timing and its callback.
+        "checkpoint_s": seen[-1][0] - seen[-2][0] - last_step_s,
+        "loss_first_last": [seen[0][1]["loss"], seen[-1][1]["loss"]],
+    }
+
+
+def phase_env(shapes: Shapes, device: torch.device, scratch: Path) -> dict[str, Any]:
+    result: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": str(device)}
+    if device.type == "cuda":
+        peak = peak_flops(device, bf16=True)
+        result |= {
+            "name": device_model(device),
+            "bf16_peak_flops": peak.flops,
+            "peak_source": peak.source,
+            "memory_gb": torch.cuda.get_device_properties(device).total_memory / 2**30,
+        }
+    result["measured_fp32_matmul_flops"] = measure_matmul_flops(size=512 if shapes.steps < 3 else 4096, device=device)
+    return result
+
+
+def phase_train(
+    shapes: Shapes,
+    device: torch.device,
+    scratch: Path,
+    changes: dict[str, Any] | None = None,
+    compile: bool | None = None,
+) -> dict[str, Any]:
+    config = shapes.gpt2.model_copy(update=changes or {})
+    return engine_run(config, shapes.batch, shapes.seq, shapes, device.type, compile, scratch) | {
+        "config": {"vocab_multiple": config.vocab_multiple, "loss_chunk": config.loss_chunk, "compile": compile},
+    }
+
+
+def phase_plain(shapes: Shapes, device: torch.device, scratch: Path) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    started = time.perf_counter()
+    steps = plain_training_steps(shapes.gpt2, shapes.batch, shapes.seq, device, bf16=cuda, compile=cuda)
+    rates = list(islice(steps, shapes.warmup + shapes.steps))[shapes.warmup :]
+    return {
+        "tokens_per_s": statistics.median(rates),
+        "tokens_per_s_range": [min(rates), max(rates)],
+        "seconds": time.perf_counter() - started,
+        "compiled_bf16": cuda,
+    }
+
+
+def phase_sparse(shapes: Shapes, device: torch.device, scratch: Path) -> dict[str, Any]:
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    run = engine_run(shapes.gpt3, shapes.sparse_batch, shapes.sparse_seq, shapes, device.type, None, scratch)
+    result = run | {
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "unique_graphs": counters["stats"]["unique_graphs"],  # 1 compiled forward: no recompiles
+    }
+    # Flex attention's band (the BlockMask path, CUDA) against the same band as a boolean mask for SDPA.
+    torch.manual_seed(0)
+    model = GPT(shapes.gpt3).to(device).eval()
+    tokens = torch.randint(shapes.gpt3.vocab_size, (1, shapes.sparse_seq), device=device)
+    with torch.no_grad():
+        flex = model(tokens).logits
+        dense = {
+            kind: AttentionMask(model._mask_tensor(shapes.sparse_seq, 0, kind, None, device), False)
+            for kind in ("dense", "sparse")
+        }
+        model._attention_masks = lambda *args: dense  # every layer through SDPA with a mask tensor
+        sdpa = model(tokens).logits
+    result["flex_vs_sdpa_max_abs_diff"] = (flex - sdpa).abs().max().item()
+    result["flex_used"] = device.type == "cuda"
+    return result
+
+
+def phase_generate(shapes: Shapes, device: torch.device, scratch: Path) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = GPT(shapes.gpt2).to(device).eval()
+    result: dict[str, Any] = {}
+    for batch in (1, 8):
+        prompts = torch.randint(shapes.gpt2.vocab_size, (batch, shapes.prompt)).tolist()
+        generate(model, prompts, 4, temperature=0)  # warm-up: kernels, allocator
+        started = time.perf_counter()
+        generate(model, prompts, shapes.new_tokens, temperature=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        result[f"cached_tokens_per_s_batch{batch}"] = batch * shapes.new_tokens / (time.perf_counter() - started)
+    prompts = torch.randint(shapes.gpt2.vocab_size, (2, shapes.prompt)).tolist()
+    cached = generate(model, prompts, shapes.new_tokens // 4, temperature=0)
+    uncached = generate(model, prompts, shapes.new_tokens // 4, temperature=0, use_cache=False)
+    result["cached_equals_uncached"] = cached == uncached
+    return result
+
+
+def phase_loader(shapes: Shapes, device: torch.device, scratch: Path) -> dict[str, Any]:
+    manifest = random_shards(scratch, windows=shapes.windows)
+    rates = loader_tokens_per_s(manifest, runs=3)
+    return {"tokens_per_s": statistics.median(rates), "tokens_per_s_range": [min(rates), max(rates)]}
+
+
+def phase_evaluate(shapes: Shapes, device: torch.device, scratch: Path) -> dict[str, Any]:
+    """Forward passes and the loss over windows of the loader's random shards (seq 256, vocab 8,192)."""
+    manifest = random_shards(scratch, windows=shapes.windows // 4)
+    config = shapes.gpt2.model_copy(update={"vocab_size": 8192, "block_size": max(256, shapes.gpt2.block_size)})
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    byte_lengths = torch.ones(config.vocab_size, dtype=torch.long)
+    loader = WindowLoader(manifest, "train", 16, shuffle=False)
+    batches = list(islice(loader, loader.num_windows // 16))  # one epoch (the loader never ends)
+    score_batches(model, batches[:2], byte_lengths, device)  # warm-up
+    started = time.perf_counter()
+    totals = score_batches(model, batches, byte_lengths, device)  # bf16 matmuls where the GPU has them
+    return {"tokens_per_s": totals.tokens / (time.perf_counter() - started), "bf16": has_bf16(device)}
+
+
+PHASES = {
+    "env": phase_env,
+    "train": phase_train,
+    "plain": phase_plain,
+    "sparse": phase_sparse,
+    "generate": phase_generate,
+    "loader": phase_loader,
+    "evaluate": phase_evaluate,
+}
+
+
+def run_phase(name: str, device: str, smoke: bool) -> None:
+    """In the child process: run one phase and print its result as the last line of stdout."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    with tempfile.TemporaryDirectory() as scratch:
+        shapes, where = Shapes(smoke), torch.device(device)
+        if name in SPEED_CHOICES_OFF:
+            compile = False if name == "no_compile" else None
+            result = phase_train(shapes, where, Path(scratch), SPEED_CHOICES_OFF[name], compile)
+        else:
+            result = PHASES[name](shapes, where, Path(scratch))
+    print(json.dumps(result))
+
+
+def criteria(results: dict[str, dict[str, Any]], smoke: bool) -> list[tuple[str, bool | None]]:
+    """(criterion, held) for each pass criterion; None where its phase has no figure, and for the
+    speed targets at --smoke's micro shapes, where they mean nothing."""
+
+    def get(phase: str, key: str) -> Any:
+        return results.get(phase, {}).get(key)
+
+    mfu, engine, plain = get("train", "mfu"), get("train", "tokens_per_s"), get("plain", "tokens_per_s")
+    breaks, graphs, diff = (
+        get("sparse", "graph_breaks"),
+        get("sparse", "unique_graphs"),
+        get("sparse", "flex_vs_sdpa_max_abs_diff"),
+    )
+    return [
+        ("gpt2-small MFU >= 40% of the bf16 peak", None if mfu is None or smoke else mfu >= 0.40),
+        (
+            "engine >= 1.0x the plain compiled bf16 step",
+            None if engine is None or plain is None or smoke else engine >= plain,
+        ),
+        ("gpt3-small sparse: no graph breaks", None if breaks is None else breaks == 0),
+        ("gpt3-small sparse: no recompiles (at most 1 graph)", None if graphs is None else graphs <= 1),
+        ("flex attention logits = masked SDPA's (max abs diff < 2e-2)", None if diff is None else diff < 2e-2),
+        ("cached greedy tokens = uncached", get("generate", "cached_equals_uncached")),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="micro shapes, a few steps: checks that every phase runs")
+    parser.add_argument("--out", type=Path, default=Path("bench-gpu.jsonl"), help="JSON lines, appended per phase")
+    parser.add_argument("--budget", type=float, default=420, help="seconds for all phases together")
+    parser.add_argument("--phases", nargs="+", default=list(BUDGET_SHARES), choices=list(BUDGET_SHARES))
+    parser.add_argument("--phase", choices=list(BUDGET_SHARES), help=argparse.SUPPRESS)  # internal: the child process
+    args = parser.parse_args()
+    if args.phase:
+        run_phase(args.phase, args.device, args.smoke)
+        return
+
+    results: dict[str, dict[str, Any]] = {}
+    for name in args.phases:
+        budget = BUDGET_SHARES[name] * args.budget
+        command = [sys.executable, __file__, "--phase", name, "--device", args.device] + ["--smoke"] * args.smoke
+        started = time.perf_counter()
+        record: dict[str, Any] = {"phase": name, "budget_s": round(budget)}
+        try:
+            child = subprocess.run(command, capture_output=True, text=True, timeout=budget, check=False)
+            if child.returncode == 0:
+                record |= {"ok": True, **json.loads(child.stdout.strip().splitlines()[-1])}
+            else:
+                record |= {"ok": False, "error": (child.stderr.strip().splitlines() or ["no output"])[-1]}
+        except subprocess.TimeoutExpired:
+            record |= {"ok": False, "error": f"timed out after {budget:.0f} s"}
+        record["seconds"] = round(time.perf_counter() - started, 1)
+        results[name] = record
+        with args.out.open("a") as out:
+            out.write(json.dumps(record) + "\n")
+        print(
+            f"{name}: "
+            + ", ".join(
+                f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                for key, value in record.items()
+                if key != "phase"
+            ),
+            flush=True,
+        )
+
+    print("pass criteria:")
+    for criterion, held in criteria(results, args.smoke):
+        print(f"  {'PASS' if held else 'n/a ' if held is None else 'FAIL'}  {criterion}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Tiny GPTs for the model, evaluation and fine-tuning tests, their checkpoints, and what a
+checkpoint must answer when greedy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from tokenizers import Tokenizer
+
+from model.checkpoint import load_model, save_checkpoint
+from model.config import GPTConfig
+from model.generate import generate
+from model.gpt import GPT
+from model.special_tokens import EOS_ID
+
+Module = TypeVar("Module", bound=torch.nn.Module)
+
+
+@torch.no_grad()
+def perturbed(model: Module) -> Module:
+    """Noise on every parameter. GPT-2's initialisation leaves LayerNorm weights at 1 and every
+    bias at 0, where a misplaced LayerNorm or a dropped bias would still match a reference."""
+    for p in model.parameters():
+        p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tiny_gpt(vocab_size: int, block_size: int = 16, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32))
+
+
+def save_base_checkpoint(model: GPT, directory: Path) -> Path:
+    """The model as the pretraining stage would leave it: `checkpoints/step-N/`."""
+    return save_checkpoint(directory / "checkpoints", 1, model, state={}, keep=1)
+
+
+def greedy_completions(checkpoint: Path, tokenizer: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy completions of `prompts` by the checkpoint's weights, each prompt starting a
+    document (after <|endoftext|>, as in training): what the registered model must answer
+    at temperature 0."""
+    tok = Tokenizer.from_file(str(tokenizer))
+    ids = [[EOS_ID, *tok.encode(prompt, add_special_tokens=False).ids] for prompt in prompts]
+    completions = generate(load_model(checkpoint), ids, max_new_tokens, temperature=0.0, eos_id=EOS_ID)
+    return [tok.decode(tokens, skip_special_tokens=True) for tokens in completions]

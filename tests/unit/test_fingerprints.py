@@ -1,0 +1,84 @@
+"""Stage fingerprints and the shard manifest's bytes, pinned as recorded from the code.
+
+A stage directory is named by its fingerprint, so a refactoring that changes one silently
+orphans every existing workspace; a changed manifest byte breaks the stages that verify it.
+The values below were recorded once; a change to what a stage computes bumps that stage's
+FORMAT_VERSION and updates them here, on purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from model.config import ModelConfig
+from tasks.bpe import BPEConfig, run_bpe
+from tasks.evaluate import EvaluateConfig, evaluate_fingerprint, evaluate_inputs
+from tasks.finetune import FinetuneConfig, finetune_fingerprint, finetune_inputs
+from tasks.ingest import IngestConfig, run_ingest
+from tasks.pretrain import PretrainConfig, pretrain_fingerprint
+from tasks.shard import ShardConfig, run_shard
+
+FILE_TIME_NS = 1_700_000_000_000_000_000  # every source file's mtime: the ingest fingerprint reads it
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+def write_micro_source(root) -> None:
+    """24 small deterministic documents under `root/src`, all with the same file times."""
+    (root / "src").mkdir()
+    for i in range(24):
+        lines = [f"def f{i}_{j}(x):\n    return x + {i * j}  # {WORDS[(i + j) % len(WORDS)]}\n" for j in range(12)]
+        path = root / "src" / f"doc{i:02d}.py"
+        path.write_text("".join(lines))
+        os.utime(path, ns=(FILE_TIME_NS, FILE_TIME_NS))
+
+
+def manifest_sha256(stage_dir) -> str:
+    return hashlib.sha256((stage_dir / "manifest.json").read_bytes()).hexdigest()
+
+
+def test_data_stage_fingerprints_and_manifest_bytes_are_unchanged(tmp_path, monkeypatch):
+    write_micro_source(tmp_path)
+    monkeypatch.chdir(tmp_path)  # a relative source: the config (and so the fingerprint) names no tmp path
+    corpus = run_ingest(IngestConfig(source="src", val_fraction=0.3), "workspace")
+    tokenizer = run_bpe(BPEConfig(vocab_size=300, min_frequency=2), corpus, "workspace")
+    shards = run_shard(ShardConfig(seq_len=16, shard_bytes=16384), corpus, tokenizer, "workspace")
+    pretrain = pretrain_fingerprint(
+        PretrainConfig(max_steps=10), ModelConfig(preset="tiny", n_layer=1), shards.fingerprint
+    )
+
+    # Ingest format 2 (filters, near-dedup, unreadable files) and bpe format 2 (the pre-token bound in
+    # tokenizer.json) changed every data fingerprint; the corpus, merges and shard files stayed byte for byte.
+    assert (corpus.fingerprint, tokenizer.fingerprint, shards.fingerprint, pretrain) == (
+        "846a4ff83c158fc4",
+        "f1585d6e9efcde92",
+        "7e8d01fc02634ca3",
+        "9eadadcfc2d5cca5",  # pretrain FORMAT_VERSION 3: padded head, chunked loss
+    )
+    manifests = {stage.path.parent.name: manifest_sha256(stage.path) for stage in (corpus, tokenizer, shards)}
+    assert manifests == {
+        "ingest": "77e5bb5f494ff6ee449f48283815af923a4463ec4fa23ba49aea71b4aacd305f",
+        "bpe": "00639f984c6c221d529d506e425b45e3de5d6415a92c3910a35a18890a6fb8d7",
+        "shard": "2f1d95e610e9ba1892dfa1bba069ba1bd1b166dc583b40d3a9b3bdeb4735a1f8",
+    }
+
+
+def test_a_run_only_setting_leaves_the_pretrain_fingerprint_alone():
+    config = PretrainConfig(max_steps=10)
+    run_differently = config.model_copy(
+        update={"resume": False, "nproc_per_node": 2, "checkpoint_every": 5, "checkpoint_minutes": 1}
+    )
+    assert pretrain_fingerprint(run_differently, ModelConfig(), "0" * 16) == pretrain_fingerprint(
+        config, ModelConfig(), "0" * 16
+    )
+
+
+def test_evaluate_and_finetune_fingerprints_of_fixed_inputs_are_unchanged():
+    evaluate = evaluate_fingerprint(EvaluateConfig(), evaluate_inputs("a" * 64, "b" * 64, "c" * 16, "d" * 64))
+    finetune = finetune_fingerprint(FinetuneConfig(), finetune_inputs("a" * 64, "b" * 64, "e" * 64), block_size=64)
+    finetune_file = finetune_fingerprint(
+        FinetuneConfig(task=None, path="pairs.jsonl", eval_every=5, start_from="models:/m@champion"),
+        finetune_inputs("a" * 64, "b" * 64, "e" * 64),
+        block_size=64,
+    )
+    assert (evaluate, finetune, finetune_file) == ("ee6d4ac34171b744", "f79cd53939597c73", "55ad3e02766494e7")
