@@ -1,4 +1,5 @@
-"""How far a training or evaluation stage is, shown where its watchers look.
+"""How far a training or evaluation stage is, shown where its watchers look (the data stages
+count documents, bytes and tokens instead: tasks/core/progress.py).
 
 A `StageProgress` shows one stage's steps three ways at once:
 - in a terminal, a rich progress bar with the step, the latest figures and the time left;
