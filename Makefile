@@ -27,9 +27,9 @@ postgresql:
 
 # tests/integration/test_servers.py checks both UIs in headless Chromium: Debian's package, installed when missing.
 chromium:
-	@command -v chromium >/dev/null || { \
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
-		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+		$$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
 
 test: $(STAMP) postgresql chromium
 	$(BIN)/pytest --timeout=900 --durations=25 tests

@@ -178,6 +178,28 @@ def serve(
 
 
 @app.command()
+def runs(
+    config: Annotated[Path | None, typer.Argument(help="YAML config: its name is the MLflow experiment")] = None,
+    compare: Annotated[
+        tuple[str, str] | None, typer.Option(help="Two runs (name or id) side by side: differing settings, figures")
+    ] = None,
+    experiment: Annotated[str | None, typer.Option(help="The MLflow experiment, instead of a config's name")] = None,
+) -> None:
+    """List the pipeline runs: start, status, the settings that differ, headline figures, version and aliases."""
+    from rich.console import Console
+
+    from flows.config import load_config
+    from tasks.tracking.compare import compare_table, runs_table
+
+    if (config is None) == (experiment is None):
+        raise UserError("gptflow runs: give a CONFIG or --experiment NAME (one of them)")
+    name = experiment or load_config(config).name
+    # Off a terminal (a pipe, a file) rich would fit the table into 80 columns; a wide table reads better.
+    console = Console() if sys.stdout.isatty() else Console(width=250)
+    console.print(compare_table(name, *compare) if compare else runs_table(name))
+
+
+@app.command()
 def status(
     workspace: Annotated[str, typer.Argument(help="The workspace: a directory or s3://bucket/prefix.")] = "workspace",
 ) -> None:

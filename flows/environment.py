@@ -25,6 +25,9 @@ DEFAULTS = {
     # Concurrency leases in files under PREFECT_HOME, not in the granting server's memory, so
     # a killed run's lease outlives the embedded server and can be reclaimed (flows/leases.py).
     "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
+    # Training steps logged asynchronously (tasks/tracking/runs.py's MetricsLogger) are merged
+    # into one request per this many seconds, rather than one request per step.
+    "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "2",
 }
 
 

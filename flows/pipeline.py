@@ -31,7 +31,6 @@ from tasks.evaluate import EvaluateOutput, evaluate_task
 from tasks.finetune import finetune_task
 from tasks.pretrain import pretrain_task
 from tasks.register import EvalData, RegisterOutput, register_task
-from tasks.tracking.loss_curves import loss_curves_task
 from tasks.tracking.stage_run import artifact_key
 
 
@@ -112,7 +111,6 @@ def pipeline(
             evaluations["finetuned"] = evaluate("finetuned", finetuned.checkpoint)
             final_checkpoint = finetuned.checkpoint
 
-        loss_curves_task(run_id)
         final = evaluations["finetuned" if config.finetune is not None else "pretrained"]
         lineage = {
             "data_fingerprint": corpus.fingerprint,

@@ -67,6 +67,11 @@ def checkpoint_dirs(checkpoints: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The training step a `step-N` checkpoint directory holds."""
+    return int(_STEP_DIR.fullmatch(checkpoint.name).group(1))
+
+
 def latest_checkpoint(checkpoints: Path) -> Path | None:
     dirs = checkpoint_dirs(checkpoints)
     return dirs[-1] if dirs else None

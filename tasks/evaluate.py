@@ -12,10 +12,12 @@ Figures (names as logged to MLflow):
     eval_tokens_per_s
         scoring throughput on the val shards
 
-Samples: each configured prompt continued by the model, written to `samples.md`.
+Samples: each configured prompt continued by the model, written to `samples.md` (to read)
+and `samples.json` (prompt and completion columns: MLflow's table of the run, which lines
+up the samples of several runs).
 
 Output directory `<workspace>/evaluate/<fingerprint>/`: `metrics.json`, `samples.md` and
-`manifest.json` (written last). The fingerprint covers the settings that change the
+`samples.json` and `manifest.json` (written last). The fingerprint covers the settings that change the
 figures and the identity of the weights, tokenizer, shards and corpus; not the batch size
 or device. On a GPU the model scores in bf16 autocast with fp32 logits and loss sums
 (`model.device`), so its figures stay comparable with a CPU evaluation's.
@@ -23,6 +25,8 @@ or device. On a GPU the model scores in bf16 autocast with fp32 logits and loss 
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 from tokenizers import Tokenizer
@@ -45,11 +49,13 @@ from model.special_tokens import EOS_ID
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.model_source import load_model_source
 from tasks.core.stage_state import finished
+from tasks.core.train_progress import StageProgress
 from tasks.core.workspace import MANIFEST, StageDir, fingerprint, sha256_file, write_json_atomic
 from tasks.ingest import read_corpus
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: samples.json, the samples as a table (logged with mlflow.log_table)
+SAMPLES_TABLE = "samples.json"  # {"prompt": [...], "completion": [...]}
 HEADLINE = ("val_loss", "val_perplexity", "val_bits_per_byte", "doc_perplexity", "doc_bits_per_byte")
 
 
@@ -145,9 +151,11 @@ def samples_markdown(samples: list[tuple[str, str]]) -> str:
     return "".join(f"### `{prompt}`\n\n```\n{prompt}{completion}\n```\n\n" for prompt, completion in samples)
 
 
-def shard_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path) -> dict[str, float]:
+def shard_figures(
+    model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path, progress: StageProgress | None = None
+) -> dict[str, float]:
     """val_* figures over the val shards' windows (at most `max_windows`, evenly spaced),
-    and the scoring throughput."""
+    and the scoring throughput; `progress` counts the batches."""
     windows, manifest = shard_windows(shards)
     windows = evenly_spaced(windows, config.max_windows)
     if manifest.seq_len > model.config.block_size:
@@ -158,7 +166,10 @@ def shard_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shar
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     device = next(model.parameters()).device
     started = time.perf_counter()
-    val = score_batches(model, window_batches(windows, config.batch_size), byte_lengths, device)
+    batches = window_batches(windows, config.batch_size)
+    if progress is not None:
+        batches = progress.track(batches, total=math.ceil(len(windows) / config.batch_size))
+    val = score_batches(model, batches, byte_lengths, device)
     return {**val.figures("val"), "eval_tokens_per_s": val.tokens / (time.perf_counter() - started)}
 
 
@@ -183,13 +194,18 @@ def document_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, c
 
 
 def evaluate_model(
-    model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path, corpus: Path
+    model: GPT,
+    tokenizer: Tokenizer,
+    config: EvaluateConfig,
+    shards: Path,
+    corpus: Path,
+    progress: StageProgress | None = None,
 ) -> dict[str, float]:
-    """Every figure of the stage, for a loaded model."""
+    """Every figure of the stage, for a loaded model; `progress` follows the val shards' batches."""
     documents = document_figures(
         model, tokenizer, config, corpus
     )  # first: a stride the model cannot take fails at once
-    return {**shard_figures(model, tokenizer, config, shards), **documents}
+    return {**shard_figures(model, tokenizer, config, shards, progress), **documents}
 
 
 def evaluate_inputs(
@@ -211,8 +227,10 @@ def run_evaluate(
     corpus: Path,
     workspace: Path,
     device: str = "auto",
+    progress: StageProgress | None = None,
 ) -> EvaluateOutput:
-    """Evaluate `model` (a checkpoint directory or `models:/...` URI) and sample from it.
+    """Evaluate `model` (a checkpoint directory or `models:/...` URI) and sample from it;
+    `progress` shows how far the scoring of the val shards is.
 
     `tokenizer` is the pipeline's tokenizer.json, `shards` the shard stage directory,
     `corpus` the corpus Parquet file, `device` the pipeline's `device` setting. A completed
@@ -229,10 +247,14 @@ def run_evaluate(
 
     def build(directory: Path) -> dict:
         tok = load_tokenizer(tokenizer)
-        metrics = evaluate_model(loaded.model, tok, config, shards, corpus)
-        (directory / "samples.md").write_text(samples_markdown(sample_prompts(loaded.model, tok, config)))
+        metrics = evaluate_model(loaded.model, tok, config, shards, corpus, progress)
+        samples = sample_prompts(loaded.model, tok, config)
+        (directory / "samples.md").write_text(samples_markdown(samples))
+        table = {"prompt": [prompt for prompt, _ in samples], "completion": [completion for _, completion in samples]}
+        write_json_atomic(directory / SAMPLES_TABLE, table)
         write_json_atomic(directory / "metrics.json", metrics)
-        files = [{"path": name, "sha256": sha256_file(directory / name)} for name in ("metrics.json", "samples.md")]
+        names = ("metrics.json", "samples.md", SAMPLES_TABLE)
+        files = [{"path": name, "sha256": sha256_file(directory / name)} for name in names]
         return {
             "format": FORMAT_VERSION,
             "fingerprint": stage.fingerprint,
@@ -267,11 +289,14 @@ def evaluate_task(
     """`run_evaluate` in a nested MLflow run named `run_name`; the headline figures also go
     on the parent run, named with `parent_prefix` (e.g. "finetuned_" for a second evaluation)."""
     with stage_run(parent_run_id, run_name, {"evaluate": config.model_dump(), "model": str(model)}) as stage:
-        output = run_evaluate(config, model, tokenizer, shards, corpus, workspace, device)
+        # The total is set once the val windows are counted.
+        with StageProgress(f"{run_name}-progress", f"{run_name} batch", 0, get_run_logger().info) as progress:
+            output = run_evaluate(config, model, tokenizer, shards, corpus, workspace, device, progress)
         stage.finish(
             output.metrics,
             parent_metrics={parent_prefix + name: output.metrics[name] for name in HEADLINE},
             artifacts={output.samples: "evaluate", output.path / "metrics.json": "evaluate"},
+            tables={SAMPLES_TABLE: json.loads((output.path / SAMPLES_TABLE).read_text())},
             report=Report(
                 run_name,
                 metrics_markdown(f"Evaluation of {model}", output.metrics)

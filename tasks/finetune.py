@@ -31,11 +31,12 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from tokenizers import Tokenizer
 
+from model.checkpoint import checkpoint_dirs
 from model.config import RUN_ONLY
 from model.device import resolve_device
 from model.errors import UserError
@@ -52,9 +53,11 @@ from tasks.core.checkpoint_mirror import mirrored_checkpoints
 from tasks.core.model_source import load_model_source
 from tasks.core.retry import log_attempt
 from tasks.core.stage_state import finished
+from tasks.core.train_progress import training_progress
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, sha256_file
 from tasks.finetune_pairs import Pair, PairSet, docstring_pairs, file_pairs
+from tasks.tracking.loss_curves import live_loss_curves
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
 
 FORMAT_VERSION = 2  # 2: checkpoints' optimizer state keyed by parameter name (model.parallel.full_state)
@@ -340,10 +343,21 @@ def finetune_task(
 ) -> FinetuneOutput:
     """`run_finetune` in a nested MLflow run: step metrics live, figures at the end."""
     params = {"finetune": config.model_dump(mode="json"), "base_model": str(base_model)}
-    with stage_run(parent_run_id, "finetune", params) as stage:
+    with stage_run(parent_run_id, "finetune", params, system_metrics=True) as stage:
         log_attempt(stage.run_id)
-        with tracking.MetricsLogger(stage.run_id) as logger:
-            output = run_finetune(config, base_model, tokenizer, corpus, workspace, callback=logger)
+        with (
+            live_loss_curves(stage, "finetune"),
+            tracking.MetricsLogger(stage.run_id) as metrics_logger,
+            training_progress("finetune", config.max_steps, get_run_logger().info) as progress,
+        ):
+
+            def on_step(step: int, metrics: Mapping[str, float]) -> None:
+                metrics_logger(step, metrics)
+                progress.update(step, metrics)
+
+            output = run_finetune(config, base_model, tokenizer, corpus, workspace, callback=on_step)
+        if not output.reused:  # the checkpoints this run wrote and kept
+            tracking.log_checkpoints(stage.run_id, "finetune", checkpoint_dirs(output.checkpoint.parent))
         if output.runtime is not None:
             tracking.log_params(stage.run_id, {"runtime": output.runtime.model_dump()})
         stage.finish(

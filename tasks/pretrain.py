@@ -51,7 +51,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, NonNegativeInt, PositiveInt
 
-from model.checkpoint import CONFIG, WEIGHTS, consolidate
+from model.checkpoint import CONFIG, WEIGHTS, checkpoint_dirs, consolidate
 from model.config import RUN_ONLY, ModelConfig
 from model.data import ShardManifest, WindowLoader
 from model.errors import UserError
@@ -60,13 +60,18 @@ from tasks import tracking
 from tasks.core.checkpoint_mirror import mirrored_checkpoints
 from tasks.core.retry import RankFailure, log_attempt
 from tasks.core.stage_state import finished
+from tasks.core.train_progress import ProgressFileReader, training_progress
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, write_json_atomic
 from tasks.shard import ShardOutput
+from tasks.tracking.loss_curves import live_loss_curves
 from tasks.tracking.stage_run import Report, stage_run
 
 FORMAT_VERSION = 3  # 2: optimizer state keyed by parameter name; 3: padded head, chunked loss (new numerics)
 RUN_ID_ENV = "GPTFLOW_PRETRAIN_RUN_ID"  # the MLflow run the torchrun ranks log to
+PROGRESS_FILE_ENV = "GPTFLOW_PROGRESS_FILE"  # where rank 0 writes its latest step for the task's process
+PROGRESS_FILE = "progress.json"
+PROGRESS_POLL_SECONDS = 1.0
 RDZV_ENDPOINT_ENV, RDZV_ID_ENV = "GPTFLOW_RDZV_ENDPOINT", "GPTFLOW_RDZV_ID"
 DEFAULT_RDZV_PORT = 29500  # torchrun's MASTER_PORT default
 NODE_SCRIPT = "node.sh"  # the launch the other nodes run
@@ -126,11 +131,13 @@ def run_pretrain(
     workspace: Path,
     run_id: str | None = None,
     callback: Callable[[int, Mapping[str, float]], None] | None = None,
+    progress: Callable[[int, Mapping[str, float]], None] | None = None,
 ) -> PretrainOutput:
     """Pretrain on `shards`, or reuse the committed result; an unfinished run resumes.
 
     In process, `callback(step, metrics)` gets the step metrics; under torchrun, rank 0
-    logs them to the MLflow run `run_id` instead.
+    logs them to the MLflow run `run_id` instead, and `progress(step, metrics)` gets its
+    latest step about every second (to show how far training is).
     """
     stage = StageDir(workspace, "pretrain", pretrain_fingerprint(config, model, shards.fingerprint))
 
@@ -151,7 +158,7 @@ def run_pretrain(
                 launch = torchrun_args(config, stage.path / "spec.json", stage.fingerprint)
                 if config.nnodes > 1:
                     write_node_script(stage.path / NODE_SCRIPT, launch, run_id)
-                result = run_torchrun(launch, stage.path / "result.json", run_id)
+                result = run_torchrun(launch, stage.path / "result.json", run_id, progress)
         if config.checkpoint_format == "dcp":  # evaluation and the registry read the weights in one process
             consolidate(result.checkpoint)
         metrics = {
@@ -194,14 +201,19 @@ def torchrun_args(config: PretrainConfig, spec: Path, fingerprint: str) -> list[
     return [*rendezvous, f"--nproc_per_node={config.nproc_per_node}", "-m", "tasks.pretrain_worker", str(spec)]
 
 
-def launch_env(run_id: str | None) -> dict[str, str]:
-    """What the ranks need besides the spec: where to log, and to which run."""
-    return {"MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri(), **({RUN_ID_ENV: run_id} if run_id else {})}
+def launch_env(run_id: str | None, progress_file: Path | None = None) -> dict[str, str]:
+    """What the ranks need besides the spec: where to log, to which run, and where rank 0
+    reports its progress."""
+    return {
+        "MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri(),
+        **({RUN_ID_ENV: run_id} if run_id else {}),
+        **({PROGRESS_FILE_ENV: str(progress_file)} if progress_file else {}),
+    }
 
 
 def write_node_script(path: Path, launch: list[str], run_id: str | None) -> None:
     """The launch for the other nodes: global rank 0, which logs to MLflow, may be on any of them."""
-    env = launch_env(run_id)
+    env = launch_env(run_id, path.with_name(PROGRESS_FILE))  # read when rank 0 runs here, or the workspace is shared
     values = {name: shlex.quote(value) for name, value in env.items()}
     if urlsplit(env["MLFLOW_TRACKING_URI"]).password:  # no secret is written to the workspace
         values["MLFLOW_TRACKING_URI"] = '"${MLFLOW_TRACKING_URI:?set it as on the first node}"'
@@ -218,13 +230,30 @@ def write_node_script(path: Path, launch: list[str], run_id: str | None) -> None
     )
 
 
-def run_torchrun(launch: list[str], result_file: Path, run_id: str | None) -> TrainResult:
-    """Run torchrun with `launch` on this machine; on a cancel, stop its ranks and wait for their checkpoint."""
+def run_torchrun(
+    launch: list[str],
+    result_file: Path,
+    run_id: str | None,
+    progress: Callable[[int, Mapping[str, float]], None] | None = None,
+) -> TrainResult:
+    """Run torchrun with `launch` on this machine, handing rank 0's progress to `progress`
+    while it runs; on a cancel, stop its ranks and wait for their checkpoint."""
     result_file.unlink(missing_ok=True)
+    progress_file = result_file.with_name(PROGRESS_FILE)
+    progress_file.unlink(missing_ok=True)  # a resumed run's old steps are not this launch's
+    reader = ProgressFileReader(progress_file, progress or (lambda step, metrics: None))
     command = [sys.executable, "-m", "torch.distributed.run", *launch, "--result", str(result_file)]
-    launcher = subprocess.Popen(command, env={**os.environ, **launch_env(run_id)}, start_new_session=True)
+    launcher = subprocess.Popen(
+        command, env={**os.environ, **launch_env(run_id, progress_file)}, start_new_session=True
+    )
     try:
-        exit_code = launcher.wait()
+        while True:
+            try:
+                exit_code = launcher.wait(timeout=PROGRESS_POLL_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                reader.poll()
+        reader.poll()
     except BaseException:  # Ctrl-C, or Prefect cancelling the flow run
         os.killpg(launcher.pid, signal.SIGTERM)
         try:
@@ -253,22 +282,25 @@ def pretrain_task(
     """`run_pretrain` in a nested MLflow run: params, live step metrics, final figures, the checkpoint."""
     logger = get_run_logger()
     params = {"pretrain": config.model_dump(mode="json"), "model": model.model_dump(mode="json")}
-    with stage_run(parent_run_id, "pretrain", params) as stage:
+    with stage_run(parent_run_id, "pretrain", params, system_metrics=True) as stage:
         log_attempt(stage.run_id)
         tracking.log_dataset(stage.run_id, "shards", shards.fingerprint, shards.path, "pretrain")
-        with tracking.MetricsLogger(stage.run_id) as metrics_logger:
+        curves_on_pipeline_run = {"loss": "pretrain_loss", "val_loss": "pretrain_val_loss"}
+        with (
+            live_loss_curves(stage, "pretrain", curves_on_pipeline_run),
+            tracking.MetricsLogger(stage.run_id) as metrics_logger,
+            training_progress("pretrain", config.max_steps, logger.info) as progress,
+        ):
 
             def on_step(step: int, metrics: Mapping[str, float]) -> None:
                 metrics_logger(step, metrics)
-                if step % 10 == 0 or step == config.max_steps or "val_loss" in metrics:
-                    logger.info(
-                        "step %d/%d: %s",
-                        step,
-                        config.max_steps,
-                        " ".join(f"{key} {value:.4g}" for key, value in metrics.items()),
-                    )
+                progress.update(step, metrics)
 
-            output = run_pretrain(config, model, shards, workspace, run_id=stage.run_id, callback=on_step)
+            output = run_pretrain(
+                config, model, shards, workspace, run_id=stage.run_id, callback=on_step, progress=progress.update
+            )
+        if not output.reused:  # the checkpoints this run wrote and kept
+            tracking.log_checkpoints(stage.run_id, "pretrain", checkpoint_dirs(output.checkpoint.parent))
         if output.runtime is not None:
             logger.info("pretrain: %s", output.runtime.describe())
             tracking.log_params(stage.run_id, {"runtime": output.runtime.model_dump()})

@@ -209,7 +209,9 @@ def run_register(
     if existing := tracking.find_version(name, WEIGHTS_TAG, weights_sha):
         return reuse_version(name, str(existing.version), candidate_value, run_id)
     eval_fingerprint = eval_data.fingerprint()
-    logged_uri = tracking.log_text_generator(run_id, checkpoint / WEIGHTS, checkpoint / CONFIG, tokenizer)
+    logged_uri = tracking.log_text_generator(
+        run_id, checkpoint / WEIGHTS, checkpoint / CONFIG, tokenizer, metrics=metrics
+    )
     version = tracking.register_version(
         logged_uri,
         name,

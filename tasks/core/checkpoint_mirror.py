@@ -12,16 +12,15 @@ the newest local one, so a stage interrupted on one machine resumes on another.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from model.checkpoint import checkpoint_dirs, latest_checkpoint
 from model.errors import UserError
+from tasks.core.periodic import repeating
 from tasks.core.storage import RemoteStore
 from tasks.core.workspace import StageDir
 
@@ -107,22 +106,12 @@ def mirrored_checkpoints(stage: StageDir, resume: bool = True) -> Iterator[None]
         pull_newest(stage)
     else:
         stage.remote.delete(CHECKPOINTS)
-    mirror, stopped = Mirror(stage), threading.Event()
-
-    def keep_syncing() -> None:
-        while not stopped.wait(SYNC_SECONDS):
-            try:
-                mirror.sync()
-            except UserError as e:  # the bucket briefly away: training goes on, the next pass retries
-                logging.getLogger(__name__).warning("checkpoint mirror: %s", e)
-
-    thread = threading.Thread(target=keep_syncing, name="checkpoint-mirror", daemon=True)
-    thread.start()
+    mirror = Mirror(stage)
     try:
-        yield
+        # UserError: the bucket briefly away; training goes on and the next pass retries.
+        with repeating(mirror.sync, SYNC_SECONDS, "checkpoint mirror", forgiven=UserError):
+            yield
     finally:
-        stopped.set()
-        thread.join()
         mirror.sync()
 
 

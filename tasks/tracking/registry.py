@@ -9,7 +9,6 @@ running its code (`load_registered_model`).
 from __future__ import annotations
 
 import tempfile
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,21 +17,31 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, ErrorCode
 
-from model.checkpoint import load_model
+from model.checkpoint import checkpoint_step, load_model
 from model.errors import UserError
 from model.gpt import GPT
 from tasks.tracking.pyfunc import CONFIG_ARTIFACT, PARAM_DEFAULTS, TOKENIZER_ARTIFACT, WEIGHTS_ARTIFACT
-from tasks.tracking.runs import client, resolve_tracking_uri
+from tasks.tracking.runs import client, log_metrics, resolve_tracking_uri
 
 PYFUNC_MODEL_CODE = Path(__file__).with_name("pyfunc.py")
 MODEL_PACKAGE = Path(__file__).parents[2] / "model"
 # What the pyfunc needs at load time, pinned to this environment's versions: `mlflow models
 # serve` and `load_model` read them; inferring them instead costs seconds per log.
 PYFUNC_REQUIREMENTS = ("torch", "tokenizers", "safetensors", "pydantic", "numpy")
+# A prompt and a short, seeded sampling: what a caller of the served model sends.
+INPUT_EXAMPLE = (["def f(x):"], {"max_new_tokens": 8, "seed": 0})
 
 
-def log_text_generator(run_id: str, weights: Path, model_config: Path, tokenizer: Path, name: str = "model") -> str:
-    """Log the pyfunc text generator (`tasks/tracking/pyfunc.py`) with its three artifacts.
+def log_text_generator(
+    run_id: str,
+    weights: Path,
+    model_config: Path,
+    tokenizer: Path,
+    name: str = "model",
+    metrics: Mapping[str, float] | None = None,
+) -> str:
+    """Log the pyfunc text generator (`tasks/tracking/pyfunc.py`) with its three artifacts,
+    and link `metrics` (its evaluation) to the logged model.
 
     The `model/` package is bundled as code, so the logged model loads with nothing of this
     project installed. Returns the model URI (`models:/m-...`) to register.
@@ -53,27 +62,46 @@ def log_text_generator(run_id: str, weights: Path, model_config: Path, tokenizer
     # Created explicitly so the model lives in the run's experiment (MLflow would otherwise
     # file it under the process's active experiment, the Default one).
     logged = mlflow_client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id)
-    with warnings.catch_warnings():
-        # MLflow asks for an input example to check the signature by running the model;
-        # the signature is declared here, and loading the model just to log it is slow.
-        warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
-        info = Model.log(
-            artifact_path=None,
-            name=name,
-            flavor=mlflow.pyfunc,
-            run_id=run_id,
-            model_id=logged.model_id,
-            python_model=str(PYFUNC_MODEL_CODE),
-            artifacts={
-                WEIGHTS_ARTIFACT: str(weights),
-                CONFIG_ARTIFACT: str(model_config),
-                TOKENIZER_ARTIFACT: str(tokenizer),
-            },
-            code_paths=[str(MODEL_PACKAGE)],
-            signature=signature,
-            pip_requirements=[f"{package}=={version(package)}" for package in PYFUNC_REQUIREMENTS],
-        )
+    info = Model.log(
+        artifact_path=None,
+        name=name,
+        flavor=mlflow.pyfunc,
+        run_id=run_id,
+        model_id=logged.model_id,
+        python_model=str(PYFUNC_MODEL_CODE),
+        artifacts={
+            WEIGHTS_ARTIFACT: str(weights),
+            CONFIG_ARTIFACT: str(model_config),
+            TOKENIZER_ARTIFACT: str(tokenizer),
+        },
+        code_paths=[str(MODEL_PACKAGE)],
+        signature=signature,
+        # Shown in the UI and by `mlflow models serve`; MLflow runs the model on it once to check the signature.
+        input_example=INPUT_EXAMPLE,
+        pip_requirements=[f"{package}=={version(package)}" for package in PYFUNC_REQUIREMENTS],
+    )
+    if metrics:
+        log_metrics(run_id, metrics, model_id=logged.model_id)
     return info.model_uri
+
+
+def log_checkpoints(run_id: str, stage: str, checkpoints: list[Path]) -> list[str]:
+    """Each `step-N` checkpoint as an external logged model of `run_id`, named `<stage>-step-N`:
+    MLflow records its step and path, the files stay where they are (no upload). The models
+    view then lists a training stage's checkpoints beside its registered models. Returns
+    their model ids."""
+    experiment = client().get_run(run_id).info.experiment_id
+    models = [
+        mlflow.create_external_model(
+            name=f"{stage}-step-{checkpoint_step(checkpoint)}",
+            source_run_id=run_id,
+            params={"step": str(checkpoint_step(checkpoint)), "path": str(checkpoint)},
+            model_type="checkpoint",
+            experiment_id=experiment,
+        )
+        for checkpoint in checkpoints
+    ]
+    return [model.model_id for model in models]
 
 
 def register_version(model_uri: str, name: str, tags: Mapping[str, str]) -> str:
@@ -103,11 +131,26 @@ def version_for_alias(name: str, alias: str) -> mlflow.entities.model_registry.M
         raise
 
 
+def version_aliases(name: str) -> dict[str, list[str]]:
+    """Version number -> the aliases pointing at it, of registered model `name` ({} when it does not exist)."""
+    try:
+        model = client().get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code in (ErrorCode.Name(RESOURCE_DOES_NOT_EXIST), ErrorCode.Name(INVALID_PARAMETER_VALUE)):
+            return {}
+        raise
+    aliases: dict[str, list[str]] = {}
+    for alias, version in sorted(model.aliases.items()):
+        aliases.setdefault(str(version), []).append(alias)
+    return aliases
+
+
 def find_version(name: str, tag: str, value: str) -> mlflow.entities.model_registry.ModelVersion | None:
-    """The newest version of `name` whose tag `tag` equals `value`, if any."""
-    versions = client().search_model_versions(f"name = '{name}'")
-    matches = [v for v in versions if v.tags.get(tag) == value]
-    return max(matches, key=lambda v: int(v.version), default=None)
+    """The newest version of `name` whose tag `tag` equals `value`, if any (the store filters)."""
+    found = client().search_model_versions(
+        f"name = '{name}' and tags.`{tag}` = '{value}'", max_results=1, order_by=["version_number DESC"]
+    )
+    return found[0] if found else None
 
 
 def download_model(model_uri: str) -> Path:

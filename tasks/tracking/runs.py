@@ -26,21 +26,24 @@ import mlflow
 from mlflow.data.dataset_source import DatasetSource
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
+from mlflow.utils.async_logging.run_operations import RunOperations
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from model.errors import UserError
 from tasks.core import server_state
 
-# Flush buffered training metrics at least this often, so the UI's charts stay live.
-METRICS_FLUSH_SECONDS = 5.0
-METRICS_FLUSH_COUNT = 1000
+# How often a training loop checks that the steps it queued for MLflow were delivered.
+METRICS_CHECK_SECONDS = 5.0
 # Why a run that its own process never closed was ended by a later one.
 ABANDONED_TAG = "gptflow.abandoned"
+# The experiment tag the MLflow UI reads to choose its view: this one is the model-training view.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
 
 
 def resolve_tracking_uri() -> str:
@@ -89,12 +92,17 @@ def check_tracking_server(uri: str | None = None, attempts: int = 5, delay: floa
 
 
 def experiment_id(name: str) -> str:
-    """The id of experiment `name`, created on first use (safe when two runs race)."""
+    """The id of experiment `name`, created on first use (safe when two runs race), marked
+    as model training so that the MLflow UI opens it in its model-training view (not GenAI)."""
     mlflow_client = client()
     if experiment := mlflow_client.get_experiment_by_name(name):
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an earlier gptflow, or by hand
+            mlflow_client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
         return experiment.experiment_id
     try:
-        return mlflow_client.create_experiment(name, artifact_location=_artifact_location(name))
+        return mlflow_client.create_experiment(
+            name, artifact_location=_artifact_location(name), tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+        )
     except MlflowException as e:
         if e.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
             raise
@@ -187,46 +195,93 @@ def log_params(run_id: str, params: Mapping[str, Any]) -> None:
     client().log_batch(run_id, params=param_list)
 
 
-def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
-    """Log summary metrics (evaluation results) in one request.
+def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0, model_id: str | None = None) -> None:
+    """Log summary metrics (evaluation results) in one request; with `model_id`, linked to
+    that logged model too, so MLflow's models view ranks models by them.
 
     Summaries go at step 0; training loops count their steps from 1, so a figure logged
     both ways (`val_loss`) keeps a clean step-wise curve from step 1 on."""
     now = int(time.time() * 1000)
-    client().log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
+    client().log_batch(
+        run_id, metrics=[Metric(key, float(value), now, step, model_id=model_id) for key, value in metrics.items()]
+    )
+
+
+def log_steps(run_id: str, points: list[tuple[str, int, float]]) -> None:
+    """Step-wise (key, step, value) points in one call (the client splits it into MLflow's batches)."""
+    if points:
+        now = int(time.time() * 1000)
+        client().log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, step, value in points])
 
 
 class MetricsLogger:
     """A progress callback for training loops: `logger(step, {"loss": 2.3, "lr": 1e-3})`.
 
-    Buffers metrics and sends them with `log_batch` every few seconds or thousand values,
-    so a fast loop does not make one HTTP request per step. Call `flush()` (or use it as a
-    context manager) at the end so the last steps are not lost.
+    Each step goes to MLflow's async logging, which returns at once; MLflow's logging thread
+    merges the queued steps into a request every MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS
+    (flows/environment.py sets it) and retries a request as any other. Every
+    METRICS_CHECK_SECONDS the logger waits for the steps queued before the previous check
+    (by then normally delivered, so training does not wait), and at the end for all of them
+    (use it as a context manager, or call `flush()`). Steps MLflow could not deliver are
+    sent once more, synchronously: that succeeds when the server came back, or raises the
+    client's own error when it is gone, so no step is lost without an error.
     """
 
     def __init__(self, run_id: str):
         self.run_id = run_id
         self._client = client()
-        self._pending: list[Metric] = []
-        self._last_flush = time.monotonic()
+        # (MLflow's handle on a queued batch, the batch): the older ones, then the ones queued since.
+        self._older: list[tuple[RunOperations, list[Metric]]] = []
+        self._recent: list[tuple[RunOperations, list[Metric]]] = []
+        self._last_check = time.monotonic()
 
     def __call__(self, step: int, metrics: Mapping[str, float]) -> None:
         now = int(time.time() * 1000)
-        self._pending.extend(Metric(key, float(value), now, int(step)) for key, value in metrics.items())
-        if len(self._pending) >= METRICS_FLUSH_COUNT or time.monotonic() - self._last_flush >= METRICS_FLUSH_SECONDS:
-            self.flush()
+        batch = [Metric(key, float(value), now, int(step)) for key, value in metrics.items()]
+        self._recent.append((self._client.log_batch(self.run_id, metrics=batch, synchronous=False), batch))
+        if time.monotonic() - self._last_check >= METRICS_CHECK_SECONDS:
+            self._deliver(self._older)
+            self._older, self._recent = self._recent, []
+            self._last_check = time.monotonic()
 
     def flush(self) -> None:
-        if self._pending:
-            self._client.log_batch(self.run_id, metrics=self._pending)
-            self._pending = []
-        self._last_flush = time.monotonic()
+        """Wait until every step logged so far is stored."""
+        self._deliver(self._older + self._recent)
+        self._older, self._recent = [], []
+
+    def _deliver(self, queued: list[tuple[RunOperations, list[Metric]]]) -> None:
+        undelivered = []
+        for operations, batch in queued:
+            try:
+                operations.wait()
+            except MlflowException:  # MLflow logged why; the synchronous retry raises it if it persists
+                undelivered.extend(batch)
+        if undelivered:
+            self._client.log_batch(self.run_id, metrics=undelivered)
 
     def __enter__(self) -> MetricsLogger:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.flush()
+
+
+@contextmanager
+def system_metrics(run_id: str) -> Iterator[None]:
+    """MLflow's system-metrics monitor on `run_id` while the block runs: `system/cpu_utilization_percentage`,
+    memory, disk and network, and GPU utilisation and memory when nvidia-ml-py is installed (the `gpu`
+    extra). It samples every MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL seconds (10 by default).
+
+    The monitor is started on the run by id: `mlflow.start_run(log_system_metrics=True)` would also
+    make the run the thread's active run and end it on its own terms."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, tracking_uri=resolve_tracking_uri())
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def log_artifact(run_id: str, path: Path | str, artifact_path: str | None = None) -> None:
@@ -241,6 +296,12 @@ def log_artifact(run_id: str, path: Path | str, artifact_path: str | None = None
 def log_dict(run_id: str, data: Any, artifact_file: str) -> None:
     """Save a dict as a JSON or YAML artifact (by the file's extension)."""
     client().log_dict(run_id, data, artifact_file)
+
+
+def log_table(run_id: str, columns: Mapping[str, list], artifact_file: str) -> None:
+    """A table (column name -> values) as MLflow's JSON table artifact, which the UI's
+    evaluation view shows and lines up across runs."""
+    client().log_table(run_id, dict(columns), artifact_file)
 
 
 def log_figure(run_id: str, figure: Any, artifact_file: str) -> None:
@@ -262,14 +323,10 @@ def log_dataset(
     fingerprint or sha256) says exactly which version was used. `context` is the role shown
     in the UI, e.g. "pretrain" or "eval".
     """
-    source_entity = _dataset_source(str(source))
-    dataset = Dataset(
-        name=name,
-        digest=digest[:MAX_DATASET_DIGEST_SIZE],
-        source_type=source_entity._get_source_type(),
-        source=source_entity.to_json(),
-        profile=json.dumps(profile, sort_keys=True, default=str) if profile is not None else None,
-    )
+    # MLflow's dataset of metadata only: a name, a digest and where the data lies.
+    record = MetaDataset(_dataset_source(str(source)), name=name, digest=digest[:MAX_DATASET_DIGEST_SIZE]).to_dict()
+    profile_json = json.dumps(profile, sort_keys=True, default=str) if profile is not None else None
+    dataset = Dataset(**record, profile=profile_json)
     inputs = [DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])]
     try:
         client().log_inputs(run_id, inputs)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,13 +55,17 @@ class StageRun:
         parent_metrics: Mapping[str, float],
         artifacts: Mapping[Path, str | None],
         report: Report | None = None,
+        tables: Mapping[str, Mapping[str, list]] | None = None,
     ) -> None:
         """Log the stage's figures on its run and the headline ones on the parent run, upload
-        `artifacts` (file -> artifact directory, None for the root) and publish `report`."""
+        `artifacts` (file -> artifact directory, None for the root), log `tables` (artifact
+        file -> columns, MLflow's tables: the UI lines them up across runs) and publish `report`."""
         runs.log_metrics(self.run_id, metrics)
         runs.log_metrics(self.parent_run_id, parent_metrics)
         for path, directory in artifacts.items():
             runs.log_artifact(self.run_id, path, directory)
+        for artifact_file, columns in (tables or {}).items():
+            runs.log_table(self.run_id, columns, artifact_file)
         if report is not None:
             create_markdown_artifact(
                 key=artifact_key(runs.experiment_name(self.parent_run_id), report.key),
@@ -71,8 +75,12 @@ class StageRun:
 
 
 @contextmanager
-def stage_run(parent_run_id: str, name: str, params: Mapping[str, Any]) -> Iterator[StageRun]:
-    """The stage's nested run named `name`, with `params` logged; ended by how the block ends."""
+def stage_run(
+    parent_run_id: str, name: str, params: Mapping[str, Any], system_metrics: bool = False
+) -> Iterator[StageRun]:
+    """The stage's nested run named `name`, with `params` logged; ended by how the block ends.
+    With `system_metrics` (the training stages), MLflow's system metrics are logged on it too."""
     with runs.child_run(parent_run_id, name) as run_id:
         runs.log_params(run_id, params)
-        yield StageRun(run_id, parent_run_id)
+        with runs.system_metrics(run_id) if system_metrics else nullcontext():
+            yield StageRun(run_id, parent_run_id)

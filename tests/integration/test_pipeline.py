@@ -15,6 +15,7 @@ from prefect import flow, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterKey,
+    ArtifactFilterType,
     FlowFilter,
     FlowFilterName,
     FlowRunFilter,
@@ -103,6 +104,21 @@ def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
     (pretrain_run,) = runs["pretrain"]
     losses = MlflowClient(tracking.resolve_tracking_uri()).get_metric_history(pretrain_run.info.run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(1, config.pretrain.max_steps + 1))
+    # The parent run carries pretraining's loss curve (for comparing pipeline runs); the stage its figure.
+    mlflow_client = MlflowClient(tracking.resolve_tracking_uri())
+    parent_losses = mlflow_client.get_metric_history(result.mlflow_run_id, "pretrain_loss")
+    assert sorted((m.step, m.value) for m in parent_losses) == sorted((m.step, m.value) for m in losses)
+    stage_files = {a.path for a in mlflow_client.list_artifacts(pretrain_run.info.run_id)}
+    assert "loss_curve.png" in stage_files
+    # Each checkpoint pretraining kept is an external logged model: its step and path, no upload.
+    logged = mlflow_client.search_logged_models([parent.info.experiment_id])
+    checkpoints = {
+        m.params["path"]: m.params["step"]
+        for m in logged
+        if m.model_type == "checkpoint" and m.source_run_id == pretrain_run.info.run_id
+    }
+    kept = sorted(Path(config.workspace).glob("pretrain/*/checkpoints/step-*"))
+    assert checkpoints == {str(path): path.name.removeprefix("step-") for path in kept} and kept
     assert pretrain_run.data.params["pretrain.max_steps"] == str(config.pretrain.max_steps)
     finetuned_eval = runs["evaluate-finetuned"][0].data.metrics
     assert finetuned_eval["val_bits_per_byte"] == pytest.approx(result.metrics["val_bits_per_byte"])
@@ -126,6 +142,17 @@ def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
     assert "val_bits_per_byte" in artifacts[0].data
     assert data_flow_run.name == f"prepare-data-{config.name}"
     assert committed_fingerprint(config.workspace, "shard") in data_artifact.data
+    # Each training and evaluation task run of this flow run reported its progress, to the end.
+    with get_client(sync_client=True) as client:
+        progress = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+    progress = {a.key: a for a in progress if str(a.flow_run_id) == parent.data.tags["prefect.flow_run_id"]}
+    assert set(progress) == {
+        "pretrain-progress",
+        "evaluate-pretrained-progress",
+        "finetune-progress",
+        "evaluate-finetuned-progress",
+    }
+    assert all(artifact.data == 100.0 and artifact.task_run_id for artifact in progress.values())
 
     # The registered pyfunc loads in a fresh process and writes what greedy generation from
     # the final checkpoint writes; sampled, it writes strings too.

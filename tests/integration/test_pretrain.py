@@ -104,8 +104,19 @@ def test_torchrun_ranks_log_to_mlflow_and_stop_together_on_cancel(tmp_path, shar
     assert stopped_at["world_size"] == 2
     assert not (checkpoints.parent / "manifest.json").exists()
 
-    output = run_pretrain(config, MODEL, shards, tmp_path / "ws", run_id=run_id)  # resumes
+    progress = []  # rank 0's steps, as the task's process sees them
+    output = run_pretrain(
+        config,
+        MODEL,
+        shards,
+        tmp_path / "ws",
+        run_id=run_id,
+        progress=lambda step, metrics: progress.append((step, set(metrics))),
+    )  # resumes
     assert output.checkpoint == checkpoints / "step-40" and not output.reused
+    steps = [step for step, _ in progress]
+    assert steps[-1] == 40 and steps == sorted(set(steps)) and steps[0] > stopped_at["step"]
+    assert {"loss", "tokens_per_s"} <= progress[-1][1]
     history = MlflowClient().get_metric_history(run_id, "loss")
     assert sorted(metric.step for metric in history) == list(range(1, 41))  # rank 0 only, each step once
     assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")] == [20, 40]

@@ -405,15 +405,109 @@ def test_both_uis_in_a_browser(servers, pipeline_run):
     compare = f"{servers.mlflow}/#/compare-runs?{query}"
     dom = chromium(compare, dump=True)
     assert all(run["info"]["run_name"] in dom for run in runs) and "val_bits_per_byte" in dom
-    chromium(compare, screenshot=DOCS / "mlflow-compare-runs.png")
 
     model_page = f"{servers.mlflow}/#/models/{NAME}"
     dom = chromium(model_page, dump=True)
     assert "champion" in dom and "candidate" in dom and "Version 1" in dom
     chromium(model_page, screenshot=DOCS / "mlflow-registered-model.png")
     assert all(
+        (DOCS / name).stat().st_size > 10_000 for name in ("prefect-flow-run.png", "mlflow-registered-model.png")
+    )
+
+
+@pytest.fixture
+def browser():
+    """Headless Debian chromium driven through chromium-driver, so a test can click."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,900",
+    ):
+        options.add_argument(argument)
+    options.binary_location = shutil.which("chromium")
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+    yield driver
+    driver.quit()
+
+
+def page_text_with(driver, *texts: str, timeout: float = 60) -> str:
+    """The page's visible text once it shows every one of `texts` (single-page apps render late)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(lambda d: all(t in d.find_element(By.TAG_NAME, "body").text for t in texts))
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def click_text(driver, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver.execute_script(
+        "arguments[0].click()", driver.find_element(By.XPATH, f"//*[normalize-space(text())='{text}']")
+    )
+
+
+@pytest.mark.skipif(
+    shutil.which("chromedriver") is None, reason="needs Debian's chromium-driver (make test installs it)"
+)
+def test_progress_artifact_and_a_learning_rate_comparison_in_a_browser(servers, pipeline_run, browser):
+    # Prefect: the pretrain task run's progress artifact, at 100 % once the stage is done.
+    [artifact] = post(
+        f"{servers.prefect}/api/artifacts/filter",
+        {"artifacts": {"key": {"any_": ["pretrain-progress"]}, "flow_run_id": {"any_": [pipeline_run["id"]]}}},
+    )
+    assert artifact["task_run_id"] and artifact["data"] == 100
+    browser.get(f"{servers.prefect}/artifacts/artifact/{artifact['id']}")
+    page_text_with(browser, "pretrain-progress", "Progress: 100%", pipeline_run["name"])
+    browser.save_screenshot(str(DOCS / "prefect-progress.png"))
+
+    # MLflow: a second pipeline run with another learning rate, compared with the first.
+    gptflow(servers, "run", str(servers.config), "--set", "pretrain.lr=0.003", "--set", "finetune=null")
+    first = parent_run_of(servers, pipeline_run["id"])
+    [second] = [
+        run for run in mlflow_runs(servers, "params.`pretrain.lr` = '0.003'") if "mlflow.parentRunId" not in tags(run)
+    ]
+    names = [run["info"]["run_name"] for run in (first, second)]
+    run_ids, experiment = [run["info"]["run_id"] for run in (first, second)], first["info"]["experiment_id"]
+    compare = (
+        f"{servers.mlflow}/#/compare-runs?runs={urllib.parse.quote(json.dumps(run_ids))}"
+        f"&experiments={urllib.parse.quote(json.dumps([experiment]))}"
+    )
+    browser.get(compare)
+    page_text_with(browser, *names, "Show diff only")
+    click_text(browser, "Show diff only")
+    shown = page_text_with(browser, "pretrain.lr")
+    parameters = shown[shown.index("Parameters") :]
+    assert "pretrain.lr 0.01 0.003" in parameters and "bpe.vocab_size" not in parameters  # only what differs
+
+    # The experiment's chart view, in the model-training view: both runs' pretraining loss curves overlaid.
+    browser.get(f"{servers.mlflow}/#/experiments/{experiment}/runs")
+    page_text_with(browser, "Model training")
+    click_text(browser, "Model training")  # the UI remembers the view; its assistant panel is closed
+    browser.get(f"{servers.mlflow}/#/experiments/{experiment}/runs?compareRunsMode=CHART")
+    page_text_with(browser, "Model metrics")
+    if "MLflow Assistant" in page_text_with(browser, "Model metrics"):
+        browser.execute_script("arguments[0].click()", browser.find_element("css selector", "button[aria-label=Close]"))
+    # Only charts in view are drawn: the search box keeps pretraining's curves at the top.
+    browser.find_element("css selector", "input[placeholder='Search metric charts']").send_keys("pretrain_")
+    charts = page_text_with(browser, *(f"{name} (pretrain_loss)" for name in names))
+    assert "MLflow Assistant" not in charts
+    assert all(f"{name} (pretrain_val_loss)" in charts for name in names)
+    browser.save_screenshot(str(DOCS / "mlflow-compare-charts.png"))
+    browser.get(compare)
+    page_text_with(browser, "Show diff only")
+    click_text(browser, "Show diff only")
+    page_text_with(browser, "pretrain.lr")
+    browser.save_screenshot(str(DOCS / "mlflow-compare-runs.png"))
+    assert all(
         (DOCS / name).stat().st_size > 10_000
-        for name in ("prefect-flow-run.png", "mlflow-compare-runs.png", "mlflow-registered-model.png")
+        for name in ("prefect-progress.png", "mlflow-compare-charts.png", "mlflow-compare-runs.png")
     )
 
 

@@ -275,6 +275,12 @@ def test_evaluate_task_logs_a_nested_run_and_headline_figures(tmp_path, stage_in
     assert parent_metrics["finetuned_val_bits_per_byte"] == pytest.approx(output.metrics["val_bits_per_byte"])
     artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "evaluate")}
     assert artifacts == {"evaluate/samples.md", "evaluate/metrics.json"}
+    # The samples as MLflow's table: a JSON artifact of columns and rows.
+    table = json.loads(Path(client.download_artifacts(child.info.run_id, "samples.json")).read_text())
+    assert table["columns"] == ["prompt", "completion"] and [row[0] for row in table["data"]] == CONFIG.prompts
+    shown_samples = output.samples.read_text()
+    for prompt, completion in table["data"]:
+        assert f"```\n{prompt}{completion}\n```" in shown_samples
 
     # The Prefect markdown artifact (its key is the config, i.e. experiment, and the run name) shows
     # the figures and samples.

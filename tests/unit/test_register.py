@@ -201,6 +201,30 @@ def test_unknown_gate_metric_names_the_field(data):
         )
 
 
+def test_the_logged_model_carries_its_evaluation_signature_and_input_example(data, caplog):
+    from mlflow import MlflowClient
+    from mlflow.models import Model
+    from mlflow.types import DataType
+
+    from tasks.tracking.registry import INPUT_EXAMPLE, PARAM_DEFAULTS
+
+    root, _, tokenizer, _, _ = data
+    name = f"logged-{uuid.uuid4().hex[:6]}"
+    checkpoint = checkpoint_of(tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN, seed=5), root, name)
+    figures = {"val_bits_per_byte": 1.25, "val_loss": 2.5}
+    output, _, _ = register(name, checkpoint, data, EvaluateConfig(), metrics=figures)
+    client = MlflowClient()
+    source = client.get_model_version(name, output.version).source  # models:/m-<id>
+    logged = client.get_logged_model(source.removeprefix("models:/"))
+    assert {metric.key: metric.value for metric in logged.metrics} == figures
+    model = Model.load(source)
+    assert model.signature.inputs.input_types() == [DataType.string]
+    assert {param.name: param.default for param in model.signature.params.params} == PARAM_DEFAULTS
+    model_dir = tracking.download_model(source)
+    assert (model.load_input_example(model_dir), model.load_input_example_params(model_dir)) == INPUT_EXAMPLE
+    assert "Failed to validate" not in caplog.text  # MLflow ran the model on the example when logging it
+
+
 def test_the_champion_is_evaluated_again_on_the_configured_device(data, monkeypatch):
     root, tokenizer_path, tokenizer, corpus, shards = data
     name = f"device-{uuid.uuid4().hex[:6]}"

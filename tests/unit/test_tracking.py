@@ -89,6 +89,8 @@ def test_nested_runs_params_metrics_and_status(experiment):
     assert child_run.info.status == "FINISHED"
     assert mlflow_client.get_run(failed).info.status == "FAILED"
     assert mlflow_client.get_run(parent).data.tags["prefect.flow_run_id"] == "abc"
+    experiment_tags = mlflow_client.get_experiment(child_run.info.experiment_id).tags
+    assert experiment_tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
 
     params = child_run.data.params
     assert len(params) == 251 and params["pretrain.p249"] == "249"
@@ -122,3 +124,63 @@ def test_datasets_and_artifacts(experiment, tmp_path):
     artifacts = MlflowClient(tracking.resolve_tracking_uri()).list_artifacts(run_id, "reports")
     assert [a.path for a in artifacts] == ["reports/report.json"]
     assert tracking.run_link(run_id).startswith(f"runs:/{run_id}")
+
+
+def test_system_metrics_sampled_on_a_run(experiment, monkeypatch):
+    import time
+
+    import psutil
+
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    run_id = tracking.start_run(experiment, "pretrain")
+    mlflow_client = MlflowClient(tracking.resolve_tracking_uri())
+    with tracking.runs.system_metrics(run_id):
+        deadline = time.monotonic() + 60
+        while len(mlflow_client.get_metric_history(run_id, "system/cpu_utilization_percentage")) < 2:
+            assert time.monotonic() < deadline, "no system metrics after 60 s"
+            sum(i * i for i in range(100_000))  # something for the CPU to do
+    tracking.end_run(run_id)
+    metrics = mlflow_client.get_run(run_id).data.metrics
+    assert 0 <= metrics["system/cpu_utilization_percentage"] <= 100
+    assert 0 < metrics["system/system_memory_usage_megabytes"] <= psutil.virtual_memory().total / 2**20
+
+
+def test_loss_curves_refresh_during_training_and_reach_the_pipeline_run(experiment):
+    import time
+
+    from tasks.tracking.loss_curves import live_loss_curves
+    from tasks.tracking.stage_run import StageRun
+
+    parent = tracking.start_run(experiment, "pipeline")
+    mlflow_client = MlflowClient(tracking.resolve_tracking_uri())
+    with tracking.child_run(parent, "pretrain") as child:
+        stage = StageRun(child, parent)
+        with live_loss_curves(stage, "pretrain", {"loss": "pretrain_loss"}, refresh_seconds=0.2):
+            tracking.log_steps(child, [("loss", 1, 5.0), ("lr", 1, 0.1), ("grad_norm", 1, 2.0)])
+            deadline = time.monotonic() + 60
+            while "loss_curve.png" not in {a.path for a in mlflow_client.list_artifacts(child)}:
+                assert time.monotonic() < deadline, "no figure drawn while training"
+                time.sleep(0.1)
+            tracking.log_steps(child, [("loss", 2, 4.0), ("val_loss", 2, 4.5)])
+    tracking.end_run(parent)
+    assert sorted((m.step, m.value) for m in mlflow_client.get_metric_history(parent, "pretrain_loss")) == [
+        (1, 5.0),
+        (2, 4.0),
+    ]  # each step once, though the first was copied by a refresh during training
+    assert "pretrain_loss_curve.png" in {a.path for a in mlflow_client.list_artifacts(parent)}
+    assert not mlflow_client.get_metric_history(parent, "val_loss")  # only the curves asked for
+
+
+def test_checkpoints_become_external_logged_models_at_their_step(experiment, tmp_path):
+    run_id = tracking.start_run(experiment, "pretrain")
+    kept = [tmp_path / "checkpoints" / f"step-{step}" for step in (5, 10)]
+    ids = tracking.log_checkpoints(run_id, "pretrain", kept)
+    tracking.end_run(run_id)
+    mlflow_client = MlflowClient(tracking.resolve_tracking_uri())
+    models = [mlflow_client.get_logged_model(model_id) for model_id in ids]
+    assert [(m.name, m.params, m.model_type, m.source_run_id) for m in models] == [
+        ("pretrain-step-5", {"step": "5", "path": str(kept[0])}, "checkpoint", run_id),
+        ("pretrain-step-10", {"step": "10", "path": str(kept[1])}, "checkpoint", run_id),
+    ]
+    for model_id in ids:  # nothing uploaded but the description MLflow writes of an external model
+        assert [a.path for a in mlflow_client.list_logged_model_artifacts(model_id)] == ["MLmodel"]

@@ -1,0 +1,134 @@
+"""How far a training or evaluation stage is, shown where its watchers look (the data stages
+count documents, bytes and tokens instead: tasks/core/progress.py).
+
+A `StageProgress` shows one stage's steps three ways at once:
+- in a terminal, a rich progress bar with the step, the latest figures and the time left;
+- when output is not a terminal (a log file, a worker's pipe), a plain line every
+  `PLAIN_EVERY` steps, on a validation step and at the end;
+- inside a Prefect task run, a progress artifact on the task run (the flow run page shows
+  each stage's percentage), updated at most every `ARTIFACT_SECONDS`.
+
+Under torchrun the ranks do not talk to Prefect: rank 0 writes its latest step to a small
+JSON file (`write_progress_file`) and the task's process reads it while it waits for the
+launcher (`ProgressFileReader`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import TypeVar
+
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import TaskRunContext
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+T = TypeVar("T")
+
+PLAIN_EVERY = 10
+ARTIFACT_SECONDS = 2.0
+# The figures a bar or line shows, in this order, when a step reports them.
+SHOWN = ("loss", "val_loss", "tokens_per_s")
+
+
+def format_figures(figures: Mapping[str, float]) -> str:
+    return " ".join(f"{name} {figures[name]:.4g}" for name in SHOWN if name in figures)
+
+
+class StageProgress:
+    """Progress of one stage's `total` steps; `update(step, figures)` after each, or `track(items, total)`.
+
+    `key` names the Prefect artifact (lowercase letters, digits, dashes); `log` receives the
+    plain lines (a Prefect run logger's `info`, or `print`).
+    """
+
+    def __init__(self, key: str, description: str, total: int, log: Callable[[str], object] = print):
+        self.key, self.description, self.total, self.log = key, description, total, log
+        self.console = Console(stderr=True)
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[figures]}"),
+            TimeRemainingColumn(),
+            console=self.console,
+            disable=not self.console.is_terminal,
+        )
+        self.bar_task = self.bar.add_task(description, total=total, figures="")
+        self.started = time.monotonic()
+        self.artifact_id = None
+        self.artifact_updated = -ARTIFACT_SECONDS
+        self.last_step = 0
+
+    def __enter__(self) -> StageProgress:
+        self.bar.start()
+        # A Prefect artifact belongs to a task run: outside one (a plain function call) there is none.
+        if TaskRunContext.get() is not None:
+            self.artifact_id = create_progress_artifact(0.0, key=self.key, description=self.description)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.bar.stop()
+        self._update_artifact(force=True)
+
+    def update(self, step: int, figures: Mapping[str, float] | None = None) -> None:
+        figures = figures or {}
+        self.last_step = step
+        self.bar.update(self.bar_task, completed=step, figures=format_figures(figures))
+        if self.bar.disable and (step % PLAIN_EVERY == 0 or step == self.total or "val_loss" in figures):
+            shown = format_figures(figures)
+            self.log(f"{self.description} {step}/{self.total}{': ' + shown if shown else ''}{self._time_left(step)}")
+        self._update_artifact(force=step == self.total)
+
+    def track(self, items: Iterable[T], total: int) -> Iterator[T]:
+        """Yield `total` `items`, counting each as one step done once the caller asks for the next."""
+        self.total = total
+        self.bar.update(self.bar_task, total=total)
+        for step, item in enumerate(items, start=1):
+            yield item
+            self.update(step)
+
+    def _time_left(self, step: int) -> str:
+        if step <= 0 or step >= self.total:
+            return ""
+        seconds = (time.monotonic() - self.started) / step * (self.total - step)
+        return f" (about {seconds:.0f} s left)"
+
+    def _update_artifact(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self.artifact_id is None or not (force or now - self.artifact_updated >= ARTIFACT_SECONDS):
+            return
+        self.artifact_updated = now
+        percent = 100.0 * self.last_step / self.total if self.total else 100.0
+        update_progress_artifact(self.artifact_id, percent)
+
+
+def training_progress(stage: str, max_steps: int, log: Callable[[str], object] = print) -> StageProgress:
+    return StageProgress(f"{stage}-progress", f"{stage} step", max_steps, log)
+
+
+def write_progress_file(path: Path, step: int, metrics: Mapping[str, float]) -> None:
+    """Rank 0's latest step, replaced atomically so that a reader never sees half a file."""
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps({"step": step, "metrics": dict(metrics)}))
+    os.replace(partial, path)
+
+
+class ProgressFileReader:
+    """Reads rank 0's progress file; `poll()` hands each newer step to `callback(step, metrics)`."""
+
+    def __init__(self, path: Path, callback: Callable[[int, Mapping[str, float]], None]):
+        self.path, self.callback, self.step = path, callback, 0
+
+    def poll(self) -> None:
+        try:
+            latest = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):  # not written yet
+            return
+        if latest["step"] > self.step:
+            self.step = latest["step"]
+            self.callback(latest["step"], latest["metrics"])
