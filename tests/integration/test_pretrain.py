@@ -76,9 +76,14 @@ run_pretrain(config, model, shards, Path(sys.argv[4]), run_id=sys.argv[5])
 """
 
 
+# Long enough that the cancel lands before the end even when a loaded machine delays the test
+# between seeing the first checkpoint and sending SIGINT (micro steps take milliseconds).
+STEPS = 200
+
+
 def test_torchrun_ranks_log_to_mlflow_and_stop_together_on_cancel(tmp_path, shards):
     config = micro_pretrain_config(
-        max_steps=40, checkpoint_every=5, keep_checkpoints=2, nproc_per_node=2, eval_every=20
+        max_steps=STEPS, checkpoint_every=5, keep_checkpoints=2, nproc_per_node=2, eval_every=STEPS // 2
     )
     run_id = tracking.start_run("pretrain-tests", "pretrain")
     arguments = []
@@ -100,7 +105,7 @@ def test_torchrun_ranks_log_to_mlflow_and_stop_together_on_cancel(tmp_path, shar
     assert stage.returncode != 0 and "KeyboardInterrupt" in stage.stderr.read()
     stopped_at = load_state(checkpoint_dirs(checkpoints)[-1])
     first_seen = int(seen[-1].name.removeprefix("step-"))
-    assert first_seen < stopped_at["step"] < 40  # the checkpoint the cancel wrote, after the one we waited for
+    assert first_seen < stopped_at["step"] < STEPS  # the checkpoint the cancel wrote, after the one we waited for
     assert stopped_at["world_size"] == 2
     assert not (checkpoints.parent / "manifest.json").exists()
 
@@ -113,13 +118,13 @@ def test_torchrun_ranks_log_to_mlflow_and_stop_together_on_cancel(tmp_path, shar
         run_id=run_id,
         progress=lambda step, metrics: progress.append((step, set(metrics))),
     )  # resumes
-    assert output.checkpoint == checkpoints / "step-40" and not output.reused
+    assert output.checkpoint == checkpoints / f"step-{STEPS}" and not output.reused
     steps = [step for step, _ in progress]
-    assert steps[-1] == 40 and steps == sorted(set(steps)) and steps[0] > stopped_at["step"]
+    assert steps[-1] == STEPS and steps == sorted(set(steps)) and steps[0] > stopped_at["step"]
     assert {"loss", "tokens_per_s"} <= progress[-1][1]
     history = MlflowClient().get_metric_history(run_id, "loss")
-    assert sorted(metric.step for metric in history) == list(range(1, 41))  # rank 0 only, each step once
-    assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")] == [20, 40]
+    assert sorted(metric.step for metric in history) == list(range(1, STEPS + 1))  # rank 0 only, each step once
+    assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")] == [STEPS // 2, STEPS]
 
 
 def test_cli_prepares_data_then_pretrains(tmp_path, cli_env):
