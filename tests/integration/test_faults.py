@@ -546,7 +546,9 @@ def test_runs_left_open_by_a_dead_attempt_are_closed_by_the_rerun(infra_stack, t
         "MLFLOW_TRACKING_URI": server.uri,
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     }
-    overrides = ["pretrain.max_steps=400", "pretrain.checkpoint_every=20", "finetune=null"]
+    # Long enough that training is still running when the lost server is noticed: step metrics
+    # are logged asynchronously, and their delivery is checked every few seconds.
+    overrides = ["pretrain.max_steps=2000", "pretrain.checkpoint_every=20", "finetune=null"]
     try:
         lost_server = gptflow_run(config, env, *overrides, wait=False)
         wait_for_a_checkpoint(lost_server, tmp_path / "workspace")
