@@ -8,6 +8,7 @@ running its code (`load_registered_model`).
 
 from __future__ import annotations
 
+import getpass
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -98,6 +99,9 @@ def log_checkpoints(run_id: str, stage: str, checkpoints: list[Path]) -> list[st
             params={"step": str(checkpoint_step(checkpoint)), "path": str(checkpoint)},
             model_type="checkpoint",
             experiment_id=experiment,
+            # MLflow would take the user from MLFLOW_TRACKING_USERNAME, a secret of the server's
+            # basic auth; the process's own user names who logged it without leaking one.
+            tags={"mlflow.user": getpass.getuser()},
         )
         for checkpoint in checkpoints
     ]
