@@ -546,9 +546,11 @@ def test_runs_left_open_by_a_dead_attempt_are_closed_by_the_rerun(infra_stack, t
         "MLFLOW_TRACKING_URI": server.uri,
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     }
-    # Long enough that training is still running when the lost server is noticed: step metrics
-    # are logged asynchronously, and their delivery is checked every few seconds.
-    overrides = ["pretrain.max_steps=2000", "pretrain.checkpoint_every=20", "finetune=null"]
+    # The two dying attempts train far longer than the test waits: step metrics are logged
+    # asynchronously and their delivery checked every few seconds, so however fast the machine,
+    # training still runs when the lost server is noticed or the process is killed. The rerun
+    # trains a short schedule of its own (max_steps is in the stage fingerprint).
+    overrides = ["pretrain.max_steps=1000000", "pretrain.checkpoint_every=20", "finetune=null"]
     try:
         lost_server = gptflow_run(config, env, *overrides, wait=False)
         wait_for_a_checkpoint(lost_server, tmp_path / "workspace")
@@ -565,7 +567,7 @@ def test_runs_left_open_by_a_dead_attempt_are_closed_by_the_rerun(infra_stack, t
         killed.kill()
         killed.communicate()
 
-        rerun = gptflow_run(config, env, *overrides)
+        rerun = gptflow_run(config, env, "pretrain.max_steps=40", *overrides[1:])
     finally:
         server.kill()
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
