@@ -36,7 +36,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field, PositiveFloat, PositiveInt, model_validator
 from tokenizers import Tokenizer
 
-from model.checkpoint import checkpoint_dirs
+from model.checkpoint import CheckpointTokens, attach_tokenizer, checkpoint_dirs
 from model.config import RUN_ONLY
 from model.device import resolve_device
 from model.errors import UserError
@@ -45,7 +45,7 @@ from model.finetune_data import EncodeReport, PairBatches, TooLong, encode_pairs
 from model.generate import generate
 from model.gpt import GPT
 from model.runtime import DistributedEnv
-from model.special_tokens import EOS_ID, SEP_ID
+from model.special_tokens import special_ids
 from model.train import train
 from tasks import tracking
 from tasks.bpe import load_tokenizer, token_byte_lengths
@@ -166,13 +166,14 @@ class TaskData:
     def encode(
         cls, tokenizer: Tokenizer, pairs: PairSet, seq_len: int, config: FinetuneConfig, source: Path
     ) -> TaskData:
-        train_examples, train_report = encode_pairs(tokenize(tokenizer, pairs.train), seq_len, config.too_long)
-        val_examples, val_report = encode_pairs(tokenize(tokenizer, pairs.val), seq_len, config.too_long)
+        special = special_ids(tokenizer)
+        train_examples, train_report = encode_pairs(tokenize(tokenizer, pairs.train), seq_len, config.too_long, special)
+        val_examples, val_report = encode_pairs(tokenize(tokenizer, pairs.val), seq_len, config.too_long, special)
         if not train_examples:
             raise UserError(f"{source}: every train pair is longer than seq_len {seq_len} and was dropped")
         return cls(
-            to_rows(train_examples, seq_len, config.packed),
-            to_rows(val_examples, seq_len, packed=False),
+            to_rows(train_examples, seq_len, config.packed, special),
+            to_rows(val_examples, seq_len, packed=False, special=special),
             train_report,
             val_report,
         )
@@ -234,14 +235,15 @@ def parse_rate(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], max_new_toke
     # prompt's, whatever `max_new_tokens`.
     block_size = model.config.block_size
     room = max(block_size - max_new_tokens, block_size // 2)
-    prompts = [[*ids, SEP_ID][-room:] for ids, _ in tokenize(tokenizer, pairs)]
+    special = special_ids(tokenizer)
+    prompts = [[*ids, special.sep][-room:] for ids, _ in tokenize(tokenizer, pairs)]
     ok = 0
     for start in range(0, len(pairs), GENERATION_BATCH):
         bodies = generate(
-            model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=EOS_ID
+            model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=special.eos
         )
         for pair, body in zip(pairs[start : start + GENERATION_BATCH], bodies):
-            ok += completes_function(pair.prompt, tokenizer.decode([t for t in body if t != EOS_ID]))
+            ok += completes_function(pair.prompt, tokenizer.decode([t for t in body if t != special.eos]))
     return ok / len(pairs) if pairs else float("nan")
 
 
@@ -326,8 +328,11 @@ def run_finetune(
         if data.has_val:
             metrics |= held_out_figures(model, tok, config, pairs.val, data.val_rows, "finetuned")
         metrics |= data.figures() | {"train_loss": result.train_loss}
-        pair_files = ["pairs-train.parquet", "pairs-val.parquet"]
-        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=pair_files, runtime=result.runtime)
+        # The final checkpoint carries its tokenizer, and says it is prompted as `prompt <|sep|>`.
+        tokens = CheckpointTokens(special_ids=special_ids(tok), prompt_format="pair")
+        attached = attach_tokenizer(result.checkpoint, tokenizer, tokens)
+        files = ["pairs-train.parquet", "pairs-val.parquet", *(p.relative_to(stage.path).as_posix() for p in attached)]
+        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=files, runtime=result.runtime)
 
     return train_once(stage, FinetuneOutput, FORMAT_VERSION, inputs, config.resume, train_pairs)
 

@@ -19,8 +19,9 @@ from pathlib import Path
 import mlflow
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
-# Artifact names: the safetensors weights, the GPTConfig JSON, the tokenizer.json.
-WEIGHTS_ARTIFACT, CONFIG_ARTIFACT, TOKENIZER_ARTIFACT = "weights", "config", "tokenizer"
+# Artifact names: the safetensors weights, the GPTConfig JSON, the tokenizer.json, the checkpoint's
+# tokens.json (special ids and prompt format; absent from models logged before it existed).
+WEIGHTS_ARTIFACT, CONFIG_ARTIFACT, TOKENIZER_ARTIFACT, TOKENS_ARTIFACT = "weights", "config", "tokenizer", "tokens"
 
 # Defaults of the inference params (the signature declares them with these values).
 PARAM_DEFAULTS = {"max_new_tokens": 64, "temperature": 0.8, "top_k": 40, "top_p": 1.0, "seed": -1, "device": "auto"}
@@ -46,6 +47,8 @@ class TextGenerator(PythonModel):
         safetensors.torch.load_model(self.model, context.artifacts[WEIGHTS_ARTIFACT])
         self.model.to(resolve_device(PARAM_DEFAULTS["device"])).eval()
         self.tokenizer = Tokenizer.from_file(context.artifacts[TOKENIZER_ARTIFACT])
+        # Typed text that looks like a special token is plain text, as everywhere (model/special_tokens.py).
+        self.tokenizer.encode_special_tokens = True
 
     # No type hints on `model_input`: MLflow would derive a signature from them and drop the
     # declared sampling params. The input arrives as a list of strings, or as a DataFrame or
@@ -53,7 +56,7 @@ class TextGenerator(PythonModel):
     def predict(self, context: PythonModelContext, model_input, params: dict | None = None) -> list[str]:
         from model.device import resolve_device
         from model.generate import generate
-        from model.special_tokens import EOS_ID
+        from model.special_tokens import special_ids
 
         if hasattr(model_input, "columns"):  # a DataFrame: the prompts are its first column
             model_input = model_input.iloc[:, 0]
@@ -61,7 +64,8 @@ class TextGenerator(PythonModel):
         self.model.to(resolve_device(str(settings["device"]), field="the device param"))  # no-op where it already is
         # Training saw every document after an <|endoftext|>: starting there puts a prompt in
         # the same position (and lets an empty prompt start a fresh document).
-        prompts = [[EOS_ID, *self.tokenizer.encode(text, add_special_tokens=False).ids] for text in list(model_input)]
+        eos = special_ids(self.tokenizer).eos
+        prompts = [[eos, *self.tokenizer.encode(text, add_special_tokens=False).ids] for text in list(model_input)]
         completions = generate(
             self.model,
             prompts,
@@ -69,7 +73,7 @@ class TextGenerator(PythonModel):
             temperature=float(settings["temperature"]),
             top_k=int(settings["top_k"]) or None,
             top_p=float(settings["top_p"]),
-            eos_id=EOS_ID,
+            eos_id=eos,
             seed=None if int(settings["seed"]) < 0 else int(settings["seed"]),
         )
         return [self.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in completions]

@@ -13,7 +13,7 @@ from model.checkpoint import load_model, save_checkpoint
 from model.config import GPTConfig
 from model.generate import generate
 from model.gpt import GPT
-from model.special_tokens import EOS_ID
+from model.special_tokens import special_ids
 
 Module = TypeVar("Module", bound=torch.nn.Module)
 
@@ -42,6 +42,7 @@ def greedy_completions(checkpoint: Path, tokenizer: Path, prompts: list[str], ma
     document (after <|endoftext|>, as in training): what the registered model must answer
     at temperature 0."""
     tok = Tokenizer.from_file(str(tokenizer))
-    ids = [[EOS_ID, *tok.encode(prompt, add_special_tokens=False).ids] for prompt in prompts]
-    completions = generate(load_model(checkpoint), ids, max_new_tokens, temperature=0.0, eos_id=EOS_ID)
+    eos = special_ids(tok).eos
+    ids = [[eos, *tok.encode(prompt, add_special_tokens=False).ids] for prompt in prompts]
+    completions = generate(load_model(checkpoint), ids, max_new_tokens, temperature=0.0, eos_id=eos)
     return [tok.decode(tokens, skip_special_tokens=True) for tokens in completions]

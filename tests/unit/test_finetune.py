@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from model.checkpoint import CONFIG, WEIGHTS, latest_checkpoint
 from model.errors import UserError
 from model.finetune_data import IGNORE, PairBatches, encode_pair, encode_pairs, to_rows
-from model.special_tokens import EOS_ID, PAD_ID, SEP_ID
+from model.special_tokens import SpecialIds, special_ids
 from model.train import train
 from support.corpus import toy_tokenizer, write_corpus
 from support.devices import record_module_moves, stand_in_gpus
@@ -24,6 +24,9 @@ from tasks.finetune import FinetuneConfig, completes_function, parse_rate, run_f
 from tasks.finetune_pairs import Pair
 
 PAIRS = [([10, 11, 12], [20, 21]), ([13, 14], [22, 23, 24]), ([15], [25])]
+# Ids as a pretrained tokenizer places them (after its vocabulary), not a trained one's 0, 1, 2.
+EOS_ID, PAD_ID, SEP_ID = 27, 28, 29
+SPECIAL = SpecialIds(eos=EOS_ID, pad=PAD_ID, sep=SEP_ID)
 
 
 def hand_completion_nats(logits_row, tokens, pairs):
@@ -41,8 +44,8 @@ def hand_completion_nats(logits_row, tokens, pairs):
 
 
 def test_loss_is_the_mean_over_completion_tokens():
-    examples, _ = encode_pairs(PAIRS, seq_len=20, too_long="drop")
-    inputs, targets = to_rows(examples, seq_len=20, packed=True)
+    examples, _ = encode_pairs(PAIRS, seq_len=20, too_long="drop", special=SPECIAL)
+    inputs, targets = to_rows(examples, seq_len=20, packed=True, special=SPECIAL)
     assert inputs.shape == (1, 20)  # 7 + 7 + 4 tokens share one row
     row = [10, 11, 12, SEP_ID, 20, 21, EOS_ID, 13, 14, SEP_ID, 22, 23, 24, EOS_ID, 15, SEP_ID, 25, EOS_ID]
     assert inputs[0].tolist() == row[:-1] + [PAD_ID] * 3
@@ -62,8 +65,8 @@ def prompt_gradients_are_zero(model, inputs, targets, prompt_positions) -> bool:
 
 
 def test_prompt_positions_get_no_gradient_and_an_inverted_mask_fails_the_test():
-    examples, _ = encode_pairs(PAIRS, seq_len=20, too_long="drop")
-    inputs, targets = to_rows(examples, seq_len=20, packed=True)
+    examples, _ = encode_pairs(PAIRS, seq_len=20, too_long="drop", special=SPECIAL)
+    inputs, targets = to_rows(examples, seq_len=20, packed=True, special=SPECIAL)
     # positions whose next token is a prompt token or the separator
     prompt_positions = [0, 1, 2, 6, 7, 8, 13, 14]
     assert prompt_gradients_are_zero(tiny_gpt(30, 20), inputs, targets, prompt_positions)
@@ -74,18 +77,21 @@ def test_prompt_positions_get_no_gradient_and_an_inverted_mask_fails_the_test():
 
 def test_too_long_pairs_are_truncated_from_the_prompt_left_or_dropped():
     prompt, completion = list(range(10, 20)), [30, 31, 32]
-    example = encode_pair(prompt, completion, seq_len=8, too_long="truncate")
+    example = encode_pair(prompt, completion, seq_len=8, too_long="truncate", special=SPECIAL)
     assert example.tokens == [15, 16, 17, 18, 19, SEP_ID, 30, 31, 32, EOS_ID][-9:]
     assert example.scored == [False] * 5 + [True] * 4
-    assert encode_pair(prompt, completion, seq_len=8, too_long="drop") is None
-    assert encode_pair([1], list(range(30, 40)), seq_len=8, too_long="truncate") is None  # completion alone too long
-    _, report = encode_pairs([(prompt, completion), ([1], [2]), ([1], list(range(30, 40)))], 8, "truncate")
+    assert encode_pair(prompt, completion, seq_len=8, too_long="drop", special=SPECIAL) is None
+    assert (
+        encode_pair([1], list(range(30, 40)), seq_len=8, too_long="truncate", special=SPECIAL) is None
+    )  # completion alone too long
+    too_long = ([1], list(range(30, 40)))
+    _, report = encode_pairs([(prompt, completion), ([1], [2]), too_long], 8, "truncate", special=SPECIAL)
     assert (report.pairs, report.truncated, report.dropped) == (2, 1, 1)
 
 
 def test_unpacked_rows_hold_one_pair_each():
-    examples, _ = encode_pairs(PAIRS, seq_len=10, too_long="drop")
-    inputs, targets = to_rows(examples, seq_len=10, packed=False)
+    examples, _ = encode_pairs(PAIRS, seq_len=10, too_long="drop", special=SPECIAL)
+    inputs, targets = to_rows(examples, seq_len=10, packed=False, special=SPECIAL)
     assert inputs.shape == (3, 10)
     assert targets[2].tolist() == [IGNORE, 25, EOS_ID] + [IGNORE] * 7
 
@@ -123,6 +129,7 @@ def test_parse_rate_prompts_leave_room_for_the_body(tmp_path, monkeypatch):
     # Generation past the context recomputes the whole window at every token; a long prompt
     # keeps its end (the docstring's close and <|sep|>) and room for max_new_tokens.
     tokenizer = load_tokenizer(toy_tokenizer(tmp_path / "tokenizer.json"))
+    special = special_ids(tokenizer)
     model = tiny_gpt(tokenizer.get_vocab_size(), block_size=32)
     long_prompt = 'def f(x):\n    """' + "word " * 40 + '"""\n'
     pairs = [Pair(long_prompt, "    return x\n"), Pair("def g():\n", "    pass\n")]
@@ -130,13 +137,13 @@ def test_parse_rate_prompts_leave_room_for_the_body(tmp_path, monkeypatch):
 
     def recording_generate(model, prompts, max_new_tokens, **settings):
         seen.extend(prompts)
-        return [[EOS_ID] for _ in prompts]
+        return [[special.eos] for _ in prompts]
 
     monkeypatch.setattr("tasks.finetune.generate", recording_generate)
     parse_rate(model, tokenizer, pairs, max_new_tokens=8)
-    whole = [*tokenizer.encode(long_prompt, add_special_tokens=False).ids, SEP_ID]
+    whole = [*tokenizer.encode(long_prompt, add_special_tokens=False).ids, special.sep]
     assert seen[0] == whole[-24:]  # 32 - 8 tokens: the end of the prompt
-    assert seen[1] == [*tokenizer.encode("def g():\n", add_special_tokens=False).ids, SEP_ID]
+    assert seen[1] == [*tokenizer.encode("def g():\n", add_special_tokens=False).ids, special.sep]
     parse_rate(model, tokenizer, pairs, max_new_tokens=30)
     assert seen[2] == whole[-16:]  # never under half the context
 
