@@ -22,15 +22,14 @@ from flows.pipeline import pipeline
 from model.checkpoint import TOKENIZER, read_tokens
 from model.special_tokens import EOS, PAD, SEP
 from support.configs import write_pipeline_config
-from support.hf import tiny_gpt2_directory
 
 transformers = pytest.importorskip("transformers")
 PROMPTS = ["def plus", "class"]
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return tiny_gpt2_directory(tmp_path_factory.mktemp("hf") / "tiny-gpt2")
+def hf_dir(tiny_gpt2):
+    return tiny_gpt2
 
 
 @pytest.fixture(scope="module")
