@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from model.checkpoint import PromptFormat
 from model.errors import UserError
@@ -65,17 +66,19 @@ def encode_examples(examples: list[tuple[str, str]], encode: Encode) -> list[tup
 
 
 def fitting_examples(
-    examples: list[tuple[list[int], list[int]]], query: list[int], room: int
+    examples: list[tuple[list[int], list[int]]], query: list[int], room: int, limit: int | None = None
 ) -> list[tuple[list[int], list[int]]]:
-    """The first examples that fit `room` tokens together with the query (`query <|sep|>`),
-    each example taking `prompt <|sep|> completion <|endoftext|>`."""
+    """The first examples (at most `limit`) that fit `room` tokens together with the query
+    (`query <|sep|>`), in order, each taking `prompt <|sep|> completion <|endoftext|>`; an
+    example that would overflow is passed over for the ones after it."""
     used = len(query) + 1
     kept = []
     for prompt, completion in examples:
-        used += len(prompt) + len(completion) + 2
-        if used > room:
+        if limit is not None and len(kept) == limit:
             break
-        kept.append((prompt, completion))
+        if used + len(prompt) + len(completion) + 2 <= room:
+            used += len(prompt) + len(completion) + 2
+            kept.append((prompt, completion))
     return kept
 
 
@@ -95,3 +98,39 @@ def fit_prompt(prompt: list[int], block_size: int, max_new_tokens: int) -> tuple
     room = max(block_size - max_new_tokens, 1)
     dropped = max(len(prompt) - room, 0)
     return prompt[dropped:], dropped
+
+
+@dataclass
+class PromptRow:
+    ids: list[int]  # what generation starts from
+    dropped_tokens: int  # cut from the start to leave room for max_new_tokens
+    examples_used: int  # primed with this many examples
+
+
+def prompt_rows(
+    texts: list[str],
+    encode: Encode,
+    special: SpecialIds,
+    prompt_format: PromptFormat,
+    block_size: int,
+    max_new_tokens: int,
+    examples: list[tuple[str, str]] | None = None,
+    shots: int | None = None,
+    examples_source: str = "examples",
+) -> list[PromptRow]:
+    """The token rows for `texts`: primed with `examples` when given (all of them must fit the
+    context with each prompt; with `shots`, the first `shots` that fit), else in `prompt_format`;
+    each cut to its last `block_size - max_new_tokens` tokens."""
+    room = max(block_size - max_new_tokens, 1)
+    primed = encode_examples(examples, encode) if examples else None
+    rows = []
+    for text in texts:
+        query = encode(text)
+        chosen = primed
+        if primed and shots is not None:
+            chosen = fitting_examples(primed, query, room, limit=shots)
+        elif primed:
+            check_examples_fit(primed, query, room, examples_source)
+        ids, dropped = fit_prompt(format_prompt(query, special, prompt_format, chosen), block_size, max_new_tokens)
+        rows.append(PromptRow(ids, dropped, len(chosen or [])))
+    return rows

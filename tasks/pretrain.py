@@ -77,7 +77,9 @@ from tasks.shard import ShardOutput
 from tasks.tracking.loss_curves import live_loss_curves
 from tasks.tracking.stage_run import Report, stage_run
 
-FORMAT_VERSION = 3  # 2: optimizer state keyed by parameter name; 3: padded head, chunked loss (new numerics)
+# 2: optimizer state keyed by parameter name; 3: padded head, chunked loss (new numerics);
+# 4: the final checkpoint carries tokenizer.json and tokens.json (self-contained)
+FORMAT_VERSION = 4
 RUN_ID_ENV = "GPTFLOW_PRETRAIN_RUN_ID"  # the MLflow run the torchrun ranks log to
 PROGRESS_FILE_ENV = "GPTFLOW_PROGRESS_FILE"  # where rank 0 writes its latest step for the task's process
 PROGRESS_FILE = "progress.json"

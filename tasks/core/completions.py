@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from model.checkpoint import PromptFormat
 from model.generate import generate
-from model.prompts import check_examples_fit, encode_examples, fit_prompt, fitting_examples, format_prompt
+from model.prompts import prompt_rows
 from tasks.core.model_source import SourceModel
 
 
@@ -55,22 +55,17 @@ def complete(
     def encode(text: str) -> list[int]:
         return tokenizer.encode(text, add_special_tokens=False).ids
 
-    block_size = source.model.config.block_size
-    room = max(block_size - sampling.max_new_tokens, 1)
-    primed = encode_examples(examples, encode) if examples else None
-    rows, dropped, used = [], [], []
-    for text in prompts:
-        query = encode(text)
-        chosen = primed
-        if primed and shots is not None:
-            chosen = fitting_examples(primed, query, room)[:shots]
-        elif primed:
-            check_examples_fit(primed, query, room, examples_source)
-        layout = format_prompt(query, special, prompt_format or source.prompt_format, chosen)
-        ids, cut = fit_prompt(layout, block_size, sampling.max_new_tokens)
-        rows.append(ids)
-        dropped.append(cut)
-        used.append(len(chosen or []))
+    rows = prompt_rows(
+        prompts,
+        encode,
+        special,
+        prompt_format or source.prompt_format,
+        source.model.config.block_size,
+        sampling.max_new_tokens,
+        examples,
+        shots,
+        examples_source,
+    )
     drawn: list[list[int]] = [[] for _ in prompts]
     shown = [""] * len(prompts)
 
@@ -83,7 +78,7 @@ def complete(
 
     completions = generate(
         source.model,
-        rows,
+        [row.ids for row in rows],
         sampling.max_new_tokens,
         temperature=sampling.temperature,
         top_k=sampling.top_k or None,
@@ -93,6 +88,6 @@ def complete(
         on_token=stream if on_text is not None else None,
     )
     return [
-        Completion(text, tokenizer.decode(tokens, skip_special_tokens=True), cut, n)
-        for text, tokens, cut, n in zip(prompts, completions, dropped, used)
+        Completion(text, tokenizer.decode(tokens, skip_special_tokens=True), row.dropped_tokens, row.examples_used)
+        for text, tokens, row in zip(prompts, completions, rows)
     ]

@@ -128,7 +128,7 @@ def test_export_loads_in_transformers_and_generates_what_gptflow_generates(run, 
             torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id
         )
     expected = tokenizer.decode(hf_out[0, len(ids) :], skip_special_tokens=True)
-    assert expected.strip()  # not only an end of text, which any model could match
+    assert hf_out.shape[1] - len(ids) == 6  # six tokens, not only an end of text (which any model could match)
     output = cli("generate", str(out), "-p", prompt, "--temperature", "0", "--max-new-tokens", "6")
     assert output.startswith(prompt + expected + "\n")
 
@@ -153,3 +153,31 @@ def test_generate_gives_one_greedy_text_from_a_checkpoint_an_hf_dir_and_the_regi
     assert len(set(texts.values())) == 1, texts
     streamed = cli("generate", str(run.final_checkpoint), *greedy, "--stream")
     assert streamed.replace("\n", "") == next(iter(texts.values())).replace("\n", "")
+
+
+def test_the_registered_model_prompts_as_generate_does(run, tmp_path):
+    """The pyfunc takes the same examples and format as `gptflow generate`, and by default
+    prompts the fine-tuned model in its fine-tuning format."""
+    from tasks import tracking
+
+    examples = tmp_path / "examples.jsonl"
+    examples.write_text(json.dumps({"prompt": "def one", "completion": "    return 1"}) + "\n")
+    generator = tracking.load_text_generator(run.registered.model_uri)
+    greedy = {"max_new_tokens": 6, "temperature": 0.0}
+    uri, cli_greedy = run.registered.model_uri, ["--temperature", "0", "--max-new-tokens", "6", "-p", "def plus"]
+    for params, options in (
+        ({}, []),
+        ({"examples": examples.read_text()}, ["--examples", str(examples)]),
+        ({"prompt_format": "document"}, ["--format", "document"]),
+    ):
+        (completion,) = generator.predict(["def plus"], params={**greedy, **params})
+        assert cli("generate", uri, *cli_greedy, *options).startswith(f"def plus{completion}\n"), params
+
+
+def test_the_held_out_table_has_zero_shot_primed_and_finetuned_rows(run):
+    metrics = json.loads((run.final_checkpoint.parents[1] / "metrics.json").read_text())
+    for row in ("pretrained", "primed", "finetuned"):
+        assert f"{row}_completion_loss" in metrics and f"{row}_parse_rate" in metrics, row
+    # At most the config's default K = 3 (the micro pairs rarely fit a 32-token row beside the query:
+    # the primed row's figures against a hand computation are in tests/unit/test_finetune.py).
+    assert 0 <= metrics["primed_examples"] <= 3

@@ -19,11 +19,11 @@ Module = TypeVar("Module", bound=torch.nn.Module)
 
 
 @torch.no_grad()
-def perturbed(model: Module) -> Module:
+def perturbed(model: Module, scale: float = 0.1) -> Module:
     """Noise on every parameter. GPT-2's initialisation leaves LayerNorm weights at 1 and every
     bias at 0, where a misplaced LayerNorm or a dropped bias would still match a reference."""
     for p in model.parameters():
-        p.add_(0.1 * torch.randn_like(p))
+        p.add_(scale * torch.randn_like(p))
     return model
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 import safetensors.torch
@@ -17,11 +18,11 @@ from model.special_tokens import SpecialIds, special_ids
 from model.train import train
 from support.corpus import toy_tokenizer, write_corpus
 from support.devices import record_module_moves, stand_in_gpus
-from support.models import save_base_checkpoint, tiny_gpt
+from support.models import perturbed, save_base_checkpoint, tiny_gpt
 from tasks import tracking
 from tasks.bpe import load_tokenizer
-from tasks.finetune import FinetuneConfig, completes_function, parse_rate, run_finetune
-from tasks.finetune_pairs import Pair
+from tasks.finetune import FinetuneConfig, completes_function, parse_rate, primed_figures, run_finetune
+from tasks.finetune_pairs import Pair, PairSet
 
 PAIRS = [([10, 11, 12], [20, 21]), ([13, 14], [22, 23, 24]), ([15], [25])]
 # Ids as a pretrained tokenizer places them (after its vocabulary), not a trained one's 0, 1, 2.
@@ -184,6 +185,7 @@ def test_finetuning_lowers_the_held_out_completion_loss(micro_run):
     assert metrics["finetuned_completion_loss"] < metrics["pretrained_completion_loss"] - 0.5
     assert metrics["finetuned_completion_perplexity"] == pytest.approx(math.exp(metrics["finetuned_completion_loss"]))
     assert 0 <= metrics["pretrained_parse_rate"] <= 1 and 0 <= metrics["finetuned_parse_rate"] <= 1
+    assert 0 < metrics["primed_examples"] <= 3 and 0 <= metrics["primed_parse_rate"] <= 1  # the primed row
     assert (metrics["train_pairs"], metrics["val_pairs"]) == (54, 18)
     assert output.checkpoint == output.path / "checkpoints" / "step-12"
     manifest = json.loads((output.path / "manifest.json").read_text())
@@ -289,3 +291,50 @@ def test_a_malformed_pairs_file_fails_the_stage_naming_file_and_line(micro_run, 
             corpus,
             tmp_path / "ws",
         )
+
+
+@torch.no_grad()
+def test_the_primed_row_equals_a_hand_computation(tmp_path):
+    """primed_completion_loss: the mean -log p of each held-out completion (and its closing
+    <|endoftext|>) after `p1 <|sep|> c1 <|endoftext|> ... query <|sep|>`, with the first
+    `priming_shots` train pairs in seeded order that fit beside the query and the body's budget."""
+    texts = [module(i) for i in range(3)]
+    tokenizer = load_tokenizer(toy_tokenizer(tmp_path / "tokenizer.json", texts, vocab_size=320))
+    special = special_ids(tokenizer)
+    # Perturbed: a freshly initialised model barely depends on its context, which would hide the examples.
+    model = perturbed(tiny_gpt(tokenizer.get_vocab_size(), block_size=64), scale=1.0).eval()
+    train = [Pair(f"def f{i}(x):\n", f"    return x + {i}\n") for i in range(5)]
+    train.insert(1, Pair("def big():\n", "    y = 1\n" * 40))  # never fits: passed over
+    val = [Pair("def g(x):\n", "    return x\n"), Pair("def h():\n", "    pass\n")]
+    config = FinetuneConfig(priming_shots=2, eval_max_new_tokens=6, eval_pairs=2, seed=3, micro_batch_size=2)
+    figures = primed_figures(model, tokenizer, config, PairSet(train=train, val=val), seq_len=64)
+
+    def ids(text):
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    order = list(range(len(train)))
+    random.Random(3).shuffle(order)  # the stage's seeded order
+    ordered = [train[i] for i in order]
+    nats, count, used = 0.0, 0, []
+    for pair in val:
+        budget = max(len(ids(pair.completion)) + 1, 6)
+        prefix, room = [], 64 - budget - len(ids(pair.prompt)) - 1
+        chosen = 0
+        for example in ordered:
+            block = [*ids(example.prompt), special.sep, *ids(example.completion), special.eos]
+            if chosen < 2 and len(prefix) + len(block) <= room:
+                prefix += block
+                chosen += 1
+        used.append(chosen)
+        tokens = [*prefix, *ids(pair.prompt), special.sep, *ids(pair.completion), special.eos]
+        log_probs = torch.log_softmax(model(torch.tensor([tokens]), fp32_logits=True).logits[0], dim=-1)
+        first = len(tokens) - len(ids(pair.completion)) - 1  # the first completion token
+        for position in range(first, len(tokens)):
+            nats -= log_probs[position - 1, tokens[position]].item()
+            count += 1
+    assert used == [2, 2]
+    assert figures["primed_examples"] == 2
+    assert figures["primed_completion_loss"] == pytest.approx(nats / count, rel=1e-5)
+    assert 0 <= figures["primed_parse_rate"] <= 1
+    other_order = primed_figures(model, tokenizer, config.model_copy(update={"seed": 4}), PairSet(train, val), 64)
+    assert abs(other_order["primed_completion_loss"] - nats / count) > 1e-3  # the examples matter

@@ -90,7 +90,7 @@ def test_shots_take_the_first_examples_that_fit(source, recorded):
     long = ("def long", " ".join(["x"] * block))  # can never fit
     short = ("def a", "pass")
     (completion,) = complete(source, ["q"], Sampling(max_new_tokens=8), examples=[short, long, short], shots=3)
-    assert completion.examples_used == 1  # the first pair fits; the second does not, and priming stops there
+    assert completion.examples_used == 2  # the long pair is passed over for the next one that fits
 
 
 def test_examples_that_cannot_fit_are_refused_saying_how_many_fit(source, recorded):
