@@ -215,14 +215,16 @@ def read_text_file(path: Path, option: str) -> str:
 def config_examples(config: Path) -> list[tuple[str, str]]:
     """The config's fine-tuning train pairs in the stage's seeded order (its corpus is ingested, or reused)."""
     from flows.config import load_config
-    from tasks.finetune import priming_pairs
+    from tasks.finetune import load_pairs
+    from tasks.finetune_priming import priming_order
     from tasks.ingest import run_ingest
 
     settings = load_config(config)
     if settings.finetune is None:
         raise UserError(f"{config}: has no finetune section, so no pairs to prime with")
     corpus = run_ingest(settings.ingest, settings.workspace)
-    return [(pair.prompt, pair.completion) for pair in priming_pairs(settings.finetune, corpus.corpus)]
+    pairs = priming_order(load_pairs(settings.finetune, corpus.corpus).train, settings.finetune.seed)
+    return [(pair.prompt, pair.completion) for pair in pairs]
 
 
 @app.command()

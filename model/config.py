@@ -202,7 +202,12 @@ class ModelConfig(BaseModel):
     def _shape_from_one_place(self) -> ModelConfig:
         shape = sorted(self.model_fields_set & SHAPE_FIELDS)
         if self.init_from is not None and shape:
-            sparse = " (a sparse-attention model cannot start from a dense one)" if "attention" in shape else ""
+            sparse_preset = self.preset is not None and "sparse" in PRESETS[self.preset].attention
+            sparse = (
+                " (a sparse-attention model cannot start from a dense one)"
+                if "attention" in shape or ("preset" in shape and sparse_preset)
+                else ""
+            )
             raise ValueError(
                 f"{', '.join(shape)} cannot be set with init_from: the pretrained model's shape is used{sparse}; "
                 f"only {', '.join(sorted(INIT_OVERRIDES))} may change"

@@ -13,13 +13,13 @@ Text is encoded by the caller with special-token text kept plain (model/special_
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from model.checkpoint import PromptFormat
 from model.errors import UserError
 from model.generate import few_shot_prompt
+from model.jsonl import jsonl_records
 from model.special_tokens import SpecialIds
 
 Encode = Callable[[str], list[int]]
@@ -29,18 +29,10 @@ def parse_examples(text: str, source: str) -> list[tuple[str, str]]:
     """(prompt, completion) pairs of a JSON Lines text, one object per line with both fields;
     a bad line is refused with its number. Blank lines are skipped."""
     examples = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{source}: line {number} is not JSON ({e.msg}); expected one object per line") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{source}: line {number} is not a JSON object with prompt and completion")
+    for where, record in jsonl_records(text, source):
         for field in ("prompt", "completion"):
             if not isinstance(record.get(field), str):
-                raise UserError(f"{source}: line {number} lacks the text field {field!r}")
+                raise UserError(f"{where}: lacks the text field {field!r}")
         examples.append((record["prompt"], record["completion"]))
     if not examples:
         raise UserError(f"{source}: holds no examples")
@@ -129,6 +121,10 @@ def prompt_rows(
         chosen = primed
         if primed and shots is not None:
             chosen = fitting_examples(primed, query, room, limit=shots)
+            if not chosen:
+                raise UserError(
+                    f"{examples_source}: none of its {len(primed)} examples fits the context with the prompt"
+                )
         elif primed:
             check_examples_fit(primed, query, room, examples_source)
         ids, dropped = fit_prompt(format_prompt(query, special, prompt_format, chosen), block_size, max_new_tokens)

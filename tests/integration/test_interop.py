@@ -42,7 +42,7 @@ def init_config(tmp_path_factory, hf_dir):
     config["model"] = {"init_from": str(hf_dir)}
     config["pretrain"]["max_steps"] = 4
     config["finetune"]["max_steps"] = 3
-    config["finetune"]["seq_len"] = 32  # the pretrained model's context is 64
+    config["finetune"]["seq_len"] = 32  # the pretrained model's context is 128
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
@@ -181,3 +181,54 @@ def test_the_held_out_table_has_zero_shot_primed_and_finetuned_rows(run):
     # At most the config's default K = 3 (the micro pairs rarely fit a 32-token row beside the query:
     # the primed row's figures against a hand computation are in tests/unit/test_finetune.py).
     assert 0 <= metrics["primed_examples"] <= 3
+
+
+def test_shots_prime_with_the_configs_pairs(run, init_config):
+    from tasks.core.model_source import open_model
+    from tasks.finetune import load_pairs
+    from tasks.finetune_priming import priming_order
+
+    config = load_config(init_config)
+    (corpus,) = (config.workspace / "ingest").glob("*/corpus.parquet")
+    tokenizer = open_model(str(run.final_checkpoint)).tokenizer
+
+    def length(text):
+        return len(tokenizer.encode(text, add_special_tokens=False).ids)
+
+    # The first pair in the stage's seeded order that fits 128 - 4 tokens beside `def plus <|sep|>`.
+    ordered = priming_order(load_pairs(config.finetune, corpus).train, config.finetune.seed)
+    first = next(p for p in ordered if length(p.prompt) + length(p.completion) + 2 + length("def plus") + 1 <= 124)
+    result = CliRunner().invoke(
+        app,
+        [
+            "generate",
+            str(run.final_checkpoint),
+            "-p",
+            "def plus",
+            "--shots",
+            "1",
+            "--config",
+            str(init_config),
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "0",
+        ],
+    )
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    # The same text as priming with that pair from a file.
+    examples = init_config.parent / "first.jsonl"
+    examples.write_text(json.dumps({"prompt": first.prompt, "completion": first.completion}) + "\n")
+    by_file = cli(
+        "generate",
+        str(run.final_checkpoint),
+        "-p",
+        "def plus",
+        "--examples",
+        str(examples),
+        "--max-new-tokens",
+        "4",
+        "--temperature",
+        "0",
+    )
+    assert result.stdout == by_file

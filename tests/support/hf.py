@@ -18,7 +18,7 @@ from support.corpus import TEXTS
 from support.models import perturbed
 from tasks.bpe import new_tokenizer
 
-BLOCK_SIZE = 64
+BLOCK_SIZE = 128
 
 
 def tiny_gpt2_directory(directory: Path, vocab_size: int = 300, block_size: int = BLOCK_SIZE) -> Path:

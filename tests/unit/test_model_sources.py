@@ -104,9 +104,10 @@ def test_examples_that_cannot_fit_are_refused_saying_how_many_fit(source, record
 @pytest.mark.parametrize(
     "text, message",
     [
-        ('{"prompt": "a", "completion": "b"}\nnot json\n', r"f.jsonl: line 2 is not JSON"),
-        ('{"prompt": "a"}\n', r"f.jsonl: line 1 lacks the text field 'completion'"),
-        ('["a", "b"]\n', r"f.jsonl: line 1 is not a JSON object"),
+        ('{"prompt": "a", "completion": "b"}\nnot json\n', r"f.jsonl:2: not valid JSON"),
+        ('{"prompt": "a"}\n', r"f.jsonl:1: lacks the text field 'completion'"),
+        ('["a", "b"]\n', r"f.jsonl:1: expected a JSON object, got list"),
+        ('{"prompt": "a\u2028b", "completion": "c"}\n{"x": 1}\n', r"f.jsonl:2: lacks the text field 'prompt'"),
         ("\n", r"f.jsonl: holds no examples"),
     ],
 )
@@ -139,9 +140,7 @@ def test_generate_cli_reads_examples_and_prompt_files(source, tiny_gpt2, tmp_pat
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": 1}\n')
     result = CliRunner().invoke(app, ["generate", str(tiny_gpt2), "-p", "x", "--examples", str(bad)])
-    assert isinstance(result.exception, UserError) and "line 1 lacks the text field 'completion'" in str(
-        result.exception
-    )
+    assert isinstance(result.exception, UserError) and ":1: lacks the text field 'completion'" in str(result.exception)
 
 
 # --- init_from: bad sources -----------------------------------------------------------
@@ -193,6 +192,10 @@ def test_init_from_with_a_shape_or_bpe_settings_is_refused(tmp_path):
     config = write_pipeline_config(tmp_path, "bad")  # sets bpe and the model's shape
     with pytest.raises(UserError, match=r"block_size, n_embd, n_head, n_layer, preset cannot be set with init_from"):
         load_config(config, ["model.init_from=gpt2"])
+    with pytest.raises(
+        UserError, match=r"preset cannot be .* \(a sparse-attention model cannot start from a dense one\)"
+    ):
+        load_config(config, ["model={init_from: gpt2, preset: gpt3-small}"])
     with pytest.raises(UserError, match=r"bpe.min_frequency, bpe.vocab_size would be ignored"):
         load_config(config, ["model={init_from: gpt2}"])
 
