@@ -89,7 +89,8 @@ def grow_vocabulary(model: GPT, vocab_size: int, new_ids: list[int]) -> GPT:
     the rows that were trained, so a new token starts as an average token rather than noise
     whose logits could dominate. Every other weight, and every other logit, is unchanged."""
     old = model.transformer.wte.weight.detach()  # (V_old, C)
-    trained = [i for i in range(old.size(0)) if i not in set(new_ids)]
+    added = set(new_ids)
+    trained = [i for i in range(old.size(0)) if i not in added]
     grown = GPT(model.config.model_copy(update={"vocab_size": max(vocab_size, old.size(0))}))
     state = model.state_dict()
     wte = torch.empty(grown.config.vocab_size, old.size(1), dtype=old.dtype)  # (V, C)

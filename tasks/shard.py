@@ -538,7 +538,7 @@ def run_shard(
             dtype=dtype.name,
             vocab_size=vocab_size,
             tokenizer_sha256=sha256_file(tokenizer.tokenizer),
-            eos_id=special_ids(load_tokenizer(tokenizer.tokenizer)).eos,
+            eos_id=special_ids(load_tokenizer(tokenizer.local_file(tokenizer.tokenizer, workspace))).eos,
             compression=COMPRESSION,
             row_group_rows=row_group_rows(config.seq_len, dtype, config.shard_bytes),
             files=[entry for split in SPLITS for entry in files[split]],

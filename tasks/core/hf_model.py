@@ -28,7 +28,7 @@ from tasks.core.workspace import sha256_file
 
 HF_WEIGHTS, HF_CONFIG, HF_TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-HUB_FILES = [HF_CONFIG, HF_WEIGHTS, HF_TOKENIZER]  # all that is fetched from the hub
+HUB_FILES = [HF_CONFIG, HF_WEIGHTS, HF_TOKENIZER]  # all that is fetched from the hub (never a .bin)
 HUB_NAME = re.compile(r"[\w.-]+(/[\w.-]+)?")  # `gpt2`, `openai-community/gpt2`
 
 
@@ -66,7 +66,7 @@ def hub_snapshot(name: str) -> tuple[Path, str]:
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
-        directory = Path(snapshot_download(name, allow_patterns=[*HUB_FILES, *PICKLED_WEIGHTS]))
+        directory = Path(snapshot_download(name, allow_patterns=HUB_FILES))
     except LocalEntryNotFoundError:
         raise UserError(
             f"{name}: not a directory, and not in the Hugging Face cache while offline; "
@@ -87,7 +87,7 @@ def load_hf_directory(directory: Path, origin: str) -> PretrainedModel:
                 f"{directory}: has only pickled weights ({pickled[0]}), which gptflow does not load (unpickling "
                 f"can run code); convert them to {HF_WEIGHTS} (transformers: save_pretrained)"
             )
-        raise UserError(f"{directory}: has no {HF_WEIGHTS}")
+        raise UserError(f"{directory}: has no {HF_WEIGHTS} (gptflow loads no pickled weights)")
     model = import_hf(directory)  # refuses other architectures, naming the config field
     if not (directory / HF_TOKENIZER).is_file():
         raise UserError(f"{directory}: has no {HF_TOKENIZER}; gptflow uses the model's own tokenizer with it")

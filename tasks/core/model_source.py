@@ -38,6 +38,7 @@ from tasks.core.workspace import sha256_file
 from tasks.tracking.registry import load_registered_model
 
 REGISTRY_SCHEME = "models:/"
+RUN_SCHEME = "runs:/"  # a model logged by a run, `runs:/ID/model`: `gptflow generate` and export take it too
 GPTFLOW_CONFIG_KEY = "gptflow"  # config.json of an exported model: {"prompt_format": ...}
 
 
@@ -93,9 +94,9 @@ def load_model_source(spec: str | Path, tokenizer: Path, device: torch.device | 
 
 
 def open_model(spec: str) -> SourceModel:
-    """The model `spec` names: `models:/...`, a checkpoint or stage directory, a Hugging Face
-    directory, or a hub name; on the CPU."""
-    if is_registry_uri(spec):
+    """The model `spec` names: `models:/...` or `runs:/...`, a checkpoint or stage directory, a
+    Hugging Face directory, or a hub name; on the CPU."""
+    if is_registry_uri(spec) or spec.startswith(RUN_SCHEME):
         return _registered(spec)
     path = Path(spec).expanduser()
     if path.is_dir() and not is_hf_directory(path):
