@@ -31,6 +31,7 @@ from model.config import GPTConfig  # noqa: E402
 from model.export import export_hf  # noqa: E402
 from model.generate import generate  # noqa: E402
 from model.gpt import GPT  # noqa: E402
+from model.special_tokens import SpecialIds  # noqa: E402
 
 PROMPT_LENGTH = 16
 
@@ -61,8 +62,9 @@ def main(
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=vocab_size, block_size=512, n_layer=4, n_head=4, n_embd=256)
     model = GPT(config).eval()
+    special = SpecialIds(eos=0, pad=1, sep=2)  # a trained tokenizer's ids; only config.json reads them
     with tempfile.TemporaryDirectory() as directory:
-        hf_model = GPT2LMHeadModel.from_pretrained(export_hf(model, directory)).eval()
+        hf_model = GPT2LMHeadModel.from_pretrained(export_hf(model, directory, special)).eval()
 
     table = Table(title=f"{new_tokens} new tokens, 4x256 GPT, block_size 512, {torch.get_num_threads()} threads")
     for column in ("implementation", "batch", "tokens/s (median)", "range"):

@@ -49,7 +49,7 @@ import typer
 
 from flows.config import load_config
 from model.data import SPLITS
-from model.special_tokens import EOS_ID
+from model.special_tokens import special_ids
 from tasks.bpe import BPEOutput, load_tokenizer, run_bpe
 from tasks.ingest import IngestOutput, run_ingest
 from tasks.shard import ShardConfig, document_batches, run_shard
@@ -168,11 +168,13 @@ def run_clm_way(corpus: IngestOutput, tokenizer: BPEOutput, seq_len: int, out: P
     from transformers import PreTrainedTokenizerFast
 
     datasets.disable_progress_bars()
-    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=load_tokenizer(tokenizer.tokenizer))
+    backend = load_tokenizer(tokenizer.tokenizer)
+    eos = special_ids(backend).eos
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend)
     raw = datasets.load_dataset("parquet", data_files=str(corpus.corpus), split="train", cache_dir=str(out / "cache"))
 
     def tokenize(batch):
-        return {"input_ids": [ids + [EOS_ID] for ids in hf_tokenizer(batch["text"])["input_ids"]]}
+        return {"input_ids": [ids + [eos] for ids in hf_tokenizer(batch["text"])["input_ids"]]}
 
     def group_texts(batch):
         stream = list(itertools.chain.from_iterable(batch["input_ids"]))

@@ -125,8 +125,26 @@ def run(
 
 @app.command()
 def generate(
-    model_uri: Annotated[str, typer.Argument(help="models:/NAME@champion, models:/NAME/3, runs:/ID/model, ...")],
-    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="A prompt (repeatable).")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A checkpoint or stage directory, a Hugging Face GPT-2 directory or hub name, "
+            "models:/NAME@ALIAS, models:/NAME/3 or runs:/ID/model."
+        ),
+    ],
+    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
+    prompt_file: Annotated[Path | None, typer.Option(help="A file whose whole text is one prompt.")] = None,
+    examples: Annotated[
+        Path | None, typer.Option(help="Prime with these examples: JSON Lines of {prompt, completion}.")
+    ] = None,
+    shots: Annotated[
+        int | None, typer.Option(help="Prime with the first K fine-tuning pairs of --config that fit.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="With --shots: the YAML config whose pairs prime.")] = None,
+    prompt_format: Annotated[
+        str, typer.Option("--format", help="auto (the model's own), document, or pair (`prompt <|sep|>`).")
+    ] = "auto",
+    stream: Annotated[bool, typer.Option(help="Print tokens as they are drawn.")] = False,
     max_new_tokens: int = 64,
     temperature: float = 0.8,
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 keeps all.")] = 40,
@@ -134,23 +152,100 @@ def generate(
     seed: Annotated[int, typer.Option(help="Repeatable samples; -1 draws fresh ones.")] = -1,
     device: Annotated[str, typer.Option(help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
-    """Load a registered model (its pyfunc) and print a completion for each prompt."""
+    """Print a completion for each prompt; stops at end of text. A model gptflow fine-tuned is
+    prompted in its fine-tuning format (`prompt <|sep|>`); text like <|sep|> in a prompt is plain text."""
     from model.device import resolve_device
-    from tasks import tracking
+    from model.prompts import parse_examples
+    from tasks.core.completions import Sampling, complete
+    from tasks.core.model_source import open_model
 
-    resolve_device(device, field="--device")  # a device this machine lacks fails before the model loads
-    generator = tracking.load_text_generator(model_uri)
-    params = {
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "seed": seed,
-        "device": device,
-    }
-    for text, completion in zip(prompt, generator.predict(prompt, params=params)):
-        print(f"{text}{completion}")
-        print("-" * 40)
+    if prompt_format not in ("auto", "document", "pair"):
+        raise UserError(f"--format: {prompt_format!r} is not one of auto, document, pair")
+    texts = list(prompt or [])
+    if prompt_file is not None:
+        texts.append(read_text_file(prompt_file, "--prompt-file"))
+    if not texts:
+        raise UserError("generate: give a prompt (--prompt TEXT, repeatable, or --prompt-file FILE)")
+    if examples is not None and shots is not None:
+        raise UserError("generate: give --examples FILE or --shots K --config CONFIG, not both")
+    if (shots is None) != (config is None):
+        raise UserError("generate: --shots K and --config CONFIG go together")
+    primers, source_name = None, str(examples)
+    if examples is not None:
+        primers = parse_examples(read_text_file(examples, "--examples"), str(examples))
+    elif shots is not None:
+        primers, source_name = config_examples(config), f"{config} (finetune pairs)"
+    where = resolve_device(device, field="--device")  # a device this machine lacks fails before the model loads
+    source = open_model(model)
+    source.model.to(where)
+    sampling = Sampling(max_new_tokens, temperature, top_k or None, top_p, None if seed < 0 else seed)
+    settings = dict(
+        sampling=sampling,
+        examples=primers,
+        prompt_format=None if prompt_format == "auto" else prompt_format,
+        examples_source=source_name,
+        shots=shots,
+    )
+    # Streaming prints one prompt's tokens at a time, so prompts are completed one by one.
+    batches = [[text] for text in texts] if stream else [texts]
+    for batch in batches:
+        if stream:
+            print(batch[0], end="", flush=True)
+        on_text = (lambda row, piece: print(piece, end="", flush=True)) if stream else None
+        for completion in complete(source, batch, on_text=on_text, **settings):
+            if completion.dropped_tokens:
+                print(
+                    f"generate: the prompt was cut to its last {source.model.config.block_size - max_new_tokens} "
+                    f"tokens (dropped {completion.dropped_tokens}) to leave room for {max_new_tokens} new ones",
+                    file=sys.stderr,
+                )
+            if completion.examples_used and shots is not None:
+                print(f"generate: primed with {completion.examples_used} of {shots} examples", file=sys.stderr)
+            print("" if stream else f"{completion.prompt}{completion.text}")
+            print("-" * 40)
+
+
+def read_text_file(path: Path, option: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{option}: cannot read {path} ({e})") from None
+
+
+def config_examples(config: Path) -> list[tuple[str, str]]:
+    """The config's fine-tuning train pairs in the stage's seeded order (its corpus is ingested, or reused)."""
+    from flows.config import load_config
+    from tasks.finetune import load_pairs
+    from tasks.finetune_priming import priming_order
+    from tasks.ingest import run_ingest
+
+    settings = load_config(config)
+    if settings.finetune is None:
+        raise UserError(f"{config}: has no finetune section, so no pairs to prime with")
+    corpus = run_ingest(settings.ingest, settings.workspace)
+    pairs = priming_order(load_pairs(settings.finetune, corpus.corpus).train, settings.finetune.seed)
+    return [(pair.prompt, pair.completion) for pair in pairs]
+
+
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="A checkpoint or stage directory, or models:/NAME@ALIAS.")],
+    out_dir: Annotated[Path, typer.Argument(help="The Hugging Face model directory to write.")],
+    force: Annotated[bool, typer.Option(help="Replace the files of a non-empty OUT_DIR.")] = False,
+    push_to_hub: Annotated[
+        str | None, typer.Option(help="Also upload the directory to this Hugging Face hub repository.")
+    ] = None,
+) -> None:
+    """Write MODEL as a directory AutoModelForCausalLM and AutoTokenizer load, with a model card."""
+    from tasks.core.hf_export import export_model, push_directory
+    from tasks.core.model_source import open_model
+
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
+        raise UserError(f"{out_dir}: exists and is not empty; pass --force to replace its files")
+    written = export_model(open_model(model), out_dir)
+    print(f"exported  {written}")
+    if push_to_hub:
+        print(f"pushed    {push_directory(written, push_to_hub)}")
 
 
 @app.command()

@@ -62,8 +62,21 @@ class PipelineConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _one_tokenizer(self) -> PipelineConfig:
+        if self.model.init_from is not None and self.bpe.model_fields_set:
+            fields = ", ".join(f"bpe.{name}" for name in sorted(self.bpe.model_fields_set))
+            raise ValueError(
+                f"{fields} would be ignored: with model.init_from the pretrained model's own tokenizer is used "
+                "(nothing is trained); remove them"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _windows_fit_the_model(self) -> PipelineConfig:
         # Otherwise found only when pretraining starts, after the data stages have run.
+        # A pretrained model's context is known once it is loaded: pretraining checks it.
+        if self.model.init_from is not None:
+            return self
         block_size = self.model.resolve(vocab_size=1).block_size
         if self.shard.seq_len > block_size:
             raise ValueError(

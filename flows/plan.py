@@ -61,12 +61,15 @@ def plan(config: PipelineConfig) -> list[PlannedStage]:
         return directory if directory and directory.is_complete() else None
 
     corpus_fp = ingest_fingerprint(config.ingest, find_source_files(config.ingest))
-    tokenizer_fp = bpe_fingerprint(config.bpe, corpus_fp)
-    shards_fp = shard_fingerprint(config.shard, corpus_fp, tokenizer_fp)
+    # With model.init_from the tokenizer stage's fingerprint holds the pretrained model's digest,
+    # known once the model is read: it and every stage after it are planned as "run".
+    tokenizer_fp = bpe_fingerprint(config.bpe, corpus_fp) if config.model.init_from is None else None
+    shards_fp = shard_fingerprint(config.shard, corpus_fp, tokenizer_fp) if tokenizer_fp else None
     corpus_dir = add("ingest", "ingest", corpus_fp)
     tokenizer_dir = add("train-tokenizer", "bpe", tokenizer_fp)
     shards_dir = add("shard", "shard", shards_fp)
-    pretrained = add("pretrain", "pretrain", pretrain_fingerprint(config.pretrain, config.model, shards_fp))
+    pretrain_fp = pretrain_fingerprint(config.pretrain, config.model, shards_fp) if shards_fp else None
+    pretrained = add("pretrain", "pretrain", pretrain_fp)
 
     data_ready = corpus_dir and tokenizer_dir and shards_dir
 

@@ -49,7 +49,7 @@ def check_run(
         check_training(pretrain, "pretrain", config.shard.seq_len, pretrain.nproc_per_node, pretrain.nnodes)
     if "finetune" in training and config.finetune is not None:
         # Fine-tuning rows are the base model's context long unless finetune.seq_len says
-        # otherwise; a base from elsewhere (a registered model) has its own context.
-        own_base = not (finetune_from or config.finetune.start_from)
+        # otherwise; a base from elsewhere (a registered model, model.init_from) has its own context.
+        own_base = not (finetune_from or config.finetune.start_from or config.model.init_from)
         base_context = config.model.resolve(vocab_size=1).block_size if own_base else None
         check_training(config.finetune, "finetune", config.finetune.seq_len or base_context)

@@ -27,6 +27,7 @@ from flows.runners import TaskRunnerConfig, make_task_runner
 from model.errors import UserError
 from tasks import tracking
 from tasks.bpe import BPEOutput, run_bpe, train_tokenizer_task
+from tasks.core.model_source import open_model
 from tasks.core.storage import resolve_workspace
 from tasks.ingest import HF_PREFIX, IngestConfig, IngestOutput, find_source_files, ingest_task, run_ingest
 from tasks.shard import (
@@ -85,9 +86,13 @@ class PreparedData(BaseModel):
 
 def check_prepare_config(config: PipelineConfig) -> None:
     """User errors that show before any work: a missing source, a glob that matches
-    nothing, shards too small for one window."""
+    nothing, shards too small for one window, a pretrained model (init_from) that cannot load."""
     find_source_files(config.ingest)
     check_shard_bytes(config.shard, config.bpe.vocab_size)
+    if config.model.init_from is not None:
+        # Loaded once more by the tokenizer stage: a model that cannot load must stop the run
+        # before ingest writes anything.
+        open_model(config.model.init_from)
 
 
 @flow(name="prepare-data", flow_run_name="prepare-data-{config.name}")
@@ -95,7 +100,9 @@ def prepare_data(config: PipelineConfig, parent_run_id: str | None = None) -> Pr
     """Ingest the corpus, train the tokenizer, write the shards; publish the reports, and
     record the stages under the MLflow run `parent_run_id` (the calling flow's) when given."""
     corpus = ingest_for(config.ingest)(config.ingest, config.workspace, return_state=True).result()
-    tokenizer = train_tokenizer_task(config.bpe, corpus, config.workspace, return_state=True).result()
+    tokenizer = train_tokenizer_task(
+        config.bpe, corpus, config.workspace, config.model.init_from, return_state=True
+    ).result()
     shards = shard_task(
         config.shard,
         corpus,
@@ -164,7 +171,7 @@ def task_runs_on(runner: TaskRunnerConfig) -> Callable[[list[ShardChunk]], list[
 def prepare_data_locally(config: PipelineConfig) -> PreparedData:
     """The flow's three stages as plain function calls: no Prefect, no artifact."""
     corpus = run_ingest(config.ingest, config.workspace)
-    tokenizer = run_bpe(config.bpe, corpus, config.workspace)
+    tokenizer = run_bpe(config.bpe, corpus, config.workspace, config.model.init_from)
     shards = run_shard(config.shard, corpus, tokenizer, config.workspace)
     return PreparedData(corpus=corpus, tokenizer=tokenizer, shards=shards)
 

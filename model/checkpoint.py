@@ -4,6 +4,9 @@
     config.json         the GPTConfig, so `load_model(dir)` rebuilds the model alone
     state.pt            optimizer state, step, loader position, RNG states; plain tensors and
                         containers only, read back with `torch.load(weights_only=True)`
+    tokenizer.json      in a stage's final checkpoint (`attach_tokenizer`): the tokenizer, and
+    tokens.json         its special ids and the prompt format the model was last trained on,
+                        so the directory alone is enough to generate with or export it
 
 A checkpoint is written into a hidden temporary directory and renamed into place, so a
 `step-N` directory is always complete; only the newest `keep` are kept. Weights are saved
@@ -30,21 +33,27 @@ import shutil
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import safetensors
 import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from model.config import GPTConfig
 from model.errors import UserError
 from model.gpt import GPT
 from model.parallel import CheckpointFormat, full_state, load_full_state, load_sharded_state, sharded_state
+from model.special_tokens import SpecialIds
 
 WEIGHTS, CONFIG, STATE, DCP = "model.safetensors", "config.json", "state.pt", "dcp"
+TOKENIZER, TOKENS = "tokenizer.json", "tokens.json"
+# How a model expects its prompts: "document" (pretrained: a prompt continues a document after
+# <|endoftext|>) or "pair" (fine-tuned by gptflow: `prompt <|sep|>`, then it writes the completion).
+PromptFormat = Literal["document", "pair"]
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
@@ -246,6 +255,48 @@ def load_state(checkpoint: Path, map_location: torch.device | str = "cpu") -> di
             f"{checkpoint / STATE}: refused: it holds objects other than tensors and plain values, "
             "and loading them could run code; delete this checkpoint"
         ) from None
+
+
+class CheckpointTokens(BaseModel):
+    """A checkpoint's tokens.json: the special ids of its tokenizer.json and its prompt format."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    special_ids: SpecialIds
+    prompt_format: PromptFormat
+
+
+def save_model_directory(model: nn.Module, directory: Path) -> Path:
+    """Write `model`'s weights and config.json into `directory` (a checkpoint without training
+    state, e.g. a pretrained model to start from); `load_model(directory)` reads it back."""
+    directory.mkdir(parents=True, exist_ok=True)
+    plain = unwrap(model)
+    _write_weights(directory / WEIGHTS, plain, plain.state_dict())
+    (directory / CONFIG).write_text(plain.config.model_dump_json(indent=2) + "\n")
+    return directory
+
+
+def attach_tokenizer(checkpoint: Path, tokenizer: Path, tokens: CheckpointTokens) -> list[Path]:
+    """Copy `tokenizer` (a tokenizer.json) into `checkpoint` with its tokens.json; returns both paths."""
+    for name, text in ((TOKENIZER, Path(tokenizer).read_text()), (TOKENS, tokens.model_dump_json(indent=2) + "\n")):
+        tmp = checkpoint / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text)
+        os.replace(tmp, checkpoint / name)
+    return [checkpoint / TOKENIZER, checkpoint / TOKENS]
+
+
+def read_tokens(checkpoint: Path) -> CheckpointTokens:
+    """`checkpoint`'s tokens.json; a checkpoint without one predates self-contained checkpoints."""
+    path = checkpoint / TOKENS
+    if not path.is_file() or not (checkpoint / TOKENIZER).is_file():
+        raise UserError(
+            f"{checkpoint}: has no {TOKENIZER} and {TOKENS}; only a stage's final checkpoint carries its "
+            "tokenizer (rerun the stage, or name the stage directory)"
+        )
+    try:
+        return CheckpointTokens.model_validate_json(path.read_text())
+    except ValueError as e:
+        raise UserError(f"{path}: not a readable tokens file ({e})") from None
 
 
 def read_config(checkpoint: Path) -> GPTConfig:

@@ -163,11 +163,22 @@ def preset(name: str) -> GPTConfig:
         raise UserError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}") from None
 
 
+# What a pretrained model (init_from) fixes, and what may still be set beside it.
+SHAPE_FIELDS = {"preset", "block_size", "n_layer", "n_head", "n_embd", "bias", "attention", "sparse_window"}
+INIT_OVERRIDES = {"dropout", "vocab_multiple", "loss_chunk"}
+
+
 class ModelConfig(BaseModel):
-    """The pipeline's `model:` section: a preset, then any GPTConfig field (except the vocabulary) to override."""
+    """The pipeline's `model:` section: a preset, then any GPTConfig field (except the vocabulary) to
+    override; or `init_from`, a pretrained model whose shape (and weights, and tokenizer) are taken."""
 
     model_config = ConfigDict(extra="forbid")
 
+    init_from: str | None = Field(
+        None,
+        description="start from a pretrained model: a Hugging Face GPT-2 directory or hub name (gpt2, gpt2-medium), "
+        "a gptflow checkpoint directory or a models:/ URI; its tokenizer replaces the trained one",
+    )
     preset: str | None = Field("tiny", description=f"one of {', '.join(PRESETS)}; or null to give every field")
     block_size: PositiveInt | None = None
     n_layer: PositiveInt | None = None
@@ -188,16 +199,41 @@ class ModelConfig(BaseModel):
         return name
 
     @model_validator(mode="after")
+    def _shape_from_one_place(self) -> ModelConfig:
+        shape = sorted(self.model_fields_set & SHAPE_FIELDS)
+        if self.init_from is not None and shape:
+            sparse_preset = self.preset is not None and "sparse" in PRESETS[self.preset].attention
+            sparse = (
+                " (a sparse-attention model cannot start from a dense one)"
+                if "attention" in shape or ("preset" in shape and sparse_preset)
+                else ""
+            )
+            raise ValueError(
+                f"{', '.join(shape)} cannot be set with init_from: the pretrained model's shape is used{sparse}; "
+                f"only {', '.join(sorted(INIT_OVERRIDES))} may change"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _valid_combination(self) -> ModelConfig:
         # The vocabulary is known only once the tokenizer is trained; every other constraint
         # (n_embd % n_head, the attention pattern, ...) is checked now, at load time.
         self.resolve(vocab_size=1)
         return self
 
+    def resolve_from(self, pretrained: GPTConfig) -> GPTConfig:
+        """The pretrained model's config with the fields that may change with init_from (dropout, speed)."""
+        return pretrained.model_copy(update=self.model_dump(include=INIT_OVERRIDES, exclude_none=True))
+
+    def settings(self) -> dict:
+        """The section as fingerprints see it: init_from enters them by content (the tokenizer stage's
+        digest of the model), not by name."""
+        return self.model_dump(mode="json", exclude={"init_from"})
+
     def resolve(self, vocab_size: int) -> GPTConfig:
         """The preset's values, then the overrides, with the tokenizer's vocabulary size."""
         fields = PRESETS[self.preset].model_dump() if self.preset else {}
-        fields.update(self.model_dump(exclude={"preset"}, exclude_none=True))
+        fields.update(self.model_dump(exclude={"preset", "init_from"}, exclude_none=True))
         fields["vocab_size"] = vocab_size
         try:
             return GPTConfig(**fields)

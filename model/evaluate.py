@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from model.device import inference_autocast
-from model.special_tokens import PAD_ID
 
 IGNORE = -100  # target value that is not scored
 
@@ -139,14 +138,17 @@ def sliding_windows(tokens: list[int], block_size: int, stride: int) -> Iterator
 
 
 def pad_batch(windows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad variable-length windows: inputs with <|pad|>, targets with IGNORE.
+    """Right-pad variable-length windows: inputs with their own last token, targets with IGNORE.
 
-    The model is causal, so padding after a window never changes the logits inside it.
+    The model is causal, so padding after a window never changes the logits inside it, and
+    the pad positions are not scored: any id does, and repeating a real one needs no
+    tokenizer here.
     """
     width = max(len(inputs) for inputs, _ in windows)
-    inputs = torch.full((len(windows), width), PAD_ID, dtype=torch.long)
+    inputs = torch.empty((len(windows), width), dtype=torch.long)
     targets = torch.full((len(windows), width), IGNORE, dtype=torch.long)
     for row, (x, y) in enumerate(windows):
+        inputs[row] = x[-1]
         inputs[row, : len(x)] = torch.tensor(x, dtype=torch.long)
         targets[row, : len(y)] = torch.tensor(y, dtype=torch.long)
     return inputs, targets

@@ -19,14 +19,15 @@ from safetensors.torch import load_file, save_file
 from model.config import GPTConfig
 from model.errors import UserError
 from model.gpt import GPT
-from model.special_tokens import EOS_ID
+from model.special_tokens import SpecialIds
 
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")  # both are the tanh GELU that `MLP` uses
 
 
-def export_hf(model: GPT, directory: Path | str) -> Path:
-    """Write `model` as a Hugging Face GPT2LMHeadModel directory; returns the directory."""
+def export_hf(model: GPT, directory: Path | str, special: SpecialIds) -> Path:
+    """Write `model` as a Hugging Face GPT2LMHeadModel directory; returns the directory.
+    `special`: the ids of its tokenizer's special tokens, for config.json's bos/eos."""
     config = model.config
     if config.has_sparse_layers:
         raise UserError(
@@ -48,7 +49,7 @@ def export_hf(model: GPT, directory: Path | str) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(_hf_config(config), indent=2) + "\n")
+    (directory / "config.json").write_text(json.dumps(_hf_config(config, special), indent=2) + "\n")
     return directory
 
 
@@ -82,7 +83,25 @@ def import_hf(directory: Path | str) -> GPT:
     return model
 
 
-def _hf_config(config: GPTConfig) -> dict:
+def grow_vocabulary(model: GPT, vocab_size: int, new_ids: list[int]) -> GPT:
+    """`model` with a token embedding (and the head tied to it) of `vocab_size` rows: the rows
+    of `new_ids` (tokens added to its tokenizer, e.g. <|pad|> and <|sep|>) set to the mean of
+    the rows that were trained, so a new token starts as an average token rather than noise
+    whose logits could dominate. Every other weight, and every other logit, is unchanged."""
+    old = model.transformer.wte.weight.detach()  # (V_old, C)
+    added = set(new_ids)
+    trained = [i for i in range(old.size(0)) if i not in added]
+    grown = GPT(model.config.model_copy(update={"vocab_size": max(vocab_size, old.size(0))}))
+    state = model.state_dict()
+    wte = torch.empty(grown.config.vocab_size, old.size(1), dtype=old.dtype)  # (V, C)
+    wte[: old.size(0)] = old
+    wte[new_ids] = old[trained].mean(dim=0)
+    state["transformer.wte.weight"] = state["lm_head.weight"] = wte
+    grown.load_state_dict(state)
+    return grown
+
+
+def _hf_config(config: GPTConfig, special: SpecialIds) -> dict:
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -99,8 +118,9 @@ def _hf_config(config: GPTConfig) -> dict:
         "attn_pdrop": config.dropout,
         "scale_attn_weights": True,
         "tie_word_embeddings": True,
-        "bos_token_id": EOS_ID,
-        "eos_token_id": EOS_ID,
+        "bos_token_id": special.eos,  # GPT-2 starts and ends documents with the same token
+        "eos_token_id": special.eos,
+        "pad_token_id": special.pad,
         "dtype": "float32",
     }
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 
 from model.evaluate import IGNORE
-from model.special_tokens import EOS_ID, PAD_ID, SEP_ID
+from model.special_tokens import SpecialIds
 
 TooLong = Literal["truncate", "drop"]
 
@@ -42,24 +42,26 @@ class EncodeReport:
     dropped: int = 0
 
 
-def encode_pair(prompt: list[int], completion: list[int], seq_len: int, too_long: TooLong) -> Example | None:
+def encode_pair(
+    prompt: list[int], completion: list[int], seq_len: int, too_long: TooLong, special: SpecialIds
+) -> Example | None:
     """The example for one tokenized pair, fitted to `seq_len + 1` tokens; None if dropped."""
     excess = len(prompt) + len(completion) + 2 - (seq_len + 1)
     if excess > 0:
         if too_long == "drop" or excess > len(prompt):
             return None
         prompt = prompt[excess:]
-    tokens = [*prompt, SEP_ID, *completion, EOS_ID]
+    tokens = [*prompt, special.sep, *completion, special.eos]
     scored = [False] * (len(prompt) + 1) + [True] * (len(completion) + 1)
     return Example(tokens, scored)
 
 
 def encode_pairs(
-    pairs: list[tuple[list[int], list[int]]], seq_len: int, too_long: TooLong
+    pairs: list[tuple[list[int], list[int]]], seq_len: int, too_long: TooLong, special: SpecialIds
 ) -> tuple[list[Example], EncodeReport]:
     examples, report = [], EncodeReport()
     for prompt, completion in pairs:
-        example = encode_pair(prompt, completion, seq_len, too_long)
+        example = encode_pair(prompt, completion, seq_len, too_long, special)
         if example is None:
             report.dropped += 1
             continue
@@ -69,7 +71,9 @@ def encode_pairs(
     return examples, report
 
 
-def to_rows(examples: list[Example], seq_len: int, packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def to_rows(
+    examples: list[Example], seq_len: int, packed: bool, special: SpecialIds
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets), both (rows, seq_len): examples laid out in rows of `seq_len + 1` tokens."""
     rows: list[Example] = []
     for example in examples:
@@ -78,7 +82,7 @@ def to_rows(examples: list[Example], seq_len: int, packed: bool) -> tuple[torch.
             rows[-1].scored += example.scored
         else:
             rows.append(Example(list(example.tokens), list(example.scored)))
-    inputs = torch.full((len(rows), seq_len), PAD_ID, dtype=torch.long)
+    inputs = torch.full((len(rows), seq_len), special.pad, dtype=torch.long)
     targets = torch.full((len(rows), seq_len), IGNORE, dtype=torch.long)
     for r, row in enumerate(rows):
         tokens = torch.tensor(row.tokens, dtype=torch.long)

@@ -13,12 +13,14 @@ step, which is exactly what a model without a cache computes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from model.device import inference_autocast
 from model.errors import UserError
 from model.gpt import GPT, KVCache
-from model.special_tokens import EOS_ID, PAD_ID, SEP_ID
+from model.special_tokens import SpecialIds
 
 
 @torch.inference_mode()
@@ -32,6 +34,7 @@ def generate(
     eos_id: int | None = None,
     seed: int | None = None,
     use_cache: bool = True,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt by up to max_new_tokens tokens; return the new tokens only, per prompt.
 
@@ -39,6 +42,7 @@ def generate(
     keeps the smallest set of most likely tokens whose probability reaches p. A sequence
     stops after eos_id (included) when it is given. With a seed, results repeat.
     use_cache=False recomputes the whole window at every step (for comparison).
+    on_token(row, token) is called with each new token of an unfinished row as it is drawn (streaming).
     """
     _check_arguments(model, prompts, max_new_tokens, temperature, top_k, top_p)
     device = next(model.parameters()).device
@@ -64,6 +68,8 @@ def generate(
                 if not finished[b]:
                     new_tokens[b].append(token)
                     finished[b] = token == eos_id
+                    if on_token is not None:
+                        on_token(b, token)
             if all(finished):
                 break
     finally:
@@ -85,7 +91,8 @@ def _prefill(
     if use_cache:
         length = prefill_length(length, model.config.block_size)
     pad = torch.tensor([length - len(window) for window in windows])
-    idx = torch.tensor([[PAD_ID] * (length - len(window)) + window for window in windows], device=device)
+    # The pad slots are masked out (KVCache's pad), so any id does: each row repeats its own first token.
+    idx = torch.tensor([[window[0]] * (length - len(window)) + window for window in windows], device=device)
     cache = None
     if use_cache or pad.any():
         # Under autocast the keys and values come out of the bf16 matmuls: store them as such.
@@ -121,17 +128,17 @@ def sample(
     return candidates.gather(-1, choice).squeeze(-1)
 
 
-def few_shot_prompt(examples: list[tuple[list[int], list[int]]], query: list[int]) -> list[int]:
-    """Token ids of a GPT-3 style few-shot prompt: `description <|sep|> code <|endoftext|>` per example,
-    then `query <|sep|>`, so the model writes the query's code (and ends it with <|endoftext|>).
+def few_shot_prompt(examples: list[tuple[list[int], list[int]]], query: list[int], special: SpecialIds) -> list[int]:
+    """Token ids of a GPT-3 style few-shot prompt: `prompt <|sep|> completion <|endoftext|>` per example,
+    then `query <|sep|>`, so the model writes the query's completion (and ends it with <|endoftext|>).
 
     This is the fine-tuning format (prompt, separator, completion, end of text) repeated;
-    pass the result to `generate` with eos_id=EOS_ID.
+    pass the result to `generate` with eos_id=special.eos.
     """
     tokens: list[int] = []
-    for description, code in examples:
-        tokens += [*description, SEP_ID, *code, EOS_ID]
-    return tokens + [*query, SEP_ID]
+    for prompt, completion in examples:
+        tokens += [*prompt, special.sep, *completion, special.eos]
+    return tokens + [*query, special.sep]
 
 
 def _check_arguments(

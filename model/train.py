@@ -64,7 +64,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
 from torch import nn
 
-from model.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
+from model.checkpoint import latest_checkpoint, load_training_checkpoint, load_weights, save_training_checkpoint
 from model.config import RUN_ONLY, GPTConfig
 from model.data import WindowLoader
 from model.device import DeviceName, device_model, training_bf16
@@ -426,6 +426,7 @@ class RunSpec(BaseModel):
     shards: Path = Field(description="the shard stage's manifest.json")
     out_dir: Path
     loader_workers: NonNegativeInt = 0
+    init_from: Path | None = Field(None, description="a checkpoint whose weights training starts from (not resumes)")
 
 
 def run(spec: RunSpec, callback: Callback | None = None) -> TrainResult:
@@ -451,7 +452,10 @@ def run(spec: RunSpec, callback: Callback | None = None) -> TrainResult:
             f"do not fit the model (block_size {spec.model.block_size}, vocab_size {spec.model.vocab_size})"
         )
     torch.manual_seed(spec.train.seed)
-    return train(GPT(spec.model), spec.train, train_data, val_data, spec.out_dir, callback)
+    model = GPT(spec.model)
+    if spec.init_from is not None:  # a resumed run then loads its own checkpoint over these weights
+        load_weights(model, spec.init_from)
+    return train(model, spec.train, train_data, val_data, spec.out_dir, callback)
 
 
 def print_metrics(step: int, metrics: Mapping[str, float]) -> None:

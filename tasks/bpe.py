@@ -15,6 +15,10 @@ linear. The default is above the longest pre-token of the Python standard librar
 bytes), so ordinary text encodes exactly as without the bound. The trainer runs in a child
 process (tasks/bpe_trainer.py) so that Ctrl-C and SIGTERM stop it.
 
+With `model.init_from` the stage trains nothing: it records the pretrained model's own
+tokenizer (`<|pad|>` and `<|sep|>` added when missing) and the model as `init/`, the
+checkpoint pretraining starts from (`import_pretrained`).
+
 Output `<workspace>/bpe/<fingerprint>/tokenizer.json`. Load it with `load_tokenizer`,
 which also makes special-token strings that occur in text encode as plain text (a
 document containing "<|endoftext|>" must not end early); that setting is not stored in
@@ -32,8 +36,18 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from model.checkpoint import (
+    CONFIG,
+    TOKENIZER,
+    TOKENS,
+    WEIGHTS,
+    CheckpointTokens,
+    attach_tokenizer,
+    save_model_directory,
+)
 from model.special_tokens import SPECIAL_TOKENS
 from tasks.bpe_trainer import train_in_child
+from tasks.core.model_source import open_model
 from tasks.core.progress import step_progress
 from tasks.core.stage_state import finished
 from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
@@ -41,6 +55,7 @@ from tasks.ingest import IngestOutput, read_corpus
 
 FORMAT_VERSION = 2  # 2: the pre-token bound is a pre-tokenizer step in tokenizer.json
 TOKENIZER_FILE = "tokenizer.json"
+INIT_DIR = "init"  # with model.init_from: the pretrained model pretraining starts from
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet and the special tokens
 # Measured (bench/prepare.py): training and encoding a 60 MB line of one character take
 # about as long at 128 to 4096; 256 is well above the standard library's longest pre-token.
@@ -69,6 +84,7 @@ class BPEConfig(BaseModel):
 
 class BPEOutput(StageOutput):
     tokenizer: Path  # tokenizer.json
+    init_checkpoint: Path | None = None  # with model.init_from: the pretrained model, a checkpoint directory
 
 
 def new_tokenizer(max_pretoken_bytes: int | None = MAX_PRETOKEN_BYTES) -> Tokenizer:
@@ -153,8 +169,11 @@ def bpe_fingerprint(config: BPEConfig, corpus_fingerprint: str) -> str:
     return fingerprint("bpe", config.model_dump(mode="json"), {"corpus": corpus_fingerprint}, FORMAT_VERSION)
 
 
-def run_bpe(config: BPEConfig, corpus: IngestOutput, workspace: Path | str) -> BPEOutput:
-    """Train `<workspace>/bpe/<fingerprint>/tokenizer.json` on the train split (or reuse it)."""
+def run_bpe(config: BPEConfig, corpus: IngestOutput, workspace: Path | str, init_from: str | None = None) -> BPEOutput:
+    """Train `<workspace>/bpe/<fingerprint>/tokenizer.json` on the train split (or reuse it);
+    with `init_from` (model.init_from), take the pretrained model's tokenizer instead."""
+    if init_from is not None:
+        return import_pretrained(init_from, corpus, workspace)
     stage = StageDir(workspace, "bpe", bpe_fingerprint(config, corpus.fingerprint))
 
     def build(directory: Path) -> dict[str, Any]:
@@ -175,7 +194,43 @@ def run_bpe(config: BPEConfig, corpus: IngestOutput, workspace: Path | str) -> B
     return BPEOutput.build_once(stage, build, tokenizer=TOKENIZER_FILE)
 
 
+def import_pretrained(init_from: str, corpus: IngestOutput, workspace: Path | str) -> BPEOutput:
+    """Record the tokenizer of the pretrained model `init_from` (no training), and the model
+    itself as `init/`, the checkpoint pretraining starts from. The fingerprint holds the model
+    by content (its digest), so the shards and pretraining follow a changed model, not a name."""
+    source = open_model(init_from)
+    settings = {"init_from": source.digest}
+    stage = StageDir(workspace, "bpe", fingerprint("bpe", settings, {"corpus": corpus.fingerprint}, FORMAT_VERSION))
+
+    def build(directory: Path) -> dict[str, Any]:
+        path = directory / TOKENIZER_FILE
+        with atomic_path(path) as tmp:
+            source.tokenizer.save(str(tmp))
+        init = save_model_directory(source.model, directory / INIT_DIR)
+        attach_tokenizer(init, path, CheckpointTokens(special_ids=source.special, prompt_format="document"))
+        tokenizer = load_tokenizer(path)
+        report = {
+            "vocab_size": tokenizer.get_vocab_size(),
+            "trained": False,
+            "init_from": init_from,
+            **{f"init_{key}": value for key, value in source.lineage.items()},
+            **check_on_val(tokenizer, corpus.corpus),
+        }
+        listed = [TOKENIZER_FILE, *(f"{INIT_DIR}/{name}" for name in (WEIGHTS, CONFIG, TOKENIZER, TOKENS))]
+        return {
+            "format": FORMAT_VERSION,
+            "fingerprint": stage.fingerprint,
+            "inputs": {"corpus": corpus.fingerprint, "init_from": source.digest},
+            "files": [{"path": name, "sha256": sha256_file(directory / name)} for name in listed],
+            "report": report,
+        }
+
+    return BPEOutput.build_once(stage, build, tokenizer=TOKENIZER_FILE, init_checkpoint=INIT_DIR)
+
+
 @task(name="train-tokenizer", cache_policy=NO_CACHE)
-def train_tokenizer_task(config: BPEConfig, corpus: IngestOutput, workspace: Path | str) -> BPEOutput:
+def train_tokenizer_task(
+    config: BPEConfig, corpus: IngestOutput, workspace: Path | str, init_from: str | None = None
+) -> BPEOutput:
     """Prefect task over `run_bpe`; the stage directory's manifest does the caching."""
-    return finished(run_bpe(config, corpus, workspace))
+    return finished(run_bpe(config, corpus, workspace, init_from))

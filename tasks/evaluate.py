@@ -45,7 +45,7 @@ from model.errors import UserError
 from model.evaluate import LossTotals, score_batches, sliding_window_batches
 from model.generate import generate
 from model.gpt import GPT
-from model.special_tokens import EOS_ID
+from model.special_tokens import special_ids
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.model_source import load_model_source
 from tasks.core.stage_state import finished
@@ -119,11 +119,12 @@ def held_out_documents(corpus: Path, tokenizer: Tokenizer, limit: int | None) ->
 
     Encoded a corpus batch at a time: a Ctrl-C or SIGTERM is handled between batches, where
     one native call over the whole split would hold it off until the split is encoded."""
+    eos = special_ids(tokenizer).eos
     documents: list[list[int]] = []
     for batch in read_corpus(corpus, split="val"):
         texts = batch.column("text").to_pylist()[: limit - len(documents) if limit else None]
         encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
-        documents += [[EOS_ID, *encoding.ids, EOS_ID] for encoding in encodings]
+        documents += [[eos, *encoding.ids, eos] for encoding in encodings]
         if limit and len(documents) == limit:
             break
     return documents
@@ -133,7 +134,8 @@ def sample_prompts(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig) -> 
     """(prompt, completion) for each configured prompt, sampled with the config's settings."""
     if not config.prompts:
         return []
-    prompts = [[EOS_ID, *tokenizer.encode(prompt, add_special_tokens=False).ids] for prompt in config.prompts]
+    eos = special_ids(tokenizer).eos
+    prompts = [[eos, *tokenizer.encode(prompt, add_special_tokens=False).ids] for prompt in config.prompts]
     completions = generate(
         model,
         prompts,
@@ -141,7 +143,7 @@ def sample_prompts(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig) -> 
         temperature=config.temperature,
         top_k=config.top_k,
         top_p=config.top_p,
-        eos_id=EOS_ID,
+        eos_id=eos,
         seed=config.seed,
     )
     return [(prompt, tokenizer.decode(ids)) for prompt, ids in zip(config.prompts, completions)]

@@ -33,10 +33,10 @@ import pyarrow.parquet as pq
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from tokenizers import Tokenizer
 
-from model.checkpoint import checkpoint_dirs
+from model.checkpoint import CheckpointTokens, attach_tokenizer, checkpoint_dirs
 from model.config import RUN_ONLY
 from model.device import resolve_device
 from model.errors import UserError
@@ -45,7 +45,7 @@ from model.finetune_data import EncodeReport, PairBatches, TooLong, encode_pairs
 from model.generate import generate
 from model.gpt import GPT
 from model.runtime import DistributedEnv
-from model.special_tokens import EOS_ID, SEP_ID
+from model.special_tokens import special_ids
 from model.train import train
 from tasks import tracking
 from tasks.bpe import load_tokenizer, token_byte_lengths
@@ -57,12 +57,28 @@ from tasks.core.train_progress import training_progress
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, sha256_file
 from tasks.finetune_pairs import Pair, PairSet, docstring_pairs, file_pairs
+from tasks.finetune_priming import primed_layouts, primed_rows, priming_order
 from tasks.tracking.loss_curves import live_loss_curves
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
 
-FORMAT_VERSION = 2  # 2: checkpoints' optimizer state keyed by parameter name (model.parallel.full_state)
+# 2: checkpoints' optimizer state keyed by parameter name (model.parallel.full_state);
+# 3: the held-out table's primed row; the final checkpoint carries tokenizer.json and tokens.json
+FORMAT_VERSION = 3
 DOCSTRING_TASK = "docstring-to-function"
-HEADLINE = ("finetuned_completion_loss", "pretrained_completion_loss", "finetuned_parse_rate", "pretrained_parse_rate")
+HEADLINE = (
+    "finetuned_completion_loss",
+    "pretrained_completion_loss",
+    "primed_completion_loss",
+    "finetuned_parse_rate",
+    "pretrained_parse_rate",
+    "primed_parse_rate",
+)
+# The held-out table's rows: the figures' prefix and what the row is.
+HELD_OUT_ROWS = {
+    "pretrained": "pretrained, zero-shot (`prompt <|sep|>`)",
+    "primed": "pretrained, primed with train pairs",
+    "finetuned": "fine-tuned",
+}
 GENERATION_BATCH = 32  # prompts generated together when measuring the parse rate
 
 
@@ -93,6 +109,11 @@ class FinetuneConfig(TrainingStageConfig):
     packed: bool = Field(True, description="several whole pairs per row (true) or one padded pair per row")
     too_long: TooLong = Field("truncate", description="a pair longer than a row: cut the prompt's left, or drop it")
     eval_pairs: PositiveInt = Field(64, description="held-out pairs whose generated bodies are parsed")
+    priming_shots: NonNegativeInt = Field(
+        3,
+        description="the held-out table's primed row: the pretrained model prompted with up to this many train "
+        "pairs before each held-out prompt (tasks/finetune_priming.py); 0: no primed row",
+    )
     eval_max_new_tokens: PositiveInt = 64
     start_from: str | None = Field(
         None, description="a registered model (models:/NAME@ALIAS) to start from instead of the pretraining output"
@@ -166,13 +187,14 @@ class TaskData:
     def encode(
         cls, tokenizer: Tokenizer, pairs: PairSet, seq_len: int, config: FinetuneConfig, source: Path
     ) -> TaskData:
-        train_examples, train_report = encode_pairs(tokenize(tokenizer, pairs.train), seq_len, config.too_long)
-        val_examples, val_report = encode_pairs(tokenize(tokenizer, pairs.val), seq_len, config.too_long)
+        special = special_ids(tokenizer)
+        train_examples, train_report = encode_pairs(tokenize(tokenizer, pairs.train), seq_len, config.too_long, special)
+        val_examples, val_report = encode_pairs(tokenize(tokenizer, pairs.val), seq_len, config.too_long, special)
         if not train_examples:
             raise UserError(f"{source}: every train pair is longer than seq_len {seq_len} and was dropped")
         return cls(
-            to_rows(train_examples, seq_len, config.packed),
-            to_rows(val_examples, seq_len, packed=False),
+            to_rows(train_examples, seq_len, config.packed, special),
+            to_rows(val_examples, seq_len, packed=False, special=special),
             train_report,
             val_report,
         )
@@ -226,22 +248,28 @@ def completes_function(prompt: str, body: str) -> bool:
     return isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(function.body) > 1
 
 
-def parse_rate(model: GPT, tokenizer: Tokenizer, pairs: list[Pair], max_new_tokens: int) -> float:
-    """Share of `pairs` whose prompt, continued greedily, becomes a function that parses."""
+def parse_rate(
+    model: GPT, tokenizer: Tokenizer, pairs: list[Pair], max_new_tokens: int, prompts: list[list[int]] | None = None
+) -> float:
+    """Share of `pairs` whose prompt, continued greedily, becomes a function that parses.
+    `prompts`: the token ids to continue (primed ones); by default each pair's `prompt <|sep|>`."""
     # A prompt leaves room for the body (keeping its end when it must be cut): past the
     # context, generation slides its window and recomputes all of it at every new token
     # (learned positions), 23x slower on the default task. Half the context stays the
     # prompt's, whatever `max_new_tokens`.
     block_size = model.config.block_size
     room = max(block_size - max_new_tokens, block_size // 2)
-    prompts = [[*ids, SEP_ID][-room:] for ids, _ in tokenize(tokenizer, pairs)]
+    special = special_ids(tokenizer)
+    if prompts is None:
+        prompts = [[*ids, special.sep] for ids, _ in tokenize(tokenizer, pairs)]
+    prompts = [prompt[-room:] for prompt in prompts]
     ok = 0
     for start in range(0, len(pairs), GENERATION_BATCH):
         bodies = generate(
-            model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=EOS_ID
+            model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=special.eos
         )
         for pair, body in zip(pairs[start : start + GENERATION_BATCH], bodies):
-            ok += completes_function(pair.prompt, tokenizer.decode([t for t in body if t != EOS_ID]))
+            ok += completes_function(pair.prompt, tokenizer.decode([t for t in body if t != special.eos]))
     return ok / len(pairs) if pairs else float("nan")
 
 
@@ -258,6 +286,40 @@ def held_out_figures(
     if config.task == DOCSTRING_TASK:
         figures["parse_rate"] = parse_rate(model, tokenizer, val_pairs[: config.eval_pairs], config.eval_max_new_tokens)
     return {f"{prefix}_{name}": value for name, value in figures.items()}
+
+
+def primed_figures(
+    model: GPT, tokenizer: Tokenizer, config: FinetuneConfig, pairs: PairSet, seq_len: int
+) -> dict[str, float]:
+    """The held-out table's primed row (tasks/finetune_priming.py): completion loss, parse rate,
+    and the mean number of examples that fit (`primed_examples`)."""
+    special = special_ids(tokenizer)
+    held_out = tokenize(tokenizer, pairs.val)
+    examples = tokenize(tokenizer, priming_order(pairs.train, config.seed))
+    layouts = primed_layouts(examples, held_out, config.priming_shots, seq_len, config.eval_max_new_tokens, special)
+    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    rows = primed_rows(layouts, held_out, seq_len, config.too_long, special)
+    figures = completion_figures(model, *rows, byte_lengths, config.micro_batch_size)
+    if config.task == DOCSTRING_TASK:
+        shown = config.eval_pairs
+        primed = [prompt for prompt, _ in layouts[:shown]]
+        figures["parse_rate"] = parse_rate(model, tokenizer, pairs.val[:shown], config.eval_max_new_tokens, primed)
+    figures["examples"] = sum(used for _, used in layouts) / len(layouts)
+    return {f"primed_{name}": value for name, value in figures.items()}
+
+
+def held_out_table(metrics: Mapping[str, float]) -> str:
+    """The held-out table as Markdown: zero-shot, primed and fine-tuned rows, where measured."""
+    lines = ["| model | completion loss | parse rate |", "|---|---|---|"]
+    for prefix, label in HELD_OUT_ROWS.items():
+        if f"{prefix}_completion_loss" not in metrics:
+            continue
+        if prefix == "primed":
+            label += f" (mean {metrics['primed_examples']:.2f} examples)"
+        parse = metrics.get(f"{prefix}_parse_rate")
+        loss = metrics[f"{prefix}_completion_loss"]
+        lines.append(f"| {label} | {loss:.4f} | {'n/a' if parse is None else f'{parse:.3f}'} |")
+    return "\n".join(lines) + "\n"
 
 
 # --- the stage ----------------------------------------------------------------------
@@ -307,6 +369,8 @@ def run_finetune(
 
         model = base.model
         metrics = held_out_figures(model, tok, config, pairs.val, data.val_rows, "pretrained") if data.has_val else {}
+        if data.has_val and config.priming_shots:
+            metrics |= primed_figures(model, tok, config, pairs, seq_len)
         env = DistributedEnv.from_environ()
         train_data = PairBatches(
             *data.train_rows, config.micro_batch_size, seed=config.seed, rank=env.rank, world_size=env.world_size
@@ -326,8 +390,11 @@ def run_finetune(
         if data.has_val:
             metrics |= held_out_figures(model, tok, config, pairs.val, data.val_rows, "finetuned")
         metrics |= data.figures() | {"train_loss": result.train_loss}
-        pair_files = ["pairs-train.parquet", "pairs-val.parquet"]
-        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=pair_files, runtime=result.runtime)
+        # The final checkpoint carries its tokenizer, and says it is prompted as `prompt <|sep|>`.
+        tokens = CheckpointTokens(special_ids=special_ids(tok), prompt_format="pair")
+        attached = attach_tokenizer(result.checkpoint, tokenizer, tokens)
+        files = ["pairs-train.parquet", "pairs-val.parquet", *(p.relative_to(stage.path).as_posix() for p in attached)]
+        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=files, runtime=result.runtime)
 
     return train_once(stage, FinetuneOutput, FORMAT_VERSION, inputs, config.resume, train_pairs)
 
@@ -367,6 +434,7 @@ def finetune_task(
             report=Report(
                 "finetune",
                 metrics_markdown(f"Fine-tuning of {base_model}", output.metrics)
+                + f"\n## Held-out pairs: priming against fine-tuning\n\n{held_out_table(output.metrics)}"
                 + f"\nCheckpoint: `{output.checkpoint}`\n",
                 "fine-tuning figures, pretrained vs fine-tuned",
             ),

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import ast
 import codecs
-import io
-import json
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -27,6 +25,7 @@ import pyarrow.parquet as pq
 
 from model.data import SPLITS
 from model.errors import UserError
+from model.jsonl import jsonl_records, source_lines
 from tasks.ingest import split_of
 
 
@@ -45,16 +44,6 @@ class PairSet:
 
 
 # --- docstring -> function -------------------------------------------------------------
-
-
-def source_lines(source: str) -> list[str]:
-    """Lines as `ast` and text editors number them: only \\n, \\r\\n and \\r end a line.
-
-    (`str.splitlines` also splits at form feeds, U+2028 and other separators that the
-    standard library's sources contain, and that a JSON string may hold unescaped: it
-    would shift every line number after them, and cut a jsonl record in two.)
-    """
-    return io.StringIO(source, newline="").readlines()
 
 
 def dedent_block(lines: list[str], indent: int) -> str | None:
@@ -154,19 +143,7 @@ def read_records(path: Path) -> list[tuple[str, dict]]:
     except UnicodeDecodeError as e:
         number = data.count(b"\n", 0, e.start) + 1
         raise UserError(f"{path}:{number}: not UTF-8 text ({e.reason})") from None
-    records = []
-    for number, line in enumerate(source_lines(text), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        records.append((where, record))
-    return records
+    return jsonl_records(text, str(path))
 
 
 def file_pairs(path: Path, prompt_field: str, completion_field: str, val_fraction: float, seed: int = 0) -> PairSet:

@@ -51,12 +51,22 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import Field, NonNegativeInt, PositiveInt
 
-from model.checkpoint import CONFIG, WEIGHTS, checkpoint_dirs, consolidate
+from model.checkpoint import (
+    CONFIG,
+    WEIGHTS,
+    CheckpointTokens,
+    attach_tokenizer,
+    checkpoint_dirs,
+    consolidate,
+    read_config,
+)
 from model.config import RUN_ONLY, ModelConfig
 from model.data import ShardManifest, WindowLoader
 from model.errors import UserError
+from model.special_tokens import special_ids
 from model.train import RunSpec, TrainResult, run
 from tasks import tracking
+from tasks.bpe import load_tokenizer
 from tasks.core.checkpoint_mirror import mirrored_checkpoints
 from tasks.core.retry import RankFailure, log_attempt
 from tasks.core.stage_state import finished
@@ -67,7 +77,9 @@ from tasks.shard import ShardOutput
 from tasks.tracking.loss_curves import live_loss_curves
 from tasks.tracking.stage_run import Report, stage_run
 
-FORMAT_VERSION = 3  # 2: optimizer state keyed by parameter name; 3: padded head, chunked loss (new numerics)
+# 2: optimizer state keyed by parameter name; 3: padded head, chunked loss (new numerics);
+# 4: the final checkpoint carries tokenizer.json and tokens.json (self-contained)
+FORMAT_VERSION = 4
 RUN_ID_ENV = "GPTFLOW_PRETRAIN_RUN_ID"  # the MLflow run the torchrun ranks log to
 PROGRESS_FILE_ENV = "GPTFLOW_PROGRESS_FILE"  # where rank 0 writes its latest step for the task's process
 PROGRESS_FILE = "progress.json"
@@ -109,7 +121,7 @@ class PretrainOutput(TrainedOutput):
 
 
 def pretrain_fingerprint(config: PretrainConfig, model: ModelConfig, shards_fingerprint: str) -> str:
-    settings = {"pretrain": config.settings(), "model": model.model_dump(mode="json")}
+    settings = {"pretrain": config.settings(), "model": model.settings()}
     return fingerprint("pretrain", settings, {"shards": shards_fingerprint}, FORMAT_VERSION)
 
 
@@ -143,8 +155,10 @@ def run_pretrain(
 
     def train() -> Trained:
         vocab_size = ShardManifest.read(shards.manifest).vocab_size
+        init = shards.tokenizer.init_checkpoint if shards.tokenizer is not None else None
         spec = RunSpec(
-            model=model.resolve(vocab_size),
+            model=model.resolve_from(read_config(init)) if init else model.resolve(vocab_size),
+            init_from=init,
             train=config.train_config(),
             shards=shards.manifest,
             out_dir=stage.path,
@@ -169,7 +183,13 @@ def run_pretrain(
             "tokens_per_s": result.tokens / result.seconds if result.seconds else math.nan,
             "seconds": result.seconds,
         }
-        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=["spec.json"], runtime=result.runtime)
+        files = ["spec.json"]
+        if shards.tokenizer is not None:  # the final checkpoint carries what generating with it needs
+            tokenizer = shards.tokenizer.local_file(shards.tokenizer.tokenizer, workspace)
+            tokens = CheckpointTokens(special_ids=special_ids(load_tokenizer(tokenizer)), prompt_format="document")
+            attached = attach_tokenizer(result.checkpoint, tokenizer, tokens)
+            files += [path.relative_to(stage.path).as_posix() for path in attached]
+        return Trained(checkpoint=result.checkpoint, metrics=metrics, files=files, runtime=result.runtime)
 
     return train_once(stage, PretrainOutput, FORMAT_VERSION, {"shards": shards.fingerprint}, config.resume, train)
 

@@ -20,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from model.checkpoint import CONFIG, WEIGHTS
+from model.checkpoint import CONFIG, TOKENS, WEIGHTS, read_tokens
 from model.data import ShardManifest
 from model.device import resolve_device
 from model.errors import UserError
@@ -32,6 +32,7 @@ from tasks.tracking.stage_run import stage_run
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 WEIGHTS_TAG = "weights_sha256"
+PROMPT_FORMAT_TAG = "prompt_format"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -156,8 +157,8 @@ def champion_figure(
 ) -> float | None:
     """The champion's `gate_metric` on `eval_data`, computed now on `device` (the pipeline's
     setting); None if it cannot be compared."""
-    model, _, champion_tokenizer = tracking.load_registered_model(champion_uri)
-    model.to(resolve_device(device))
+    champion = tracking.load_registered_model(champion_uri)
+    model, champion_tokenizer = champion.model.to(resolve_device(device)), champion.tokenizer
     tok = load_tokenizer(champion_tokenizer)
     window = ShardManifest.read(eval_data.shards).seq_len
     if sha256_file(champion_tokenizer) == sha256_file(tokenizer) and window <= model.config.block_size:
@@ -209,8 +210,11 @@ def run_register(
     if existing := tracking.find_version(name, WEIGHTS_TAG, weights_sha):
         return reuse_version(name, str(existing.version), candidate_value, run_id)
     eval_fingerprint = eval_data.fingerprint()
+    # A stage's checkpoint says how it is prompted (tokens.json); a bare one is a pretrained model.
+    tokens = checkpoint / TOKENS if (checkpoint / TOKENS).is_file() else None
+    prompt_format = read_tokens(checkpoint).prompt_format if tokens else "document"
     logged_uri = tracking.log_text_generator(
-        run_id, checkpoint / WEIGHTS, checkpoint / CONFIG, tokenizer, metrics=metrics
+        run_id, checkpoint / WEIGHTS, checkpoint / CONFIG, tokenizer, metrics=metrics, tokens=tokens
     )
     version = tracking.register_version(
         logged_uri,
@@ -219,6 +223,7 @@ def run_register(
             **lineage,
             "git_commit": git_commit(),
             WEIGHTS_TAG: weights_sha,
+            PROMPT_FORMAT_TAG: prompt_format,  # "pair": fine-tuned, prompted as `prompt <|sep|>`
             "eval_data_fingerprint": eval_fingerprint,
             config.gate_metric: candidate_value,
         },

@@ -87,7 +87,7 @@ from tokenizers import Tokenizer
 
 from model.data import SPLITS, ShardManifest
 from model.errors import UserError
-from model.special_tokens import EOS_ID
+from model.special_tokens import special_ids
 from tasks.bpe import BPEOutput, load_tokenizer
 from tasks.core.progress import step_progress
 from tasks.core.stage_state import ending_cached
@@ -146,6 +146,7 @@ class ShardConfig(BaseModel):
 
 class ShardOutput(StageOutput):
     manifest: Path  # manifest.json
+    tokenizer: BPEOutput | None = None  # what the windows were encoded with (None: shards made elsewhere)
 
 
 # -- the token stream and its windows -------------------------------------------------
@@ -160,10 +161,10 @@ class StreamCounts(BaseModel):
     stream_tokens: int = 0
 
 
-def with_eos(documents: list[list[int]], dtype: np.dtype) -> np.ndarray:
-    """The documents' token ids as one stream, each document followed by <|endoftext|>."""
+def with_eos(documents: list[list[int]], eos: int, dtype: np.dtype) -> np.ndarray:
+    """The documents' token ids as one stream, each document followed by <|endoftext|> (`eos`)."""
     length = sum(map(len, documents)) + len(documents)
-    tokens = itertools.chain.from_iterable(itertools.chain(doc, (EOS_ID,)) for doc in documents)
+    tokens = itertools.chain.from_iterable(itertools.chain(doc, (eos,)) for doc in documents)
     return np.fromiter(tokens, dtype, length)
 
 
@@ -408,6 +409,7 @@ def encode_chunk(chunk: ShardChunk) -> ChunkCounts:
     corpus = chunk.corpus.local_file(chunk.corpus.corpus, chunk.workspace)
     bpe = load_tokenizer(chunk.tokenizer.local_file(chunk.tokenizer.tokenizer, chunk.workspace))
     dtype = np.dtype(chunk.dtype)
+    eos = special_ids(bpe).eos
     counts = {split: StreamCounts() for split in SPLITS}
     fs, parts = filesystem(chunk.parts)
     with ExitStack() as files:
@@ -419,7 +421,7 @@ def encode_chunk(chunk: ShardChunk) -> ChunkCounts:
         progress = files.enter_context(step_progress(f"shard: chunk {chunk.index}", chunk.stop - chunk.start))
         for split, texts, ids in batches:
             progress.advance(len(texts), sum(len(text.encode()) for text in texts), sum(map(len, ids)))
-            tokens = with_eos(ids, dtype)
+            tokens = with_eos(ids, eos, dtype)
             sinks[split].write(tokens.tobytes())
             counts[split].documents += len(texts)
             counts[split].stream_tokens += len(tokens)
@@ -536,7 +538,7 @@ def run_shard(
             dtype=dtype.name,
             vocab_size=vocab_size,
             tokenizer_sha256=sha256_file(tokenizer.tokenizer),
-            eos_id=EOS_ID,
+            eos_id=special_ids(load_tokenizer(tokenizer.local_file(tokenizer.tokenizer, workspace))).eos,
             compression=COMPRESSION,
             row_group_rows=row_group_rows(config.seq_len, dtype, config.shard_bytes),
             files=[entry for split in SPLITS for entry in files[split]],
@@ -548,7 +550,7 @@ def run_shard(
             },
         ).to_json()
 
-    return ShardOutput.build_once(stage, build, manifest=MANIFEST)
+    return ShardOutput.build_once(stage, build, manifest=MANIFEST).model_copy(update={"tokenizer": tokenizer})
 
 
 # The stage's Prefect task is `run_shard` itself (ending `Cached` when reused); its `map_chunks`

@@ -62,3 +62,12 @@ def infra_stack(tmp_path_factory):
 
     with running_stack(tmp_path_factory.mktemp("infra")) as stack:
         yield stack
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """A tiny random GPT2LMHeadModel with its byte-level BPE tokenizer, as a Hugging Face
+    directory (tests/support/hf.py): built once, read by every test that needs one."""
+    from support.hf import tiny_gpt2_directory
+
+    return tiny_gpt2_directory(tmp_path_factory.mktemp("hf") / "tiny-gpt2")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_
 from model.checkpoint import checkpoint_step, load_model
 from model.errors import UserError
 from model.gpt import GPT
-from tasks.tracking.pyfunc import CONFIG_ARTIFACT, PARAM_DEFAULTS, TOKENIZER_ARTIFACT, WEIGHTS_ARTIFACT
+from tasks.tracking.pyfunc import CONFIG_ARTIFACT, PARAM_DEFAULTS, TOKENIZER_ARTIFACT, TOKENS_ARTIFACT, WEIGHTS_ARTIFACT
 from tasks.tracking.runs import client, log_metrics, resolve_tracking_uri
 
 PYFUNC_MODEL_CODE = Path(__file__).with_name("pyfunc.py")
@@ -40,9 +41,11 @@ def log_text_generator(
     tokenizer: Path,
     name: str = "model",
     metrics: Mapping[str, float] | None = None,
+    tokens: Path | None = None,
 ) -> str:
-    """Log the pyfunc text generator (`tasks/tracking/pyfunc.py`) with its three artifacts,
-    and link `metrics` (its evaluation) to the logged model.
+    """Log the pyfunc text generator (`tasks/tracking/pyfunc.py`) with its artifacts (the
+    checkpoint's tokens.json among them when given), and link `metrics` (its evaluation) to
+    the logged model.
 
     The `model/` package is bundled as code, so the logged model loads with nothing of this
     project installed. Returns the model URI (`models:/m-...`) to register.
@@ -74,6 +77,7 @@ def log_text_generator(
             WEIGHTS_ARTIFACT: str(weights),
             CONFIG_ARTIFACT: str(model_config),
             TOKENIZER_ARTIFACT: str(tokenizer),
+            **({TOKENS_ARTIFACT: str(tokens)} if tokens is not None else {}),
         },
         code_paths=[str(MODEL_PACKAGE)],
         signature=signature,
@@ -189,11 +193,42 @@ def load_text_generator(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
         raise UserError(f"{model_uri}: cannot load the model from {resolve_tracking_uri()} ({e.message})") from None
 
 
-def load_registered_model(model_uri: str) -> tuple[GPT, Path, Path]:
-    """A registered model's GPT, weights file and tokenizer.json, without running its pyfunc code."""
+@dataclass
+class RegisteredModel:
+    """A registered model's GPT and files, and what the registry records of it."""
+
+    model: GPT
+    weights: Path
+    tokenizer: Path
+    tokens: Path | None  # the checkpoint's tokens.json (None for versions logged before it existed)
+    tags: dict[str, str]  # the version's tags (lineage, figures), {} for a logged model's URI
+    run_id: str | None  # the MLflow run it was logged from
+
+
+def load_registered_model(model_uri: str) -> RegisteredModel:
+    """A registered model's GPT, files and version record, without running its pyfunc code."""
     artifacts = model_artifacts(download_model(model_uri))
     weights = artifacts.get(WEIGHTS_ARTIFACT)
     if weights is None or not weights.is_file():
         raise UserError(f"{model_uri}: not a gptflow text generator (no safetensors weights among its artifacts)")
+    version = model_version(model_uri)
     # The pyfunc's artifacts sit side by side with checkpoint names (model.safetensors, config.json).
-    return load_model(weights.parent), weights, artifacts[TOKENIZER_ARTIFACT]
+    return RegisteredModel(
+        load_model(weights.parent),
+        weights,
+        artifacts[TOKENIZER_ARTIFACT],
+        artifacts.get(TOKENS_ARTIFACT),
+        dict(version.tags) if version else {},
+        version.run_id if version else None,
+    )
+
+
+def model_version(model_uri: str) -> mlflow.entities.model_registry.ModelVersion | None:
+    """The registry's version a `models:/NAME@ALIAS` or `models:/NAME/VERSION` URI names."""
+    name, _, version = model_uri.removeprefix("models:/").partition("/")
+    if "@" in name:
+        name, alias = name.split("@", 1)
+        return version_for_alias(name, alias)
+    if not version.isdigit():
+        return None  # a logged model's id (models:/m-...), not a registered version
+    return client().get_model_version(name, version)

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import torch
 from tokenizers import Tokenizer, pre_tokenizers, trainers
 
-from model.special_tokens import EOS_ID, SPECIAL_TOKENS
+from model.special_tokens import SPECIAL_TOKENS, special_ids
 from tasks import shard
 from tasks.bpe import new_tokenizer
 from tasks.core.workspace import sha256_file
@@ -86,9 +86,10 @@ def write_val_shards(
 ) -> Path:
     """Val shards as the shard stage writes them: the stream (documents each followed by
     <|endoftext|>) cut into disjoint windows of seq_len + 1 tokens sharing one token."""
+    eos = special_ids(tokenizer).eos
     stream: list[int] = []
     for text in texts:
-        stream += [*tokenizer.encode(text, add_special_tokens=False).ids, EOS_ID]
+        stream += [*tokenizer.encode(text, add_special_tokens=False).ids, eos]
     windows = [stream[i : i + seq_len + 1] for i in range(0, len(stream) - seq_len, seq_len)]
     directory.mkdir(parents=True, exist_ok=True)
     column = pa.FixedSizeListArray.from_arrays(pa.array([t for w in windows for t in w], pa.uint16()), seq_len + 1)
@@ -100,7 +101,7 @@ def write_val_shards(
         "dtype": "uint16",
         "vocab_size": tokenizer.get_vocab_size(),
         "tokenizer_sha256": sha256_file(tokenizer_path),
-        "eos_id": EOS_ID,
+        "eos_id": eos,
         "files": [
             {
                 "path": "val-00000.parquet",

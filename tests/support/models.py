@@ -3,6 +3,7 @@ checkpoint must answer when greedy."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TypeVar
 
@@ -13,17 +14,17 @@ from model.checkpoint import load_model, save_checkpoint
 from model.config import GPTConfig
 from model.generate import generate
 from model.gpt import GPT
-from model.special_tokens import EOS_ID
+from model.special_tokens import special_ids
 
 Module = TypeVar("Module", bound=torch.nn.Module)
 
 
 @torch.no_grad()
-def perturbed(model: Module) -> Module:
+def perturbed(model: Module, scale: float = 0.1) -> Module:
     """Noise on every parameter. GPT-2's initialisation leaves LayerNorm weights at 1 and every
     bias at 0, where a misplaced LayerNorm or a dropped bias would still match a reference."""
     for p in model.parameters():
-        p.add_(0.1 * torch.randn_like(p))
+        p.add_(scale * torch.randn_like(p))
     return model
 
 
@@ -38,10 +39,16 @@ def save_base_checkpoint(model: GPT, directory: Path) -> Path:
 
 
 def greedy_completions(checkpoint: Path, tokenizer: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy completions of `prompts` by the checkpoint's weights, each prompt starting a
-    document (after <|endoftext|>, as in training): what the registered model must answer
-    at temperature 0."""
+    """Greedy completions of `prompts` by the checkpoint's weights: what the registered model
+    must answer at temperature 0. A model fine-tuned by gptflow (its checkpoint's tokens.json
+    says "pair") is prompted `prompt <|sep|>`; any other continues a document (after
+    <|endoftext|>, as in pretraining)."""
     tok = Tokenizer.from_file(str(tokenizer))
-    ids = [[EOS_ID, *tok.encode(prompt, add_special_tokens=False).ids] for prompt in prompts]
-    completions = generate(load_model(checkpoint), ids, max_new_tokens, temperature=0.0, eos_id=EOS_ID)
+    special = special_ids(tok)
+    tokens_file = Path(checkpoint) / "tokens.json"
+    finetuned = tokens_file.is_file() and json.loads(tokens_file.read_text())["prompt_format"] == "pair"
+    encoded = [tok.encode(prompt, add_special_tokens=False).ids for prompt in prompts]
+    ids = [[*row, special.sep] if finetuned else [special.eos, *row] for row in encoded]
+    eos = special.eos
+    completions = generate(load_model(checkpoint), ids, max_new_tokens, temperature=0.0, eos_id=eos)
     return [tok.decode(tokens, skip_special_tokens=True) for tokens in completions]

@@ -19,7 +19,7 @@ from model.checkpoint import load_model
 from model.errors import UserError
 from model.evaluate import IGNORE, score_batches, sliding_window_batches, sliding_windows
 from model.gpt import GPTOutput
-from model.special_tokens import EOS_ID
+from model.special_tokens import special_ids
 from support.corpus import TEXTS, toy_tokenizer, write_corpus, write_val_shards
 from support.devices import record_module_moves, stand_in_gpus
 from support.models import perturbed, save_base_checkpoint, tiny_gpt
@@ -58,7 +58,8 @@ def test_bits_per_byte_equals_a_hand_computation(tokenizer):
     model = Bigram(tokenizer.get_vocab_size())
     table = model.table.detach().tolist()
     text = TEXTS[1]
-    ids = [EOS_ID, *tokenizer.encode(text, add_special_tokens=False).ids, EOS_ID]
+    eos = special_ids(tokenizer).eos
+    ids = [eos, *tokenizer.encode(text, add_special_tokens=False).ids, eos]
 
     nats, correct = 0.0, 0
     for previous, token in zip(ids, ids[1:]):
@@ -175,7 +176,8 @@ def test_evaluate_stage_figures_equal_hand_computations_and_are_reused(tmp_path,
 
     # doc_*: the val documents of the corpus ("b", "c"), each token scored alone with the
     # context the sliding windows (block_size 16, stride 4) give it; bytes from the text.
-    documents = [[EOS_ID, *tokenizer.encode(t, add_special_tokens=False).ids, EOS_ID] for t in TEXTS[1:]]
+    eos = special_ids(tokenizer).eos
+    documents = [[eos, *tokenizer.encode(t, add_special_tokens=False).ids, eos] for t in TEXTS[1:]]
     with torch.no_grad():
         nats = sum(naive_sliding_nats(model, d, block_size=16, stride=4) for d in documents)
     scored = sum(len(d) - 1 for d in documents)
@@ -204,7 +206,7 @@ def test_a_bf16_evaluation_matches_fp32_to_bf16_precision(stage_inputs):
     fp32 = evaluate_model(model, tokenizer, config, s.shards, s.corpus)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16 = evaluate_model(model, tokenizer, config, s.shards, s.corpus)
-        logits = model(torch.tensor([[EOS_ID, 5, 6]]), fp32_logits=True).logits
+        logits = model(torch.tensor([[special_ids(tokenizer).eos, 5, 6]]), fp32_logits=True).logits
     assert logits.dtype == torch.float32
 
     for figure in ("val_loss", "doc_loss", "val_bits_per_byte", "doc_bits_per_byte"):

@@ -10,10 +10,12 @@ from model.config import GPTConfig
 from model.errors import UserError
 from model.export import export_hf, import_hf
 from model.gpt import GPT
+from model.special_tokens import SpecialIds
 from support.models import perturbed
 
 transformers = pytest.importorskip("transformers")
 
+SPECIAL = SpecialIds(eos=61, pad=62, sep=63)  # the last ids, as a pretrained tokenizer places them
 CONFIG = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
 
@@ -22,7 +24,7 @@ CONFIG = dict(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
 def test_exported_model_loads_in_transformers_with_equal_logits(tmp_path, bias):
     torch.manual_seed(0)
     model = perturbed(GPT(GPTConfig(**CONFIG, bias=bias))).eval()
-    export_hf(model, tmp_path)
+    export_hf(model, tmp_path, SPECIAL)
     hf_model, loading = transformers.GPT2LMHeadModel.from_pretrained(tmp_path, output_loading_info=True)
     for report in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
         assert list(loading[report]) == [], report  # every weight came from the file, none left at init
@@ -75,7 +77,7 @@ def test_original_gpt2_layout_imports(tmp_path):
 def test_round_trip_keeps_every_weight(tmp_path):
     torch.manual_seed(0)
     model = perturbed(GPT(GPTConfig(**CONFIG)))
-    restored = import_hf(export_hf(model, tmp_path))
+    restored = import_hf(export_hf(model, tmp_path, SPECIAL))
     assert restored.config == model.config
     restored_state = restored.state_dict()
     assert restored_state.keys() == model.state_dict().keys()
@@ -86,12 +88,12 @@ def test_round_trip_keeps_every_weight(tmp_path):
 def test_sparse_model_refuses_export(tmp_path):
     model = GPT(GPTConfig(**CONFIG, attention=["dense", "sparse"]))
     with pytest.raises(UserError, match="sparse attention layers"):
-        export_hf(model, tmp_path)
+        export_hf(model, tmp_path, SPECIAL)
     assert not (tmp_path / "model.safetensors").exists()
 
 
 def test_import_refuses_what_gpt_does_not_compute(tmp_path):
-    export_hf(GPT(GPTConfig(**CONFIG)), tmp_path)
+    export_hf(GPT(GPTConfig(**CONFIG)), tmp_path, SPECIAL)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     with pytest.raises(UserError, match="activation_function='relu' is not supported"):

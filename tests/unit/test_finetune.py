@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 import safetensors.torch
@@ -13,17 +14,20 @@ import torch.nn.functional as F
 from model.checkpoint import CONFIG, WEIGHTS, latest_checkpoint
 from model.errors import UserError
 from model.finetune_data import IGNORE, PairBatches, encode_pair, encode_pairs, to_rows
-from model.special_tokens import EOS_ID, PAD_ID, SEP_ID
+from model.special_tokens import SpecialIds, special_ids
 from model.train import train
 from support.corpus import toy_tokenizer, write_corpus
 from support.devices import record_module_moves, stand_in_gpus
-from support.models import save_base_checkpoint, tiny_gpt
+from support.models import perturbed, save_base_checkpoint, tiny_gpt
 from tasks import tracking
 from tasks.bpe import load_tokenizer
-from tasks.finetune import FinetuneConfig, completes_function, parse_rate, run_finetune
-from tasks.finetune_pairs import Pair
+from tasks.finetune import FinetuneConfig, completes_function, parse_rate, primed_figures, run_finetune
+from tasks.finetune_pairs import Pair, PairSet
 
 PAIRS = [([10, 11, 12], [20, 21]), ([13, 14], [22, 23, 24]), ([15], [25])]
+# Ids as a pretrained tokenizer places them (after its vocabulary), not a trained one's 0, 1, 2.
+EOS_ID, PAD_ID, SEP_ID = 27, 28, 29
+SPECIAL = SpecialIds(eos=EOS_ID, pad=PAD_ID, sep=SEP_ID)
 
 
 def hand_completion_nats(logits_row, tokens, pairs):
@@ -41,8 +45,8 @@ def hand_completion_nats(logits_row, tokens, pairs):
 
 
 def test_loss_is_the_mean_over_completion_tokens():
-    examples, _ = encode_pairs(PAIRS, seq_len=20, too_long="drop")
-    inputs, targets = to_rows(examples, seq_len=20, packed=True)
+    examples, _ = encode_pairs(PAIRS, seq_len=20, too_long="drop", special=SPECIAL)
+    inputs, targets = to_rows(examples, seq_len=20, packed=True, special=SPECIAL)
     assert inputs.shape == (1, 20)  # 7 + 7 + 4 tokens share one row
     row = [10, 11, 12, SEP_ID, 20, 21, EOS_ID, 13, 14, SEP_ID, 22, 23, 24, EOS_ID, 15, SEP_ID, 25, EOS_ID]
     assert inputs[0].tolist() == row[:-1] + [PAD_ID] * 3
@@ -62,8 +66,8 @@ def prompt_gradients_are_zero(model, inputs, targets, prompt_positions) -> bool:
 
 
 def test_prompt_positions_get_no_gradient_and_an_inverted_mask_fails_the_test():
-    examples, _ = encode_pairs(PAIRS, seq_len=20, too_long="drop")
-    inputs, targets = to_rows(examples, seq_len=20, packed=True)
+    examples, _ = encode_pairs(PAIRS, seq_len=20, too_long="drop", special=SPECIAL)
+    inputs, targets = to_rows(examples, seq_len=20, packed=True, special=SPECIAL)
     # positions whose next token is a prompt token or the separator
     prompt_positions = [0, 1, 2, 6, 7, 8, 13, 14]
     assert prompt_gradients_are_zero(tiny_gpt(30, 20), inputs, targets, prompt_positions)
@@ -74,18 +78,21 @@ def test_prompt_positions_get_no_gradient_and_an_inverted_mask_fails_the_test():
 
 def test_too_long_pairs_are_truncated_from_the_prompt_left_or_dropped():
     prompt, completion = list(range(10, 20)), [30, 31, 32]
-    example = encode_pair(prompt, completion, seq_len=8, too_long="truncate")
+    example = encode_pair(prompt, completion, seq_len=8, too_long="truncate", special=SPECIAL)
     assert example.tokens == [15, 16, 17, 18, 19, SEP_ID, 30, 31, 32, EOS_ID][-9:]
     assert example.scored == [False] * 5 + [True] * 4
-    assert encode_pair(prompt, completion, seq_len=8, too_long="drop") is None
-    assert encode_pair([1], list(range(30, 40)), seq_len=8, too_long="truncate") is None  # completion alone too long
-    _, report = encode_pairs([(prompt, completion), ([1], [2]), ([1], list(range(30, 40)))], 8, "truncate")
+    assert encode_pair(prompt, completion, seq_len=8, too_long="drop", special=SPECIAL) is None
+    assert (
+        encode_pair([1], list(range(30, 40)), seq_len=8, too_long="truncate", special=SPECIAL) is None
+    )  # completion alone too long
+    too_long = ([1], list(range(30, 40)))
+    _, report = encode_pairs([(prompt, completion), ([1], [2]), too_long], 8, "truncate", special=SPECIAL)
     assert (report.pairs, report.truncated, report.dropped) == (2, 1, 1)
 
 
 def test_unpacked_rows_hold_one_pair_each():
-    examples, _ = encode_pairs(PAIRS, seq_len=10, too_long="drop")
-    inputs, targets = to_rows(examples, seq_len=10, packed=False)
+    examples, _ = encode_pairs(PAIRS, seq_len=10, too_long="drop", special=SPECIAL)
+    inputs, targets = to_rows(examples, seq_len=10, packed=False, special=SPECIAL)
     assert inputs.shape == (3, 10)
     assert targets[2].tolist() == [IGNORE, 25, EOS_ID] + [IGNORE] * 7
 
@@ -123,6 +130,7 @@ def test_parse_rate_prompts_leave_room_for_the_body(tmp_path, monkeypatch):
     # Generation past the context recomputes the whole window at every token; a long prompt
     # keeps its end (the docstring's close and <|sep|>) and room for max_new_tokens.
     tokenizer = load_tokenizer(toy_tokenizer(tmp_path / "tokenizer.json"))
+    special = special_ids(tokenizer)
     model = tiny_gpt(tokenizer.get_vocab_size(), block_size=32)
     long_prompt = 'def f(x):\n    """' + "word " * 40 + '"""\n'
     pairs = [Pair(long_prompt, "    return x\n"), Pair("def g():\n", "    pass\n")]
@@ -130,13 +138,13 @@ def test_parse_rate_prompts_leave_room_for_the_body(tmp_path, monkeypatch):
 
     def recording_generate(model, prompts, max_new_tokens, **settings):
         seen.extend(prompts)
-        return [[EOS_ID] for _ in prompts]
+        return [[special.eos] for _ in prompts]
 
     monkeypatch.setattr("tasks.finetune.generate", recording_generate)
     parse_rate(model, tokenizer, pairs, max_new_tokens=8)
-    whole = [*tokenizer.encode(long_prompt, add_special_tokens=False).ids, SEP_ID]
+    whole = [*tokenizer.encode(long_prompt, add_special_tokens=False).ids, special.sep]
     assert seen[0] == whole[-24:]  # 32 - 8 tokens: the end of the prompt
-    assert seen[1] == [*tokenizer.encode("def g():\n", add_special_tokens=False).ids, SEP_ID]
+    assert seen[1] == [*tokenizer.encode("def g():\n", add_special_tokens=False).ids, special.sep]
     parse_rate(model, tokenizer, pairs, max_new_tokens=30)
     assert seen[2] == whole[-16:]  # never under half the context
 
@@ -177,6 +185,7 @@ def test_finetuning_lowers_the_held_out_completion_loss(micro_run):
     assert metrics["finetuned_completion_loss"] < metrics["pretrained_completion_loss"] - 0.5
     assert metrics["finetuned_completion_perplexity"] == pytest.approx(math.exp(metrics["finetuned_completion_loss"]))
     assert 0 <= metrics["pretrained_parse_rate"] <= 1 and 0 <= metrics["finetuned_parse_rate"] <= 1
+    assert 0 < metrics["primed_examples"] <= 3 and 0 <= metrics["primed_parse_rate"] <= 1  # the primed row
     assert (metrics["train_pairs"], metrics["val_pairs"]) == (54, 18)
     assert output.checkpoint == output.path / "checkpoints" / "step-12"
     manifest = json.loads((output.path / "manifest.json").read_text())
@@ -282,3 +291,50 @@ def test_a_malformed_pairs_file_fails_the_stage_naming_file_and_line(micro_run, 
             corpus,
             tmp_path / "ws",
         )
+
+
+@torch.no_grad()
+def test_the_primed_row_equals_a_hand_computation(tmp_path):
+    """primed_completion_loss: the mean -log p of each held-out completion (and its closing
+    <|endoftext|>) after `p1 <|sep|> c1 <|endoftext|> ... query <|sep|>`, with the first
+    `priming_shots` train pairs in seeded order that fit beside the query and the body's budget."""
+    texts = [module(i) for i in range(3)]
+    tokenizer = load_tokenizer(toy_tokenizer(tmp_path / "tokenizer.json", texts, vocab_size=320))
+    special = special_ids(tokenizer)
+    # Perturbed: a freshly initialised model barely depends on its context, which would hide the examples.
+    model = perturbed(tiny_gpt(tokenizer.get_vocab_size(), block_size=64), scale=1.0).eval()
+    train = [Pair(f"def f{i}(x):\n", f"    return x + {i}\n") for i in range(5)]
+    train.insert(1, Pair("def big():\n", "    y = 1\n" * 40))  # never fits: passed over
+    val = [Pair("def g(x):\n", "    return x\n"), Pair("def h():\n", "    pass\n")]
+    config = FinetuneConfig(priming_shots=2, eval_max_new_tokens=6, eval_pairs=2, seed=3, micro_batch_size=2)
+    figures = primed_figures(model, tokenizer, config, PairSet(train=train, val=val), seq_len=64)
+
+    def ids(text):
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    order = list(range(len(train)))
+    random.Random(3).shuffle(order)  # the stage's seeded order
+    ordered = [train[i] for i in order]
+    nats, count, used = 0.0, 0, []
+    for pair in val:
+        budget = max(len(ids(pair.completion)) + 1, 6)
+        prefix, room = [], 64 - budget - len(ids(pair.prompt)) - 1
+        chosen = 0
+        for example in ordered:
+            block = [*ids(example.prompt), special.sep, *ids(example.completion), special.eos]
+            if chosen < 2 and len(prefix) + len(block) <= room:
+                prefix += block
+                chosen += 1
+        used.append(chosen)
+        tokens = [*prefix, *ids(pair.prompt), special.sep, *ids(pair.completion), special.eos]
+        log_probs = torch.log_softmax(model(torch.tensor([tokens]), fp32_logits=True).logits[0], dim=-1)
+        first = len(tokens) - len(ids(pair.completion)) - 1  # the first completion token
+        for position in range(first, len(tokens)):
+            nats -= log_probs[position - 1, tokens[position]].item()
+            count += 1
+    assert used == [2, 2]
+    assert figures["primed_examples"] == 2
+    assert figures["primed_completion_loss"] == pytest.approx(nats / count, rel=1e-5)
+    assert 0 <= figures["primed_parse_rate"] <= 1
+    other_order = primed_figures(model, tokenizer, config.model_copy(update={"seed": 4}), PairSet(train, val), 64)
+    assert abs(other_order["primed_completion_loss"] - nats / count) > 1e-3  # the examples matter

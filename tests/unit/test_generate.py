@@ -7,7 +7,7 @@ from model.config import GPTConfig
 from model.errors import UserError
 from model.generate import few_shot_prompt, generate, sample
 from model.gpt import GPT, KVCache
-from model.special_tokens import EOS_ID, SEP_ID
+from model.special_tokens import SpecialIds
 from support.models import perturbed
 
 BLOCK_SIZE = 16
@@ -130,8 +130,10 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 
 
 def test_few_shot_prompt_layout():
+    # A pretrained tokenizer's ids (GPT-2: end of text 50256, the others added after it).
+    EOS_ID, PAD_ID, SEP_ID = 50256, 50257, 50258
     examples = [([10, 11], [20, 21, 22]), ([12], [23])]
-    assert few_shot_prompt(examples, [13, 14]) == [
+    assert few_shot_prompt(examples, [13, 14], SpecialIds(eos=EOS_ID, pad=PAD_ID, sep=SEP_ID)) == [
         10,
         11,
         SEP_ID,

@@ -13,6 +13,7 @@ from model.config import GPTConfig
 from model.export import export_hf
 from model.generate import generate
 from model.gpt import GPT
+from model.special_tokens import SpecialIds
 from support.models import perturbed
 
 # 300 is not a multiple of 128: padded to 384 inside the head
@@ -64,10 +65,13 @@ def test_same_generations():
     assert padded(torch.tensor([prompts[0]])).logits.shape == (1, 3, 300)  # no padded logit to sample
 
 
+SPECIAL = SpecialIds(eos=0, pad=1, sep=2)
+
+
 def test_same_hf_export(tmp_path):
     padded, unpadded = twin_models()
     files = [
-        load_file(export_hf(model, tmp_path / name) / "model.safetensors")
+        load_file(export_hf(model, tmp_path / name, SPECIAL) / "model.safetensors")
         for name, model in (("padded", padded), ("unpadded", unpadded))
     ]
     assert files[0].keys() == files[1].keys()

@@ -8,14 +8,15 @@ import torch
 from model.checkpoint import load_model
 from model.errors import UserError
 from model.generate import generate
-from model.special_tokens import EOS_ID
+from model.special_tokens import special_ids
 from support.corpus import TEXTS, toy_tokenizer, write_corpus, write_val_shards
 from support.devices import record_module_moves, stand_in_gpus
 from support.models import save_base_checkpoint, tiny_gpt
 from tasks import tracking
 from tasks.bpe import load_tokenizer
+from tasks.core.workspace import sha256_file
 from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, shard_windows
-from tasks.register import CANDIDATE, CHAMPION, EvalData, RegisterConfig, champion_figure, run_register
+from tasks.register import CANDIDATE, CHAMPION, WEIGHTS_TAG, EvalData, RegisterConfig, champion_figure, run_register
 from tasks.tracking.registry import load_registered_model
 
 SEQ_LEN = 16
@@ -163,11 +164,12 @@ def test_registered_weights_load_back_exactly_and_register_once(data):
     register(name, checkpoint, data, EvaluateConfig(), metrics={"val_bits_per_byte": 1.0})
     again, _, _ = register(name, checkpoint, data, EvaluateConfig(), metrics={"val_bits_per_byte": 1.0})
     assert again.version == "1" and "nothing new registered" in again.decision
-    loaded, weights, tokenizer_file = load_registered_model(f"models:/{name}@{CHAMPION}")
+    loaded = load_registered_model(f"models:/{name}@{CHAMPION}")
     for key, tensor in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[key], tensor), key
-    assert tokenizer_file.read_text() == tokenizer_path.read_text()
-    assert weights.name == "model.safetensors"
+        assert torch.equal(loaded.model.state_dict()[key], tensor), key
+    assert loaded.tokenizer.read_text() == tokenizer_path.read_text()
+    assert loaded.weights.name == "model.safetensors"
+    assert loaded.tags[WEIGHTS_TAG] == sha256_file(checkpoint / "model.safetensors")
 
 
 def test_an_accuracy_gate_promotes_the_higher_figure(data):
@@ -258,8 +260,9 @@ def test_the_registered_generator_loads_on_a_gpu_and_moves_on_request(data, monk
     greedy = {"max_new_tokens": 4, "temperature": 0.0}
     on_cpu = generator.predict(["def add("], params={**greedy, "device": "cpu"})
     assert moves[-1] == torch.device("cpu")
-    prompt = [EOS_ID, *tokenizer.encode("def add(", add_special_tokens=False).ids]
-    expected = generate(model, [prompt], 4, temperature=0.0, eos_id=EOS_ID)[0]
+    eos = special_ids(tokenizer).eos
+    prompt = [eos, *tokenizer.encode("def add(", add_special_tokens=False).ids]
+    expected = generate(model, [prompt], 4, temperature=0.0, eos_id=eos)[0]
     assert on_cpu == [tokenizer.decode(expected, skip_special_tokens=True)]
     with pytest.raises(UserError, match=r"the device param: cuda:3 is not a device here; this machine has 1 CUDA"):
         generator.predict(["def add("], params={**greedy, "device": "cuda:3"})

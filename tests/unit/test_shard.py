@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from model.errors import UserError
-from model.special_tokens import EOS_ID
+from model.special_tokens import special_ids
 from tasks.bpe import BPEConfig, load_tokenizer, run_bpe
 from tasks.core.workspace import StageDir
 from tasks.ingest import IngestConfig, run_ingest, split_of
@@ -111,8 +111,9 @@ def test_the_stream_is_each_document_followed_by_endoftext(tmp_path, prepared):
     manifest = json.loads(output.manifest.read_text())
     bpe = load_tokenizer(tokenizer.tokenizer)
     texts = pq.read_table(corpus.corpus).to_pylist()
+    eos = special_ids(bpe).eos
     for split in ("train", "val"):
-        expected = [t for row in texts if row["split"] == split for t in [*bpe.encode(row["text"]).ids, EOS_ID]]
+        expected = [t for row in texts if row["split"] == split for t in [*bpe.encode(row["text"]).ids, eos]]
         files = [entry for entry in manifest["files"] if entry["split"] == split]
         windows = read_windows(output.path, files)
         stream = [*windows[0, :1].tolist(), *windows[:, 1:].reshape(-1).tolist()]  # windows share one token
