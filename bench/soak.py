@@ -116,28 +116,29 @@ def soak(
     servers: Servers, config: Path, runs: int, interval: int, kill_run: int, outage_run: int, console: Console
 ) -> SoakReport:
     """Serve `config` every `interval` s on `servers`; fault runs `kill_run` and `outage_run`; gather the outcome."""
-    started, name = time.monotonic(), load_config(config).name
-    serving = subprocess.Popen(  # `stop` sends it SIGINT
-        with_sigint(
-            [str(BIN / "gptflow"), "serve", str(config), "--interval", str(interval), "--name", DEPLOYMENT]
-            + [f"--set={override}" for override in SOAK_OVERRIDES]
-        ),
-        cwd=servers.root,
-        env={**servers.env, "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
-        stdout=open(servers.root / "soak-serve.log", "ab"),  # noqa: SIM115 (the child holds it)
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    started, settings = time.monotonic(), load_config(config)
+    with open(servers.root / "soak-serve.log", "ab") as log:
+        serving = subprocess.Popen(  # `stop` sends it SIGINT
+            with_sigint(
+                [str(BIN / "gptflow"), "serve", str(config), "--interval", str(interval), "--name", DEPLOYMENT]
+                + [f"--set={override}" for override in SOAK_OVERRIDES]
+            ),
+            cwd=servers.root,
+            env={**servers.env, "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         served = wait_for(lambda: deployment(servers, f"pipeline/{DEPLOYMENT}"), 180, "the served deployment")
         soak_runs = scheduled_runs(servers, served, runs)
         faults = {kill_run: "killed rank", outage_run: "tracking outage"}
         for run in soak_runs:
             run.fault = faults.get(run.index, "")
-        watch(servers, served, soak_runs, console)
+        watch(servers, served, soak_runs, servers.root / str(settings.workspace), console)  # as the runs resolve it
     finally:
         stop(serving)
-    return gather(servers, name, soak_runs, time.monotonic() - started)
+    return gather(servers, settings.name, soak_runs, time.monotonic() - started)
 
 
 def scheduled_runs(servers: Servers, served: dict, runs: int) -> list[SoakRun]:
@@ -165,7 +166,7 @@ def scheduled_runs(servers: Servers, served: dict, runs: int) -> list[SoakRun]:
     return [SoakRun(index, flow_run["id"]) for index, flow_run in enumerate(found, start=1)]
 
 
-def watch(servers: Servers, served: dict, runs: list[SoakRun], console: Console) -> None:
+def watch(servers: Servers, served: dict, runs: list[SoakRun], workspace: Path, console: Console) -> None:
     """Until every run has ended: strike each run's fault once it has a checkpoint; pause the
     schedule once the last run has started, so no run beyond the soak's starts."""
     paused = False
@@ -182,16 +183,16 @@ def watch(servers: Servers, served: dict, runs: list[SoakRun], console: Console)
         for flow_run_id, state in states.items():
             run = pending[flow_run_id]
             if run.fault and run.fault_after_step is None and state == "RUNNING":
-                strike(servers, run)
+                strike(servers, run, workspace)
             if state in TERMINAL:
                 run.state = state
                 del pending[flow_run_id]
                 console.print(f"run {run.index:>2} {state} {run.fault}")
 
 
-def strike(servers: Servers, run: SoakRun) -> None:
+def strike(servers: Servers, run: SoakRun, workspace: Path) -> None:
     """`run`'s fault, once its pretraining ranks run and have written a checkpoint."""
-    ranks = pretraining_ranks(seed=run.index)
+    ranks = pretraining_ranks(workspace, seed=run.index)
     if not ranks:
         return
     checkpoint = latest_checkpoint(spec_of(ranks[0].info["cmdline"]).parent / "checkpoints")
@@ -207,15 +208,19 @@ def strike(servers: Servers, run: SoakRun) -> None:
         server.start()
 
 
-def pretraining_ranks(seed: int) -> list[psutil.Process]:
+def pretraining_ranks(workspace: Path, seed: int) -> list[psutil.Process]:
     """The torchrun ranks (`... -m tasks.pretrain_worker SPEC --result ...`, not the torchrun
-    launcher that starts them) training with `seed`."""
+    launcher that starts them) training with `seed` in `workspace` (other runs on the machine are not the soak's)."""
     ranks = []
     for process in psutil.process_iter(["cmdline"]):
         command = process.info["cmdline"] or []
         if "tasks.pretrain_worker" in command and "torch.distributed.run" not in command:
             spec = spec_of(command)
-            if spec.is_file() and json.loads(spec.read_text())["train"]["seed"] == seed:
+            if (
+                spec.is_relative_to(workspace)
+                and spec.is_file()
+                and json.loads(spec.read_text())["train"]["seed"] == seed
+            ):
                 ranks.append(process)
     return ranks
 
