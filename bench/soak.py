@@ -317,7 +317,7 @@ def main(
         with started_servers(Path(root), "micro-soak", write_pipeline_config) as servers:
             report = soak(servers, servers.config, runs, interval, kill_run, outage_run, console)
     console.print(report_table(report))
-    console.print(totals(report))
+    console.print(totals(report), soft_wrap=True)  # one line, however long
     for failure in report.failures():
         console.print(f"FAIL {failure}")
     raise typer.Exit(1 if report.failures() else 0)
