@@ -67,7 +67,10 @@ SOAK_OVERRIDES = [
     "finetune=null",
 ]
 TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-OUTAGE_SECONDS = 5.0  # well inside MLflow's client retries (7 with backoff: minutes)
+# Down this long, then starting again (about 20 s more): inside MLflow's client retries (7 with
+# backoff: minutes) for the runs in flight, and mostly inside the 30 s a run starting meanwhile
+# waits for the server (`check_tracking_server`).
+OUTAGE_SECONDS = 2.0
 
 
 @dataclass
