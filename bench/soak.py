@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -171,12 +172,21 @@ def scheduled_runs(servers: Servers, served: dict, runs: int) -> list[SoakRun]:
 
 
 def watch(servers: Servers, served: dict, runs: list[SoakRun], workspace: Path, console: Console) -> None:
-    """Until every run has ended: strike each run's fault once it has a checkpoint; pause the
+    """Until every run has ended: strike each run's fault once it has a checkpoint; delete the
+    runs the server's scheduler keeps adding beyond the soak's while they wait, and pause the
     schedule once the last run has started, so no run beyond the soak's starts."""
-    paused = False
+    paused, outages = False, []
     pending = {run.flow_run_id: run for run in runs}
+    beyond_the_soak = {
+        "flow_runs": {
+            "deployment_id": {"any_": [served["id"]]},
+            "id": {"not_any_": list(pending)},
+            "state": {"type": {"any_": ["SCHEDULED"]}},
+        }
+    }
     while pending:
-        time.sleep(0.2)
+        time.sleep(0.5)
+        post(f"{servers.prefect}/api/flow_runs/bulk_delete", beyond_the_soak)
         states = {
             flow_run["id"]: flow_run["state_type"]
             for flow_run in flow_runs(servers, {"flow_runs": {"id": {"any_": list(pending)}}})
@@ -187,30 +197,34 @@ def watch(servers: Servers, served: dict, runs: list[SoakRun], workspace: Path, 
         for flow_run_id, state in states.items():
             run = pending[flow_run_id]
             if run.fault and run.fault_after_step is None and state == "RUNNING":
-                strike(servers, run, workspace)
+                outages += strike(servers, run, workspace)
             if state in TERMINAL:
                 run.state = state
                 del pending[flow_run_id]
                 console.print(f"run {run.index:>2} {state} {run.fault}")
+    for outage in outages:
+        outage.join()
 
 
-def strike(servers: Servers, run: SoakRun, workspace: Path) -> None:
-    """`run`'s fault, once its pretraining ranks run and have written a checkpoint."""
+def strike(servers: Servers, run: SoakRun, workspace: Path) -> list[threading.Thread]:
+    """`run`'s fault, once its pretraining ranks run and have written a checkpoint. The
+    outage goes on in a thread (the runs are watched meanwhile), returned to be joined."""
     ranks = pretraining_ranks(workspace, seed=run.index)
     if not ranks:
-        return
+        return []
     checkpoint = latest_checkpoint(spec_of(ranks[0].info["cmdline"]).parent / "checkpoints")
     if checkpoint is None:
-        return
+        return []
     run.fault_after_step = checkpoint_step(checkpoint)
     if run.fault == "killed rank":
         with suppress(psutil.NoSuchProcess):  # it just finished: the missing retry fails the soak
             ranks[-1].kill()  # SIGKILL, as the OOM killer or a lost machine would
-    else:
-        server = MlflowServer.of_gptflow_up(servers)
-        server.kill()
-        time.sleep(OUTAGE_SECONDS)
-        server.start()
+        return []
+    server = MlflowServer.of_gptflow_up(servers)
+    server.kill()
+    outage = threading.Thread(target=lambda: (time.sleep(OUTAGE_SECONDS), server.start()))
+    outage.start()
+    return [outage]
 
 
 def pretraining_ranks(workspace: Path, seed: int) -> list[psutil.Process]:
