@@ -23,8 +23,10 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 from contextlib import suppress
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
@@ -177,20 +179,18 @@ def watch(servers: Servers, served: dict, runs: list[SoakRun], workspace: Path, 
     schedule once the last run has started, so no run beyond the soak's starts."""
     paused, outages = False, []
     pending = {run.flow_run_id: run for run in runs}
-    beyond_the_soak = {
-        "flow_runs": {
-            "deployment_id": {"any_": [served["id"]]},
-            "id": {"not_any_": list(pending)},
-            "state": {"type": {"any_": ["SCHEDULED"]}},
-        }
-    }
     while pending:
         time.sleep(0.5)
-        post(f"{servers.prefect}/api/flow_runs/bulk_delete", beyond_the_soak)
-        states = {
-            flow_run["id"]: flow_run["state_type"]
-            for flow_run in flow_runs(servers, {"flow_runs": {"id": {"any_": list(pending)}}})
-        }
+        try:
+            delete_runs_beyond_the_soak(servers, served, runs)
+            states = {
+                flow_run["id"]: flow_run["state_type"]
+                for flow_run in flow_runs(servers, {"flow_runs": {"id": {"any_": list(pending)}}})
+            }
+        except urllib.error.HTTPError as e:
+            if e.code != 503:  # 503: the server is busy (its database locked under load); ask again
+                raise
+            continue
         if not paused and states.get(runs[-1].flow_run_id) != "SCHEDULED":
             post(f"{servers.prefect}/api/deployments/{served['id']}/pause_deployment", {})
             paused = True
@@ -204,6 +204,18 @@ def watch(servers: Servers, served: dict, runs: list[SoakRun], workspace: Path, 
                 console.print(f"run {run.index:>2} {state} {run.fault}")
     for outage in outages:
         outage.join()
+
+
+def delete_runs_beyond_the_soak(servers: Servers, served: dict, runs: list[SoakRun]) -> None:
+    """Delete the deployment's scheduled runs, other than the soak's, due within a minute."""
+    soon = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+    beyond_the_soak = {
+        "deployment_id": {"any_": [served["id"]]},
+        "id": {"not_any_": [run.flow_run_id for run in runs]},
+        "state": {"type": {"any_": ["SCHEDULED"]}},
+        "expected_start_time": {"before_": soon},
+    }
+    post(f"{servers.prefect}/api/flow_runs/bulk_delete", {"flow_runs": beyond_the_soak})
 
 
 def strike(servers: Servers, run: SoakRun, workspace: Path) -> list[threading.Thread]:
