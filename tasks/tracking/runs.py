@@ -68,14 +68,16 @@ def check_tracking_server(uri: str | None = None, attempts: int = 5, delay: floa
     """Make sure the tracking store answers before any work starts; returns the URI.
 
     An HTTP server is asked for `/health` directly (MLflow's own REST client would retry
-    for minutes); a database store is opened and queried. After `attempts` tries,
-    `delay` seconds apart, the problem is reported naming the URI.
+    for minutes); a database store is opened and queried. After `attempts` tries, the
+    waits between them doubling from `delay` seconds (2 + 4 + 8 + 16 s by default: long
+    enough for a server that is restarting, as a scheduled run may find it), the problem is
+    reported naming the URI.
     """
     uri = uri or resolve_tracking_uri()
     problem = ""
     for attempt in range(attempts):
         if attempt:
-            time.sleep(delay)
+            time.sleep(delay * 2 ** (attempt - 1))
         try:
             if uri.startswith(("http://", "https://")):
                 with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as response:

@@ -31,14 +31,13 @@ from mlflow.tracking import MlflowClient
 
 from flows.config import load_config
 from flows.prepare import prepare_data_locally
-from flows.servers import mlflow_command
 from model.checkpoint import latest_checkpoint
 from support import REPO
 from support.configs import write_pipeline_config
-from support.infra_stack import answers
 from support.ports import free_port
 from support.postgres import postgres_bin_dir
 from support.processes import GPTFLOW
+from support.servers import MlflowServer
 
 SEED = 20261122
 SHARD_TRIALS = 20
@@ -374,29 +373,6 @@ def test_an_unreachable_tracking_server_stops_the_pipeline_before_any_stage(cli_
     assert "Traceback" not in result.stdout + result.stderr
     assert not (tmp_path / "workspace").exists()  # no stage ran
     assert seconds < 120  # a bounded retry, not MLflow's minutes of backoff
-
-
-class MlflowServer:
-    """`gptflow up`'s MLflow command on a free port, over a SQLite store that outlives it."""
-
-    def __init__(self, data_dir: Path):
-        port = free_port()
-        self.command = mlflow_command(port, data_dir)
-        self.uri, self.log = f"http://127.0.0.1:{port}", data_dir / "server.log"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 180
-        while not answers(f"{self.uri}/health"):
-            assert self.process.poll() is None and time.monotonic() < deadline, self.log.read_text()[-3000:]
-            time.sleep(0.5)
-
-    def kill(self) -> None:
-        """SIGKILL to the server and its workers: no shutdown, as in a crash."""
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait()
 
 
 def checkpoints_in(workspace: Path) -> set[Path]:

@@ -8,102 +8,49 @@ The tests run in file order and share the servers of the module fixture.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import pytest
+import yaml
+from rich.console import Console
 
 from support import REPO
 from support.configs import write_pipeline_config
+from support.infra_stack import answers
 from support.models import greedy_completions
 from support.ports import free_port
+from support.servers import (
+    BIN,
+    Servers,
+    deployment,
+    flow_run_state,
+    flow_runs,
+    get,
+    gptflow,
+    mlflow_runs,
+    parent_run_of,
+    post,
+    started_servers,
+    stop,
+    tags,
+    wait_for,
+)
 from support.sigint import with_sigint
 from tasks.core.workspace import sha256_file
 
 pytestmark = pytest.mark.slow
 
-BIN = Path(sys.executable).parent
 DOCS = REPO / "docs"
 NAME = "micro-servers"
-
-
-@dataclass
-class Servers:
-    root: Path
-    config: Path
-    env: dict[str, str]  # what a user's shell has: no server addresses, only the state file
-    prefect: str  # UI address; the API is under /api
-    mlflow: str
-
-    def prefect_env(self) -> dict[str, str]:
-        """For the `prefect` CLI, which knows nothing of gptflow's state file."""
-        return {**self.env, "PREFECT_API_URL": f"{self.prefect}/api"}
-
-
-def gptflow(servers: Servers, *args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    completed = subprocess.run(
-        [str(BIN / "gptflow"), *args],
-        cwd=servers.root,
-        env=env or servers.env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert completed.returncode == 0, f"gptflow {' '.join(args)}:\n{completed.stdout}\n{completed.stderr}"
-    return completed
-
-
-def post(url: str, body: dict) -> dict | list:
-    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def get(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=30) as response:
-        return json.loads(response.read())
-
-
-def wait_for(condition, timeout: float, what: str, every: float = 2.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def mlflow_runs(servers: Servers, filter_string: str = "") -> list[dict]:
-    experiment = get(f"{servers.mlflow}/api/2.0/mlflow/experiments/get-by-name?experiment_name={NAME}")["experiment"]
-    found = post(
-        f"{servers.mlflow}/api/2.0/mlflow/runs/search",
-        {"experiment_ids": [experiment["experiment_id"]], "filter": filter_string, "max_results": 1000},
-    )
-    return found.get("runs", [])
-
-
-def tags(run: dict) -> dict[str, str]:
-    return {tag["key"]: tag["value"] for tag in run["data"].get("tags", [])}
-
-
-def parent_run_of(servers: Servers, flow_run_id: str) -> dict:
-    (run,) = mlflow_runs(servers, f"tags.`prefect.flow_run_id` = '{flow_run_id}'")
-    return run
-
-
-def flow_runs(servers: Servers, body: dict) -> list[dict]:
-    return post(f"{servers.prefect}/api/flow_runs/filter", body)
 
 
 def chromium(url: str, *, dump: bool = False, screenshot: Path | None = None) -> str:
@@ -131,26 +78,8 @@ def chromium(url: str, *, dump: bool = False, screenshot: Path | None = None) ->
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("servers")
-    env = {key: value for key, value in os.environ.items() if key not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
-    # As in an activated venv: `mlflow models serve` starts `uvicorn` from PATH.
-    env.update(
-        GPTFLOW_HOME=str(root / "gptflow-home"),
-        PREFECT_HOME=str(root / "prefect-home"),
-        PATH=f"{BIN}{os.pathsep}{env['PATH']}",
-    )
-    prefect_port, mlflow_port = free_port(), free_port()
-    servers = Servers(
-        root,
-        write_pipeline_config(root, NAME),
-        env,
-        f"http://127.0.0.1:{prefect_port}",
-        f"http://127.0.0.1:{mlflow_port}",
-    )
-    up = gptflow(servers, "up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port), timeout=300)
-    assert f"Prefect UI: {servers.prefect}" in up.stdout and f"MLflow UI:  {servers.mlflow}" in up.stdout
-    yield servers
-    subprocess.run([str(BIN / "gptflow"), "down"], cwd=root, env=env, capture_output=True, timeout=120)
+    with started_servers(tmp_path_factory.mktemp("servers"), NAME, write_pipeline_config) as servers:
+        yield servers
 
 
 @pytest.fixture(scope="module")
@@ -209,13 +138,13 @@ def test_served_deployment_schedule_trigger_and_gpu_limit(servers, pipeline_run)
         start_new_session=True,
     )
     try:
-        deployment = wait_for(lambda: _deployment(servers, "pipeline/hourly"), 120, "the served deployment")
+        served = wait_for(lambda: deployment(servers, "pipeline/hourly"), 120, "the served deployment")
         # The server's scheduler, not the test, creates the scheduled runs.
         scheduled = wait_for(
             lambda: flow_runs(
                 servers,
                 {
-                    "deployments": {"id": {"any_": [deployment["id"]]}},
+                    "deployments": {"id": {"any_": [served["id"]]}},
                     "flow_runs": {"state": {"type": {"any_": ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"]}}},
                 },
             ),
@@ -244,9 +173,11 @@ def test_served_deployment_schedule_trigger_and_gpu_limit(servers, pipeline_run)
         first_id = first_output.split("UUID:")[1].split()[0]
         watched_id = watched_output.split("UUID:")[1].split()[0]
         wait_for(
-            lambda: _state(servers, first_id) in ("COMPLETED", "FAILED", "CRASHED"), 600, "the first triggered run"
+            lambda: flow_run_state(servers, first_id) in ("COMPLETED", "FAILED", "CRASHED"),
+            600,
+            "the first triggered run",
         )
-        assert _state(servers, first_id) == "COMPLETED"
+        assert flow_run_state(servers, first_id) == "COMPLETED"
 
         # The two flow runs ran at the same time, yet the `gpu` limit (one slot) kept their
         # pretraining stages apart.
@@ -283,45 +214,24 @@ def test_prefect_yaml_deploys_a_scheduled_deployment_that_a_process_worker_runs(
     # As prefect.yaml's header says: a process work pool, then deploy from the project directory.
     prefect("work-pool", "create", "gptflow-local", "--type", "process")
     prefect("--no-prompt", "deploy", "--all")
-    deployment = get(f"{servers.prefect}/api/deployments/name/pipeline/nightly")
-    assert deployment["work_pool_name"] == "gptflow-local"
-    assert deployment["parameters"] == {"config": "configs/tiny.yaml", "overrides": []}
-    assert [s["schedule"]["cron"] for s in deployment["schedules"] if s["active"]] == ["0 3 * * *"]
-    assert deployment["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+    nightly = get(f"{servers.prefect}/api/deployments/name/pipeline/nightly")
+    assert nightly["work_pool_name"] == "gptflow-local"
+    assert nightly["parameters"] == {"config": "configs/tiny.yaml", "overrides": []}
+    assert [s["schedule"]["cron"] for s in nightly["schedules"] if s["active"]] == ["0 3 * * *"]
+    assert nightly["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
 
     # One run now, on the micro config (everything it needs is built: every stage skips),
     # picked up by a worker of the pool that polls once and waits for it.
     output = prefect("deployment", "run", "pipeline/nightly", "--params", json.dumps({"config": str(servers.config)}))
     flow_run_id = output.split("UUID:")[1].split()[0]
     prefect("worker", "start", "--pool", "gptflow-local", "--run-once", "--limit", "1", timeout=600)
-    assert _state(servers, flow_run_id) == "COMPLETED"
+    assert flow_run_state(servers, flow_run_id) == "COMPLETED"
     assert parent_run_of(servers, flow_run_id)["info"]["status"] == "FINISHED"
 
 
 def _span(flow_run: dict) -> tuple[datetime, datetime]:
     """A flow run's start and end times."""
     return datetime.fromisoformat(flow_run["start_time"]), datetime.fromisoformat(flow_run["end_time"])
-
-
-def stop(process: subprocess.Popen) -> None:
-    """Stop a server this test started, with its process group."""
-    os.killpg(process.pid, signal.SIGINT)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-
-
-def _deployment(servers: Servers, name: str) -> dict | None:
-    try:
-        return get(f"{servers.prefect}/api/deployments/name/{name}")
-    except urllib.error.HTTPError:
-        return None
-
-
-def _state(servers: Servers, flow_run_id: str) -> str:
-    return get(f"{servers.prefect}/api/flow_runs/{flow_run_id}")["state_type"]
 
 
 def test_mlflow_models_serve_answers_invocations(servers, pipeline_run):
@@ -349,7 +259,7 @@ def test_mlflow_models_serve_answers_invocations(servers, pipeline_run):
         start_new_session=True,
     )
     try:
-        wait_for(lambda: _ping(f"http://127.0.0.1:{port}/ping"), 180, "mlflow models serve")
+        wait_for(lambda: answers(f"http://127.0.0.1:{port}/ping"), 180, "mlflow models serve")
         prompts = ["def plus", ""]
         answer = post(
             f"http://127.0.0.1:{port}/invocations",
@@ -378,14 +288,6 @@ def champion_checkpoint(servers: Servers) -> Path:
     ]
     assert found, f"no checkpoint in the workspace holds the champion's weights {weights_sha256}"
     return found[0]
-
-
-def _ping(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (make test installs it)")
@@ -511,6 +413,29 @@ def test_progress_artifact_and_a_learning_rate_comparison_in_a_browser(servers, 
     )
 
 
+def test_a_soak_of_scheduled_runs_with_a_killed_rank_and_a_tracking_outage(servers, pipeline_run, monkeypatch):
+    """bench/soak.py at 3 runs on these servers: one through an MLflow server outage (first: it
+    lasts longest), one whose training process is SIGKILLed after a checkpoint, a plain one.
+    docs/reliability.md has the figures of 20."""
+    monkeypatch.syspath_prepend(REPO / "bench")
+    soak = importlib.import_module("soak")
+    # Its own experiment and registered model, over the workspace whose data stages are built.
+    config = yaml.safe_load(servers.config.read_text()) | {"name": "micro-soak"}
+    (soak_config := servers.root / "soak.yaml").write_text(yaml.safe_dump(config))
+
+    report = soak.soak(servers, soak_config, runs=3, interval=15, kill_run=2, outage_run=1, console=Console())
+    outage, killed, plain = report.runs
+    assert [run.state for run in report.runs] == ["COMPLETED"] * 3, report
+    assert (outage.fault, killed.fault, plain.fault) == ("tracking outage", "killed rank", "")
+    assert killed.retries == 1 and plain.retries == outage.retries == 0
+    assert killed.fault_after_step >= 20 and killed.resumed_at_step > killed.fault_after_step  # not from step 1
+    assert outage.fault_after_step >= 20  # the server died while the run trained
+    assert report.running_mlflow_runs == []
+    made = [report.versions_by_flow_run.get(run.flow_run_id) for run in report.runs]
+    assert sorted(made) == [["1"], ["2"], ["3"]] and report.stray_versions == []
+    assert report.failures() == []
+
+
 def test_down_stops_both_servers(servers):
     state = json.loads((Path(servers.env["GPTFLOW_HOME"]) / "servers.json").read_text())
     assert gptflow(servers, "down").stdout.strip() == "stopped: prefect, mlflow"
@@ -519,4 +444,4 @@ def test_down_stops_both_servers(servers):
             os.kill(record["pid"], 0)
     assert not (Path(servers.env["GPTFLOW_HOME"]) / "servers.json").exists()
     for url in (servers.prefect + "/api/health", servers.mlflow + "/health"):
-        assert not _ping(url)
+        assert not answers(url)

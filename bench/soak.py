@@ -1,0 +1,356 @@
+"""Soak: scheduled runs of the micro pipeline on servers `gptflow up` started, with a killed rank and a
+tracking outage among them.
+
+    .venv/bin/python bench/soak.py --runs 20      # figures in docs/reliability.md
+    .venv/bin/python bench/soak.py --runs 3       # what tests/integration/test_servers.py runs
+
+`gptflow serve --interval` serves the pipeline as a deployment; the server's scheduler creates its
+runs and the serving process starts each when due. Pretraining runs under torchrun (two ranks), so
+one run's training process can be SIGKILLed after a checkpoint: that run must complete after the
+stage's retry, resuming from the checkpoint. During another run's training the MLflow server is
+SIGKILLed and started again a few seconds later: MLflow's client retries must carry the run
+through. At the end: every run COMPLETED, no MLflow run left RUNNING, and each registered version
+made by exactly one of the runs (and each run made one). Prints per run its state, duration,
+retries and fault, then the totals; exits 1 if a check fails.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+from contextlib import suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import psutil
+import typer
+from rich.console import Console
+from rich.table import Table
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the micro world and the server helpers of the tests
+
+from flows.config import load_config  # noqa: E402
+from model.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
+from support.configs import write_pipeline_config  # noqa: E402
+from support.servers import (  # noqa: E402
+    BIN,
+    MlflowServer,
+    Servers,
+    deployment,
+    flow_runs,
+    get,
+    mlflow_runs,
+    patch,
+    post,
+    started_servers,
+    stop,
+    tags,
+    wait_for,
+)
+from support.sigint import with_sigint  # noqa: E402
+
+DEPLOYMENT = "soak"
+# Every run the same: two ranks under torchrun (a training process to kill), steps enough to
+# kill it between checkpoints, a retry after 1 s rather than the default 30 s.
+SOAK_OVERRIDES = [
+    "pretrain.nproc_per_node=2",
+    "pretrain.micro_batch_size=4",  # the micro config's 256-token batch over two ranks
+    "pretrain.max_steps=200",
+    "pretrain.checkpoint_every=20",
+    "pretrain.retry_delay_seconds=1",
+    "finetune=null",
+]
+TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+# Down this long, then starting again (about 20 s more): inside MLflow's client retries (7 with
+# backoff: minutes) for the runs in flight, and mostly inside the 30 s a run starting meanwhile
+# waits for the server (`check_tracking_server`).
+OUTAGE_SECONDS = 2.0
+
+
+@dataclass
+class SoakRun:
+    index: int  # 1-based, in scheduled order; also the run's pretraining seed
+    flow_run_id: str
+    fault: str = ""  # "killed rank" or "tracking outage"
+    fault_after_step: int | None = None  # the newest checkpoint when the fault struck
+    state: str = "SCHEDULED"
+    seconds: float = 0.0
+    retries: int = 0  # task runs beyond each task's first
+    resumed_at_step: int | None = None  # the first step the retried pretraining attempt logged
+    version: str | None = None  # the registered version this run made
+
+
+@dataclass
+class SoakReport:
+    runs: list[SoakRun]
+    wall_seconds: float
+    running_mlflow_runs: list[str]  # names of MLflow runs still RUNNING at the end
+    versions_by_flow_run: dict[str, list[str]] = field(default_factory=dict)  # flow run id -> versions it made
+    stray_versions: list[str] = field(default_factory=list)  # versions none of the soak's runs made
+
+    def failures(self) -> list[str]:
+        """What went wrong, one line each; empty when the soak passed."""
+        found = [f"run {run.index}: {run.state}" for run in self.runs if run.state != "COMPLETED"]
+        for run in self.runs:
+            if run.fault and run.fault_after_step is None:
+                found.append(f"run {run.index}: the {run.fault} never struck (no checkpoint seen while it trained)")
+            elif run.fault == "killed rank" and not (run.retries >= 1 and resumed_from_checkpoint(run)):
+                found.append(
+                    f"run {run.index}: killed after step {run.fault_after_step}, resumed at {run.resumed_at_step}"
+                )
+            if len(made := self.versions_by_flow_run.get(run.flow_run_id, [])) != 1:
+                found.append(f"run {run.index}: registered versions {made}, not exactly one")
+        found += [f"MLflow run left RUNNING: {name}" for name in self.running_mlflow_runs]
+        found += [f"version {version} made by none of the soak's runs" for version in self.stray_versions]
+        return found
+
+
+def resumed_from_checkpoint(run: SoakRun) -> bool:
+    """The retry went on from the checkpoint seen when the rank was killed (or a newer one), not from step 1."""
+    return run.resumed_at_step is not None and run.resumed_at_step > run.fault_after_step
+
+
+def soak(
+    servers: Servers, config: Path, runs: int, interval: int, kill_run: int, outage_run: int, console: Console
+) -> SoakReport:
+    """Serve `config` every `interval` s on `servers`; fault runs `kill_run` and `outage_run`; gather the outcome."""
+    started, settings = time.monotonic(), load_config(config)
+    with open(servers.root / "soak-serve.log", "ab") as log:
+        serving = subprocess.Popen(  # `stop` sends it SIGINT
+            with_sigint(
+                [str(BIN / "gptflow"), "serve", str(config), "--interval", str(interval), "--name", DEPLOYMENT]
+                + [f"--set={override}" for override in SOAK_OVERRIDES]
+            ),
+            cwd=servers.root,
+            env={**servers.env, "PREFECT_RUNNER_POLL_FREQUENCY": "2"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        served = wait_for(lambda: deployment(servers, f"pipeline/{DEPLOYMENT}"), 180, "the served deployment")
+        soak_runs = scheduled_runs(servers, served, runs)
+        faults = {kill_run: "killed rank", outage_run: "tracking outage"}
+        for run in soak_runs:
+            run.fault = faults.get(run.index, "")
+        watch(servers, served, soak_runs, servers.root / str(settings.workspace), console)  # as the runs resolve it
+    finally:
+        stop(serving)
+    return gather(servers, settings.name, soak_runs, time.monotonic() - started)
+
+
+def scheduled_runs(servers: Servers, served: dict, runs: int) -> list[SoakRun]:
+    """The deployment's first `runs` scheduled runs, each given its own pretraining seed.
+
+    Identical runs would reuse every stage after the first (the manifest cache) and register
+    nothing new; a seed of their own makes each train and register a version. The runs are
+    the scheduler's: the soak asks the server to schedule them now (what its scheduler loop
+    does each minute) and only sets each run's parameters before it is due."""
+    post(f"{servers.prefect}/api/deployments/{served['id']}/schedule", {"min_runs": runs, "max_runs": runs})
+    found = flow_runs(
+        servers,
+        {
+            "deployments": {"id": {"any_": [served["id"]]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+            "sort": "EXPECTED_START_TIME_ASC",
+            "limit": runs,
+        },
+    )
+    assert len(found) == runs, f"the scheduler made {len(found)} runs, not {runs}"
+    for index, flow_run in enumerate(found, start=1):
+        parameters = {**flow_run["parameters"]}
+        parameters["overrides"] = [*parameters["overrides"], f"pretrain.seed={index}"]
+        patch(f"{servers.prefect}/api/flow_runs/{flow_run['id']}", {"parameters": parameters})
+    return [SoakRun(index, flow_run["id"]) for index, flow_run in enumerate(found, start=1)]
+
+
+def watch(servers: Servers, served: dict, runs: list[SoakRun], workspace: Path, console: Console) -> None:
+    """Until every run has ended: strike each run's fault once it has a checkpoint; delete the
+    runs the server's scheduler keeps adding beyond the soak's while they wait, and pause the
+    schedule once the last run has started, so no run beyond the soak's starts."""
+    paused, outages = False, []
+    pending = {run.flow_run_id: run for run in runs}
+    while pending:
+        time.sleep(0.5)
+        try:
+            delete_runs_beyond_the_soak(servers, served, runs)
+            states = {
+                flow_run["id"]: flow_run["state_type"]
+                for flow_run in flow_runs(servers, {"flow_runs": {"id": {"any_": list(pending)}}})
+            }
+        except urllib.error.HTTPError as e:
+            if e.code != 503:  # 503: the server is busy (its database locked under load); ask again
+                raise
+            continue
+        if not paused and states.get(runs[-1].flow_run_id) != "SCHEDULED":
+            post(f"{servers.prefect}/api/deployments/{served['id']}/pause_deployment", {})
+            paused = True
+        for flow_run_id, state in states.items():
+            run = pending[flow_run_id]
+            if run.fault and run.fault_after_step is None and state == "RUNNING":
+                outages += strike(servers, run, workspace)
+            if state in TERMINAL:
+                run.state = state
+                del pending[flow_run_id]
+                console.print(f"run {run.index:>2} {state} {run.fault}")
+    for outage in outages:
+        outage.join()
+
+
+def delete_runs_beyond_the_soak(servers: Servers, served: dict, runs: list[SoakRun]) -> None:
+    """Delete the deployment's scheduled runs, other than the soak's, due within a minute."""
+    soon = (datetime.now(UTC) + timedelta(minutes=1)).isoformat()
+    beyond_the_soak = {
+        "deployment_id": {"any_": [served["id"]]},
+        "id": {"not_any_": [run.flow_run_id for run in runs]},
+        "state": {"type": {"any_": ["SCHEDULED"]}},
+        "expected_start_time": {"before_": soon},
+    }
+    post(f"{servers.prefect}/api/flow_runs/bulk_delete", {"flow_runs": beyond_the_soak})
+
+
+def strike(servers: Servers, run: SoakRun, workspace: Path) -> list[threading.Thread]:
+    """`run`'s fault, once its pretraining ranks run and have written a checkpoint. The
+    outage goes on in a thread (the runs are watched meanwhile), returned to be joined."""
+    ranks = pretraining_ranks(workspace, seed=run.index)
+    if not ranks:
+        return []
+    checkpoint = latest_checkpoint(spec_of(ranks[0].info["cmdline"]).parent / "checkpoints")
+    if checkpoint is None:
+        return []
+    run.fault_after_step = checkpoint_step(checkpoint)
+    if run.fault == "killed rank":
+        with suppress(psutil.NoSuchProcess):  # it just finished: the missing retry fails the soak
+            ranks[-1].kill()  # SIGKILL, as the OOM killer or a lost machine would
+        return []
+    server = MlflowServer.of_gptflow_up(servers)
+    server.kill()
+    outage = threading.Thread(target=lambda: (time.sleep(OUTAGE_SECONDS), server.start()))
+    outage.start()
+    return [outage]
+
+
+def pretraining_ranks(workspace: Path, seed: int) -> list[psutil.Process]:
+    """The torchrun ranks (`... -m tasks.pretrain_worker SPEC --result ...`, not the torchrun
+    launcher that starts them) training with `seed` in `workspace` (other runs on the machine are not the soak's)."""
+    ranks = []
+    for process in psutil.process_iter(["cmdline"]):
+        command = process.info["cmdline"] or []
+        if "tasks.pretrain_worker" in command and "torch.distributed.run" not in command:
+            spec = spec_of(command)
+            if (
+                spec.is_relative_to(workspace)
+                and spec.is_file()
+                and json.loads(spec.read_text())["train"]["seed"] == seed
+            ):
+                ranks.append(process)
+    return ranks
+
+
+def spec_of(command: list[str]) -> Path:
+    """A rank's RunSpec file: the stage's spec.json, next to its checkpoints."""
+    return Path(command[command.index("tasks.pretrain_worker") + 1])
+
+
+def gather(servers: Servers, name: str, runs: list[SoakRun], wall_seconds: float) -> SoakReport:
+    """Each run's outcome from the Prefect and MLflow APIs, and the versions of registered model `name`."""
+    for run in runs:
+        flow_run = get(f"{servers.prefect}/api/flow_runs/{run.flow_run_id}")
+        run.state, run.seconds = flow_run["state_type"], flow_run["total_run_time"]
+        task_runs = post(f"{servers.prefect}/api/task_runs/filter", {"flow_runs": {"id": {"any_": [run.flow_run_id]}}})
+        run.retries = sum(max(0, task_run["run_count"] - 1) for task_run in task_runs)
+        if run.fault == "killed rank":
+            run.resumed_at_step = resumed_at_step(servers, name, run.flow_run_id)
+    running = [r["info"]["run_name"] for r in mlflow_runs(servers, "attributes.status = 'RUNNING'", name)]
+    by_flow_run: dict[str, list[str]] = {}
+    stray = []
+    found = get(f"{servers.mlflow}/api/2.0/mlflow/model-versions/search?filter=name%3D%27{name}%27&max_results=1000")
+    for version in found.get("model_versions", []):
+        register_run = get(f"{servers.mlflow}/api/2.0/mlflow/runs/get?run_id={version['run_id']}")["run"]
+        parent = get(f"{servers.mlflow}/api/2.0/mlflow/runs/get?run_id={tags(register_run)['mlflow.parentRunId']}")
+        flow_run_id = tags(parent["run"]).get("prefect.flow_run_id")
+        if flow_run_id in {run.flow_run_id for run in runs}:
+            by_flow_run.setdefault(flow_run_id, []).append(version["version"])
+        else:
+            stray.append(version["version"])
+    for run in runs:
+        run.version = ",".join(by_flow_run.get(run.flow_run_id, [])) or None
+    return SoakReport(runs, wall_seconds, running, by_flow_run, stray)
+
+
+def resumed_at_step(servers: Servers, name: str, flow_run_id: str) -> int | None:
+    """The first step the retried pretraining attempt of the flow run logged."""
+    parent = mlflow_runs(servers, f"tags.`prefect.flow_run_id` = '{flow_run_id}'", name)[0]["info"]["run_id"]
+    retried = mlflow_runs(
+        servers,
+        f"tags.mlflow.parentRunId = '{parent}' and attributes.run_name = 'pretrain' and tags.`gptflow.attempt` = '2'",
+        name,
+    )
+    if not retried:
+        return None
+    history = get(
+        f"{servers.mlflow}/api/2.0/mlflow/metrics/get-history?run_id={retried[0]['info']['run_id']}&metric_key=loss"
+    )
+    return min(metric["step"] for metric in history["metrics"])
+
+
+def report_table(report: SoakReport) -> Table:
+    table = Table(title=f"soak: {len(report.runs)} scheduled runs")
+    for column in ("run", "state", "seconds", "retries", "fault", "resumed at step", "version"):
+        table.add_column(column, justify="right" if column in ("run", "seconds", "retries") else "left")
+    for run in report.runs:
+        fault = f"{run.fault} after step {run.fault_after_step}" if run.fault else ""
+        table.add_row(
+            str(run.index),
+            run.state,
+            f"{run.seconds:.1f}",
+            str(run.retries),
+            fault,
+            str(run.resumed_at_step or ""),
+            run.version or "",
+        )
+    return table
+
+
+def totals(report: SoakReport) -> str:
+    seconds = [run.seconds for run in report.runs]
+    completed = sum(run.state == "COMPLETED" for run in report.runs)
+    return (
+        f"{completed}/{len(report.runs)} COMPLETED, {sum(run.retries for run in report.runs)} retries, "
+        f"run seconds median {statistics.median(seconds):.1f} max {max(seconds):.1f}, "
+        f"{len(report.running_mlflow_runs)} MLflow runs left RUNNING, "
+        f"{sum(map(len, report.versions_by_flow_run.values()))} versions for {len(report.runs)} runs "
+        f"({len(report.stray_versions)} stray), wall {report.wall_seconds:.0f} s"
+    )
+
+
+def main(
+    runs: Annotated[
+        int, typer.Option(min=3, help="Scheduled runs: a killed one, one through an outage, plain ones.")
+    ] = 20,
+    interval: Annotated[int, typer.Option(help="Seconds between scheduled runs.")] = 60,
+) -> None:
+    """Start servers with `gptflow up` in a temporary directory, soak them, print, stop them."""
+    console = Console(width=120)  # the table whole in a log file, as docs/reliability.md quotes it
+    kill_run, outage_run = runs // 3 + 1, 2 * runs // 3 + 1
+    with tempfile.TemporaryDirectory(prefix="gptflow-soak-") as root:
+        with started_servers(Path(root), "micro-soak", write_pipeline_config) as servers:
+            report = soak(servers, servers.config, runs, interval, kill_run, outage_run, console)
+    console.print(report_table(report))
+    console.print(totals(report), soft_wrap=True)  # one line, however long
+    for failure in report.failures():
+        console.print(f"FAIL {failure}")
+    raise typer.Exit(1 if report.failures() else 0)
+
+
+if __name__ == "__main__":
+    typer.run(main)
