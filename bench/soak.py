@@ -2,7 +2,8 @@
 tracking outage among them.
 
     .venv/bin/python bench/soak.py --runs 20      # figures in docs/reliability.md
-    .venv/bin/python bench/soak.py --runs 3       # what tests/integration/test_servers.py runs
+    .venv/bin/python bench/soak.py --runs 3       # a quick check (tests/integration/test_servers.py runs
+                                                  # its 2 faulted runs through `soak()`)
 
 `gptflow serve --interval` serves the pipeline as a deployment; the server's scheduler creates its
 runs and the serving process starts each when due. Pretraining runs under torchrun (two ranks), so

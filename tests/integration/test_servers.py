@@ -414,25 +414,25 @@ def test_progress_artifact_and_a_learning_rate_comparison_in_a_browser(servers, 
 
 
 def test_a_soak_of_scheduled_runs_with_a_killed_rank_and_a_tracking_outage(servers, pipeline_run, monkeypatch):
-    """bench/soak.py at 3 runs on these servers: one through an MLflow server outage (first: it
-    lasts longest), one whose training process is SIGKILLed after a checkpoint, a plain one.
-    docs/reliability.md has the figures of 20."""
+    """bench/soak.py at its CI count, 2 runs on these servers: one through an MLflow server outage
+    (first: it lasts longest), one whose training process is SIGKILLed after a checkpoint. Plain
+    runs are what every other test here runs; docs/reliability.md has the figures of 20."""
     monkeypatch.syspath_prepend(REPO / "bench")
     soak = importlib.import_module("soak")
     # Its own experiment and registered model, over the workspace whose data stages are built.
     config = yaml.safe_load(servers.config.read_text()) | {"name": "micro-soak"}
     (soak_config := servers.root / "soak.yaml").write_text(yaml.safe_dump(config))
 
-    report = soak.soak(servers, soak_config, runs=3, interval=15, kill_run=2, outage_run=1, console=Console())
-    outage, killed, plain = report.runs
-    assert [run.state for run in report.runs] == ["COMPLETED"] * 3, report
-    assert (outage.fault, killed.fault, plain.fault) == ("tracking outage", "killed rank", "")
-    assert killed.retries == 1 and plain.retries == outage.retries == 0
+    report = soak.soak(servers, soak_config, runs=2, interval=15, kill_run=2, outage_run=1, console=Console())
+    outage, killed = report.runs
+    assert [run.state for run in report.runs] == ["COMPLETED"] * 2, report
+    assert (outage.fault, killed.fault) == ("tracking outage", "killed rank")
+    assert killed.retries == 1 and outage.retries == 0
     assert killed.fault_after_step >= 20 and killed.resumed_at_step > killed.fault_after_step  # not from step 1
     assert outage.fault_after_step >= 20  # the server died while the run trained
     assert report.running_mlflow_runs == []
     made = [report.versions_by_flow_run.get(run.flow_run_id) for run in report.runs]
-    assert sorted(made) == [["1"], ["2"], ["3"]] and report.stray_versions == []
+    assert sorted(made) == [["1"], ["2"]] and report.stray_versions == []
     assert report.failures() == []
 
 
