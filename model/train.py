@@ -40,8 +40,11 @@ checkpoint and raise `TrainingInterrupted`.
 
 Metrics go to `callback(step, metrics)` on rank 0 after every step: loss, lr, grad_norm,
 tokens_per_s, mfu (when `model.mfu` knows the device's peak), memory_mb, and val_loss every
-`eval_every` steps and at the end. Rank 0 prints where it trains, in what precision and the
-peak its MFU is against (`Runtime`, also in the TrainResult).
+`eval_every` steps and at the end. Validation scores every batch of `val_data` (a finite
+collection, the same at each validation): `run` gives it the `val_windows` evenly spaced
+windows of the val split (`model.evaluate.val_windows`) that the evaluate stage scores too.
+Rank 0 prints where it trains, in what precision and the peak its MFU is against (`Runtime`,
+also in the TrainResult).
 """
 
 from __future__ import annotations
@@ -53,9 +56,8 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import nullcontext
-from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -69,7 +71,7 @@ from model.config import RUN_ONLY, GPTConfig
 from model.data import WindowLoader
 from model.device import DeviceName, device_model, training_bf16
 from model.errors import UserError
-from model.evaluate import IGNORE
+from model.evaluate import IGNORE, VAL_WINDOWS, val_windows, window_batches
 from model.gpt import GPT
 from model.mfu import peak_flops
 from model.parallel import ParallelConfig, clip_grad_norm, is_sharded, local_gradients, parallelize
@@ -99,6 +101,10 @@ class Batches(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
+# Validation batches: (inputs, targets) as in `Batches`, a finite collection scored whole each time.
+ValBatches = Collection[tuple[torch.Tensor, torch.Tensor]]
+
+
 class TrainConfig(ParallelConfig):
     """How to train: optimisation, batch, schedule, evaluation and checkpoint cadence, device,
     and (inherited) how the model is spread over processes."""
@@ -116,7 +122,9 @@ class TrainConfig(ParallelConfig):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
     eval_every: NonNegativeInt = Field(50, description="steps between validation losses; 0: only at the end")
-    eval_batches: PositiveInt = Field(8, description="micro-batches per rank in each validation")
+    val_windows: PositiveInt | None = Field(
+        VAL_WINDOWS, description="val windows scored at each validation, evenly spaced over the split; null: all"
+    )
     checkpoint_every: NonNegativeInt = Field(
         50, description="steps between checkpoints; 0: only at the end", json_schema_extra=RUN_ONLY
     )
@@ -246,11 +254,11 @@ def accumulate_gradients(
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, data: Batches, batches: int, device: torch.device, autocast: Any) -> float:
-    """Mean loss per scored target over the first `batches` micro-batches of every rank."""
+def validation_loss(model: nn.Module, batches: ValBatches, device: torch.device, autocast: Any) -> float:
+    """Mean loss per scored target over every rank's validation batches."""
     model.eval()
     totals = torch.zeros(2, device=device, dtype=torch.float64)
-    for inputs, targets in islice(data, batches):
+    for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
         with autocast():
             totals[0] += summed_loss(model, inputs, targets).double()
@@ -272,7 +280,7 @@ def train(
     model: GPT,
     config: TrainConfig,
     train_data: Batches,
-    val_data: Batches | None,
+    val_data: ValBatches | None,
     out_dir: Path,
     callback: Callback | None = None,
 ) -> TrainResult:
@@ -394,7 +402,7 @@ def train(
                 metrics["mfu"] = flops_per_token * tokens_per_s / env.world_size / peak.flops
             final = step == config.max_steps
             if val_data is not None and (final or (config.eval_every and step % config.eval_every == 0)):
-                val_loss = metrics["val_loss"] = validation_loss(model, val_data, config.eval_batches, device, autocast)
+                val_loss = metrics["val_loss"] = validation_loss(model, val_data, device, autocast)
             if final or stopping or time_to_save or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 checkpoint = save(step)
                 last_saved = clock()
@@ -404,7 +412,7 @@ def train(
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, checkpoint)
 
         if val_data is not None and not math.isfinite(val_loss):  # resumed at max_steps: nothing ran
-            val_loss = validation_loss(model, val_data, config.eval_batches, device, autocast)
+            val_loss = validation_loss(model, val_data, device, autocast)
         return TrainResult(
             steps=step,
             checkpoint=checkpoint,
@@ -432,19 +440,17 @@ def run(spec: RunSpec, callback: Callback | None = None) -> TrainResult:
     """Build the model (seeded) and this rank's loaders from `spec`, then train."""
     env = DistributedEnv.from_environ()
 
-    def loader(split: str, shuffle: bool) -> WindowLoader:
-        return WindowLoader(
-            spec.shards,
-            split,
-            spec.train.micro_batch_size,
-            rank=env.rank,
-            world_size=env.world_size,
-            seed=spec.train.seed,
-            shuffle=shuffle,
-            workers=spec.loader_workers,
-        )
-
-    train_data, val_data = loader("train", shuffle=True), loader("val", shuffle=False)
+    train_data = WindowLoader(
+        spec.shards,
+        "train",
+        spec.train.micro_batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=spec.train.seed,
+        workers=spec.loader_workers,
+    )
+    windows = val_windows(spec.shards, spec.train.val_windows)
+    val_data = list(window_batches(windows, spec.train.micro_batch_size, env.rank, env.world_size))
     if train_data.seq_len > spec.model.block_size or train_data.vocab_size > spec.model.vocab_size:
         raise UserError(
             f"{spec.shards}: windows of {train_data.seq_len} tokens with ids below {train_data.vocab_size} "

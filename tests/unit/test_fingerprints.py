@@ -53,7 +53,7 @@ def test_data_stage_fingerprints_and_manifest_bytes_are_unchanged(tmp_path, monk
         "846a4ff83c158fc4",
         "f1585d6e9efcde92",
         "7e8d01fc02634ca3",
-        "9eadadcfc2d5cca5",  # pretrain FORMAT_VERSION 3: padded head, chunked loss
+        "4bba6034df080882",  # pretrain: val_windows (evenly spaced val windows) replaced eval_batches
     )
     manifests = {stage.path.parent.name: manifest_sha256(stage.path) for stage in (corpus, tokenizer, shards)}
     assert manifests == {
@@ -81,4 +81,5 @@ def test_evaluate_and_finetune_fingerprints_of_fixed_inputs_are_unchanged():
         finetune_inputs("a" * 64, "b" * 64, "e" * 64),
         block_size=64,
     )
-    assert (evaluate, finetune, finetune_file) == ("ee6d4ac34171b744", "f79cd53939597c73", "55ad3e02766494e7")
+    # evaluate: max_windows defaults to model.evaluate.VAL_WINDOWS; finetune FORMAT_VERSION 3: replay_fraction
+    assert (evaluate, finetune, finetune_file) == ("8d1ec3225ef32281", "95cfb248485fc671", "dc71a92c686797cf")

@@ -21,6 +21,9 @@ from model.train import NonFiniteLoss, accumulate_gradients, configure_optimizer
 from support.configs import MICRO_GPT, micro_train_config
 from support.corpus import RandomBatches
 
+# Validation data for the engine: a few fixed batches, scored whole at each validation.
+VAL_BATCHES = list(islice(RandomBatches(seed=1), 2))
+
 
 def test_cosine_schedule_follows_its_formula():
     kwargs = dict(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=110)
@@ -115,7 +118,6 @@ def test_engine_matches_a_hand_written_training_loop(tmp_path, monkeypatch):
         grad_clip=clip,
         weight_decay=decay,
         eval_every=eval_every,
-        eval_batches=eval_batches,
         checkpoint_every=0,
     )
     peak = 1e9  # a fixed peak instead of a measured one, so that MFU can be checked
@@ -127,11 +129,12 @@ def test_engine_matches_a_hand_written_training_loop(tmp_path, monkeypatch):
     reference = GPT(MICRO_GPT.model_copy(update={"vocab_multiple": 1, "loss_chunk": 0}))
     engine_model = copy.deepcopy(reference)
     logged = {}
+    val_batches = list(islice(MaskedBatches(seed=1), eval_batches))
     train(
         engine_model,
         config,
         MaskedBatches(),
-        MaskedBatches(seed=1),
+        val_batches,
         tmp_path,
         callback=lambda step, metrics: logged.update({step: dict(metrics)}),
     )
@@ -156,7 +159,6 @@ def test_engine_matches_a_hand_written_training_loop(tmp_path, monkeypatch):
         return sum(int((targets != -100).sum()) for _, targets in batches)
 
     train_batches = iter(MaskedBatches())
-    val_batches = list(islice(MaskedBatches(seed=1), eval_batches))
     scored_per_micro_batch = set()
     for step in range(steps):
         if step < warmup:
@@ -213,7 +215,7 @@ def test_bf16_autocast_and_fused_adamw_train_on_cpu(tmp_path):
         model,
         micro_train_config(bf16=True, max_steps=3),
         RandomBatches(),
-        RandomBatches(seed=1),
+        VAL_BATCHES,
         tmp_path / "bf16",
         callback=lambda step, metrics: losses["bf16"].append(metrics["loss"]),
     )
@@ -221,7 +223,7 @@ def test_bf16_autocast_and_fused_adamw_train_on_cpu(tmp_path):
         fp32_model,
         micro_train_config(bf16=False, max_steps=3),
         RandomBatches(),
-        RandomBatches(seed=1),
+        VAL_BATCHES,
         tmp_path / "fp32",
         callback=lambda step, metrics: losses["fp32"].append(metrics["loss"]),
     )
@@ -260,11 +262,11 @@ def test_a_run_resumed_at_max_steps_reports_the_last_steps_figures(tmp_path):
         GPT(MICRO_GPT),
         micro_train_config(max_steps=3),
         RandomBatches(),
-        RandomBatches(seed=1),
+        VAL_BATCHES,
         tmp_path,
         callback=lambda step, metrics: losses.append(metrics["loss"]),
     )
-    rerun = train(GPT(MICRO_GPT), micro_train_config(max_steps=3), RandomBatches(), RandomBatches(seed=1), tmp_path)
+    rerun = train(GPT(MICRO_GPT), micro_train_config(max_steps=3), RandomBatches(), VAL_BATCHES, tmp_path)
     assert rerun.steps == 3 and rerun.tokens == 0
     assert rerun.train_loss == losses[-1] == finished.train_loss
     assert rerun.val_loss == finished.val_loss
