@@ -59,11 +59,11 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from torch import nn
 
 from model.checkpoint import latest_checkpoint, load_training_checkpoint, save_training_checkpoint
@@ -117,6 +117,9 @@ class TrainConfig(ParallelConfig):
     warmup_steps: NonNegativeInt = 25
     schedule: Schedule = "cosine"
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: torch.optim.Muon for the blocks' 2-D matrices, AdamW for the rest"
+    )
     weight_decay: float = Field(0.1, ge=0, description="on weight matrices and embeddings only")
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
@@ -147,6 +150,13 @@ class TrainConfig(ParallelConfig):
         description="bf16 autocast (fsdp: bf16 parameters in compute, fp32 reduction); default: on for a GPU with bf16",
     )
     compile: bool | None = Field(None, description="torch.compile the model; default: on for CUDA")
+
+    @model_validator(mode="after")
+    def _muon_needs_whole_matrices(self) -> TrainConfig:
+        # Muon orthogonalizes each matrix's update as a whole; FSDP2 hands it one shard per rank.
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            raise ValueError("optimizer muon needs whole matrices on every rank: use parallel: ddp, not fsdp")
+        return self
 
 
 class Runtime(BaseModel):
@@ -189,20 +199,38 @@ class TrainingInterrupted(BaseException):
         super().__init__(f"{name}: stopped after step {step}; checkpoint {checkpoint} (run again to resume)")
 
 
-def configure_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (linear weights, embeddings) only.
+def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
+    """A 2-D weight inside a transformer block (attention and MLP projections): what Muon updates.
+    The embeddings (token, tied head, positions) are lookups, not maps between hidden states."""
+    return param.dim() == 2 and ".h." in f".{name}"
 
-    Biases and LayerNorm gains are vectors: decaying them towards zero only hurts (as in
-    GPT-3 and nanoGPT). The tied head/embedding is one Parameter and is listed once.
+
+def configure_optimizers(model: nn.Module, config: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """The step's optimizers, each parameter in exactly one.
+
+    adamw: AdamW with weight decay on matrices (linear weights, embeddings) only. Biases and
+    LayerNorm gains are vectors: decaying them towards zero only hurts (as in GPT-3 and
+    nanoGPT). The tied head/embedding is one Parameter and is listed once.
+
+    muon: torch.optim.Muon for the blocks' 2-D matrices, as in the fastest GPT-2 speedruns,
+    with its update scaled to AdamW's size (Moonshot's "match_rms_adamw", "Muon is Scalable
+    for LLM Training") so that one `lr` and `weight_decay` serve both; AdamW as above for the
+    embeddings, biases and gains.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for name, p in named if config.optimizer == "muon" and is_hidden_matrix(name, p)]
+    rest = [p for name, p in named if not (config.optimizer == "muon" and is_hidden_matrix(name, p))]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
+    adamw = torch.optim.AdamW(
         groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type in ("cuda", "cpu")
     )
+    if not hidden:
+        return [adamw]
+    muon = torch.optim.Muon(hidden, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw")
+    return [muon, adamw]
 
 
 def accumulation_steps(config: TrainConfig, seq_len: int, world_size: int, section: str = "") -> int:
@@ -301,11 +329,11 @@ def train(
         net = parallelize(model, config, device, env.world_size, use_bf16, use_compile)
         if model.config.has_sparse_layers:
             model.band_mask(train_data.seq_len, device)  # built now, outside the compiled graph
-        optimizer = configure_optimizer(model, config, device)
+        optimizers = configure_optimizers(model, config, device)
         step, train_loss = 0, math.nan
         checkpoint = latest_checkpoint(checkpoints) if config.resume else None
         if checkpoint is not None:
-            state = load_training_checkpoint(checkpoint, model, optimizer, config.checkpoint_format, env.is_main)
+            state = load_training_checkpoint(checkpoint, model, optimizers, config.checkpoint_format, env.is_main)
             train_data.load_state_dict(state["data"])
             step = state["step"]
             # What a run resumed at max_steps (killed before its caller recorded the result) returns.
@@ -343,7 +371,7 @@ def train(
                 checkpoints,
                 step,
                 model,
-                optimizer,
+                optimizers,
                 state,
                 config.checkpoint_format,
                 config.keep_checkpoints,
@@ -365,7 +393,7 @@ def train(
                 schedule=config.schedule,
                 decay_fraction=config.decay_fraction,
             )
-            for group in optimizer.param_groups:
+            for group in (group for optimizer in optimizers for group in optimizer.param_groups):
                 group["lr"] = lr
             micro_batches = [next(batches) for _ in range(accumulation)]
             loss_sum, scored = accumulate_gradients(net, micro_batches, device, autocast)
@@ -385,8 +413,9 @@ def train(
                     f"updating the weights. Last good checkpoint: {last_good or 'none written yet'}. "
                     "Lower lr or raise warmup_steps, then resume from it."
                 )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
 
             seconds = time.perf_counter() - step_started
