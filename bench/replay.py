@@ -57,19 +57,19 @@ def main() -> None:
 
     pretrained = val_bits_per_byte(base)
     print(f"model {base}; general val bits/byte over the val shards' windows (max {config.evaluate.max_windows})")
-    print(f"{'model':<22} {'val bits/byte':>13} {'change':>8} {'completion loss':>16} {'parse rate':>11}")
+    print(f"{'model':<24} {'val bits/byte':>13} {'change':>8} {'completion loss':>16} {'parse rate':>11}")
     for i, fraction in enumerate(fractions):
         finetune = config.finetune.model_copy(update={"replay_fraction": fraction})
         output = run_finetune(finetune, base, tokenizer_path, corpus, config.workspace, shards=shards.manifest)
         m = output.metrics
         if i == 0:  # the stage measures the pretrained model on the held-out pairs too
             print(
-                f"{'pretrained':<22} {pretrained:>13.4f} {'':>8} {m['pretrained_completion_loss']:>16.4f} "
+                f"{'pretrained':<24} {pretrained:>13.4f} {'':>8} {m['pretrained_completion_loss']:>16.4f} "
                 f"{m['pretrained_parse_rate']:>11.1%}"
             )
         bits = val_bits_per_byte(output.checkpoint)
         print(
-            f"{f'fine-tuned, replay {fraction:g}':<22} {bits:>13.4f} {bits / pretrained - 1:>+8.1%} "
+            f"{f'fine-tuned, replay {fraction:g}':<24} {bits:>13.4f} {bits / pretrained - 1:>+8.1%} "
             f"{m['finetuned_completion_loss']:>16.4f} {m['finetuned_parse_rate']:>11.1%}",
             flush=True,
         )
