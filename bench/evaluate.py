@@ -28,16 +28,10 @@ from pathlib import Path
 
 from flows.config import load_config
 from flows.prepare import prepare_data_locally
-from model.evaluate import LossTotals, score_batches, sliding_window_batches
+from model.evaluate import LossTotals, score_batches, sliding_window_batches, val_windows, window_batches
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.model_source import load_model_source
-from tasks.evaluate import (
-    document_stride,
-    evenly_spaced,
-    held_out_documents,
-    shard_windows,
-    window_batches,
-)
+from tasks.evaluate import document_stride, held_out_documents
 from tasks.finetune import run_finetune
 from tasks.pretrain import run_pretrain
 
@@ -81,7 +75,7 @@ def main() -> None:
     tokenizer = load_tokenizer(tokenizer_path)
     print(f"model {base}: {model.config.num_params():,} parameters, context {model.config.block_size}")
 
-    windows = evenly_spaced(shard_windows(shards)[0], config.evaluate.max_windows)
+    windows = val_windows(shards, config.evaluate.max_windows)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     batch = config.evaluate.batch_size
     block = model.config.block_size

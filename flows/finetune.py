@@ -47,5 +47,6 @@ def finetune_flow(config: PipelineConfig, start_from: str | None = None) -> Fine
                 prepared.corpus.corpus,
                 config.workspace,
                 parent_run_id=run_id,
+                shards=prepared.shards.manifest,
                 return_state=True,
             ).result()

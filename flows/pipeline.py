@@ -106,6 +106,7 @@ def pipeline(
                     corpus.corpus,
                     workspace,
                     parent_run_id=run_id,
+                    shards=shards.manifest,
                     return_state=True,
                 ).result()
             evaluations["finetuned"] = evaluate("finetuned", finetuned.checkpoint)

@@ -89,7 +89,9 @@ def plan(config: PipelineConfig) -> list[PlannedStage]:
 
     def finetuning(model_sha256: str, model_config: GPTConfig) -> str:
         pairs = sha256_file(config.finetune.path) if config.finetune.path else corpus_dir.listed_sha256(CORPUS_FILE)
-        inputs = finetune_inputs(model_sha256, tokenizer_dir.listed_sha256(TOKENIZER_FILE), pairs)
+        # The pipeline's shards share its tokenizer: with replay on, the stage replays them.
+        replayed = shards_fp if config.finetune.replay_fraction > 0 else None
+        inputs = finetune_inputs(model_sha256, tokenizer_dir.listed_sha256(TOKENIZER_FILE), pairs, replayed)
         return finetune_fingerprint(config.finetune, inputs, model_config.block_size)
 
     add("evaluate-pretrained", "evaluate", model_fingerprint(pretrained, evaluation))

@@ -46,7 +46,14 @@ from torch import nn
 from model.config import GPTConfig
 from model.errors import UserError
 from model.gpt import GPT
-from model.parallel import CheckpointFormat, full_state, load_full_state, load_sharded_state, sharded_state
+from model.parallel import (
+    CheckpointFormat,
+    Optimizers,
+    full_state,
+    load_full_state,
+    load_sharded_state,
+    sharded_state,
+)
 from model.special_tokens import SpecialIds
 
 WEIGHTS, CONFIG, STATE, DCP = "model.safetensors", "config.json", "state.pt", "dcp"
@@ -131,7 +138,7 @@ def save_training_checkpoint(
     checkpoints: Path,
     step: int,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: Optimizers,
     state: dict[str, Any],
     checkpoint_format: CheckpointFormat,
     keep: int,
@@ -141,9 +148,9 @@ def save_training_checkpoint(
     optimizer state in `checkpoint_format`, plus `state`. Every rank calls it: gathering the
     state, or writing its shards, takes them all; no rank returns before the checkpoint is in place."""
     if checkpoint_format == "dcp":
-        save_sharded_checkpoint(checkpoints, step, model, state, sharded_state(model, optimizer), keep=keep)
+        save_sharded_checkpoint(checkpoints, step, model, state, sharded_state(model, optimizers), keep=keep)
     else:
-        weights, optimizer_state = full_state(model, optimizer)  # collective: every rank takes part
+        weights, optimizer_state = full_state(model, optimizers)  # collective: every rank takes part
         if is_main:
             save_checkpoint(
                 checkpoints, step, model, {"optimizer": optimizer_state, **state}, keep=keep, weights=weights
@@ -156,7 +163,7 @@ def save_training_checkpoint(
 def load_training_checkpoint(
     checkpoint: Path,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: Optimizers,
     checkpoint_format: CheckpointFormat,
     is_main: bool,
 ) -> dict[str, Any]:
@@ -170,12 +177,12 @@ def load_training_checkpoint(
                 f"{checkpoint}: a sharded checkpoint (checkpoint_format: dcp), whose metadata is unpickled when "
                 "read; set checkpoint_format: dcp to resume from it if you trust its storage, or delete it"
             )
-        shards = sharded_state(model, optimizer)
+        shards = sharded_state(model, optimizers)
         load_shards(checkpoint, shards)
-        load_sharded_state(model, optimizer, shards)
+        load_sharded_state(model, optimizers, shards)
     else:
         weights = read_weights(checkpoint, model) if is_main else {}
-        load_full_state(model, optimizer, weights, state["optimizer"] if is_main else {})
+        load_full_state(model, optimizers, weights, state["optimizer"] if is_main else {})
     return state
 
 

@@ -34,7 +34,7 @@ State dicts, in the plain module's names (no `module.`, `_orig_mod.` or
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -59,6 +59,9 @@ from model.config import RUN_ONLY
 from model.gpt import GPT
 
 Parallelism = Literal["ddp", "fsdp"]
+# The step's optimizers (AdamW alone, or Muon and AdamW): torch.distributed.checkpoint keys the
+# state of all of them by parameter name in one dict, and splits it back on load.
+Optimizers = Sequence[torch.optim.Optimizer]
 CheckpointFormat = Literal["safetensors", "dcp"]
 
 
@@ -157,17 +160,19 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
 _GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def full_state(model: nn.Module, optimizers: Optimizers) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(weights, optimizer state), whole on rank 0's CPU; empty on the other ranks. Every rank must call it.
 
     The optimizer state is keyed by parameter name, not by position, so it loads into a
     model wrapped differently."""
-    return get_model_state_dict(model, options=_GATHERED), get_optimizer_state_dict(model, optimizer, options=_GATHERED)
+    return get_model_state_dict(model, options=_GATHERED), get_optimizer_state_dict(
+        model, optimizers, options=_GATHERED
+    )
 
 
 def load_full_state(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizers: Optimizers,
     weights: dict[str, torch.Tensor],
     optimizer_state: dict[str, Any],
 ) -> None:
@@ -175,15 +180,15 @@ def load_full_state(
     broadcasts them, and each rank keeps its shard (FSDP2) or a copy (DDP)."""
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
     set_model_state_dict(model, weights, options=options)
-    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
+    set_optimizer_state_dict(model, optimizers, optimizer_state, options=options)
 
 
-def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def sharded_state(model: nn.Module, optimizers: Optimizers) -> dict[str, Any]:
     """This rank's shards of the weights and optimizer state (whole tensors when not sharded), for DCP."""
-    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
+    return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizers)}
 
 
-def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def load_sharded_state(model: nn.Module, optimizers: Optimizers, state: dict[str, Any]) -> None:
     """Load `sharded_state`'s output after DCP has filled it in place."""
     set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    set_optimizer_state_dict(model, optimizers, state["optimizer"])

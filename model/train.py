@@ -40,8 +40,11 @@ checkpoint and raise `TrainingInterrupted`.
 
 Metrics go to `callback(step, metrics)` on rank 0 after every step: loss, lr, grad_norm,
 tokens_per_s, mfu (when `model.mfu` knows the device's peak), memory_mb, and val_loss every
-`eval_every` steps and at the end. Rank 0 prints where it trains, in what precision and the
-peak its MFU is against (`Runtime`, also in the TrainResult).
+`eval_every` steps and at the end. Validation scores every batch of `val_data` (a finite
+collection, the same at each validation): `run` gives it the `val_windows` evenly spaced
+windows of the val split (`model.evaluate.val_windows`) that the evaluate stage scores too.
+Rank 0 prints where it trains, in what precision and the peak its MFU is against (`Runtime`,
+also in the TrainResult).
 """
 
 from __future__ import annotations
@@ -53,15 +56,14 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import nullcontext
-from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from torch import nn
 
 from model.checkpoint import latest_checkpoint, load_training_checkpoint, load_weights, save_training_checkpoint
@@ -69,7 +71,7 @@ from model.config import RUN_ONLY, GPTConfig
 from model.data import WindowLoader
 from model.device import DeviceName, device_model, training_bf16
 from model.errors import UserError
-from model.evaluate import IGNORE
+from model.evaluate import IGNORE, VAL_WINDOWS, val_windows, window_batches
 from model.gpt import GPT
 from model.mfu import peak_flops
 from model.parallel import ParallelConfig, clip_grad_norm, is_sharded, local_gradients, parallelize
@@ -99,6 +101,10 @@ class Batches(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
+# Validation batches: (inputs, targets) as in `Batches`, a finite collection scored whole each time.
+ValBatches = Collection[tuple[torch.Tensor, torch.Tensor]]
+
+
 class TrainConfig(ParallelConfig):
     """How to train: optimisation, batch, schedule, evaluation and checkpoint cadence, device,
     and (inherited) how the model is spread over processes."""
@@ -111,12 +117,17 @@ class TrainConfig(ParallelConfig):
     warmup_steps: NonNegativeInt = 25
     schedule: Schedule = "cosine"
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: torch.optim.Muon for the blocks' 2-D matrices, AdamW for the rest"
+    )
     weight_decay: float = Field(0.1, ge=0, description="on weight matrices and embeddings only")
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
     eval_every: NonNegativeInt = Field(50, description="steps between validation losses; 0: only at the end")
-    eval_batches: PositiveInt = Field(8, description="micro-batches per rank in each validation")
+    val_windows: PositiveInt | None = Field(
+        VAL_WINDOWS, description="val windows scored at each validation, evenly spaced over the split; null: all"
+    )
     checkpoint_every: NonNegativeInt = Field(
         50, description="steps between checkpoints; 0: only at the end", json_schema_extra=RUN_ONLY
     )
@@ -139,6 +150,13 @@ class TrainConfig(ParallelConfig):
         description="bf16 autocast (fsdp: bf16 parameters in compute, fp32 reduction); default: on for a GPU with bf16",
     )
     compile: bool | None = Field(None, description="torch.compile the model; default: on for CUDA")
+
+    @model_validator(mode="after")
+    def _muon_needs_whole_matrices(self) -> TrainConfig:
+        # Muon orthogonalizes each matrix's update as a whole; FSDP2 hands it one shard per rank.
+        if self.optimizer == "muon" and self.parallel == "fsdp":
+            raise ValueError("optimizer muon needs whole matrices on every rank: use parallel: ddp, not fsdp")
+        return self
 
 
 class Runtime(BaseModel):
@@ -181,20 +199,38 @@ class TrainingInterrupted(BaseException):
         super().__init__(f"{name}: stopped after step {step}; checkpoint {checkpoint} (run again to resume)")
 
 
-def configure_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (linear weights, embeddings) only.
+def is_hidden_matrix(name: str, param: nn.Parameter) -> bool:
+    """A 2-D weight inside a transformer block (attention and MLP projections): what Muon updates.
+    The embeddings (token, tied head, positions) are lookups, not maps between hidden states."""
+    return param.dim() == 2 and ".h." in f".{name}"
 
-    Biases and LayerNorm gains are vectors: decaying them towards zero only hurts (as in
-    GPT-3 and nanoGPT). The tied head/embedding is one Parameter and is listed once.
+
+def configure_optimizers(model: nn.Module, config: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """The step's optimizers, each parameter in exactly one.
+
+    adamw: AdamW with weight decay on matrices (linear weights, embeddings) only. Biases and
+    LayerNorm gains are vectors: decaying them towards zero only hurts (as in GPT-3 and
+    nanoGPT). The tied head/embedding is one Parameter and is listed once.
+
+    muon: torch.optim.Muon for the blocks' 2-D matrices, as in the fastest GPT-2 speedruns,
+    with its update scaled to AdamW's size (Moonshot's "match_rms_adamw", "Muon is Scalable
+    for LLM Training") so that one `lr` and `weight_decay` serve both; AdamW as above for the
+    embeddings, biases and gains.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    hidden = [p for name, p in named if config.optimizer == "muon" and is_hidden_matrix(name, p)]
+    rest = [p for name, p in named if not (config.optimizer == "muon" and is_hidden_matrix(name, p))]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
+    adamw = torch.optim.AdamW(
         groups, lr=config.lr, betas=(config.beta1, config.beta2), fused=device.type in ("cuda", "cpu")
     )
+    if not hidden:
+        return [adamw]
+    muon = torch.optim.Muon(hidden, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw")
+    return [muon, adamw]
 
 
 def accumulation_steps(config: TrainConfig, seq_len: int, world_size: int, section: str = "") -> int:
@@ -246,11 +282,11 @@ def accumulate_gradients(
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, data: Batches, batches: int, device: torch.device, autocast: Any) -> float:
-    """Mean loss per scored target over the first `batches` micro-batches of every rank."""
+def validation_loss(model: nn.Module, batches: ValBatches, device: torch.device, autocast: Any) -> float:
+    """Mean loss per scored target over every rank's validation batches."""
     model.eval()
     totals = torch.zeros(2, device=device, dtype=torch.float64)
-    for inputs, targets in islice(data, batches):
+    for inputs, targets in batches:
         inputs, targets = inputs.to(device), targets.to(device)
         with autocast():
             totals[0] += summed_loss(model, inputs, targets).double()
@@ -272,7 +308,7 @@ def train(
     model: GPT,
     config: TrainConfig,
     train_data: Batches,
-    val_data: Batches | None,
+    val_data: ValBatches | None,
     out_dir: Path,
     callback: Callback | None = None,
 ) -> TrainResult:
@@ -293,11 +329,11 @@ def train(
         net = parallelize(model, config, device, env.world_size, use_bf16, use_compile)
         if model.config.has_sparse_layers:
             model.band_mask(train_data.seq_len, device)  # built now, outside the compiled graph
-        optimizer = configure_optimizer(model, config, device)
+        optimizers = configure_optimizers(model, config, device)
         step, train_loss = 0, math.nan
         checkpoint = latest_checkpoint(checkpoints) if config.resume else None
         if checkpoint is not None:
-            state = load_training_checkpoint(checkpoint, model, optimizer, config.checkpoint_format, env.is_main)
+            state = load_training_checkpoint(checkpoint, model, optimizers, config.checkpoint_format, env.is_main)
             train_data.load_state_dict(state["data"])
             step = state["step"]
             # What a run resumed at max_steps (killed before its caller recorded the result) returns.
@@ -335,7 +371,7 @@ def train(
                 checkpoints,
                 step,
                 model,
-                optimizer,
+                optimizers,
                 state,
                 config.checkpoint_format,
                 config.keep_checkpoints,
@@ -357,7 +393,7 @@ def train(
                 schedule=config.schedule,
                 decay_fraction=config.decay_fraction,
             )
-            for group in optimizer.param_groups:
+            for group in (group for optimizer in optimizers for group in optimizer.param_groups):
                 group["lr"] = lr
             micro_batches = [next(batches) for _ in range(accumulation)]
             loss_sum, scored = accumulate_gradients(net, micro_batches, device, autocast)
@@ -377,8 +413,9 @@ def train(
                     f"updating the weights. Last good checkpoint: {last_good or 'none written yet'}. "
                     "Lower lr or raise warmup_steps, then resume from it."
                 )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             step += 1
 
             seconds = time.perf_counter() - step_started
@@ -394,7 +431,7 @@ def train(
                 metrics["mfu"] = flops_per_token * tokens_per_s / env.world_size / peak.flops
             final = step == config.max_steps
             if val_data is not None and (final or (config.eval_every and step % config.eval_every == 0)):
-                val_loss = metrics["val_loss"] = validation_loss(model, val_data, config.eval_batches, device, autocast)
+                val_loss = metrics["val_loss"] = validation_loss(model, val_data, device, autocast)
             if final or stopping or time_to_save or (config.checkpoint_every and step % config.checkpoint_every == 0):
                 checkpoint = save(step)
                 last_saved = clock()
@@ -404,7 +441,7 @@ def train(
                 raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, checkpoint)
 
         if val_data is not None and not math.isfinite(val_loss):  # resumed at max_steps: nothing ran
-            val_loss = validation_loss(model, val_data, config.eval_batches, device, autocast)
+            val_loss = validation_loss(model, val_data, device, autocast)
         return TrainResult(
             steps=step,
             checkpoint=checkpoint,
@@ -433,19 +470,17 @@ def run(spec: RunSpec, callback: Callback | None = None) -> TrainResult:
     """Build the model (seeded) and this rank's loaders from `spec`, then train."""
     env = DistributedEnv.from_environ()
 
-    def loader(split: str, shuffle: bool) -> WindowLoader:
-        return WindowLoader(
-            spec.shards,
-            split,
-            spec.train.micro_batch_size,
-            rank=env.rank,
-            world_size=env.world_size,
-            seed=spec.train.seed,
-            shuffle=shuffle,
-            workers=spec.loader_workers,
-        )
-
-    train_data, val_data = loader("train", shuffle=True), loader("val", shuffle=False)
+    train_data = WindowLoader(
+        spec.shards,
+        "train",
+        spec.train.micro_batch_size,
+        rank=env.rank,
+        world_size=env.world_size,
+        seed=spec.train.seed,
+        workers=spec.loader_workers,
+    )
+    windows = val_windows(spec.shards, spec.train.val_windows)
+    val_data = list(window_batches(windows, spec.train.micro_batch_size, env.rank, env.world_size))
     if train_data.seq_len > spec.model.block_size or train_data.vocab_size > spec.model.vocab_size:
         raise UserError(
             f"{spec.shards}: windows of {train_data.seq_len} tokens with ids below {train_data.vocab_size} "

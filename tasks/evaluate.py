@@ -4,7 +4,8 @@ Figures (names as logged to MLflow):
 
     val_loss, val_perplexity, val_bits_per_byte, val_accuracy, val_tokens
         over the windows of the val shards (next-token targets, as in pretraining): all of
-        them, or `max_windows` evenly spaced ones
+        them, or `max_windows` evenly spaced ones (`model.evaluate.val_windows`, the windows
+        that pretraining's validation scores)
     doc_loss, doc_perplexity, doc_bits_per_byte, doc_accuracy, doc_tokens
         sliding windows over whole held-out documents (`stride` apart, each token scored
         once with up to block_size tokens of context); a document is scored as
@@ -28,12 +29,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
-import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
@@ -42,7 +39,14 @@ from tokenizers import Tokenizer
 from model.data import ShardManifest
 from model.device import resolve_device
 from model.errors import UserError
-from model.evaluate import LossTotals, score_batches, sliding_window_batches
+from model.evaluate import (
+    VAL_WINDOWS,
+    LossTotals,
+    score_batches,
+    sliding_window_batches,
+    val_windows,
+    window_batches,
+)
 from model.generate import generate
 from model.gpt import GPT
 from model.special_tokens import special_ids
@@ -72,7 +76,7 @@ class EvaluateConfig(BaseModel):
         None, description="sliding-window stride over held-out documents; null: half the context"
     )
     max_windows: PositiveInt | None = Field(
-        256, description="val windows scored, evenly spaced over the val shards; null: all"
+        VAL_WINDOWS, description="val windows scored, evenly spaced over the val shards; null: all"
     )
     max_documents: PositiveInt | None = Field(
         8, description="held-out documents scored with sliding windows, in corpus order; null: all"
@@ -86,32 +90,6 @@ class EvaluateOutput(BaseModel):
     metrics: dict[str, float]
     samples: Path
     reused: bool = False  # True when a verified earlier evaluation was found
-
-
-def shard_windows(shards: Path, split: str = "val") -> tuple[torch.Tensor, ShardManifest]:
-    """All windows of a split as one (N, seq_len + 1) tensor, and the shard manifest."""
-    manifest = ShardManifest.read(shards)
-    files = manifest.split_files(split)
-    if not files:
-        raise UserError(f"{shards / MANIFEST}: no {split} shards (is the {split} split empty?)")
-    tokens = [
-        pq.read_table(shards / entry.path).column("tokens").combine_chunks().flatten().to_numpy() for entry in files
-    ]
-    windows = torch.from_numpy(np.concatenate(tokens).astype(np.int64))
-    return windows.view(-1, manifest.seq_len + 1), manifest
-
-
-def evenly_spaced(windows: torch.Tensor, limit: int | None) -> torch.Tensor:
-    """At most `limit` windows spread over the whole split (not just its first documents)."""
-    if limit is None or len(windows) <= limit:
-        return windows
-    return windows[torch.linspace(0, len(windows) - 1, limit).round().long()]
-
-
-def window_batches(windows: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size]
-        yield batch[:, :-1], batch[:, 1:]
 
 
 def held_out_documents(corpus: Path, tokenizer: Tokenizer, limit: int | None) -> list[list[int]]:
@@ -158,13 +136,13 @@ def shard_figures(
 ) -> dict[str, float]:
     """val_* figures over the val shards' windows (at most `max_windows`, evenly spaced),
     and the scoring throughput; `progress` counts the batches."""
-    windows, manifest = shard_windows(shards)
-    windows = evenly_spaced(windows, config.max_windows)
+    manifest = ShardManifest.read(shards)
     if manifest.seq_len > model.config.block_size:
         raise UserError(
             f"{shards / MANIFEST}: windows of {manifest.seq_len} tokens exceed "
             f"the model's context ({model.config.block_size})"
         )
+    windows = val_windows(shards, config.max_windows)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     device = next(model.parameters()).device
     started = time.perf_counter()

@@ -9,6 +9,11 @@ resume as pretraining, with fine-tuning's own learning rate, steps and warmup.
 The start is the pretraining output of the same run (a checkpoint directory) or a
 registered model (`models:/NAME@ALIAS`, `models:/NAME/VERSION`).
 
+Replay (`replay_fraction`): a share of every micro-batch's rows are windows of the pretraining
+shards' train split (`model.replay`), so that the model stays a language model while it learns
+the task. The shards then enter the fingerprint. Replay is off, with a message, when no shards
+are given or they were encoded with another tokenizer than the model's.
+
 Figures on the held-out (val) pairs, for the model before and after fine-tuning side by
 side (`pretrained_*`, `finetuned_*`): completion loss and perplexity (one pair per row, so
 each completion sees only its own prompt), and for the code task the share of generated
@@ -23,8 +28,10 @@ An interrupted run resumes from its newest checkpoint when run again.
 from __future__ import annotations
 
 import ast
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Literal
 
@@ -38,12 +45,14 @@ from tokenizers import Tokenizer
 
 from model.checkpoint import CheckpointTokens, attach_tokenizer, checkpoint_dirs
 from model.config import RUN_ONLY
+from model.data import ShardManifest, WindowLoader
 from model.device import resolve_device
 from model.errors import UserError
 from model.evaluate import IGNORE, score_batches
 from model.finetune_data import EncodeReport, PairBatches, TooLong, encode_pairs, to_rows
 from model.generate import generate
 from model.gpt import GPT
+from model.replay import ReplayBatches, replay_rows
 from model.runtime import DistributedEnv
 from model.special_tokens import special_ids
 from model.train import train
@@ -62,7 +71,8 @@ from tasks.tracking.loss_curves import live_loss_curves
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
 
 # 2: checkpoints' optimizer state keyed by parameter name (model.parallel.full_state);
-# 3: the held-out table's primed row; the final checkpoint carries tokenizer.json and tokens.json
+# 3: the held-out table's primed row; the final checkpoint carries tokenizer.json and tokens.json;
+# replay of pretraining windows (the shards enter the fingerprint)
 FORMAT_VERSION = 3
 DOCSTRING_TASK = "docstring-to-function"
 HEADLINE = (
@@ -95,9 +105,17 @@ class FinetuneConfig(TrainingStageConfig):
         0, ge=0, description="steps between validation losses; 0: only at the end", json_schema_extra=RUN_ONLY
     )
     eval_batches: PositiveInt = Field(
-        8, description="micro-batches per rank in each validation", json_schema_extra=RUN_ONLY
+        8, description="micro-batches of held-out pairs per rank in each validation", json_schema_extra=RUN_ONLY
+    )
+    val_windows: PositiveInt | None = Field(
+        None,
+        description="not read: fine-tuning validates on held-out pairs (`eval_batches`), not on shard windows",
+        json_schema_extra=RUN_ONLY,
     )
 
+    replay_fraction: float = Field(
+        0.25, ge=0, lt=1, description="share of each micro-batch's rows that are pretraining windows; 0: off"
+    )
     task: Literal["docstring-to-function"] | None = Field(
         DOCSTRING_TASK, description="built-in task over the corpus; null when `path` gives the pairs"
     )
@@ -325,9 +343,32 @@ def held_out_table(metrics: Mapping[str, float]) -> str:
 # --- the stage ----------------------------------------------------------------------
 
 
-def finetune_inputs(model_sha256: str, tokenizer_sha256: str, pairs_sha256: str) -> dict[str, str]:
-    """The identities fine-tuning depends on: the base weights, the tokenizer, the pairs' source."""
-    return {"model": model_sha256, "tokenizer": tokenizer_sha256, "pairs": pairs_sha256}
+def finetune_inputs(
+    model_sha256: str, tokenizer_sha256: str, pairs_sha256: str, shards: str | None = None
+) -> dict[str, str]:
+    """The identities fine-tuning depends on: the base weights, the tokenizer, the pairs' source,
+    and the shards it replays, if any."""
+    inputs = {"model": model_sha256, "tokenizer": tokenizer_sha256, "pairs": pairs_sha256}
+    return inputs if shards is None else {**inputs, "shards": shards}
+
+
+def replayed_shards(config: FinetuneConfig, tokenizer: Path, shards: Path | None) -> ShardManifest | None:
+    """The manifest of the shards (`shards`, a manifest.json) whose train windows are replayed,
+    or None: replay is off (with a message saying why, when the config asks for it)."""
+    if config.replay_fraction == 0:
+        return None
+    if shards is None:
+        print(f"finetune: replay_fraction {config.replay_fraction} is off: no pretraining shards", file=sys.stderr)
+        return None
+    manifest = ShardManifest.read(shards)
+    if manifest.tokenizer_sha256 != sha256_file(tokenizer):
+        print(
+            f"finetune: replay_fraction {config.replay_fraction} is off: {shards} was encoded with another "
+            f"tokenizer than the model's ({tokenizer})",
+            file=sys.stderr,
+        )
+        return None
+    return manifest
 
 
 def finetune_fingerprint(config: FinetuneConfig, inputs: dict[str, str], block_size: int) -> str:
@@ -343,11 +384,13 @@ def run_finetune(
     corpus: Path,
     workspace: Path,
     callback: Callable[[int, Mapping[str, float]], None] | None = None,
+    shards: Path | None = None,
 ) -> FinetuneOutput:
     """Fine-tune `base_model` (a checkpoint directory or `models:/...` URI) on the config's pairs.
 
     `tokenizer` is the pipeline's tokenizer.json and `corpus` its corpus Parquet (the source
-    of the default task). `callback(step, metrics)` receives the engine's step metrics.
+    of the default task); `shards` the pretraining shards' manifest.json, replayed with the
+    config's `replay_fraction`. `callback(step, metrics)` receives the engine's step metrics.
     A completed run with the same inputs is reused; an interrupted one resumes.
     """
     # On the training device from the start: the held-out figures before training run there too.
@@ -357,7 +400,9 @@ def run_finetune(
     if seq_len > block_size:
         raise UserError(f"finetune.seq_len: {seq_len} exceeds the model's context ({block_size})")
     source = pairs_source(config, corpus)
-    inputs = finetune_inputs(base.digest, sha256_file(tokenizer), sha256_file(source))
+    replayed = replayed_shards(config, tokenizer, shards)
+    shards_identity = replayed and (replayed.fingerprint or sha256_file(shards))
+    inputs = finetune_inputs(base.digest, sha256_file(tokenizer), sha256_file(source), shards_identity)
     stage = StageDir(workspace, "finetune", finetune_fingerprint(config, inputs, block_size))
 
     def train_pairs() -> Trained:
@@ -372,15 +417,28 @@ def run_finetune(
         if data.has_val and config.priming_shots:
             metrics |= primed_figures(model, tok, config, pairs, seq_len)
         env = DistributedEnv.from_environ()
+        windows = replay_rows(config.replay_fraction, config.micro_batch_size) if replayed else 0
         train_data = PairBatches(
-            *data.train_rows, config.micro_batch_size, seed=config.seed, rank=env.rank, world_size=env.world_size
+            *data.train_rows,
+            config.micro_batch_size - windows,
+            seed=config.seed,
+            rank=env.rank,
+            world_size=env.world_size,
         )
+        if windows:
+            replay = WindowLoader(shards, "train", windows, rank=env.rank, world_size=env.world_size, seed=config.seed)
+            train_data = ReplayBatches(train_data, replay)
         # The engine's periodic validation only when asked for: the held-out figures
         # after training already give the final completion loss.
         periodic_validation = data.has_val and config.eval_every > 0
         val_data = (
-            PairBatches(
-                *data.val_rows, config.micro_batch_size, shuffle=False, rank=env.rank, world_size=env.world_size
+            list(
+                islice(
+                    PairBatches(
+                        *data.val_rows, config.micro_batch_size, shuffle=False, rank=env.rank, world_size=env.world_size
+                    ),
+                    config.eval_batches,
+                )
             )
             if periodic_validation
             else None
@@ -407,6 +465,7 @@ def finetune_task(
     corpus: Path,
     workspace: Path,
     parent_run_id: str,
+    shards: Path | None = None,
 ) -> FinetuneOutput:
     """`run_finetune` in a nested MLflow run: step metrics live, figures at the end."""
     params = {"finetune": config.model_dump(mode="json"), "base_model": str(base_model)}
@@ -422,7 +481,7 @@ def finetune_task(
                 metrics_logger(step, metrics)
                 progress.update(step, metrics)
 
-            output = run_finetune(config, base_model, tokenizer, corpus, workspace, callback=on_step)
+            output = run_finetune(config, base_model, tokenizer, corpus, workspace, callback=on_step, shards=shards)
         if not output.reused:  # the checkpoints this run wrote and kept
             tracking.log_checkpoints(stage.run_id, "finetune", checkpoint_dirs(output.checkpoint.parent))
         if output.runtime is not None:

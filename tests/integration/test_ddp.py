@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import safetensors.torch
 import torch
 
@@ -46,10 +47,10 @@ if os.environ.get("RANK", "0") == "0":  # the process group is gone once run() r
 """
 
 
-def launch(tmp_path, name, shards, nproc):
+def launch(tmp_path, name, shards, nproc, optimizer):
     spec = RunSpec(
         model=MICRO_GPT,
-        train=micro_train_config(max_steps=3, batch_tokens=256, checkpoint_every=0),
+        train=micro_train_config(max_steps=3, batch_tokens=256, checkpoint_every=0, optimizer=optimizer),
         shards=shards,
         out_dir=tmp_path / name,
     )
@@ -66,10 +67,11 @@ def launch(tmp_path, name, shards, nproc):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_two_ranks_match_one_process_with_one_all_reduce_per_step(tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_ranks_match_one_process_with_one_all_reduce_per_step(tmp_path, optimizer):
     shards = make_shards(tmp_path / "shards", {"train": 200, "val": 40})
-    single = launch(tmp_path, "single", shards, nproc=1)
-    ddp = launch(tmp_path, "ddp", shards, nproc=2)  # 2 ranks x 2 micro-batches of 4 x 16 tokens
+    single = launch(tmp_path, "single", shards, 1, optimizer)
+    ddp = launch(tmp_path, "ddp", shards, 2, optimizer)  # 2 ranks x 2 micro-batches of 4 x 16 tokens
 
     assert ddp["all_reduces"] == 3  # one per optimizer step, none on the accumulation micro-step
     assert single["losses"].keys() == ddp["losses"].keys() == {"1", "2", "3"}

@@ -36,7 +36,7 @@ def spec_for(tmp_path, name, shards, **train):
             "checkpoint_every": 2,
             "keep_checkpoints": 5,
             "grad_clip": 0.5,
-            "eval_batches": 2,
+            "val_windows": 16,
             **train,
         }
     )

@@ -24,7 +24,7 @@ MICRO_TRAINING = dict(
     micro_batch_size=4,
     warmup_steps=1,
     eval_every=0,
-    eval_batches=1,
+    val_windows=4,
     checkpoint_every=1,
     lr=1e-2,
     device="cpu",
@@ -37,9 +37,9 @@ def micro_train_config(**overrides) -> TrainConfig:
 
 
 def micro_pretrain_config(**overrides) -> PretrainConfig:
-    """The pretrain stage's config: MICRO_TRAINING, a checkpoint every 2 steps, 2 eval batches;
+    """The pretrain stage's config: MICRO_TRAINING, a checkpoint every 2 steps, 8 val windows;
     `overrides` (the stage's launch fields too) win."""
-    return PretrainConfig(**{**MICRO_TRAINING, "checkpoint_every": 2, "eval_batches": 2, **overrides})
+    return PretrainConfig(**{**MICRO_TRAINING, "checkpoint_every": 2, "val_windows": 8, **overrides})
 
 
 def write_data_config(root: Path) -> Path:

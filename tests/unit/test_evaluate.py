@@ -16,11 +16,14 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from torch import nn
 
 from model.checkpoint import load_model
+from model.data import ShardManifest
 from model.errors import UserError
-from model.evaluate import IGNORE, score_batches, sliding_window_batches, sliding_windows
+from model.evaluate import IGNORE, VAL_WINDOWS, score_batches, sliding_window_batches, sliding_windows, window_batches
 from model.gpt import GPTOutput
 from model.special_tokens import special_ids
-from support.corpus import TEXTS, toy_tokenizer, write_corpus, write_val_shards
+from model.train import RunSpec, run
+from support.configs import MICRO_GPT, micro_train_config
+from support.corpus import TEXTS, make_shards, toy_tokenizer, write_corpus, write_val_shards
 from support.devices import record_module_moves, stand_in_gpus
 from support.models import perturbed, save_base_checkpoint, tiny_gpt
 from tasks import tracking
@@ -292,3 +295,50 @@ def test_evaluate_task_logs_a_nested_run_and_headline_figures(tmp_path, stage_in
     [shown] = [a.data for a in markdown if child.info.run_id in a.data]  # the one linking this run
     assert f"| val_bits_per_byte | {output.metrics['val_bits_per_byte']:.4f} |" in shown
     assert output.samples.read_text() in shown
+
+
+def test_the_training_curves_last_val_loss_is_the_cross_entropy_of_the_evaluated_windows(tmp_path):
+    """Training-time validation scores the windows the evaluate stage scores (model.evaluate.val_windows):
+    by default every window of a small val split, else evenly spaced ones, here picked by hand."""
+    shards = make_shards(tmp_path / "shards", {"train": 64, "val": 24})
+    windows = torch.tensor(
+        [
+            w
+            for entry in ShardManifest.read(shards).split_files("val")
+            for w in pq.read_table(shards.parent / entry.path).column("tokens").to_pylist()
+        ]
+    )
+    assert len(windows) == 24
+
+    def curve(name: str, **train) -> tuple[dict[int, float], Path]:
+        config = micro_train_config(max_steps=4, eval_every=2, checkpoint_every=0, **train)
+        logged: dict[int, float] = {}
+        result = run(
+            RunSpec(model=MICRO_GPT, train=config, shards=shards, out_dir=tmp_path / name),
+            lambda step, metrics: logged.update({step: metrics["val_loss"]} if "val_loss" in metrics else {}),
+        )
+        return logged, result.checkpoint
+
+    def cross_entropy(checkpoint: Path, rows: list[int]) -> float:
+        model = load_model(checkpoint).eval()
+        picked = windows[rows]
+        with torch.no_grad():
+            logits = model(picked[:, :-1]).logits
+        return F.cross_entropy(logits.flatten(0, 1), picked[:, 1:].flatten()).item()
+
+    every, checkpoint = curve("default", val_windows=VAL_WINDOWS)  # the micro config scores fewer
+    assert list(every) == [2, 4]
+    assert every[4] == pytest.approx(cross_entropy(checkpoint, list(range(24))), rel=1e-5)
+
+    spaced, checkpoint = curve("five", val_windows=5)
+    assert spaced[4] == pytest.approx(cross_entropy(checkpoint, [0, 6, 12, 17, 23]), rel=1e-5)
+
+
+def test_validation_batches_split_over_ranks_score_every_window_once_in_equal_numbers():
+    windows = torch.arange(11 * 5).view(11, 5)  # 11 windows of 4 inputs + 1
+    ranks = [list(window_batches(windows, batch_size=2, rank=rank, world_size=2)) for rank in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3  # FSDP: every rank runs the same forward passes
+    assert all(inputs.shape == targets.shape == (2, 4) for batches in ranks for inputs, targets in batches)
+    scored = [row[0].item() for batches in ranks for _, targets in batches for row in targets if row[0] != IGNORE]
+    assert sorted(scored) == [window * 5 + 1 for window in range(11)]
+    assert list(window_batches(windows, batch_size=4))[-1][0].shape == (3, 4)  # one rank: no padding

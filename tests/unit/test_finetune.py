@@ -16,12 +16,21 @@ from model.errors import UserError
 from model.finetune_data import IGNORE, PairBatches, encode_pair, encode_pairs, to_rows
 from model.special_tokens import SpecialIds, special_ids
 from model.train import train
-from support.corpus import toy_tokenizer, write_corpus
+from support.corpus import make_shards, toy_tokenizer, write_corpus
 from support.devices import record_module_moves, stand_in_gpus
 from support.models import perturbed, save_base_checkpoint, tiny_gpt
 from tasks import tracking
 from tasks.bpe import load_tokenizer
-from tasks.finetune import FinetuneConfig, completes_function, parse_rate, primed_figures, run_finetune
+from tasks.core.workspace import sha256_file
+from tasks.finetune import (
+    FinetuneConfig,
+    completes_function,
+    finetune_fingerprint,
+    finetune_inputs,
+    parse_rate,
+    primed_figures,
+    run_finetune,
+)
 from tasks.finetune_pairs import Pair, PairSet
 
 PAIRS = [([10, 11, 12], [20, 21]), ([13, 14], [22, 23, 24]), ([15], [25])]
@@ -338,3 +347,45 @@ def test_the_primed_row_equals_a_hand_computation(tmp_path):
     assert 0 <= figures["primed_parse_rate"] <= 1
     other_order = primed_figures(model, tokenizer, config.model_copy(update={"seed": 4}), PairSet(train, val), 64)
     assert abs(other_order["primed_completion_loss"] - nats / count) > 1e-3  # the examples matter
+
+
+def replay_shards(root, tokenizer_sha256: str):
+    """Train shards (a stream of consecutive ids) that claim the given tokenizer."""
+    manifest = make_shards(root, {"train": 12}, vocab_size=320)
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "fingerprint": "replayed", "tokenizer_sha256": tokenizer_sha256}))
+    return manifest
+
+
+def test_the_stage_replays_shards_of_its_tokenizer_and_switches_off_for_others(
+    micro_run, tmp_path, monkeypatch, capsys
+):
+    root, corpus, tokenizer_path, config = micro_run
+    config = config.model_copy(update={"replay_fraction": 0.5, "max_steps": 1})
+    seen = []
+
+    def first_batch(model, train_config, train_data, *args, **kwargs):
+        seen.append(next(iter(train_data)))
+        raise KeyboardInterrupt  # enough: the batches are what this test checks
+
+    monkeypatch.setattr("tasks.finetune.train", first_batch)
+    ours = replay_shards(tmp_path / "ours", sha256_file(tokenizer_path))
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(config, root / "pretrain", tokenizer_path, corpus, tmp_path / "ws", shards=ours)
+    inputs, targets = seen[-1]
+    assert inputs.shape == (4, 64)  # micro_batch_size 4: 2 pair rows and 2 windows of 16 tokens, padded
+    assert ((inputs[2:, 1:16] - inputs[2:, :15]) % 320 == 1).all() and (targets[2:, 16:] == IGNORE).all()
+    assert not ((inputs[:2, 1:16] - inputs[:2, :15]) % 320 == 1).all()
+
+    theirs = replay_shards(tmp_path / "theirs", "0" * 64)
+    with pytest.raises(KeyboardInterrupt):
+        run_finetune(config, root / "pretrain", tokenizer_path, corpus, tmp_path / "ws", shards=theirs)
+    assert "replay_fraction 0.5 is off" in capsys.readouterr().err
+    assert not any(((row[1:16] - row[:15]) % 320 == 1).all() for row in seen[-1][0])  # pairs only
+
+    # The replayed shards decide the weights: they are in the fingerprint, other shards are not.
+    inputs = finetune_inputs("a" * 64, "b" * 64, "c" * 64)
+    assert finetune_fingerprint(config, inputs, 64) != finetune_fingerprint(
+        config, finetune_inputs("a" * 64, "b" * 64, "c" * 64, "replayed"), 64
+    )
+    assert FinetuneConfig().replay_fraction > 0

@@ -53,7 +53,7 @@ def test_data_stage_fingerprints_and_manifest_bytes_are_unchanged(tmp_path, monk
         "846a4ff83c158fc4",
         "f1585d6e9efcde92",
         "7e8d01fc02634ca3",
-        "39dac86d17c2203a",  # pretrain FORMAT_VERSION 4: self-contained checkpoints (tokenizer.json, tokens.json)
+        "7ba6ee734f6700dc",  # pretrain FORMAT_VERSION 4 (self-contained checkpoints), val_windows replaced eval_batches
     )
     manifests = {stage.path.parent.name: manifest_sha256(stage.path) for stage in (corpus, tokenizer, shards)}
     assert manifests == {
@@ -81,5 +81,6 @@ def test_evaluate_and_finetune_fingerprints_of_fixed_inputs_are_unchanged():
         finetune_inputs("a" * 64, "b" * 64, "e" * 64),
         block_size=64,
     )
-    # finetune FORMAT_VERSION 3 and the priming_shots setting: the held-out table's primed row.
-    assert (evaluate, finetune, finetune_file) == ("ee6d4ac34171b744", "bedd8c93c32ab7ba", "38cd7a6d38e1a94c")
+    # evaluate: max_windows defaults to model.evaluate.VAL_WINDOWS; finetune FORMAT_VERSION 3: the held-out
+    # table's primed row (priming_shots), self-contained checkpoints, replay_fraction
+    assert (evaluate, finetune, finetune_file) == ("8d1ec3225ef32281", "59a780ffca954f68", "8ff01fd77bfa8db5")

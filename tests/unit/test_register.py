@@ -7,6 +7,7 @@ import torch
 
 from model.checkpoint import load_model
 from model.errors import UserError
+from model.evaluate import val_windows
 from model.generate import generate
 from model.special_tokens import special_ids
 from support.corpus import TEXTS, toy_tokenizer, write_corpus, write_val_shards
@@ -15,7 +16,7 @@ from support.models import save_base_checkpoint, tiny_gpt
 from tasks import tracking
 from tasks.bpe import load_tokenizer
 from tasks.core.workspace import sha256_file
-from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, shard_windows
+from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model
 from tasks.register import CANDIDATE, CHAMPION, WEIGHTS_TAG, EvalData, RegisterConfig, champion_figure, run_register
 from tasks.tracking.registry import load_registered_model
 
@@ -49,7 +50,7 @@ def checkpoint_of(model, root, label):
 
 def fitted(model, shards, steps=30):
     """The model after a few steps on the val windows: clearly better on them."""
-    windows, _ = shard_windows(shards)
+    windows = val_windows(shards, limit=None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(steps):
         loss = model(windows[:, :-1], windows[:, 1:].contiguous()).loss
