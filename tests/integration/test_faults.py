@@ -522,13 +522,14 @@ def test_runs_left_open_by_a_dead_attempt_are_closed_by_the_rerun(infra_stack, t
         "MLFLOW_TRACKING_URI": server.uri,
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
     }
-    # The two dying attempts train far longer than the test waits: step metrics are logged
-    # asynchronously and their delivery checked every few seconds, so however fast the machine,
-    # training still runs when the lost server is noticed or the process is killed. The rerun
-    # trains a short schedule of its own (max_steps is in the stage fingerprint).
-    overrides = ["pretrain.max_steps=1000000", "pretrain.checkpoint_every=20", "finetune=null"]
+    # Each attempt trains its own schedule (max_steps is in the stage fingerprint). The first
+    # notices the lost server at the latest when it flushes its step metrics at the end of
+    # training. The second trains far longer than the test waits, so it is killed while it
+    # trains however fast the machine is; resuming the first's final checkpoint would train
+    # nothing. The rerun trains a short schedule.
+    overrides = ["pretrain.checkpoint_every=20", "finetune=null"]
     try:
-        lost_server = gptflow_run(config, env, *overrides, wait=False)
+        lost_server = gptflow_run(config, env, "pretrain.max_steps=2000", *overrides, wait=False)
         wait_for_a_checkpoint(lost_server, tmp_path / "workspace")
         server.kill()
         output, _ = lost_server.communicate(timeout=300)
@@ -538,12 +539,12 @@ def test_runs_left_open_by_a_dead_attempt_are_closed_by_the_rerun(infra_stack, t
         server.start()
 
         seen = checkpoints_in(tmp_path / "workspace")
-        killed = gptflow_run(config, env, *overrides, wait=False)
+        killed = gptflow_run(config, env, "pretrain.max_steps=1000000", *overrides, wait=False)
         wait_for_a_checkpoint(killed, tmp_path / "workspace", seen)
         killed.kill()
         killed.communicate()
 
-        rerun = gptflow_run(config, env, "pretrain.max_steps=40", *overrides[1:])
+        rerun = gptflow_run(config, env, "pretrain.max_steps=40", *overrides)
     finally:
         server.kill()
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]

@@ -37,7 +37,6 @@ from model.checkpoint import latest_checkpoint
 from model.errors import UserError
 from support.configs import write_pipeline_config
 from support.models import greedy_completions
-from support.ports import free_port
 from tasks import tracking
 from tasks.ingest import IngestConfig, IngestOutput
 from tasks.register import CANDIDATE, CHAMPION
@@ -238,15 +237,6 @@ def gate_events(name):
             limit=50,
         )  # the client's default, 100, is more than the server accepts
     return sorted(page.events, key=lambda event: event.occurred)
-
-
-def test_unreachable_tracking_server_stops_before_any_stage(prefect_server, micro, monkeypatch, tmp_path):
-    uri = f"http://127.0.0.1:{free_port()}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    config = load_config(micro, [f"workspace={tmp_path / 'workspace'}"])
-    with pytest.raises(UserError, match=f"MLflow tracking server {uri} is unreachable"):
-        pipeline(config)
-    assert not (tmp_path / "workspace").exists()
 
 
 @flow
