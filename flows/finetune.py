@@ -12,11 +12,10 @@ from prefect import flow
 
 from flows.config import PipelineConfig
 from flows.prepare import prepare_data
-from flows.runtime import flow_run_title, flow_runtime, holding_gpus
+from flows.runtime import flow_run_title, flow_runtime
+from flows.training import finetuned, pretrained
 from model.errors import UserError
-from tasks.core.retry import retrying
-from tasks.finetune import FinetuneOutput, finetune_task
-from tasks.pretrain import pretrain_task
+from tasks.finetune import FinetuneOutput
 
 
 @flow(name="finetune", flow_run_name=flow_run_title)
@@ -29,24 +28,5 @@ def finetune_flow(config: PipelineConfig, start_from: str | None = None) -> Fine
     with flow_runtime(config, training, finetune_from=base) as run_id:
         prepared = prepare_data(config, parent_run_id=run_id)
         if base is None:
-            with holding_gpus(config.pretrain.nproc_per_node):
-                pretrained = retrying(pretrain_task, config.pretrain)(
-                    config.pretrain,
-                    config.model,
-                    prepared.shards,
-                    config.workspace,
-                    parent_run_id=run_id,
-                    return_state=True,
-                ).result()
-            base = pretrained.checkpoint
-        with holding_gpus():
-            return retrying(finetune_task, config.finetune)(
-                config.finetune,
-                base,
-                prepared.tokenizer.tokenizer,
-                prepared.corpus.corpus,
-                config.workspace,
-                parent_run_id=run_id,
-                shards=prepared.shards.manifest,
-                return_state=True,
-            ).result()
+            base = pretrained(config, prepared, run_id).checkpoint
+        return finetuned(config, base, prepared, run_id)

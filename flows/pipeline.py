@@ -24,12 +24,10 @@ from flows.config import PipelineConfig, load_config
 from flows.leases import holding
 from flows.model_events import announce_gate
 from flows.prepare import prepare_data
-from flows.runtime import flow_run_title, flow_runtime, holding_gpus, registry_limit
+from flows.runtime import flow_run_title, flow_runtime, registry_limit
+from flows.training import finetuned, pretrained
 from tasks import tracking
-from tasks.core.retry import retrying
 from tasks.evaluate import EvaluateOutput, evaluate_task
-from tasks.finetune import finetune_task
-from tasks.pretrain import pretrain_task
 from tasks.register import EvalData, RegisterOutput, register_task
 from tasks.tracking.stage_run import artifact_key
 
@@ -89,28 +87,14 @@ def pipeline(
                 return_state=True,
             ).result()
 
-        with holding_gpus(config.pretrain.nproc_per_node):
-            pretrained = retrying(pretrain_task, config.pretrain)(
-                config.pretrain, config.model, shards, workspace, parent_run_id=run_id, return_state=True
-            ).result()
-        evaluations = {"pretrained": evaluate("pretrained", pretrained.checkpoint)}
-        final_checkpoint = pretrained.checkpoint
+        pretrain = pretrained(config, data, run_id)
+        evaluations = {"pretrained": evaluate("pretrained", pretrain.checkpoint)}
+        final_checkpoint = pretrain.checkpoint
         if config.finetune is not None:
-            with holding_gpus():
-                # A registered model named in the config wins over this run's pretraining output.
-                base_model = config.finetune.start_from or pretrained.checkpoint
-                finetuned = retrying(finetune_task, config.finetune)(
-                    config.finetune,
-                    base_model,
-                    tokenizer.tokenizer,
-                    corpus.corpus,
-                    workspace,
-                    parent_run_id=run_id,
-                    shards=shards.manifest,
-                    return_state=True,
-                ).result()
-            evaluations["finetuned"] = evaluate("finetuned", finetuned.checkpoint)
-            final_checkpoint = finetuned.checkpoint
+            # A registered model named in the config wins over this run's pretraining output.
+            finetune = finetuned(config, config.finetune.start_from or pretrain.checkpoint, data, run_id)
+            evaluations["finetuned"] = evaluate("finetuned", finetune.checkpoint)
+            final_checkpoint = finetune.checkpoint
 
         final = evaluations["finetuned" if config.finetune is not None else "pretrained"]
         lineage = {

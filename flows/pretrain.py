@@ -12,9 +12,9 @@ from prefect import flow
 
 from flows.config import PipelineConfig, load_config
 from flows.prepare import prepare_data
-from flows.runtime import flow_run_title, flow_runtime, holding_gpus
-from tasks.core.retry import retrying
-from tasks.pretrain import PretrainOutput, pretrain_task
+from flows.runtime import flow_run_title, flow_runtime
+from flows.training import pretrained
+from tasks.pretrain import PretrainOutput
 
 
 @flow(name="pretrain", flow_run_name=flow_run_title)
@@ -26,12 +26,4 @@ def pretrain(
         config = load_config(config, overrides or ())
     with flow_runtime(config, training=("pretrain",)) as run_id:
         prepared = prepare_data(config, parent_run_id=run_id)
-        with holding_gpus(config.pretrain.nproc_per_node):
-            return retrying(pretrain_task, config.pretrain)(
-                config.pretrain,
-                config.model,
-                prepared.shards,
-                config.workspace,
-                parent_run_id=run_id,
-                return_state=True,
-            ).result()
+        return pretrained(config, prepared, run_id)
