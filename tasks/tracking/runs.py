@@ -47,10 +47,15 @@ EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_dev
 
 
 def resolve_tracking_uri() -> str:
-    """The environment's URI, else `gptflow up`'s server, else the embedded SQLite default."""
+    """The environment's URI, else `gptflow up`'s server, else the embedded SQLite default.
+
+    `gptflow up`'s server is the URI while it is recorded, even when its process is gone
+    (restarting, or crashed): a run then waits for it or fails naming it
+    (`check_tracking_server`) instead of tracking into another store unnoticed.
+    """
     if uri := mlflow.environment_variables.MLFLOW_TRACKING_URI.get():
         return uri
-    if server := server_state.live_server(server_state.MLFLOW):
+    if server := server_state.recorded_server(server_state.MLFLOW):
         return server.api_url
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
@@ -89,7 +94,7 @@ def check_tracking_server(uri: str | None = None, attempts: int = 5, delay: floa
             problem = str(e).splitlines()[0] if str(e) else type(e).__name__
     raise UserError(
         f"MLflow tracking server {uri} is unreachable after {attempts} attempts ({problem}); "
-        "start it with `gptflow up`, or set MLFLOW_TRACKING_URI"
+        "start it with `gptflow up` (or forget it with `gptflow down`), or set MLFLOW_TRACKING_URI"
     )
 
 

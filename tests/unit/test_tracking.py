@@ -47,7 +47,8 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert tracking.resolve_tracking_uri() == "http://127.0.0.1:5999"
 
-    # A server whose process has exited is ignored: the embedded default in the cwd wins.
+    # A server whose process has exited (restarting, crashed) is still the URI: a run waits for
+    # it or names it, never tracks into the cwd's database instead.
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     server_state.write_records(
@@ -57,6 +58,10 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
             )
         }
     )
+    assert tracking.resolve_tracking_uri() == "http://127.0.0.1:5999"
+
+    # Forgotten by `gptflow down`: the embedded default in the cwd.
+    server_state.write_records({})
     assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
