@@ -125,9 +125,6 @@ class TrainConfig(ParallelConfig):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
     eval_every: NonNegativeInt = Field(50, description="steps between validation losses; 0: only at the end")
-    val_windows: PositiveInt | None = Field(
-        VAL_WINDOWS, description="val windows scored at each validation, evenly spaced over the split; null: all"
-    )
     checkpoint_every: NonNegativeInt = Field(
         50, description="steps between checkpoints; 0: only at the end", json_schema_extra=RUN_ONLY
     )
@@ -462,6 +459,9 @@ class RunSpec(BaseModel):
     train: TrainConfig
     shards: Path = Field(description="the shard stage's manifest.json")
     out_dir: Path
+    val_windows: PositiveInt | None = Field(
+        VAL_WINDOWS, description="val windows scored at each validation, evenly spaced over the split; null: all"
+    )
     loader_workers: NonNegativeInt = 0
     init_from: Path | None = Field(None, description="a checkpoint whose weights training starts from (not resumes)")
 
@@ -479,7 +479,7 @@ def run(spec: RunSpec, callback: Callback | None = None) -> TrainResult:
         seed=spec.train.seed,
         workers=spec.loader_workers,
     )
-    windows = val_windows(spec.shards, spec.train.val_windows)
+    windows = val_windows(spec.shards, spec.val_windows)
     val_data = list(window_batches(windows, spec.train.micro_batch_size, env.rank, env.world_size))
     if train_data.seq_len > spec.model.block_size or train_data.vocab_size > spec.model.vocab_size:
         raise UserError(

@@ -107,11 +107,6 @@ class FinetuneConfig(TrainingStageConfig):
     eval_batches: PositiveInt = Field(
         8, description="micro-batches of held-out pairs per rank in each validation", json_schema_extra=RUN_ONLY
     )
-    val_windows: PositiveInt | None = Field(
-        None,
-        description="not read: fine-tuning validates on held-out pairs (`eval_batches`), not on shard windows",
-        json_schema_extra=RUN_ONLY,
-    )
 
     replay_fraction: float = Field(
         0.25, ge=0, lt=1, description="share of each micro-batch's rows that are pretraining windows; 0: off"

@@ -63,6 +63,7 @@ from model.checkpoint import (
 from model.config import RUN_ONLY, ModelConfig
 from model.data import ShardManifest, WindowLoader
 from model.errors import UserError
+from model.evaluate import VAL_WINDOWS
 from model.special_tokens import special_ids
 from model.train import RunSpec, TrainResult, run
 from tasks import tracking
@@ -91,7 +92,12 @@ STOP_GRACE_SECONDS = 120  # for the ranks to finish a step and checkpoint after 
 
 
 class PretrainConfig(TrainingStageConfig):
-    """The engine's TrainConfig plus how the stage launches it (all of it run-only)."""
+    """The engine's TrainConfig plus the val windows its curve scores and how the stage
+    launches it (run-only)."""
+
+    val_windows: PositiveInt | None = Field(
+        VAL_WINDOWS, description="val windows scored at each validation, evenly spaced over the split; null: all"
+    )
 
     nproc_per_node: PositiveInt = Field(
         1, description="processes per machine, one per device; > 1 runs torchrun", json_schema_extra=RUN_ONLY
@@ -161,6 +167,7 @@ def run_pretrain(
             init_from=init,
             train=config.train_config(),
             shards=shards.manifest,
+            val_windows=config.val_windows,
             out_dir=stage.path,
             loader_workers=config.loader_workers,
         )

@@ -36,11 +36,10 @@ def spec_for(tmp_path, name, shards, **train):
             "checkpoint_every": 2,
             "keep_checkpoints": 5,
             "grad_clip": 0.5,
-            "val_windows": 16,
             **train,
         }
     )
-    return RunSpec(model=MICRO_GPT, train=config, shards=shards, out_dir=tmp_path / name)
+    return RunSpec(model=MICRO_GPT, train=config, shards=shards, val_windows=16, out_dir=tmp_path / name)
 
 
 def in_process(spec: RunSpec) -> dict[int, dict[str, float]]:

@@ -44,8 +44,9 @@ print(json.dumps({"status": status, "losses": losses}))
 def train_in_process(tmp_path, name, shards, stop_at=0, workers=0, out=None):
     spec = RunSpec(
         model=MICRO_GPT.model_copy(update={"dropout": 0.1}),
-        train=micro_train_config(max_steps=8, checkpoint_every=3, keep_checkpoints=2, eval_every=4, val_windows=8),
+        train=micro_train_config(max_steps=8, checkpoint_every=3, keep_checkpoints=2, eval_every=4),
         shards=shards,
+        val_windows=8,
         out_dir=out or tmp_path / name,
         loader_workers=workers,
     )

@@ -24,7 +24,6 @@ MICRO_TRAINING = dict(
     micro_batch_size=4,
     warmup_steps=1,
     eval_every=0,
-    val_windows=4,
     checkpoint_every=1,
     lr=1e-2,
     device="cpu",

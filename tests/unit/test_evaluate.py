@@ -310,11 +310,11 @@ def test_the_training_curves_last_val_loss_is_the_cross_entropy_of_the_evaluated
     )
     assert len(windows) == 24
 
-    def curve(name: str, **train) -> tuple[dict[int, float], Path]:
-        config = micro_train_config(max_steps=4, eval_every=2, checkpoint_every=0, **train)
+    def curve(name: str, val_windows: int) -> tuple[dict[int, float], Path]:
+        config = micro_train_config(max_steps=4, eval_every=2, checkpoint_every=0)
         logged: dict[int, float] = {}
         result = run(
-            RunSpec(model=MICRO_GPT, train=config, shards=shards, out_dir=tmp_path / name),
+            RunSpec(model=MICRO_GPT, train=config, shards=shards, val_windows=val_windows, out_dir=tmp_path / name),
             lambda step, metrics: logged.update({step: metrics["val_loss"]} if "val_loss" in metrics else {}),
         )
         return logged, result.checkpoint
