@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from flows.runners import TaskRunnerConfig
 from model.config import ModelConfig
@@ -41,6 +41,11 @@ class PipelineConfig(BaseModel):
         "auto",
         description="where every model stage runs: auto (the first GPU, else the CPU), cpu, cuda, cuda:N; "
         "pretrain.device and finetune.device default to it. In no fingerprint: it does not change what is computed",
+    )
+    tracking_attempts: PositiveInt = Field(
+        5,
+        description="health checks of the MLflow server before a run starts, the waits between them doubling "
+        "from 2 s (5: 30 s in all, time for a restarting server)",
     )
     task_runner: TaskRunnerConfig = TaskRunnerConfig()
     ingest: IngestConfig = IngestConfig()

@@ -35,9 +35,9 @@ GPU_LIMIT = "gpu"
 
 
 @task(name="check-tracking-server", cache_policy=NO_CACHE)
-def check_tracking_task() -> str:
+def check_tracking_task(attempts: int) -> str:
     """Fail fast, naming the URI, when MLflow is unreachable (after a bounded retry)."""
-    return tracking.check_tracking_server()
+    return tracking.check_tracking_server(attempts=attempts)
 
 
 @contextmanager
@@ -48,7 +48,7 @@ def flow_runtime(
     settings are wrong or this machine lacks what the devices settings name (of the training
     stages in `training`; see `flows.preflight.check_run`), stop when the flow run is
     cancelled, and hold the flow run's parent MLflow run; yields its id."""
-    check_tracking_task()
+    check_tracking_task(config.tracking_attempts)
     check_prepare_config(config)
     check_run(config, training, finetune_from)
     with stop_when_cancelled(), pipeline_mlflow_run(config) as run_id:
