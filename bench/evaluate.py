@@ -26,13 +26,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flows.config import load_config
+from flows.pipeline_config import load_config
 from flows.prepare import prepare_data_locally
-from model.evaluate import LossTotals, score_batches, sliding_window_batches, val_windows, window_batches
+from model.scoring import LossTotals, score_batches, sliding_window_batches, val_windows, window_batches
 from tasks.bpe import load_tokenizer, token_byte_lengths
-from tasks.core.model_source import load_model_source
 from tasks.evaluate import document_stride, held_out_documents
 from tasks.finetune import run_finetune
+from tasks.models.sources import load_model_source
 from tasks.pretrain import run_pretrain
 
 QUICK = [

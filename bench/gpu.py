@@ -49,10 +49,10 @@ from train import RandomTokens, timing_run  # noqa: E402
 from model.config import GPTConfig, preset  # noqa: E402
 from model.data import WindowLoader  # noqa: E402
 from model.device import device_model, has_bf16  # noqa: E402
-from model.evaluate import score_batches  # noqa: E402
 from model.generate import generate  # noqa: E402
 from model.gpt import GPT, AttentionMask  # noqa: E402
 from model.mfu import measure_matmul_flops, peak_flops  # noqa: E402
+from model.scoring import score_batches  # noqa: E402
 from model.train import train  # noqa: E402
 
 # Share of --budget per phase, in the order they run (most important first).

@@ -47,7 +47,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import typer
 
-from flows.config import load_config
+from flows.pipeline_config import load_config
 from model.data import SPLITS
 from model.special_tokens import special_ids
 from tasks.bpe import BPEOutput, load_tokenizer, run_bpe

@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.config import PipelineConfig, load_config  # noqa: E402
+from flows.pipeline_config import PipelineConfig, load_config  # noqa: E402
 from flows.prepare import prepare_data_locally  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from model.data import WindowLoader  # noqa: E402

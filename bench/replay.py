@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from flows.config import load_config  # noqa: E402
+from flows.pipeline_config import load_config  # noqa: E402
 from flows.prepare import prepare_data_locally  # noqa: E402
 from tasks.bpe import load_tokenizer  # noqa: E402
-from tasks.core.model_source import load_model_source  # noqa: E402
 from tasks.evaluate import shard_figures  # noqa: E402
 from tasks.finetune import run_finetune  # noqa: E402
+from tasks.models.sources import load_model_source  # noqa: E402
 from tasks.pretrain import run_pretrain  # noqa: E402
 
 QUICK = ["pretrain.max_steps=3", "finetune.max_steps=3", "finetune.eval_pairs=4", "evaluate.max_windows=16"]

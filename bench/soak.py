@@ -39,7 +39,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the micro world and the server helpers of the tests
 
-from flows.config import load_config  # noqa: E402
+from flows.pipeline_config import load_config  # noqa: E402
 from model.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
 from support.configs import write_pipeline_config  # noqa: E402
 from support.servers import (  # noqa: E402

@@ -5,7 +5,7 @@ by its path. No `gptflow` command ran before it, so the environment defaults are
 before the pipeline's imports load MLflow (which reads its telemetry switch at import).
 """
 
-from flows.environment import apply_defaults
+from ops.environment import apply_defaults
 
 apply_defaults()
 

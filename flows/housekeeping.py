@@ -26,7 +26,7 @@ from pathlib import Path
 
 from filelock import Timeout
 
-from flows.config import PipelineConfig
+from flows.pipeline_config import PipelineConfig
 from flows.plan import plan
 from tasks.core.storage import RemoteStore, is_remote, resolve_workspace
 from tasks.core.workspace import MANIFEST, StageDir

@@ -20,12 +20,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from pydantic import BaseModel
 
-from flows.config import PipelineConfig, load_config
-from flows.leases import holding
-from flows.model_events import announce_gate
+from flows.pipeline_config import PipelineConfig, load_config
 from flows.prepare import prepare_data
-from flows.runtime import flow_run_title, flow_runtime, registry_limit
-from flows.training import finetuned, pretrained
+from flows.run.context import flow_run_title, flow_runtime, registry_limit
+from flows.run.gate_events import announce_gate
+from flows.run.slots import holding
+from flows.run.training import finetuned, pretrained
 from tasks import tracking
 from tasks.evaluate import EvaluateOutput, evaluate_task
 from tasks.register import EvalData, RegisterOutput, register_task

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from flows.config import PipelineConfig
+from flows.pipeline_config import PipelineConfig
 from model.checkpoint import CONFIG, WEIGHTS
 from model.config import GPTConfig
 from model.device import describe_device

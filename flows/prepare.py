@@ -22,14 +22,14 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.states import State, get_state_exception
 from pydantic import BaseModel
 
-from flows.config import PipelineConfig
+from flows.pipeline_config import PipelineConfig
 from flows.runners import TaskRunnerConfig, make_task_runner
 from model.errors import UserError
 from tasks import tracking
 from tasks.bpe import BPEOutput, run_bpe, train_tokenizer_task
-from tasks.core.model_source import open_model
 from tasks.core.storage import resolve_workspace
 from tasks.ingest import HF_PREFIX, IngestConfig, IngestOutput, find_source_files, ingest_task, run_ingest
+from tasks.models.sources import open_model
 from tasks.shard import (
     ChunkCounts,
     ShardChunk,

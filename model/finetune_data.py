@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from model.evaluate import IGNORE
+from model.scoring import IGNORE
 from model.special_tokens import SpecialIds
 
 TooLong = Literal["truncate", "drop"]

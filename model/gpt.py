@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from model.config import GPTConfig
-from model.evaluate import IGNORE
 from model.loss import linear_cross_entropy
+from model.scoring import IGNORE
 
 
 class KVCache:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from model.evaluate import IGNORE
+from model.scoring import IGNORE
 
 
 def linear_cross_entropy(

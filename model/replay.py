@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from model.evaluate import IGNORE
+from model.scoring import IGNORE
 from model.train import Batches
 
 
@@ -29,7 +29,7 @@ def replay_rows(fraction: float, batch_size: int) -> int:
 
 def fit_rows(inputs: torch.Tensor, targets: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, T) rows as (B, seq_len): the first seq_len positions, or padded with unscored
-    targets and inputs repeating each row's last token (as `model.evaluate.pad_batch` does:
+    targets and inputs repeating each row's last token (as `model.scoring.pad_batch` does:
     the model is causal, so nothing after a row's end changes its logits)."""
     missing = seq_len - inputs.size(1)
     if missing <= 0:

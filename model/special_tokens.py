@@ -2,7 +2,7 @@
 
 A tokenizer gptflow trains has them first (ids 0, 1, 2); a pretrained one (GPT-2) keeps
 its own end of text (50256) and gets `<|pad|>` and `<|sep|>` added after its vocabulary
-(tasks/core/hf_model.py). So no code uses fixed ids: it reads a `SpecialIds` from the
+(tasks/models/hf_import.py). So no code uses fixed ids: it reads a `SpecialIds` from the
 tokenizer (`special_ids`) or from a checkpoint's `special_tokens.json`.
 
 Text that merely looks like a special token (a user typing "<|sep|>") is always encoded as

@@ -42,7 +42,7 @@ Metrics go to `callback(step, metrics)` on rank 0 after every step: loss, lr, gr
 tokens_per_s, mfu (when `model.mfu` knows the device's peak), memory_mb, and val_loss every
 `eval_every` steps and at the end. Validation scores every batch of `val_data` (a finite
 collection, the same at each validation): `run` gives it the `val_windows` evenly spaced
-windows of the val split (`model.evaluate.val_windows`) that the evaluate stage scores too.
+windows of the val split (`model.scoring.val_windows`) that the evaluate stage scores too.
 Rank 0 prints where it trains, in what precision and the peak its MFU is against (`Runtime`,
 also in the TrainResult).
 """
@@ -71,7 +71,6 @@ from model.config import RUN_ONLY, GPTConfig
 from model.data import WindowLoader
 from model.device import DeviceName, device_model, training_bf16
 from model.errors import UserError
-from model.evaluate import IGNORE, VAL_WINDOWS, val_windows, window_batches
 from model.gpt import GPT
 from model.mfu import peak_flops
 from model.parallel import ParallelConfig, clip_grad_norm, is_sharded, local_gradients, parallelize
@@ -85,6 +84,7 @@ from model.runtime import (
     training_device,
 )
 from model.schedule import Schedule, learning_rate
+from model.scoring import IGNORE, VAL_WINDOWS, val_windows, window_batches
 
 Callback = Callable[[int, Mapping[str, float]], None]
 

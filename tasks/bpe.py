@@ -47,11 +47,11 @@ from model.checkpoint import (
 )
 from model.special_tokens import SPECIAL_TOKENS
 from tasks.bpe_trainer import train_in_child
-from tasks.core.model_source import open_model
 from tasks.core.progress import step_progress
 from tasks.core.stage_state import finished
 from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 from tasks.ingest import IngestOutput, read_corpus
+from tasks.models.sources import open_model
 
 FORMAT_VERSION = 2  # 2: the pre-token bound is a pre-tokenizer step in tokenizer.json
 TOKENIZER_FILE = "tokenizer.json"

@@ -4,7 +4,7 @@ Figures (names as logged to MLflow):
 
     val_loss, val_perplexity, val_bits_per_byte, val_accuracy, val_tokens
         over the windows of the val shards (next-token targets, as in pretraining): all of
-        them, or `max_windows` evenly spaced ones (`model.evaluate.val_windows`, the windows
+        them, or `max_windows` evenly spaced ones (`model.scoring.val_windows`, the windows
         that pretraining's validation scores)
     doc_loss, doc_perplexity, doc_bits_per_byte, doc_accuracy, doc_tokens
         sliding windows over whole held-out documents (`stride` apart, each token scored
@@ -39,7 +39,9 @@ from tokenizers import Tokenizer
 from model.data import ShardManifest
 from model.device import resolve_device
 from model.errors import UserError
-from model.evaluate import (
+from model.generate import generate
+from model.gpt import GPT
+from model.scoring import (
     VAL_WINDOWS,
     LossTotals,
     score_batches,
@@ -47,15 +49,13 @@ from model.evaluate import (
     val_windows,
     window_batches,
 )
-from model.generate import generate
-from model.gpt import GPT
 from model.special_tokens import special_ids
 from tasks.bpe import load_tokenizer, token_byte_lengths
-from tasks.core.model_source import load_model_source
 from tasks.core.stage_state import finished
 from tasks.core.train_progress import StageProgress
 from tasks.core.workspace import MANIFEST, StageDir, fingerprint, sha256_file, write_json_atomic
 from tasks.ingest import read_corpus
+from tasks.models.sources import load_model_source
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
 
 FORMAT_VERSION = 2  # 2: samples.json, the samples as a table (logged with mlflow.log_table)

@@ -48,18 +48,17 @@ from model.config import RUN_ONLY
 from model.data import ShardManifest, WindowLoader
 from model.device import resolve_device
 from model.errors import UserError
-from model.evaluate import IGNORE, score_batches
 from model.finetune_data import EncodeReport, PairBatches, TooLong, encode_pairs, to_rows
 from model.generate import generate
 from model.gpt import GPT
 from model.replay import ReplayBatches, replay_rows
 from model.runtime import DistributedEnv
+from model.scoring import IGNORE, score_batches
 from model.special_tokens import special_ids
 from model.train import train
 from tasks import tracking
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.checkpoint_mirror import mirrored_checkpoints
-from tasks.core.model_source import load_model_source
 from tasks.core.retry import log_attempt
 from tasks.core.stage_state import finished
 from tasks.core.train_progress import training_progress
@@ -67,6 +66,7 @@ from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfi
 from tasks.core.workspace import StageDir, fingerprint, sha256_file
 from tasks.finetune_pairs import Pair, PairSet, docstring_pairs, file_pairs
 from tasks.finetune_priming import primed_layouts, primed_rows, priming_order
+from tasks.models.sources import load_model_source
 from tasks.tracking.loss_curves import live_loss_curves
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
 

@@ -63,7 +63,7 @@ from model.checkpoint import (
 from model.config import RUN_ONLY, ModelConfig
 from model.data import ShardManifest, WindowLoader
 from model.errors import UserError
-from model.evaluate import VAL_WINDOWS
+from model.scoring import VAL_WINDOWS
 from model.special_tokens import special_ids
 from model.train import RunSpec, TrainResult, run
 from tasks import tracking

@@ -29,7 +29,7 @@ os.environ.pop("PREFECT_API_URL", None)
 
 import pytest  # noqa: E402
 
-from flows.environment import apply_defaults  # noqa: E402
+from ops.environment import apply_defaults  # noqa: E402
 
 apply_defaults()  # the rest of gptflow's defaults, as every entry point applies them
 

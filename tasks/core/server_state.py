@@ -7,7 +7,7 @@ whose process has died is ignored (a run falls back to an ephemeral server); an 
 record is followed while it exists, dead or restarting, so that no run tracks silently
 into another store (`gptflow down` forgets it).
 This module only reads and writes the file; starting and stopping lives in
-`flows/servers.py`.
+`ops/servers.py`.
 """
 
 from __future__ import annotations

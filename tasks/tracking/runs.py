@@ -226,7 +226,7 @@ class MetricsLogger:
 
     Each step goes to MLflow's async logging, which returns at once; MLflow's logging thread
     merges the queued steps into a request every MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS
-    (flows/environment.py sets it) and retries a request as any other. Every
+    (ops/environment.py sets it) and retries a request as any other. Every
     METRICS_CHECK_SECONDS the logger waits for the steps queued before the previous check
     (by then normally delivered, so training does not wait), and at the end for all of them
     (use it as a context manager, or call `flush()`). Steps MLflow could not deliver are

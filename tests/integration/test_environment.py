@@ -12,13 +12,13 @@ import os
 import subprocess
 import sys
 
-from flows.environment import DEFAULTS
+from ops.environment import DEFAULTS
 from support import REPO
 from tasks.core.server_state import PREFECT, ServerRecord, write_records
 
 API_URL = "http://127.0.0.1:4999/api"
 
-# Imports every module of `flows` but the worker's entry point, then loads that entry point as
+# Imports every module of `cli`, `flows` and `ops` but the worker's entry point, then loads that entry point as
 # a Prefect worker does (by its path); prints what each step changed in the environment.
 CHECK = """
 import importlib, json, os, pkgutil
@@ -27,10 +27,11 @@ def changes(old):
     return {k: os.environ.get(k) for k in old.keys() | os.environ.keys() if old.get(k) != os.environ.get(k)}
 
 before = dict(os.environ)
-import flows
-for module in pkgutil.iter_modules(flows.__path__):
-    if module.name != "deployment":
-        importlib.import_module(f"flows.{module.name}")
+import cli, flows, ops
+for package in (cli, flows, ops):
+    for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+        if module.name != "flows.deployment":
+            importlib.import_module(module.name)
 by_imports, before = changes(before), dict(os.environ)
 
 from prefect.flows import load_flow_from_entrypoint

@@ -29,7 +29,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from flows.config import load_config
+from flows.pipeline_config import load_config
 from flows.prepare import prepare_data_locally
 from model.checkpoint import TOKENIZER, TOKENS, latest_checkpoint
 from support import REPO
@@ -145,7 +145,7 @@ def forker_for():
 # --- SIGKILL during the shard stage ---------------------------------------------------------
 
 SHARD_WORK = """
-from flows.config import load_config
+from flows.pipeline_config import load_config
 from tasks.bpe import run_bpe
 from tasks.ingest import run_ingest
 from tasks.shard import run_shard
@@ -239,7 +239,7 @@ PRETRAIN_OVERRIDES = [
 PRETRAIN_WORK = f"""
 import io, os, signal
 import torch
-from flows.config import load_config
+from flows.pipeline_config import load_config
 from flows.prepare import prepare_data_locally
 from tasks.pretrain import run_pretrain
 

@@ -16,9 +16,9 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.config import load_config
+from cli.commands import app
 from flows.pipeline import pipeline
+from flows.pipeline_config import load_config
 from model.checkpoint import TOKENIZER, read_tokens
 from model.special_tokens import EOS, PAD, SEP
 from support.configs import write_pipeline_config
@@ -82,7 +82,7 @@ def test_checkpoints_are_self_contained_and_finetuned_ones_say_so(run):
 
 def test_pretraining_starts_from_the_pretrained_weights(hf_dir, tmp_path):
     """init_from → gptflow's logits equal transformers' on the original vocabulary's columns."""
-    from tasks.core.model_source import open_model
+    from tasks.models.sources import open_model
 
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     source = open_model(str(hf_dir))
@@ -184,9 +184,9 @@ def test_the_held_out_table_has_zero_shot_primed_and_finetuned_rows(run):
 
 
 def test_shots_prime_with_the_configs_pairs(run, init_config):
-    from tasks.core.model_source import open_model
     from tasks.finetune import load_pairs
     from tasks.finetune_priming import priming_order
+    from tasks.models.sources import open_model
 
     config = load_config(init_config)
     (corpus,) = (config.workspace / "ingest").glob("*/corpus.parquet")

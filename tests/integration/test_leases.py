@@ -1,6 +1,6 @@
 """A run killed with SIGKILL on the embedded Prefect server (no server configured) leaves
 neither its server process nor its `gpu` slot behind: a rerun with the same PREFECT_HOME
-proceeds (flows/leases.py, flows/embedded_server.py)."""
+proceeds (flows/run/slots.py, ops/embedded_server.py)."""
 
 from __future__ import annotations
 

@@ -27,12 +27,12 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 from prefect.states import Cancelling
 from typer.testing import CliRunner
 
+from cli.commands import app
 from flows import prepare
-from flows.cli import app
-from flows.config import load_config
-from flows.model_events import PROMOTED, REJECTED, RESOURCE_PREFIX
 from flows.pipeline import pipeline
+from flows.pipeline_config import load_config
 from flows.plan import plan
+from flows.run.gate_events import PROMOTED, REJECTED, RESOURCE_PREFIX
 from model.checkpoint import latest_checkpoint
 from model.errors import UserError
 from support.configs import write_pipeline_config

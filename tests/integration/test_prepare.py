@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import load_config
+from flows.pipeline_config import load_config
 from flows.prepare import PreparedData, prepare_data, prepare_data_locally
 from support.configs import write_data_config
 from support.processes import GPTFLOW

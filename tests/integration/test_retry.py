@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow
 from safetensors.torch import load_file
 
-from flows.config import load_config
+from flows.pipeline_config import load_config
 from flows.prepare import prepare_data_locally
 from model.checkpoint import WEIGHTS
 from model.errors import UserError

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.config import load_config
+from cli.commands import app
+from flows.pipeline_config import load_config
 from flows.plan import plan
 from flows.prepare import PreparedData, prepare_data_locally
 from model.errors import UserError

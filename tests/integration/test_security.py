@@ -14,12 +14,12 @@ import torch
 from prefect import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-from flows import servers
-from flows.config import load_config
+from flows.pipeline_config import load_config
 from model.checkpoint import STATE, WEIGHTS, load_model, load_state, save_checkpoint
 from model.errors import UserError
 from model.gpt import GPT
 from model.train import train
+from ops import servers
 from support.compose import load_compose
 from support.configs import MICRO_GPT, micro_train_config, write_pipeline_config
 from support.corpus import RandomBatches

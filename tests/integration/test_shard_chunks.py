@@ -12,7 +12,7 @@ import os
 import pytest
 
 import tasks.shard
-from flows.config import load_config
+from flows.pipeline_config import load_config
 from flows.prepare import prepare_data, prepare_data_locally
 from model.errors import UserError
 from support.configs import write_data_config

@@ -48,8 +48,8 @@ def test_two_configs_reports_land_under_their_own_keys(prefect_server):
 def test_the_gate_automations_are_created_for_both_events(prefect_server):
     from prefect.automations import Automation
 
-    from flows.automations import automation_name, create_gate_automations
-    from flows.model_events import PROMOTED, REJECTED
+    from flows.run.gate_automations import automation_name, create_gate_automations
+    from flows.run.gate_events import PROMOTED, REJECTED
 
     create_gate_automations("https://hooks.example.com/gptflow")
     created = create_gate_automations("https://hooks.example.com/gptflow")  # again: replaced, not doubled

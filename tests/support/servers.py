@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flows.servers import mlflow_command
+from ops.servers import mlflow_command
 from support.infra_stack import answers
 from support.ports import free_port
 from tasks.core.server_state import MLFLOW, is_alive

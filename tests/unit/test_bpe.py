@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import pre_tokenizers
 
-from flows.config import load_config
+from flows.pipeline_config import load_config
 from model.errors import UserError
 from model.special_tokens import EOS, PAD, SEP, special_ids
 from tasks.bpe import BPEConfig, load_tokenizer, run_bpe

@@ -8,10 +8,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.config import PipelineConfig, load_config
+from cli.commands import app
+from flows.pipeline_config import PipelineConfig, load_config
 from flows.plan import plan
-from flows.preflight import check_run
+from flows.run.preflight import check_run
 from model.device import describe_device, resolve_device, training_bf16
 from model.errors import UserError
 from support import REPO

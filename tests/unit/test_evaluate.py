@@ -18,8 +18,8 @@ from torch import nn
 from model.checkpoint import load_model
 from model.data import ShardManifest
 from model.errors import UserError
-from model.evaluate import IGNORE, VAL_WINDOWS, score_batches, sliding_window_batches, sliding_windows, window_batches
 from model.gpt import GPTOutput
+from model.scoring import IGNORE, VAL_WINDOWS, score_batches, sliding_window_batches, sliding_windows, window_batches
 from model.special_tokens import special_ids
 from model.train import RunSpec, run
 from support.configs import MICRO_GPT, micro_train_config
@@ -298,7 +298,7 @@ def test_evaluate_task_logs_a_nested_run_and_headline_figures(tmp_path, stage_in
 
 
 def test_the_training_curves_last_val_loss_is_the_cross_entropy_of_the_evaluated_windows(tmp_path):
-    """Training-time validation scores the windows the evaluate stage scores (model.evaluate.val_windows):
+    """Training-time validation scores the windows the evaluate stage scores (model.scoring.val_windows):
     by default every window of a small val split, else evenly spaced ones, here picked by hand."""
     shards = make_shards(tmp_path / "shards", {"train": 64, "val": 24})
     windows = torch.tensor(

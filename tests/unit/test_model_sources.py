@@ -12,8 +12,8 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.config import load_config
+from cli.commands import app
+from flows.pipeline_config import load_config
 from model.checkpoint import CheckpointTokens, attach_tokenizer, save_model_directory
 from model.config import GPTConfig
 from model.errors import UserError
@@ -21,9 +21,9 @@ from model.gpt import GPT
 from model.prompts import parse_examples
 from model.special_tokens import SEP
 from support.configs import write_pipeline_config
-from tasks.core import completions
-from tasks.core.completions import Sampling, complete
-from tasks.core.model_source import open_model
+from tasks.models import completions
+from tasks.models.completions import Sampling, complete
+from tasks.models.sources import open_model
 
 transformers = pytest.importorskip("transformers")
 

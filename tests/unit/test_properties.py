@@ -20,7 +20,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flows.config import PipelineConfig, load_config
+from flows.pipeline_config import PipelineConfig, load_config
 from model.errors import UserError
 from tasks.ingest import IngestConfig, local_files, write_corpus
 

@@ -7,8 +7,8 @@ import torch
 
 from model.checkpoint import load_model
 from model.errors import UserError
-from model.evaluate import val_windows
 from model.generate import generate
+from model.scoring import val_windows
 from model.special_tokens import special_ids
 from support.corpus import TEXTS, toy_tokenizer, write_corpus, write_val_shards
 from support.devices import record_module_moves, stand_in_gpus

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from model.data import WindowLoader
-from model.evaluate import IGNORE
 from model.finetune_data import PairBatches
 from model.replay import ReplayBatches, replay_rows
+from model.scoring import IGNORE
 from support.corpus import make_shards, window_ids
 
 PAIR_ROWS = torch.arange(7 * 24).view(7, 24)  # 7 task rows of 24 tokens, longer than the 16-token windows

@@ -6,7 +6,7 @@ import uuid
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
+from cli.commands import app
 from support.configs import write_pipeline_config
 from tasks import tracking
 

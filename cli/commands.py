@@ -9,8 +9,8 @@ from typing import Annotated
 
 import typer
 
-from flows.environment import apply_defaults
 from model.errors import UserError
+from ops.environment import apply_defaults
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -29,7 +29,7 @@ SetOpt = Annotated[
 @app.command()
 def prepare(config: ConfigArg, overrides: SetOpt = None) -> None:
     """Prepare the data: ingest the corpus, train the tokenizer, write the shards."""
-    from flows.config import load_config
+    from flows.pipeline_config import load_config
     from flows.prepare import check_prepare_config, prepare_data
 
     settings = load_config(config, overrides or [])
@@ -40,8 +40,8 @@ def prepare(config: ConfigArg, overrides: SetOpt = None) -> None:
 @app.command()
 def pretrain(config: ConfigArg, overrides: SetOpt = None) -> None:
     """Prepare the data, then pretrain (resuming from the newest checkpoint of an unfinished run)."""
-    from flows.config import load_config
-    from flows.pretrain import pretrain as pretrain_flow
+    from flows.pipeline_config import load_config
+    from flows.pretrain_flow import pretrain as pretrain_flow
 
     output = pretrain_flow(load_config(config, overrides or []))
     for name, value in output.metrics.items():
@@ -55,9 +55,9 @@ ModelArg = Annotated[str, typer.Argument(help="A checkpoint directory, or models
 @app.command()
 def evaluate(config: ConfigArg, model: ModelArg, overrides: SetOpt = None) -> None:
     """Evaluate a model on the config's data: loss, perplexity, bits per byte, accuracy, samples."""
-    from flows.config import load_config
-    from flows.evaluate import evaluate_flow
-    from tasks.core.model_source import find_checkpoint, is_registry_uri
+    from flows.evaluate_flow import evaluate_flow
+    from flows.pipeline_config import load_config
+    from tasks.models.sources import find_checkpoint, is_registry_uri
 
     settings = load_config(config, overrides or [])
     if not is_registry_uri(model):
@@ -82,9 +82,9 @@ def finetune(
     overrides: SetOpt = None,
 ) -> None:
     """Fine-tune on prompt/completion pairs (default task: docstring -> function)."""
-    from flows.config import load_config
-    from flows.finetune import finetune_flow
-    from tasks.core.model_source import find_checkpoint, is_registry_uri
+    from flows.finetune_flow import finetune_flow
+    from flows.pipeline_config import load_config
+    from tasks.models.sources import find_checkpoint, is_registry_uri
 
     settings = load_config(config, overrides or [])
     if start_from and not is_registry_uri(start_from):
@@ -104,7 +104,7 @@ def run(
     ] = False,
 ) -> None:
     """Run the whole pipeline: data, pretraining, evaluation, fine-tuning, registration."""
-    from flows.config import load_config
+    from flows.pipeline_config import load_config
 
     settings = load_config(config, overrides or [])
     if dry_run:
@@ -156,8 +156,8 @@ def generate(
     prompted in its fine-tuning format (`prompt <|sep|>`); text like <|sep|> in a prompt is plain text."""
     from model.device import resolve_device
     from model.prompts import parse_examples
-    from tasks.core.completions import Sampling, complete
-    from tasks.core.model_source import open_model
+    from tasks.models.completions import Sampling, complete
+    from tasks.models.sources import open_model
 
     if prompt_format not in ("auto", "document", "pair"):
         raise UserError(f"--format: {prompt_format!r} is not one of auto, document, pair")
@@ -214,7 +214,7 @@ def read_text_file(path: Path, option: str) -> str:
 
 def config_examples(config: Path) -> list[tuple[str, str]]:
     """The config's fine-tuning train pairs in the stage's seeded order (its corpus is ingested, or reused)."""
-    from flows.config import load_config
+    from flows.pipeline_config import load_config
     from tasks.finetune import load_pairs
     from tasks.finetune_priming import priming_order
     from tasks.ingest import run_ingest
@@ -237,8 +237,8 @@ def export(
     ] = None,
 ) -> None:
     """Write MODEL as a directory AutoModelForCausalLM and AutoTokenizer load, with a model card."""
-    from tasks.core.hf_export import export_model, push_directory
-    from tasks.core.model_source import open_model
+    from tasks.models.hf_export import export_model, push_directory
+    from tasks.models.sources import open_model
 
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise UserError(f"{out_dir}: exists and is not empty; pass --force to replace its files")
@@ -257,8 +257,8 @@ def serve(
     overrides: SetOpt = None,
 ) -> None:
     """Serve the pipeline as a scheduled deployment from this process (no worker needed)."""
-    from flows.config import load_config
     from flows.pipeline import pipeline
+    from flows.pipeline_config import load_config
 
     if (cron is None) == (interval is None):
         raise UserError("serve: give exactly one of --cron and --interval")
@@ -283,7 +283,7 @@ def runs(
     """List the pipeline runs: start, status, the settings that differ, headline figures, version and aliases."""
     from rich.console import Console
 
-    from flows.config import load_config
+    from flows.pipeline_config import load_config
     from tasks.tracking.compare import compare_table, runs_table
 
     if (config is None) == (experiment is None):
@@ -323,8 +323,8 @@ def clean(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be removed.")] = False,
 ) -> None:
     """Remove incomplete stage outputs, and complete ones no --keep config refers to."""
-    from flows.config import load_config
     from flows.housekeeping import format_size, removable, remove
+    from flows.pipeline_config import load_config
 
     configs = [load_config(path) for path in keep or []]
     doomed = removable(workspace, configs)
@@ -346,7 +346,7 @@ def up(
     data_dir: Annotated[Path, typer.Option(help="Where MLflow keeps mlflow.db and mlartifacts/.")] = Path("."),
 ) -> None:
     """Start a local Prefect server and MLflow server; `gptflow run` then uses them."""
-    from flows import servers
+    from ops import servers
 
     records = servers.up(prefect_port=prefect_port, mlflow_port=mlflow_port, data_dir=data_dir)
     print(f"Prefect UI: {records['prefect'].ui_url}  (API {records['prefect'].api_url})")
@@ -357,7 +357,7 @@ def up(
 @app.command()
 def down() -> None:
     """Stop the servers `gptflow up` started."""
-    from flows import servers
+    from ops import servers
 
     stopped = servers.down()
     print(f"stopped: {', '.join(stopped)}" if stopped else "no servers were running")

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from prefect import flow
 
-from flows.config import PipelineConfig, load_config
+from flows.pipeline_config import PipelineConfig, load_config
 from flows.prepare import prepare_data
-from flows.runtime import flow_run_title, flow_runtime
-from flows.training import pretrained
+from flows.run.context import flow_run_title, flow_runtime
+from flows.run.training import pretrained
 from tasks.pretrain import PretrainOutput
 
 

@@ -3,7 +3,7 @@
     python scripts/gate_automations.py --webhook https://hooks.example.com/gptflow
 
 saves a webhook notification block and one automation per gate event
-(flows/model_events.py): `gptflow.model.promoted` and `gptflow.model.rejected` of any
+(flows/run/gate_events.py): `gptflow.model.promoted` and `gptflow.model.rejected` of any
 registered model send the model, version, both figures and the MLflow run to the webhook
 (Slack, Teams, or anything that takes a JSON POST). Run it again to update them: the block
 and the automations are replaced by name. It talks to the Prefect server in use
@@ -19,7 +19,7 @@ from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.events.actions import SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
 
-from flows.model_events import PROMOTED, REJECTED, RESOURCE_PREFIX
+from flows.run.gate_events import PROMOTED, REJECTED, RESOURCE_PREFIX
 
 BLOCK_NAME = "gptflow-gate-webhook"
 # Prefect renders the body with the triggering event in scope.
@@ -48,7 +48,7 @@ def create_gate_automations(webhook_url: str) -> list[Automation]:
             pass
         automation = Automation(
             name=automation_name(event),
-            description="Sends the champion gate's decision to the team's webhook (flows/automations.py)",
+            description="Sends the champion gate's decision to the team's webhook (flows/run/gate_automations.py)",
             trigger=EventTrigger(
                 expect={event},
                 match={"prefect.resource.id": f"{RESOURCE_PREFIX}*"},

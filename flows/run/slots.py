@@ -11,7 +11,7 @@ Decision: lease on every server, and reclaim expired leases on the embedded one 
 rather than not leasing there. Processes that share a PREFECT_HOME each start an embedded
 server over one database, and the limits are what keep two of them off one device; not
 leasing would keep a killed run's slot for ever all the same. So gptflow keeps leases in files
-under PREFECT_HOME (Prefect's filesystem lease storage, set in flows/environment.py), where
+under PREFECT_HOME (Prefect's filesystem lease storage, set in ops/environment.py), where
 they outlive the server that granted them, and on the embedded server it revokes expired
 leases itself, with the repossessor's own function, before each try for a slot.
 

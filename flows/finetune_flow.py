@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.config import PipelineConfig
+from flows.pipeline_config import PipelineConfig
 from flows.prepare import prepare_data
-from flows.runtime import flow_run_title, flow_runtime
-from flows.training import finetuned, pretrained
+from flows.run.context import flow_run_title, flow_runtime
+from flows.run.training import finetuned, pretrained
 from model.errors import UserError
 from tasks.finetune import FinetuneOutput
 

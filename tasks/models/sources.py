@@ -6,7 +6,7 @@ URI, `models:/NAME@ALIAS` or `models:/NAME/VERSION`. Evaluation and fine-tuning 
 and a digest that identifies its weights (for stage fingerprints), checking a registered
 model's own tokenizer against the pipeline's (`load_model_source`).
 
-`open_model` also takes a Hugging Face GPT-2 directory or hub name (tasks/core/hf_model.py)
+`open_model` also takes a Hugging Face GPT-2 directory or hub name (tasks/models/hf_import.py)
 and returns the model with everything needed to prompt it and describe it: its tokenizer,
 special ids, prompt format and lineage. `gptflow generate`, `gptflow export` and
 `model.init_from` use it.
@@ -33,8 +33,8 @@ from model.checkpoint import (
 from model.errors import UserError
 from model.gpt import GPT
 from model.special_tokens import SpecialIds, special_ids
-from tasks.core.hf_model import is_hf_directory, load_pretrained
 from tasks.core.workspace import sha256_file
+from tasks.models.hf_import import is_hf_directory, load_pretrained
 from tasks.tracking.registry import load_registered_model
 
 REGISTRY_SCHEME = "models:/"

@@ -23,11 +23,11 @@ from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.utilities.urls import url_for
 
-from flows.abandoned_runs import FLOW_RUN_TAG, close_abandoned_runs, process_tags
-from flows.config import PipelineConfig, load_config
-from flows.leases import holding
-from flows.preflight import check_run
+from flows.pipeline_config import PipelineConfig, load_config
 from flows.prepare import check_prepare_config
+from flows.run.abandoned_runs import FLOW_RUN_TAG, close_abandoned_runs, process_tags
+from flows.run.preflight import check_run
+from flows.run.slots import holding
 from model.errors import UserError
 from tasks import tracking
 
@@ -46,7 +46,7 @@ def flow_runtime(
 ) -> Iterator[str]:
     """Around a flow's stages: fail before any work when MLflow is unreachable, the data
     settings are wrong or this machine lacks what the devices settings name (of the training
-    stages in `training`; see `flows.preflight.check_run`), stop when the flow run is
+    stages in `training`; see `flows.run.preflight.check_run`), stop when the flow run is
     cancelled, and hold the flow run's parent MLflow run; yields its id."""
     check_tracking_task(config.tracking_attempts)
     check_prepare_config(config)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from flows.config import PipelineConfig
+from flows.pipeline_config import PipelineConfig
 from model.device import cuda_device_count, machine_devices, resolve_device, training_bf16
 from model.errors import UserError
 from model.train import TrainConfig, accumulation_steps

@@ -3,7 +3,7 @@
 Prefect reads its settings, and MLflow its telemetry switch, when first imported, so the
 defaults that make the embedded (ephemeral) server dependable on a small machine must be in
 `os.environ` before then. Importing a module of `flows` changes nothing; each entry point
-calls `apply_defaults()` first: the `gptflow` command (`flows.cli.main`), the module a
+calls `apply_defaults()` first: the `gptflow` command (`cli.commands.main`), the module a
 Prefect worker loads for prefect.yaml's deployment (`flows/deployment.py`), and the tests'
 conftest. Flow runs that `gptflow serve` starts inherit its environment.
 """
@@ -23,7 +23,7 @@ DEFAULTS = {
     # Progress bars for copying a few local files only clutter the flow's log.
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # Concurrency leases in files under PREFECT_HOME, not in the granting server's memory, so
-    # a killed run's lease outlives the embedded server and can be reclaimed (flows/leases.py).
+    # a killed run's lease outlives the embedded server and can be reclaimed (flows/run/slots.py).
     "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
     # Training steps logged asynchronously (tasks/tracking/runs.py's MetricsLogger) are merged
     # into one request per this many seconds, rather than one request per step.
@@ -34,13 +34,13 @@ DEFAULTS = {
 def apply_defaults() -> None:
     """Set each default the environment leaves unset (the environment always wins). With no
     PREFECT_API_URL set, a Prefect server started by `gptflow up` is used, else Prefect's
-    ephemeral one, bound to this process's lifetime (flows/embedded_server.py)."""
+    ephemeral one, bound to this process's lifetime (ops/embedded_server.py)."""
     for name, value in DEFAULTS.items():
         os.environ.setdefault(name, value)
     if "PREFECT_API_URL" not in os.environ and (server := live_server(PREFECT)):
         os.environ["PREFECT_API_URL"] = server.api_url
     if "PREFECT_API_URL" not in os.environ:
         # Imported here: Prefect must not be imported before the defaults above are set.
-        from flows.embedded_server import bind_embedded_server
+        from ops.embedded_server import bind_embedded_server
 
         bind_embedded_server()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from model.checkpoint import PromptFormat
 from model.generate import generate
 from model.prompts import prompt_rows
-from tasks.core.model_source import SourceModel
+from tasks.models.sources import SourceModel
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 from model.errors import UserError
 from model.export import export_hf
 from model.special_tokens import EOS, PAD, SEP
-from tasks.core.model_source import GPTFLOW_CONFIG_KEY, SourceModel
+from tasks.models.sources import GPTFLOW_CONFIG_KEY, SourceModel
 
 TOP_K = 40  # GPT-2's sampling default, as `gptflow generate` uses
 # The lineage a model card lists, in order; a value the model does not record shows as "unknown".

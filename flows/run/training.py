@@ -1,7 +1,7 @@
 """The training stages as every flow runs them (pipeline, pretrain, finetune).
 
 Each holds slots of the global concurrency limit `gpu` while it trains (one per training
-process, flows/runtime.py), and Prefect retries it on the failures a retry can fix, the retry
+process, flows/run/context.py), and Prefect retries it on the failures a retry can fix, the retry
 resuming from the newest checkpoint (tasks/core/retry.py).
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.config import PipelineConfig
+from flows.pipeline_config import PipelineConfig
 from flows.prepare import PreparedData
-from flows.runtime import holding_gpus
+from flows.run.context import holding_gpus
 from tasks.core.retry import retrying
 from tasks.finetune import FinetuneOutput, finetune_task
 from tasks.pretrain import PretrainOutput, pretrain_task
