@@ -28,17 +28,17 @@ from filelock import Timeout
 
 from flows.pipeline_config import PipelineConfig
 from flows.plan import plan
+from flows.stages import WORKSPACE_STAGES
 from tasks.core.storage import RemoteStore, is_remote, resolve_workspace
 from tasks.core.workspace import MANIFEST, StageDir
 
-STAGES = ("ingest", "bpe", "shard", "pretrain", "evaluate", "finetune")
 # An incomplete remote output changed within this long may be another machine's build
 # (uploading its commit, or mirroring training checkpoints): `clean` leaves it.
 REMOTE_IDLE_SECONDS = 3600
 
 
 @dataclass(frozen=True)
-class StageOutput:
+class StoredOutput:
     stage: str
     fingerprint: str
     location: Path | str  # the directory, or its URI in a remote workspace
@@ -47,13 +47,13 @@ class StageOutput:
     modified: float  # newest file's modification time (seconds since the epoch)
 
 
-def local_outputs(workspace: Path, stage: str) -> Iterator[StageOutput]:
+def local_outputs(workspace: Path, stage: str) -> Iterator[StoredOutput]:
     stage_root = workspace / stage
     if not stage_root.is_dir():
         return
     for path in sorted(p for p in stage_root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         files = [(f.stat().st_size, f.stat().st_mtime) for f in path.rglob("*") if f.is_file() and not f.is_symlink()]
-        yield StageOutput(
+        yield StoredOutput(
             stage,
             path.name,
             path,
@@ -63,7 +63,7 @@ def local_outputs(workspace: Path, stage: str) -> Iterator[StageOutput]:
         )
 
 
-def remote_outputs(workspace: str, stage: str) -> Iterator[StageOutput]:
+def remote_outputs(workspace: str, stage: str) -> Iterator[StoredOutput]:
     """The stage's outputs in the bucket, from one listing of its prefix."""
     store, by_fingerprint = RemoteStore(f"{workspace}/{stage}"), defaultdict(list)
     for info in store.files():
@@ -71,7 +71,7 @@ def remote_outputs(workspace: str, stage: str) -> Iterator[StageOutput]:
         if relative:
             by_fingerprint[fingerprint].append((relative, info))
     for fingerprint, files in sorted(by_fingerprint.items()):
-        yield StageOutput(
+        yield StoredOutput(
             stage,
             fingerprint,
             f"{workspace}/{stage}/{fingerprint}",
@@ -81,11 +81,11 @@ def remote_outputs(workspace: str, stage: str) -> Iterator[StageOutput]:
         )
 
 
-def stage_outputs(workspace: Path | str) -> list[StageOutput]:
+def stage_outputs(workspace: Path | str) -> list[StoredOutput]:
     """Every `<stage>/<fingerprint>/` directory, in pipeline order."""
     workspace = resolve_workspace(workspace)
     outputs = remote_outputs if is_remote(workspace) else local_outputs
-    return [output for stage in STAGES for output in outputs(workspace, stage)]
+    return [output for stage in WORKSPACE_STAGES for output in outputs(workspace, stage)]
 
 
 def referenced(configs: list[PipelineConfig]) -> set[tuple[str, str]]:
@@ -93,12 +93,12 @@ def referenced(configs: list[PipelineConfig]) -> set[tuple[str, str]]:
     return {(step.stage, step.fingerprint) for config in configs for step in plan(config) if step.fingerprint}
 
 
-def stage_dir(output: StageOutput) -> StageDir:
+def stage_dir(output: StoredOutput) -> StageDir:
     workspace = output.location.rsplit("/", 2)[0] if isinstance(output.location, str) else output.location.parents[1]
     return StageDir(workspace, output.stage, output.fingerprint)
 
 
-def in_use(output: StageOutput) -> bool:
+def in_use(output: StoredOutput) -> bool:
     """A stage being built here holds its lock. Another machine's build of a remote stage
     cannot be seen, so an incomplete remote output written to recently counts as in use."""
     if isinstance(output.location, str) and not output.complete and time.time() - output.modified < REMOTE_IDLE_SECONDS:
@@ -112,7 +112,7 @@ def in_use(output: StageOutput) -> bool:
     return False
 
 
-def removable(workspace: Path | str, keep: list[PipelineConfig]) -> list[StageOutput]:
+def removable(workspace: Path | str, keep: list[PipelineConfig]) -> list[StoredOutput]:
     """Incomplete outputs; with `keep` configs, also complete ones they do not refer to."""
     kept = referenced(keep)
     return [
@@ -122,7 +122,7 @@ def removable(workspace: Path | str, keep: list[PipelineConfig]) -> list[StageOu
     ]
 
 
-def remove(outputs: list[StageOutput]) -> None:
+def remove(outputs: list[StoredOutput]) -> None:
     """Delete the outputs, and for a remote one its copy in this machine's cache too."""
     for output in outputs:
         directory = stage_dir(output)

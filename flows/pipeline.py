@@ -26,6 +26,7 @@ from flows.run.context import flow_run_title, flow_runtime, registry_limit
 from flows.run.gate_events import announce_gate
 from flows.run.slots import holding
 from flows.run.training import finetuned, pretrained
+from flows.stages import StepRecord, pipeline_steps
 from tasks import tracking
 from tasks.evaluate import EvaluateOutput, evaluate_task
 from tasks.register import EvalData, RegisterOutput, register_task
@@ -38,6 +39,7 @@ class PipelineResult(BaseModel):
     final_checkpoint: Path
     metrics: dict[str, float]
     registered: RegisterOutput
+    stages: dict[str, StepRecord]  # what each step wrote or reused, by its label (flows/stages.py)
 
 
 def summary_markdown(config: PipelineConfig, result: PipelineResult, evaluations: dict[str, EvaluateOutput]) -> str:
@@ -96,6 +98,10 @@ def pipeline(
             evaluations["finetuned"] = evaluate("finetuned", finetune.checkpoint)
             final_checkpoint = finetune.checkpoint
 
+        outputs = {"ingest": corpus, "train-tokenizer": tokenizer, "shard": shards, "pretrain": pretrain}
+        outputs |= {f"evaluate-{label}": output for label, output in evaluations.items()}
+        if config.finetune is not None:
+            outputs["finetune"] = finetune
         final = evaluations["finetuned" if config.finetune is not None else "pretrained"]
         lineage = {
             "data_fingerprint": corpus.fingerprint,
@@ -122,6 +128,8 @@ def pipeline(
             final_checkpoint=final_checkpoint,
             metrics=final.metrics,
             registered=registered,
+            # In the steps' order (flows/stages.py): a listed step the pipeline did not run fails here.
+            stages={step.label: StepRecord.of(outputs[step.label]) for step in pipeline_steps(config) if step.planner},
         )
     create_markdown_artifact(
         key=artifact_key(config.name, "pipeline"),

@@ -15,18 +15,11 @@ from dataclasses import dataclass
 import yaml
 
 from flows.pipeline_config import PipelineConfig
-from model.checkpoint import CONFIG, WEIGHTS
-from model.config import GPTConfig
+from flows.stages import STAGES, Known, pipeline_steps
 from model.device import describe_device
-from tasks.bpe import TOKENIZER_FILE, bpe_fingerprint
 from tasks.core.checkpoint_mirror import has_checkpoints
 from tasks.core.storage import resolve_workspace
-from tasks.core.workspace import StageDir, sha256_file
-from tasks.evaluate import evaluate_fingerprint, evaluate_inputs
-from tasks.finetune import finetune_fingerprint, finetune_inputs
-from tasks.ingest import CORPUS_FILE, find_source_files, ingest_fingerprint
-from tasks.pretrain import pretrain_fingerprint
-from tasks.shard import shard_fingerprint
+from tasks.core.workspace import StageDir
 
 
 @dataclass(frozen=True)
@@ -49,56 +42,22 @@ def stage_action(stage: StageDir) -> str:
 
 
 def plan(config: PipelineConfig) -> list[PlannedStage]:
-    """Each stage's fingerprint and action. Only manifests (and a checkpoint's config.json)
-    are read, where the workspace keeps them: nothing is hashed or downloaded."""
+    """Each step's fingerprint and action, walking the pipeline's steps (flows/stages.py).
+    Only manifests (and a checkpoint's config.json) are read, where the workspace keeps them:
+    nothing is hashed or downloaded but a `finetune.start_from` checkpoint outside it."""
     workspace = resolve_workspace(config.workspace)
+    fingerprints: dict[str, str | None] = {}
+    complete: dict[str, StageDir] = {}
     planned: list[PlannedStage] = []
-
-    def add(label: str, stage: str, fp: str | None) -> StageDir | None:
-        """Record the stage; return its directory when it is complete (its output is usable)."""
-        directory = StageDir(workspace, stage, fp) if fp else None
-        planned.append(PlannedStage(label, stage, fp, stage_action(directory) if directory else "run"))
-        return directory if directory and directory.is_complete() else None
-
-    corpus_fp = ingest_fingerprint(config.ingest, find_source_files(config.ingest))
-    # With model.init_from the tokenizer stage's fingerprint holds the pretrained model's digest,
-    # known once the model is read: it and every stage after it are planned as "run".
-    tokenizer_fp = bpe_fingerprint(config.bpe, corpus_fp) if config.model.init_from is None else None
-    shards_fp = shard_fingerprint(config.shard, corpus_fp, tokenizer_fp) if tokenizer_fp else None
-    corpus_dir = add("ingest", "ingest", corpus_fp)
-    tokenizer_dir = add("train-tokenizer", "bpe", tokenizer_fp)
-    shards_dir = add("shard", "shard", shards_fp)
-    pretrain_fp = pretrain_fingerprint(config.pretrain, config.model, shards_fp) if shards_fp else None
-    pretrained = add("pretrain", "pretrain", pretrain_fp)
-
-    data_ready = corpus_dir and tokenizer_dir and shards_dir
-
-    def model_fingerprint(model_dir: StageDir | None, stage_fingerprint) -> str | None:
-        """A stage reading `model_dir`'s final weights; None until those weights exist."""
-        if not (model_dir and data_ready):
-            return None
-        checkpoint = model_dir.stored_manifest()["checkpoint"]
-        model_config = GPTConfig.model_validate_json(model_dir.read_bytes(f"{checkpoint}/{CONFIG}"))
-        return stage_fingerprint(model_dir.listed_sha256(f"{checkpoint}/{WEIGHTS}"), model_config)
-
-    def evaluation(model_sha256: str, model_config: GPTConfig) -> str:
-        inputs = evaluate_inputs(
-            model_sha256, tokenizer_dir.listed_sha256(TOKENIZER_FILE), shards_fp, corpus_dir.listed_sha256(CORPUS_FILE)
+    for step in pipeline_steps(config):
+        fp = step.planner(Known(config, fingerprints, complete)) if step.planner else None
+        directory = StageDir(workspace, STAGES[step.stage].writes, fp) if fp else None
+        fingerprints[step.label] = fp
+        if directory and directory.is_complete():
+            complete[step.label] = directory
+        planned.append(
+            PlannedStage(step.label, STAGES[step.stage].writes, fp, stage_action(directory) if directory else "run")
         )
-        return evaluate_fingerprint(config.evaluate, inputs)
-
-    def finetuning(model_sha256: str, model_config: GPTConfig) -> str:
-        pairs = sha256_file(config.finetune.path) if config.finetune.path else corpus_dir.listed_sha256(CORPUS_FILE)
-        # The pipeline's shards share its tokenizer: with replay on, the stage replays them.
-        replayed = shards_fp if config.finetune.replay_fraction > 0 else None
-        inputs = finetune_inputs(model_sha256, tokenizer_dir.listed_sha256(TOKENIZER_FILE), pairs, replayed)
-        return finetune_fingerprint(config.finetune, inputs, model_config.block_size)
-
-    add("evaluate-pretrained", "evaluate", model_fingerprint(pretrained, evaluation))
-    if config.finetune is not None:
-        finetuned = add("finetune", "finetune", model_fingerprint(pretrained, finetuning))
-        add("evaluate-finetuned", "evaluate", model_fingerprint(finetuned, evaluation))
-    planned.append(PlannedStage("register-model", "registry", None, "run"))
     return planned
 
 

@@ -16,12 +16,12 @@ from typing import ParamSpec, Protocol, TypeVar
 from prefect.states import Completed, State
 
 
-class StageOutput(Protocol):
+class ReusableOutput(Protocol):
     path: Path  # the stage directory
     reused: bool
 
 
-OutputT = TypeVar("OutputT", bound=StageOutput)
+OutputT = TypeVar("OutputT", bound=ReusableOutput)
 P = ParamSpec("P")
 
 

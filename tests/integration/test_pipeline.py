@@ -27,7 +27,7 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventResourceFi
 from prefect.states import Cancelling
 from typer.testing import CliRunner
 
-from cli.commands import app
+from cli.app import app
 from flows import prepare
 from flows.pipeline import pipeline
 from flows.pipeline_config import load_config
@@ -224,6 +224,32 @@ def test_champion_moves_only_to_a_better_version(first_run, micro):
     assert rejected["candidate_value"] == worse.candidate_value and rejected["champion_value"] == worse.champion_value
     assert rejected["champion_version"] == "2" and tracking.get_run(rejected["mlflow_run_id"]).data.tags
     assert events[2].resource.id == RESOURCE_PREFIX + name
+
+
+@pytest.mark.parametrize(
+    "overrides", [["finetune.start_from=FINETUNED"], ["finetune=null"]], ids=["start_from", "null"]
+)
+def test_the_plan_is_what_the_run_does(first_run, micro, overrides):
+    """On a completed workspace, `gptflow run --dry-run`'s plan names each step's fingerprint
+    and reuse as the run then writes them: fine-tuning from a checkpoint directory other than
+    pretraining's output (the first run's fine-tuned one), and with no fine-tuning at all."""
+    config = load_config(micro, [o.replace("FINETUNED", str(first_run.final_checkpoint)) for o in overrides])
+    planned = {step.label: step for step in plan(config)}
+    ran = pipeline(config).stages
+
+    assert list(planned) == [*ran, "register-model"]
+    for label, record in ran.items():
+        if planned[label].fingerprint is not None:
+            assert (planned[label].stage, planned[label].fingerprint) == (record.stage, record.fingerprint), label
+            assert (planned[label].action == "skip") == record.reused, label
+    if config.finetune is not None:  # fine-tuning from other weights is new work, and planned as such
+        assert planned["finetune"].action == "run" and planned["finetune"].fingerprint is not None
+    # Once run, the plan names every step's output, each to be reused.
+    replanned = {step.label: (step.stage, step.fingerprint, step.action) for step in plan(config)}
+    assert replanned == {
+        **{label: (record.stage, record.fingerprint, "skip") for label, record in ran.items()},
+        "register-model": ("registry", None, "run"),
+    }
 
 
 def gate_events(name):

@@ -4,6 +4,7 @@ Layers: cli -> flows -> ops -> tasks -> model, never upward. No import cycle bet
 (tasks/<stage>.py, with its helpers tasks/<stage>_*.py) imports another stage only for that
 stage's `Output` type, except register, which re-scores the champion with evaluate's code.
 Every import counts, deferred ones inside functions too: they are cycles that merely wait.
+The stages are the pipeline's own table (flows/stages.py), the one module imported here.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
+from flows.stages import STAGES as STAGE_TABLE
 from support import REPO
 
 LAYERS = ("cli", "flows", "ops", "tasks", "model")  # each may import the ones after it
-STAGES = ("ingest", "bpe", "shard", "pretrain", "evaluate", "finetune", "register")
+STAGES = tuple(STAGE_TABLE)  # ingest, bpe, shard, pretrain, evaluate, finetune, register
 STAGE_MAY_USE = {("register", "evaluate")}  # (importer, imported): beyond the Output types
 
 # The readers of the format a stage owns: another stage that consumes that output calls them
