@@ -1,23 +1,19 @@
-"""The `gptflow` command line. Each command's typed signature is its interface."""
+"""The `gptflow` commands: each command's typed signature is its interface, its body a call
+into the flows, the servers (ops) or the stages and a few lines of output. The table that
+names them is `cli/app.py`."""
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from model.errors import UserError
-from ops.environment import apply_defaults
 
-app = typer.Typer(
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    help="gptflow: corpus -> tokenizer -> shards -> GPT -> evaluation -> fine-tuning -> registry.",
-)
+if TYPE_CHECKING:  # imported by the commands that need it: the command line starts fast
+    from tasks.models.sources import SourceModel
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config, e.g. configs/tiny.yaml")]
 SetOpt = Annotated[
@@ -26,7 +22,6 @@ SetOpt = Annotated[
 ]
 
 
-@app.command()
 def prepare(config: ConfigArg, overrides: SetOpt = None) -> None:
     """Prepare the data: ingest the corpus, train the tokenizer, write the shards."""
     from flows.pipeline_config import load_config
@@ -37,7 +32,6 @@ def prepare(config: ConfigArg, overrides: SetOpt = None) -> None:
     print(prepare_data(settings).summary())
 
 
-@app.command()
 def pretrain(config: ConfigArg, overrides: SetOpt = None) -> None:
     """Prepare the data, then pretrain (resuming from the newest checkpoint of an unfinished run)."""
     from flows.pipeline_config import load_config
@@ -52,7 +46,6 @@ def pretrain(config: ConfigArg, overrides: SetOpt = None) -> None:
 ModelArg = Annotated[str, typer.Argument(help="A checkpoint directory, or models:/NAME@ALIAS or models:/NAME/VERSION.")]
 
 
-@app.command()
 def evaluate(config: ConfigArg, model: ModelArg, overrides: SetOpt = None) -> None:
     """Evaluate a model on the config's data: loss, perplexity, bits per byte, accuracy, samples."""
     from flows.evaluate_flow import evaluate_flow
@@ -68,7 +61,6 @@ def evaluate(config: ConfigArg, model: ModelArg, overrides: SetOpt = None) -> No
     print(f"samples  {output.samples}")
 
 
-@app.command()
 def finetune(
     config: ConfigArg,
     start_from: Annotated[
@@ -95,7 +87,6 @@ def finetune(
     print(f"checkpoint  {output.checkpoint}")
 
 
-@app.command()
 def run(
     config: ConfigArg,
     overrides: SetOpt = None,
@@ -123,70 +114,105 @@ def run(
     print(f"mlflow run  {result.mlflow_run_link}")
 
 
-@app.command()
+GenerateModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="A checkpoint or stage directory, a Hugging Face GPT-2 directory or hub name, "
+        "models:/NAME@ALIAS, models:/NAME/3 or runs:/ID/model."
+    ),
+]
+PromptOpt = Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")]
+PromptFileOpt = Annotated[Path | None, typer.Option(help="A file whose whole text is one prompt.")]
+ExamplesOpt = Annotated[
+    Path | None, typer.Option(help="Prime with these examples: JSON Lines of {prompt, completion}.")
+]
+ShotsOpt = Annotated[int | None, typer.Option(help="Prime with the first K fine-tuning pairs of --config that fit.")]
+ShotsConfigOpt = Annotated[Path | None, typer.Option(help="With --shots: the YAML config whose pairs prime.")]
+FormatOpt = Annotated[
+    str, typer.Option("--format", help="auto (the model's own), document, or pair (`prompt <|sep|>`).")
+]
+StreamOpt = Annotated[bool, typer.Option(help="Print tokens as they are drawn.")]
+TopKOpt = Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 keeps all.")]
+SeedOpt = Annotated[int, typer.Option(help="Repeatable samples; -1 draws fresh ones.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N.")]
+
+
 def generate(
-    model: Annotated[
-        str,
-        typer.Argument(
-            help="A checkpoint or stage directory, a Hugging Face GPT-2 directory or hub name, "
-            "models:/NAME@ALIAS, models:/NAME/3 or runs:/ID/model."
-        ),
-    ],
-    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="A prompt (repeatable).")] = None,
-    prompt_file: Annotated[Path | None, typer.Option(help="A file whose whole text is one prompt.")] = None,
-    examples: Annotated[
-        Path | None, typer.Option(help="Prime with these examples: JSON Lines of {prompt, completion}.")
-    ] = None,
-    shots: Annotated[
-        int | None, typer.Option(help="Prime with the first K fine-tuning pairs of --config that fit.")
-    ] = None,
-    config: Annotated[Path | None, typer.Option(help="With --shots: the YAML config whose pairs prime.")] = None,
-    prompt_format: Annotated[
-        str, typer.Option("--format", help="auto (the model's own), document, or pair (`prompt <|sep|>`).")
-    ] = "auto",
-    stream: Annotated[bool, typer.Option(help="Print tokens as they are drawn.")] = False,
+    model: GenerateModelArg,
+    prompt: PromptOpt = None,
+    prompt_file: PromptFileOpt = None,
+    examples: ExamplesOpt = None,
+    shots: ShotsOpt = None,
+    config: ShotsConfigOpt = None,
+    prompt_format: FormatOpt = "auto",
+    stream: StreamOpt = False,
     max_new_tokens: int = 64,
     temperature: float = 0.8,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 keeps all.")] = 40,
+    top_k: TopKOpt = 40,
     top_p: float = 1.0,
-    seed: Annotated[int, typer.Option(help="Repeatable samples; -1 draws fresh ones.")] = -1,
-    device: Annotated[str, typer.Option(help="auto (the first GPU, else the CPU), cpu, cuda or cuda:N.")] = "auto",
+    seed: SeedOpt = -1,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Print a completion for each prompt; stops at end of text. A model gptflow fine-tuned is
     prompted in its fine-tuning format (`prompt <|sep|>`); text like <|sep|> in a prompt is plain text."""
-    from model.device import resolve_device
-    from model.prompts import parse_examples
-    from tasks.models.completions import Sampling, complete
-    from tasks.models.sources import open_model
+    from tasks.models.completions import Sampling
 
     if prompt_format not in ("auto", "document", "pair"):
         raise UserError(f"--format: {prompt_format!r} is not one of auto, document, pair")
+    texts = prompt_texts(prompt, prompt_file)
+    primers, source_name = priming_examples(examples, shots, config)
+    source = model_on_device(model, device)
+    sampling = Sampling(max_new_tokens, temperature, top_k or None, top_p, None if seed < 0 else seed)
+    layout = None if prompt_format == "auto" else prompt_format
+    settings = dict(sampling=sampling, examples=primers, prompt_format=layout, examples_source=source_name, shots=shots)
+    print_completions(source, texts, stream, settings)
+
+
+def model_on_device(model: str, device: str) -> SourceModel:
+    """The model `model` names, on `device` (a device this machine lacks fails before the model loads)."""
+    from model.device import resolve_device
+    from tasks.models.sources import open_model
+
+    where = resolve_device(device, field="--device")
+    source = open_model(model)
+    source.model.to(where)
+    return source
+
+
+def prompt_texts(prompt: list[str] | None, prompt_file: Path | None) -> list[str]:
+    """The prompts of --prompt (repeatable) and --prompt-file."""
     texts = list(prompt or [])
     if prompt_file is not None:
         texts.append(read_text_file(prompt_file, "--prompt-file"))
     if not texts:
         raise UserError("generate: give a prompt (--prompt TEXT, repeatable, or --prompt-file FILE)")
+    return texts
+
+
+def priming_examples(
+    examples: Path | None, shots: int | None, config: Path | None
+) -> tuple[list[tuple[str, str]] | None, str]:
+    """The examples that prime each prompt (from --examples, or --shots K of --config's
+    pairs), and where they come from."""
+    from flows.finetune_flow import priming_pairs
+    from model.prompts import parse_examples
+
     if examples is not None and shots is not None:
         raise UserError("generate: give --examples FILE or --shots K --config CONFIG, not both")
     if (shots is None) != (config is None):
         raise UserError("generate: --shots K and --config CONFIG go together")
-    primers, source_name = None, str(examples)
     if examples is not None:
-        primers = parse_examples(read_text_file(examples, "--examples"), str(examples))
-    elif shots is not None:
-        primers, source_name = config_examples(config), f"{config} (finetune pairs)"
-    where = resolve_device(device, field="--device")  # a device this machine lacks fails before the model loads
-    source = open_model(model)
-    source.model.to(where)
-    sampling = Sampling(max_new_tokens, temperature, top_k or None, top_p, None if seed < 0 else seed)
-    settings = dict(
-        sampling=sampling,
-        examples=primers,
-        prompt_format=None if prompt_format == "auto" else prompt_format,
-        examples_source=source_name,
-        shots=shots,
-    )
-    # Streaming prints one prompt's tokens at a time, so prompts are completed one by one.
+        return parse_examples(read_text_file(examples, "--examples"), str(examples)), str(examples)
+    if shots is not None:
+        return priming_pairs(config), f"{config} (finetune pairs)"
+    return None, str(examples)
+
+
+def print_completions(source: SourceModel, texts: list[str], stream: bool, settings: dict) -> None:
+    """Each prompt with its completion; streamed, one prompt at a time, as tokens are drawn."""
+    from tasks.models.completions import complete
+
+    max_new_tokens, shots = settings["sampling"].max_new_tokens, settings["shots"]
     batches = [[text] for text in texts] if stream else [texts]
     for batch in batches:
         if stream:
@@ -212,22 +238,6 @@ def read_text_file(path: Path, option: str) -> str:
         raise UserError(f"{option}: cannot read {path} ({e})") from None
 
 
-def config_examples(config: Path) -> list[tuple[str, str]]:
-    """The config's fine-tuning train pairs in the stage's seeded order (its corpus is ingested, or reused)."""
-    from flows.pipeline_config import load_config
-    from tasks.finetune import load_pairs
-    from tasks.finetune_priming import priming_order
-    from tasks.ingest import run_ingest
-
-    settings = load_config(config)
-    if settings.finetune is None:
-        raise UserError(f"{config}: has no finetune section, so no pairs to prime with")
-    corpus = run_ingest(settings.ingest, settings.workspace)
-    pairs = priming_order(load_pairs(settings.finetune, corpus.corpus).train, settings.finetune.seed)
-    return [(pair.prompt, pair.completion) for pair in pairs]
-
-
-@app.command()
 def export(
     model: Annotated[str, typer.Argument(help="A checkpoint or stage directory, or models:/NAME@ALIAS.")],
     out_dir: Annotated[Path, typer.Argument(help="The Hugging Face model directory to write.")],
@@ -248,7 +258,6 @@ def export(
         print(f"pushed    {push_directory(written, push_to_hub)}")
 
 
-@app.command()
 def serve(
     config: ConfigArg,
     cron: Annotated[str | None, typer.Option(help='Cron schedule, e.g. "0 3 * * *" (03:00 every day).')] = None,
@@ -272,7 +281,6 @@ def serve(
     )
 
 
-@app.command()
 def runs(
     config: Annotated[Path | None, typer.Argument(help="YAML config: its name is the MLflow experiment")] = None,
     compare: Annotated[
@@ -294,7 +302,6 @@ def runs(
     console.print(compare_table(name, *compare) if compare else runs_table(name))
 
 
-@app.command()
 def status(
     workspace: Annotated[str, typer.Argument(help="The workspace: a directory or s3://bucket/prefix.")] = "workspace",
 ) -> None:
@@ -309,7 +316,6 @@ def status(
         print(f"{output.stage:<9} {output.fingerprint:<18} {format_size(output.size):>9}  {state}")
 
 
-@app.command()
 def clean(
     workspace: Annotated[str, typer.Argument(help="The workspace: a directory or s3://bucket/prefix.")] = "workspace",
     keep: Annotated[
@@ -339,7 +345,6 @@ def clean(
     )
 
 
-@app.command()
 def up(
     prefect_port: Annotated[int, typer.Option(help="Port of the Prefect server and UI.")] = 4200,
     mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow server and UI.")] = 5000,
@@ -354,58 +359,9 @@ def up(
     print("Stop both with `gptflow down`.")
 
 
-@app.command()
 def down() -> None:
     """Stop the servers `gptflow up` started."""
     from ops import servers
 
     stopped = servers.down()
     print(f"stopped: {', '.join(stopped)}" if stopped else "no servers were running")
-
-
-def lost_tracking_server(error: BaseException) -> bool:
-    """MLflow's REST client gave up reaching the server (its retries spent), as opposed
-    to the server answering with an error."""
-    from mlflow.exceptions import MlflowException  # on failure only: mlflow is slow to import
-
-    return isinstance(error, MlflowException) and "failed with exception" in str(error)
-
-
-class WithoutUserErrorTraceback(logging.Filter):
-    """Prefect logs every failed flow and task run with its traceback; for a UserError, or
-    a tracking server gone, the message is the whole story (a traceback is for bugs), so
-    only the message is kept."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and (isinstance(record.exc_info[1], UserError) or lost_tracking_server(record.exc_info[1])):
-            record.exc_info = record.exc_text = None
-        return True
-
-
-WITHOUT_USER_ERROR_TRACEBACK = WithoutUserErrorTraceback()  # one instance: addFilter skips a repeat
-
-
-def main() -> None:
-    """Console entry point: user errors end as one line `error: ...` and exit code 2."""
-    apply_defaults()  # before any command imports prefect or mlflow
-    for run_logger in ("prefect.flow_runs", "prefect.task_runs"):
-        logging.getLogger(run_logger).addFilter(WITHOUT_USER_ERROR_TRACEBACK)
-    try:
-        app()
-    except UserError as e:
-        # Plain print, not rich: one line, never wrapped or styled.
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except Exception as e:
-        if not lost_tracking_server(e):
-            raise
-        print(
-            f"error: the MLflow tracking server stopped answering: {str(e).splitlines()[0]}. "
-            "Completed stages are kept; rerun when it is back, and this attempt's runs are closed then.",
-            file=sys.stderr,
-        )
-        raise SystemExit(1) from None
-
-
-if __name__ == "__main__":
-    main()

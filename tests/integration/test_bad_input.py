@@ -1,5 +1,5 @@
 """The catalogue of bad input: every case goes through the real `gptflow` entry point
-(`cli.commands.main`, in this process, on the session's Prefect server) and must end with exit
+(`cli.app.main`, in this process, on the session's Prefect server) and must end with exit
 code 2, exactly one line `error: ...` naming the problem, and no traceback anywhere in
 what the user sees (Prefect's own log lines included).
 
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pytest
 import yaml
 
-from cli.commands import main
+from cli.app import main
 from flows.pipeline_config import load_config
 from flows.prepare import prepare_data_locally
 from support.bad_files import BINARY, TEXT, UNREADABLE_FILES, parquet_bytes

@@ -16,7 +16,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from cli.commands import app
+from cli.app import app
 from flows.pipeline import pipeline
 from flows.pipeline_config import load_config
 from model.checkpoint import TOKENIZER, read_tokens

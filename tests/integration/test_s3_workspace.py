@@ -18,7 +18,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cli.commands import app
+from cli.app import app
 from flows.pipeline_config import load_config
 from flows.plan import plan
 from flows.prepare import PreparedData, prepare_data_locally

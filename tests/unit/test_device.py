@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.commands import app
+from cli.app import app
 from flows.pipeline_config import PipelineConfig, load_config
 from flows.plan import plan
 from flows.run.preflight import check_run

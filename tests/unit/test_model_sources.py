@@ -12,7 +12,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from cli.commands import app
+from cli.app import app
 from flows.pipeline_config import load_config
 from model.checkpoint import CheckpointTokens, attach_tokenizer, save_model_directory
 from model.config import GPTConfig

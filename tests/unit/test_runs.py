@@ -6,7 +6,7 @@ import uuid
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from cli.commands import app
+from cli.app import app
 from support.configs import write_pipeline_config
 from tasks import tracking
 
