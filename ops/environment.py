@@ -3,7 +3,7 @@
 Prefect reads its settings, and MLflow its telemetry switch, when first imported, so the
 defaults that make the embedded (ephemeral) server dependable on a small machine must be in
 `os.environ` before then. Importing a module of `flows` changes nothing; each entry point
-calls `apply_defaults()` first: the `gptflow` command (`cli.commands.main`), the module a
+calls `apply_defaults()` first: the `gptflow` command (`cli.app.main`), the module a
 Prefect worker loads for prefect.yaml's deployment (`flows/deployment.py`), and the tests'
 conftest. Flow runs that `gptflow serve` starts inherit its environment.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from tasks.core.server_state import PREFECT, live_server
+from ops.server_state import MLFLOW, PREFECT, live_server, recorded_server
 
 DEFAULTS = {
     # The ephemeral API server needs more than the default 20 s to start under load.
@@ -37,6 +37,7 @@ def apply_defaults() -> None:
     ephemeral one, bound to this process's lifetime (ops/embedded_server.py)."""
     for name, value in DEFAULTS.items():
         os.environ.setdefault(name, value)
+    hand_over_tracking_server()
     if "PREFECT_API_URL" not in os.environ and (server := live_server(PREFECT)):
         os.environ["PREFECT_API_URL"] = server.api_url
     if "PREFECT_API_URL" not in os.environ:
@@ -44,3 +45,12 @@ def apply_defaults() -> None:
         from ops.embedded_server import bind_embedded_server
 
         bind_embedded_server()
+
+
+def hand_over_tracking_server() -> None:
+    """With no MLFLOW_TRACKING_URI set, point tracking (tasks/tracking/runs.py) at the MLflow
+    server `gptflow up` started, while it is recorded, even when its process is gone
+    (restarting, or crashed): a run then waits for it or fails naming it
+    (`check_tracking_server`) instead of tracking into another store unnoticed."""
+    if "MLFLOW_TRACKING_URI" not in os.environ and (server := recorded_server(MLFLOW)):
+        os.environ["MLFLOW_TRACKING_URI"] = server.api_url

@@ -1,8 +1,8 @@
 """The state file `gptflow up` writes: which local Prefect and MLflow servers are running.
 
 `gptflow up` records each server's PID, API address and UI address in
-`$GPTFLOW_HOME/servers.json` (`~/.gptflow` by default); `gptflow run` and the tracking
-module read it to use those servers when the environment names none. A Prefect record
+`$GPTFLOW_HOME/servers.json` (`~/.gptflow` by default); the entry points read it
+(ops/environment.py) to use those servers when the environment names none. A Prefect record
 whose process has died is ignored (a run falls back to an ephemeral server); an MLflow
 record is followed while it exists, dead or restarting, so that no run tracks silently
 into another store (`gptflow down` forgets it).

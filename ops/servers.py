@@ -3,7 +3,7 @@
 Both run as plain local processes, each in its own process group (so stopping one stops
 its workers too) with its output in a log file under `$GPTFLOW_HOME/logs`. `up` waits
 until both answer their health checks, then records PIDs and addresses in the state file
-(`tasks/core/server_state.py`) that `gptflow run` reads. MLflow keeps its runs in
+(`ops/server_state.py`) that `gptflow run` reads. MLflow keeps its runs in
 `<data_dir>/mlflow.db` and artifacts in `<data_dir>/mlartifacts`; with the default data
 dir, the working directory, that is the same database the embedded default writes, so
 runs made before `gptflow up` show in its UI. Prefect keeps its database under
@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from model.errors import UserError
-from tasks.core.server_state import MLFLOW, PREFECT, ServerRecord, gptflow_home, is_alive, read_records, write_records
+from ops.server_state import MLFLOW, PREFECT, ServerRecord, gptflow_home, is_alive, read_records, write_records
 
 HOST = "127.0.0.1"
 

@@ -5,9 +5,9 @@ Every call names its run explicitly (`run_id`) and goes through `MlflowClient`: 
 would silently open a fresh run. Nesting is MLflow's own convention, the
 `mlflow.parentRunId` tag, which the UI draws as a tree.
 
-Where runs go: `MLFLOW_TRACKING_URI` when set; else the MLflow server `gptflow up`
-started; else a SQLite database `mlflow.db` in the working directory (MLflow's embedded
-default), with artifacts in `mlruns/` next to the database.
+Where runs go: `MLFLOW_TRACKING_URI` when set (the entry points set it to the MLflow server
+`gptflow up` started, ops/environment.py); else a SQLite database `mlflow.db` in the working
+directory (MLflow's embedded default), with artifacts in `mlruns/` next to the database.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_I
 from mlflow.utils.validation import MAX_DATASET_DIGEST_SIZE, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 
 from model.errors import UserError
-from tasks.core import server_state
 
 # How often a training loop checks that the steps it queued for MLflow were delivered.
 METRICS_CHECK_SECONDS = 5.0
@@ -47,16 +46,10 @@ EXPERIMENT_KIND_TAG, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_dev
 
 
 def resolve_tracking_uri() -> str:
-    """The environment's URI, else `gptflow up`'s server, else the embedded SQLite default.
-
-    `gptflow up`'s server is the URI while it is recorded, even when its process is gone
-    (restarting, or crashed): a run then waits for it or fails naming it
-    (`check_tracking_server`) instead of tracking into another store unnoticed.
-    """
+    """The environment's URI (where the entry points put `gptflow up`'s server), else the
+    embedded SQLite default."""
     if uri := mlflow.environment_variables.MLFLOW_TRACKING_URI.get():
         return uri
-    if server := server_state.recorded_server(server_state.MLFLOW):
-        return server.api_url
     return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 

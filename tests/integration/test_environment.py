@@ -13,8 +13,8 @@ import subprocess
 import sys
 
 from ops.environment import DEFAULTS
+from ops.server_state import PREFECT, ServerRecord, write_records
 from support import REPO
-from tasks.core.server_state import PREFECT, ServerRecord, write_records
 
 API_URL = "http://127.0.0.1:4999/api"
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from ops.server_state import MLFLOW, is_alive
 from ops.servers import mlflow_command
 from support.infra_stack import answers
 from support.ports import free_port
-from tasks.core.server_state import MLFLOW, is_alive
 from tasks.core.workspace import write_json_atomic
 
 BIN = Path(sys.executable).parent

@@ -9,9 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from model.errors import UserError
+from ops import server_state
+from ops.environment import hand_over_tracking_server
 from support.ports import free_port
 from tasks import tracking
-from tasks.core import server_state
 
 
 @pytest.fixture
@@ -41,11 +42,17 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
         }
     )
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
-    assert tracking.resolve_tracking_uri() == "sqlite:///elsewhere.db"
+    def resolved() -> str:
+        """The URI tracking uses in a process that an entry point started with this environment."""
+        hand_over_tracking_server()
+        uri = tracking.resolve_tracking_uri()
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the next check starts afresh
+        return uri
 
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    assert tracking.resolve_tracking_uri() == "http://127.0.0.1:5999"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    assert resolved() == "sqlite:///elsewhere.db"
+
+    assert resolved() == "http://127.0.0.1:5999"
 
     # A server whose process has exited (restarting, crashed) is still the URI: a run waits for
     # it or names it, never tracks into the cwd's database instead.
@@ -58,11 +65,11 @@ def test_tracking_uri_precedence(monkeypatch, tmp_path):
             )
         }
     )
-    assert tracking.resolve_tracking_uri() == "http://127.0.0.1:5999"
+    assert resolved() == "http://127.0.0.1:5999"
 
     # Forgotten by `gptflow down`: the embedded default in the cwd.
     server_state.write_records({})
-    assert tracking.resolve_tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert resolved() == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
 def test_unreachable_server_is_named_after_bounded_retries():
