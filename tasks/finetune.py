@@ -59,7 +59,6 @@ from model.train import train
 from tasks import tracking
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.checkpoint_mirror import mirrored_checkpoints
-from tasks.core.retry import log_attempt
 from tasks.core.stage_state import finished
 from tasks.core.train_progress import training_progress
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
@@ -68,7 +67,8 @@ from tasks.finetune_pairs import Pair, PairSet, docstring_pairs, file_pairs
 from tasks.finetune_priming import primed_layouts, primed_rows, priming_order
 from tasks.models.sources import load_model_source
 from tasks.tracking.loss_curves import live_loss_curves
-from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
+from tasks.tracking.stage_run import Report, log_attempt, metrics_markdown, stage_run
+from tasks.tracking.step_metrics import step_metrics
 
 # 2: checkpoints' optimizer state keyed by parameter name (model.parallel.full_state);
 # 3: the held-out table's primed row; the final checkpoint carries tokenizer.json and tokens.json;
@@ -468,14 +468,9 @@ def finetune_task(
         log_attempt(stage.run_id)
         with (
             live_loss_curves(stage, "finetune"),
-            tracking.MetricsLogger(stage.run_id) as metrics_logger,
             training_progress("finetune", config.max_steps, get_run_logger().info) as progress,
+            step_metrics(stage.run_id, progress.update) as on_step,
         ):
-
-            def on_step(step: int, metrics: Mapping[str, float]) -> None:
-                metrics_logger(step, metrics)
-                progress.update(step, metrics)
-
             output = run_finetune(config, base_model, tokenizer, corpus, workspace, callback=on_step, shards=shards)
         if not output.reused:  # the checkpoints this run wrote and kept
             tracking.log_checkpoints(stage.run_id, "finetune", checkpoint_dirs(output.checkpoint.parent))

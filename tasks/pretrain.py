@@ -69,14 +69,15 @@ from model.train import RunSpec, TrainResult, run
 from tasks import tracking
 from tasks.bpe import load_tokenizer
 from tasks.core.checkpoint_mirror import mirrored_checkpoints
-from tasks.core.retry import RankFailure, log_attempt
+from tasks.core.retry import RankFailure
 from tasks.core.stage_state import finished
 from tasks.core.train_progress import ProgressFileReader, training_progress
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, write_json_atomic
 from tasks.shard import ShardOutput
 from tasks.tracking.loss_curves import live_loss_curves
-from tasks.tracking.stage_run import Report, stage_run
+from tasks.tracking.stage_run import Report, log_attempt, stage_run
+from tasks.tracking.step_metrics import step_metrics
 
 # 2: optimizer state keyed by parameter name; 3: padded head, chunked loss (new numerics);
 # 4: the final checkpoint carries tokenizer.json and tokens.json (self-contained)
@@ -315,14 +316,9 @@ def pretrain_task(
         curves_on_pipeline_run = {"loss": "pretrain_loss", "val_loss": "pretrain_val_loss"}
         with (
             live_loss_curves(stage, "pretrain", curves_on_pipeline_run),
-            tracking.MetricsLogger(stage.run_id) as metrics_logger,
             training_progress("pretrain", config.max_steps, logger.info) as progress,
+            step_metrics(stage.run_id, progress.update) as on_step,
         ):
-
-            def on_step(step: int, metrics: Mapping[str, float]) -> None:
-                metrics_logger(step, metrics)
-                progress.update(step, metrics)
-
             output = run_pretrain(
                 config, model, shards, workspace, run_id=stage.run_id, callback=on_step, progress=progress.update
             )

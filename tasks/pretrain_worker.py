@@ -9,14 +9,14 @@ shows as the stage's progress (the ranks need not reach Prefect).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 from model.runtime import DistributedEnv
 from model.train import main
-from tasks import tracking
 from tasks.core.train_progress import write_progress_file
 from tasks.pretrain import PROGRESS_FILE_ENV, RUN_ID_ENV
+from tasks.tracking.step_metrics import step_metrics
 
 
 def worker() -> None:
@@ -25,13 +25,8 @@ def worker() -> None:
         main(callback=lambda step, metrics: None)
         return
     progress_file = os.environ.get(PROGRESS_FILE_ENV)
-    with tracking.MetricsLogger(run_id) as log_metrics:
-
-        def on_step(step: int, metrics: Mapping[str, float]) -> None:
-            log_metrics(step, metrics)
-            if progress_file:
-                write_progress_file(Path(progress_file), step, metrics)
-
+    listeners = [partial(write_progress_file, Path(progress_file))] if progress_file else []
+    with step_metrics(run_id, *listeners) as on_step:
         main(callback=on_step)
 
 

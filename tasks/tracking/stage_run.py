@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import task_run
 
 from tasks.tracking import runs
 
@@ -84,3 +85,11 @@ def stage_run(
         runs.log_params(run_id, params)
         with runs.system_metrics(run_id) if system_metrics else nullcontext():
             yield StageRun(run_id, parent_run_id)
+
+
+def log_attempt(run_id: str) -> None:
+    """Mark a retry on the stage's MLflow run: which attempt this is (the failed ones' runs ended FAILED)."""
+    attempt = task_run.run_count
+    if attempt > 1:
+        runs.set_tags(run_id, {"gptflow.attempt": str(attempt), "gptflow.retry": f"retry {attempt - 1}, resuming"})
+        runs.log_metrics(run_id, {"attempt": attempt})

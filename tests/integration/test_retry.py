@@ -11,12 +11,13 @@ from safetensors.torch import load_file
 
 from flows.pipeline_config import load_config
 from flows.prepare import prepare_data_locally
+from flows.run.training import retrying
 from model.checkpoint import WEIGHTS
 from model.errors import UserError
 from model.train import NonFiniteLoss
 from support.configs import write_pipeline_config
 from tasks import pretrain, tracking
-from tasks.core.retry import RankFailure, retrying
+from tasks.core.retry import RankFailure
 
 FAIL_AT_STEP = 7  # after the checkpoint of step 5: the retry resumes from there
 
