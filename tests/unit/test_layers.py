@@ -28,6 +28,43 @@ FORMAT_READERS = {
 }
 
 
+# The rooms' own rules (docs/architecture.md): a room -> the rooms it may import. A module is
+# in the longest room that prefixes its name; `tasks` alone is the stage modules.
+ROOMS = {
+    "ops": ("ops", "tasks.core", "model"),
+    "tasks.core": ("tasks.core", "model"),
+    "tasks.models": ("tasks.models", "tasks.core", "tasks.tracking.registry", "model"),
+    # datasets names the data stages' Config and Output types: see test_tracking_takes_only_types_from_stages
+    "tasks.tracking": ("tasks.tracking", "tasks.core", "model", "tasks.ingest", "tasks.bpe", "tasks.shard"),
+    "model": ("model",),
+}
+# Where a library's imports may appear, beyond its own room: Prefect in flows/ and in the
+# stage modules' thin tasks; MLflow in tasks/tracking. Each exception is named with its reason.
+LIBRARY_ROOMS = {
+    "prefect": (
+        "flows",
+        "tasks.ingest",
+        "tasks.bpe",
+        "tasks.shard",
+        "tasks.pretrain",
+        "tasks.evaluate",
+        "tasks.finetune",
+        "tasks.register",
+    ),
+    "mlflow": ("tasks.tracking",),
+}
+LIBRARY_EXCEPTIONS = {
+    "prefect": {
+        "ops.embedded_server": "starts and watches the embedded Prefect server",
+        "tasks.core.stage_state": "a stage task ends in a Prefect state naming the reused directory",
+        "tasks.core.train_progress": "the training tasks' Prefect progress artifacts",
+        "tasks.tracking.stage_run": "each stage's markdown report artifact and its retry attempt number",
+        "tasks.tracking.datasets": "the track-data task",
+    },
+    "mlflow": {"cli.app": "tells a lost tracking server (MLflow's own error) from a bug"},
+}
+
+
 def module_names() -> dict[str, Path]:
     """Every module of the layers' packages, by dotted name (a package by its own name)."""
     modules = {}
@@ -151,3 +188,57 @@ def test_a_stage_imports_another_only_for_its_output_type():
 
 def test_no_import_cycle():
     assert cycles() == []
+
+
+def room(module: str) -> str | None:
+    return max((r for r in ROOMS if module == r or module.startswith(f"{r}.")), key=len, default=None)
+
+
+def test_each_room_imports_only_the_rooms_it_may():
+    strays = [
+        f"{MODULES[module].relative_to(REPO)}:{line} imports {imported}"
+        for module in MODULES
+        if room(module)
+        for imported, _, line in imports(module)
+        if not any(imported == allowed or imported.startswith(f"{allowed}.") for allowed in ROOMS[room(module)])
+    ]
+    assert strays == []
+
+
+def test_tracking_takes_only_types_from_stages():
+    """tasks/tracking/datasets names the data stages' Config and Output types, nothing else of theirs."""
+    taken = [
+        f"{MODULES[module].relative_to(REPO)}:{line} takes {names or 'the module'} from {imported}"
+        for module in MODULES
+        if room(module) == "tasks.tracking"
+        for imported, names, line in imports(module)
+        if stage(imported)
+        and (
+            module != "tasks.tracking.datasets" or not names or not all(n.endswith(("Config", "Output")) for n in names)
+        )
+    ]
+    assert taken == []
+
+
+def libraries(module: str) -> set[str]:
+    """The top-level libraries among LIBRARY_ROOMS that `module` imports."""
+    found = set()
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        found |= {name.split(".")[0] for name in names} & set(LIBRARY_ROOMS)
+    return found
+
+
+def test_prefect_and_mlflow_stay_in_their_rooms():
+    strays = [
+        f"{MODULES[module].relative_to(REPO)} imports {library}"
+        for module in MODULES
+        for library in libraries(module)
+        if not any(module == r or module.startswith(f"{r}.") for r in LIBRARY_ROOMS[library])
+        and module not in LIBRARY_EXCEPTIONS[library]
+    ]
+    assert strays == []
+    # Every exception is still needed: a room that stopped importing the library loses its exception.
+    assert all(library in libraries(module) for library, found in LIBRARY_EXCEPTIONS.items() for module in found)
