@@ -5,7 +5,7 @@ moved to it and `gptflow.model.rejected` when the gate kept the champion. The ev
 resource is the registered model (`mlflow.registered-model.<name>`), so an automation can
 match one model or all of them; Prefect relates it to the emitting flow run. A rerun whose
 weights are already registered (no new version, nothing judged) emits neither. README.md
-shows an automation that reacts to them; `scripts/create_automations.py` creates it.
+shows an automation that reacts to them; `scripts/gate_automations.py` creates it.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@
 nest and end runs; params, metrics, tags, artifacts) and registry (the pyfunc logged,
 versions and aliases, registered models loaded). The other modules are imported by name:
 stage_run (the nested run every stage task opens), datasets (the data stages' records),
-loss_curves, pyfunc (the logged model's own code) and markdown (figures as tables).
+loss_curves, pyfunc (the logged model's own code), step_metrics (the training step-metric sink)
+and compare (`gptflow runs`).
 """
 
 from tasks.tracking.registry import (
