@@ -34,9 +34,14 @@ One optimizer step: `batch_tokens` tokens across `accumulation_steps` micro-batc
 ranks. The loss is the summed cross-entropy over every scored target of the step divided by
 their number, so a micro-batch with more masked targets weighs less, exactly as in one big
 batch. Gradients are reduced over the ranks only on the last micro-step. A step whose loss or gradient
-norm is not finite stops the run before the weights change (`NonFiniteLoss`); the newest
-checkpoint stays the last good one. SIGINT/SIGTERM finish the current step, write a
-checkpoint and raise `TrainingInterrupted`.
+norm is not finite stops the run without changing the weights (`NonFiniteLoss`); the newest
+checkpoint stays the last good one.
+
+The host waits for the device once a step, after the whole step (the optimizers' update
+included) is queued and the next step's batches are drawn and on their way from pinned memory:
+the finite check is made on the device (`NonFiniteGuard`), and the host reads the loss, the
+gradient norm and the ranks' stop flags together afterwards (`read_outcome`).
+SIGINT/SIGTERM finish the current step, write a checkpoint and raise `TrainingInterrupted`.
 
 Metrics go to `callback(step, metrics)` on rank 0 after every step: loss, lr, grad_norm,
 tokens_per_s, mfu (when `model.mfu` knows the device's peak), memory_mb, and val_loss every
