@@ -30,6 +30,13 @@ def test_the_packages_are_hidden_in_the_benchs_processes():
     assert subprocess.run([sys.executable, "-c", probe], check=False).returncode == 1  # installed here
 
 
+def test_help_gives_the_prepared_command_for_the_lent_machine():
+    env = {**os.environ, "PYTHONPATH": str(HIDDEN_PACKAGES)}
+    command = [sys.executable, str(REPO / "bench" / "gpu.py"), "--help"]
+    printed = subprocess.run(command, capture_output=True, text=True, env=env, check=True).stdout
+    assert "bash bench/gpu_machine.sh run" in printed and 'carry ["bench/wheels"]' in printed
+
+
 def test_smoke_mode_runs_every_kind_of_phase_without_the_pipelines_packages(tmp_path):
     out = tmp_path / "bench.jsonl"
     # no_padding / no_chunked_loss / no_compile are train_small with one field changed
