@@ -26,7 +26,8 @@ default run (about 6 minutes) is the first group:
     train        gpt2-small at configs/gpt2-small.yaml's shape: micro-batches of 64 x 1024,
                  accumulated to 2^19 tokens a step, compiled, bf16: tokens/s, MFU by gptflow's
                  count (6N + 12·L·T·d) and by llm.c's (6N + 6·L·C·T, N with the padded vocabulary
-                 and the position embeddings), first-step (compile) time, peak memory, checkpoint time
+                 and the position embeddings), first-step (compile) time, peak memory, checkpoint time,
+                 host syncs per step (counted by CUDA's sync debug mode)
     train_small  the same at 16 x 1024 in one micro-batch a step (the plain step's shape)
     plain        a compiled bf16 GPT-2 step written as nanoGPT's train.py runs it, at 16 x 1024
     generate     cached generation tokens/s at batch 1 and 8; cached logits = uncached (fp32)
@@ -38,9 +39,9 @@ default run (about 6 minutes) is the first group:
                  and the same model with every layer dense, for the ratio
     no_padding, no_chunked_loss, no_compile    (alone) train_small with one speed choice off
 
-Then it prints the pass criteria and whether each held: MFU >= 40% at the config's shape and
-the engine >= 1.0x the plain step at 16 x 1024, no graph break or recompile and flex = SDPA
-(sparse), cached logits = uncached (generate).
+Then it prints the pass criteria and whether each held: one host sync per step and MFU >= 40%
+at the config's shape, the engine >= 1.0x the plain step at 16 x 1024, no graph break or
+recompile and flex = SDPA (sparse), cached logits = uncached (generate).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -129,14 +131,19 @@ def engine_run(
         update={"batch_tokens": batch * seq * accumulation}
     )
     seen: list[tuple[float, dict[str, float]]] = []  # (time of the callback, metrics)
-    result = train(
-        model,
-        settings,
-        RandomTokens(batch, seq, config.vocab_size),
-        None,
-        out_dir,
-        callback=lambda step, metrics: seen.append((time.perf_counter(), dict(metrics))),
-    )
+    syncs: list[int] = []  # host syncs CUDA had warned of by each step's callback
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        if device == "cuda":  # warns at every synchronizing CUDA call: the engine should make one a step
+            torch.cuda.set_sync_debug_mode("warn")
+
+        def record(step: int, metrics: dict[str, float]) -> None:
+            seen.append((time.perf_counter(), dict(metrics)))
+            syncs.append(sum("synchronizing" in str(warning.message) for warning in warned))
+
+        result = train(model, settings, RandomTokens(batch, seq, config.vocab_size), None, out_dir, callback=record)
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
     timed = [metrics for _, metrics in seen[shapes.warmup :]]
     rates = [metrics["tokens_per_s"] for metrics in timed]
     tokens_per_s = statistics.median(rates)
@@ -156,6 +163,10 @@ def engine_run(
         # The final checkpoint is written between the last step's timing and its callback.
         "checkpoint_s": seen[-1][0] - seen[-2][0] - last_step_s,
         "loss_first_last": [seen[0][1]["loss"], seen[-1][1]["loss"]],
+        # Between two timed steps' callbacks (the last step also checkpoints); 0 where nothing warns (CPU).
+        "host_syncs_per_step": statistics.median(
+            after - before for before, after in zip(syncs[shapes.warmup - 1 : -2], syncs[shapes.warmup : -1])
+        ),
     }
 
 
@@ -330,7 +341,9 @@ def criteria(results: dict[str, dict[str, Any]], smoke: bool) -> list[tuple[str,
         get("sparse", "flex_vs_sdpa_max_abs_diff"),
     )
     logits = get("generate", "cached_vs_uncached_logits_max_abs_diff")
+    syncs = get("train", "host_syncs_per_step")
     return [
+        ("one host sync per training step (CUDA's sync debug mode)", None if syncs is None or smoke else syncs == 1),
         ("gpt2-small MFU >= 40% of the bf16 peak at 64 x 1024 x 8", None if mfu is None or smoke else mfu >= 0.40),
         (
             "engine >= 1.0x the plain compiled bf16 step at 16 x 1024",
