@@ -3,7 +3,7 @@
     python bench/loader.py [--manifest workspace/shard/<fp>/manifest.json] [--workers 0 2] [--quick]
 
 Reads the shards of `gptflow prepare` (the newest under ./workspace by default; otherwise it
-writes random-token shards like the tiny preset's with the shard stage's writer) and times
+writes random-token shards like the tiny preset's in the loader's format) and times
 whole shuffled epochs of batches of 16 x 256: row-group reads, decompression, the shuffle
 buffer and the conversion to int64 tensors. Prints the median of the runs with their range.
 Target: at least 5M tokens/s, and 20x what training consumes (bench/train.py prints both).
@@ -21,11 +21,13 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.data import WindowLoader  # noqa: E402
-from tasks import shard  # noqa: E402
+from model.data import ShardManifest, WindowLoader  # noqa: E402
+from model.integrity import MANIFEST, sha256_file  # noqa: E402
 
 BATCH = 16
 
@@ -36,14 +38,20 @@ def find_manifest() -> Path | None:
 
 
 def random_shards(directory: Path, windows: int, seq_len: int = 256, vocab_size: int = 8192) -> Path:
-    """Train shards of random token ids (vocabulary 8,192, uint16), about as compressible as real ones."""
-    dtype = np.dtype(np.uint16)
-    stream = np.random.default_rng(0).integers(0, vocab_size, windows * seq_len + 1).astype(dtype)
-    groups = shard.window_groups([stream], seq_len, seq_len, shard.row_group_rows(seq_len, dtype, 128 << 20))
-    files = shard.write_shards(groups, directory, "train", dtype, 128 << 20)
-    manifest = directory / "manifest.json"
-    manifest.write_text(json.dumps({"seq_len": seq_len, "vocab_size": vocab_size, "files": files}))
-    return manifest
+    """Train shards of random token ids (vocabulary 8,192, uint16), about as compressible as real ones.
+
+    Written here in model/data.py's format (a `tokens` column of seq_len + 1 ids per window,
+    zstd row groups of about 4 MB, a manifest with each file's sha256) rather than with the
+    shard stage's writer: bench/gpu.py runs where tasks/ and its dependencies are not installed."""
+    rows_per_group = max(1, (4 << 20) // ((seq_len + 1) * 2))
+    stream = np.random.default_rng(0).integers(0, vocab_size, (windows, seq_len + 1), dtype=np.uint16)
+    path = directory / "train-00000.parquet"
+    column = pa.FixedSizeListArray.from_arrays(pa.array(stream.reshape(-1)), seq_len + 1)
+    pq.write_table(pa.table({"tokens": column}), path, row_group_size=rows_per_group, compression="zstd")
+    entry = {"path": path.name, "split": "train", "rows": windows, "tokens": stream.size, "sha256": sha256_file(path)}
+    manifest = ShardManifest.model_validate({"seq_len": seq_len, "vocab_size": vocab_size, "files": [entry]})
+    (directory / MANIFEST).write_text(json.dumps(manifest.to_json()))
+    return directory / MANIFEST
 
 
 def loader_tokens_per_s(manifest: Path, workers: int = 0, runs: int = 5, max_batches: int | None = None) -> list[float]:

@@ -7,6 +7,11 @@ training switches on); an accelerator the table does not know gets no MFU, and t
 says so, rather than a guess. On the CPU the peak is measured: the best rate of large
 matmuls in the run's dtype with the current thread settings, the ceiling a matmul-bound
 step can reach.
+
+`llmc_flops_per_token` is the count llm.c's train_gpt2.cu prints its MFU by, for comparing
+figures with its runs: 6N + 6·L·C·T, with N every parameter as it allocates them (the token
+embedding at the padded vocabulary, the position embeddings) and half our attention term
+(the causal mask skips half the scores).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.config import GPTConfig
 from model.device import device_model
 
 
@@ -62,6 +68,13 @@ GPU_PEAKS = (
     # AMD Instinct MI300X datasheet: FP16/BF16 1,307.4, TF32 653.7 TFLOPS (dense).
     DatasheetPeak(r"\bMI300X\b", "MI300X", 1307.4e12, 653.7e12),
 )
+
+
+def llmc_flops_per_token(config: GPTConfig, seq_len: int) -> int:
+    """llm.c's training FLOPs per token (gpt2_estimate_mfu): 6N + 6 * n_layer * n_embd * seq_len,
+    N counting the token embedding at the padded vocabulary and the position embeddings."""
+    padding = (config.padded_vocab_size - config.vocab_size) * config.n_embd
+    return 6 * (config.num_params() + padding) + 6 * config.n_layer * config.n_embd * seq_len
 
 
 @dataclass(frozen=True)

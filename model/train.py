@@ -34,9 +34,14 @@ One optimizer step: `batch_tokens` tokens across `accumulation_steps` micro-batc
 ranks. The loss is the summed cross-entropy over every scored target of the step divided by
 their number, so a micro-batch with more masked targets weighs less, exactly as in one big
 batch. Gradients are reduced over the ranks only on the last micro-step. A step whose loss or gradient
-norm is not finite stops the run before the weights change (`NonFiniteLoss`); the newest
-checkpoint stays the last good one. SIGINT/SIGTERM finish the current step, write a
-checkpoint and raise `TrainingInterrupted`.
+norm is not finite stops the run without changing the weights (`NonFiniteLoss`); the newest
+checkpoint stays the last good one.
+
+The host waits for the device once a step, after the whole step (the optimizers' update
+included) is queued and the next step's batches are drawn and on their way from pinned memory:
+the finite check is made on the device (`NonFiniteGuard`), and the host reads the loss, the
+gradient norm and the ranks' stop flags together afterwards (`read_outcome`).
+SIGINT/SIGTERM finish the current step, write a checkpoint and raise `TrainingInterrupted`.
 
 Metrics go to `callback(step, metrics)` on rank 0 after every step: loss, lr, grad_norm,
 tokens_per_s, mfu (when `model.mfu` knows the device's peak), memory_mb, and val_loss every
@@ -59,7 +64,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -76,6 +81,7 @@ from model.mfu import peak_flops
 from model.parallel import ParallelConfig, clip_grad_norm, is_sharded, local_gradients, parallelize
 from model.runtime import (
     DistributedEnv,
+    StopRequest,
     configure_runtime,
     process_group,
     restore_rng,
@@ -100,6 +106,8 @@ class Batches(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
+
+MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets), each (batch_size, seq_len)
 
 # Validation batches: (inputs, targets) as in `Batches`, a finite collection scored whole each time.
 ValBatches = Collection[tuple[torch.Tensor, torch.Tensor]]
@@ -259,7 +267,9 @@ def accumulate_gradients(
     Under torchrun `model` is the DDP or FSDP2 module, which reduces the gradients on the last
     micro-batch only."""
     distributed = dist.is_initialized()
-    scored = torch.tensor(sum(int((y != IGNORE).sum()) for _, y in micro_batches), device=device, dtype=torch.float32)
+    micro_batches = [(inputs.to(device), targets.to(device)) for inputs, targets in micro_batches]  # no-op if there
+    # Counted on the device: a count on the host would have to be copied over, a host sync.
+    scored = sum((targets != IGNORE).sum(dtype=torch.float32) for _, targets in micro_batches)
     if distributed:
         dist.all_reduce(scored)
     # DDP and FSDP2 average gradients over ranks; scaling by the world size turns that into the sum.
@@ -267,7 +277,6 @@ def accumulate_gradients(
     loss_sum = torch.zeros((), device=device)
     for i, (inputs, targets) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         with nullcontext() if last else local_gradients(model):
             with autocast():
                 loss = summed_loss(model, inputs, targets)
@@ -301,6 +310,184 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # Linux reports KiB
 
 
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device` without stopping the host: on a GPU the copy starts from pinned memory
+    and runs behind the work already queued (PyTorch keeps the pinned buffer until it is done)."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
+class NonFiniteGuard:
+    """Runs an optimizer's step so that it leaves the weights as they were when the step's loss or
+    gradient norm is not finite, decided on the device: the host reads that flag only after the
+    step's kernels are queued.
+
+    A fused AdamW skips its update itself when its `found_inf` attribute is 1 (what GradScaler
+    sets; the kernel reads it on the device). Other optimizers (torch.optim.Muon, which has no
+    such hook, or an unfused AdamW) step anyway and the guard puts the weights back where the
+    flag is set: a copy of their parameters before the step, and a select after it. That costs
+    one copy of those parameters' memory (Muon: the blocks' matrices) and two passes over them
+    per step, without a host sync."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.fused = bool(optimizer.defaults.get("fused"))
+        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.saved = [] if self.fused else [torch.empty_like(p, requires_grad=False) for p in self.params]
+
+    @torch.no_grad()
+    def step(self, nonfinite: torch.Tensor) -> None:
+        """`nonfinite`: a float32 scalar on the parameters' device, 1.0 to keep the weights."""
+        if self.fused:
+            self.optimizer.found_inf = nonfinite
+            self.optimizer.step()
+            return
+        for saved, param in zip(self.saved, self.params):
+            saved.copy_(param)
+        self.optimizer.step()
+        keep = nonfinite.bool()
+        for saved, param in zip(self.saved, self.params):
+            torch.where(keep, saved, param, out=param)
+
+
+class TrainingRun:
+    """What one call of `train` holds between setup and the end of its loop: the model (plain and
+    parallelized), its optimizers, the data, and how and where it computes and checkpoints."""
+
+    def __init__(
+        self,
+        model: GPT,
+        config: TrainConfig,
+        train_data: Batches,
+        out_dir: Path,
+        env: DistributedEnv,
+        device: torch.device,
+    ):
+        self.model, self.config, self.train_data, self.env, self.device = model, config, train_data, env, device
+        self.checkpoints = Path(out_dir) / "checkpoints"
+        use_bf16 = training_bf16(device, config.bf16)
+        use_compile = device.type == "cuda" if config.compile is None else config.compile
+        self.net = parallelize(model, config, device, env.world_size, use_bf16, use_compile)
+        if model.config.has_sparse_layers:
+            model.band_mask(train_data.seq_len, device)  # built now, outside the compiled graph
+        self.optimizers = configure_optimizers(model, config, device)
+        self.guards = [NonFiniteGuard(optimizer) for optimizer in self.optimizers]
+        # FSDP2 casts the parameters itself (model.parallel); autocast is for the other modes.
+        self.use_autocast = use_bf16 and not is_sharded(model)
+        self.accumulation = accumulation_steps(config, train_data.seq_len, env.world_size)
+        self.flops_per_token = model.config.flops_per_token(train_data.seq_len)
+        peak = peak_flops(device, use_bf16)
+        self.runtime = Runtime(
+            device=str(device),
+            device_name=device_model(device),
+            precision="bf16" if use_bf16 else "fp32",
+            peak_flops=peak.flops,
+            peak_source=peak.source,
+        )
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_autocast)
+
+    def resume(self) -> tuple[int, float]:
+        """Load the newest checkpoint (if `config.resume` finds one): (its step, its train loss);
+        otherwise seed the run: (0, nan)."""
+        checkpoint = latest_checkpoint(self.checkpoints) if self.config.resume else None
+        if checkpoint is None:
+            torch.manual_seed(self.config.seed + self.env.rank)  # dropout masks differ across ranks
+            return 0, math.nan
+        state = load_training_checkpoint(
+            checkpoint, self.model, self.optimizers, self.config.checkpoint_format, self.env.is_main
+        )
+        self.train_data.load_state_dict(state["data"])
+        restore_rng(state["rng"], self.env, self.config.seed, state["step"], self.device)
+        # What a run resumed at max_steps (killed before its caller recorded the result) returns.
+        return state["step"], state.get("train_loss", math.nan)
+
+    def next_micro_batches(self, batches: Iterator[MicroBatch]) -> list[MicroBatch]:
+        """One step's micro-batches, their copies to the device queued behind the work in flight."""
+        micro_batches = (next(batches) for _ in range(self.accumulation))
+        return [(to_device(inputs, self.device), to_device(targets, self.device)) for inputs, targets in micro_batches]
+
+    def set_learning_rate(self, step: int) -> float:
+        config = self.config
+        lr = learning_rate(
+            step,
+            lr=config.lr,
+            min_lr=config.min_lr,
+            warmup_steps=config.warmup_steps,
+            max_steps=config.max_steps,
+            schedule=config.schedule,
+            decay_fraction=config.decay_fraction,
+        )
+        for group in (group for optimizer in self.optimizers for group in optimizer.param_groups):
+            group["lr"] = lr
+        return lr
+
+    def agreed_flags(self, stopping: bool, minutes_up: bool) -> torch.Tensor:
+        """(stop, checkpoint now) on the device; under torchrun every rank must agree to stop (or
+        checkpoint) at the same step, so they are summed over the ranks."""
+        flags = to_device(torch.tensor([stopping, minutes_up], dtype=torch.float32), self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flags)
+        return flags
+
+    def save(self, step: int, train_loss: float, data_state: dict[str, Any]) -> Path:
+        state = {
+            "data": data_state,
+            "rng": rng_states(self.device),
+            "world_size": self.env.world_size,
+            "train_loss": train_loss,
+        }
+        config = self.config
+        return save_training_checkpoint(
+            self.checkpoints,
+            step,
+            self.model,
+            self.optimizers,
+            state,
+            config.checkpoint_format,
+            config.keep_checkpoints,
+            self.env.is_main,
+        )
+
+
+class StepOutcome(NamedTuple):
+    """What the host learns from a step, in its one sync."""
+
+    loss: float
+    grad_norm: float
+    stopping: bool
+    time_to_save: bool
+
+
+def queue_step(run: TrainingRun, micro_batches: list[MicroBatch], stopping: bool, minutes_up: bool) -> torch.Tensor:
+    """Forward, backward, clipping and the optimizers' update of one step, queued on the device
+    without a host sync. Returns (loss, gradient norm, stop, checkpoint now) on the device. A loss
+    or gradient norm that is not finite leaves the weights unchanged (`NonFiniteGuard`)."""
+    loss_sum, scored = accumulate_gradients(run.net, micro_batches, run.device, run.autocast)
+    loss = loss_sum / scored.clamp(min=1)
+    grad_norm = clip_grad_norm(run.model, run.config.grad_clip or math.inf)
+    nonfinite = (~(torch.isfinite(loss) & torch.isfinite(grad_norm))).float()
+    for guard in run.guards:
+        guard.step(nonfinite)
+        guard.optimizer.zero_grad(set_to_none=True)
+    return torch.cat([torch.stack([loss, grad_norm.float()]), run.agreed_flags(stopping, minutes_up)])
+
+
+def read_outcome(run: TrainingRun, step: int, report: torch.Tensor) -> StepOutcome:
+    """The step's one host sync: wait for `queue_step`'s report, and stop on a non-finite loss
+    (whose step changed no weight) with the last good checkpoint."""
+    loss, grad_norm, stopping, time_to_save = report.tolist()
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise NonFiniteLoss(
+            f"step {step + 1}: the training loss is {loss} (gradient norm {grad_norm}); stopped before "
+            f"updating the weights. Last good checkpoint: {latest_checkpoint(run.checkpoints) or 'none written yet'}. "
+            "Lower lr or raise warmup_steps, then resume from it."
+        )
+    return StepOutcome(loss, grad_norm, stopping > 0, time_to_save > 0)
+
+
 def train(
     model: GPT,
     config: TrainConfig,
@@ -318,136 +505,72 @@ def train(
     env = DistributedEnv.from_environ()
     device = training_device(config.device, env)
     configure_runtime(device, env)
-    checkpoints = Path(out_dir) / "checkpoints"
-    use_bf16 = training_bf16(device, config.bf16)
-    use_compile = device.type == "cuda" if config.compile is None else config.compile
-
     with process_group(env, device), stop_signals() as stop:
-        net = parallelize(model, config, device, env.world_size, use_bf16, use_compile)
-        if model.config.has_sparse_layers:
-            model.band_mask(train_data.seq_len, device)  # built now, outside the compiled graph
-        optimizers = configure_optimizers(model, config, device)
-        step, train_loss = 0, math.nan
-        checkpoint = latest_checkpoint(checkpoints) if config.resume else None
-        if checkpoint is not None:
-            state = load_training_checkpoint(checkpoint, model, optimizers, config.checkpoint_format, env.is_main)
-            train_data.load_state_dict(state["data"])
-            step = state["step"]
-            # What a run resumed at max_steps (killed before its caller recorded the result) returns.
-            train_loss = state.get("train_loss", math.nan)
-            restore_rng(state["rng"], env, config.seed, step, device)
-        else:
-            torch.manual_seed(config.seed + env.rank)  # dropout masks differ across ranks
-
-        # FSDP2 casts the parameters itself (model.parallel); autocast is for the other modes.
-        use_autocast = use_bf16 and not is_sharded(model)
-        accumulation = accumulation_steps(config, train_data.seq_len, env.world_size)
-        flops_per_token = model.config.flops_per_token(train_data.seq_len)
-        peak = peak_flops(device, use_bf16)
-        runtime = Runtime(
-            device=str(device),
-            device_name=device_model(device),
-            precision="bf16" if use_bf16 else "fp32",
-            peak_flops=peak.flops,
-            peak_source=peak.source,
-        )
+        run = TrainingRun(model, config, train_data, out_dir, env, device)
+        step, train_loss = run.resume()
         if env.is_main:
-            print(f"train: {runtime.describe()}", file=sys.stderr, flush=True)
+            print(f"train: {run.runtime.describe()}", file=sys.stderr, flush=True)
+        return training_loop(run, step, train_loss, val_data, stop, callback)
 
-        def autocast() -> Any:
-            return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_autocast)
 
-        def save(step: int) -> Path:
-            state = {
-                "data": train_data.state_dict(),
-                "rng": rng_states(device),
-                "world_size": env.world_size,
-                "train_loss": train_loss,
-            }
-            return save_training_checkpoint(
-                checkpoints,
-                step,
-                model,
-                optimizers,
-                state,
-                config.checkpoint_format,
-                config.keep_checkpoints,
-                env.is_main,
-            )
+def training_loop(
+    run: TrainingRun,
+    step: int,
+    train_loss: float,
+    val_data: ValBatches | None,
+    stop: StopRequest,
+    callback: Callback | None,
+) -> TrainResult:
+    """Steps from `step` to `config.max_steps`: metrics, validation, checkpoints, stop requests."""
+    config, device = run.config, run.device
+    batches = iter(run.train_data)
+    micro_batches = run.next_micro_batches(batches) if step < config.max_steps else []
+    start_step, started, last_saved = step, time.perf_counter(), clock()
+    val_loss = math.nan
+    checkpoint = latest_checkpoint(run.checkpoints) if config.resume else None  # resumed at max_steps
+    while step < config.max_steps:
+        step_started = time.perf_counter()
+        lr = run.set_learning_rate(step)
+        minutes_up = bool(config.checkpoint_minutes) and clock() - last_saved >= 60 * config.checkpoint_minutes
+        report = queue_step(run, micro_batches, stop.signum is not None, minutes_up)
+        data_state = run.train_data.state_dict()  # after this step's batches: what a checkpoint resumes from
+        if step + 1 < config.max_steps:  # drawn and copied while the device runs this step
+            micro_batches = run.next_micro_batches(batches)
+        outcome = read_outcome(run, step, report)
+        step, train_loss = step + 1, outcome.loss
 
-        batches = iter(train_data)
-        start_step, started = step, time.perf_counter()
-        last_saved = clock()
-        val_loss = math.nan
-        while step < config.max_steps:
-            step_started = time.perf_counter()
-            lr = learning_rate(
-                step,
-                lr=config.lr,
-                min_lr=config.min_lr,
-                warmup_steps=config.warmup_steps,
-                max_steps=config.max_steps,
-                schedule=config.schedule,
-                decay_fraction=config.decay_fraction,
-            )
-            for group in (group for optimizer in optimizers for group in optimizer.param_groups):
-                group["lr"] = lr
-            micro_batches = [next(batches) for _ in range(accumulation)]
-            loss_sum, scored = accumulate_gradients(net, micro_batches, device, autocast)
-            grad_norm = clip_grad_norm(model, config.grad_clip or math.inf)
-            minutes_up = bool(config.checkpoint_minutes) and clock() - last_saved >= 60 * config.checkpoint_minutes
-            flags = torch.tensor([stop.signum is not None, minutes_up], dtype=torch.float32, device=device)
-            if dist.is_initialized():  # every rank must agree to stop (or checkpoint) at the same step
-                dist.all_reduce(flags)
-            # The one host sync of a step: the loss for the callback and the finite check.
-            train_loss, norm, stopping, time_to_save = torch.cat(
-                [torch.stack([loss_sum / scored.clamp(min=1), grad_norm]), flags]
-            ).tolist()
-            if not (math.isfinite(train_loss) and math.isfinite(norm)):
-                last_good = latest_checkpoint(checkpoints)
-                raise NonFiniteLoss(
-                    f"step {step + 1}: the training loss is {train_loss} (gradient norm {norm}); stopped before "
-                    f"updating the weights. Last good checkpoint: {last_good or 'none written yet'}. "
-                    "Lower lr or raise warmup_steps, then resume from it."
-                )
-            for optimizer in optimizers:
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
+        tokens_per_s = config.batch_tokens / (time.perf_counter() - step_started)
+        metrics = {
+            "loss": train_loss,
+            "lr": lr,
+            "grad_norm": outcome.grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "memory_mb": peak_memory_mb(device),
+        }
+        if run.runtime.peak_flops:  # none for an accelerator without a datasheet figure (runtime.peak_source says why)
+            metrics["mfu"] = run.flops_per_token * tokens_per_s / run.env.world_size / run.runtime.peak_flops
+        final = step == config.max_steps
+        if val_data is not None and (final or (config.eval_every and step % config.eval_every == 0)):
+            val_loss = metrics["val_loss"] = validation_loss(run.model, val_data, device, run.autocast)
+        every = config.checkpoint_every and step % config.checkpoint_every == 0
+        if final or outcome.stopping or outcome.time_to_save or every:
+            checkpoint, last_saved = run.save(step, train_loss, data_state), clock()
+        if callback is not None and run.env.is_main:
+            callback(step, metrics)
+        if outcome.stopping and not final:
+            raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, checkpoint)
 
-            seconds = time.perf_counter() - step_started
-            tokens_per_s = config.batch_tokens / seconds
-            metrics = {
-                "loss": train_loss,
-                "lr": lr,
-                "grad_norm": norm,
-                "tokens_per_s": tokens_per_s,
-                "memory_mb": peak_memory_mb(device),
-            }
-            if peak.flops:  # none for an accelerator without a datasheet figure (runtime.peak_source says why)
-                metrics["mfu"] = flops_per_token * tokens_per_s / env.world_size / peak.flops
-            final = step == config.max_steps
-            if val_data is not None and (final or (config.eval_every and step % config.eval_every == 0)):
-                val_loss = metrics["val_loss"] = validation_loss(model, val_data, device, autocast)
-            if final or stopping or time_to_save or (config.checkpoint_every and step % config.checkpoint_every == 0):
-                checkpoint = save(step)
-                last_saved = clock()
-            if callback is not None and env.is_main:
-                callback(step, metrics)
-            if stopping and not final:
-                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, checkpoint)
-
-        if val_data is not None and not math.isfinite(val_loss):  # resumed at max_steps: nothing ran
-            val_loss = validation_loss(model, val_data, device, autocast)
-        return TrainResult(
-            steps=step,
-            checkpoint=checkpoint,
-            train_loss=train_loss,
-            val_loss=val_loss if math.isfinite(val_loss) else None,
-            tokens=(step - start_step) * config.batch_tokens,
-            seconds=time.perf_counter() - started,
-            runtime=runtime,
-        )
+    if val_data is not None and not math.isfinite(val_loss):  # resumed at max_steps: nothing ran
+        val_loss = validation_loss(run.model, val_data, device, run.autocast)
+    return TrainResult(
+        steps=step,
+        checkpoint=checkpoint,
+        train_loss=train_loss,
+        val_loss=val_loss if math.isfinite(val_loss) else None,
+        tokens=(step - start_step) * config.batch_tokens,
+        seconds=time.perf_counter() - started,
+        runtime=run.runtime,
+    )
 
 
 class RunSpec(BaseModel):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.mfu import datasheet_peak, peak_flops
+from model.config import preset
+from model.mfu import datasheet_peak, llmc_flops_per_token, peak_flops
 
 # (torch.cuda.get_device_name(), bf16 peak, tf32 peak), as in each vendor's datasheet (dense).
 KNOWN = [
@@ -53,3 +54,10 @@ def test_the_cpu_keeps_a_measured_peak_in_the_runs_dtype():
     fp32, bf16 = peak_flops(torch.device("cpu")), peak_flops(torch.device("cpu"), bf16=True)
     assert fp32.flops > 0 and fp32.source == "measured: torch.float32 matmuls on the CPU"
     assert bf16.flops > 0 and bf16.source == "measured: torch.bfloat16 matmuls on the CPU"
+
+
+def test_llmc_count_matches_llmc_own_gpt2_parameter_count():
+    # llm.c's train_gpt2.cu prints "num_parameters: 124475904" for GPT-2 124M (vocabulary padded
+    # to 50,304, 1,024 positions) and counts 6N + 6 * L * C * T FLOPs per token.
+    expected = 6 * 124_475_904 + 6 * 12 * 768 * 1024
+    assert llmc_flops_per_token(preset("gpt2-small"), 1024) == expected
