@@ -22,7 +22,6 @@ from prefect.server.concurrency.lease_storage.filesystem import ConcurrencyLease
 
 from flows import leases
 from flows.runtime import ensure_limit
-
 from support.configs import write_pipeline_config
 from support.processes import GPTFLOW
 
