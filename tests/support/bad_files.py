@@ -4,6 +4,7 @@ unreadable-file tests."""
 import gzip
 import json
 import os
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -96,3 +97,11 @@ def module_text(index: int) -> str:
         f"def {words[(index + k) % len(words)]}_{index}_{k}(x):\n    return x * {index * 31 + k} - {k}\n\n"
         for k in range(6)
     )
+
+
+def name_of(doc_id: str) -> bytes:
+    """The file name a document id stands for, decoded by the rule alone: an id holding `\\xNN`
+    is escaped, and each `\\xNN` in it is one byte; any other id is its name's UTF-8."""
+    if not re.search(r"\\x[0-9a-fA-F]{2}", doc_id):
+        return doc_id.encode()
+    return re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m[1], 16)]), doc_id.encode())

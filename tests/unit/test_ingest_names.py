@@ -7,22 +7,13 @@ from __future__ import annotations
 
 import gzip
 import os
-import re
 
 import pytest
 
 from model.errors import UserError
-from support.bad_files import BEYOND_PATH_MAX, HOSTILE_NAMES, half, module_text, write_at
+from support.bad_files import BEYOND_PATH_MAX, HOSTILE_NAMES, half, module_text, name_of, write_at
 from tasks.ingest import IngestConfig, path_id, read_corpus, run_ingest
 from tasks.ingest_filters import FilterConfig
-
-
-def name_of(doc_id: str) -> bytes:
-    """The file name an id stands for, decoded by the rule alone: an id holding `\\xNN` is
-    escaped, and each `\\xNN` in it is one byte; any other id is its name's UTF-8."""
-    if not re.search(r"\\x[0-9a-fA-F]{2}", doc_id):
-        return doc_id.encode()
-    return re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m[1], 16)]), doc_id.encode())
 
 
 def hostile_corpus(directory, extra: dict[bytes, bytes] | None = None):
