@@ -5,12 +5,15 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from flows.environment import apply_defaults
 from model.errors import UserError
+
+if TYPE_CHECKING:
+    from flows.config import PipelineConfig
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -26,13 +29,23 @@ SetOpt = Annotated[
 ]
 
 
+def load_for_flows(config: Path, overrides: list[str] | None) -> PipelineConfig:
+    """The config of a command that runs flows, once the Prefect server they go to answers
+    (when it is `gptflow up`'s: see `flows.servers.check_prefect_server`)."""
+    from flows.config import load_config
+    from flows.servers import check_prefect_server
+
+    settings = load_config(config, overrides or [])
+    check_prefect_server(settings.tracking_attempts)
+    return settings
+
+
 @app.command()
 def prepare(config: ConfigArg, overrides: SetOpt = None) -> None:
     """Prepare the data: ingest the corpus, train the tokenizer, write the shards."""
-    from flows.config import load_config
     from flows.prepare import check_prepare_config, prepare_data
 
-    settings = load_config(config, overrides or [])
+    settings = load_for_flows(config, overrides)
     check_prepare_config(settings)
     print(prepare_data(settings).summary())
 
@@ -40,10 +53,9 @@ def prepare(config: ConfigArg, overrides: SetOpt = None) -> None:
 @app.command()
 def pretrain(config: ConfigArg, overrides: SetOpt = None) -> None:
     """Prepare the data, then pretrain (resuming from the newest checkpoint of an unfinished run)."""
-    from flows.config import load_config
     from flows.pretrain import pretrain as pretrain_flow
 
-    output = pretrain_flow(load_config(config, overrides or []))
+    output = pretrain_flow(load_for_flows(config, overrides))
     for name, value in output.metrics.items():
         print(f"{name:<16} {value:.4f}")
     print(f"checkpoint  {output.checkpoint}{' (reused)' if output.reused else ''}")
@@ -55,11 +67,10 @@ ModelArg = Annotated[str, typer.Argument(help="A checkpoint directory, or models
 @app.command()
 def evaluate(config: ConfigArg, model: ModelArg, overrides: SetOpt = None) -> None:
     """Evaluate a model on the config's data: loss, perplexity, bits per byte, accuracy, samples."""
-    from flows.config import load_config
     from flows.evaluate import evaluate_flow
     from tasks.core.model_source import find_checkpoint, is_registry_uri
 
-    settings = load_config(config, overrides or [])
+    settings = load_for_flows(config, overrides)
     if not is_registry_uri(model):
         find_checkpoint(Path(model))  # a wrong path fails now, before any data is prepared
     output = evaluate_flow(settings, model)
@@ -82,11 +93,10 @@ def finetune(
     overrides: SetOpt = None,
 ) -> None:
     """Fine-tune on prompt/completion pairs (default task: docstring -> function)."""
-    from flows.config import load_config
     from flows.finetune import finetune_flow
     from tasks.core.model_source import find_checkpoint, is_registry_uri
 
-    settings = load_config(config, overrides or [])
+    settings = load_for_flows(config, overrides)
     if start_from and not is_registry_uri(start_from):
         find_checkpoint(Path(start_from))
     output = finetune_flow(settings, start_from)
@@ -113,6 +123,9 @@ def run(
         print(describe_plan(settings))
         return
     from flows.pipeline import pipeline
+    from flows.servers import check_prefect_server
+
+    check_prefect_server(settings.tracking_attempts)
 
     result = pipeline(settings)
     for name, value in result.metrics.items():
@@ -257,12 +270,11 @@ def serve(
     overrides: SetOpt = None,
 ) -> None:
     """Serve the pipeline as a scheduled deployment from this process (no worker needed)."""
-    from flows.config import load_config
     from flows.pipeline import pipeline
 
     if (cron is None) == (interval is None):
         raise UserError("serve: give exactly one of --cron and --interval")
-    load_config(config, overrides or [])  # a broken config fails now, not at 03:00
+    load_for_flows(config, overrides)  # a broken config fails now, not at 03:00
     pipeline.serve(
         name=name,
         cron=cron,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from tasks.core.server_state import PREFECT, live_server
+from tasks.core.server_state import PREFECT, recorded_server
 
 DEFAULTS = {
     # The ephemeral API server needs more than the default 20 s to start under load.
@@ -33,11 +33,12 @@ DEFAULTS = {
 
 def apply_defaults() -> None:
     """Set each default the environment leaves unset (the environment always wins). With no
-    PREFECT_API_URL set, a Prefect server started by `gptflow up` is used, else Prefect's
+    PREFECT_API_URL set, the Prefect server `gptflow up` recorded is used, running or not (a
+    run checks that it answers: `flows.servers.check_prefect_server`), else Prefect's
     ephemeral one, bound to this process's lifetime (flows/embedded_server.py)."""
     for name, value in DEFAULTS.items():
         os.environ.setdefault(name, value)
-    if "PREFECT_API_URL" not in os.environ and (server := live_server(PREFECT)):
+    if "PREFECT_API_URL" not in os.environ and (server := recorded_server(PREFECT)):
         os.environ["PREFECT_API_URL"] = server.api_url
     if "PREFECT_API_URL" not in os.environ:
         # Imported here: Prefect must not be imported before the defaults above are set.
