@@ -12,8 +12,8 @@ Sources (`ingest.source`):
 Document ids: a file's path relative to the source root (`file_doc_id`; for the stdlib,
 e.g. `json/decoder.py`), `PATH:LINE` for a `.jsonl` record, `PATH:INDEX` for a `.json`
 record or `.parquet` row, `SPLIT:INDEX` for a Hugging Face row. A path that is not valid
-UTF-8 gets an escaped id (`path_id`), valid UTF-8 text that names its bytes reversibly. A document longer than
-`ingest.max_doc_chars` is cut at line breaks into pieces `ID#0`, `ID#1`, ...; every
+UTF-8 gets an escaped id instead (`path_id`): UTF-8 text that names its bytes reversibly.
+A document longer than `ingest.max_doc_chars` is cut at line breaks into pieces `ID#0`, `ID#1`, ...; every
 piece goes to the split of its document, decided by `split_of(ID, val_fraction, seed)`,
 a hash of the id, so the split is stable when the corpus grows.
 
@@ -211,7 +211,8 @@ def tree_files(root: Path) -> tuple[list[Path], list[Path]]:
     unlisted: list[Path] = []
     for directory, subdirectories, names in os.walk(root, onerror=lambda e: unlisted.append(Path(e.filename))):
         subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
-        files += [Path(directory, name) for name in names if not name.startswith(".")]
+        # Regular files only (following links): a named pipe or a broken link is not a document.
+        files += [path for name in names if not name.startswith(".") and is_file(path := Path(directory, name))]
     return files, unlisted
 
 

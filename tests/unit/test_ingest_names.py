@@ -94,3 +94,12 @@ def test_a_path_longer_than_the_system_allows_is_skipped_and_counted_or_named(tm
 
     with pytest.raises(UserError, match="pppp: unreadable: .*File name too long"):
         run_ingest(config(source, on_unreadable="fail"), tmp_path / "workspace")
+
+
+def test_a_named_pipe_and_a_broken_link_are_not_documents(tmp_path):
+    source = hostile_corpus(tmp_path / "source")
+    os.mkfifo(source / "pipe.txt")  # opening it would wait for a writer for ever
+    (source / "broken.py").symlink_to(tmp_path / "nowhere.py")
+
+    output = run_ingest(config(source), tmp_path / "workspace")
+    assert output.report["files_read"] == output.report["documents_out"] == len(HOSTILE_NAMES)
