@@ -13,6 +13,7 @@ import typer
 from model.errors import UserError
 
 if TYPE_CHECKING:  # imported by the commands that need it: the command line starts fast
+    from flows.pipeline_config import PipelineConfig
     from tasks.models.sources import SourceModel
 
 ConfigArg = Annotated[Path, typer.Argument(help="YAML config, e.g. configs/tiny.yaml")]
@@ -22,22 +23,31 @@ SetOpt = Annotated[
 ]
 
 
-def prepare(config: ConfigArg, overrides: SetOpt = None) -> None:
-    """Prepare the data: ingest the corpus, train the tokenizer, write the shards."""
+def load_for_flows(config: Path, overrides: list[str] | None) -> PipelineConfig:
+    """The config of a command that runs flows, once the Prefect server they go to answers
+    (when it is `gptflow up`'s: see `ops.servers.check_prefect_server`)."""
     from flows.pipeline_config import load_config
-    from flows.prepare import check_prepare_config, prepare_data
+    from ops.servers import check_prefect_server
 
     settings = load_config(config, overrides or [])
+    check_prefect_server(settings.tracking_attempts)
+    return settings
+
+
+def prepare(config: ConfigArg, overrides: SetOpt = None) -> None:
+    """Prepare the data: ingest the corpus, train the tokenizer, write the shards."""
+    from flows.prepare import check_prepare_config, prepare_data
+
+    settings = load_for_flows(config, overrides)
     check_prepare_config(settings)
     print(prepare_data(settings).summary())
 
 
 def pretrain(config: ConfigArg, overrides: SetOpt = None) -> None:
     """Prepare the data, then pretrain (resuming from the newest checkpoint of an unfinished run)."""
-    from flows.pipeline_config import load_config
     from flows.pretrain_flow import pretrain as pretrain_flow
 
-    output = pretrain_flow(load_config(config, overrides or []))
+    output = pretrain_flow(load_for_flows(config, overrides))
     for name, value in output.metrics.items():
         print(f"{name:<16} {value:.4f}")
     print(f"checkpoint  {output.checkpoint}{' (reused)' if output.reused else ''}")
@@ -49,10 +59,9 @@ ModelArg = Annotated[str, typer.Argument(help="A checkpoint directory, or models
 def evaluate(config: ConfigArg, model: ModelArg, overrides: SetOpt = None) -> None:
     """Evaluate a model on the config's data: loss, perplexity, bits per byte, accuracy, samples."""
     from flows.evaluate_flow import evaluate_flow
-    from flows.pipeline_config import load_config
     from tasks.models.sources import find_checkpoint, is_registry_uri
 
-    settings = load_config(config, overrides or [])
+    settings = load_for_flows(config, overrides)
     if not is_registry_uri(model):
         find_checkpoint(Path(model))  # a wrong path fails now, before any data is prepared
     output = evaluate_flow(settings, model)
@@ -75,10 +84,9 @@ def finetune(
 ) -> None:
     """Fine-tune on prompt/completion pairs (default task: docstring -> function)."""
     from flows.finetune_flow import finetune_flow
-    from flows.pipeline_config import load_config
     from tasks.models.sources import find_checkpoint, is_registry_uri
 
-    settings = load_config(config, overrides or [])
+    settings = load_for_flows(config, overrides)
     if start_from and not is_registry_uri(start_from):
         find_checkpoint(Path(start_from))
     output = finetune_flow(settings, start_from)
@@ -104,6 +112,9 @@ def run(
         print(describe_plan(settings))
         return
     from flows.pipeline import pipeline
+    from ops.servers import check_prefect_server
+
+    check_prefect_server(settings.tracking_attempts)
 
     result = pipeline(settings)
     for name, value in result.metrics.items():
@@ -267,11 +278,10 @@ def serve(
 ) -> None:
     """Serve the pipeline as a scheduled deployment from this process (no worker needed)."""
     from flows.pipeline import pipeline
-    from flows.pipeline_config import load_config
 
     if (cron is None) == (interval is None):
         raise UserError("serve: give exactly one of --cron and --interval")
-    load_config(config, overrides or [])  # a broken config fails now, not at 03:00
+    load_for_flows(config, overrides)  # a broken config fails now, not at 03:00
     pipeline.serve(
         name=name,
         cron=cron,

@@ -44,8 +44,8 @@ class PipelineConfig(BaseModel):
     )
     tracking_attempts: PositiveInt = Field(
         5,
-        description="health checks of the MLflow server before a run starts, the waits between them doubling "
-        "from 2 s (5: 30 s in all, time for a restarting server)",
+        description="health checks of the MLflow server (and of `gptflow up`'s Prefect server) before a run "
+        "starts, the waits between them doubling from 2 s (5: 30 s in all, time for a restarting server)",
     )
     task_runner: TaskRunnerConfig = TaskRunnerConfig()
     ingest: IngestConfig = IngestConfig()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from ops.server_state import MLFLOW, PREFECT, live_server, recorded_server
+from ops.server_state import MLFLOW, PREFECT, recorded_server
 
 DEFAULTS = {
     # The ephemeral API server needs more than the default 20 s to start under load.
@@ -33,12 +33,13 @@ DEFAULTS = {
 
 def apply_defaults() -> None:
     """Set each default the environment leaves unset (the environment always wins). With no
-    PREFECT_API_URL set, a Prefect server started by `gptflow up` is used, else Prefect's
+    PREFECT_API_URL set, the Prefect server `gptflow up` recorded is used, running or not (a
+    run checks that it answers: `ops.servers.check_prefect_server`), else Prefect's
     ephemeral one, bound to this process's lifetime (ops/embedded_server.py)."""
     for name, value in DEFAULTS.items():
         os.environ.setdefault(name, value)
     hand_over_tracking_server()
-    if "PREFECT_API_URL" not in os.environ and (server := live_server(PREFECT)):
+    if "PREFECT_API_URL" not in os.environ and (server := recorded_server(PREFECT)):
         os.environ["PREFECT_API_URL"] = server.api_url
     if "PREFECT_API_URL" not in os.environ:
         # Imported here: Prefect must not be imported before the defaults above are set.

@@ -2,10 +2,9 @@
 
 `gptflow up` records each server's PID, API address and UI address in
 `$GPTFLOW_HOME/servers.json` (`~/.gptflow` by default); the entry points read it
-(ops/environment.py) to use those servers when the environment names none. A Prefect record
-whose process has died is ignored (a run falls back to an ephemeral server); an MLflow
-record is followed while it exists, dead or restarting, so that no run tracks silently
-into another store (`gptflow down` forgets it).
+(ops/environment.py) to use those servers when the environment names none. Each record is
+followed while it exists, its server alive, dead or restarting, so that no run lands silently
+in another store or an ephemeral Prefect server (`gptflow down` forgets it).
 This module only reads and writes the file; starting and stopping lives in
 `ops/servers.py`.
 """
@@ -61,12 +60,6 @@ def read_records() -> dict[str, ServerRecord]:
 def recorded_server(kind: str) -> ServerRecord | None:
     """The server of `kind` that `gptflow up` started, running or not."""
     return read_records().get(kind)
-
-
-def live_server(kind: str) -> ServerRecord | None:
-    """The server of `kind` that `gptflow up` started, if its process is still running."""
-    record = recorded_server(kind)
-    return record if record is not None and is_alive(record.pid) else None
 
 
 def write_records(records: dict[str, ServerRecord]) -> None:

@@ -23,7 +23,16 @@ import urllib.request
 from pathlib import Path
 
 from model.errors import UserError
-from ops.server_state import MLFLOW, PREFECT, ServerRecord, gptflow_home, is_alive, read_records, write_records
+from ops.server_state import (
+    MLFLOW,
+    PREFECT,
+    ServerRecord,
+    gptflow_home,
+    is_alive,
+    read_records,
+    recorded_server,
+    write_records,
+)
 
 HOST = "127.0.0.1"
 
@@ -129,19 +138,45 @@ def _require_free_port(port: int) -> None:
             ) from None
 
 
+def check_prefect_server(attempts: int = 5, delay: float = 2.0) -> None:
+    """Before a flow starts on the Prefect server `gptflow up` recorded, make sure it answers.
+
+    While recorded (until `gptflow down`), that server is where flows go, alive or not, so that
+    no run lands in a temporary server whose runs the UI never shows. It is asked for its health
+    `attempts` times, the waits doubling from `delay` seconds (time for a restart), then the run
+    stops with one line naming it. A PREFECT_API_URL the environment gave wins: it is not checked.
+    """
+    record = recorded_server(PREFECT)
+    if record is None or os.environ.get("PREFECT_API_URL") != record.api_url:
+        return
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(delay * 2 ** (attempt - 1))
+        if _healthy(f"{record.api_url}/health"):
+            return
+    raise UserError(
+        f"the Prefect server that `gptflow up` started, {record.api_url}, is unreachable after {attempts} "
+        "attempts; start it again with `gptflow up` (or forget it with `gptflow down`), or set PREFECT_API_URL"
+    )
+
+
 def _wait_healthy(record: ServerRecord, health_url: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not _running(record.pid):
             raise UserError(f"the server for {record.ui_url} exited during startup; see {record.log_file}")
-        try:
-            with urllib.request.urlopen(health_url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (OSError, urllib.error.URLError):
-            pass
+        if _healthy(health_url):
+            return
         time.sleep(1.0)
     raise UserError(f"{health_url} not healthy after {timeout:.0f} s; see {record.log_file}")
+
+
+def _healthy(health_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(health_url, timeout=5) as response:
+            return response.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
 
 
 def _stop_group(pid: int, timeout: float) -> None:

@@ -11,8 +11,9 @@ Sources (`ingest.source`):
 
 Document ids: a file's path relative to the source root (`file_doc_id`; for the stdlib,
 e.g. `json/decoder.py`), `PATH:LINE` for a `.jsonl` record, `PATH:INDEX` for a `.json`
-record or `.parquet` row, `SPLIT:INDEX` for a Hugging Face row. A document longer than
-`ingest.max_doc_chars` is cut at line breaks into pieces `ID#0`, `ID#1`, ...; every
+record or `.parquet` row, `SPLIT:INDEX` for a Hugging Face row. A path that is not valid
+UTF-8 gets an escaped id instead (`path_id`): UTF-8 text that names its bytes reversibly.
+A document longer than `ingest.max_doc_chars` is cut at line breaks into pieces `ID#0`, `ID#1`, ...; every
 piece goes to the split of its document, decided by `split_of(ID, val_fraction, seed)`,
 a hash of the id, so the split is stable when the corpus grows.
 
@@ -41,6 +42,7 @@ import glob
 import hashlib
 import itertools
 import json
+import os
 import re
 import sysconfig
 import unicodedata
@@ -86,6 +88,8 @@ BINARY_ODD_SHARE = 0.3
 # `surrogateescape` decoding makes of bytes that are not UTF-8.
 _ODD_CHARS = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f\udc80-\udcff]")
 _SURROGATES = re.compile("[\ud800-\udfff]")
+_BYTE_ESCAPE = re.compile(r"\\x[0-9a-fA-F]{2}")  # how `path_id` writes a byte
+_CONTROL_CHARS = re.compile("[\x00-\x1f\x7f]")
 
 
 class IngestConfig(BaseModel):
@@ -120,8 +124,31 @@ def split_of(doc_id: str, val_fraction: float, seed: int) -> str:
 
 
 def file_doc_id(path: Path, root: Path) -> str:
-    """A file's document id: its path relative to the source root, with '/' separators."""
-    return path.relative_to(root).as_posix()
+    """A file's document id: its path relative to the source root, with '/' separators
+    (escaped by `path_id` when it is not valid UTF-8)."""
+    return path_id(path.relative_to(root).as_posix())
+
+
+def path_id(path: str) -> str:
+    """`path` as UTF-8 text that names its bytes unambiguously and reversibly.
+
+    A file name is bytes; Python hands the bytes that are not UTF-8 over as lone surrogates
+    (`surrogateescape`), which Parquet, JSON, hashes and terminals refuse. A valid UTF-8
+    path is its own id, unchanged (the train/val split hashes ids). Any other path, and the
+    rare valid one that holds text like an escape (a backslash, 'x', two hex digits), is
+    written with each byte that is not UTF-8 as `\\xNN` and each backslash as `\\x5c`: in
+    such an id every `\\xNN` is one byte, and an id without one is the path itself.
+    """
+    if not _SURROGATES.search(path) and not _BYTE_ESCAPE.search(path):
+        return path
+    raw = os.fsencode(path).replace(b"\\", b"\\x5c")  # the path's bytes, as the file system holds them
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def shown_path(path: Path | str) -> str:
+    """A path for a one-line message: escaped as `path_id` does, and its control characters
+    (a newline or tab in a file name) written as escapes too."""
+    return _CONTROL_CHARS.sub(lambda m: m[0].encode("unicode_escape").decode(), path_id(str(path)))
 
 
 # -- finding the files of a source ----------------------------------------------------
@@ -154,24 +181,57 @@ def stdlib_files(include_tests: bool = False) -> SourceFiles:
 
 def local_files(source: str) -> SourceFiles:
     supported = "/".join(SUPPORTED_SUFFIXES) + ", text and JSON compressed as .gz/.bz2/.zst/.lz4"
+    unlisted: list[Path] = []
     if has_wildcard(source):
-        matches = [Path(m) for m in glob.glob(source, recursive=True) if Path(m).is_file()]
+        matches = [Path(m) for m in glob.glob(source, recursive=True) if is_file(Path(m))]
         if not matches:
             raise UserError(f"ingest.source: the glob {source!r} matches no files")
         root = glob_root(source)
     elif (path := Path(source)).is_dir():
         root = path
-        matches = [p for p in path.rglob("*") if p.is_file() and not is_hidden(p, path)]
+        matches, unlisted = tree_files(path)
+        matches += unlisted  # reading one fails: it is counted as unreadable, under its own name
     elif path.is_file():
         if text_kind(path) not in SUPPORTED_SUFFIXES:
             raise UserError(f"ingest.source: {source}: unsupported file type (use {supported})")
         return SourceFiles(path.parent, [path])
     else:
         raise UserError(f"ingest.source: {source}: no such file or directory")
-    files = [p for p in matches if text_kind(p) in SUPPORTED_SUFFIXES]
+    files = [p for p in matches if text_kind(p) in SUPPORTED_SUFFIXES or p in unlisted]
     if not files:
         raise UserError(f"ingest.source: {source!r} has {len(matches)} files but none of type {supported}")
     return SourceFiles(root, sorted(files, key=lambda p: file_doc_id(p, root)))
+
+
+def tree_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """The files under `root`, hidden ones (a name starting with '.') and their contents aside;
+    and the directories that cannot be listed (a path beyond the system's limit, which a
+    directory can still hold)."""
+    files: list[Path] = []
+    unlisted: list[Path] = []
+    for directory, subdirectories, names in os.walk(root, onerror=lambda e: unlisted.append(Path(e.filename))):
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+        # Regular files only (following links): a named pipe or a broken link is not a document.
+        files += [path for name in names if not name.startswith(".") and is_file(path := Path(directory, name))]
+    return files, unlisted
+
+
+def is_file(path: Path) -> bool:
+    """A regular file, or a name too long to reach (a path beyond the system's limit, which a
+    directory can still hold): reading it fails, and it is counted as unreadable."""
+    try:
+        return path.is_file()
+    except OSError:
+        return True
+
+
+def file_stat(path: Path) -> tuple[int, int]:
+    """(size, mtime in ns); (-1, -1) for a file that cannot be reached (see `is_file`)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return -1, -1
+    return stat.st_size, stat.st_mtime_ns
 
 
 def has_wildcard(text: str) -> bool:
@@ -183,10 +243,6 @@ def glob_root(pattern: str) -> Path:
     return Path(*itertools.takewhile(lambda part: not has_wildcard(part), Path(pattern).parts))
 
 
-def is_hidden(path: Path, root: Path) -> bool:
-    return any(part.startswith(".") for part in path.relative_to(root).parts)
-
-
 def source_signature(files: SourceFiles | None) -> str:
     """What identifies the source's contents cheaply: each file's id, size and mtime.
 
@@ -194,8 +250,8 @@ def source_signature(files: SourceFiles | None) -> str:
     """
     digest = hashlib.sha256()
     for path in files.files if files else []:
-        stat = path.stat()
-        digest.update(f"{file_doc_id(path, files.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        size, mtime = file_stat(path)
+        digest.update(f"{file_doc_id(path, files.root)}\0{size}\0{mtime}\n".encode())
     return digest.hexdigest()
 
 
@@ -259,10 +315,12 @@ def source_documents(
             if stats.documents_in > before:
                 reason += f" (after {stats.documents_in - before} documents)"
             if config.on_unreadable == "fail":
-                raise UserError(f"ingest: {path}: unreadable: {reason} (ingest.on_unreadable=skip skips it)") from e
+                raise UserError(
+                    f"ingest: {shown_path(path)}: unreadable: {reason} (ingest.on_unreadable=skip skips it)"
+                ) from e
             stats.files_unreadable += 1
             stats.unreadable.append({"file": doc_id, "reason": reason})
-        progress.advance(documents=1, n_bytes=path.stat().st_size)  # here a document is a file
+        progress.advance(documents=1, n_bytes=max(file_stat(path)[0], 0))  # here a document is a file
 
 
 def file_documents(path: Path, doc_id: str, text_field: str, stats: IngestStats) -> Iterator[SourceDocument]:
@@ -341,15 +399,15 @@ def record_document(doc_id: str, text: Any, stats: IngestStats) -> Iterator[Sour
 
 
 def parquet_documents(path: Path, doc_id: str, text_field: str, stats: IngestStats) -> Iterator[SourceDocument]:
-    table = pq.ParquetFile(path)
-    if text_field not in table.schema_arrow.names:
-        stats.files_without_text_field += 1
-        return
-    index = 0
-    for batch in table.iter_batches(batch_size=1024, columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            yield from record_document(f"{doc_id}:{index}", text, stats)
-            index += 1
+    with open(path, "rb") as source, pq.ParquetFile(source) as table:  # Python opens it: see open_file
+        if text_field not in table.schema_arrow.names:
+            stats.files_without_text_field += 1
+            return
+        index = 0
+        for batch in table.iter_batches(batch_size=1024, columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                yield from record_document(f"{doc_id}:{index}", text, stats)
+                index += 1
 
 
 def hf_documents(config: IngestConfig, stats: IngestStats) -> Iterator[SourceDocument]:

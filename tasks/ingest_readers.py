@@ -39,10 +39,14 @@ def compression(path: Path) -> str | None:
 
 
 def open_file(path: Path) -> BinaryIO:
-    """The file's bytes, decompressed if its suffix says it is compressed."""
+    """The file's bytes, decompressed if its suffix says it is compressed.
+
+    Python opens the file, not Arrow: Arrow takes a path as UTF-8 text, and a file name
+    need not be UTF-8."""
+    raw = open(path, "rb")
     if (codec := compression(path)) is None:
-        return open(path, "rb")
-    return io.BufferedReader(pa.input_stream(str(path), compression=codec))
+        return raw
+    return io.BufferedReader(pa.input_stream(raw, compression=codec))
 
 
 def check_whole(path: Path) -> None:

@@ -15,11 +15,13 @@ under PREFECT_HOME (Prefect's filesystem lease storage, set in ops/environment.p
 they outlive the server that granted them, and on the embedded server it revokes expired
 leases itself, with the repossessor's own function, before each try for a slot.
 
-A run that waits for slots logs, once a minute, which limit, held by which flow run, since when.
+A run that waits for slots logs, once a minute, which limit, held by which flow run, since when;
+Prefect's own ERROR line at the end of each try for slots is dropped (`WithoutSlotWaitErrors`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -41,6 +43,22 @@ LEASE_SECONDS = 60
 # How long one try for slots waits before expired leases are looked for again.
 TRY_SECONDS = 15
 REPORT_SECONDS = 60  # a waiting run says so once a minute
+
+
+class WithoutSlotWaitErrors(logging.Filter):
+    """Prefect's slot service logs `Service 'ConcurrencySlotAcquisitionWithLeaseService' failed
+    to process item ...` at ERROR whenever a try for slots ends, its timeout included; waiting
+    in tries of TRY_SECONDS, a healthy wait printed that every 15 s. The caller gets the same
+    failure as an exception (a timeout here means: try again; anything else fails the run with
+    its own traceback), so the line tells nothing new and is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (record.levelno == logging.ERROR and args[:1] == ("ConcurrencySlotAcquisitionWithLeaseService",))
+
+
+WITHOUT_SLOT_WAIT_ERRORS = WithoutSlotWaitErrors()  # one instance: addFilter skips a repeat
+SLOT_SERVICE_LOGGER = "prefect._internal.concurrency"  # where that service logs
 
 
 def on_embedded_server() -> bool:
@@ -112,6 +130,7 @@ def holding(limit: str, slots: int = 1) -> Iterator[None]:
     exceeding the limit.
     """
     logger = get_run_logger()  # the flow run's log: the UI shows why it waits
+    logging.getLogger(SLOT_SERVICE_LOGGER).addFilter(WITHOUT_SLOT_WAIT_ERRORS)
     holder = ConcurrencyLeaseHolder(type="flow_run", id=flow_run.id)
     last_report = None
     with ExitStack() as held:

@@ -3,6 +3,12 @@
 code 2, exactly one line `error: ...` naming the problem, and no traceback anywhere in
 what the user sees (Prefect's own log lines included).
 
+File names a file system holds but a pipeline finds hard (not UTF-8, newlines, control
+characters, 255 bytes, deep paths, case and normalisation twins) are kept and counted: the
+last test runs such a corpus through `gptflow pretrain`, `gptflow status`, the MLflow records
+and the Prefect artifacts. Only an unreadable file under `ingest.on_unreadable=fail` stops a
+run, as the cases here show, its name escaped on the one line.
+
 A case is (id, how to build its command line, the fragment its error line must contain).
 Builders get a `Fixtures` object with a base config and a few prepared files.
 """
@@ -10,6 +16,8 @@ Builders get a `Fixtures` object with a base config and a few prepared files.
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import sys
 import uuid
@@ -21,13 +29,28 @@ from unittest.mock import patch
 import pyarrow as pa
 import pytest
 import yaml
+from mlflow import MlflowClient
+from prefect import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
 from cli.app import main
 from flows.pipeline_config import load_config
 from flows.prepare import prepare_data_locally
-from support.bad_files import BINARY, TEXT, UNREADABLE_FILES, parquet_bytes
+from support.bad_files import (
+    BEYOND_PATH_MAX,
+    BINARY,
+    HOSTILE_NAMES,
+    TEXT,
+    UNREADABLE_FILES,
+    module_text,
+    name_of,
+    parquet_bytes,
+    write_at,
+)
 from support.configs import write_pipeline_config
 from support.models import save_base_checkpoint, tiny_gpt
+from tasks.ingest import read_corpus
+from tasks.tracking.stage_run import artifact_key
 
 
 @dataclass(frozen=True)
@@ -56,10 +79,10 @@ class Fixtures:
             *(arg for override in overrides for arg in ("--set", override)),
         ]
 
-    def corpus(self, files: dict[str, bytes | str], *overrides: str) -> list[str]:
-        """`gptflow prepare` over a corpus directory holding `files`."""
+    def corpus(self, files: dict[str | bytes, bytes | str], *overrides: str) -> list[str]:
+        """`gptflow prepare` over a corpus directory holding `files` (names as text or as bytes)."""
         for name, data in files.items():
-            self.write(f"corpus/{name}", data)
+            write_at(self.root / "corpus", os.fsencode(name), data if isinstance(data, bytes) else data.encode())
         return self.prepare(f"ingest.source={self.root / 'corpus'}", "ingest.min_chars=1", *overrides)
 
     def finetune_file(self, name: str, data: str | None) -> list[str]:
@@ -176,6 +199,32 @@ CASES: list[tuple[str, Callable[[Fixtures], list[str]], str]] = [
         )
         for name in UNREADABLE_FILES
     ],
+    # Hostile file names: an unreadable file is skipped and counted like any other (so a corpus
+    # of nothing else is empty), and with fail the one line names it, escaped.
+    (
+        "corpus-hostile-names-only-unreadable-files",
+        lambda f: f.corpus({b"\xff\xfe.txt.gz": UNREADABLE_FILES["cut.txt.gz"], b"new\nline.parquet": b"no"}),
+        "files_unreadable=2",
+    ),
+    (
+        "corpus-name-not-utf8-unreadable-fail",
+        lambda f: f.corpus(
+            {b"\xff\xfe.txt.gz": UNREADABLE_FILES["cut.txt.gz"], "good.txt": TEXT}, "ingest.on_unreadable=fail"
+        ),
+        "\\xff\\xfe.txt.gz: unreadable: ",
+    ),
+    (
+        "corpus-name-with-newline-unreadable-fail",
+        lambda f: f.corpus(
+            {b"cut\nshort.jsonl.zst": UNREADABLE_FILES["cut.jsonl.zst"], "good.txt": TEXT}, "ingest.on_unreadable=fail"
+        ),
+        "cut\\nshort.jsonl.zst: unreadable: ",
+    ),
+    (
+        "corpus-path-beyond-path-max-fail",
+        lambda f: f.corpus({BEYOND_PATH_MAX: TEXT, "good.txt": TEXT}, "ingest.on_unreadable=fail"),
+        "pppp: unreadable: [Errno 36] File name too long",
+    ),
     (
         "corpus-val-split-empty",
         lambda f: f.corpus({"a.txt": TEXT}, "ingest.val_fraction=0.001"),
@@ -438,3 +487,45 @@ def test_bad_input_ends_in_one_clear_line(build, fragment, prepared, tmp_path, c
     assert len(error_lines) == 1, output[-3000:]
     assert fragment in error_lines[0]
     assert "Traceback" not in output
+
+
+def test_a_corpus_of_hostile_file_names_goes_through_the_pipeline(prefect_server, tmp_path, capfd):
+    name = f"hostile-names-{uuid.uuid4().hex[:6]}"
+    config = write_pipeline_config(tmp_path, name=name)  # generated modules in tmp_path/corpus
+    for index, hostile in enumerate(HOSTILE_NAMES.values()):
+        write_at(tmp_path / "corpus", hostile, module_text(index).encode())
+    write_at(tmp_path / "corpus", b"\xff cut.txt.gz", UNREADABLE_FILES["cut.txt.gz"])
+    overrides = ["--set", "ingest.filters.near_dedup=false", "--set", "pretrain.max_steps=2"]
+
+    code, output = gptflow(["pretrain", str(config), *overrides], capfd)
+    assert code == 0 and "Traceback" not in output, output[-3000:]
+
+    # The corpus: every hostile file a document whose id names it; the unreadable one listed.
+    (ingest,) = (tmp_path / "workspace" / "ingest").glob("*/manifest.json")
+    report = json.loads(ingest.read_text())["report"]
+    assert report["files_unreadable"] == 1 and report["unreadable"][0]["file"] == "\\xff cut.txt.gz"
+    ids = {doc_id for batch in read_corpus(ingest.parent / "corpus.parquet") for doc_id in batch.column("id")}
+    assert set(HOSTILE_NAMES.values()) <= {name_of(str(doc_id)) for doc_id in ids}
+
+    code, output = gptflow(["prepare", str(config), *overrides], capfd)  # a rerun reuses every stage
+    assert code == 0 and "ingest  reused" in output, output[-3000:]
+    code, output = gptflow(["status", str(tmp_path / "workspace")], capfd)
+    assert code == 0 and re.search(r"^ingest .* complete$", output, re.MULTILINE), output
+
+    # MLflow: the ingest run's manifest and the corpus dataset, the escaped name in the report.
+    client = MlflowClient()
+    (experiment,) = [e for e in client.search_experiments() if e.name == name]
+    (ingest_run,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'ingest'")
+    assert [d.dataset.name for d in ingest_run.inputs.dataset_inputs] == ["corpus"]
+    manifest = client.download_artifacts(ingest_run.info.run_id, "ingest/manifest.json", str(tmp_path))
+    assert json.loads(Path(manifest).read_text())["report"]["unreadable"] == report["unreadable"]
+
+    # Prefect: the data report's table artifact (one from each run) lists it too.
+    with get_client(sync_client=True) as prefect:
+        tables = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[artifact_key(name, "data-report")]))
+        )
+    assert len(tables) == 2
+    for table in tables:
+        rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+        assert [row["value"] for row in rows if row["field"] == "unreadable"] == [report["unreadable"]]

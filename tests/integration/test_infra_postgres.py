@@ -17,11 +17,14 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
+from support import REPO
 from support.configs import write_pipeline_config
 from support.infra_stack import VENV_BIN, Stack, s3_client
 from support.postgres import PostgresServer, postgres_bin_dir
@@ -138,6 +141,77 @@ def test_prefect_refuses_anonymous_clients_and_completes_a_flow_run(stack):
     )[1]
     assert sorted(t["state"]["type"] for t in task_runs) == ["COMPLETED"] * 4
     assert psql(stack.postgres, "prefect", f"SELECT state_type FROM flow_run WHERE id = '{flow_run_id}'") == "COMPLETED"
+
+
+# A flow run that holds the `gpu` slot the way training does (flows.runtime.holding_gpus: a
+# lease renewed while held) until the file named by its argument exists.
+HOLD_THE_GPU_SLOT = """
+import sys, time
+from pathlib import Path
+from prefect import flow
+from prefect.runtime import flow_run
+from flows.runtime import holding_gpus
+
+@flow(name="hold-gpu")
+def hold(release: str) -> str:
+    with holding_gpus():
+        print("holding", flush=True)
+        while not Path(release).exists():
+            time.sleep(0.2)
+    return str(flow_run.id)
+
+print(hold(sys.argv[1]), flush=True)
+"""
+
+
+@contextmanager
+def holding_the_gpu_slot(stack: Stack, release: Path) -> Iterator[subprocess.Popen]:
+    """A flow run of HOLD_THE_GPU_SLOT; killed if it is still running when the block ends."""
+    run = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_GPU_SLOT, str(release)],
+        cwd=REPO,
+        env={**os.environ, **stack.client_env, "PYTHONPATH": str(REPO)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        yield run
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+
+
+def gpu_slots_taken(stack: Stack) -> int:
+    status, limit = request(
+        f"{stack.prefect_api_url}/v2/concurrency_limits/gpu", auth=stack.client_env["PREFECT_API_AUTH_STRING"]
+    )
+    assert status == 200
+    return limit["active_slots"]
+
+
+def test_a_run_holding_the_gpu_slot_outlives_a_prefect_server_restart_and_frees_the_slot(stack, tmp_path):
+    release = tmp_path / "release"
+    with holding_the_gpu_slot(stack, release) as holder:
+        lines = []
+        while not lines or lines[-1] != "holding\n":  # each readline waits for the run's next line
+            lines.append(holder.stdout.readline())
+            assert lines[-1], "".join(lines)[-3000:]  # the run ended without holding the slot
+        assert gpu_slots_taken(stack) == 1
+
+        stack.restart_prefect()  # with compose's environment: leases in files under PREFECT_HOME
+        assert gpu_slots_taken(stack) == 1
+        release.touch()
+        output, _ = holder.communicate(timeout=300)
+        assert holder.returncode == 0, "".join(lines)[-2000:] + output[-3000:]
+    assert gpu_slots_taken(stack) == 0  # released through the lease the restarted server still knew
+
+    # A second run gets the slot at once (with the lease lost in a restart it would wait for ever).
+    with holding_the_gpu_slot(stack, release) as second:
+        output, _ = second.communicate(timeout=300)
+        assert second.returncode == 0, output[-3000:]
+    assert gpu_slots_taken(stack) == 0
 
 
 def test_the_micro_pipeline_runs_end_to_end_against_the_stack(stack, tmp_path):

@@ -1,20 +1,27 @@
 """A run killed with SIGKILL on the embedded Prefect server (no server configured) leaves
 neither its server process nor its `gpu` slot behind: a rerun with the same PREFECT_HOME
-proceeds (flows/run/slots.py, ops/embedded_server.py)."""
+proceeds (flows/run/slots.py, ops/embedded_server.py). A run waiting for a slot says so in
+gptflow's words, without Prefect's ERROR line at each try."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import time
+import uuid
 from datetime import timedelta
 from pathlib import Path
 
 import psutil
 import pytest
+from prefect import flow, get_client
+from prefect.concurrency.sync import concurrency
 from prefect.server.concurrency.lease_storage.filesystem import ConcurrencyLeaseStorage
 
+from flows import leases
+from flows.runtime import ensure_limit
 from support.configs import write_pipeline_config
 from support.processes import GPTFLOW
 
@@ -74,3 +81,55 @@ def test_a_run_after_a_sigkill_on_the_embedded_server_proceeds_and_no_server_is_
     output = next_log.read_text()
     assert "reclaimed 1 expired concurrency lease" in output
     assert " since " in next(line for line in output.splitlines() if waiting in line)
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_wait_for_a_slot_that_another_run_holds_logs_no_prefect_error(prefect_server, monkeypatch):
+    limit = f"quiet-{uuid.uuid4().hex[:8]}"
+    ensure_limit(limit, 1)
+    with get_client(sync_client=True) as client:  # another holder: its lease taken through the API
+        held = client.increment_concurrency_slots_with_lease(
+            names=[limit], slots=1, mode="concurrency", lease_duration=60
+        ).json()["lease_id"]
+
+        # Each try for the slot ends at its timeout (1 s here, not 15) and Prefect's slot service
+        # logs that; at the third try the other holder lets go, and the try gets the slot.
+        tries = 0
+
+        def counted_try(*args, **kwargs):
+            nonlocal tries
+            tries += 1
+            if tries == 3:
+                client.release_concurrency_slots_with_lease(held)
+            return concurrency(*args, **kwargs)
+
+        monkeypatch.setattr(leases, "concurrency", counted_try)
+        monkeypatch.setattr(leases, "TRY_SECONDS", 1)
+
+        @flow(name="waits-for-a-slot")
+        def waits_for_a_slot() -> None:
+            with leases.holding(limit):
+                pass
+
+        records = Records()
+        watched = [logging.getLogger(name) for name in (leases.SLOT_SERVICE_LOGGER, "prefect.flow_runs")]
+        for logger in watched:
+            logger.addHandler(records)
+        try:
+            waits_for_a_slot()
+        finally:
+            for logger in watched:
+                logger.removeHandler(records)
+
+    assert tries == 3
+    messages = [(record.levelname, record.getMessage()) for record in records.records]
+    assert any(level == "WARNING" and "waiting for 1 slot(s) of concurrency limit" in text for level, text in messages)
+    assert not [text for level, text in messages if level == "ERROR"], messages

@@ -3,12 +3,16 @@ infra/postgres/init-databases.sh, an S3 API (moto) in MinIO's place, and the Pre
 MLflow servers started with the command and environment docker-compose.yml gives them,
 with auth on. Clients use the environment the compose file gives the worker.
 
-Only the addresses differ from compose: service names become 127.0.0.1 and free ports.
+Only the addresses differ from compose: service names become 127.0.0.1 and free ports, and
+the Prefect server's PREFECT_HOME (its lease folder a volume in compose) is a directory of the
+test's that outlives a restart. A server gets none of this test session's own Prefect
+settings: what compose does not set, it does not have.
 The session fixture `infra_stack` (conftest.py) starts it once for every test that needs it.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import signal
@@ -16,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +43,7 @@ class Stack:
     mlflow_url: str
     client_env: dict[str, str]  # the worker's environment: PREFECT_API_URL, MLFLOW_TRACKING_URI, auth
     variables: dict[str, str]  # the .env the stack was started with
+    restart_prefect: Callable[[], None]  # stop the Prefect server and start it again, until healthy
 
 
 def user_env_file() -> dict[str, str]:
@@ -91,11 +96,13 @@ def process_groups() -> Iterator[list[Server]]:
 
 
 def start(started: list[Server], command: list[str], env: Mapping[str, str], log: Path) -> Server:
-    """Start a server in its own process group with its output in `log`; add it to `started`."""
+    """Start a server in its own process group with its output in `log`; add it to `started`.
+    Its environment is `env` over this process's, less this session's Prefect settings."""
+    session = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     with open(log, "wb") as out:
         process = subprocess.Popen(
             command,
-            env={**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", **env},
+            env={**session, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", **env},
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -148,17 +155,26 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
             {},
             workdir / "s3.log",
         )
-        prefect = start(
-            started,
-            [*services["prefect-server"]["entrypoint"], *services["prefect-server"]["command"]],
-            {
-                **environment("prefect-server"),
-                "PREFECT_SERVER_API_HOST": "127.0.0.1",
-                "PREFECT_SERVER_API_PORT": str(ports["prefect"]),
-                "PREFECT_HOME": str(workdir / "prefect-home"),
-            },
-            workdir / "prefect.log",
-        )
+        prefect_command = [*services["prefect-server"]["entrypoint"], *services["prefect-server"]["command"]]
+        prefect_env = {
+            **environment("prefect-server"),
+            "PREFECT_SERVER_API_HOST": "127.0.0.1",
+            "PREFECT_SERVER_API_PORT": str(ports["prefect"]),
+            "PREFECT_HOME": str(workdir / "prefect-home"),
+        }
+        prefect = start(started, prefect_command, prefect_env, workdir / "prefect.log")
+        restarts = itertools.count(1)
+
+        def restart_prefect() -> None:
+            """SIGTERM to the Prefect server's process group (what `docker compose restart`
+            sends), then the same command and environment again, until healthy."""
+            (server,) = [s for s in started if s.process.args == prefect_command]
+            os.killpg(server.process.pid, signal.SIGTERM)
+            server.process.wait(timeout=60)
+            started.remove(server)
+            log = workdir / f"prefect-restart-{next(restarts)}.log"
+            start(started, prefect_command, prefect_env, log).wait_healthy(f"{prefect_url}/api/health")
+
         mlflow = start(
             started,
             [str(INFRA / "mlflow" / "serve.sh"), *on_this_machine(services["mlflow"]["command"], ports["mlflow"])],
@@ -173,7 +189,9 @@ def running_stack(workdir: Path) -> Iterator[Stack]:
             s3.create_bucket(Bucket=variables[bucket])
         prefect.wait_healthy(f"{prefect_url}/api/health")
         mlflow.wait_healthy(f"{mlflow_url}/health")
-        yield Stack(postgres, s3_url, f"{prefect_url}/api", mlflow_url, environment("worker"), variables)
+        yield Stack(
+            postgres, s3_url, f"{prefect_url}/api", mlflow_url, environment("worker"), variables, restart_prefect
+        )
 
 
 def on_this_machine(command: list[str], port: int) -> list[str]:

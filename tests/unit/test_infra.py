@@ -12,9 +12,12 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from prefect.server.concurrency.lease_storage.filesystem import ConcurrencyLeaseStorage
 from prefect.server.schemas.actions import validate_base_job_template
+from prefect.settings import PREFECT_HOME, temporary_settings
 from prefect.utilities.templating import apply_values
 
+from ops.environment import DEFAULTS
 from support.compose import (
     COMPOSE_FILE,
     ENV_EXAMPLE,
@@ -178,6 +181,18 @@ def test_servers_get_postgres_s3_and_auth_as_the_issue_asks(services):
     serve_script = (INFRA / "mlflow" / "serve.sh").read_text()
     assert "--app-name basic-auth --serve-artifacts" in serve_script
     assert "$MLFLOW_AUTH_DATABASE_URI" in serve_script
+
+
+def test_the_prefect_server_keeps_its_leases_in_files_on_a_volume(compose, services):
+    """So that a restarted server still knows who holds each `gpu` slot (issue 28)."""
+    environment = services["prefect-server"]["environment"]
+    assert (
+        environment["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] == DEFAULTS["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"]
+    )
+    with temporary_settings({PREFECT_HOME: environment["PREFECT_HOME"]}):
+        lease_folder = ConcurrencyLeaseStorage().storage_path  # where Prefect keeps them for that home
+    mounts = dict(entry.split(":")[::-1] for entry in services["prefect-server"]["volumes"])
+    assert mounts[str(lease_folder)] in compose["volumes"]
 
 
 def test_the_databases_compose_connects_to_are_the_ones_the_init_script_creates(services, env_example):
