@@ -143,14 +143,14 @@ def test_prefect_refuses_anonymous_clients_and_completes_a_flow_run(stack):
     assert psql(stack.postgres, "prefect", f"SELECT state_type FROM flow_run WHERE id = '{flow_run_id}'") == "COMPLETED"
 
 
-# A flow run that holds the `gpu` slot the way training does (flows.runtime.holding_gpus: a
+# A flow run that holds the `gpu` slot the way training does (flows.run.context.holding_gpus: a
 # lease renewed while held) until the file named by its argument exists.
 HOLD_THE_GPU_SLOT = """
 import sys, time
 from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
-from flows.runtime import holding_gpus
+from flows.run.context import holding_gpus
 
 @flow(name="hold-gpu")
 def hold(release: str) -> str:

@@ -20,8 +20,8 @@ from prefect import flow, get_client
 from prefect.concurrency.sync import concurrency
 from prefect.server.concurrency.lease_storage.filesystem import ConcurrencyLeaseStorage
 
-from flows import leases
-from flows.runtime import ensure_limit
+from flows.run import slots
+from flows.run.context import ensure_limit
 from support.configs import write_pipeline_config
 from support.processes import GPTFLOW
 
@@ -111,16 +111,16 @@ def test_a_wait_for_a_slot_that_another_run_holds_logs_no_prefect_error(prefect_
                 client.release_concurrency_slots_with_lease(held)
             return concurrency(*args, **kwargs)
 
-        monkeypatch.setattr(leases, "concurrency", counted_try)
-        monkeypatch.setattr(leases, "TRY_SECONDS", 1)
+        monkeypatch.setattr(slots, "concurrency", counted_try)
+        monkeypatch.setattr(slots, "TRY_SECONDS", 1)
 
         @flow(name="waits-for-a-slot")
         def waits_for_a_slot() -> None:
-            with leases.holding(limit):
+            with slots.holding(limit):
                 pass
 
         records = Records()
-        watched = [logging.getLogger(name) for name in (leases.SLOT_SERVICE_LOGGER, "prefect.flow_runs")]
+        watched = [logging.getLogger(name) for name in (slots.SLOT_SERVICE_LOGGER, "prefect.flow_runs")]
         for logger in watched:
             logger.addHandler(records)
         try:
