@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from flows.environment import apply_defaults
+from flows.harness import harness
 from model.errors import UserError
 
 app = typer.Typer(
@@ -142,7 +143,12 @@ def generate(
     ] = None,
     config: Annotated[Path | None, typer.Option(help="With --shots: the YAML config whose pairs prime.")] = None,
     prompt_format: Annotated[
-        str, typer.Option("--format", help="auto (the model's own), document, or pair (`prompt <|sep|>`).")
+        str,
+        typer.Option(
+            "--format",
+            help="auto (the model's own; examples as pairs), document (examples too: plain text, blank lines "
+            "between), or pair (`prompt <|sep|>`).",
+        ),
     ] = "auto",
     stream: Annotated[bool, typer.Option(help="Print tokens as they are drawn.")] = False,
     max_new_tokens: int = 64,
@@ -246,6 +252,9 @@ def export(
     print(f"exported  {written}")
     if push_to_hub:
         print(f"pushed    {push_directory(written, push_to_hub)}")
+
+
+app.command()(harness)  # lm-evaluation-harness on any model the export holds (flows/harness.py)
 
 
 @app.command()
