@@ -392,10 +392,12 @@ def document_primed_figures(
         examples, pairs.val, encode, config.priming_shots, seq_len, config.eval_max_new_tokens, special
     )
     requests = [request for request, _ in laid_out]
+    # A completion longer than a row is not scored, as the `<|sep|>` rows drop it (`encode_pair`).
+    fitting = [request for request in requests if len(request[1]) <= seq_len]
     device = next(model.parameters()).device
-    scored = score_continuations(model, requests, seq_len, config.micro_batch_size, device)
-    tokens = sum(len(completion) for _, completion in requests)
-    loss = -sum(result.logprob for result in scored) / tokens
+    scored = score_continuations(model, fitting, seq_len, config.micro_batch_size, device)
+    tokens = sum(len(completion) for _, completion in fitting)
+    loss = -sum(result.logprob for result in scored) / tokens if tokens else math.nan
     figures = {"completion_loss": loss, "completion_perplexity": math.exp(loss)}
     if config.task == DOCSTRING_TASK:
         shown = config.eval_pairs

@@ -421,6 +421,14 @@ def test_the_document_primed_row_equals_a_hand_computation(tmp_path):
     assert 0 <= figures["primed_document_parse_rate"] <= 1
 
 
+def test_a_completion_longer_than_a_row_is_left_out_of_the_document_row(tmp_path):
+    tokenizer, model, train, val, config = priming_case(tmp_path)
+    longer = [*val, Pair("def long():\n", "    y = 1\n" * 40)]
+    figures = primed_figures(model, tokenizer, config, PairSet(train=train, val=longer), seq_len=64)
+    alone = primed_figures(model, tokenizer, config, PairSet(train=train, val=val), seq_len=64)
+    assert figures["primed_document_completion_loss"] == pytest.approx(alone["primed_document_completion_loss"])
+
+
 def test_a_document_primed_body_ends_where_the_function_ends():
     assert function_body("def f(x):\n", "    return x\n\ndef g(y):\n    return") == "    return x\n\n"
     assert function_body("def f(x):\n", "    y = 1\n\n    return y\n") == "    y = 1\n\n    return y\n"
