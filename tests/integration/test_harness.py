@@ -7,14 +7,19 @@ from __future__ import annotations
 import json
 import random
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
+from tokenizers import Tokenizer
 from typer.testing import CliRunner
 
 from flows.cli import app
 from flows.harness import EXPERIMENT, import_lm_eval
+from model.checkpoint import CONFIG, WEIGHTS
 from model.errors import UserError
+from support.corpus import toy_tokenizer
+from support.models import save_base_checkpoint, tiny_gpt
 from tasks import tracking
 from tasks.core.model_source import open_model
 from tasks.evaluate_benchmarks import BenchmarkConfig, benchmark_figures
@@ -95,6 +100,27 @@ def test_harness_on_a_local_task_equals_the_evaluate_stage_and_logs_to_mlflow(tm
     assert 0 < ours["local_hellaswag_acc"] < 1 or 0 < ours["local_hellaswag_acc_norm"] < 1  # not a degenerate case
     artifacts = [item.path for item in tracking.client().list_artifacts(runs[0].info.run_id, "harness")]
     assert artifacts == ["harness/results.json"]
+
+
+def test_a_registered_model_is_scored_in_a_run_nested_under_its_own(tmp_path):
+    pytest.importorskip("lm_eval")
+    data = tmp_path / "hellaswag.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in hellaswag_rows(4)))
+    tasks_dir = write_local_task(tmp_path / "tasks", data)
+    tokenizer = toy_tokenizer(tmp_path / "tokenizer.json")
+    checkpoint = save_base_checkpoint(tiny_gpt(Tokenizer.from_file(str(tokenizer)).get_vocab_size(), 64), tmp_path)
+    name = f"harness-{uuid.uuid4().hex[:6]}"
+    run_id = tracking.start_run(name, "pipeline")
+    logged = tracking.log_text_generator(run_id, checkpoint / WEIGHTS, checkpoint / CONFIG, tokenizer)
+    version = tracking.register_version(logged, name, tags={})
+    tracking.end_run(run_id)
+
+    uri = f"models:/{name}/{version}"
+    result = CliRunner().invoke(app, ["harness", uri, "--tasks", "local_hellaswag", "--include-path", str(tasks_dir)])
+    assert result.exit_code == 0, result.output
+    nested = tracking.child_runs(run_id)
+    assert list(nested) == ["harness"]
+    assert "local_hellaswag_acc_norm" in tracking.get_run(nested["harness"]).data.metrics
 
 
 def test_without_lm_eval_the_error_is_one_line_naming_the_extra(monkeypatch):
