@@ -21,6 +21,7 @@ from tasks.evaluate_benchmarks import (
     hellaswag_example,
     load_examples,
     score_benchmark,
+    source_digest,
 )
 from tasks.register import RegisterConfig
 
@@ -173,6 +174,23 @@ def test_limit_keeps_the_first_rows_of_a_directory(tmp_path):
     config = BenchmarkConfig(name="mc", kind="multiple_choice", source=str(tmp_path), limit=3)
     assert [e.context for e in load_examples(config)] == [row["context"] for row in MULTIPLE_CHOICE_ROWS]
     assert len(load_examples(config.model_copy(update={"limit": 1}))) == 1
+
+
+def test_a_hub_source_is_read_through_datasets_by_name_and_split(monkeypatch):
+    import datasets
+
+    asked = []
+    rows = [{**row, "label": str(row["label"])} for row in HELLASWAG_ROWS]  # the hub's labels are strings
+
+    def load_dataset(name, split):
+        asked.append((name, split))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    config = BenchmarkConfig(name="hs", kind="hellaswag", source="hf:Rowan/hellaswag", limit=1)
+    assert [(e.context, e.choices, e.label) for e in load_examples(config)] == HELLASWAG_EXPECTED[:1]
+    assert source_digest(config) == datasets.Dataset.from_list(rows)._fingerprint  # by content
+    assert asked == [("Rowan/hellaswag", "validation")] * 2
 
 
 def test_benchmarks_enter_the_fingerprint_by_content(tmp_path):
