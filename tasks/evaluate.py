@@ -22,8 +22,8 @@ up the samples of several runs).
 Output directory `<workspace>/evaluate/<fingerprint>/`: `metrics.json`, `samples.md` and
 `samples.json` and `manifest.json` (written last). The fingerprint covers the settings that change the
 figures and the identity of the weights, tokenizer, shards, corpus and benchmark sources (by
-content); not the batch size or device. On a GPU the model scores in bf16 autocast with fp32 logits and loss sums
-(`model.device`), so its figures stay comparable with a CPU evaluation's.
+content); not the batch size or device. On a GPU the model scores in bf16 autocast with fp32
+logits and loss sums (`model.device`), so its figures stay comparable with a CPU evaluation's.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from tasks.core.model_source import load_model_source
 from tasks.core.stage_state import finished
 from tasks.core.train_progress import StageProgress
 from tasks.core.workspace import MANIFEST, StageDir, fingerprint, sha256_file, write_json_atomic
-from tasks.evaluate_benchmarks import BenchmarkConfig, benchmark_figures, score_names, source_digest
+from tasks.evaluate_benchmarks import BenchmarkConfig, benchmark_figures, score_names, source_digests
 from tasks.ingest import read_corpus
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
 
@@ -230,7 +230,7 @@ def evaluate_inputs(
         "shards": shards_fingerprint,
         "corpus": corpus_sha256,
     }
-    return inputs | {f"benchmark:{benchmark.name}": source_digest(benchmark) for benchmark in benchmarks}
+    return inputs | source_digests(benchmarks)
 
 
 def evaluate_settings(config: EvaluateConfig) -> dict:

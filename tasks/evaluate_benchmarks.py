@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -125,6 +126,11 @@ def source_digest(config: BenchmarkConfig) -> str:
     if len(files) == 1:
         return sha256_file(files[0])
     return hashlib.sha256("".join(f"{p.name}:{sha256_file(p)}\n" for p in files).encode()).hexdigest()
+
+
+def source_digests(benchmarks: Sequence[BenchmarkConfig]) -> dict[str, str]:
+    """`benchmark:<name>` -> its source's digest, for the fingerprints of what is scored on them."""
+    return {f"benchmark:{benchmark.name}": source_digest(benchmark) for benchmark in benchmarks}
 
 
 def hellaswag_text(text: str) -> str:

@@ -33,7 +33,7 @@ from tasks.evaluate_benchmarks import (
     benchmark_figures,
     is_benchmark_figure,
     score_names,
-    source_digest,
+    source_digests,
 )
 from tasks.evaluate_benchmarks import lower_is_better as benchmark_lower_is_better
 from tasks.tracking.stage_run import stage_run
@@ -95,7 +95,7 @@ class EvalData:
         inputs = {"shards": sha256_file(self.shards / "manifest.json"), "corpus": sha256_file(self.corpus)}
         if self.config.benchmarks:  # only then: the data of a gate without benchmarks keeps its fingerprint
             settings["benchmarks"] = evaluate_settings(self.config)["benchmarks"]
-            inputs |= {f"benchmark:{b.name}": source_digest(b) for b in self.config.benchmarks}
+            inputs |= source_digests(self.config.benchmarks)
         return fingerprint("gate", settings, inputs, format_version=1)
 
 
