@@ -14,8 +14,8 @@ Kinds:
 
 Multiple choice: each choice is the continuation `" " + choice` of the context; `acc` is the
 share of examples whose highest summed log-probability is the label's, `acc_norm` the same
-with each sum divided by the choice's length in characters (lm-eval's convention; nanoGPT
-and llm.c's HellaSwag use the mean loss per token instead, so their figures differ a little).
+with each sum divided by the choice's length in characters (lm-eval's convention;
+build-nanogpt's and llm.c's HellaSwag use the mean loss per token instead: other figures).
 Cloze: `acc` is the share of passages whose last word is the greedy continuation, and
 `perplexity` exp(-mean summed log-probability of the word), as lm-eval's `lambada` reports.
 `<name>_truncated` counts requests whose context was cut from the left to fit the model.
@@ -163,19 +163,25 @@ def field(row: dict, name: str, kind: type, where: str):
     return value
 
 
+def nonempty(choices: list[str], where: str) -> list[str]:
+    """The choices, refused when there are none or one is empty (acc_norm divides by its length)."""
+    if not choices or not all(choices):
+        raise UserError(f"{where}: needs at least one choice, none of them empty")
+    return choices
+
+
 def hellaswag_example(row: dict, where: str) -> tuple[MultipleChoice | None, str]:
     """One HellaSwag row as lm-eval's `hellaswag` task presents it; None without a label."""
     context = field(row, "ctx_a", str, where) + " " + field(row, "ctx_b", str, where).capitalize()
     endings = field(row, "endings", list, where)
     query = hellaswag_text(field(row, "activity_label", str, where) + ": " + context)
     label = label_of(row.get("label"), len(endings), where)
-    return (None if label is None else MultipleChoice(query, [hellaswag_text(e) for e in endings], label)), where
+    choices = nonempty([hellaswag_text(ending) for ending in endings], where)
+    return (None if label is None else MultipleChoice(query, choices, label)), where
 
 
 def multiple_choice_example(row: dict, where: str) -> tuple[MultipleChoice | None, str]:
-    choices = field(row, "choices", list, where)
-    if not choices:
-        raise UserError(f"{where}: field 'choices' is empty")
+    choices = nonempty(field(row, "choices", list, where), where)
     label = label_of(row.get("label"), len(choices), where)
     return (None if label is None else MultipleChoice(field(row, "context", str, where), choices, label)), where
 

@@ -168,6 +168,13 @@ def test_rows_without_a_label_are_refused_with_a_count(tmp_path):
         load_examples(config)
 
 
+def test_an_empty_choice_is_refused_naming_the_line(tmp_path):
+    rows = [*MULTIPLE_CHOICE_ROWS, {"context": "x", "choices": ["a", ""], "label": 0}]
+    config = BenchmarkConfig(name="mc", kind="multiple_choice", source=str(write_jsonl(tmp_path / "e.jsonl", rows)))
+    with pytest.raises(UserError, match=r"e.jsonl:4: needs at least one choice, none of them empty"):
+        load_examples(config)
+
+
 def test_limit_keeps_the_first_rows_of_a_directory(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", MULTIPLE_CHOICE_ROWS[:2])
     write_jsonl(tmp_path / "b.jsonl", MULTIPLE_CHOICE_ROWS[2:])
