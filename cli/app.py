@@ -14,6 +14,7 @@ from collections.abc import Callable
 import typer
 
 from cli import commands
+from flows.harness import harness
 from model.errors import UserError
 from ops.environment import apply_defaults
 
@@ -26,6 +27,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "run": commands.run,
     "generate": commands.generate,
     "export": commands.export,
+    "harness": harness,  # lm-evaluation-harness on the model's HF export (flows/harness.py)
     "serve": commands.serve,
     "runs": commands.runs,
     "status": commands.status,

@@ -140,7 +140,12 @@ ExamplesOpt = Annotated[
 ShotsOpt = Annotated[int | None, typer.Option(help="Prime with the first K fine-tuning pairs of --config that fit.")]
 ShotsConfigOpt = Annotated[Path | None, typer.Option(help="With --shots: the YAML config whose pairs prime.")]
 FormatOpt = Annotated[
-    str, typer.Option("--format", help="auto (the model's own), document, or pair (`prompt <|sep|>`).")
+    str,
+    typer.Option(
+        "--format",
+        help="auto (the model's own; examples as pairs), document (examples too: plain text, blank lines "
+        "between), or pair (`prompt <|sep|>`).",
+    ),
 ]
 StreamOpt = Annotated[bool, typer.Option(help="Print tokens as they are drawn.")]
 TopKOpt = Annotated[int, typer.Option(help="Keep the k most likely tokens; 0 keeps all.")]

@@ -25,7 +25,7 @@ from tasks.evaluate import EvaluateConfig
 from tasks.finetune import FinetuneConfig
 from tasks.ingest import IngestConfig
 from tasks.pretrain import PretrainConfig
-from tasks.register import RegisterConfig
+from tasks.register import GATE_METRICS, RegisterConfig, gated_benchmark
 from tasks.shard import ShardConfig
 
 # The `register:` section's field shadows ABCMeta.register, which nothing calls on a config.
@@ -74,6 +74,15 @@ class PipelineConfig(BaseModel):
                 f"{fields} would be ignored: with model.init_from the pretrained model's own tokenizer is used "
                 "(nothing is trained); remove them"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _gate_on_a_configured_benchmark(self) -> PipelineConfig:
+        # Otherwise found only at the register stage, after training.
+        gate = self.register.gate_metric
+        if gate not in GATE_METRICS and not gated_benchmark(gate, self.evaluate.benchmarks):
+            names = [benchmark.name for benchmark in self.evaluate.benchmarks] or "none"
+            raise ValueError(f"register.gate_metric {gate!r} is no figure of evaluate.benchmarks (configured: {names})")
         return self
 
     @model_validator(mode="after")

@@ -1,10 +1,14 @@
 """Prompts as token ids: how a model is prompted, primed with examples, and fitted to its context.
 
-Three layouts, each ending where the model should continue:
+Layouts, each ending where the model should continue:
 
     document   <|endoftext|> query               a pretrained model continues a document
     pair       query <|sep|>                      a model fine-tuned on pairs writes the completion
-    primed     p1 <|sep|> c1 <|endoftext|> ... query <|sep|>   GPT-3's few-shot priming
+    primed     p1 <|sep|> c1 <|endoftext|> ... query <|sep|>   few-shot priming in the pairs' format
+    primed as a document
+               <|endoftext|> p1 c1 (blank line) p2 c2 (blank line) query
+                                                  GPT-3's priming of a pretrained model: plain text,
+                                                  as the corpus shows it (`document_text`)
 
 The `gptflow generate` command and the registered model's pyfunc build prompts here (the
 pyfunc bundles `model/`), so both read the same examples file format and cut the same way.
@@ -51,6 +55,32 @@ def format_prompt(
     if prompt_format == "pair":
         return [*query, special.sep]
     return [special.eos, *query]
+
+
+def document_text(examples: list[tuple[str, str]], query: str) -> str:
+    """The examples and the query as one document: each example's prompt then its completion,
+    a blank line after each, then the query."""
+    return "".join(f"{prompt}{completion.rstrip()}\n\n" for prompt, completion in examples) + query
+
+
+def document_primed_prompt(
+    examples: list[tuple[str, str]],
+    query: str,
+    encode: Encode,
+    special: SpecialIds,
+    room: int,
+    limit: int | None = None,
+) -> tuple[list[int], int]:
+    """`<|endoftext|>` then the `document_text` of the first examples (at most `limit`) that fit
+    `room` tokens with the query, and how many that is. The text is encoded whole, as the corpus
+    was (encoded apart, the blank lines between examples would split into other tokens); examples
+    are dropped from the end until it fits."""
+    chosen = list(examples[:limit])
+    while True:
+        ids = [special.eos, *encode(document_text(chosen, query))]
+        if len(ids) <= room or not chosen:
+            return ids, len(chosen)
+        chosen.pop()
 
 
 def encode_examples(examples: list[tuple[str, str]], encode: Encode) -> list[tuple[list[int], list[int]]]:
@@ -109,11 +139,18 @@ def prompt_rows(
     examples: list[tuple[str, str]] | None = None,
     shots: int | None = None,
     examples_source: str = "examples",
+    primed_as: PromptFormat = "pair",
 ) -> list[PromptRow]:
     """The token rows for `texts`: primed with `examples` when given (all of them must fit the
-    context with each prompt; with `shots`, the first `shots` that fit), else in `prompt_format`;
-    each cut to its last `block_size - max_new_tokens` tokens."""
+    context with each prompt; with `shots`, the first `shots` that fit), laid out as pairs or,
+    with `primed_as` "document", as document text; else in `prompt_format`. Each cut to its last
+    `block_size - max_new_tokens` tokens."""
     room = max(block_size - max_new_tokens, 1)
+    if examples and primed_as == "document":
+        return [
+            document_row(text, examples, encode, special, block_size, max_new_tokens, shots, examples_source)
+            for text in texts
+        ]
     primed = encode_examples(examples, encode) if examples else None
     rows = []
     for text in texts:
@@ -130,3 +167,24 @@ def prompt_rows(
         ids, dropped = fit_prompt(format_prompt(query, special, prompt_format, chosen), block_size, max_new_tokens)
         rows.append(PromptRow(ids, dropped, len(chosen or [])))
     return rows
+
+
+def document_row(
+    text: str,
+    examples: list[tuple[str, str]],
+    encode: Encode,
+    special: SpecialIds,
+    block_size: int,
+    max_new_tokens: int,
+    shots: int | None,
+    examples_source: str,
+) -> PromptRow:
+    """One prompt primed with `examples` as document text (see `prompt_rows`)."""
+    room = max(block_size - max_new_tokens, 1)
+    ids, used = document_primed_prompt(examples, text, encode, special, room, shots)
+    if used == 0 or (shots is None and used < len(examples)):
+        raise UserError(
+            f"{examples_source}: only {used} of the {len(examples)} examples fit the context with the prompt "
+            f"({room} tokens: block_size minus max_new_tokens); give fewer or shorter examples"
+        )
+    return PromptRow(*fit_prompt(ids, block_size, max_new_tokens), used)  # cuts only a query longer than the room

@@ -12,6 +12,8 @@ Figures (names as logged to MLflow):
         `<|endoftext|> text <|endoftext|>`, as it sits in the token stream
     eval_tokens_per_s
         scoring throughput on the val shards
+    <name>_acc, <name>_acc_norm, <name>_perplexity, <name>_examples, <name>_truncated
+        each of `benchmarks` (tasks/evaluate_benchmarks.py), scored as lm-evaluation-harness does
 
 Samples: each configured prompt continued by the model, written to `samples.md` (to read)
 and `samples.json` (prompt and completion columns: MLflow's table of the run, which lines
@@ -19,9 +21,9 @@ up the samples of several runs).
 
 Output directory `<workspace>/evaluate/<fingerprint>/`: `metrics.json`, `samples.md` and
 `samples.json` and `manifest.json` (written last). The fingerprint covers the settings that change the
-figures and the identity of the weights, tokenizer, shards and corpus; not the batch size
-or device. On a GPU the model scores in bf16 autocast with fp32 logits and loss sums
-(`model.device`), so its figures stay comparable with a CPU evaluation's.
+figures and the identity of the weights, tokenizer, shards, corpus and benchmark sources (by
+content); not the batch size or device. On a GPU the model scores in bf16 autocast with fp32
+logits and loss sums (`model.device`), so its figures stay comparable with a CPU evaluation's.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from tokenizers import Tokenizer
 
 from model.data import ShardManifest
@@ -54,6 +57,7 @@ from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.stage_state import finished
 from tasks.core.train_progress import StageProgress
 from tasks.core.workspace import MANIFEST, StageDir, fingerprint, sha256_file, write_json_atomic
+from tasks.evaluate_benchmarks import BenchmarkConfig, benchmark_figures, score_names, source_digests
 from tasks.ingest import read_corpus
 from tasks.models.sources import load_model_source
 from tasks.tracking.stage_run import Report, metrics_markdown, stage_run
@@ -82,6 +86,17 @@ class EvaluateConfig(BaseModel):
         8, description="held-out documents scored with sliding windows, in corpus order; null: all"
     )
     batch_size: PositiveInt = Field(16, description="windows per forward pass (does not change the figures)")
+    benchmarks: list[BenchmarkConfig] = Field(
+        default_factory=list, description="downstream benchmarks (tasks/evaluate_benchmarks.py); none by default"
+    )
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _distinct_names(cls, benchmarks: list[BenchmarkConfig]) -> list[BenchmarkConfig]:
+        names = [benchmark.name for benchmark in benchmarks]
+        if repeated := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"benchmark names must differ (their figures are named after them): {repeated}")
+        return benchmarks
 
 
 class EvaluateOutput(BaseModel):
@@ -185,18 +200,51 @@ def evaluate_model(
     documents = document_figures(
         model, tokenizer, config, corpus
     )  # first: a stride the model cannot take fails at once
-    return {**shard_figures(model, tokenizer, config, shards, progress), **documents}
+    return {
+        **shard_figures(model, tokenizer, config, shards, progress),
+        **documents,
+        **all_benchmark_figures(model, tokenizer, config),
+    }
+
+
+def all_benchmark_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig) -> dict[str, float]:
+    """The figures of every configured benchmark."""
+    figures: dict[str, float] = {}
+    for benchmark in config.benchmarks:
+        figures |= benchmark_figures(model, tokenizer, benchmark, config.batch_size)
+    return figures
 
 
 def evaluate_inputs(
-    model_sha256: str, tokenizer_sha256: str, shards_fingerprint: str, corpus_sha256: str
+    model_sha256: str,
+    tokenizer_sha256: str,
+    shards_fingerprint: str,
+    corpus_sha256: str,
+    benchmarks: Sequence[BenchmarkConfig] = (),
 ) -> dict[str, str]:
-    """The identities the evaluation depends on: the weights, tokenizer, shards and corpus."""
-    return {"model": model_sha256, "tokenizer": tokenizer_sha256, "shards": shards_fingerprint, "corpus": corpus_sha256}
+    """The identities the evaluation depends on: the weights, tokenizer, shards, corpus, and
+    each benchmark's source by content (named `benchmark:<name>`, only when there are any)."""
+    inputs = {
+        "model": model_sha256,
+        "tokenizer": tokenizer_sha256,
+        "shards": shards_fingerprint,
+        "corpus": corpus_sha256,
+    }
+    return inputs | source_digests(benchmarks)
+
+
+def evaluate_settings(config: EvaluateConfig) -> dict:
+    """The settings that change the figures. Benchmarks enter only when there are some (so the
+    fingerprints of evaluations without them stay as they were), their sources by content
+    through `evaluate_inputs`, not by path."""
+    settings = config.model_dump(exclude={"batch_size", "benchmarks"})
+    if config.benchmarks:
+        settings["benchmarks"] = [benchmark.model_dump(exclude={"source"}) for benchmark in config.benchmarks]
+    return settings
 
 
 def evaluate_fingerprint(config: EvaluateConfig, inputs: dict[str, str]) -> str:
-    return fingerprint("evaluate", config.model_dump(exclude={"batch_size"}), inputs, FORMAT_VERSION)
+    return fingerprint("evaluate", evaluate_settings(config), inputs, FORMAT_VERSION)
 
 
 def run_evaluate(
@@ -222,7 +270,7 @@ def run_evaluate(
     if shard_manifest.tokenizer_sha256 not in (None, tokenizer_sha):
         raise UserError(f"{shards / MANIFEST}: shards were encoded with another tokenizer than {tokenizer}")
     shards_identity = shard_manifest.fingerprint or sha256_file(shards / MANIFEST)
-    inputs = evaluate_inputs(loaded.digest, tokenizer_sha, shards_identity, sha256_file(corpus))
+    inputs = evaluate_inputs(loaded.digest, tokenizer_sha, shards_identity, sha256_file(corpus), config.benchmarks)
     stage = StageDir(workspace, "evaluate", evaluate_fingerprint(config, inputs))
 
     def build(directory: Path) -> dict:
@@ -253,6 +301,11 @@ def run_evaluate(
     )
 
 
+def parent_figures(config: EvaluateConfig) -> list[str]:
+    """The figures the parent run gets: the headline ones and the benchmarks' scores."""
+    return [*HEADLINE, *(name for benchmark in config.benchmarks for name in score_names(benchmark))]
+
+
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate_task(
     config: EvaluateConfig,
@@ -274,7 +327,7 @@ def evaluate_task(
             output = run_evaluate(config, model, tokenizer, shards, corpus, workspace, device, progress)
         stage.finish(
             output.metrics,
-            parent_metrics={parent_prefix + name: output.metrics[name] for name in HEADLINE},
+            parent_metrics={parent_prefix + name: output.metrics[name] for name in parent_figures(config)},
             artifacts={output.samples: "evaluate", output.path / "metrics.json": "evaluate"},
             tables={SAMPLES_TABLE: json.loads((output.path / SAMPLES_TABLE).read_text())},
             report=Report(

@@ -17,8 +17,9 @@ are given or they were encoded with another tokenizer than the model's.
 Figures on the held-out (val) pairs, for the model before and after fine-tuning side by
 side (`pretrained_*`, `finetuned_*`): completion loss and perplexity (one pair per row, so
 each completion sees only its own prompt), and for the code task the share of generated
-bodies for which `prompt + body` parses with `ast.parse` (`parse_rate`, greedy decoding
-of at most `eval_max_new_tokens` tokens for at most `eval_pairs` pairs).
+bodies for which `prompt + body` parses with `ast.parse` and does something beyond `pass`,
+`...` or returning a constant or an undefined name (`parse_rate`, `completes_function`;
+greedy decoding of at most `eval_max_new_tokens` tokens for at most `eval_pairs` pairs).
 
 Output directory `<workspace>/finetune/<fingerprint>/`: `pairs-train.parquet`,
 `pairs-val.parquet`, `checkpoints/step-N/`, `metrics.json`, and `manifest.json` last.
@@ -28,6 +29,7 @@ An interrupted run resumes from its newest checkpoint when run again.
 from __future__ import annotations
 
 import ast
+import math
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from tokenizers import Tokenizer
 
+from model.benchmarks import score_continuations
 from model.checkpoint import CheckpointTokens, attach_tokenizer, checkpoint_dirs
 from model.config import RUN_ONLY
 from model.data import ShardManifest, WindowLoader
@@ -64,7 +67,7 @@ from tasks.core.train_progress import training_progress
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, sha256_file
 from tasks.finetune_pairs import Pair, PairSet, docstring_pairs, file_pairs
-from tasks.finetune_priming import primed_layouts, primed_rows, priming_order
+from tasks.finetune_priming import document_requests, function_body, primed_layouts, primed_rows, priming_order
 from tasks.models.sources import load_model_source
 from tasks.tracking.loss_curves import live_loss_curves
 from tasks.tracking.stage_run import Report, log_attempt, metrics_markdown, stage_run
@@ -73,7 +76,9 @@ from tasks.tracking.step_metrics import step_metrics
 # 2: checkpoints' optimizer state keyed by parameter name (model.parallel.full_state);
 # 3: the held-out table's primed row; the final checkpoint carries tokenizer.json and tokens.json;
 # replay of pretraining windows (the shards enter the fingerprint)
-FORMAT_VERSION = 3
+# 4: the held-out table's document-primed row; the parse rate counts only bodies that do something
+# (`completes_function`): a committed metrics.json would mix the old rate with the new rows
+FORMAT_VERSION = 4
 DOCSTRING_TASK = "docstring-to-function"
 HEADLINE = (
     "finetuned_completion_loss",
@@ -82,11 +87,14 @@ HEADLINE = (
     "finetuned_parse_rate",
     "pretrained_parse_rate",
     "primed_parse_rate",
+    "primed_document_completion_loss",
+    "primed_document_parse_rate",
 )
 # The held-out table's rows: the figures' prefix and what the row is.
 HELD_OUT_ROWS = {
     "pretrained": "pretrained, zero-shot (`prompt <|sep|>`)",
-    "primed": "pretrained, primed with train pairs",
+    "primed": "pretrained, primed with train pairs (`p <|sep|> c <|endoftext|>`)",
+    "primed_document": "pretrained, primed with train pairs as document text (`p c`, blank lines between)",
     "finetuned": "fine-tuned",
 }
 GENERATION_BATCH = 32  # prompts generated together when measuring the parse rate
@@ -251,21 +259,66 @@ def completion_figures(
 
 
 def completes_function(prompt: str, body: str) -> bool:
-    """`prompt + body` parses, and the body adds at least one statement to the function
-    (a prompt alone, a `def` and its docstring, already parses)."""
+    """`prompt + body` parses as a function, and the body does something: at least one of the
+    function's statements is not `pass`, `...`, a docstring or other bare constant or name, or a
+    return of a constant or of a name the function never defines (`return result` with no
+    `result`). A prompt alone (a `def` and its docstring) already parses: without the second
+    rule a model that ends the function at once, or returns a guess, would count."""
     try:
         tree = ast.parse(prompt + body)
     except (SyntaxError, ValueError):  # ValueError: a NUL character in the source
         return False
     function = tree.body[0]
-    return isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) and len(function.body) > 1
+    if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        return False
+    defined = names_defined_in(function)
+    return any(not does_nothing(statement, defined) for statement in function.body)
+
+
+def names_defined_in(function: ast.FunctionDef | ast.AsyncFunctionDef) -> set[str]:
+    """The function's parameters and every name its body binds (assignments, loops, imports, ...)."""
+    arguments = function.args
+    every = [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs, arguments.vararg, arguments.kwarg]
+    names = {argument.arg for argument in every if argument is not None}
+    for node in ast.walk(function):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node is not function:
+            names.add(node.name)
+        elif isinstance(node, ast.alias):
+            names.add((node.asname or node.name).split(".")[0])
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            names.add(node.name)
+    return names
+
+
+def does_nothing(statement: ast.stmt, defined: set[str]) -> bool:
+    """`pass`, a bare constant (`...`, a docstring) or name, or a return of a constant or of an undefined name."""
+    if isinstance(statement, ast.Pass):
+        return True
+    if isinstance(statement, ast.Expr):
+        return isinstance(statement.value, (ast.Constant, ast.Name))
+    if isinstance(statement, ast.Return):
+        value = statement.value
+        return (
+            value is None
+            or isinstance(value, ast.Constant)
+            or (isinstance(value, ast.Name) and value.id not in defined)
+        )
+    return False
 
 
 def parse_rate(
-    model: GPT, tokenizer: Tokenizer, pairs: list[Pair], max_new_tokens: int, prompts: list[list[int]] | None = None
+    model: GPT,
+    tokenizer: Tokenizer,
+    pairs: list[Pair],
+    max_new_tokens: int,
+    prompts: list[list[int]] | None = None,
+    until_function_end: bool = False,
 ) -> float:
     """Share of `pairs` whose prompt, continued greedily, becomes a function that parses.
-    `prompts`: the token ids to continue (primed ones); by default each pair's `prompt <|sep|>`."""
+    `prompts`: the token ids to continue (primed ones); by default each pair's `prompt <|sep|>`.
+    `until_function_end`: the body ends where the function does (`function_body`), not at `<|endoftext|>`."""
     # A prompt leaves room for the body (keeping its end when it must be cut): past the
     # context, generation slides its window and recomputes all of it at every new token
     # (learned positions), 23x slower on the default task. Half the context stays the
@@ -282,7 +335,8 @@ def parse_rate(
             model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=special.eos
         )
         for pair, body in zip(pairs[start : start + GENERATION_BATCH], bodies):
-            ok += completes_function(pair.prompt, tokenizer.decode([t for t in body if t != special.eos]))
+            text = tokenizer.decode([t for t in body if t != special.eos])
+            ok += completes_function(pair.prompt, function_body(pair.prompt, text) if until_function_end else text)
     return ok / len(pairs) if pairs else float("nan")
 
 
@@ -318,7 +372,41 @@ def primed_figures(
         primed = [prompt for prompt, _ in layouts[:shown]]
         figures["parse_rate"] = parse_rate(model, tokenizer, pairs.val[:shown], config.eval_max_new_tokens, primed)
     figures["examples"] = sum(used for _, used in layouts) / len(layouts)
-    return {f"primed_{name}": value for name, value in figures.items()}
+    return {f"primed_{name}": value for name, value in figures.items()} | document_primed_figures(
+        model, tokenizer, config, pairs, seq_len
+    )
+
+
+def document_primed_figures(
+    model: GPT, tokenizer: Tokenizer, config: FinetuneConfig, pairs: PairSet, seq_len: int
+) -> dict[str, float]:
+    """The held-out table's document row (tasks/finetune_priming.py): completion loss, parse
+    rate, and the mean number of examples that fit (`primed_document_examples`)."""
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    special = special_ids(tokenizer)
+    examples = priming_order(pairs.train, config.seed)
+    laid_out = document_requests(
+        examples, pairs.val, encode, config.priming_shots, seq_len, config.eval_max_new_tokens, special
+    )
+    requests = [request for request, _ in laid_out]
+    # A completion longer than a row is not scored, as the `<|sep|>` rows drop it (`encode_pair`).
+    fitting = [request for request in requests if len(request[1]) <= seq_len]
+    device = next(model.parameters()).device
+    scored = score_continuations(model, fitting, seq_len, config.micro_batch_size, device)
+    tokens = sum(len(completion) for _, completion in fitting)
+    loss = -sum(result.logprob for result in scored) / tokens if tokens else math.nan
+    figures = {"completion_loss": loss, "completion_perplexity": math.exp(loss)}
+    if config.task == DOCSTRING_TASK:
+        shown = config.eval_pairs
+        prompts = [context for context, _ in requests[:shown]]
+        figures["parse_rate"] = parse_rate(
+            model, tokenizer, pairs.val[:shown], config.eval_max_new_tokens, prompts, until_function_end=True
+        )
+    figures["examples"] = sum(used for _, used in laid_out) / len(laid_out)
+    return {f"primed_document_{name}": value for name, value in figures.items()}
 
 
 def held_out_table(metrics: Mapping[str, float]) -> str:
@@ -327,8 +415,8 @@ def held_out_table(metrics: Mapping[str, float]) -> str:
     for prefix, label in HELD_OUT_ROWS.items():
         if f"{prefix}_completion_loss" not in metrics:
             continue
-        if prefix == "primed":
-            label += f" (mean {metrics['primed_examples']:.2f} examples)"
+        if prefix.startswith("primed"):
+            label += f" (mean {metrics[f'{prefix}_examples']:.2f} examples)"
         parse = metrics.get(f"{prefix}_parse_rate")
         loss = metrics[f"{prefix}_completion_loss"]
         lines.append(f"| {label} | {loss:.4f} | {'n/a' if parse is None else f'{parse:.3f}'} |")

@@ -27,7 +27,15 @@ from model.errors import UserError
 from tasks import tracking
 from tasks.bpe import load_tokenizer
 from tasks.core.workspace import fingerprint, sha256_file
-from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model
+from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model, evaluate_settings
+from tasks.evaluate_benchmarks import (
+    BenchmarkConfig,
+    benchmark_figures,
+    is_benchmark_figure,
+    score_names,
+    source_digests,
+)
+from tasks.evaluate_benchmarks import lower_is_better as benchmark_lower_is_better
 from tasks.tracking.stage_run import stage_run
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -36,7 +44,8 @@ PROMPT_FORMAT_TAG = "prompt_format"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-# The evaluation figures a gate can compare (tasks/evaluate.py), and whether lower is better.
+# The evaluation figures a gate can compare (tasks/evaluate.py), and whether lower is better;
+# a benchmark's scores too (`<name>_acc`, `<name>_acc_norm`, `<name>_perplexity`: tasks/evaluate_benchmarks.py).
 GATE_METRICS = {
     f"{figures}_{name}": name != "accuracy"
     for figures in ("val", "doc")
@@ -58,14 +67,19 @@ class RegisterConfig(BaseModel):
     @classmethod
     def _comparable_figure(cls, name: str) -> str:
         # Found at load time: a misspelt figure would otherwise keep the champion forever.
-        if name not in GATE_METRICS:
-            raise ValueError(f"{name!r} is not a figure a gate can compare; one of {', '.join(GATE_METRICS)}")
+        if name not in GATE_METRICS and not is_benchmark_figure(name):
+            raise ValueError(
+                f"{name!r} is not a figure a gate can compare; one of {', '.join(GATE_METRICS)}, "
+                "or a benchmark's <name>_acc, <name>_acc_norm, <name>_perplexity"
+            )
         return name
 
     @property
     def lower_is_better(self) -> bool:
-        """Which way the gate figure wins: accuracy up, the others (losses) down."""
-        return GATE_METRICS[self.gate_metric]
+        """Which way the gate figure wins: accuracy up, the others (losses, perplexities) down."""
+        if self.gate_metric in GATE_METRICS:
+            return GATE_METRICS[self.gate_metric]
+        return benchmark_lower_is_better(self.gate_metric)
 
 
 @dataclass
@@ -79,6 +93,9 @@ class EvalData:
     def fingerprint(self) -> str:
         settings = self.config.model_dump(include={"stride", "max_documents", "max_windows"})
         inputs = {"shards": sha256_file(self.shards / "manifest.json"), "corpus": sha256_file(self.corpus)}
+        if self.config.benchmarks:  # only then: the data of a gate without benchmarks keeps its fingerprint
+            settings["benchmarks"] = evaluate_settings(self.config)["benchmarks"]
+            inputs |= source_digests(self.config.benchmarks)
         return fingerprint("gate", settings, inputs, format_version=1)
 
 
@@ -152,6 +169,11 @@ def git_commit() -> str:
         return "unknown"
 
 
+def gated_benchmark(gate_metric: str, benchmarks: list[BenchmarkConfig]) -> BenchmarkConfig | None:
+    """The benchmark whose figure `gate_metric` is, if it is one."""
+    return next((benchmark for benchmark in benchmarks if gate_metric in score_names(benchmark)), None)
+
+
 def champion_figure(
     config: RegisterConfig, champion_uri: str, tokenizer: Path, eval_data: EvalData, device: str = "auto"
 ) -> float | None:
@@ -160,6 +182,9 @@ def champion_figure(
     champion = tracking.load_registered_model(champion_uri)
     model, champion_tokenizer = champion.model.to(resolve_device(device)), champion.tokenizer
     tok = load_tokenizer(champion_tokenizer)
+    if benchmark := gated_benchmark(config.gate_metric, eval_data.config.benchmarks):
+        # Benchmarks are text: each model reads them with its own tokenizer and context.
+        return benchmark_figures(model, tok, benchmark, eval_data.config.batch_size).get(config.gate_metric)
     window = ShardManifest.read(eval_data.shards).seq_len
     if sha256_file(champion_tokenizer) == sha256_file(tokenizer) and window <= model.config.block_size:
         figures = evaluate_model(model, tok, eval_data.config, eval_data.shards, eval_data.corpus)

@@ -45,7 +45,8 @@ def complete(
     examples_source: str = "examples",
     shots: int | None = None,
 ) -> list[Completion]:
-    """Complete each prompt; `prompt_format` None: the model's own. `on_text(i, text)` receives
+    """Complete each prompt; `prompt_format` None: the model's own, and examples as pairs;
+    "document" lays examples out as document text too (model/prompts.py). `on_text(i, text)` receives
     prompt i's completion as it grows, piece by piece (streaming).
 
     `examples` must all fit the context with each prompt; with `shots`, each prompt is primed
@@ -65,6 +66,7 @@ def complete(
         examples,
         shots,
         examples_source,
+        primed_as=prompt_format or "pair",  # examples follow an explicit format; the model's own: pairs
     )
     drawn: list[list[int]] = [[] for _ in prompts]
     shown = [""] * len(prompts)

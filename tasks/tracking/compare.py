@@ -22,6 +22,8 @@ from tasks.tracking.runs import client
 
 # The headline figures of a pipeline run, as its parent run holds them (see the stage tasks).
 HEADLINE = ("pretrain_val_loss", "pretrained_val_bits_per_byte", "finetuned_val_bits_per_byte")
+# Benchmark scores on the parent run (`pretrained_hellaswag_acc_norm`, ...: tasks/benchmarks.py) join them.
+BENCHMARK_SCORE_ENDINGS = ("_acc", "_acc_norm")
 MISSING = "-"
 
 
@@ -71,6 +73,8 @@ def runs_table(experiment: str) -> Table:
     runs = pipeline_runs(experiment)
     differing = differing_params(runs) if len(runs) > 1 else []
     headline = [key for key in HEADLINE if any(key in run.data.metrics for run in runs)]
+    scores = {key for run in runs for key in run.data.metrics if key.endswith(BENCHMARK_SCORE_ENDINGS)}
+    headline += sorted(scores)
     aliases = version_aliases(experiment)  # the registered model is named after the experiment
     table = Table(title=f"Pipeline runs of {experiment}")
     for column in ("run", "start", "status", *differing, *headline, "version"):

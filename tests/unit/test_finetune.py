@@ -32,6 +32,7 @@ from tasks.finetune import (
     run_finetune,
 )
 from tasks.finetune_pairs import Pair, PairSet
+from tasks.finetune_priming import function_body
 
 PAIRS = [([10, 11, 12], [20, 21]), ([13, 14], [22, 23, 24]), ([15], [25])]
 # Ids as a pretrained tokenizer places them (after its vocabulary), not a trained one's 0, 1, 2.
@@ -130,6 +131,41 @@ def test_a_generated_body_counts_only_if_it_adds_code_that_parses():
     assert not completes_function(prompt, "\n   \n   ")  # the docstring alone parses, but adds nothing
     assert not completes_function(prompt, "    return (x\n")
     assert not completes_function(prompt, "return x\n")  # at module level, not in the function
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "    return x\n",  # a parameter
+        "    import math\n    return math\n",  # bound by the import
+        "    for item in x:\n        pass\n    return item\n",  # a loop variable
+        "    print(x)\n",  # a call does something
+        "    pass\n    return [x]\n",  # one statement that does something is enough
+        "    try:\n        pass\n    except ValueError as error:\n        return error\n",
+        "    if x:\n        return 1\n",  # a branch, even of constants
+    ],
+)
+def test_a_body_that_does_something_counts(body):
+    assert completes_function('def f(x):\n    """Doc."""\n', body)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "    pass\n",
+        "    ...\n",
+        "    return\n",
+        "    return None\n",
+        "    return 0\n",
+        '    """Another docstring."""\n',
+        "    x\n",  # a bare name does nothing
+        "    return result\n",  # never defined in the function
+        "    return math\n",  # a module the function never imported
+        "    pass\n    return result\n",
+    ],
+)
+def test_a_body_that_does_nothing_does_not_count(body):
+    assert not completes_function('def f(x):\n    """Doc."""\n', body)
 
 
 # --- the stage ------------------------------------------------------------------------
@@ -303,19 +339,25 @@ def test_a_malformed_pairs_file_fails_the_stage_naming_file_and_line(micro_run, 
 
 
 @torch.no_grad()
+def priming_case(tmp_path):
+    """(tokenizer, model, train pairs, held-out pairs, config) of the held-out table's priming tests."""
+    texts = [module(i) for i in range(3)]
+    tokenizer = load_tokenizer(toy_tokenizer(tmp_path / "tokenizer.json", texts, vocab_size=320))
+    # Perturbed: a freshly initialised model barely depends on its context, which would hide the examples.
+    model = perturbed(tiny_gpt(tokenizer.get_vocab_size(), block_size=64), scale=1.0).eval()
+    train = [Pair(f"def f{i}(x):\n", f"    return x + {i}\n") for i in range(5)]
+    val = [Pair("def g(x):\n", "    return x\n"), Pair("def h():\n", "    pass\n")]
+    config = FinetuneConfig(priming_shots=2, eval_max_new_tokens=6, eval_pairs=2, seed=3, micro_batch_size=2)
+    return tokenizer, model, train, val, config
+
+
 def test_the_primed_row_equals_a_hand_computation(tmp_path):
     """primed_completion_loss: the mean -log p of each held-out completion (and its closing
     <|endoftext|>) after `p1 <|sep|> c1 <|endoftext|> ... query <|sep|>`, with the first
     `priming_shots` train pairs in seeded order that fit beside the query and the body's budget."""
-    texts = [module(i) for i in range(3)]
-    tokenizer = load_tokenizer(toy_tokenizer(tmp_path / "tokenizer.json", texts, vocab_size=320))
+    tokenizer, model, train, val, config = priming_case(tmp_path)
     special = special_ids(tokenizer)
-    # Perturbed: a freshly initialised model barely depends on its context, which would hide the examples.
-    model = perturbed(tiny_gpt(tokenizer.get_vocab_size(), block_size=64), scale=1.0).eval()
-    train = [Pair(f"def f{i}(x):\n", f"    return x + {i}\n") for i in range(5)]
     train.insert(1, Pair("def big():\n", "    y = 1\n" * 40))  # never fits: passed over
-    val = [Pair("def g(x):\n", "    return x\n"), Pair("def h():\n", "    pass\n")]
-    config = FinetuneConfig(priming_shots=2, eval_max_new_tokens=6, eval_pairs=2, seed=3, micro_batch_size=2)
     figures = primed_figures(model, tokenizer, config, PairSet(train=train, val=val), seq_len=64)
 
     def ids(text):
@@ -347,6 +389,51 @@ def test_the_primed_row_equals_a_hand_computation(tmp_path):
     assert 0 <= figures["primed_parse_rate"] <= 1
     other_order = primed_figures(model, tokenizer, config.model_copy(update={"seed": 4}), PairSet(train, val), 64)
     assert abs(other_order["primed_completion_loss"] - nats / count) > 1e-3  # the examples matter
+
+
+def test_the_document_primed_row_equals_a_hand_computation(tmp_path):
+    """primed_document_completion_loss: the mean -log p of each held-out completion (and a closing
+    <|endoftext|>) after `<|endoftext|> p1 c1 (blank line) p2 c2 (blank line) query`, the text encoded
+    whole, the completion's tokens those past the text's (its trailing newline moves to the completion)."""
+    tokenizer, model, train, val, config = priming_case(tmp_path)
+    eos = special_ids(tokenizer).eos
+    figures = primed_figures(model, tokenizer, config, PairSet(train=train, val=val), seq_len=64)
+
+    def ids(text):
+        return tokenizer.encode(text, add_special_tokens=False).ids
+
+    order = list(range(len(train)))
+    random.Random(3).shuffle(order)
+    shown = [train[i] for i in order][:2]
+    nats, count = 0.0, 0
+    for pair in val:
+        text = "".join(f"{e.prompt}{e.completion.rstrip()}\n\n" for e in shown) + pair.prompt
+        assert len(ids(text)) + 1 <= 64 - 6  # both examples fit
+        context = [eos, *ids(text.rstrip("\n"))]
+        completion = ids(text + pair.completion)[len(context) - 1 :] + [eos]
+        tokens = context + completion
+        log_probs = torch.log_softmax(model(torch.tensor([tokens]), fp32_logits=True).logits[0], dim=-1)
+        for position in range(len(context), len(tokens)):
+            nats -= log_probs[position - 1, tokens[position]].item()
+            count += 1
+    assert figures["primed_document_examples"] == 2
+    assert figures["primed_document_completion_loss"] == pytest.approx(nats / count, rel=1e-5)
+    assert 0 <= figures["primed_document_parse_rate"] <= 1
+
+
+def test_a_completion_longer_than_a_row_is_left_out_of_the_document_row(tmp_path):
+    tokenizer, model, train, val, config = priming_case(tmp_path)
+    longer = [*val, Pair("def long():\n", "    y = 1\n" * 40)]
+    figures = primed_figures(model, tokenizer, config, PairSet(train=train, val=longer), seq_len=64)
+    alone = primed_figures(model, tokenizer, config, PairSet(train=train, val=val), seq_len=64)
+    assert figures["primed_document_completion_loss"] == pytest.approx(alone["primed_document_completion_loss"])
+
+
+def test_a_document_primed_body_ends_where_the_function_ends():
+    assert function_body("def f(x):\n", "    return x\n\ndef g(y):\n    return") == "    return x\n\n"
+    assert function_body("def f(x):\n", "    y = 1\n\n    return y\n") == "    y = 1\n\n    return y\n"
+    assert function_body("def f(x):\n", "def g():\n") == ""
+    assert function_body("def f(x):", " return x\nprint(1)") == " return x\n"
 
 
 def replay_shards(root, tokenizer_sha256: str):

@@ -60,6 +60,13 @@ def test_a_primed_prompt_is_laid_out_as_the_fine_tuning_format_repeated(source, 
     assert recorded == [[*p1, sep, *c1, eos, *p2, sep, *c2, eos, *q, sep]]
 
 
+def test_examples_primed_as_a_document_are_plain_text_with_blank_lines_between(source, recorded):
+    examples = [("def one():\n", "    return 1\n"), ("def two():\n", "    return 2")]
+    complete(source, ["def three():\n"], Sampling(max_new_tokens=4), examples=examples, prompt_format="document")
+    text = "def one():\n    return 1\n\ndef two():\n    return 2\n\ndef three():\n"
+    assert recorded == [[source.special.eos, *encode(source, text)]]  # encoded whole, no <|sep|>
+
+
 def test_prompt_formats(source, recorded):
     complete(source, ["x = 1"], Sampling(max_new_tokens=4), prompt_format="pair")
     complete(source, ["x = 1"], Sampling(max_new_tokens=4))  # the HF model's own: a document

@@ -1,5 +1,6 @@
 """The registry stage: lineage tags, aliases and the champion gate, on a real MLflow store."""
 
+import json
 import uuid
 
 import pytest
@@ -17,6 +18,7 @@ from tasks import tracking
 from tasks.bpe import load_tokenizer
 from tasks.core.workspace import sha256_file
 from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model
+from tasks.evaluate_benchmarks import BenchmarkConfig, benchmark_figures
 from tasks.register import CANDIDATE, CHAMPION, WEIGHTS_TAG, EvalData, RegisterConfig, champion_figure, run_register
 from tasks.tracking.registry import load_registered_model
 
@@ -155,6 +157,35 @@ def test_champion_with_a_shorter_context_is_compared_on_documents_only(data):
     compared, _, _ = register(name, checkpoint_of(other, root, f"{name}-doc"), data, EvaluateConfig(), config=doc_gate)
     expected = document_figures(short, tokenizer, EvaluateConfig(), corpus)["doc_bits_per_byte"]
     assert compared.champion_value == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_benchmark_gate_scores_the_champion_again_on_new_benchmark_data(data):
+    root, tokenizer_path, tokenizer, corpus, shards = data
+    name = f"bench-{uuid.uuid4().hex[:6]}"
+    gate = RegisterConfig(gate_metric="mc_acc_norm")
+
+    def benchmark_config(label, texts):
+        rows = [{"context": text[:12], "choices": [text[12:30], text[30:40] or "x", "y"], "label": 0} for text in texts]
+        path = root / f"{name}-{label}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        benchmark = BenchmarkConfig(name="mc", kind="multiple_choice", source=str(path))
+        return EvaluateConfig(max_windows=2, max_documents=1, benchmarks=[benchmark])
+
+    champion_model = tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN, seed=7)
+    first, recorded, _ = register(
+        name, checkpoint_of(champion_model, root, f"{name}-1"), data, benchmark_config("one", TEXTS), config=gate
+    )
+    assert first.promoted and "mc_acc_norm" in recorded and "mc_acc" in recorded
+
+    # Other benchmark rows: the recorded figure does not apply, the champion is scored on the new ones.
+    new = benchmark_config("two", OTHER_TEXTS)
+    candidate = tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN, seed=8)
+    output, _, _ = register(
+        name, checkpoint_of(candidate, root, f"{name}-2"), data, new, metrics={"mc_acc_norm": 1.5}, config=gate
+    )
+    expected = benchmark_figures(champion_model, tokenizer, new.benchmarks[0], batch_size=4)["mc_acc_norm"]
+    assert output.champion_value == expected
+    assert output.promoted  # accuracy wins upwards: 1.5 beats any share
 
 
 def test_registered_weights_load_back_exactly_and_register_once(data):

@@ -72,6 +72,18 @@ def test_runs_lists_differing_settings_figures_and_versions(tmp_path):
     assert first_row < result.output.index(f"{experiment}-lr0.01 ")
 
 
+def test_runs_show_the_benchmark_scores_a_run_logged(tmp_path):
+    experiment = f"bench-{uuid.uuid4().hex[:6]}"
+    run_id = pipeline_run(experiment, "0.01", 2.5, None)
+    tracking.log_metrics(run_id, {"pretrained_hs_acc": 0.25, "pretrained_hs_acc_norm": 0.3125})
+
+    result = CliRunner().invoke(app, ["runs", str(write_pipeline_config(tmp_path, experiment))])
+    assert result.exit_code == 0, result.output
+    header = row_of(result.output, "run")
+    assert header[-3:] == ["pretrained_hs_acc", "pretrained_hs_acc_norm", "version"]
+    assert row_of(result.output, f"{experiment}-lr0.01")[-3:] == ["0.25", "0.3125", "-"]
+
+
 def test_runs_compare_puts_two_runs_side_by_side(tmp_path):
     experiment = f"compare-{uuid.uuid4().hex[:6]}"
     first, second = (pipeline_run(experiment, lr, loss, None) for lr, loss in zip(LEARNING_RATES, (2.5, 2.25)))
