@@ -28,7 +28,7 @@ stop_at = int(sys.argv[2])
 losses = {}
 
 def record(step, metrics):
-    losses[step] = [metrics["loss"], metrics.get("val_loss")]
+    losses[step] = [metrics.get("loss"), metrics.get("val_loss")]  # step 0: the initial weights' val_loss only
     if step == stop_at:
         os.kill(os.getpid(), signal.SIGTERM)  # as Prefect cancels: the step in flight finishes
 
