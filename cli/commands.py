@@ -258,9 +258,10 @@ def export(
     ] = None,
 ) -> None:
     """Write MODEL as a directory AutoModelForCausalLM and AutoTokenizer load, with a model card."""
-    from tasks.models.hf_export import export_model, push_directory
+    from tasks.models.hf_export import export_model, push_directory, require_hf_extra
     from tasks.models.sources import open_model
 
+    require_hf_extra()  # before a registered model is downloaded for nothing
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise UserError(f"{out_dir}: exists and is not empty; pass --force to replace its files")
     written = export_model(open_model(model), out_dir)
