@@ -242,6 +242,14 @@ def print_completions(source: SourceModel, texts: list[str], stream: bool, setti
             print("-" * 40)
 
 
+def print_config(config: ConfigArg, overrides: SetOpt = None) -> None:
+    """Print the resolved config as YAML: every key with its type, default and description above it."""
+    from cli.config_listing import config_yaml
+    from flows.pipeline_config import load_config
+
+    print(config_yaml(load_config(config, overrides or [])), end="")
+
+
 def read_text_file(path: Path, option: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
