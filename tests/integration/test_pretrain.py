@@ -50,7 +50,7 @@ def test_stage_trains_commits_and_is_reused(tmp_path, shards):
     output = run_pretrain(
         micro_pretrain_config(), MODEL, shards, tmp_path, callback=lambda step, metrics: steps.append(step)
     )
-    assert steps == [1, 2, 3, 4]
+    assert steps == [0, 1, 2, 3, 4]  # 0: the initial weights' validation (eval_at_start)
     assert output.path == tmp_path / "pretrain" / output.fingerprint
     assert output.checkpoint == output.path / "checkpoints" / "step-4"
     assert (output.checkpoint / "model.safetensors").is_file() and (output.path / "manifest.json").is_file()

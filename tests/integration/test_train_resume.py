@@ -29,7 +29,7 @@ losses = {}
 
 def record(step, metrics):
     losses[step] = [metrics.get("loss"), metrics.get("val_loss")]  # step 0: the initial weights' val_loss only
-    if step == stop_at:
+    if stop_at and step == stop_at:  # 0: run to the end
         os.kill(os.getpid(), signal.SIGTERM)  # as Prefect cancels: the step in flight finishes
 
 try:
