@@ -60,7 +60,7 @@ from tasks import tracking
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.checkpoint_mirror import mirrored_checkpoints
 from tasks.core.stage_state import finished
-from tasks.core.train_progress import training_progress
+from tasks.core.train_progress import phase_progress, training_progress
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, sha256_file
 from tasks.finetune_pairs import Pair, PairSet, docstring_pairs, file_pairs
@@ -230,9 +230,14 @@ class TaskData:
 
 
 def completion_figures(
-    model: GPT, inputs: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor, batch_size: int
+    model: GPT,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    byte_lengths: torch.Tensor,
+    batch_size: int,
+    phase: str = "completion loss",
 ) -> dict[str, float]:
-    """Completion loss and perplexity over held-out rows (one pair per row)."""
+    """Completion loss and perplexity over held-out rows (one pair per row); its progress shown as `phase`."""
     # Rows are right-padded and the model is causal: positions after a row's last scored
     # target cannot change its loss. Batching rows of similar length and cutting each batch
     # after its longest row skips most of the padding.
@@ -246,7 +251,11 @@ def completion_figures(
             width = int(lengths[rows[0]])
             yield inputs[rows, :width], targets[rows, :width]
 
-    totals = score_batches(model, batches(), byte_lengths, next(model.parameters()).device)
+    n_batches = -(-len(order) // batch_size)
+    with phase_progress("finetune", phase, n_batches) as progress:
+        totals = score_batches(
+            model, progress.track(batches(), n_batches), byte_lengths, next(model.parameters()).device
+        )
     return {"completion_loss": totals.loss, "completion_perplexity": totals.perplexity}
 
 
@@ -262,10 +271,16 @@ def completes_function(prompt: str, body: str) -> bool:
 
 
 def parse_rate(
-    model: GPT, tokenizer: Tokenizer, pairs: list[Pair], max_new_tokens: int, prompts: list[list[int]] | None = None
+    model: GPT,
+    tokenizer: Tokenizer,
+    pairs: list[Pair],
+    max_new_tokens: int,
+    prompts: list[list[int]] | None = None,
+    phase: str = "parse rate",
 ) -> float:
     """Share of `pairs` whose prompt, continued greedily, becomes a function that parses.
-    `prompts`: the token ids to continue (primed ones); by default each pair's `prompt <|sep|>`."""
+    `prompts`: the token ids to continue (primed ones); by default each pair's `prompt <|sep|>`.
+    Its progress is shown as `phase`, a line per batch of generations."""
     # A prompt leaves room for the body (keeping its end when it must be cut): past the
     # context, generation slides its window and recomputes all of it at every new token
     # (learned positions), 23x slower on the default task. Half the context stays the
@@ -277,12 +292,14 @@ def parse_rate(
         prompts = [[*ids, special.sep] for ids, _ in tokenize(tokenizer, pairs)]
     prompts = [prompt[-room:] for prompt in prompts]
     ok = 0
-    for start in range(0, len(pairs), GENERATION_BATCH):
-        bodies = generate(
-            model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=special.eos
-        )
-        for pair, body in zip(pairs[start : start + GENERATION_BATCH], bodies):
-            ok += completes_function(pair.prompt, tokenizer.decode([t for t in body if t != special.eos]))
+    starts = range(0, len(pairs), GENERATION_BATCH)
+    with phase_progress("finetune", phase, len(starts)) as progress:
+        for start in progress.track(starts, len(starts)):
+            bodies = generate(
+                model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=special.eos
+            )
+            for pair, body in zip(pairs[start : start + GENERATION_BATCH], bodies):
+                ok += completes_function(pair.prompt, tokenizer.decode([t for t in body if t != special.eos]))
     return ok / len(pairs) if pairs else float("nan")
 
 
@@ -295,9 +312,12 @@ def held_out_figures(
     prefix: str,
 ) -> dict[str, float]:
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
-    figures = completion_figures(model, *val_rows, byte_lengths, config.micro_batch_size)
+    figures = completion_figures(model, *val_rows, byte_lengths, config.micro_batch_size, f"completion loss, {prefix}")
     if config.task == DOCSTRING_TASK:
-        figures["parse_rate"] = parse_rate(model, tokenizer, val_pairs[: config.eval_pairs], config.eval_max_new_tokens)
+        shown = val_pairs[: config.eval_pairs]
+        figures["parse_rate"] = parse_rate(
+            model, tokenizer, shown, config.eval_max_new_tokens, phase=f"parse rate, {prefix}"
+        )
     return {f"{prefix}_{name}": value for name, value in figures.items()}
 
 
@@ -312,11 +332,13 @@ def primed_figures(
     layouts = primed_layouts(examples, held_out, config.priming_shots, seq_len, config.eval_max_new_tokens, special)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     rows = primed_rows(layouts, held_out, seq_len, config.too_long, special)
-    figures = completion_figures(model, *rows, byte_lengths, config.micro_batch_size)
+    figures = completion_figures(model, *rows, byte_lengths, config.micro_batch_size, "completion loss, primed")
     if config.task == DOCSTRING_TASK:
         shown = config.eval_pairs
         primed = [prompt for prompt, _ in layouts[:shown]]
-        figures["parse_rate"] = parse_rate(model, tokenizer, pairs.val[:shown], config.eval_max_new_tokens, primed)
+        figures["parse_rate"] = parse_rate(
+            model, tokenizer, pairs.val[:shown], config.eval_max_new_tokens, primed, "parse rate, primed"
+        )
     figures["examples"] = sum(used for _, used in layouts) / len(layouts)
     return {f"primed_{name}": value for name, value in figures.items()}
 
