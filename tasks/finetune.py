@@ -115,8 +115,8 @@ class FinetuneConfig(TrainingStageConfig):
         DOCSTRING_TASK, description="built-in task over the corpus; null when `path` gives the pairs"
     )
     path: Path | None = Field(None, description="jsonl or Parquet file of prompt/completion pairs")
-    prompt_field: str = "prompt"
-    completion_field: str = "completion"
+    prompt_field: str = Field("prompt", description="`path`: the field of a record that holds the prompt")
+    completion_field: str = Field("completion", description="`path`: the field that holds the completion")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="`path` without a split field: share of pairs held out")
     seq_len: PositiveInt | None = Field(None, description="row length in tokens; null: the model's context")
     packed: bool = Field(True, description="several whole pairs per row (true) or one padded pair per row")
@@ -127,7 +127,7 @@ class FinetuneConfig(TrainingStageConfig):
         description="the held-out table's primed row: the pretrained model prompted with up to this many train "
         "pairs before each held-out prompt (tasks/finetune_priming.py); 0: no primed row",
     )
-    eval_max_new_tokens: PositiveInt = 64
+    eval_max_new_tokens: PositiveInt = Field(64, description="tokens generated per held-out prompt for the parse rate")
     start_from: str | None = Field(
         None, description="a registered model (models:/NAME@ALIAS) to start from instead of the pretraining output"
     )

@@ -7,6 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cli.app import app
+from cli.config_listing import config_keys
 from cli.reference import REFERENCES
 from flows.pipeline_config import PipelineConfig, load_config
 from support import REPO
@@ -51,3 +52,9 @@ def test_config_prints_a_section_turned_off_as_null():
 def test_a_bad_override_is_one_line():
     result = CliRunner().invoke(app, ["config", str(TINY), "--set", "pretrain.lr=-1"])
     assert result.exit_code != 0 and "pretrain.lr" in str(result.exception)
+
+
+def test_every_config_key_is_described():
+    """The reference and `gptflow config` are only as good as the models' descriptions."""
+    undescribed = [key.key for key in config_keys(PipelineConfig) if not (key.section or key.description)]
+    assert undescribed == [], "give these fields a description= in their pydantic model"
