@@ -1,6 +1,6 @@
 # Two entry points: `make run` (the whole pipeline on the embedded default) and
 # `make test` (`make test-unit`: only tests/unit/, the in-process checks). Both create .venv
-# and install into it when needed.
+# and install into it when needed: the `hf` extra (`gptflow export`) and the `test` extra.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[hf,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

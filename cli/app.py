@@ -34,6 +34,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "clean": commands.clean,
     "up": commands.up,
     "down": commands.down,
+    "config": commands.print_config,
 }
 
 app = typer.Typer(

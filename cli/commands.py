@@ -247,6 +247,14 @@ def print_completions(source: SourceModel, texts: list[str], stream: bool, setti
             print("-" * 40)
 
 
+def print_config(config: ConfigArg, overrides: SetOpt = None) -> None:
+    """Print the resolved config as YAML: every key with its type, default and description above it."""
+    from cli.config_listing import config_yaml
+    from flows.pipeline_config import load_config
+
+    print(config_yaml(load_config(config, overrides or [])), end="")
+
+
 def read_text_file(path: Path, option: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -263,9 +271,10 @@ def export(
     ] = None,
 ) -> None:
     """Write MODEL as a directory AutoModelForCausalLM and AutoTokenizer load, with a model card."""
-    from tasks.models.hf_export import export_model, push_directory
+    from tasks.models.hf_export import export_model, push_directory, require_hf_extra
     from tasks.models.sources import open_model
 
+    require_hf_extra()  # before a registered model is downloaded for nothing
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not force:
         raise UserError(f"{out_dir}: exists and is not empty; pass --force to replace its files")
     written = export_model(open_model(model), out_dir)

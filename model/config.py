@@ -8,7 +8,7 @@ the vocabulary size comes from the trained tokenizer, so it is filled in by `res
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -36,10 +36,10 @@ class GPTConfig(BaseModel):
 
     vocab_size: PositiveInt
     block_size: PositiveInt = Field(description="context length: the number of learned positions")
-    n_layer: PositiveInt
-    n_head: PositiveInt
-    n_embd: PositiveInt
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    n_layer: PositiveInt = Field(description="transformer blocks")
+    n_head: PositiveInt = Field(description="attention heads per block; n_embd must be a multiple of it")
+    n_embd: PositiveInt = Field(description="the width: embedding and residual stream size")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on attention, residual and embedding outputs in training")
     bias: bool = Field(True, description="biases in Linear layers and LayerNorms, as in GPT-2")
     attention: list[str] = Field(
         default_factory=lambda: ["dense"],
@@ -168,6 +168,11 @@ SHAPE_FIELDS = {"preset", "block_size", "n_layer", "n_head", "n_embd", "bias", "
 INIT_OVERRIDES = {"dropout", "vocab_multiple", "loss_chunk"}
 
 
+def preset_override(name: str) -> Any:
+    """A `model:` field that overrides the preset's GPTConfig field `name`, described as that field."""
+    return Field(None, description=f"null: the preset's; else {GPTConfig.model_fields[name].description}")
+
+
 class ModelConfig(BaseModel):
     """The pipeline's `model:` section: a preset, then any GPTConfig field (except the vocabulary) to
     override; or `init_from`, a pretrained model whose shape (and weights, and tokenizer) are taken."""
@@ -180,16 +185,16 @@ class ModelConfig(BaseModel):
         "a gptflow checkpoint directory or a models:/ URI; its tokenizer replaces the trained one",
     )
     preset: str | None = Field("tiny", description=f"one of {', '.join(PRESETS)}; or null to give every field")
-    block_size: PositiveInt | None = None
-    n_layer: PositiveInt | None = None
-    n_head: PositiveInt | None = None
-    n_embd: PositiveInt | None = None
-    dropout: float | None = None
-    bias: bool | None = None
-    attention: list[str] | None = None
-    sparse_window: int | None = None
-    vocab_multiple: PositiveInt | None = None
-    loss_chunk: NonNegativeInt | None = None
+    block_size: PositiveInt | None = preset_override("block_size")
+    n_layer: PositiveInt | None = preset_override("n_layer")
+    n_head: PositiveInt | None = preset_override("n_head")
+    n_embd: PositiveInt | None = preset_override("n_embd")
+    dropout: float | None = preset_override("dropout")
+    bias: bool | None = preset_override("bias")
+    attention: list[str] | None = preset_override("attention")
+    sparse_window: int | None = preset_override("sparse_window")
+    vocab_multiple: PositiveInt | None = preset_override("vocab_multiple")
+    loss_chunk: NonNegativeInt | None = preset_override("loss_chunk")
 
     @field_validator("preset")
     @classmethod

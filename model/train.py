@@ -45,9 +45,10 @@ SIGINT/SIGTERM finish the current step, write a checkpoint and raise `TrainingIn
 
 Metrics go to `callback(step, metrics)` on rank 0 after every step: loss, lr, grad_norm,
 tokens_per_s, mfu (when `model.mfu` knows the device's peak), memory_mb, and val_loss every
-`eval_every` steps and at the end. Validation scores every batch of `val_data` (a finite
-collection, the same at each validation): `run` gives it the `val_windows` evenly spaced
-windows of the val split (`model.scoring.val_windows`) that the evaluate stage scores too.
+`eval_every` steps and at the end; with `eval_at_start`, first the initial weights' val_loss at
+step 0. Validation scores every batch of `val_data` (a finite collection, the same at each
+validation): `run` gives it the `val_windows` evenly spaced windows of the val split
+(`model.scoring.val_windows`) that the evaluate stage scores too.
 Rank 0 prints where it trains, in what precision and the peak its MFU is against (`Runtime`,
 also in the TrainResult).
 """
@@ -117,22 +118,30 @@ class TrainConfig(ParallelConfig):
     """How to train: optimisation, batch, schedule, evaluation and checkpoint cadence, device,
     and (inherited) how the model is spread over processes."""
 
-    max_steps: PositiveInt = 250
+    max_steps: PositiveInt = Field(250, description="optimizer steps of the run")
     batch_tokens: PositiveInt = Field(4096, description="tokens per optimizer step, over all micro-batches and ranks")
     micro_batch_size: PositiveInt = Field(8, description="windows per forward pass on each rank")
-    lr: PositiveFloat = 1e-3
+    lr: PositiveFloat = Field(1e-3, description="the peak learning rate, reached after warmup_steps")
     min_lr: float = Field(1e-4, ge=0, description="the rate at the last step")
-    warmup_steps: NonNegativeInt = 25
-    schedule: Schedule = "cosine"
+    warmup_steps: NonNegativeInt = Field(25, description="steps of linear warmup from 0 to lr")
+    schedule: Schedule = Field(
+        "cosine", description="after warmup: cosine down to min_lr, or wsd (hold lr, then decay linearly)"
+    )
     decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of the steps spent decaying")
     optimizer: Literal["adamw", "muon"] = Field(
         "adamw", description="muon: torch.optim.Muon for the blocks' 2-D matrices, AdamW for the rest"
     )
     weight_decay: float = Field(0.1, ge=0, description="on weight matrices and embeddings only")
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's first-moment decay")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW's second-moment decay")
     grad_clip: float = Field(1.0, ge=0, description="max global gradient norm; 0 disables clipping")
     eval_every: NonNegativeInt = Field(50, description="steps between validation losses; 0: only at the end")
+    # On by default: the curve then starts from the initial weights' loss (about ln(vocab_size)),
+    # which shows how far training got; it costs one validation more (about 16 s on tiny.yaml's
+    # 2-core scale, where the run validates twice already). Weights do not depend on it: run-only.
+    eval_at_start: bool = Field(
+        True, description="also validate the initial weights, at step 0 (not on a resume)", json_schema_extra=RUN_ONLY
+    )
     checkpoint_every: NonNegativeInt = Field(
         50, description="steps between checkpoints; 0: only at the end", json_schema_extra=RUN_ONLY
     )
@@ -142,8 +151,8 @@ class TrainConfig(ParallelConfig):
         description="also checkpoint once this many minutes passed since the last one; 0: by steps only",
         json_schema_extra=RUN_ONLY,
     )
-    keep_checkpoints: PositiveInt = Field(3, json_schema_extra=RUN_ONLY)
-    seed: int = 0
+    keep_checkpoints: PositiveInt = Field(3, description="the newest checkpoints kept", json_schema_extra=RUN_ONLY)
+    seed: int = Field(0, description="seeds the weights' initialisation, the order of the batches and dropout")
     resume: bool = Field(
         True, description="continue from the newest checkpoint in the output directory", json_schema_extra=RUN_ONLY
     )
@@ -528,6 +537,10 @@ def training_loop(
     start_step, started, last_saved = step, time.perf_counter(), clock()
     val_loss = math.nan
     checkpoint = latest_checkpoint(run.checkpoints) if config.resume else None  # resumed at max_steps
+    if val_data is not None and config.eval_at_start and step == 0:  # the curve's start: the initial weights
+        initial = {"val_loss": validation_loss(run.model, val_data, device, run.autocast)}
+        if callback is not None and run.env.is_main:
+            callback(0, initial)
     while step < config.max_steps:
         step_started = time.perf_counter()
         lr = run.set_learning_rate(step)

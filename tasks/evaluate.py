@@ -71,11 +71,11 @@ class EvaluateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompts: list[str] = Field(["def fibonacci(n):", "class Stack:"], description="fixed prompts to sample from")
-    max_new_tokens: PositiveInt = 64
+    max_new_tokens: PositiveInt = Field(64, description="tokens sampled after each prompt")
     temperature: float = Field(0.8, ge=0.0, description="0 is greedy")
     top_k: int | None = Field(40, ge=0, description="keep the k most likely tokens; 0 or null keeps all")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = 0
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: the smallest set of tokens this likely")
+    seed: int = Field(0, description="seeds the sampling of the samples")
     stride: PositiveInt | None = Field(
         None, description="sliding-window stride over held-out documents; null: half the context"
     )

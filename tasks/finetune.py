@@ -63,7 +63,7 @@ from tasks import tracking
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.checkpoint_mirror import mirrored_checkpoints
 from tasks.core.stage_state import finished
-from tasks.core.train_progress import training_progress
+from tasks.core.train_progress import phase_progress, training_progress
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, sha256_file
 from tasks.finetune_pairs import Pair, PairSet, docstring_pairs, file_pairs
@@ -123,8 +123,8 @@ class FinetuneConfig(TrainingStageConfig):
         DOCSTRING_TASK, description="built-in task over the corpus; null when `path` gives the pairs"
     )
     path: Path | None = Field(None, description="jsonl or Parquet file of prompt/completion pairs")
-    prompt_field: str = "prompt"
-    completion_field: str = "completion"
+    prompt_field: str = Field("prompt", description="`path`: the field of a record that holds the prompt")
+    completion_field: str = Field("completion", description="`path`: the field that holds the completion")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="`path` without a split field: share of pairs held out")
     seq_len: PositiveInt | None = Field(None, description="row length in tokens; null: the model's context")
     packed: bool = Field(True, description="several whole pairs per row (true) or one padded pair per row")
@@ -135,7 +135,7 @@ class FinetuneConfig(TrainingStageConfig):
         description="the held-out table's primed row: the pretrained model prompted with up to this many train "
         "pairs before each held-out prompt (tasks/finetune_priming.py); 0: no primed row",
     )
-    eval_max_new_tokens: PositiveInt = 64
+    eval_max_new_tokens: PositiveInt = Field(64, description="tokens generated per held-out prompt for the parse rate")
     start_from: str | None = Field(
         None, description="a registered model (models:/NAME@ALIAS) to start from instead of the pretraining output"
     )
@@ -238,9 +238,14 @@ class TaskData:
 
 
 def completion_figures(
-    model: GPT, inputs: torch.Tensor, targets: torch.Tensor, byte_lengths: torch.Tensor, batch_size: int
+    model: GPT,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    byte_lengths: torch.Tensor,
+    batch_size: int,
+    phase: str = "completion loss",
 ) -> dict[str, float]:
-    """Completion loss and perplexity over held-out rows (one pair per row)."""
+    """Completion loss and perplexity over held-out rows (one pair per row); its progress shown as `phase`."""
     # Rows are right-padded and the model is causal: positions after a row's last scored
     # target cannot change its loss. Batching rows of similar length and cutting each batch
     # after its longest row skips most of the padding.
@@ -254,7 +259,11 @@ def completion_figures(
             width = int(lengths[rows[0]])
             yield inputs[rows, :width], targets[rows, :width]
 
-    totals = score_batches(model, batches(), byte_lengths, next(model.parameters()).device)
+    n_batches = -(-len(order) // batch_size)
+    with phase_progress("finetune", phase, n_batches) as progress:
+        totals = score_batches(
+            model, progress.track(batches(), n_batches), byte_lengths, next(model.parameters()).device
+        )
     return {"completion_loss": totals.loss, "completion_perplexity": totals.perplexity}
 
 
@@ -314,11 +323,13 @@ def parse_rate(
     pairs: list[Pair],
     max_new_tokens: int,
     prompts: list[list[int]] | None = None,
+    phase: str = "parse rate",
     until_function_end: bool = False,
 ) -> float:
     """Share of `pairs` whose prompt, continued greedily, becomes a function that parses.
     `prompts`: the token ids to continue (primed ones); by default each pair's `prompt <|sep|>`.
-    `until_function_end`: the body ends where the function does (`function_body`), not at `<|endoftext|>`."""
+    Its progress is shown as `phase`, a line per batch of generations. `until_function_end`: the
+    body ends where the function does (`function_body`), not at `<|endoftext|>`."""
     # A prompt leaves room for the body (keeping its end when it must be cut): past the
     # context, generation slides its window and recomputes all of it at every new token
     # (learned positions), 23x slower on the default task. Half the context stays the
@@ -330,13 +341,15 @@ def parse_rate(
         prompts = [[*ids, special.sep] for ids, _ in tokenize(tokenizer, pairs)]
     prompts = [prompt[-room:] for prompt in prompts]
     ok = 0
-    for start in range(0, len(pairs), GENERATION_BATCH):
-        bodies = generate(
-            model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=special.eos
-        )
-        for pair, body in zip(pairs[start : start + GENERATION_BATCH], bodies):
-            text = tokenizer.decode([t for t in body if t != special.eos])
-            ok += completes_function(pair.prompt, function_body(pair.prompt, text) if until_function_end else text)
+    starts = range(0, len(pairs), GENERATION_BATCH)
+    with phase_progress("finetune", phase, len(starts)) as progress:
+        for start in progress.track(starts, len(starts)):
+            bodies = generate(
+                model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=special.eos
+            )
+            for pair, body in zip(pairs[start : start + GENERATION_BATCH], bodies):
+                text = tokenizer.decode([t for t in body if t != special.eos])
+                ok += completes_function(pair.prompt, function_body(pair.prompt, text) if until_function_end else text)
     return ok / len(pairs) if pairs else float("nan")
 
 
@@ -349,9 +362,12 @@ def held_out_figures(
     prefix: str,
 ) -> dict[str, float]:
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
-    figures = completion_figures(model, *val_rows, byte_lengths, config.micro_batch_size)
+    figures = completion_figures(model, *val_rows, byte_lengths, config.micro_batch_size, f"completion loss, {prefix}")
     if config.task == DOCSTRING_TASK:
-        figures["parse_rate"] = parse_rate(model, tokenizer, val_pairs[: config.eval_pairs], config.eval_max_new_tokens)
+        shown = val_pairs[: config.eval_pairs]
+        figures["parse_rate"] = parse_rate(
+            model, tokenizer, shown, config.eval_max_new_tokens, phase=f"parse rate, {prefix}"
+        )
     return {f"{prefix}_{name}": value for name, value in figures.items()}
 
 
@@ -366,11 +382,13 @@ def primed_figures(
     layouts = primed_layouts(examples, held_out, config.priming_shots, seq_len, config.eval_max_new_tokens, special)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     rows = primed_rows(layouts, held_out, seq_len, config.too_long, special)
-    figures = completion_figures(model, *rows, byte_lengths, config.micro_batch_size)
+    figures = completion_figures(model, *rows, byte_lengths, config.micro_batch_size, "completion loss, primed")
     if config.task == DOCSTRING_TASK:
         shown = config.eval_pairs
         primed = [prompt for prompt, _ in layouts[:shown]]
-        figures["parse_rate"] = parse_rate(model, tokenizer, pairs.val[:shown], config.eval_max_new_tokens, primed)
+        figures["parse_rate"] = parse_rate(
+            model, tokenizer, pairs.val[:shown], config.eval_max_new_tokens, primed, "parse rate, primed"
+        )
     figures["examples"] = sum(used for _, used in layouts) / len(layouts)
     return {f"primed_{name}": value for name, value in figures.items()} | document_primed_figures(
         model, tokenizer, config, pairs, seq_len
@@ -403,7 +421,13 @@ def document_primed_figures(
         shown = config.eval_pairs
         prompts = [context for context, _ in requests[:shown]]
         figures["parse_rate"] = parse_rate(
-            model, tokenizer, pairs.val[:shown], config.eval_max_new_tokens, prompts, until_function_end=True
+            model,
+            tokenizer,
+            pairs.val[:shown],
+            config.eval_max_new_tokens,
+            prompts,
+            "parse rate, document-primed",
+            until_function_end=True,
         )
     figures["examples"] = sum(used for _, used in laid_out) / len(laid_out)
     return {f"primed_document_{name}": value for name, value in figures.items()}

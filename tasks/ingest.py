@@ -98,8 +98,8 @@ class IngestConfig(BaseModel):
     source: str = Field(STDLIB, description="python-stdlib, a file, directory or glob, or hf:NAME")
     include_tests: bool = Field(False, description="python-stdlib: keep test/, tests/, idle_test/")
     text_field: str = Field("text", description="the text of a .jsonl/.json record, .parquet or hf row")
-    hf_config: str | None = None
-    hf_split: str = "train"
+    hf_config: str | None = Field(None, description="hf: the dataset's configuration (subset), if it has several")
+    hf_split: str = Field("train", description="hf: the split to read")
     streaming: bool = Field(False, description="hf: stream rows instead of downloading first")
     nfc: bool = Field(False, description="normalize text to Unicode NFC")
     max_doc_chars: int = Field(1_000_000, ge=1, description="longer documents are cut into pieces")

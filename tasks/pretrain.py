@@ -188,7 +188,8 @@ def run_pretrain(
             "train_loss": result.train_loss,
             "unigram_entropy": unigram_entropy(shards.manifest),
             "steps": result.steps,
-            "tokens_per_s": result.tokens / result.seconds if result.seconds else math.nan,
+            # The run's mean, a figure of its own: `tokens_per_s` is the step curve.
+            "mean_tokens_per_s": result.tokens / result.seconds if result.seconds else math.nan,
             "seconds": result.seconds,
         }
         files = ["spec.json"]
@@ -342,5 +343,6 @@ def pretrain_task(
                 f"`{output.checkpoint}`{' (reused)' if output.reused else ''}\n",
                 "pretraining figures: validation loss against the unigram entropy",
             ),
+            step=int(output.metrics["steps"]),  # `val_loss` ends its curve there
         )
     return finished(output)

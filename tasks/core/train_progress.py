@@ -4,7 +4,9 @@ count documents, bytes and tokens instead: tasks/core/progress.py).
 A `StageProgress` shows one stage's steps three ways at once:
 - in a terminal, a rich progress bar with the step, the latest figures and the time left;
 - when output is not a terminal (a log file, a worker's pipe), a plain line every
-  `PLAIN_EVERY` steps, on a validation step and at the end;
+  `PLAIN_EVERY` steps, on a validation step and at the end; for a phase of few slow steps
+  (`phase_progress`: fine-tuning's held-out scoring), one as it starts, after its first step,
+  every `PHASE_LINE_SECONDS` and at the end, each with the phase's own time left;
 - inside a Prefect task run, a progress artifact on the task run (the flow run page shows
   each stage's percentage), updated at most every `ARTIFACT_SECONDS`.
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -30,6 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 T = TypeVar("T")
 
 PLAIN_EVERY = 10
+PHASE_LINE_SECONDS = 10.0
 ARTIFACT_SECONDS = 2.0
 # The figures a bar or line shows, in this order, when a step reports them.
 SHOWN = ("loss", "val_loss", "tokens_per_s")
@@ -43,11 +47,20 @@ class StageProgress:
     """Progress of one stage's `total` steps; `update(step, figures)` after each, or `track(items, total)`.
 
     `key` names the Prefect artifact (lowercase letters, digits, dashes); `log` receives the
-    plain lines (a Prefect run logger's `info`, or `print`).
+    plain lines (a Prefect run logger's `info`, or `print`); with `line_seconds`, a plain line
+    comes at the start, after the first step, every `line_seconds` and at the end instead.
     """
 
-    def __init__(self, key: str, description: str, total: int, log: Callable[[str], object] = print):
+    def __init__(
+        self,
+        key: str,
+        description: str,
+        total: int,
+        log: Callable[[str], object] = print,
+        line_seconds: float | None = None,
+    ):
         self.key, self.description, self.total, self.log = key, description, total, log
+        self.line_seconds = line_seconds
         self.console = Console(stderr=True)
         self.bar = Progress(
             TextColumn("[bold]{task.description}"),
@@ -59,13 +72,15 @@ class StageProgress:
             disable=not self.console.is_terminal,
         )
         self.bar_task = self.bar.add_task(description, total=total, figures="")
-        self.started = time.monotonic()
+        self.started = self.last_line = time.monotonic()
         self.artifact_id = None
         self.artifact_updated = -ARTIFACT_SECONDS
         self.last_step = 0
 
     def __enter__(self) -> StageProgress:
         self.bar.start()
+        if self.bar.disable and self.line_seconds is not None:  # what the wait is for, before its first step
+            self.log(f"{self.description} 0/{self.total}")
         # A Prefect artifact belongs to a task run: outside one (a plain function call) there is none.
         if TaskRunContext.get() is not None:
             self.artifact_id = create_progress_artifact(0.0, key=self.key, description=self.description)
@@ -79,10 +94,16 @@ class StageProgress:
         figures = figures or {}
         self.last_step = step
         self.bar.update(self.bar_task, completed=step, figures=format_figures(figures))
-        if self.bar.disable and (step % PLAIN_EVERY == 0 or step == self.total or "val_loss" in figures):
+        if self.bar.disable and self._line_due(step, figures):
             shown = format_figures(figures)
             self.log(f"{self.description} {step}/{self.total}{': ' + shown if shown else ''}{self._time_left(step)}")
+            self.last_line = time.monotonic()
         self._update_artifact(force=step == self.total)
+
+    def _line_due(self, step: int, figures: Mapping[str, float]) -> bool:
+        if self.line_seconds is None:
+            return step % PLAIN_EVERY == 0 or step == self.total or "val_loss" in figures
+        return step in (1, self.total) or time.monotonic() - self.last_line >= self.line_seconds
 
     def track(self, items: Iterable[T], total: int) -> Iterator[T]:
         """Yield `total` `items`, counting each as one step done once the caller asks for the next."""
@@ -109,6 +130,13 @@ class StageProgress:
 
 def training_progress(stage: str, max_steps: int, log: Callable[[str], object] = print) -> StageProgress:
     return StageProgress(f"{stage}-progress", f"{stage} step", max_steps, log)
+
+
+def phase_progress(stage: str, phase: str, total: int, log: Callable[[str], object] = print) -> StageProgress:
+    """One phase of a stage's work outside its training steps (`total` batches), with its own
+    lines and time left: "finetune: parse rate, pretrained 1/2 (about 40 s left)"."""
+    key = re.sub(r"[^a-z0-9]+", "-", f"{stage}-{phase}".lower()).strip("-")
+    return StageProgress(key, f"{stage}: {phase}", total, log, line_seconds=PHASE_LINE_SECONDS)
 
 
 def write_progress_file(path: Path, step: int, metrics: Mapping[str, float]) -> None:

@@ -36,8 +36,21 @@ CARD_LINEAGE = {
 }
 
 
+def require_hf_extra() -> None:
+    """Stop with one line when `transformers` is missing: only the `hf` extra installs it
+    (a plain `pip install .` leaves it out, and its import costs seconds other commands skip)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "gptflow export needs transformers, which the hf extra installs: pip install 'gptflow[hf]' "
+            "(from a clone: pip install '.[hf]')"
+        ) from None
+
+
 def export_model(source: SourceModel, out_dir: Path) -> Path:
     """Write `source` as a Hugging Face model directory at `out_dir` (replacing what is there)."""
+    require_hf_extra()
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
     config = source.model.config

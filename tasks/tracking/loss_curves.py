@@ -50,8 +50,8 @@ def loss_figure(title: str, curves: Mapping[str, list[tuple[int, float]]]) -> Fi
 
 
 def step_curves(run_id: str) -> dict[str, list[tuple[int, float]]]:
-    """The run's training curves so far; step 0 holds summary figures (see runs.log_metrics), not a step."""
-    histories = {key: [(step, value) for step, value in runs.metric_history(run_id, key) if step > 0] for key in CURVES}
+    """The run's training curves so far (step 0: the initial weights' validation)."""
+    histories = {key: list(runs.metric_history(run_id, key)) for key in CURVES}
     return {key: points for key, points in histories.items() if points}
 
 
@@ -60,7 +60,7 @@ class CurveRefresher:
 
     def __init__(self, stage: StageRun, title: str, parent_curves: Mapping[str, str]):
         self.stage, self.title, self.parent_curves = stage, title, parent_curves
-        self.copied = {key: 0 for key in parent_curves}  # the last step copied, per curve
+        self.copied = {key: -1 for key in parent_curves}  # the last step copied, per curve
 
     def refresh(self) -> Figure | None:
         curves = step_curves(self.stage.run_id)

@@ -199,8 +199,9 @@ def log_metrics(run_id: str, metrics: Mapping[str, float], step: int = 0, model_
     """Log summary metrics (evaluation results) in one request; with `model_id`, linked to
     that logged model too, so MLflow's models view ranks models by them.
 
-    Summaries go at step 0; training loops count their steps from 1, so a figure logged
-    both ways (`val_loss`) keeps a clean step-wise curve from step 1 on."""
+    A training stage logs its final figures at its last `step`: one that is also a step curve
+    (`val_loss`) then ends that curve with the value it already has there, instead of adding
+    a point at step 0, where the curve starts (the initial weights' validation)."""
     now = int(time.time() * 1000)
     client().log_batch(
         run_id, metrics=[Metric(key, float(value), now, step, model_id=model_id) for key, value in metrics.items()]

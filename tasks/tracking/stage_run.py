@@ -57,12 +57,14 @@ class StageRun:
         artifacts: Mapping[Path, str | None],
         report: Report | None = None,
         tables: Mapping[str, Mapping[str, list]] | None = None,
+        step: int = 0,
     ) -> None:
-        """Log the stage's figures on its run and the headline ones on the parent run, upload
-        `artifacts` (file -> artifact directory, None for the root), log `tables` (artifact
-        file -> columns, MLflow's tables: the UI lines them up across runs) and publish `report`."""
-        runs.log_metrics(self.run_id, metrics)
-        runs.log_metrics(self.parent_run_id, parent_metrics)
+        """Log the stage's figures on its run and the headline ones on the parent run, at `step`
+        (a training stage's last step: see `runs.log_metrics`), upload `artifacts` (file ->
+        artifact directory, None for the root), log `tables` (artifact file -> columns, MLflow's
+        tables: the UI lines them up across runs) and publish `report`."""
+        runs.log_metrics(self.run_id, metrics, step=step)
+        runs.log_metrics(self.parent_run_id, parent_metrics, step=step)
         for path, directory in artifacts.items():
             runs.log_artifact(self.run_id, path, directory)
         for artifact_file, columns in (tables or {}).items():

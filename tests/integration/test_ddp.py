@@ -41,7 +41,8 @@ class CountingDDP(parallel.DDP):
 
 parallel.DDP = CountingDDP
 losses = {}
-run(RunSpec.model_validate_json(Path(sys.argv[1]).read_text()), lambda step, m: losses.update({step: m["loss"]}))
+spec = RunSpec.model_validate_json(Path(sys.argv[1]).read_text())
+run(spec, lambda step, m: step and losses.update({step: m["loss"]}))  # step 0: the initial weights' val_loss only
 if os.environ.get("RANK", "0") == "0":  # the process group is gone once run() returns
     print(json.dumps({"losses": losses, "all_reduces": len(all_reduces)}))
 """

@@ -260,7 +260,7 @@ def work(config_path, workspace, die_writing_step):
             real_save(state, path)
         torch.save = half_then_die
     output = run_pretrain(config.pretrain, config.model, data.shards, config.workspace,
-                          callback=lambda step, metrics: print(f"step {{step}}", flush=True))
+                          callback=lambda step, metrics: step and print(f"step {{step}}", flush=True))
     print(f"done {{output.checkpoint}}", flush=True)
 """
 

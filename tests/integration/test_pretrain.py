@@ -50,7 +50,7 @@ def test_stage_trains_commits_and_is_reused(tmp_path, shards):
     output = run_pretrain(
         micro_pretrain_config(), MODEL, shards, tmp_path, callback=lambda step, metrics: steps.append(step)
     )
-    assert steps == [1, 2, 3, 4]
+    assert steps == [0, 1, 2, 3, 4]  # 0: the initial weights' validation (eval_at_start)
     assert output.path == tmp_path / "pretrain" / output.fingerprint
     assert output.checkpoint == output.path / "checkpoints" / "step-4"
     assert (output.checkpoint / "model.safetensors").is_file() and (output.path / "manifest.json").is_file()
@@ -124,7 +124,8 @@ def test_torchrun_ranks_log_to_mlflow_and_stop_together_on_cancel(tmp_path, shar
     assert {"loss", "tokens_per_s"} <= progress[-1][1]
     history = MlflowClient().get_metric_history(run_id, "loss")
     assert sorted(metric.step for metric in history) == list(range(1, STEPS + 1))  # rank 0 only, each step once
-    assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")] == [STEPS // 2, STEPS]
+    # Step 0: the initial weights' validation, from the first launch (a resume does not validate again).
+    assert [m.step for m in MlflowClient().get_metric_history(run_id, "val_loss")] == [0, STEPS // 2, STEPS]
 
 
 def test_cli_prepares_data_then_pretrains(tmp_path, cli_env):
@@ -159,3 +160,32 @@ def test_cli_prepares_data_then_pretrains(tmp_path, cli_env):
     assert float(params["runtime.peak_flops"]) > 0 and "device cpu (CPU), fp32, MFU peak" in result.stderr
     assert len(client.get_metric_history(stage_run.info.run_id, "mfu")) == 6
     assert "checkpoint" in [a.path for a in client.list_artifacts(stage_run.info.run_id)]
+
+
+def points(client, run_id, key) -> list[tuple[int, float]]:
+    return sorted((metric.step, metric.value) for metric in client.get_metric_history(run_id, key))
+
+
+def test_curves_start_at_the_initial_weights_and_carry_no_summary_at_step_0(tmp_path, cli_env):
+    """The final figures go to the last step (or a name of their own); step 0 is the initial weights' validation."""
+    config = write_pipeline_config(tmp_path, "pretrain-curves")
+    overrides = ["pretrain.max_steps=6", "pretrain.eval_every=3"]
+    command = [GPTFLOW, "pretrain", str(config), *(arg for o in overrides for arg in ("--set", o))]
+    result = subprocess.run(command, env=cli_env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("pretrain-curves")
+    [stage_run] = client.search_runs([experiment.experiment_id], "attributes.run_name = 'pretrain'")
+    stage, parent = stage_run.info.run_id, stage_run.data.tags["mlflow.parentRunId"]
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
+
+    val = points(client, stage, "val_loss")
+    assert sorted({step for step, _ in val}) == [0, 3, 6] and [step for step, _ in val].count(0) == 1
+    initial, final = val[0][1], stage_run.data.metrics["val_loss"]
+    assert {value for step, value in val if step == 6} == {final}  # the final figure ends the curve
+    assert initial > final  # the initial weights' loss, not the final figure
+    assert [step for step, _ in points(client, stage, "tokens_per_s")] == [1, 2, 3, 4, 5, 6]
+    assert [step for step, _ in points(client, stage, "mean_tokens_per_s")] == [6]
+    assert points(client, parent, "pretrain_val_loss")[0] == (0, initial)
+    assert [step for step, _ in points(client, parent, "pretrain_val_loss")].count(0) == 1
+    assert all(step > 0 for step, _ in points(client, parent, "pretrain_loss"))

@@ -28,8 +28,8 @@ stop_at = int(sys.argv[2])
 losses = {}
 
 def record(step, metrics):
-    losses[step] = [metrics["loss"], metrics.get("val_loss")]
-    if step == stop_at:
+    losses[step] = [metrics.get("loss"), metrics.get("val_loss")]  # step 0: the initial weights' val_loss only
+    if stop_at and step == stop_at:  # 0: run to the end
         os.kill(os.getpid(), signal.SIGTERM)  # as Prefect cancels: the step in flight finishes
 
 try:

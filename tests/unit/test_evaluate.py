@@ -327,7 +327,7 @@ def test_the_training_curves_last_val_loss_is_the_cross_entropy_of_the_evaluated
         return F.cross_entropy(logits.flatten(0, 1), picked[:, 1:].flatten()).item()
 
     every, checkpoint = curve("default", val_windows=VAL_WINDOWS)  # the micro config scores fewer
-    assert list(every) == [2, 4]
+    assert list(every) == [0, 2, 4]  # 0: the initial weights (eval_at_start)
     assert every[4] == pytest.approx(cross_entropy(checkpoint, list(range(24))), rel=1e-5)
 
     spaced, checkpoint = curve("five", val_windows=5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import pytest
 import safetensors.torch
@@ -192,6 +193,22 @@ def test_parse_rate_prompts_leave_room_for_the_body(tmp_path, monkeypatch):
     assert seen[1] == [*tokenizer.encode("def g():\n", add_special_tokens=False).ids, special.sep]
     parse_rate(model, tokenizer, pairs, max_new_tokens=30)
     assert seen[2] == whole[-16:]  # never under half the context
+
+
+def test_held_out_scoring_says_what_it_scores_before_its_first_batch(tmp_path, monkeypatch, capsys):
+    # Off a terminal (pytest's output), each scoring phase prints a plain line as it starts and as it ends.
+    tokenizer = load_tokenizer(toy_tokenizer(tmp_path / "tokenizer.json"))
+    special = special_ids(tokenizer)
+    model = tiny_gpt(tokenizer.get_vocab_size(), block_size=32)
+    monkeypatch.setattr("tasks.finetune.GENERATION_BATCH", 1)
+    monkeypatch.setattr(
+        "tasks.finetune.generate", lambda model, prompts, *args, **kwargs: [[special.eos]] * len(prompts)
+    )
+    pairs = [Pair("def f(x):\n", "    return x\n"), Pair("def g():\n", "    pass\n")]
+    parse_rate(model, tokenizer, pairs, max_new_tokens=8, phase="parse rate, pretrained")
+    first, middle, last = capsys.readouterr().out.splitlines()
+    assert (first, last) == ("finetune: parse rate, pretrained 0/2", "finetune: parse rate, pretrained 2/2")
+    assert re.fullmatch(r"finetune: parse rate, pretrained 1/2 \(about \d+ s left\)", middle)
 
 
 def module(i: int) -> str:

@@ -7,6 +7,8 @@ import importlib.util
 import json
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from urllib.parse import urlsplit
 
@@ -218,6 +220,16 @@ def test_the_image_the_services_run_is_built_from_infra_dockerfile(compose, serv
         assert services[name]["build"]["dockerfile"] == "infra/Dockerfile"
     entrypoint = services["mlflow"]["entrypoint"][0]
     assert (ROOT / entrypoint.removeprefix("/opt/gptflow/")).is_file()
+
+
+def test_the_image_and_make_install_the_hf_extra():
+    """`gptflow export` works as installed: the Dockerfile's requirements (its own snippet, run
+    here) and `make`'s install (run and test alike) include the `hf` extra."""
+    snippet = re.search(r"<<'PY' > /tmp/requirements.txt\n(.*?)\nPY\n", (INFRA / "Dockerfile").read_text(), re.S)[1]
+    listed = subprocess.run([sys.executable, "-c", snippet], cwd=ROOT, capture_output=True, text=True, check=True)
+    hf = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["hf"]
+    assert {"transformers", "huggingface_hub"} <= set(hf) <= set(listed.stdout.split())
+    assert re.search(r"pip install --quiet -e '\.\[hf,test\]'", (ROOT / "Makefile").read_text())
 
 
 def test_the_gpu_override_targets_the_worker(services):

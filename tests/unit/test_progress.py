@@ -7,7 +7,13 @@ from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-from tasks.core.train_progress import ProgressFileReader, StageProgress, training_progress, write_progress_file
+from tasks.core.train_progress import (
+    ProgressFileReader,
+    StageProgress,
+    phase_progress,
+    training_progress,
+    write_progress_file,
+)
 
 
 def test_plain_lines_every_ten_steps_on_validation_and_at_the_end():
@@ -24,6 +30,32 @@ def test_plain_lines_every_ten_steps_on_validation_and_at_the_end():
     ]
     assert lines[0].startswith("pretrain step 10/25: loss 1 tokens_per_s 1000 (about ")
     assert "val_loss 3 " in lines[1] and lines[-1] == "pretrain step 25/25: loss 0.4 tokens_per_s 1000"
+
+
+class Clock:
+    """A monotonic clock the test moves by hand."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def test_a_phase_prints_as_it_starts_after_its_first_step_every_ten_seconds_and_at_the_end(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr("tasks.core.train_progress.time", clock)
+    lines = []
+    with phase_progress("finetune", "parse rate, pretrained", 6, lines.append) as progress:
+        for step in range(1, 7):
+            clock.now += 4.0  # each batch takes 4 s
+            progress.update(step)
+    assert lines == [
+        "finetune: parse rate, pretrained 0/6",
+        "finetune: parse rate, pretrained 1/6 (about 20 s left)",  # this phase's time left: 5 more batches
+        "finetune: parse rate, pretrained 4/6 (about 8 s left)",  # 12 s after the last line
+        "finetune: parse rate, pretrained 6/6",
+    ]
 
 
 def test_track_counts_items_as_they_are_consumed():

@@ -227,6 +227,10 @@ def test_engine_matches_a_hand_written_training_loop(tmp_path, monkeypatch):
     def scored(batches):
         return sum(int((targets != -100).sum()) for _, targets in batches)
 
+    with torch.no_grad():  # the initial weights' loss, validated at step 0 (eval_at_start, on by default)
+        initial_nats = sum(summed_cross_entropy(inputs, targets).item() for inputs, targets in val_batches)
+    assert logged[0] == pytest.approx({"val_loss": initial_nats / scored(val_batches)}, rel=1e-5)
+
     train_batches = iter(MaskedBatches())
     scored_per_micro_batch = set()
     for step in range(steps):
@@ -262,7 +266,7 @@ def test_engine_matches_a_hand_written_training_loop(tmp_path, monkeypatch):
                 val_nats = sum(summed_cross_entropy(inputs, targets).item() for inputs, targets in val_batches)
             assert metrics["val_loss"] == pytest.approx(val_nats / scored(val_batches), rel=1e-5)
 
-    assert logged.keys() == set(range(1, steps + 1))
+    assert logged.keys() == set(range(0, steps + 1))
     assert len(scored_per_micro_batch) > 1  # the masking is uneven, as the normalisation needs
     for (name, expected), actual in zip(reference.state_dict().items(), engine_model.state_dict().values()):
         torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-6, msg=name)
@@ -286,7 +290,7 @@ def test_bf16_autocast_and_fused_adamw_train_on_cpu(tmp_path):
         RandomBatches(),
         VAL_BATCHES,
         tmp_path / "bf16",
-        callback=lambda step, metrics: losses["bf16"].append(metrics["loss"]),
+        callback=lambda step, metrics: step and losses["bf16"].append(metrics["loss"]),  # step 0: validation only
     )
     train(
         fp32_model,
@@ -294,7 +298,7 @@ def test_bf16_autocast_and_fused_adamw_train_on_cpu(tmp_path):
         RandomBatches(),
         VAL_BATCHES,
         tmp_path / "fp32",
-        callback=lambda step, metrics: losses["fp32"].append(metrics["loss"]),
+        callback=lambda step, metrics: step and losses["fp32"].append(metrics["loss"]),  # step 0: validation only
     )
     assert set(dtypes) == {torch.bfloat16}
     assert load_state(result.checkpoint)["optimizer"]["param_groups"][0]["fused"]
@@ -338,9 +342,30 @@ def test_a_run_resumed_at_max_steps_reports_the_last_steps_figures(tmp_path):
         RandomBatches(),
         VAL_BATCHES,
         tmp_path,
-        callback=lambda step, metrics: losses.append(metrics["loss"]),
+        callback=lambda step, metrics: step and losses.append(metrics["loss"]),  # step 0: validation only
     )
     rerun = train(GPT(MICRO_GPT), micro_train_config(max_steps=3), RandomBatches(), VAL_BATCHES, tmp_path)
     assert rerun.steps == 3 and rerun.tokens == 0
     assert rerun.train_loss == losses[-1] == finished.train_loss
     assert rerun.val_loss == finished.val_loss
+
+
+def test_validating_the_initial_weights_is_a_step_0_point_that_changes_no_weight(tmp_path):
+    # eval_at_start is run-only (left out of the stages' fingerprints): the weights must not depend on it.
+    logged: dict[bool, dict[int, set[str]]] = {True: {}, False: {}}
+    models = {}
+    for on in (True, False):
+        torch.manual_seed(0)
+        models[on] = GPT(MICRO_GPT)
+        train(
+            models[on],
+            micro_train_config(max_steps=3, eval_every=0, eval_at_start=on),
+            RandomBatches(),
+            VAL_BATCHES,
+            tmp_path / str(on),
+            callback=lambda step, metrics, on=on: logged[on].update({step: set(metrics)}),
+        )
+    assert logged[True][0] == {"val_loss"} and 0 not in logged[False]
+    assert {step: names for step, names in logged[True].items() if step} == logged[False]
+    for (name, expected), actual in zip(models[False].state_dict().items(), models[True].state_dict().values()):
+        assert torch.equal(actual, expected), name
