@@ -586,8 +586,12 @@ def ingest_fingerprint(config: IngestConfig, files: SourceFiles | None, commit: 
     """`commit`: what `pinned_commit` resolved `ingest.hf_revision` to. It stands in the inputs
     for the revision: a branch and the sha it points at name the same corpus. Unpinned, the
     inputs are what they were before the setting existed, so existing fingerprints hold."""
-    # `streaming` changes how rows arrive, not which rows: it is not part of the result.
-    settings = config.model_dump(mode="json", exclude={"streaming", "hf_revision"})
+    # `streaming` changes how rows arrive, not which rows: it is not part of the result. The
+    # default filter preset (code) is left out, so the fingerprints from before presets hold.
+    excluded: dict[str, Any] = {"streaming": True, "hf_revision": True}
+    if config.filters.preset == "code":
+        excluded["filters"] = {"preset"}
+    settings = config.model_dump(mode="json", exclude=excluded)
     inputs = {"source": source_signature(files)} | ({"hf_commit": commit} if commit else {})
     return fingerprint("ingest", settings, inputs, FORMAT_VERSION)
 
