@@ -29,7 +29,7 @@ from tasks.bpe import TOKENIZER_FILE, BPEOutput, bpe_fingerprint
 from tasks.core.workspace import StageDir, sha256_file
 from tasks.evaluate import EvaluateOutput, evaluate_fingerprint, evaluate_inputs
 from tasks.finetune import FinetuneOutput, finetune_fingerprint, finetune_inputs
-from tasks.ingest import CORPUS_FILE, IngestOutput, find_source_files, ingest_fingerprint
+from tasks.ingest import CORPUS_FILE, IngestOutput, find_source_files, ingest_fingerprint, pinned_commit
 from tasks.models.sources import find_checkpoint, is_registry_uri
 from tasks.pretrain import PretrainOutput, pretrain_fingerprint
 from tasks.register import RegisterOutput
@@ -111,7 +111,8 @@ def finetune_base(known: Known) -> tuple[str, GPTConfig] | None:
 
 
 def plan_ingest(known: Known) -> str:
-    return ingest_fingerprint(known.config.ingest, find_source_files(known.config.ingest))
+    config = known.config.ingest
+    return ingest_fingerprint(config, find_source_files(config), pinned_commit(config))
 
 
 def plan_bpe(known: Known) -> str | None:

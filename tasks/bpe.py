@@ -4,7 +4,9 @@ The initial alphabet is all 256 bytes, so every string round-trips exactly; the 
 tokens `<|endoftext|>`, `<|pad|>`, `<|sep|>` get the fixed ids 0, 1, 2. The tokenizer is
 trained on the train split only, fed in batches from the corpus Parquet file, then
 checked on the val split: bytes per token, and that every val document decodes back to
-itself.
+itself. A train split larger than `bpe.max_train_bytes` is sampled, whole documents chosen
+by a hash of their id (tasks/bpe_sample.py); the default cap holds the standard library
+many times over.
 
 Pre-tokens (the words BPE never merges across) are at most `bpe.max_pretoken_bytes` long:
 a longer one (a line of one repeated character, a DNA string, a minified or base64 blob)
@@ -60,6 +62,11 @@ MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet and the special 
 # Measured (bench/prepare.py): training and encoding a 60 MB line of one character take
 # about as long at 128 to 4096; 256 is well above the standard library's longest pre-token.
 MAX_PRETOKEN_BYTES = 256
+# BPE's merges come from the most frequent pairs, which a sample of a few GB already ranks as
+# the whole corpus does, while the trainer's time and memory keep growing with every byte.
+# Unmeasured here at scale (a later session prints bytes per token on val for a sample
+# against the whole split); far above the standard library (tens of MB), which stays whole.
+MAX_TRAIN_BYTES = 2_000_000_000
 
 
 class BPEConfig(BaseModel):
@@ -69,6 +76,9 @@ class BPEConfig(BaseModel):
     min_frequency: int = Field(2, ge=1, description="a pair must occur this often to be merged")
     max_pretoken_bytes: int | None = Field(
         MAX_PRETOKEN_BYTES, ge=1, description="longer pre-tokens are cut into pieces this long; null: no bound"
+    )
+    max_train_bytes: int | None = Field(
+        MAX_TRAIN_BYTES, ge=1, description="train on a sample of whole documents of at most this many bytes; null: all"
     )
 
     @field_validator("vocab_size")
@@ -131,16 +141,20 @@ def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
     return lengths
 
 
-def train(config: BPEConfig, corpus: Path, train_documents: int, destination: Path) -> None:
-    """Train on the corpus's train split (in a child process: see tasks/bpe_trainer.py) and
-    save the tokenizer to `destination`."""
+def train(config: BPEConfig, corpus: IngestOutput, destination: Path) -> dict[str, int]:
+    """Train on the corpus's train split, or its sample (in a child process: see
+    tasks/bpe_trainer.py), and save the tokenizer to `destination`; the documents and bytes fed."""
     settings = {
         "vocab_size": config.vocab_size,
         "min_frequency": config.min_frequency,
         "special_tokens": SPECIAL_TOKENS,  # first, so they get ids 0, 1, 2
     }
-    with step_progress("bpe: train tokenizer", train_documents) as progress:
-        train_in_child(new_tokenizer(config.max_pretoken_bytes), settings, corpus, destination, progress)
+    train_bytes = corpus.report["bytes_train"]
+    sample = {"max_train_bytes": config.max_train_bytes, "train_bytes": train_bytes}
+    share = min(1.0, (config.max_train_bytes or train_bytes) / max(train_bytes, 1))
+    with step_progress("bpe: train tokenizer", round(corpus.report["documents_train"] * share)) as progress:
+        tokenizer = new_tokenizer(config.max_pretoken_bytes)
+        return train_in_child(tokenizer, settings, sample, corpus.corpus, destination, progress)
 
 
 def check_on_val(tokenizer: Tokenizer, corpus: Path) -> dict[str, Any]:
@@ -166,7 +180,11 @@ def check_on_val(tokenizer: Tokenizer, corpus: Path) -> dict[str, Any]:
 
 
 def bpe_fingerprint(config: BPEConfig, corpus_fingerprint: str) -> str:
-    return fingerprint("bpe", config.model_dump(mode="json"), {"corpus": corpus_fingerprint}, FORMAT_VERSION)
+    # The sample's cap enters only when set away from its default, so that the fingerprints
+    # of the tokenizers trained before it existed (on splits within the default cap) hold.
+    at_default = {"max_train_bytes"} if config.max_train_bytes == MAX_TRAIN_BYTES else set()
+    settings = config.model_dump(mode="json", exclude=at_default)
+    return fingerprint("bpe", settings, {"corpus": corpus_fingerprint}, FORMAT_VERSION)
 
 
 def run_bpe(config: BPEConfig, corpus: IngestOutput, workspace: Path | str, init_from: str | None = None) -> BPEOutput:
@@ -179,10 +197,12 @@ def run_bpe(config: BPEConfig, corpus: IngestOutput, workspace: Path | str, init
     def build(directory: Path) -> dict[str, Any]:
         path = directory / TOKENIZER_FILE
         with atomic_path(path) as tmp:
-            train(config, corpus.corpus, corpus.report["documents_train"], tmp)
+            fed = train(config, corpus, tmp)
         # The val check runs on the tokenizer as every later stage loads it.
         tokenizer = load_tokenizer(path)
         report = {"vocab_size": tokenizer.get_vocab_size(), **check_on_val(tokenizer, corpus.corpus)}
+        if fed["bytes"] < corpus.report["bytes_train"]:  # sampled (a split within the cap reports as before)
+            report |= {"train_sample_documents": fed["documents"], "train_sample_bytes": fed["bytes"]}
         return {
             "format": FORMAT_VERSION,
             "fingerprint": stage.fingerprint,

@@ -9,8 +9,9 @@ than `multiprocessing`: spawn and forkserver re-run the parent's main module in 
 (a script without a `__main__` guard would start over), and a fork would copy the
 `tokenizers` thread pool broken.
 
-The protocol: the parent passes the untrained tokenizer (its JSON) and the trainer's settings
-on the command line; the child writes one JSON line per batch fed to the trainer,
+The protocol: the parent passes the untrained tokenizer (its JSON), the trainer's settings and
+the sample's (`bpe.max_train_bytes` and the train split's bytes: tasks/bpe_sample.py) on the
+command line; the child writes one JSON line per batch fed to the trainer,
 `{"documents": n, "bytes": n}`, then saves the tokenizer; any failure ends it with a
 traceback on stderr and a non-zero exit code.
 """
@@ -38,11 +39,18 @@ class TrainingFailed(RuntimeError):
 
 
 def train_in_child(
-    tokenizer: Tokenizer, settings: dict[str, Any], corpus: Path, destination: Path, progress: StepProgress
-) -> None:
-    """Train `tokenizer` with a BpeTrainer of `settings` on the corpus's train split, in a
-    child process, and save it to `destination`; `progress` counts the documents fed."""
-    arguments = [tokenizer.to_str(), json.dumps(settings), str(corpus), str(destination)]
+    tokenizer: Tokenizer,
+    settings: dict[str, Any],
+    sample: dict[str, int | None],
+    corpus: Path,
+    destination: Path,
+    progress: StepProgress,
+) -> dict[str, int]:
+    """Train `tokenizer` with a BpeTrainer of `settings` on the corpus's train split (sampled as
+    `sample` says: `train_batches`' arguments), in a child process, and save it to `destination`;
+    `progress` counts the documents fed. Returns the documents and bytes fed."""
+    arguments = [tokenizer.to_str(), json.dumps(settings), json.dumps(sample), str(corpus), str(destination)]
+    fed_in_all = {"documents": 0, "bytes": 0}
     command = [sys.executable, "-m", "tasks.bpe_trainer", *arguments]
     # stderr to a file: a pipe nobody reads while the child runs could fill up and block it.
     with tempfile.TemporaryFile("w+") as errors:
@@ -53,9 +61,11 @@ def train_in_child(
             for line in child.stdout:  # a signal interrupts this wait in the main thread
                 fed = json.loads(line)
                 progress.advance(documents=fed["documents"], n_bytes=fed["bytes"])
+                fed_in_all = {key: count + fed[key] for key, count in fed_in_all.items()}
             if child.wait() != 0:
                 errors.seek(0)
                 raise TrainingFailed(f"the tokenizer trainer failed (exit code {child.returncode}):\n{errors.read()}")
+            return fed_in_all
         finally:
             if child is not None:
                 if child.poll() is None:
@@ -65,13 +75,13 @@ def train_in_child(
                 child.stdout.close()
 
 
-def main(tokenizer_json: str, settings: str, corpus: str, destination: str) -> None:
-    """The child: feed the train split to the trainer, reporting each batch, then save."""
+def main(tokenizer_json: str, settings: str, sample: str, corpus: str, destination: str) -> None:
+    """The child: feed the train split (or its sample) to the trainer, reporting each batch, then save."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the parent decides
     threading.Thread(target=exit_with_parent, daemon=True).start()
     # Imported only now, with the watchdog running: it takes a second (Prefect comes with it),
     # and a parent that dies meanwhile must not leave the child to start training.
-    from tasks.ingest import read_corpus
+    from tasks.bpe_sample import train_batches
 
     tokenizer = Tokenizer.from_str(tokenizer_json)
     trainer = trainers.BpeTrainer(
@@ -79,8 +89,7 @@ def main(tokenizer_json: str, settings: str, corpus: str, destination: str) -> N
     )
 
     def batches():
-        for batch in read_corpus(Path(corpus), split="train"):
-            texts = batch.column("text").to_pylist()
+        for texts in train_batches(Path(corpus), **json.loads(sample)):
             print(json.dumps({"documents": len(texts), "bytes": sum(len(text.encode()) for text in texts)}), flush=True)
             yield texts
 

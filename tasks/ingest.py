@@ -7,7 +7,10 @@ Sources (`ingest.source`):
 - a local file, directory (recursive) or glob of `.txt`/`.md`/`.py` files (one document
   each), `.jsonl`/`.json` records and `.parquet` rows (the string in `ingest.text_field`).
 - `hf:NAME`: a Hugging Face dataset through `datasets` (`ingest.hf_config`,
-  `ingest.hf_split`, `ingest.text_field`, `ingest.streaming`).
+  `ingest.hf_split`, `ingest.text_field`, `ingest.streaming`). `ingest.hf_revision` (a
+  branch, tag or commit) pins it: the stage resolves it to the hub's commit once, loads that
+  commit, and records it in the manifest (`hf_commit`) and the fingerprint, so a dataset
+  pushed again under the same name is ingested again rather than silently reused.
 
 Document ids: a file's path relative to the source root (`file_doc_id`; for the stdlib,
 e.g. `json/decoder.py`), `PATH:LINE` for a `.jsonl` record, `PATH:INDEX` for a `.json`
@@ -56,7 +59,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model.data import SPLITS
 from model.errors import UserError
@@ -100,6 +103,7 @@ class IngestConfig(BaseModel):
     text_field: str = Field("text", description="the text of a .jsonl/.json record, .parquet or hf row")
     hf_config: str | None = Field(None, description="hf: the dataset's configuration (subset), if it has several")
     hf_split: str = Field("train", description="hf: the split to read")
+    hf_revision: str | None = Field(None, description="hf: a branch, tag or commit, resolved to its commit")
     streaming: bool = Field(False, description="hf: stream rows instead of downloading first")
     nfc: bool = Field(False, description="normalize text to Unicode NFC")
     max_doc_chars: int = Field(1_000_000, ge=1, description="longer documents are cut into pieces")
@@ -108,6 +112,12 @@ class IngestConfig(BaseModel):
     seed: int = Field(0, description="salt of the split hash")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="quality filters, near-dedup")
     on_unreadable: Literal["skip", "fail"] = Field("skip", description="a file that cannot be read: skip or fail")
+
+    @model_validator(mode="after")
+    def _revision_of_a_hub_source(self) -> IngestConfig:
+        if self.hf_revision is not None and not self.source.startswith(HF_PREFIX):
+            raise ValueError(f"hf_revision pins an {HF_PREFIX}NAME source, not {self.source!r}")
+        return self
 
 
 class IngestOutput(StageOutput):
@@ -246,7 +256,8 @@ def glob_root(pattern: str) -> Path:
 def source_signature(files: SourceFiles | None) -> str:
     """What identifies the source's contents cheaply: each file's id, size and mtime.
 
-    `hf:` sources are identified by their name, config and split alone (in the config).
+    `hf:` sources are identified by their name, config and split (in the config), and by
+    the commit `ingest.hf_revision` resolves to when it is set (`pinned_commit`).
     """
     digest = hashlib.sha256()
     for path in files.files if files else []:
@@ -299,10 +310,10 @@ class SourceDocument:
 
 
 def source_documents(
-    config: IngestConfig, files: SourceFiles | None, stats: IngestStats, progress: StepProgress
+    config: IngestConfig, files: SourceFiles | None, commit: str | None, stats: IngestStats, progress: StepProgress
 ) -> Iterator[SourceDocument]:
     if files is None:
-        yield from hf_documents(config, stats)
+        yield from hf_documents(config, commit, stats)
         return
     for path in files.files:
         stats.files_read += 1
@@ -410,12 +421,33 @@ def parquet_documents(path: Path, doc_id: str, text_field: str, stats: IngestSta
                 index += 1
 
 
-def hf_documents(config: IngestConfig, stats: IngestStats) -> Iterator[SourceDocument]:
+def pinned_commit(config: IngestConfig) -> str | None:
+    """The hub commit `ingest.hf_revision` names now (None when it is not set)."""
+    if config.hf_revision is None:
+        return None
+    return hub_commit(config.source.removeprefix(HF_PREFIX), config.hf_revision)
+
+
+def hub_commit(name: str, revision: str) -> str:
+    """The commit sha of revision `revision` (branch, tag or sha) of hub dataset `name`."""
+    from huggingface_hub import HfApi  # comes with datasets; only pinned hf: sources need it
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
+
+    try:
+        return HfApi().dataset_info(name, revision=revision).sha
+    except (HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, OSError) as e:
+        reason = " ".join(str(e).split())
+        raise UserError(f"ingest.hf_revision {revision!r} of {HF_PREFIX}{name}: cannot resolve it ({reason})") from e
+
+
+def hf_documents(config: IngestConfig, commit: str | None, stats: IngestStats) -> Iterator[SourceDocument]:
     import datasets  # slow to import; only hf: sources need it
 
     name = config.source.removeprefix(HF_PREFIX)
     try:
-        dataset = datasets.load_dataset(name, config.hf_config, split=config.hf_split, streaming=config.streaming)
+        dataset = datasets.load_dataset(
+            name, config.hf_config, split=config.hf_split, streaming=config.streaming, revision=commit
+        )
     except (FileNotFoundError, ValueError, ConnectionError) as e:
         raise UserError(f"ingest.source {config.source}: cannot load the dataset ({e})") from e
     columns = dataset.column_names
@@ -494,13 +526,13 @@ class CorpusWriter:
         self._writer.close()
 
 
-def write_corpus(config: IngestConfig, files: SourceFiles | None, path: Path) -> IngestStats:
+def write_corpus(config: IngestConfig, files: SourceFiles | None, commit: str | None, path: Path) -> IngestStats:
     stats = IngestStats()
     seen: set[bytes] = set()
     quality = DocumentFilter(config.filters)
     total_files = len(files.files) if files else None
     with CorpusWriter(path) as writer, step_progress("ingest", total_files) as progress:
-        for document in source_documents(config, files, stats, progress):
+        for document in source_documents(config, files, commit, stats, progress):
             stats.documents_in += 1
             if files is None:
                 progress.advance(documents=1)
@@ -550,26 +582,36 @@ def check_usable(config: IngestConfig, stats: IngestStats) -> None:
 # -- the stage ------------------------------------------------------------------------
 
 
-def ingest_fingerprint(config: IngestConfig, files: SourceFiles | None) -> str:
-    # `streaming` changes how rows arrive, not which rows: it is not part of the result.
-    settings = config.model_dump(mode="json", exclude={"streaming"})
-    return fingerprint("ingest", settings, {"source": source_signature(files)}, FORMAT_VERSION)
+def ingest_fingerprint(config: IngestConfig, files: SourceFiles | None, commit: str | None) -> str:
+    """`commit`: what `pinned_commit` resolved `ingest.hf_revision` to. It stands in the inputs
+    for the revision: a branch and the sha it points at name the same corpus. Unpinned, the
+    inputs are what they were before the setting existed, so existing fingerprints hold."""
+    # `streaming` changes how rows arrive, not which rows: it is not part of the result. The
+    # default filter preset (code) is left out, so the fingerprints from before presets hold.
+    excluded: dict[str, Any] = {"streaming": True, "hf_revision": True}
+    if config.filters.preset == "code":
+        excluded["filters"] = {"preset"}
+    settings = config.model_dump(mode="json", exclude=excluded)
+    inputs = {"source": source_signature(files)} | ({"hf_commit": commit} if commit else {})
+    return fingerprint("ingest", settings, inputs, FORMAT_VERSION)
 
 
 def run_ingest(config: IngestConfig, workspace: Path | str) -> IngestOutput:
     """Read the source into `<workspace>/ingest/<fingerprint>/corpus.parquet` (or reuse it)."""
     files = find_source_files(config)
-    stage = StageDir(workspace, "ingest", ingest_fingerprint(config, files))
+    commit = pinned_commit(config)
+    stage = StageDir(workspace, "ingest", ingest_fingerprint(config, files, commit))
 
     def build(directory: Path) -> dict[str, Any]:
         corpus = directory / CORPUS_FILE
         with atomic_path(corpus) as tmp:
-            stats = write_corpus(config, files, tmp)
+            stats = write_corpus(config, files, commit, tmp)
             check_usable(config, stats)
         return {
             "format": FORMAT_VERSION,
             "fingerprint": stage.fingerprint,
             "source": config.source,
+            **({"hf_revision": config.hf_revision, "hf_commit": commit} if commit else {}),
             "files": [{"path": CORPUS_FILE, "rows": stats.documents_out, "sha256": sha256_file(corpus)}],
             "report": asdict(stats),
         }

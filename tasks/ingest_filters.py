@@ -1,7 +1,16 @@
 """The ingest's quality filters and near-duplicate removal, as production pipelines apply them.
 
-Each filter measures one figure of a document and drops it above a threshold
-(`ingest.filters.<name>`; null turns the filter off):
+`ingest.filters.preset` picks the rules for a domain:
+
+- `code` (the default): the six limits below, at the defaults chosen for code corpora.
+- `web`: the published quality rules of web-text pipelines (`WEB_RULES`, each named after
+  its source: Gopher's quality and repetition rules, C4's document rules, FineWeb's own),
+  at their published thresholds, for prose such as FineWeb-Edu.
+- `none`: no quality filter.
+
+The six limits below are the code preset's; under `web` and `none` they default to off, and
+one that is set applies under any preset. Each filter measures one figure of a document and
+drops it above a threshold (`ingest.filters.<name>`; null turns the filter off):
 
 - `max_repeated_char_share` (Dolma/FineWeb's repetition rules): the share of the document's
   characters that sit in runs of at least `REPEAT_RUN` copies of one non-space character
@@ -22,11 +31,11 @@ Defaults are chosen for code corpora: on the Python standard library they drop n
 (measured: tests/unit/test_ingest_filters.py), while a line of one character, a base64 blob on
 one line and minified JavaScript each fail at least one of them.
 
-Near duplicates: a document whose MinHash signature (over word shingles of
-`near_dedup_shingle_words` words) estimates a Jaccard similarity of at least
-`near_dedup_threshold` with a kept document is dropped, keeping the first, with
-`datasketch`'s MinHash and LSH index (banded, so each document is compared only with likely
-matches, not with every kept one).
+Near duplicates (`near_dedup`, its own switch under every preset): a document whose MinHash
+signature (over word shingles of `near_dedup_shingle_words` words) estimates a Jaccard
+similarity of at least `near_dedup_threshold` with a kept document is dropped, keeping the
+first, with `datasketch`'s MinHash and LSH index (banded, so each document is compared only
+with likely matches, not with every kept one).
 """
 
 from __future__ import annotations
@@ -35,9 +44,10 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from datasketch import MinHash, MinHashLSH
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 REPEAT_RUN = 16  # a run of this many copies of one character counts as repetition
 _RUN = re.compile(rf"(\S)\1{{{REPEAT_RUN - 1},}}")
@@ -49,6 +59,7 @@ NUM_PERM = 128  # MinHash permutations: the Jaccard estimate's standard error is
 class FilterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    preset: Literal["code", "web", "none"] = Field("code", description="the rules of a domain: code, web or none")
     max_repeated_char_share: float | None = Field(0.5, ge=0, le=1, description="null: off")
     max_word_chars: int | None = Field(1000, ge=1, description="null: off")
     max_duplicate_line_fraction: float | None = Field(None, ge=0, le=1, description="null: off")
@@ -60,11 +71,23 @@ class FilterConfig(BaseModel):
     near_dedup_threshold: float = Field(0.8, gt=0, le=1, description="estimated Jaccard similarity")
     near_dedup_shingle_words: int = Field(5, ge=1, description="words per shingle")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _code_limits_only_for_code(cls, data: Any) -> Any:
+        """Under `web` and `none` the code preset's limits default to off; one set still applies."""
+        if isinstance(data, dict) and data.get("preset", "code") != "code":
+            return {**cls.no_limits(), **data}
+        return data
+
+    @classmethod
+    def no_limits(cls) -> dict[str, None]:
+        """Each of the limits (the `max_` fields) off."""
+        return {name: None for name in cls.model_fields if name.startswith("max_")}
+
     @classmethod
     def off(cls) -> FilterConfig:
         """Every filter and near-dedup off: what the ingest kept before they existed."""
-        limits = {name: None for name in cls.model_fields if name.startswith("max_")}
-        return cls(**limits, near_dedup=False)
+        return cls(**cls.no_limits(), near_dedup=False)
 
 
 # -- the measures ------------------------------------------------------------------------
@@ -78,9 +101,25 @@ def longest_word(text: str) -> int:
     return max(map(len, text.split()), default=0)
 
 
+def non_blank_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def repeated_share(parts: list[str], text: str) -> tuple[float, float]:
+    """Of `parts` (lines or paragraphs): the share that repeat an earlier one, and the share of
+    the text's characters they hold."""
+    seen: set[str] = set()
+    repeats = repeated_chars = 0
+    for part in parts:
+        if part in seen:
+            repeats += 1
+            repeated_chars += len(part)
+        seen.add(part)
+    return repeats / max(len(parts), 1), repeated_chars / max(len(text), 1)
+
+
 def duplicate_line_fraction(text: str) -> float:
-    lines = [line for line in text.splitlines() if line.strip()]
-    return (len(lines) - len(set(lines))) / max(len(lines), 1)
+    return repeated_share(non_blank_lines(text), text)[0]
 
 
 def duplicate_ngram_fraction(text: str, n: int) -> float:
@@ -103,8 +142,137 @@ def longest_line(text: str) -> int:
     return max(map(len, text.splitlines()), default=0)
 
 
-def measures(config: FilterConfig) -> dict[str, tuple[Callable[[str], float], float]]:
-    """The filters that are on: name -> (measure, the most a kept document may have)."""
+@dataclass(frozen=True)
+class Rule:
+    """A figure of a document, and the range a kept document's figure lies in."""
+
+    measure: Callable[[str], float]
+    low: float | None = None  # a kept document has at least this
+    high: float | None = None  # ... and at most this
+
+    def drops(self, value: float) -> bool:
+        return (self.low is not None and value < self.low) or (self.high is not None and value > self.high)
+
+
+# -- the web preset: published rules at their published thresholds ------------------------
+#
+# Words are white-space separated (the sources use a word tokenizer; on prose the counts are
+# close), lines are non-blank lines, paragraphs are split at blank lines. These rules only
+# keep or drop a document: C4's rules that remove lines from a page (those without terminal
+# punctuation, with "javascript", cookie and policy notices) would change the text, and are
+# not applied.
+
+GOPHER_STOP_WORDS = frozenset({"the", "be", "to", "of", "and", "that", "have", "with"})
+BULLETS = ("•", "●", "○", "■", "□", "▪", "▫", "‣", "◦", "-", "*")
+ELLIPSES = ("...", "…")
+FINEWEB_STOP_CHARS = (".", "'", '"', "!", "?")  # FineWeb's line-ending punctuation
+FINEWEB_SHORT_LINE_CHARS = 30
+
+
+def paragraphs(text: str) -> list[str]:
+    return [paragraph for paragraph in re.split(r"\n\s*\n", text) if paragraph.strip()]
+
+
+def word_count(text: str) -> float:
+    return len(text.split())
+
+
+def mean_word_length(text: str) -> float:
+    words = text.split()
+    return sum(map(len, words)) / max(len(words), 1)
+
+
+def symbol_word_ratio(text: str) -> float:
+    """Hash signs and ellipses per word."""
+    symbols = text.count("#") + sum(text.count(ellipsis) for ellipsis in ELLIPSES)
+    return symbols / max(len(text.split()), 1)
+
+
+def bullet_line_share(text: str) -> float:
+    lines = non_blank_lines(text)
+    return sum(line.lstrip().startswith(BULLETS) for line in lines) / max(len(lines), 1)
+
+
+def ellipsis_line_share(text: str) -> float:
+    lines = non_blank_lines(text)
+    return sum(line.rstrip().endswith(ELLIPSES) for line in lines) / max(len(lines), 1)
+
+
+def alphabetic_word_share(text: str) -> float:
+    """The share of words with at least one letter."""
+    words = text.split()
+    return sum(any(char.isalpha() for char in word) for word in words) / max(len(words), 1)
+
+
+def stop_word_count(text: str) -> float:
+    return sum(word.lower() in GOPHER_STOP_WORDS for word in text.split())
+
+
+def top_ngram_char_share(text: str, n: int) -> float:
+    """The share of the word characters in the most frequent word n-gram's occurrences (when it
+    occurs more than once)."""
+    words = text.split()
+    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    if not counts:
+        return 0.0
+    ngram, count = counts.most_common(1)[0]
+    return (sum(map(len, ngram)) * count if count > 1 else 0) / max(sum(map(len, words)), 1)
+
+
+def line_punctuation_share(text: str) -> float:
+    lines = non_blank_lines(text)
+    return sum(line.rstrip().endswith(FINEWEB_STOP_CHARS) for line in lines) / max(len(lines), 1)
+
+
+def short_line_share(text: str) -> float:
+    lines = non_blank_lines(text)
+    return sum(len(line) <= FINEWEB_SHORT_LINE_CHARS for line in lines) / max(len(lines), 1)
+
+
+def newline_word_ratio(text: str) -> float:
+    return text.count("\n") / max(len(text.split()), 1)
+
+
+def contains(phrase: str) -> Callable[[str], float]:
+    """1 when the document contains `phrase` (any case), else 0."""
+    return lambda text: float(phrase in text.lower())
+
+
+# Gopher: Rae et al. 2021, "Scaling Language Models: Methods, Analysis & Insights from Training
+# Gopher", appendix A (quality filters, and the repetition thresholds of its table A1).
+# C4: Raffel et al. 2020, "Exploring the Limits of Transfer Learning ...", section 2.2.
+# FineWeb: Penedo et al. 2024, "The FineWeb Datasets", section 3 (its custom filters).
+WEB_RULES: dict[str, Rule] = {
+    "gopher_word_count": Rule(word_count, low=50, high=100_000),
+    "gopher_mean_word_length": Rule(mean_word_length, low=3, high=10),
+    "gopher_symbol_word_ratio": Rule(symbol_word_ratio, high=0.1),
+    "gopher_bullet_lines": Rule(bullet_line_share, high=0.9),
+    "gopher_ellipsis_lines": Rule(ellipsis_line_share, high=0.3),
+    "gopher_alphabetic_words": Rule(alphabetic_word_share, low=0.8),
+    "gopher_stop_words": Rule(stop_word_count, low=2),
+    "gopher_duplicate_lines": Rule(lambda text: repeated_share(non_blank_lines(text), text)[0], high=0.3),
+    "gopher_duplicate_paragraphs": Rule(lambda text: repeated_share(paragraphs(text), text)[0], high=0.3),
+    "gopher_duplicate_line_chars": Rule(lambda text: repeated_share(non_blank_lines(text), text)[1], high=0.2),
+    "gopher_duplicate_paragraph_chars": Rule(lambda text: repeated_share(paragraphs(text), text)[1], high=0.2),
+    **{
+        f"gopher_top_{n}gram": Rule(lambda text, n=n: top_ngram_char_share(text, n), high=limit)
+        for n, limit in ((2, 0.20), (3, 0.18), (4, 0.16))
+    },
+    **{
+        f"gopher_duplicate_{n}grams": Rule(lambda text, n=n: duplicate_ngram_fraction(text, n), high=limit)
+        for n, limit in ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10))
+    },
+    "c4_lorem_ipsum": Rule(contains("lorem ipsum"), high=0),
+    "c4_curly_bracket": Rule(contains("{"), high=0),
+    "fineweb_line_punctuation": Rule(line_punctuation_share, low=0.12),
+    "fineweb_short_lines": Rule(short_line_share, high=0.67),
+    "fineweb_duplicate_line_chars": Rule(lambda text: repeated_share(non_blank_lines(text), text)[1], high=0.01),
+    "fineweb_newline_ratio": Rule(newline_word_ratio, high=0.3),
+}
+
+
+def rules(config: FilterConfig) -> dict[str, Rule]:
+    """The rules that are on, by name: the preset's published ones, then the limits that are set."""
     n = config.duplicate_ngram_words
     candidates = {
         "max_repeated_char_share": repeated_char_share,
@@ -115,7 +283,10 @@ def measures(config: FilterConfig) -> dict[str, tuple[Callable[[str], float], fl
         "max_line_chars": longest_line,
     }
     limits = {name: getattr(config, name) for name in candidates}
-    return {name: (measure, limits[name]) for name, measure in candidates.items() if limits[name] is not None}
+    limited = {
+        name: Rule(measure, high=limits[name]) for name, measure in candidates.items() if limits[name] is not None
+    }
+    return (WEB_RULES if config.preset == "web" else {}) | limited
 
 
 # -- applying them -----------------------------------------------------------------------
@@ -140,14 +311,14 @@ class DocumentFilter:
 
     def __init__(self, config: FilterConfig):
         self.config = config
-        self.measures = measures(config)
+        self.rules = rules(config)
         self.counts = FilterCounts()
         self._lsh = MinHashLSH(threshold=config.near_dedup_threshold, num_perm=NUM_PERM) if config.near_dedup else None
 
     def keep(self, doc_id: str, text: str) -> bool:
         """Whether to keep the document; a dropped one is counted under the first filter it fails."""
-        for name, (measure, limit) in self.measures.items():
-            if (value := measure(text)) > limit:
+        for name, rule in self.rules.items():
+            if rule.drops(value := rule.measure(text)):
                 self.counts.drop(name, doc_id, text, value=round(value, 4))
                 return False
         if self._lsh is not None:

@@ -158,6 +158,8 @@ def test_the_gpu_configs_load_and_plan_here(monkeypatch, tmp_path, name, seq_len
     assert config.shard.seq_len == model.block_size == seq_len and model.attention == layers
     assert config.pretrain.batch_tokens == 2**19 and config.pretrain.micro_batch_size == micro_batch
     assert config.ingest.source.startswith("hf:") and config.ingest.streaming
+    if name == "gpt2-small":  # FineWeb-Edu: prose, deduplicated upstream
+        assert (config.ingest.filters.preset, config.ingest.filters.near_dedup) == ("web", False)
     assert 120e6 < model.num_params() < 170e6
 
     dry_run = ["run", str(CONFIGS / f"{name}.yaml"), "--dry-run", "--set", f"workspace={tmp_path}"]

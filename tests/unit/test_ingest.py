@@ -187,6 +187,62 @@ def test_hf_source_through_datasets(tmp_path, monkeypatch):
         ingest(tmp_path, f"hf:{data}", ids)
 
 
+def test_a_pinned_hub_source_is_fingerprinted_and_recorded_by_the_commit_its_revision_names(tmp_path, monkeypatch):
+    """`hf:` with a local dataset directory: `load_dataset` reads it as it reads a hub name, and the
+    resolver (the hub's API) is faked: the branch `main` moves from one commit to another."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-cache")
+    data = tmp_path / "dataset"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"text": text(i)}) + "\n" for i in range(6)))
+    ids = [f"train:{i}" for i in range(6)]
+    commits = {"main": "a" * 40, "a" * 40: "a" * 40}
+    resolved: list[tuple[str, str]] = []
+
+    def fake_hub_commit(name: str, revision: str) -> str:
+        resolved.append((name, revision))
+        return commits[revision]
+
+    loaded_revisions: list[str | None] = []
+    load_dataset = datasets.load_dataset
+
+    def recording_load_dataset(*args, revision=None, **kwargs):
+        loaded_revisions.append(revision)
+        return load_dataset(*args, revision=revision, **kwargs)
+
+    monkeypatch.setattr("tasks.ingest.hub_commit", fake_hub_commit)
+    monkeypatch.setattr(datasets, "load_dataset", recording_load_dataset)
+
+    unpinned, _ = ingest(tmp_path, f"hf:{data}", ids)
+    pinned, rows = ingest(tmp_path, f"hf:{data}", ids, hf_revision="main")
+    assert [row["text"] for row in rows] == [text(i) for i in range(6)]
+    assert resolved == [(str(data), "main")]
+    assert loaded_revisions == [None, "a" * 40]  # the commit is loaded, not the branch that may move
+    manifest = json.loads((pinned.path / "manifest.json").read_text())
+    assert (manifest["hf_revision"], manifest["hf_commit"]) == ("main", "a" * 40)
+    assert "hf_commit" not in json.loads((unpinned.path / "manifest.json").read_text())
+    assert pinned.fingerprint != unpinned.fingerprint
+
+    # The commit it names, not the revision as written, is the corpus: its sha reuses the stage.
+    by_sha, _ = ingest(tmp_path, f"hf:{data}", ids, hf_revision="a" * 40)
+    assert (by_sha.fingerprint, by_sha.reused) == (pinned.fingerprint, True)
+
+    # The dataset is pushed again: `main` names a new commit, and the stage runs again.
+    commits["main"] = "b" * 40
+    moved, _ = ingest(tmp_path, f"hf:{data}", ids, hf_revision="main")
+    assert moved.fingerprint != pinned.fingerprint and not moved.reused
+    assert json.loads((moved.path / "manifest.json").read_text())["hf_commit"] == "b" * 40
+
+
+def test_a_revision_that_cannot_be_resolved_or_pins_no_hub_source_is_named(tmp_path):
+    # The real resolver refuses a name that is no hub id before it reaches the network.
+    with pytest.raises(UserError, match=r"ingest.hf_revision 'main' of hf:not/a/hub/id: cannot resolve it"):
+        run_ingest(IngestConfig(source="hf:not/a/hub/id", hf_revision="main"), tmp_path / "ws")
+    with pytest.raises(ValueError, match="hf_revision pins an hf:NAME source, not 'src'"):
+        IngestConfig(source="src", hf_revision="main")
+
+
 @pytest.mark.parametrize(
     ("source", "message"),
     [
