@@ -54,8 +54,10 @@ def type_name(annotation: Any, metadata: list[Any] | tuple[Any, ...] = ()) -> st
 
 
 def section_model(annotation: Any) -> type[BaseModel] | None:
-    """The model of a section (`PretrainConfig`, or `FinetuneConfig | None`); None for a setting."""
-    models = [c for c in (annotation, *get_args(annotation)) if isinstance(c, type) and issubclass(c, BaseModel)]
+    """The model of a section (`PretrainConfig`, or `FinetuneConfig | None`); None for a setting,
+    a list of models included (`evaluate.benchmarks`: its items are the value, not keys)."""
+    options = get_args(annotation) if get_origin(annotation) in (Union, types.UnionType) else ()
+    models = [c for c in (annotation, *options) if isinstance(c, type) and issubclass(c, BaseModel)]
     return models[0] if models else None
 
 
@@ -89,6 +91,13 @@ def section(key: str, field: FieldInfo, model: type[BaseModel], value: Any) -> C
     return ConfigKey(key, "section | null" if nullable else "section", None, text, value, section=True)
 
 
+def list_item_model(annotation: Any) -> type[BaseModel] | None:
+    """The model of a list's items (`evaluate.benchmarks`: `list[BenchmarkConfig]`), else None."""
+    items = get_args(annotation) if get_origin(annotation) is list else ()
+    models = [c for c in items if isinstance(c, type) and issubclass(c, BaseModel)]
+    return models[0] if models else None
+
+
 def config_keys(model: type[BaseModel], config: Any = NOT_GIVEN, prefix: str = "") -> Iterator[ConfigKey]:
     """Every key of `model`, depth first; with `config` (an instance), each with its value there.
     A section the config turns off (`finetune: null`) is listed without its keys."""
@@ -97,6 +106,8 @@ def config_keys(model: type[BaseModel], config: Any = NOT_GIVEN, prefix: str = "
         nested = section_model(field.annotation)
         if nested is None:
             yield setting(model, name, prefix, value)
+            if item := list_item_model(field.annotation):  # the keys each item has (`benchmarks[].name`)
+                yield from config_keys(item, prefix=f"{prefix}{name}[].")
             continue
         yield section(prefix + name, field, nested, value)
         if value is not None:
@@ -122,6 +133,9 @@ def config_yaml(config: BaseModel) -> str:
     lines = []
     for key in config_keys(type(config), config):
         indent, name = "  " * key.key.count("."), key.key.rpartition(".")[2]
+        if "[]." in key.key:  # a key of a list's items: described, its values are in the list above
+            lines.append(f"{indent}# each item's {name}: {summary(key)}")
+            continue
         if not key.section or key.description:  # a section says "section" by its shape already
             lines.append(f"{indent}# {summary(key)}")
         if key.section:
@@ -146,7 +160,7 @@ def config_markdown(model: type[BaseModel]) -> str:
             continue
         default = "required" if key.default is PydanticUndefined else f"`{cell(inline(key.default))}`"
         row = f"| `{key.key}` | `{cell(key.type)}` | {default} | {cell(key.description)} |"
-        rows[key.key.rpartition(".")[0]].append(row)
+        rows.setdefault(key.key.rpartition(".")[0], []).append(row)  # a list's items: a table of their own
     parts = []
     for name, section_rows in rows.items():
         parts += [f"## `{name}`", ""] if name else []

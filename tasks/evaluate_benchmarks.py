@@ -53,7 +53,10 @@ class BenchmarkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="its figures are <name>_acc, <name>_acc_norm, ...")
-    kind: Literal["hellaswag", "multiple_choice", "cloze"]
+    kind: Literal["hellaswag", "multiple_choice", "cloze"] = Field(
+        description="hellaswag: HellaSwag's rows, preprocessed as lm-eval does; multiple_choice: "
+        "context/choices/label rows as written; cloze: LAMBADA's passages, the last word predicted"
+    )
     source: str = Field(description="a JSON Lines file, a directory of them, or hf:NAME (a hub dataset)")
     split: str = Field("validation", description="the split of an hf: source")
     limit: PositiveInt | None = Field(None, description="score only the first rows; null: all")
