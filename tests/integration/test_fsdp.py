@@ -42,14 +42,19 @@ def spec_for(tmp_path, name, shards, **train):
     return RunSpec(model=MICRO_GPT, train=config, shards=shards, val_windows=16, out_dir=tmp_path / name)
 
 
+def training_steps(metrics: dict[int, dict[str, float]]) -> dict[int, dict[str, float]]:
+    """The steps' figures, without step 0 (the initial weights' val_loss only: `eval_at_start`)."""
+    return {step: m for step, m in metrics.items() if step > 0}
+
+
 def in_process(spec: RunSpec) -> dict[int, dict[str, float]]:
     metrics = {}
     run(spec, lambda step, m: metrics.update({step: dict(m)}))
-    return metrics
+    return training_steps(metrics)
 
 
 def under_torchrun(tmp_path, name, spec: RunSpec, nproc=2) -> dict[int, dict[str, float]]:
-    return {int(step): m for step, m in torchrun(write_spec(tmp_path, name, spec), nproc).items()}
+    return training_steps({int(step): m for step, m in torchrun(write_spec(tmp_path, name, spec), nproc).items()})
 
 
 def resume_from(tmp_path, name, checkpoint, shards, **train) -> RunSpec:
