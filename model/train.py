@@ -79,6 +79,7 @@ from model.device import DeviceName, device_model, training_bf16
 from model.errors import UserError
 from model.gpt import GPT
 from model.mfu import peak_flops
+from model.muon import Muon
 from model.parallel import ParallelConfig, clip_grad_norm, is_sharded, local_gradients, parallelize
 from model.runtime import (
     DistributedEnv,
@@ -226,7 +227,8 @@ def configure_optimizers(model: nn.Module, config: TrainConfig, device: torch.de
     LayerNorm gains are vectors: decaying them towards zero only hurts (as in GPT-3 and
     nanoGPT). The tied head/embedding is one Parameter and is listed once.
 
-    muon: torch.optim.Muon for the blocks' 2-D matrices, as in the fastest GPT-2 speedruns,
+    muon: Muon (torch.optim.Muon, orthogonalizing in float32 off CUDA: `model.muon`) for the
+    blocks' 2-D matrices, as in the fastest GPT-2 speedruns,
     with its update scaled to AdamW's size (Moonshot's "match_rms_adamw", "Muon is Scalable
     for LLM Training") so that one `lr` and `weight_decay` serve both; AdamW as above for the
     embeddings, biases and gains.
@@ -243,7 +245,7 @@ def configure_optimizers(model: nn.Module, config: TrainConfig, device: torch.de
     )
     if not hidden:
         return [adamw]
-    muon = torch.optim.Muon(hidden, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw")
+    muon = Muon(hidden, lr=config.lr, weight_decay=config.weight_decay, adjust_lr_fn="match_rms_adamw")
     return [muon, adamw]
 
 
