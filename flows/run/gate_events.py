@@ -4,7 +4,7 @@ After a pipeline registers a new version, it emits `gptflow.model.promoted` when
 moved to it and `gptflow.model.rejected` when the gate kept the champion. The event's
 resource is the registered model (`mlflow.registered-model.<name>`), so an automation can
 match one model or all of them; Prefect relates it to the emitting flow run. A rerun whose
-weights are already registered (no new version, nothing judged) emits neither. README.md
+weights are already registered (no new version, nothing judged) emits neither. docs/operations.md
 shows an automation that reacts to them; `scripts/gate_automations.py` creates it.
 """
 
