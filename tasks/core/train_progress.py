@@ -5,8 +5,10 @@ A `StageProgress` shows one stage's steps three ways at once:
 - in a terminal, a rich progress bar with the step, the latest figures and the time left;
 - when output is not a terminal (a log file, a worker's pipe), a plain line every
   `PLAIN_EVERY` steps, on a validation step and at the end; for a phase of few slow steps
-  (`phase_progress`: fine-tuning's held-out scoring), one as it starts, after its first step,
-  every `PHASE_LINE_SECONDS` and at the end, each with the phase's own time left;
+  (`phase_progress`: fine-tuning's held-out scoring, evaluation's val windows, documents,
+  benchmarks and samples, registration's re-evaluation of the champion), one as it starts,
+  after its first step, every `PHASE_LINE_SECONDS` and at the end, each with the phase's own
+  time left;
 - inside a Prefect task run, a progress artifact on the task run (the flow run page shows
   each stage's percentage), updated at most every `ARTIFACT_SECONDS`.
 
@@ -137,6 +139,13 @@ def phase_progress(stage: str, phase: str, total: int, log: Callable[[str], obje
     lines and time left: "finetune: parse rate, pretrained 1/2 (about 40 s left)"."""
     key = re.sub(r"[^a-z0-9]+", "-", f"{stage}-{phase}".lower()).strip("-")
     return StageProgress(key, f"{stage}: {phase}", total, log, line_seconds=PHASE_LINE_SECONDS)
+
+
+def phase_steps(stage: str, phase: str, items: Iterable[T], total: int) -> Iterator[T]:
+    """`items` (`total` of them: a phase's batches), its progress shown as the phase's
+    (`phase_progress`): a step done when the next item is asked for."""
+    with phase_progress(stage, phase, total) as progress:
+        yield from progress.track(items, total)
 
 
 def write_progress_file(path: Path, step: int, metrics: Mapping[str, float]) -> None:
