@@ -75,6 +75,7 @@ class StageProgress:
         )
         self.bar_task = self.bar.add_task(description, total=total, figures="")
         self.started = self.last_line = time.monotonic()
+        self.first_update: tuple[float, int] | None = None  # (when, step) of the first step reported
         self.artifact_id = None
         self.artifact_updated = -ARTIFACT_SECONDS
         self.last_step = 0
@@ -94,6 +95,8 @@ class StageProgress:
 
     def update(self, step: int, figures: Mapping[str, float] | None = None) -> None:
         figures = figures or {}
+        if self.first_update is None:
+            self.first_update = (time.monotonic(), step)
         self.last_step = step
         self.bar.update(self.bar_task, completed=step, figures=format_figures(figures))
         if self.bar.disable and self._line_due(step, figures):
@@ -116,9 +119,17 @@ class StageProgress:
             self.update(step)
 
     def _time_left(self, step: int) -> str:
+        """The time left at the pace of the steps since the first one reported: what came
+        before (loading, compiling, a resumed run's earlier steps, an earlier phase of the
+        stage) is not this progress's pace. At the first step, its own time from the start."""
         if step <= 0 or step >= self.total:
             return ""
-        seconds = (time.monotonic() - self.started) / step * (self.total - step)
+        now = time.monotonic()
+        since, first_step = self.first_update or (self.started, 0)
+        if step > first_step:
+            seconds = (now - since) / (step - first_step) * (self.total - step)
+        else:
+            seconds = (now - self.started) / step * (self.total - step)
         return f" (about {seconds:.0f} s left)"
 
     def _update_artifact(self, force: bool = False) -> None:
