@@ -120,16 +120,18 @@ class StageProgress:
 
     def _time_left(self, step: int) -> str:
         """The time left at the pace of the steps since the first one reported: what came
-        before (loading, compiling, a resumed run's earlier steps, an earlier phase of the
-        stage) is not this progress's pace. At the first step, its own time from the start."""
+        before (loading, compiling, a resumed run's earlier steps, the held-out scoring before
+        fine-tuning's training) is not this progress's pace. At its first step a phase, which
+        starts just before it, counts from its start; training has no pace yet."""
         if step <= 0 or step >= self.total:
             return ""
-        now = time.monotonic()
         since, first_step = self.first_update or (self.started, 0)
         if step > first_step:
-            seconds = (now - since) / (step - first_step) * (self.total - step)
+            seconds = (time.monotonic() - since) / (step - first_step) * (self.total - step)
+        elif self.line_seconds is not None:
+            seconds = (time.monotonic() - self.started) / step * (self.total - step)
         else:
-            seconds = (now - self.started) / step * (self.total - step)
+            return ""
         return f" (about {seconds:.0f} s left)"
 
     def _update_artifact(self, force: bool = False) -> None:
