@@ -37,11 +37,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from tokenizers import Tokenizer
 
-from model.benchmarks import Continuation, Request, encode_request, score_continuations
+from model.benchmarks import encode_request
 from model.errors import UserError
 from model.jsonl import jsonl_records
 from model.special_tokens import special_ids
-from tasks.core.train_progress import phase_steps
+from tasks.core.phased_scoring import score_requests
 from tasks.core.workspace import sha256_file
 
 HUB_PREFIX = "hf:"
@@ -252,24 +252,6 @@ def score_benchmark(
         logprobs[owner].append(result.logprob)
         greedy[owner] = greedy[owner] and result.greedy
     return BenchmarkScores(logprobs, greedy, sum(result.truncated for result in scored))
-
-
-def score_requests(
-    model: torch.nn.Module,
-    requests: Sequence[Request],
-    block_size: int,
-    batch_size: int,
-    phase: tuple[str, str],
-) -> list[Continuation]:
-    """`score_continuations` of `requests`, `batch_size` per forward pass on the model's device,
-    with the progress of `phase` (stage, phase: `phase_progress`)."""
-    device = next(model.parameters()).device
-    batches = [requests[start : start + batch_size] for start in range(0, len(requests), batch_size)]
-    return [
-        result
-        for batch in phase_steps(*phase, batches, len(batches))
-        for result in score_continuations(model, batch, block_size, batch_size, device)
-    ]
 
 
 def first_max(values: list[float]) -> int:

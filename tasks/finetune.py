@@ -61,11 +61,11 @@ from model.train import train
 from tasks import tracking
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.checkpoint_mirror import mirrored_checkpoints
+from tasks.core.phased_scoring import score_requests
 from tasks.core.stage_state import finished
 from tasks.core.train_progress import phase_steps, training_progress
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, sha256_file
-from tasks.evaluate_benchmarks import score_requests
 from tasks.finetune_pairs import Pair, PairSet, docstring_pairs, file_pairs
 from tasks.finetune_priming import document_requests, function_body, primed_layouts, primed_rows, priming_order
 from tasks.models.sources import load_model_source
