@@ -16,7 +16,7 @@ import typer
 from cli import commands
 from flows.harness import harness
 from model.errors import UserError
-from ops.environment import apply_defaults
+from ops.environment import set_defaults
 
 # The command name -> the function that runs it, in the order `gptflow --help` lists them.
 COMMANDS: dict[str, Callable[..., None]] = {
@@ -71,7 +71,7 @@ WITHOUT_USER_ERROR_TRACEBACK = WithoutUserErrorTraceback()  # one instance: addF
 
 def main() -> None:
     """Console entry point: user errors end as one line `error: ...` and exit code 2."""
-    apply_defaults()  # before any command imports prefect or mlflow
+    set_defaults()  # before any command imports prefect or mlflow
     for run_logger in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(run_logger).addFilter(WITHOUT_USER_ERROR_TRACEBACK)
     try:

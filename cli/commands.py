@@ -210,7 +210,6 @@ def priming_examples(
 ) -> tuple[list[tuple[str, str]] | None, str]:
     """The examples that prime each prompt (from --examples, or --shots K of --config's
     pairs), and where they come from."""
-    from flows.finetune_flow import priming_pairs
     from model.prompts import parse_examples
 
     if examples is not None and shots is not None:
@@ -220,6 +219,8 @@ def priming_examples(
     if examples is not None:
         return parse_examples(read_text_file(examples, "--examples"), str(examples)), str(examples)
     if shots is not None:
+        from flows.finetune_flow import priming_pairs  # imports Prefect: only --shots needs it
+
         return priming_pairs(config), f"{config} (finetune pairs)"
     return None, str(examples)
 

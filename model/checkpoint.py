@@ -33,28 +33,25 @@ import shutil
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import safetensors
 import safetensors.torch
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from model.config import GPTConfig
 from model.errors import UserError
 from model.gpt import GPT
-from model.parallel import (
-    CheckpointFormat,
-    Optimizers,
-    full_state,
-    load_full_state,
-    load_sharded_state,
-    sharded_state,
-)
 from model.special_tokens import SpecialIds
+
+if TYPE_CHECKING:
+    # The training checkpoints' functions import model.parallel when called: it brings
+    # torch.distributed's checkpoint and FSDP modules (a second), which loading a model to
+    # generate from never needs.
+    from model.parallel import CheckpointFormat, Optimizers
 
 WEIGHTS, CONFIG, STATE, DCP = "model.safetensors", "config.json", "state.pt", "dcp"
 TOKENIZER, TOKENS = "tokenizer.json", "tokens.json"
@@ -130,6 +127,8 @@ def save_sharded_checkpoint(
         _fresh(tmp)
     if dist.is_initialized():
         dist.barrier()  # the directory exists before any rank writes into it
+    import torch.distributed.checkpoint as dcp  # here: a second to import (see TYPE_CHECKING above)
+
     dcp.save(shards, checkpoint_id=tmp / DCP)  # returns on every rank once all shards and the .metadata are written
     return _commit(tmp, checkpoints, step, unwrap(model), state, keep) if main else checkpoints / f"step-{step}"
 
@@ -147,6 +146,8 @@ def save_training_checkpoint(
     """The training loop's checkpoint of step `step`: the (parallelized) model's weights and
     optimizer state in `checkpoint_format`, plus `state`. Every rank calls it: gathering the
     state, or writing its shards, takes them all; no rank returns before the checkpoint is in place."""
+    from model.parallel import full_state, sharded_state
+
     if checkpoint_format == "dcp":
         save_sharded_checkpoint(checkpoints, step, model, state, sharded_state(model, optimizers), keep=keep)
     else:
@@ -170,6 +171,8 @@ def load_training_checkpoint(
     """Load `checkpoint`'s weights and optimizer state into the (parallelized) model; returns the
     rest of its state. Rank 0 reads a gathered checkpoint and broadcasts it; a DCP checkpoint is
     read by every rank, and only when the run opted into that format."""
+    from model.parallel import load_full_state, load_sharded_state, sharded_state
+
     state = load_state(checkpoint)
     if (checkpoint / DCP).is_dir():
         if checkpoint_format != "dcp":
@@ -245,6 +248,8 @@ def load_weights(model: nn.Module, checkpoint: Path) -> None:
 def load_shards(checkpoint: Path, shards: dict[str, Any]) -> None:
     """Fill `shards` (model.parallel.sharded_state) in place from a DCP checkpoint, on any number
     of ranks. Unpickles the checkpoint's .metadata: trusted storage only."""
+    import torch.distributed.checkpoint as dcp  # here: a second to import (see TYPE_CHECKING above)
+
     dcp.load(shards, checkpoint_id=checkpoint / DCP)
 
 

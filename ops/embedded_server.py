@@ -11,6 +11,7 @@ process holds open, and stops the server when the pipe closes, however this proc
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from typing import Any
@@ -52,7 +53,7 @@ class ProcessBoundServer(SubprocessASGIServer):
 
 
 def bind_embedded_server() -> None:
-    """Make the temporary server Prefect starts in this process (port chosen by Prefect) a
-    `ProcessBoundServer`; nothing starts until a flow needs it."""
-    if None not in SubprocessASGIServer._instances:
+    """With no PREFECT_API_URL set, make the temporary server Prefect starts in this process
+    (port chosen by Prefect) a `ProcessBoundServer`; nothing starts until a flow needs it."""
+    if "PREFECT_API_URL" not in os.environ and None not in SubprocessASGIServer._instances:
         ProcessBoundServer()  # registers itself as the instance for "any port"

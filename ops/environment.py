@@ -3,9 +3,12 @@
 Prefect reads its settings, and MLflow its telemetry switch, when first imported, so the
 defaults that make the embedded (ephemeral) server dependable on a small machine must be in
 `os.environ` before then. Importing a module of `flows` changes nothing; each entry point
-calls `apply_defaults()` first: the `gptflow` command (`cli.app.main`), the module a
-Prefect worker loads for prefect.yaml's deployment (`flows/deployment.py`), and the tests'
-conftest. Flow runs that `gptflow serve` starts inherit its environment.
+applies them first. The `gptflow` command (`cli.app.main`) calls `set_defaults()`, which
+imports nothing: a command that needs no flow starts fast, and one that runs flows binds
+Prefect's temporary server when it checks the server (`ops.servers.check_prefect_server`).
+The processes that run flows from their start call `apply_defaults()`, both at once: the
+module a Prefect worker loads for prefect.yaml's deployment (`flows/deployment.py`) and the
+tests' conftest. Flow runs that `gptflow serve` starts inherit its environment.
 """
 
 from __future__ import annotations
@@ -32,20 +35,25 @@ DEFAULTS = {
 
 
 def apply_defaults() -> None:
+    """`set_defaults()`, then, with no Prefect server named, Prefect's ephemeral one bound
+    to this process's lifetime (ops/embedded_server.py)."""
+    set_defaults()
+    # Imported here: Prefect must not be imported before the defaults above are set.
+    from ops.embedded_server import bind_embedded_server
+
+    bind_embedded_server()
+
+
+def set_defaults() -> None:
     """Set each default the environment leaves unset (the environment always wins). With no
     PREFECT_API_URL set, the Prefect server `gptflow up` recorded is used, running or not (a
-    run checks that it answers: `ops.servers.check_prefect_server`), else Prefect's
-    ephemeral one, bound to this process's lifetime (ops/embedded_server.py)."""
+    run checks that it answers: `ops.servers.check_prefect_server`). Imports neither Prefect
+    nor MLflow."""
     for name, value in DEFAULTS.items():
         os.environ.setdefault(name, value)
     hand_over_tracking_server()
     if "PREFECT_API_URL" not in os.environ and (server := recorded_server(PREFECT)):
         os.environ["PREFECT_API_URL"] = server.api_url
-    if "PREFECT_API_URL" not in os.environ:
-        # Imported here: Prefect must not be imported before the defaults above are set.
-        from ops.embedded_server import bind_embedded_server
-
-        bind_embedded_server()
 
 
 def hand_over_tracking_server() -> None:

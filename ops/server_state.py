@@ -16,8 +16,6 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tasks.core.workspace import write_json_atomic
-
 PREFECT = "prefect"
 MLFLOW = "mlflow"
 
@@ -63,6 +61,10 @@ def recorded_server(kind: str) -> ServerRecord | None:
 
 
 def write_records(records: dict[str, ServerRecord]) -> None:
+    # Imported here: every command reads the file at start-up, only `up` and `down` write it,
+    # and tasks.core.workspace brings pyarrow (0.4 s).
+    from tasks.core.workspace import write_json_atomic
+
     if records:
         write_json_atomic(state_file(), {kind: asdict(r) for kind, r in records.items()})
     else:

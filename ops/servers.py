@@ -145,7 +145,12 @@ def check_prefect_server(attempts: int = 5, delay: float = 2.0) -> None:
     no run lands in a temporary server whose runs the UI never shows. It is asked for its health
     `attempts` times, the waits doubling from `delay` seconds (time for a restart), then the run
     stops with one line naming it. A PREFECT_API_URL the environment gave wins: it is not checked.
+    With no server named at all, Prefect's temporary one is bound to this process (the command
+    line imports Prefect only for a command that runs flows, which all call this first).
     """
+    from ops.embedded_server import bind_embedded_server  # imports Prefect: slow
+
+    bind_embedded_server()
     record = recorded_server(PREFECT)
     if record is None or os.environ.get("PREFECT_API_URL") != record.api_url:
         return

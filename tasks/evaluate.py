@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from tokenizers import Tokenizer
@@ -49,13 +49,14 @@ from model.scoring import (
     LossTotals,
     score_batches,
     sliding_window_batches,
+    sliding_windows,
     val_windows,
     window_batches,
 )
 from model.special_tokens import special_ids
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.stage_state import finished
-from tasks.core.train_progress import StageProgress
+from tasks.core.train_progress import phase_progress, phase_steps
 from tasks.core.workspace import MANIFEST, StageDir, fingerprint, sha256_file, write_json_atomic
 from tasks.evaluate_benchmarks import BenchmarkConfig, benchmark_figures, score_names, source_digests
 from tasks.ingest import read_corpus
@@ -123,22 +124,35 @@ def held_out_documents(corpus: Path, tokenizer: Tokenizer, limit: int | None) ->
     return documents
 
 
-def sample_prompts(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig) -> list[tuple[str, str]]:
-    """(prompt, completion) for each configured prompt, sampled with the config's settings."""
+def sample_prompts(
+    model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, stage: str = "evaluate"
+) -> list[tuple[str, str]]:
+    """(prompt, completion) for each configured prompt, sampled with the config's settings;
+    progress shown as `stage`'s phase "samples", a step per token of the longest completion."""
     if not config.prompts:
         return []
     eos = special_ids(tokenizer).eos
     prompts = [[eos, *tokenizer.encode(prompt, add_special_tokens=False).ids] for prompt in config.prompts]
-    completions = generate(
-        model,
-        prompts,
-        config.max_new_tokens,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        eos_id=eos,
-        seed=config.seed,
-    )
+    drawn = [0] * len(prompts)
+    with phase_progress(stage, "samples", config.max_new_tokens) as progress:
+
+        def on_token(row: int, token: int) -> None:
+            drawn[row] += 1
+            if drawn[row] > progress.last_step:  # the rows draw together: a step is each new position
+                progress.update(drawn[row])
+
+        completions = generate(
+            model,
+            prompts,
+            config.max_new_tokens,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            eos_id=eos,
+            seed=config.seed,
+            on_token=on_token,
+        )
+        progress.update(config.max_new_tokens)  # every row ended, some at <|endoftext|> before the last token
     return [(prompt, tokenizer.decode(ids)) for prompt, ids in zip(config.prompts, completions)]
 
 
@@ -147,10 +161,10 @@ def samples_markdown(samples: list[tuple[str, str]]) -> str:
 
 
 def shard_figures(
-    model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path, progress: StageProgress | None = None
+    model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, shards: Path, stage: str = "evaluate"
 ) -> dict[str, float]:
     """val_* figures over the val shards' windows (at most `max_windows`, evenly spaced),
-    and the scoring throughput; `progress` counts the batches."""
+    and the scoring throughput; progress shown as `stage`'s phase "val windows"."""
     manifest = ShardManifest.read(shards)
     if manifest.seq_len > model.config.block_size:
         raise UserError(
@@ -161,9 +175,8 @@ def shard_figures(
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     device = next(model.parameters()).device
     started = time.perf_counter()
-    batches = window_batches(windows, config.batch_size)
-    if progress is not None:
-        batches = progress.track(batches, total=math.ceil(len(windows) / config.batch_size))
+    n_batches = math.ceil(len(windows) / config.batch_size)
+    batches = phase_steps(stage, "val windows", window_batches(windows, config.batch_size), n_batches)
     val = score_batches(model, batches, byte_lengths, device)
     return {**val.figures("val"), "eval_tokens_per_s": val.tokens / (time.perf_counter() - started)}
 
@@ -176,14 +189,24 @@ def document_stride(config: EvaluateConfig, block_size: int) -> int:
     return stride
 
 
-def document_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, corpus: Path) -> dict[str, float]:
+def document_figures(
+    model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, corpus: Path, stage: str = "evaluate"
+) -> dict[str, float]:
     """doc_* figures: sliding windows over the held-out documents. They need only the
-    corpus text, so doc_bits_per_byte compares models with different tokenizers."""
+    corpus text, so doc_bits_per_byte compares models with different tokenizers. Progress
+    shown as `stage`'s phase "held-out documents"."""
     block_size = model.config.block_size
     stride = document_stride(config, block_size)
     documents = held_out_documents(corpus, tokenizer, config.max_documents)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
-    batches = sliding_window_batches(documents, block_size, stride, config.batch_size)
+    # Counted first, for the phase's total: cheap next to scoring them.
+    n_windows = sum(1 for tokens in documents for _ in sliding_windows(tokens, block_size, stride))
+    batches = phase_steps(
+        stage,
+        "held-out documents",
+        sliding_window_batches(documents, block_size, stride, config.batch_size),
+        math.ceil(n_windows / config.batch_size),
+    )
     docs = score_batches(model, batches, byte_lengths, next(model.parameters()).device) if documents else LossTotals()
     return docs.figures("doc")
 
@@ -194,24 +217,26 @@ def evaluate_model(
     config: EvaluateConfig,
     shards: Path,
     corpus: Path,
-    progress: StageProgress | None = None,
+    stage: str = "evaluate",
 ) -> dict[str, float]:
-    """Every figure of the stage, for a loaded model; `progress` follows the val shards' batches."""
+    """Every figure of the stage, for a loaded model; each phase's progress shown as `stage`'s."""
     documents = document_figures(
-        model, tokenizer, config, corpus
+        model, tokenizer, config, corpus, stage
     )  # first: a stride the model cannot take fails at once
     return {
-        **shard_figures(model, tokenizer, config, shards, progress),
+        **shard_figures(model, tokenizer, config, shards, stage),
         **documents,
-        **all_benchmark_figures(model, tokenizer, config),
+        **all_benchmark_figures(model, tokenizer, config, stage),
     }
 
 
-def all_benchmark_figures(model: GPT, tokenizer: Tokenizer, config: EvaluateConfig) -> dict[str, float]:
+def all_benchmark_figures(
+    model: GPT, tokenizer: Tokenizer, config: EvaluateConfig, stage: str = "evaluate"
+) -> dict[str, float]:
     """The figures of every configured benchmark."""
     figures: dict[str, float] = {}
     for benchmark in config.benchmarks:
-        figures |= benchmark_figures(model, tokenizer, benchmark, config.batch_size)
+        figures |= benchmark_figures(model, tokenizer, benchmark, config.batch_size, stage)
     return figures
 
 
@@ -255,10 +280,10 @@ def run_evaluate(
     corpus: Path,
     workspace: Path,
     device: str = "auto",
-    progress: StageProgress | None = None,
+    stage_name: str = "evaluate",
 ) -> EvaluateOutput:
-    """Evaluate `model` (a checkpoint directory or `models:/...` URI) and sample from it;
-    `progress` shows how far the scoring of the val shards is.
+    """Evaluate `model` (a checkpoint directory or `models:/...` URI) and sample from it; each
+    phase's progress is shown as `stage_name`'s (e.g. "evaluate-finetuned: val windows").
 
     `tokenizer` is the pipeline's tokenizer.json, `shards` the shard stage directory,
     `corpus` the corpus Parquet file, `device` the pipeline's `device` setting. A completed
@@ -275,8 +300,8 @@ def run_evaluate(
 
     def build(directory: Path) -> dict:
         tok = load_tokenizer(tokenizer)
-        metrics = evaluate_model(loaded.model, tok, config, shards, corpus, progress)
-        samples = sample_prompts(loaded.model, tok, config)
+        metrics = evaluate_model(loaded.model, tok, config, shards, corpus, stage_name)
+        samples = sample_prompts(loaded.model, tok, config, stage_name)
         (directory / "samples.md").write_text(samples_markdown(samples))
         table = {"prompt": [prompt for prompt, _ in samples], "completion": [completion for _, completion in samples]}
         write_json_atomic(directory / SAMPLES_TABLE, table)
@@ -322,9 +347,7 @@ def evaluate_task(
     """`run_evaluate` in a nested MLflow run named `run_name`; the headline figures also go
     on the parent run, named with `parent_prefix` (e.g. "finetuned_" for a second evaluation)."""
     with stage_run(parent_run_id, run_name, {"evaluate": config.model_dump(), "model": str(model)}) as stage:
-        # The total is set once the val windows are counted.
-        with StageProgress(f"{run_name}-progress", f"{run_name} batch", 0, get_run_logger().info) as progress:
-            output = run_evaluate(config, model, tokenizer, shards, corpus, workspace, device, progress)
+        output = run_evaluate(config, model, tokenizer, shards, corpus, workspace, device, run_name)
         stage.finish(
             output.metrics,
             parent_metrics={parent_prefix + name: output.metrics[name] for name in parent_figures(config)},

@@ -37,10 +37,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
 from tokenizers import Tokenizer
 
-from model.benchmarks import encode_request, score_continuations
+from model.benchmarks import encode_request
 from model.errors import UserError
 from model.jsonl import jsonl_records
 from model.special_tokens import special_ids
+from tasks.core.phased_scoring import score_requests
 from tasks.core.workspace import sha256_file
 
 HUB_PREFIX = "hf:"
@@ -225,9 +226,14 @@ class BenchmarkScores:
 
 
 def score_benchmark(
-    model: torch.nn.Module, tokenizer: Tokenizer, examples: list[Example], batch_size: int
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    examples: list[Example],
+    batch_size: int,
+    phase: tuple[str, str] = ("evaluate", "benchmark"),
 ) -> BenchmarkScores:
-    """Every example's requests scored in batches on the model's device."""
+    """Every example's requests scored in batches on the model's device; progress shown as
+    `phase` (stage, phase: `phase_progress`)."""
     eos = special_ids(tokenizer).eos
 
     def encode(text: str) -> list[int]:
@@ -239,8 +245,7 @@ def score_benchmark(
         for continuation in continuations:
             requests.append(encode_request(encode, example.context, continuation, eos))
             owners.append(index)
-    device = next(model.parameters()).device
-    scored = score_continuations(model, requests, model.config.block_size, batch_size, device)
+    scored = score_requests(model, requests, model.config.block_size, batch_size, phase)
     logprobs: list[list[float]] = [[] for _ in examples]
     greedy = [True] * len(examples)
     for owner, result in zip(owners, scored):
@@ -255,11 +260,12 @@ def first_max(values: list[float]) -> int:
 
 
 def benchmark_figures(
-    model: torch.nn.Module, tokenizer: Tokenizer, config: BenchmarkConfig, batch_size: int
+    model: torch.nn.Module, tokenizer: Tokenizer, config: BenchmarkConfig, batch_size: int, stage: str = "evaluate"
 ) -> dict[str, float]:
-    """The benchmark's figures, named `<name>_...` (see the module docstring)."""
+    """The benchmark's figures, named `<name>_...` (see the module docstring); `stage` names
+    the stage whose phase the scoring shows as."""
     examples = load_examples(config)
-    scores = score_benchmark(model, tokenizer, examples, batch_size)
+    scores = score_benchmark(model, tokenizer, examples, batch_size, (stage, f"benchmark {config.name}"))
     name, count = config.name, len(examples)
     figures = {f"{name}_examples": float(count), f"{name}_truncated": float(scores.truncated)}
     if config.kind == "cloze":

@@ -45,7 +45,6 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, model_validator
 from tokenizers import Tokenizer
 
-from model.benchmarks import score_continuations
 from model.checkpoint import CheckpointTokens, attach_tokenizer, checkpoint_dirs
 from model.config import RUN_ONLY
 from model.data import ShardManifest, WindowLoader
@@ -62,8 +61,9 @@ from model.train import train
 from tasks import tracking
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.core.checkpoint_mirror import mirrored_checkpoints
+from tasks.core.phased_scoring import score_requests
 from tasks.core.stage_state import finished
-from tasks.core.train_progress import phase_progress, training_progress
+from tasks.core.train_progress import phase_steps, training_progress
 from tasks.core.training_stage import Trained, TrainedOutput, TrainingStageConfig, train_once
 from tasks.core.workspace import StageDir, fingerprint, sha256_file
 from tasks.finetune_pairs import Pair, PairSet, docstring_pairs, file_pairs
@@ -260,10 +260,8 @@ def completion_figures(
             yield inputs[rows, :width], targets[rows, :width]
 
     n_batches = -(-len(order) // batch_size)
-    with phase_progress("finetune", phase, n_batches) as progress:
-        totals = score_batches(
-            model, progress.track(batches(), n_batches), byte_lengths, next(model.parameters()).device
-        )
+    scored = phase_steps("finetune", phase, batches(), n_batches)
+    totals = score_batches(model, scored, byte_lengths, next(model.parameters()).device)
     return {"completion_loss": totals.loss, "completion_perplexity": totals.perplexity}
 
 
@@ -342,14 +340,13 @@ def parse_rate(
     prompts = [prompt[-room:] for prompt in prompts]
     ok = 0
     starts = range(0, len(pairs), GENERATION_BATCH)
-    with phase_progress("finetune", phase, len(starts)) as progress:
-        for start in progress.track(starts, len(starts)):
-            bodies = generate(
-                model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=special.eos
-            )
-            for pair, body in zip(pairs[start : start + GENERATION_BATCH], bodies):
-                text = tokenizer.decode([t for t in body if t != special.eos])
-                ok += completes_function(pair.prompt, function_body(pair.prompt, text) if until_function_end else text)
+    for start in phase_steps("finetune", phase, starts, len(starts)):
+        bodies = generate(
+            model, prompts[start : start + GENERATION_BATCH], max_new_tokens, temperature=0.0, eos_id=special.eos
+        )
+        for pair, body in zip(pairs[start : start + GENERATION_BATCH], bodies):
+            text = tokenizer.decode([t for t in body if t != special.eos])
+            ok += completes_function(pair.prompt, function_body(pair.prompt, text) if until_function_end else text)
     return ok / len(pairs) if pairs else float("nan")
 
 
@@ -412,8 +409,9 @@ def document_primed_figures(
     requests = [request for request, _ in laid_out]
     # A completion longer than a row is not scored, as the `<|sep|>` rows drop it (`encode_pair`).
     fitting = [request for request in requests if len(request[1]) <= seq_len]
-    device = next(model.parameters()).device
-    scored = score_continuations(model, fitting, seq_len, config.micro_batch_size, device)
+    scored = score_requests(
+        model, fitting, seq_len, config.micro_batch_size, ("finetune", "completion loss, document-primed")
+    )
     tokens = sum(len(completion) for _, completion in fitting)
     loss = -sum(result.logprob for result in scored) / tokens if tokens else math.nan
     figures = {"completion_loss": loss, "completion_perplexity": math.exp(loss)}

@@ -174,26 +174,31 @@ def gated_benchmark(gate_metric: str, benchmarks: list[BenchmarkConfig]) -> Benc
     return next((benchmark for benchmark in benchmarks if gate_metric in score_names(benchmark)), None)
 
 
+CHAMPION_STAGE = "register champion"  # what the re-evaluation's progress lines start with
+
+
 def champion_figure(
     config: RegisterConfig, champion_uri: str, tokenizer: Path, eval_data: EvalData, device: str = "auto"
 ) -> float | None:
     """The champion's `gate_metric` on `eval_data`, computed now on `device` (the pipeline's
-    setting); None if it cannot be compared."""
+    setting); None if it cannot be compared. Each phase's progress is shown as CHAMPION_STAGE's."""
     champion = tracking.load_registered_model(champion_uri)
     model, champion_tokenizer = champion.model.to(resolve_device(device)), champion.tokenizer
     tok = load_tokenizer(champion_tokenizer)
     if benchmark := gated_benchmark(config.gate_metric, eval_data.config.benchmarks):
         # Benchmarks are text: each model reads them with its own tokenizer and context.
-        return benchmark_figures(model, tok, benchmark, eval_data.config.batch_size).get(config.gate_metric)
+        return benchmark_figures(model, tok, benchmark, eval_data.config.batch_size, CHAMPION_STAGE).get(
+            config.gate_metric
+        )
     window = ShardManifest.read(eval_data.shards).seq_len
     if sha256_file(champion_tokenizer) == sha256_file(tokenizer) and window <= model.config.block_size:
-        figures = evaluate_model(model, tok, eval_data.config, eval_data.shards, eval_data.corpus)
+        figures = evaluate_model(model, tok, eval_data.config, eval_data.shards, eval_data.corpus, CHAMPION_STAGE)
     else:
         # The val windows are token ids of the candidate's tokenizer, `seq_len` tokens long:
         # a champion scores them only with that tokenizer and a context that holds a window.
         # The doc_* figures need only the corpus text, read with each model's own tokenizer
         # and context.
-        figures = document_figures(model, tok, eval_data.config, eval_data.corpus)
+        figures = document_figures(model, tok, eval_data.config, eval_data.corpus, CHAMPION_STAGE)
     return figures.get(config.gate_metric)
 
 

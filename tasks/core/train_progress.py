@@ -5,8 +5,10 @@ A `StageProgress` shows one stage's steps three ways at once:
 - in a terminal, a rich progress bar with the step, the latest figures and the time left;
 - when output is not a terminal (a log file, a worker's pipe), a plain line every
   `PLAIN_EVERY` steps, on a validation step and at the end; for a phase of few slow steps
-  (`phase_progress`: fine-tuning's held-out scoring), one as it starts, after its first step,
-  every `PHASE_LINE_SECONDS` and at the end, each with the phase's own time left;
+  (`phase_progress`: fine-tuning's held-out scoring, evaluation's val windows, documents,
+  benchmarks and samples, registration's re-evaluation of the champion), one as it starts,
+  after its first step, every `PHASE_LINE_SECONDS` and at the end, each with the phase's own
+  time left;
 - inside a Prefect task run, a progress artifact on the task run (the flow run page shows
   each stage's percentage), updated at most every `ARTIFACT_SECONDS`.
 
@@ -73,6 +75,7 @@ class StageProgress:
         )
         self.bar_task = self.bar.add_task(description, total=total, figures="")
         self.started = self.last_line = time.monotonic()
+        self.first_update: tuple[float, int] | None = None  # (when, step) of the first step reported
         self.artifact_id = None
         self.artifact_updated = -ARTIFACT_SECONDS
         self.last_step = 0
@@ -92,6 +95,8 @@ class StageProgress:
 
     def update(self, step: int, figures: Mapping[str, float] | None = None) -> None:
         figures = figures or {}
+        if self.first_update is None:
+            self.first_update = (time.monotonic(), step)
         self.last_step = step
         self.bar.update(self.bar_task, completed=step, figures=format_figures(figures))
         if self.bar.disable and self._line_due(step, figures):
@@ -114,9 +119,19 @@ class StageProgress:
             self.update(step)
 
     def _time_left(self, step: int) -> str:
+        """The time left at the pace of the steps since the first one reported: what came
+        before (loading, compiling, a resumed run's earlier steps, the held-out scoring before
+        fine-tuning's training) is not this progress's pace. At its first step a phase, which
+        starts just before it, counts from its start; training has no pace yet."""
         if step <= 0 or step >= self.total:
             return ""
-        seconds = (time.monotonic() - self.started) / step * (self.total - step)
+        since, first_step = self.first_update or (self.started, 0)
+        if step > first_step:
+            seconds = (time.monotonic() - since) / (step - first_step) * (self.total - step)
+        elif self.line_seconds is not None:
+            seconds = (time.monotonic() - self.started) / step * (self.total - step)
+        else:
+            return ""
         return f" (about {seconds:.0f} s left)"
 
     def _update_artifact(self, force: bool = False) -> None:
@@ -137,6 +152,13 @@ def phase_progress(stage: str, phase: str, total: int, log: Callable[[str], obje
     lines and time left: "finetune: parse rate, pretrained 1/2 (about 40 s left)"."""
     key = re.sub(r"[^a-z0-9]+", "-", f"{stage}-{phase}".lower()).strip("-")
     return StageProgress(key, f"{stage}: {phase}", total, log, line_seconds=PHASE_LINE_SECONDS)
+
+
+def phase_steps(stage: str, phase: str, items: Iterable[T], total: int) -> Iterator[T]:
+    """`items` (`total` of them: a phase's batches), its progress shown as the phase's
+    (`phase_progress`): a step done when the next item is asked for."""
+    with phase_progress(stage, phase, total) as progress:
+        yield from progress.track(items, total)
 
 
 def write_progress_file(path: Path, step: int, metrics: Mapping[str, float]) -> None:

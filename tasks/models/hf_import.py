@@ -23,8 +23,8 @@ from tokenizers import AddedToken, Tokenizer
 from model.errors import UserError
 from model.export import grow_vocabulary, import_hf
 from model.gpt import GPT
+from model.integrity import sha256_file
 from model.special_tokens import EOS, SPECIAL_TOKENS, SpecialIds, special_ids
-from tasks.core.workspace import sha256_file
 
 HF_WEIGHTS, HF_CONFIG, HF_TOKENIZER = "model.safetensors", "config.json", "tokenizer.json"
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")

@@ -32,10 +32,9 @@ from model.checkpoint import (
 )
 from model.errors import UserError
 from model.gpt import GPT
+from model.integrity import sha256_file
 from model.special_tokens import SpecialIds, special_ids
-from tasks.core.workspace import sha256_file
 from tasks.models.hf_import import is_hf_directory, load_pretrained
-from tasks.tracking.registry import load_registered_model
 
 REGISTRY_SCHEME = "models:/"
 RUN_SCHEME = "runs:/"  # a model logged by a run, `runs:/ID/model`: `gptflow generate` and export take it too
@@ -82,6 +81,8 @@ def load_model_source(spec: str | Path, tokenizer: Path, device: torch.device | 
     pipeline's shards and pairs are encoded with `tokenizer`.
     """
     if is_registry_uri(spec):
+        from tasks.tracking.registry import load_registered_model  # MLflow: only a registered model needs it
+
         registered = load_registered_model(str(spec))
         if sha256_file(registered.tokenizer) != sha256_file(tokenizer):
             raise UserError(
@@ -142,6 +143,9 @@ def _checkpoint(checkpoint: Path) -> SourceModel:
 
 
 def _registered(uri: str) -> SourceModel:
+    # Imported here: MLflow takes seconds to import, and only a models:/ or runs:/ source needs it.
+    from tasks.tracking.registry import load_registered_model
+
     registered = load_registered_model(uri)
     tokenizer = plain_text_tokenizer(registered.tokenizer)
     if registered.tokens is not None:

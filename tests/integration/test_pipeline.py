@@ -147,9 +147,11 @@ def test_pipeline_end_to_end_then_rerun_skips(first_run, micro):
     progress = {a.key: a for a in progress if str(a.flow_run_id) == parent.data.tags["prefect.flow_run_id"]}
     assert {
         "pretrain-progress",
-        "evaluate-pretrained-progress",
+        "evaluate-pretrained-val-windows",
+        "evaluate-pretrained-held-out-documents",
+        "evaluate-pretrained-samples",
         "finetune-progress",
-        "evaluate-finetuned-progress",
+        "evaluate-finetuned-val-windows",
     } <= set(progress)  # and fine-tuning's scoring phases (tasks/core/train_progress.py: phase_progress)
     assert any(key.startswith("finetune-completion-loss-") for key in progress)
     assert all(artifact.data == 100.0 and artifact.task_run_id for artifact in progress.values())

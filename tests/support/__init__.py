@@ -5,6 +5,7 @@
 - models: tiny GPTs, their checkpoints, and what a checkpoint must answer
 - digests: file digests to compare stage outputs byte for byte
 - processes: fresh interpreters and torchrun launches in the repository
+- progress: the plain progress lines of a stage's phases, read back
 - sigint: child processes a test stops with SIGINT
 - ports: free loopback ports for the servers tests start
 - compose, postgres, infra_stack: infra/'s stack run without Docker

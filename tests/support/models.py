@@ -4,17 +4,19 @@ checkpoint must answer when greedy."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, trainers
 
-from model.checkpoint import load_model, save_checkpoint
+from model.checkpoint import CheckpointTokens, attach_tokenizer, load_model, save_checkpoint, save_model_directory
 from model.config import GPTConfig
 from model.generate import generate
 from model.gpt import GPT
-from model.special_tokens import special_ids
+from model.special_tokens import SPECIAL_TOKENS, special_ids
+from tasks.bpe import new_tokenizer
 
 Module = TypeVar("Module", bound=torch.nn.Module)
 
@@ -52,3 +54,19 @@ def greedy_completions(checkpoint: Path, tokenizer: Path, prompts: list[str], ma
     eos = special.eos
     completions = generate(load_model(checkpoint), ids, max_new_tokens, temperature=0.0, eos_id=eos)
     return [tok.decode(tokens, skip_special_tokens=True) for tokens in completions]
+
+
+def checkpoint_to_generate_from(directory: Path, config: GPTConfig, texts: Iterable[str], vocab_size: int) -> Path:
+    """A checkpoint `gptflow generate` opens, `directory/checkpoint`: a GPT of `config`'s shape
+    (random weights, its vocabulary the tokenizer's), a byte-level BPE tokenizer trained on
+    `texts` up to `vocab_size`, and the tokens.json of a pretrained model."""
+    tokenizer = new_tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer_file = directory / "source-tokenizer.json"
+    tokenizer.save(str(tokenizer_file))
+    checkpoint = directory / "checkpoint"
+    save_model_directory(GPT(config.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})), checkpoint)
+    tokens = CheckpointTokens(special_ids=special_ids(tokenizer), prompt_format="document")
+    attach_tokenizer(checkpoint, tokenizer_file, tokens)
+    return checkpoint

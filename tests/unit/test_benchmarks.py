@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from model.errors import UserError
+from support.progress import phase_lines
 from tasks.evaluate import EvaluateConfig, evaluate_fingerprint, evaluate_inputs
 from tasks.evaluate_benchmarks import (
     BenchmarkConfig,
@@ -148,6 +149,15 @@ def test_multiple_choice_figures_equal_transformers(tmp_path, source, hf_model, 
     assert (figures["mc_acc"], figures["mc_acc_norm"]) == pytest.approx((acc, acc_norm), abs=1e-12)
     assert figures["mc_examples"] == len(rows)
     assert figures["mc_truncated"] == sum(cut for choices in scored for _, _, cut in choices) > 0
+
+
+def test_a_benchmark_scores_in_a_phase_named_by_its_stage_and_name(tmp_path, source, capsys):
+    config = BenchmarkConfig(name="lambada", kind="cloze", source=str(write_jsonl(tmp_path / "c.jsonl", CLOZE_ROWS)))
+    benchmark_figures(source.model, source.tokenizer, config, batch_size=1, stage="register champion")
+    batches = len(CLOZE_ROWS)  # one request per row, one per batch
+    assert phase_lines(capsys.readouterr().out, "register champion") == {
+        "benchmark lambada": [(0, batches), (1, batches), (batches, batches)]
+    }
 
 
 def test_cloze_figures_equal_transformers(tmp_path, source, hf_model, hf_tokenizer):

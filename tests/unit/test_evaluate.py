@@ -26,6 +26,7 @@ from support.configs import MICRO_GPT, micro_train_config
 from support.corpus import TEXTS, make_shards, toy_tokenizer, write_corpus, write_val_shards
 from support.devices import record_module_moves, stand_in_gpus
 from support.models import perturbed, save_base_checkpoint, tiny_gpt
+from support.progress import phase_lines
 from tasks import tracking
 from tasks.bpe import load_tokenizer, token_byte_lengths
 from tasks.evaluate import EvaluateConfig, evaluate_model, evaluate_task, run_evaluate
@@ -192,6 +193,22 @@ def test_evaluate_stage_figures_equal_hand_computations_and_are_reused(tmp_path,
     smaller_batches = CONFIG.model_copy(update={"batch_size": 3})
     again = run_evaluate(smaller_batches, s.checkpoint, s.tokenizer, s.shards, s.corpus, tmp_path)
     assert again.reused and again.path == output.path and again.metrics == output.metrics
+
+
+def test_each_phase_of_the_evaluation_prints_its_own_progress_to_its_total(tmp_path, stage_inputs, capsys):
+    """Off a terminal (pytest's output is not one) each phase prints a line as it starts, after
+    its first step and at its end, named by the stage's run and the phase."""
+    s = stage_inputs
+    config = CONFIG.model_copy(update={"batch_size": 2})
+    run_evaluate(config, s.checkpoint, s.tokenizer, s.shards, s.corpus, tmp_path, stage_name="evaluate-pretrained")
+    phases = phase_lines(capsys.readouterr().out, "evaluate-pretrained")
+
+    val_batches = math.ceil(pq.read_table(s.shards / "val-00000.parquet").num_rows / 2)
+    assert list(phases) == ["held-out documents", "val windows", "samples"]  # the order they run in
+    assert phases["val windows"] == [(0, val_batches), (1, val_batches), (val_batches, val_batches)]
+    assert phases["samples"][0] == (0, 5) and phases["samples"][-1] == (5, 5)  # max_new_tokens
+    steps = phases["held-out documents"]
+    assert steps[0][0] == 0 and steps[-1][0] == steps[-1][1] > 1
 
 
 def test_a_bf16_evaluation_matches_fp32_to_bf16_precision(stage_inputs):

@@ -20,6 +20,7 @@ from model.train import train
 from support.corpus import make_shards, toy_tokenizer, write_corpus
 from support.devices import record_module_moves, stand_in_gpus
 from support.models import perturbed, save_base_checkpoint, tiny_gpt
+from support.progress import phase_lines
 from tasks import tracking
 from tasks.bpe import load_tokenizer
 from tasks.core.workspace import sha256_file
@@ -366,6 +367,21 @@ def priming_case(tmp_path):
     val = [Pair("def g(x):\n", "    return x\n"), Pair("def h():\n", "    pass\n")]
     config = FinetuneConfig(priming_shots=2, eval_max_new_tokens=6, eval_pairs=2, seed=3, micro_batch_size=2)
     return tokenizer, model, train, val, config
+
+
+def test_each_primed_row_of_the_held_out_table_scores_in_phases_of_its_own(tmp_path, capsys):
+    """Off a terminal, the primed and document-primed rows each show their loss and parse rate
+    as phases, each from 0 to its total (its time left covers that phase only)."""
+    tokenizer, model, train, val, config = priming_case(tmp_path)
+    primed_figures(model, tokenizer, config, PairSet(train=train, val=val), seq_len=64)
+    phases = phase_lines(capsys.readouterr().out, "finetune")
+    assert list(phases) == [
+        "completion loss, primed",
+        "parse rate, primed",
+        "completion loss, document-primed",
+        "parse rate, document-primed",
+    ]
+    assert all(steps[0][0] == 0 and steps[-1][0] == steps[-1][1] >= 1 for steps in phases.values())
 
 
 def test_the_primed_row_equals_a_hand_computation(tmp_path):

@@ -77,6 +77,27 @@ def test_progress_file_reader_hands_on_each_newer_step(tmp_path):
     assert seen == [(3, {"loss": 2.5}), (7, {"loss": 2.0})]
 
 
+def test_training_time_left_is_at_the_pace_of_its_steps_not_of_what_came_before(monkeypatch):
+    """Fine-tuning enters its training progress before the held-out scoring (minutes): the time
+    left after step 10 counts the training steps' pace only, as does a resumed run's."""
+    clock = Clock()
+    monkeypatch.setattr("tasks.core.train_progress.time", clock)
+    lines = []
+    with training_progress("finetune", 25, lines.append) as progress:
+        clock.now += 100.0  # held-out scoring, before the first step
+        for step in range(1, 11):
+            clock.now += 2.0  # each step takes 2 s
+            progress.update(step)
+    assert lines == ["finetune step 10/25 (about 30 s left)"]  # 15 steps at 2 s, not 120 s / 10 * 15
+
+    resumed = []
+    with training_progress("pretrain", 100, resumed.append) as progress:
+        for step in range(51, 61):  # resumed at step 50
+            clock.now += 3.0
+            progress.update(step)
+    assert resumed == ["pretrain step 60/100 (about 120 s left)"]  # 40 steps at 3 s
+
+
 def test_a_task_run_publishes_its_progress_as_a_prefect_artifact(prefect_server):
     @task
     def train_a_little() -> None:

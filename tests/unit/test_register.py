@@ -14,12 +14,22 @@ from model.special_tokens import special_ids
 from support.corpus import TEXTS, toy_tokenizer, write_corpus, write_val_shards
 from support.devices import record_module_moves, stand_in_gpus
 from support.models import save_base_checkpoint, tiny_gpt
+from support.progress import phase_lines
 from tasks import tracking
 from tasks.bpe import load_tokenizer
 from tasks.core.workspace import sha256_file
 from tasks.evaluate import EvaluateConfig, document_figures, evaluate_model
 from tasks.evaluate_benchmarks import BenchmarkConfig, benchmark_figures
-from tasks.register import CANDIDATE, CHAMPION, WEIGHTS_TAG, EvalData, RegisterConfig, champion_figure, run_register
+from tasks.register import (
+    CANDIDATE,
+    CHAMPION,
+    CHAMPION_STAGE,
+    WEIGHTS_TAG,
+    EvalData,
+    RegisterConfig,
+    champion_figure,
+    run_register,
+)
 from tasks.tracking.registry import load_registered_model
 
 SEQ_LEN = 16
@@ -116,7 +126,7 @@ def test_gate_moves_champion_only_for_a_better_version(data):
     assert str(tracking.version_for_alias(name, CANDIDATE).version) == "3"
 
 
-def test_champion_is_evaluated_again_on_new_evaluation_data(data):
+def test_champion_is_evaluated_again_on_new_evaluation_data(data, capsys):
     root, tokenizer_path, tokenizer, corpus, shards = data
     name = f"regate-{uuid.uuid4().hex[:6]}"
     eval_config = EvaluateConfig()
@@ -126,7 +136,12 @@ def test_champion_is_evaluated_again_on_new_evaluation_data(data):
     # The gate now scores on other documents: the figure recorded for the champion does not apply.
     new_data = eval_data_of(root, tokenizer_path, tokenizer, OTHER_TEXTS, f"{name}-new")
     candidate = tiny_gpt(tokenizer.get_vocab_size(), SEQ_LEN, seed=2)
+    capsys.readouterr()
     output, _, _ = register(name, checkpoint_of(candidate, root, f"{name}-2"), new_data, eval_config)
+    # The re-evaluation shows its own progress, each phase to its end (plain lines: not a terminal).
+    phases = phase_lines(capsys.readouterr().out, CHAMPION_STAGE)
+    assert list(phases) == ["held-out documents", "val windows"]
+    assert all(steps[0][0] == 0 and steps[-1][0] == steps[-1][1] for steps in phases.values())
     *_, new_corpus, new_shards = new_data
     expected = evaluate_model(champion_model, tokenizer, eval_config, new_shards, new_corpus)["val_bits_per_byte"]
     assert expected != pytest.approx(recorded["val_bits_per_byte"], rel=1e-3)  # reusing it would fail below
