@@ -1,5 +1,5 @@
-"""Soak: scheduled runs of the micro pipeline on servers `gptflow up` started, with a killed rank and a
-tracking outage among them.
+"""Soak: scheduled runs of the micro pipeline on servers `gptflow up` started, with a killed rank, a
+Prefect server restart and a tracking outage among them.
 
     .venv/bin/python bench/soak.py --runs 20      # figures in docs/reliability.md
     .venv/bin/python bench/soak.py --runs 3       # a quick check (tests/integration/test_servers.py runs
@@ -8,16 +8,21 @@ tracking outage among them.
 `gptflow serve --interval` serves the pipeline as a deployment; the server's scheduler creates its
 runs and the serving process starts each when due. Pretraining runs under torchrun (two ranks), so
 one run's training process can be SIGKILLed after a checkpoint: that run must complete after the
-stage's retry, resuming from the checkpoint. During another run's training the MLflow server is
-SIGKILLed and started again a few seconds later: MLflow's client retries must carry the run
-through. At the end: every run COMPLETED, no MLflow run left RUNNING, and each registered version
-made by exactly one of the runs (and each run made one). Prints per run its state, duration,
-retries and fault, then the totals; exits 1 if a check fails.
+stage's retry, resuming from the checkpoint. During another run's training, while it holds the
+`gpu` slot, the Prefect server is stopped and started again on its port, database and lease files:
+the run must complete and its slot come free for the next run. During a third run's training the
+MLflow server is SIGKILLed and started again a few seconds later: MLflow's client retries must
+carry the run through. At the end: every run COMPLETED, no MLflow run left RUNNING, no `gpu` slot
+taken, each registered version made by exactly one of the runs (and each run made one), and
+nothing lost: each version's registered weights (downloaded from MLflow) hash as its run's final
+checkpoint in the workspace. Prints per run its state, duration, retries and fault, then the
+totals; exits 1 if a check fails.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +38,7 @@ from typing import Annotated
 
 import psutil
 import typer
+from mlflow.artifacts import download_artifacts
 from rich.console import Console
 from rich.table import Table
 
@@ -40,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the micro world and the server helpers of the tests
 
 from flows.pipeline_config import load_config  # noqa: E402
-from model.checkpoint import checkpoint_step, latest_checkpoint  # noqa: E402
+from model.checkpoint import WEIGHTS, checkpoint_step, latest_checkpoint  # noqa: E402
 from support.configs import write_pipeline_config  # noqa: E402
 from support.servers import (  # noqa: E402
     BIN,
@@ -52,20 +58,23 @@ from support.servers import (  # noqa: E402
     mlflow_runs,
     patch,
     post,
+    prefect_server_of_gptflow_up,
     started_servers,
     stop,
     tags,
     wait_for,
 )
 from support.sigint import with_sigint  # noqa: E402
+from tasks.core.workspace import sha256_file  # noqa: E402
 
 DEPLOYMENT = "soak"
+MAX_STEPS = 200  # each run's pretraining; with its seed, what tells its stage in the workspace
 # Every run the same: two ranks under torchrun (a training process to kill), steps enough to
 # kill it between checkpoints, a retry after 1 s rather than the default 30 s.
 SOAK_OVERRIDES = [
     "pretrain.nproc_per_node=2",
     "pretrain.micro_batch_size=4",  # the micro config's 256-token batch over two ranks
-    "pretrain.max_steps=200",
+    f"pretrain.max_steps={MAX_STEPS}",
     "pretrain.checkpoint_every=20",
     "pretrain.retry_delay_seconds=1",
     "finetune=null",
@@ -75,19 +84,37 @@ TERMINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 # backoff: minutes) for the runs in flight, and mostly inside the 30 s a run starting meanwhile
 # waits for the server (`check_tracking_server`).
 OUTAGE_SECONDS = 2.0
+KILLED_RANK, PREFECT_RESTART, TRACKING_OUTAGE = "killed rank", "prefect restart", "tracking outage"
+# The Prefect server reports each lease its repossessor reclaims (a holder that stopped renewing)
+# with this line, at INFO: the soak's servers log at INFO (`main`).
+RECLAIMED_LEASE_LINE = "Revoking lease "
 
 
 @dataclass
 class SoakRun:
     index: int  # 1-based, in scheduled order; also the run's pretraining seed
     flow_run_id: str
-    fault: str = ""  # "killed rank" or "tracking outage"
+    fault: str = ""  # KILLED_RANK, PREFECT_RESTART or TRACKING_OUTAGE
     fault_after_step: int | None = None  # the newest checkpoint when the fault struck
     state: str = "SCHEDULED"
     seconds: float = 0.0
     retries: int = 0  # task runs beyond each task's first
     resumed_at_step: int | None = None  # the first step the retried pretraining attempt logged
     version: str | None = None  # the registered version this run made
+    gpu_slots_across_restart: tuple[int, int] | None = None  # `gpu` slots taken before and after the restart
+
+
+@dataclass
+class WeightsCheck:
+    """Nothing lost: a registered version's weights against its run's final checkpoint."""
+
+    version: str
+    run_index: int
+    registered_sha256: str  # model.safetensors downloaded from the version's artifacts
+    checkpoint_sha256: str | None  # model.safetensors of the run's final checkpoint in the workspace; None: not found
+
+    def matches(self) -> bool:
+        return self.registered_sha256 == self.checkpoint_sha256
 
 
 @dataclass
@@ -97,6 +124,9 @@ class SoakReport:
     running_mlflow_runs: list[str]  # names of MLflow runs still RUNNING at the end
     versions_by_flow_run: dict[str, list[str]] = field(default_factory=dict)  # flow run id -> versions it made
     stray_versions: list[str] = field(default_factory=list)  # versions none of the soak's runs made
+    weights: list[WeightsCheck] = field(default_factory=list)  # one per version the soak's runs made
+    gpu_slots_left: int = 0  # `gpu` slots still taken once every run ended
+    leases_reclaimed: int | None = None  # by the Prefect server's repossessor; None: its log does not say
 
     def failures(self) -> list[str]:
         """What went wrong, one line each; empty when the soak passed."""
@@ -104,14 +134,25 @@ class SoakReport:
         for run in self.runs:
             if run.fault and run.fault_after_step is None:
                 found.append(f"run {run.index}: the {run.fault} never struck (no checkpoint seen while it trained)")
-            elif run.fault == "killed rank" and not (run.retries >= 1 and resumed_from_checkpoint(run)):
+            elif run.fault == KILLED_RANK and not (run.retries >= 1 and resumed_from_checkpoint(run)):
                 found.append(
                     f"run {run.index}: killed after step {run.fault_after_step}, resumed at {run.resumed_at_step}"
                 )
+            elif run.fault == PREFECT_RESTART and run.gpu_slots_across_restart != (1, 1):
+                slots = run.gpu_slots_across_restart
+                found.append(f"run {run.index}: `gpu` slots taken before and after the Prefect restart: {slots}")
             if len(made := self.versions_by_flow_run.get(run.flow_run_id, [])) != 1:
                 found.append(f"run {run.index}: registered versions {made}, not exactly one")
         found += [f"MLflow run left RUNNING: {name}" for name in self.running_mlflow_runs]
         found += [f"version {version} made by none of the soak's runs" for version in self.stray_versions]
+        found += [
+            f"version {check.version} (run {check.run_index}): registered weights {check.registered_sha256[:12]}, "
+            f"final checkpoint {(check.checkpoint_sha256 or 'not found')[:12]}"
+            for check in self.weights
+            if not check.matches()
+        ]
+        if self.gpu_slots_left:
+            found.append(f"{self.gpu_slots_left} `gpu` slot(s) still taken after the last run")
         return found
 
 
@@ -121,9 +162,17 @@ def resumed_from_checkpoint(run: SoakRun) -> bool:
 
 
 def soak(
-    servers: Servers, config: Path, runs: int, interval: int, kill_run: int, outage_run: int, console: Console
+    servers: Servers,
+    config: Path,
+    runs: int,
+    interval: int,
+    kill_run: int,
+    outage_run: int,
+    console: Console,
+    restart_run: int | None = None,
 ) -> SoakReport:
-    """Serve `config` every `interval` s on `servers`; fault runs `kill_run` and `outage_run`; gather the outcome."""
+    """Serve `config` every `interval` s on `servers`; fault runs `kill_run`, `outage_run` and
+    `restart_run` (none: no Prefect restart); gather the outcome."""
     started, settings = time.monotonic(), load_config(config)
     with open(servers.root / "soak-serve.log", "ab") as log:
         serving = subprocess.Popen(  # `stop` sends it SIGINT
@@ -140,13 +189,14 @@ def soak(
     try:
         served = wait_for(lambda: deployment(servers, f"pipeline/{DEPLOYMENT}"), 180, "the served deployment")
         soak_runs = scheduled_runs(servers, served, runs)
-        faults = {kill_run: "killed rank", outage_run: "tracking outage"}
+        faults = {kill_run: KILLED_RANK, outage_run: TRACKING_OUTAGE, restart_run: PREFECT_RESTART}
         for run in soak_runs:
             run.fault = faults.get(run.index, "")
         watch(servers, served, soak_runs, servers.root / str(settings.workspace), console)  # as the runs resolve it
     finally:
         stop(serving)
-    return gather(servers, settings.name, soak_runs, time.monotonic() - started)
+    workspace = servers.root / str(settings.workspace)
+    return gather(servers, settings.name, soak_runs, workspace, time.monotonic() - started)
 
 
 def scheduled_runs(servers: Servers, served: dict, runs: int) -> list[SoakRun]:
@@ -221,7 +271,8 @@ def delete_runs_beyond_the_soak(servers: Servers, served: dict, runs: list[SoakR
 
 def strike(servers: Servers, run: SoakRun, workspace: Path) -> list[threading.Thread]:
     """`run`'s fault, once its pretraining ranks run and have written a checkpoint. The
-    outage goes on in a thread (the runs are watched meanwhile), returned to be joined."""
+    outage goes on in a thread (the runs are watched meanwhile), returned to be joined; the
+    Prefect restart is done when this returns (nothing can be watched while the server is away)."""
     ranks = pretraining_ranks(workspace, seed=run.index)
     if not ranks:
         return []
@@ -229,9 +280,18 @@ def strike(servers: Servers, run: SoakRun, workspace: Path) -> list[threading.Th
     if checkpoint is None:
         return []
     run.fault_after_step = checkpoint_step(checkpoint)
-    if run.fault == "killed rank":
+    if run.fault == KILLED_RANK:
         with suppress(psutil.NoSuchProcess):  # it just finished: the missing retry fails the soak
             ranks[-1].kill()  # SIGKILL, as the OOM killer or a lost machine would
+        return []
+    if run.fault == PREFECT_RESTART:
+        # The run trains, so it holds the `gpu` slot under a lease; the restarted server must
+        # still know that lease (in files under PREFECT_HOME), or the slot stays taken for ever.
+        taken_before = gpu_slots_taken(servers)
+        prefect = prefect_server_of_gptflow_up(servers)
+        prefect.stop()
+        prefect.start()
+        run.gpu_slots_across_restart = (taken_before, gpu_slots_taken(servers))
         return []
     server = MlflowServer.of_gptflow_up(servers)
     server.kill()
@@ -262,30 +322,77 @@ def spec_of(command: list[str]) -> Path:
     return Path(command[command.index("tasks.pretrain_worker") + 1])
 
 
-def gather(servers: Servers, name: str, runs: list[SoakRun], wall_seconds: float) -> SoakReport:
-    """Each run's outcome from the Prefect and MLflow APIs, and the versions of registered model `name`."""
+def gpu_slots_taken(servers: Servers) -> int:
+    return get(f"{servers.prefect}/api/v2/concurrency_limits/gpu")["active_slots"]
+
+
+def gather(servers: Servers, name: str, runs: list[SoakRun], workspace: Path, wall_seconds: float) -> SoakReport:
+    """Each run's outcome from the Prefect and MLflow APIs, the versions of registered model
+    `name`, and each version's weights against its run's final checkpoint in `workspace`."""
     for run in runs:
         flow_run = get(f"{servers.prefect}/api/flow_runs/{run.flow_run_id}")
         run.state, run.seconds = flow_run["state_type"], flow_run["total_run_time"]
         task_runs = post(f"{servers.prefect}/api/task_runs/filter", {"flow_runs": {"id": {"any_": [run.flow_run_id]}}})
         run.retries = sum(max(0, task_run["run_count"] - 1) for task_run in task_runs)
-        if run.fault == "killed rank":
+        if run.retries:
             run.resumed_at_step = resumed_at_step(servers, name, run.flow_run_id)
     running = [r["info"]["run_name"] for r in mlflow_runs(servers, "attributes.status = 'RUNNING'", name)]
     by_flow_run: dict[str, list[str]] = {}
-    stray = []
+    stray, weights = [], []
+    index_of = {run.flow_run_id: run.index for run in runs}
     found = get(f"{servers.mlflow}/api/2.0/mlflow/model-versions/search?filter=name%3D%27{name}%27&max_results=1000")
     for version in found.get("model_versions", []):
         register_run = get(f"{servers.mlflow}/api/2.0/mlflow/runs/get?run_id={version['run_id']}")["run"]
         parent = get(f"{servers.mlflow}/api/2.0/mlflow/runs/get?run_id={tags(register_run)['mlflow.parentRunId']}")
         flow_run_id = tags(parent["run"]).get("prefect.flow_run_id")
-        if flow_run_id in {run.flow_run_id for run in runs}:
+        if flow_run_id in index_of:
             by_flow_run.setdefault(flow_run_id, []).append(version["version"])
+            seed = index_of[flow_run_id]
+            weights.append(
+                WeightsCheck(
+                    version["version"],
+                    seed,
+                    registered_weights_sha256(servers, name, version["version"]),
+                    final_checkpoint_sha256(workspace, seed),
+                )
+            )
         else:
             stray.append(version["version"])
     for run in runs:
         run.version = ",".join(by_flow_run.get(run.flow_run_id, [])) or None
-    return SoakReport(runs, wall_seconds, running, by_flow_run, stray)
+    return SoakReport(
+        runs, wall_seconds, running, by_flow_run, stray, weights, gpu_slots_taken(servers), leases_reclaimed(servers)
+    )
+
+
+def registered_weights_sha256(servers: Servers, name: str, version: str) -> str:
+    """The sha256 of the weights file among version `version`'s artifacts, downloaded through MLflow."""
+    with tempfile.TemporaryDirectory(prefix="soak-version-") as into:
+        downloaded = download_artifacts(
+            f"models:/{name}/{version}", dst_path=into, tracking_uri=servers.mlflow, registry_uri=servers.mlflow
+        )
+        (weights,) = Path(downloaded).rglob(WEIGHTS)
+        return sha256_file(weights)
+
+
+def final_checkpoint_sha256(workspace: Path, seed: int) -> str | None:
+    """The sha256 of the weights file of the final checkpoint (its manifest's `checkpoint`) of
+    the completed pretraining stage in `workspace` that the soak's run with `seed` trained
+    (finetune is off: its model is pretraining's); None if there is not exactly one."""
+    found = []
+    for manifest in workspace.glob("pretrain/*/manifest.json"):
+        train = json.loads((manifest.parent / "spec.json").read_text())["train"]
+        if (train["seed"], train["max_steps"]) == (seed, MAX_STEPS):
+            found.append(manifest.parent / json.loads(manifest.read_text())["checkpoint"] / WEIGHTS)
+    return sha256_file(found[0]) if len(found) == 1 else None
+
+
+def leases_reclaimed(servers: Servers) -> int | None:
+    """How many leases the Prefect server's repossessor reclaimed, as its log says (restarts
+    append to the same log); None when the server logs below INFO and so does not say."""
+    if servers.env.get("PREFECT_SERVER_LOGGING_LEVEL") != "INFO":
+        return None
+    return prefect_server_of_gptflow_up(servers).log.read_text(errors="replace").count(RECLAIMED_LEASE_LINE)
 
 
 def resumed_at_step(servers: Servers, name: str, flow_run_id: str) -> int | None:
@@ -310,6 +417,8 @@ def report_table(report: SoakReport) -> Table:
         table.add_column(column, justify="right" if column in ("run", "seconds", "retries") else "left")
     for run in report.runs:
         fault = f"{run.fault} after step {run.fault_after_step}" if run.fault else ""
+        if run.gpu_slots_across_restart:
+            fault += " (gpu slots taken {} → {})".format(*run.gpu_slots_across_restart)
         table.add_row(
             str(run.index),
             run.state,
@@ -325,27 +434,56 @@ def report_table(report: SoakReport) -> Table:
 def totals(report: SoakReport) -> str:
     seconds = [run.seconds for run in report.runs]
     completed = sum(run.state == "COMPLETED" for run in report.runs)
+    retried = [run for run in report.runs if run.retries]
+    resumed = sum((run.resumed_at_step or 1) > 1 for run in retried)  # the retry's first step after step 1
+    reclaimed = (
+        "leases reclaimed: not reported"
+        if report.leases_reclaimed is None
+        else f"{report.leases_reclaimed} leases reclaimed"
+    )
+    matching = sum(check.matches() for check in report.weights)
     return (
-        f"{completed}/{len(report.runs)} COMPLETED, {sum(run.retries for run in report.runs)} retries, "
+        f"{completed}/{len(report.runs)} COMPLETED, {len(retried)} retried "
+        f"({sum(run.retries for run in report.runs)} retries), {resumed} resumed from a checkpoint, "
+        f"{reclaimed}, {report.gpu_slots_left} gpu slots left taken, "
         f"run seconds median {statistics.median(seconds):.1f} max {max(seconds):.1f}, "
         f"{len(report.running_mlflow_runs)} MLflow runs left RUNNING, "
         f"{sum(map(len, report.versions_by_flow_run.values()))} versions for {len(report.runs)} runs "
-        f"({len(report.stray_versions)} stray), wall {report.wall_seconds:.0f} s"
+        f"({len(report.stray_versions)} stray), {len(report.weights)} versions' weights checked, "
+        f"{matching} matching their run's final checkpoint, wall {report.wall_seconds:.0f} s"
     )
 
 
 def main(
     runs: Annotated[
-        int, typer.Option(min=3, help="Scheduled runs: a killed one, one through an outage, plain ones.")
+        int,
+        typer.Option(min=3, help="Scheduled runs: a killed one, one through a Prefect restart, one through an outage."),
     ] = 20,
     interval: Annotated[int, typer.Option(help="Seconds between scheduled runs.")] = 60,
+    kill_run: Annotated[
+        int | None, typer.Option(help="The run whose rank is killed.", show_default="runs // 4 + 1")
+    ] = None,
+    restart_run: Annotated[
+        int | None, typer.Option(help="The run during which the Prefect server restarts.", show_default="runs // 2 + 1")
+    ] = None,
+    outage_run: Annotated[
+        int | None, typer.Option(help="The run during which MLflow is down.", show_default="3 * runs // 4 + 1")
+    ] = None,
 ) -> None:
     """Start servers with `gptflow up` in a temporary directory, soak them, print, stop them."""
     console = Console(width=120)  # the table whole in a log file, as docs/reliability.md quotes it
-    kill_run, outage_run = runs // 3 + 1, 2 * runs // 3 + 1
+    # Spread over the runs, the restart before the outage (a run after each, to take the slot);
+    # distinct for any count from 3.
+    faulted = (kill_run or runs // 4 + 1, restart_run or runs // 2 + 1, outage_run or 3 * runs // 4 + 1)
+    if len(set(faulted)) < 3 or not all(1 <= run <= runs for run in faulted):
+        raise typer.BadParameter(f"faulted runs {faulted}: three different runs of 1..{runs}")
+    kill_run, restart_run, outage_run = faulted
+    # The Prefect server says at INFO which leases its repossessor reclaims (its log then has
+    # uvicorn's access lines too: a few MB for 20 runs).
+    os.environ["PREFECT_SERVER_LOGGING_LEVEL"] = "INFO"
     with tempfile.TemporaryDirectory(prefix="gptflow-soak-") as root:
         with started_servers(Path(root), "micro-soak", write_pipeline_config) as servers:
-            report = soak(servers, servers.config, runs, interval, kill_run, outage_run, console)
+            report = soak(servers, servers.config, runs, interval, kill_run, outage_run, console, restart_run)
     console.print(report_table(report))
     console.print(totals(report), soft_wrap=True)  # one line, however long
     for failure in report.failures():

@@ -434,6 +434,10 @@ def test_a_soak_of_scheduled_runs_with_a_killed_rank_and_a_tracking_outage(serve
     assert report.running_mlflow_runs == []
     made = [report.versions_by_flow_run.get(run.flow_run_id) for run in report.runs]
     assert sorted(made) == [["1"], ["2"]] and report.stray_versions == []
+    # Nothing lost: each version's weights, downloaded from the registry, are its run's final checkpoint's.
+    assert sorted(check.version for check in report.weights) == ["1", "2"]
+    assert all(check.checkpoint_sha256 and check.matches() for check in report.weights), report.weights
+    assert report.gpu_slots_left == 0
     assert report.failures() == []
 
 

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ops.server_state import MLFLOW, is_alive
-from ops.servers import mlflow_command
+import psutil
+
+from ops.server_state import MLFLOW, PREFECT, is_alive
+from ops.servers import mlflow_command, prefect_command
 from support.infra_stack import answers
 from support.ports import free_port
 from tasks.core.workspace import write_json_atomic
@@ -165,42 +167,74 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
-class MlflowServer:
-    """`gptflow up`'s MLflow command on a port, over a SQLite store that outlives it: a server a
-    test kills (as in a crash) and starts again. `of_gptflow_up` takes over the one `gptflow up`
-    started, and a restart records the new process in `gptflow up`'s state file."""
+class RecordedServer:
+    """A server process a test stops (SIGKILL, as in a crash, or SIGTERM, as a restart sends)
+    and starts again with the same command, environment and log; its `health` address answers
+    once it serves. With `kind` and `state_file`, a start records the new process in
+    `gptflow up`'s state file under `kind`."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, state_file: Path | None = None):
-        port = port or free_port()
-        self.command = mlflow_command(port, data_dir)
-        self.uri, self.log = f"http://127.0.0.1:{port}", data_dir / "server.log"
-        self.state_file = state_file
+    def __init__(self, command: list[str], uri: str, health: str, log: Path, env: dict[str, str] | None = None):
+        self.command, self.uri, self.health, self.log, self.env = command, uri, health, log, env
+        self.kind: str | None = None
+        self.state_file: Path | None = None
         self.pid: int | None = None
 
-    @classmethod
-    def of_gptflow_up(cls, servers: Servers) -> MlflowServer:
-        """The MLflow server `gptflow up` started for `servers` (its data dir is the servers' root)."""
-        state_file = Path(servers.env["GPTFLOW_HOME"]) / "servers.json"
-        record = json.loads(state_file.read_text())[MLFLOW]
-        server = cls(servers.root, urlsplit(record["api_url"]).port, state_file)
-        server.log, server.pid = Path(record["log_file"]), record["pid"]
-        return server
+    def taken_over(self, servers: Servers, kind: str) -> RecordedServer:
+        """This server as the running one `gptflow up` recorded under `kind` for `servers`."""
+        self.kind, self.state_file = kind, Path(servers.env["GPTFLOW_HOME"]) / "servers.json"
+        record = json.loads(self.state_file.read_text())[kind]
+        self.log, self.pid = Path(record["log_file"]), record["pid"]
+        return self
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
-            process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         # Reaped as soon as it exits, whoever stops it: a zombie would still look alive to `gptflow down`.
         threading.Thread(target=process.wait, daemon=True).start()
         self.pid = process.pid
         if self.state_file:
             records = json.loads(self.state_file.read_text())
-            write_json_atomic(self.state_file, {**records, MLFLOW: {**records[MLFLOW], "pid": self.pid}})
+            write_json_atomic(self.state_file, {**records, self.kind: {**records[self.kind], "pid": self.pid}})
         deadline = time.monotonic() + 180
-        while not answers(f"{self.uri}/health"):
+        while not answers(f"{self.uri}{self.health}"):
             assert is_alive(self.pid) and time.monotonic() < deadline, self.log.read_text()[-3000:]
             time.sleep(0.5)
 
     def kill(self) -> None:
         """SIGKILL to the server and its workers: no shutdown, as in a crash."""
-        os.killpg(self.pid, signal.SIGKILL)
-        wait_for(lambda: not is_alive(self.pid), 30, f"the MLflow server (pid {self.pid}) to die", every=0.1)
+        self._signal(signal.SIGKILL)
+
+    def stop(self) -> None:
+        """SIGTERM to the server and its workers (what `docker compose restart` sends): a clean shutdown."""
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, signum: int) -> None:
+        os.killpg(self.pid, signum)
+        wait_for(lambda: not is_alive(self.pid), 60, f"the server (pid {self.pid}) to end", every=0.1)
+
+
+class MlflowServer(RecordedServer):
+    """`gptflow up`'s MLflow command on a port, over a SQLite store that outlives it: a server a
+    test kills (as in a crash) and starts again. `of_gptflow_up` takes over the one `gptflow up`
+    started, and a restart records the new process in `gptflow up`'s state file."""
+
+    def __init__(self, data_dir: Path, port: int | None = None):
+        port = port or free_port()
+        super().__init__(mlflow_command(port, data_dir), f"http://127.0.0.1:{port}", "/health", data_dir / "server.log")
+
+    @classmethod
+    def of_gptflow_up(cls, servers: Servers) -> RecordedServer:
+        """The MLflow server `gptflow up` started for `servers` (its data dir is the servers' root)."""
+        return cls(servers.root, urlsplit(servers.mlflow).port).taken_over(servers, MLFLOW)
+
+
+def prefect_server_of_gptflow_up(servers: Servers) -> RecordedServer:
+    """The Prefect server `gptflow up` started for `servers`, to be stopped and started again on
+    the same port, database (under PREFECT_HOME) and lease files, with the environment `gptflow up`
+    gave it (read from the running process: the lease storage setting among it)."""
+    command = prefect_command(urlsplit(servers.prefect).port)
+    server = RecordedServer(command, servers.prefect, "/api/health", log=Path()).taken_over(servers, PREFECT)
+    server.env = psutil.Process(server.pid).environ()
+    return server
