@@ -38,6 +38,7 @@ from typing import Annotated
 
 import psutil
 import typer
+from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from rich.console import Console
 from rich.table import Table
@@ -366,11 +367,14 @@ def gather(servers: Servers, name: str, runs: list[SoakRun], workspace: Path, wa
 
 
 def registered_weights_sha256(servers: Servers, name: str, version: str) -> str:
-    """The sha256 of the weights file among version `version`'s artifacts, downloaded through MLflow."""
+    """The sha256 of the weights file among version `version`'s artifacts, downloaded through MLflow.
+
+    From the location the registry gives for the version: a `models:/NAME/VERSION` URI would be
+    resolved through the default registry (a local mlflow.db), whatever registry_uri is given."""
+    client = MlflowClient(tracking_uri=servers.mlflow, registry_uri=servers.mlflow)
+    location = client.get_model_version_download_uri(name, version)
     with tempfile.TemporaryDirectory(prefix="soak-version-") as into:
-        downloaded = download_artifacts(
-            f"models:/{name}/{version}", dst_path=into, tracking_uri=servers.mlflow, registry_uri=servers.mlflow
-        )
+        downloaded = download_artifacts(location, dst_path=into, tracking_uri=servers.mlflow)
         (weights,) = Path(downloaded).rglob(WEIGHTS)
         return sha256_file(weights)
 
