@@ -485,6 +485,7 @@ def main(
     # The Prefect server says at INFO which leases its repossessor reclaims (its log then has
     # uvicorn's access lines too: a few MB for 20 runs).
     os.environ["PREFECT_SERVER_LOGGING_LEVEL"] = "INFO"
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # the versions' downloads, not in the printout
     with tempfile.TemporaryDirectory(prefix="gptflow-soak-") as root:
         with started_servers(Path(root), "micro-soak", write_pipeline_config) as servers:
             report = soak(servers, servers.config, runs, interval, kill_run, outage_run, console, restart_run)
