@@ -63,6 +63,11 @@ def document_text(examples: list[tuple[str, str]], query: str) -> str:
     return "".join(f"{prompt}{completion.rstrip()}\n\n" for prompt, completion in examples) + query
 
 
+# Tokens an example's text can lose when encoded inside the whole document rather than alone
+# (its blank line merging with the next text): more than the joins of byte-level BPE ever save.
+JOIN_SLACK = 4
+
+
 def document_primed_prompt(
     examples: list[tuple[str, str]],
     query: str,
@@ -70,17 +75,31 @@ def document_primed_prompt(
     special: SpecialIds,
     room: int,
     limit: int | None = None,
-) -> tuple[list[int], int]:
-    """`<|endoftext|>` then the `document_text` of the first examples (at most `limit`) that fit
-    `room` tokens with the query, and how many that is. The text is encoded whole, as the corpus
-    was (encoded apart, the blank lines between examples would split into other tokens); examples
-    are dropped from the end until it fits."""
-    chosen = list(examples[:limit])
-    while True:
-        ids = [special.eos, *encode(document_text(chosen, query))]
-        if len(ids) <= room or not chosen:
-            return ids, len(chosen)
-        chosen.pop()
+    lengths: list[int] | None = None,
+) -> tuple[list[int], list[tuple[str, str]]]:
+    """`<|endoftext|>` then the `document_text` of the examples that fit `room` tokens with the
+    query, and those examples. They are chosen as `fitting_examples` chooses the `<|sep|>`
+    layout's: in order, at most `limit`, an example that would overflow passed over for the ones
+    after it. Each is tried on the whole text, encoded as the corpus was (encoded apart, the blank
+    lines between examples would split into other tokens). `lengths`, each example's own token
+    count (`document_lengths`), passes over the ones that cannot fit without encoding anything."""
+    lengths = lengths if lengths is not None else document_lengths(examples, encode)
+    chosen: list[tuple[str, str]] = []
+    ids = [special.eos, *encode(document_text(chosen, query))]
+    for example, length in zip(examples, lengths):
+        if limit is not None and len(chosen) == limit:
+            break
+        if len(ids) + length - JOIN_SLACK > room:  # too long whatever the joins merge
+            continue
+        tried = [special.eos, *encode(document_text([*chosen, example], query))]
+        if len(tried) <= room:
+            chosen, ids = [*chosen, example], tried
+    return ids, chosen
+
+
+def document_lengths(examples: list[tuple[str, str]], encode: Encode) -> list[int]:
+    """Each example's token count as its own document text (prompt, completion, blank line)."""
+    return [len(encode(document_text([example], ""))) for example in examples]
 
 
 def encode_examples(examples: list[tuple[str, str]], encode: Encode) -> list[tuple[list[int], list[int]]]:
@@ -181,7 +200,8 @@ def document_row(
 ) -> PromptRow:
     """One prompt primed with `examples` as document text (see `prompt_rows`)."""
     room = max(block_size - max_new_tokens, 1)
-    ids, used = document_primed_prompt(examples, text, encode, special, room, shots)
+    ids, chosen = document_primed_prompt(examples, text, encode, special, room, shots)
+    used = len(chosen)
     if used == 0 or (shots is None and used < len(examples)):
         raise UserError(
             f"{examples_source}: only {used} of the {len(examples)} examples fit the context with the prompt "

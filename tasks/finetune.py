@@ -78,7 +78,9 @@ from tasks.tracking.step_metrics import step_metrics
 # replay of pretraining windows (the shards enter the fingerprint)
 # 4: the held-out table's document-primed row; the parse rate counts only bodies that do something
 # (`completes_function`): a committed metrics.json would mix the old rate with the new rows
-FORMAT_VERSION = 4
+# 5: the document-primed row chooses its examples as the `<|sep|>` row does, passing over one too
+# long for the row (under 4 the first one too long left the row with none)
+FORMAT_VERSION = 5
 DOCSTRING_TASK = "docstring-to-function"
 HEADLINE = (
     "finetuned_completion_loss",

@@ -26,7 +26,7 @@ import torch
 from model.benchmarks import Request, encode_request
 from model.finetune_data import TooLong, encode_pair, to_rows
 from model.generate import few_shot_prompt
-from model.prompts import Encode, document_primed_prompt, document_text, fitting_examples
+from model.prompts import Encode, document_lengths, document_primed_prompt, document_text, fitting_examples
 from model.special_tokens import SpecialIds
 from tasks.finetune_pairs import Pair
 
@@ -78,14 +78,14 @@ def document_requests(
     and the number of examples in it. The prompt keeps room for the longer of the completion and
     `max_new_tokens`, as the `<|sep|>` row's does."""
     shown = [(pair.prompt, pair.completion) for pair in examples]
+    lengths = document_lengths(shown, encode)
     requests = []
     for pair in held_out:
         budget = max(len(encode(pair.completion)) + 1, max_new_tokens)
-        _, used = document_primed_prompt(shown, pair.prompt, encode, special, seq_len - budget, limit=shots)
-        context, completion = encode_request(
-            encode, document_text(shown[:used], pair.prompt), pair.completion, special.eos
-        )
-        requests.append((([special.eos, *context], [*completion, special.eos]), used))
+        room = seq_len - budget
+        _, chosen = document_primed_prompt(shown, pair.prompt, encode, special, room, limit=shots, lengths=lengths)
+        context, completion = encode_request(encode, document_text(chosen, pair.prompt), pair.completion, special.eos)
+        requests.append((([special.eos, *context], [*completion, special.eos]), len(chosen)))
     return requests
 
 

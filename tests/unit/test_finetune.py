@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from model.checkpoint import CONFIG, WEIGHTS, latest_checkpoint
 from model.errors import UserError
 from model.finetune_data import IGNORE, PairBatches, encode_pair, encode_pairs, to_rows
+from model.prompts import document_primed_prompt
 from model.special_tokens import SpecialIds, special_ids
 from model.train import train
 from support.corpus import make_shards, toy_tokenizer, write_corpus
@@ -452,6 +453,28 @@ def test_the_document_primed_row_equals_a_hand_computation(tmp_path):
     assert figures["primed_document_examples"] == 2
     assert figures["primed_document_completion_loss"] == pytest.approx(nats / count, rel=1e-5)
     assert 0 <= figures["primed_document_parse_rate"] <= 1
+
+
+def test_the_document_row_passes_over_an_example_too_long_for_the_row_as_the_sep_row_does():
+    """An example that does not fit beside the query is passed over for the next ones (at most
+    `limit`), not the end of the list: the run of 2026-12-06 primed with none at all when the
+    first example in the stage's order was too long."""
+
+    def encode(text):  # one token per byte: the document's length is plain arithmetic here
+        return list(text.encode())
+
+    special = SpecialIds(eos=0, pad=1, sep=2)
+    examples = [("def long():\n", "    x = 1\n" * 20)]
+    examples += [(f"def {name}():\n", f"    return {value}\n") for value, name in enumerate("abc", start=1)]
+    query = "def q():\n"
+    text = "def a():\n    return 1\n\ndef b():\n    return 2\n\n" + query  # the long one left out
+    ids, chosen = document_primed_prompt(examples, query, encode, special, room=1 + len(text) + 5, limit=2)
+    assert chosen == examples[1:3]
+    assert ids == [0, *encode(text)]
+    assert document_primed_prompt(examples, query, encode, special, room=1 + len(query), limit=2) == (
+        [0, *encode(query)],
+        [],
+    )
 
 
 def test_a_completion_longer_than_a_row_is_left_out_of_the_document_row(tmp_path):
