@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from flows.pipeline_config import PipelineConfig, load_config
 from flows.prepare import prepare_data
 from flows.run.context import flow_run_title, flow_runtime, registry_limit
+from flows.run.crashed_starts import start_again_if_it_never_ran
 from flows.run.gate_events import announce_gate
 from flows.run.slots import holding
 from flows.run.training import finetuned, pretrained
@@ -59,7 +60,7 @@ def summary_markdown(config: PipelineConfig, result: PipelineResult, evaluations
     )
 
 
-@flow(name="pipeline", flow_run_name=flow_run_title)
+@flow(name="pipeline", flow_run_name=flow_run_title, on_crashed=[start_again_if_it_never_ran])
 def pipeline(
     config: PipelineConfig | str | Path = "configs/tiny.yaml", overrides: list[str] | None = None
 ) -> PipelineResult:
