@@ -54,14 +54,14 @@ def generate(
     finished = [False] * len(prompts)
     cache = None
     try:
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             if use_cache and cache is not None and cache.offset < model.config.block_size:
                 last = torch.tensor([[row[-1]] for row in rows], device=device)  # (B, 1)
                 with inference_autocast(device):
                     logits = model(last, cache=cache, fp32_logits=True).logits[:, -1]  # (B, V)
             else:
                 with inference_autocast(device):
-                    logits, cache = _prefill(model, rows, device, use_cache)
+                    logits, cache = _prefill(model, rows, device, use_cache, max_new_tokens - step)
             next_tokens = sample(logits, temperature, top_k, top_p, generator).tolist()
             for b, token in enumerate(next_tokens):
                 rows[b].append(token)
@@ -78,9 +78,10 @@ def generate(
 
 
 def _prefill(
-    model: GPT, rows: list[list[int]], device: torch.device, use_cache: bool
+    model: GPT, rows: list[list[int]], device: torch.device, use_cache: bool, new_tokens: int
 ) -> tuple[torch.Tensor, KVCache | None]:
-    """Run the last block_size tokens of every row, left-padded to one length.
+    """Run the last block_size tokens of every row, left-padded to one length, for the next of
+    `new_tokens` tokens still to generate.
 
     Returns the (B, V) next-token logits and a cache filled with the window, or no cache when
     use_cache is off and the rows need no padding (a padded batch keeps one for its pad mask).
@@ -89,7 +90,7 @@ def _prefill(
     windows = [row[-model.config.block_size :] for row in rows]
     length = max(len(window) for window in windows)
     if use_cache:
-        length = prefill_length(length, model.config.block_size)
+        length = prefill_length(length, model.config.block_size, new_tokens)
     pad = torch.tensor([length - len(window) for window in windows])
     # The pad slots are masked out (KVCache's pad), so any id does: each row repeats its own first token.
     idx = torch.tensor([[window[0]] * (length - len(window)) + window for window in windows], device=device)
@@ -102,11 +103,19 @@ def _prefill(
     return model(idx, cache=cache, fp32_logits=True).logits[:, -1], cache
 
 
-def prefill_length(longest: int, block_size: int) -> int:
-    """The length a cached prefill is left-padded to: the next power of two from 64, at most
-    block_size. Shape-specialised kernels (compiled flex attention, cuBLAS's choices) then see a
-    handful of lengths instead of one per prompt; the pad slots are masked out."""
-    return min(block_size, max(64, 1 << (longest - 1).bit_length()))
+def prefill_length(longest: int, block_size: int, new_tokens: int) -> int:
+    """The length a cached prefill of rows up to `longest` tokens is left-padded to, when
+    `new_tokens` tokens are still to be generated: the next power of two from 64, so that
+    shape-specialised kernels (compiled flex attention, cuBLAS's choices) see a handful of
+    lengths instead of one per prompt; the pad slots are masked out.
+
+    The padding never takes the slots the new tokens need: the prefill gives the first of them,
+    and each later one is fed through the cache, so the cache must keep `new_tokens - 1` slots
+    free. Padded past that, the cache would be full before the end and every later token would
+    rebuild it from the whole window, a full forward pass per token (a prompt of 192 tokens
+    padded to a 256-token context: the fine-tuning parse rate's, before this limit)."""
+    bucket = max(64, 1 << (longest - 1).bit_length())
+    return max(longest, min(bucket, block_size - max(new_tokens - 1, 0)))
 
 
 def sample(

@@ -27,7 +27,7 @@ def greedy_by_recomputation(model: GPT, prompt: list[int], steps: int) -> tuple[
     """No cache: at every step run the last block_size tokens from scratch and take the argmax."""
     tokens, step_logits = list(prompt), []
     for _ in range(steps):
-        logits = model(torch.tensor([tokens[-BLOCK_SIZE:]])).logits[0, -1]
+        logits = model(torch.tensor([tokens[-model.config.block_size :]])).logits[0, -1]
         step_logits.append(logits)
         tokens.append(int(logits.argmax()))
     return tokens[len(prompt) :], step_logits
@@ -76,6 +76,23 @@ def test_batch_of_mixed_lengths_equals_one_prompt_at_a_time(model):
     one_at_a_time = [generate(model, [prompt], steps, temperature=0)[0] for prompt in prompts]
     assert generate(model, prompts, steps, temperature=0) == one_at_a_time
     assert one_at_a_time == [greedy_by_recomputation(model, prompt, steps)[0] for prompt in prompts]
+
+
+def test_prompts_that_leave_room_for_the_new_tokens_are_prefilled_once(model):
+    # A context of 96: prompts up to 40 tokens would be padded to 64 slots, which with 40 new
+    # tokens would fill the cache 8 tokens before the end and recompute the whole window for each
+    # of them; the padding must leave the new tokens their slots instead.
+    roomy = perturbed(GPT(model.config.model_copy(update={"block_size": 96}))).eval()
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 64, (n,)).tolist() for n in (40, 9, 23, 33)]
+    fed: list[int] = []
+    handle = roomy.register_forward_pre_hook(lambda module, args: fed.append(args[0].size(1)))
+    try:
+        tokens = generate(roomy, prompts, 40, temperature=0)
+    finally:
+        handle.remove()
+    assert fed[0] >= 40 and fed[1:] == [1] * 39  # one prefill, then every token through the cache
+    assert tokens == [greedy_by_recomputation(roomy, prompt, 40)[0] for prompt in prompts]
 
 
 def test_uncached_generation_gives_the_same_tokens(model):
