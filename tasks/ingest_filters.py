@@ -103,15 +103,27 @@ class FilterConfig(BaseModel):
 
 
 @cache
+def every_character() -> str:
+    """Every code point (lone surrogates included), in order, as one string."""
+    return "".join(map(chr, range(sys.maxunicode + 1)))
+
+
+@cache
 def char_table(test: Callable[[str], bool]) -> np.ndarray:
-    """`test` of every code point, as booleans indexed by code point (built once per process)."""
-    size = sys.maxunicode + 1
-    return np.fromiter((test(chr(point)) for point in range(size)), dtype=bool, count=size)
+    """`test` of every code point, as booleans indexed by code point (built once per process:
+    `filter` calls `test` from C, faster than a Python loop over 1.1M characters)."""
+    table = np.zeros(sys.maxunicode + 1, dtype=bool)
+    table[code_points("".join(filter(test, every_character())))] = True
+    return table
 
 
-def is_line_break(char: str) -> bool:
-    """Whether `str.splitlines` ends a line at `char` (\\n, \\r, \\x0b, \\x0c, \\x1c-\\x1e, \\x85, \\u2028, ...)."""
-    return char.splitlines() == [""]
+@cache
+def line_break_table() -> np.ndarray:
+    """Whether `str.splitlines` ends a line at each code point (\\n, \\r, \\x0b, \\x0c, \\x1c-\\x1e, \\x85,
+    \\u2028, \\u2029): cutting every character into lines ends each line but the last with one."""
+    table = np.zeros(sys.maxunicode + 1, dtype=bool)
+    table[[ord(line[-1]) for line in every_character().splitlines(keepends=True)[:-1]]] = True
+    return table
 
 
 @lru_cache(maxsize=1)  # the rules measure one document after another: its array is made once
@@ -210,7 +222,7 @@ def non_alphanumeric_share(text: str) -> float:
 
 def longest_line(text: str) -> int:
     """The longest line, as `str.splitlines` cuts them (a \\r\\n pair makes an empty gap, no longer line)."""
-    return longest_gap(char_table(is_line_break)[code_points(text)])
+    return longest_gap(line_break_table()[code_points(text)])
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,9 @@ from tasks.ingest_filters import (
     GOPHER_STOP_WORDS,
     REPEAT_RUN,
     alphabetic_word_share,
+    char_table,
     duplicate_ngram_fraction,
-    is_line_break,
+    line_break_table,
     longest_line,
     longest_word,
     non_alphanumeric_share,
@@ -130,11 +131,16 @@ def test_each_measure_equals_its_reference_on_adversarial_text(measure, referenc
     assert measure(text) == reference(text)
 
 
-@pytest.mark.parametrize("measure, reference", PAIRS, ids=[pair[0].__name__ for pair in PAIRS])
-def test_each_measure_equals_its_reference_on_the_standard_library(measure, reference):
+@pytest.fixture(scope="module")
+def library_texts() -> dict[str, str]:
+    """~100 files spread over the standard library, by path."""
     files = stdlib_files().files
-    for path in files[:: max(len(files) // 300, 1)]:  # ~300 files spread over the library
-        text = path.read_bytes().decode("utf-8", "replace")
+    return {str(path): path.read_bytes().decode("utf-8", "replace") for path in files[:: max(len(files) // 100, 1)]}
+
+
+@pytest.mark.parametrize("measure, reference", PAIRS, ids=[pair[0].__name__ for pair in PAIRS])
+def test_each_measure_equals_its_reference_on_the_standard_library(measure, reference, library_texts):
+    for path, text in library_texts.items():
         assert measure(text) == reference(text), path
 
 
@@ -142,5 +148,12 @@ def test_a_result_is_a_plain_python_number():
     assert type(non_alphanumeric_share("a+b")) is float and type(longest_word("ab c")) is int
 
 
+@pytest.mark.parametrize("test", [str.isspace, str.isalnum, str.isalpha], ids=lambda test: test.__name__)
+def test_a_table_of_a_character_class_holds_pythons_answer_for_every_code_point(test):
+    assert char_table(test).tolist() == [test(char) for char in EVERY_CODE_POINT]
+
+
 def test_line_breaks_are_those_of_splitlines():
-    assert {char for char in EVERY_CODE_POINT if is_line_break(char)} == set(LINE_BREAKS)
+    breaks = line_break_table()
+    assert {char for char in EVERY_CODE_POINT if breaks[ord(char)]} == set(LINE_BREAKS)
+    assert all(len(f"a{char}b".splitlines()) == 2 for char in LINE_BREAKS)
