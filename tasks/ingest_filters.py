@@ -40,17 +40,19 @@ with likely matches, not with every kept one).
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections import Counter
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache, lru_cache
 from typing import Any, Literal
 
+import numpy as np
 from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 REPEAT_RUN = 16  # a run of this many copies of one character counts as repetition
-_RUN = re.compile(rf"(\S)\1{{{REPEAT_RUN - 1},}}")
 EXAMPLES_KEPT = 3  # dropped documents shown per filter in the ingest report
 EXAMPLE_CHARS = 80
 NUM_PERM = 128  # MinHash permutations: the Jaccard estimate's standard error is about 1/sqrt(128) = 0.09
@@ -93,12 +95,62 @@ class FilterConfig(BaseModel):
 # -- the measures ------------------------------------------------------------------------
 
 
+# The code preset's measures count characters by class (white space, letters and digits, line
+# breaks) over a whole document. They work on the document's code points as a numpy array and
+# look each one up in a table that holds Python's own answer (`str.isspace`, `str.isalnum`, ...)
+# for every code point: the same figures as a loop over the characters, without a Python step
+# per character.
+
+
+@cache
+def every_character() -> str:
+    """Every code point (lone surrogates included), in order, as one string."""
+    return "".join(map(chr, range(sys.maxunicode + 1)))
+
+
+@cache
+def char_table(test: Callable[[str], bool]) -> np.ndarray:
+    """`test` of every code point, as booleans indexed by code point (built once per process:
+    `filter` calls `test` from C, faster than a Python loop over 1.1M characters)."""
+    table = np.zeros(sys.maxunicode + 1, dtype=bool)
+    table[code_points("".join(filter(test, every_character())))] = True
+    return table
+
+
+@cache
+def line_break_table() -> np.ndarray:
+    """Whether `str.splitlines` ends a line at each code point (\\n, \\r, \\x0b, \\x0c, \\x1c-\\x1e, \\x85,
+    \\u2028, \\u2029): cutting every character into lines ends each line but the last with one."""
+    table = np.zeros(sys.maxunicode + 1, dtype=bool)
+    table[[ord(line[-1]) for line in every_character().splitlines(keepends=True)[:-1]]] = True
+    return table
+
+
+@lru_cache(maxsize=1)  # the rules measure one document after another: its array is made once
+def code_points(text: str) -> np.ndarray:
+    """The text's code points (lone surrogates included), as indices into a `char_table`."""
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32).astype(np.intp)
+
+
+def longest_gap(marks: np.ndarray) -> int:
+    """The longest run of False in `marks`."""
+    return int((np.diff(np.flatnonzero(marks), prepend=-1, append=len(marks)) - 1).max())
+
+
 def repeated_char_share(text: str) -> float:
-    return sum(match.end() - match.start() for match in _RUN.finditer(text)) / max(len(text), 1)
+    """The share of characters in runs of at least `REPEAT_RUN` copies of one non-space character."""
+    points = code_points(text)
+    if not len(points):
+        return 0.0
+    starts = np.flatnonzero(np.concatenate(([True], points[1:] != points[:-1])))  # of each run of one character
+    lengths = np.diff(starts, append=len(points))
+    repeated = (lengths >= REPEAT_RUN) & ~char_table(str.isspace)[points[starts]]
+    return int(lengths[repeated].sum()) / len(points)
 
 
 def longest_word(text: str) -> int:
-    return max(map(len, text.split()), default=0)
+    """The longest white-space-separated word (as `str.split` separates them)."""
+    return longest_gap(char_table(str.isspace)[code_points(text)])
 
 
 def non_blank_lines(text: str) -> list[str]:
@@ -122,24 +174,55 @@ def duplicate_line_fraction(text: str) -> float:
     return repeated_share(non_blank_lines(text), text)[0]
 
 
-def duplicate_ngram_fraction(text: str, n: int) -> float:
+# The n-gram measures number each word n-gram of a document with numpy, not a tuple per word:
+# equal words get equal ids, and an n-gram's id is that of the pair (its first a-gram, the
+# b-gram after it), a + b = n, renumbered; so equal n-grams, and only they, share an id.
+
+
+@lru_cache(maxsize=1)  # the rules measure one document after another: its words are numbered once
+def word_ids(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each white-space-separated word's id (equal words, equal ids) and its length in characters."""
     words = text.split()
-    ngrams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    counts = Counter(ngrams)
-    covered = [False] * len(words)
-    for start, ngram in enumerate(ngrams):
-        if counts[ngram] > 1:
-            covered[start : start + n] = [True] * n
-    return sum(len(word) for word, dup in zip(words, covered) if dup) / max(sum(map(len, words)), 1)
+    ids = dict(zip(dict.fromkeys(words), itertools.count()))
+    return (
+        np.fromiter(map(ids.__getitem__, words), dtype=np.int64, count=len(words)),
+        np.fromiter(map(len, words), dtype=np.int64, count=len(words)),
+    )
+
+
+@lru_cache(maxsize=16)  # the n-grams of one document, n up to the largest rule's 10
+def ngram_ids(text: str, n: int) -> np.ndarray:
+    """An id for the word n-gram starting at each word that has n - 1 words after it."""
+    if n == 1:
+        return word_ids(text)[0]
+    first, rest = n - n // 2, n // 2
+    count = len(word_ids(text)[0]) - n + 1
+    heads, tails = ngram_ids(text, first)[:count], ngram_ids(text, rest)[first : first + count]
+    return np.unique(heads * (int(tails.max(initial=0)) + 1) + tails, return_inverse=True)[1].reshape(-1)
+
+
+def duplicate_ngram_fraction(text: str, n: int) -> float:
+    """The share of the word characters in word n-grams that occur more than once."""
+    lengths = word_ids(text)[1]
+    if len(lengths) < n:
+        return 0.0
+    grams = ngram_ids(text, n)
+    repeated = np.bincount(grams)[grams] > 1  # per n-gram start
+    covered = np.convolve(repeated, np.ones(n, dtype=np.int64)) > 0  # per word: in a repeated n-gram
+    return int(lengths[covered].sum()) / max(int(lengths.sum()), 1)
 
 
 def non_alphanumeric_share(text: str) -> float:
-    visible = "".join(text.split())
-    return sum(not char.isalnum() for char in visible) / max(len(visible), 1)
+    """Of the characters that are not white space, the share that are neither letters nor digits."""
+    points = code_points(text)
+    space, alphanumeric = char_table(str.isspace)[points], char_table(str.isalnum)[points]
+    visible = len(points) - int(np.count_nonzero(space))
+    return int(np.count_nonzero(~(space | alphanumeric))) / max(visible, 1)
 
 
 def longest_line(text: str) -> int:
-    return max(map(len, text.splitlines()), default=0)
+    """The longest line, as `str.splitlines` cuts them (a \\r\\n pair makes an empty gap, no longer line)."""
+    return longest_gap(line_break_table()[code_points(text)])
 
 
 @dataclass(frozen=True)
@@ -200,23 +283,31 @@ def ellipsis_line_share(text: str) -> float:
 
 def alphabetic_word_share(text: str) -> float:
     """The share of words with at least one letter."""
-    words = text.split()
-    return sum(any(char.isalpha() for char in word) for word in words) / max(len(words), 1)
+    points = code_points(text)
+    space = char_table(str.isspace)[points]
+    word_starts = ~space & np.concatenate(([True], space[:-1]))
+    word_numbers = np.cumsum(word_starts)  # per character: the number of the word it is in (from 1)
+    letters = word_numbers[char_table(str.isalpha)[points] & ~space]
+    alphabetic = int(np.count_nonzero(np.diff(letters, prepend=0)))  # words with a letter
+    return alphabetic / max(int(word_starts.sum()), 1)
 
 
 def stop_word_count(text: str) -> float:
-    return sum(word.lower() in GOPHER_STOP_WORDS for word in text.split())
+    # Lower-casing the text or each word gives the same words: no character lowers to white space.
+    return sum(map(GOPHER_STOP_WORDS.__contains__, text.lower().split()))
 
 
 def top_ngram_char_share(text: str, n: int) -> float:
     """The share of the word characters in the most frequent word n-gram's occurrences (when it
-    occurs more than once)."""
-    words = text.split()
-    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    if not counts:
+    occurs more than once; of several as frequent, the one that occurs first)."""
+    lengths = word_ids(text)[1]
+    if len(lengths) < n:
         return 0.0
-    ngram, count = counts.most_common(1)[0]
-    return (sum(map(len, ngram)) * count if count > 1 else 0) / max(sum(map(len, words)), 1)
+    grams = ngram_ids(text, n)
+    counts = np.bincount(grams)
+    count = int(counts.max())
+    first = int(np.argmax(counts[grams] == count))  # where the first of the most frequent n-grams starts
+    return (int(lengths[first : first + n].sum()) * count if count > 1 else 0) / max(int(lengths.sum()), 1)
 
 
 def line_punctuation_share(text: str) -> float:
