@@ -37,6 +37,7 @@ from tasks.ingest import (
     ingest_task,
     run_ingest,
 )
+from tasks.ingest import run_in_order as run_ingest_in_order
 from tasks.models.sources import open_model
 from tasks.shard import (
     ShardOutput,
@@ -105,10 +106,13 @@ def check_prepare_config(config: PipelineConfig) -> None:
 def prepare_data(config: PipelineConfig, parent_run_id: str | None = None) -> PreparedData:
     """Ingest the corpus, train the tokenizer, write the shards; publish the reports, and
     record the stages under the MLflow run `parent_run_id` (the calling flow's) when given."""
+    # A local source is on this machine, and so are the ingest's part files: on a cluster of
+    # other machines (an address) the ingest chunks run here, in order.
+    remote = config.task_runner.remote_workers
     corpus = ingest_for(config.ingest)(
         config.ingest,
         config.workspace,
-        map_chunks=task_runs_on(config.task_runner, ingest_chunk_task),
+        map_chunks=run_ingest_in_order if remote else task_runs_on(config.task_runner, ingest_chunk_task),
         return_state=True,
     ).result()
     tokenizer = train_tokenizer_task(
