@@ -18,6 +18,7 @@ the same whichever runner and however many workers.
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
@@ -51,7 +52,9 @@ class TaskRunnerConfig(BaseModel):
 
 def make_task_runner(config: TaskRunnerConfig) -> TaskRunner:
     if config.kind == "threads":
-        return ThreadPoolTaskRunner(max_workers=config.n_workers)
+        # Prefect's own default is unbounded: every chunk of a large corpus would start at once,
+        # each holding its buffers, for no gain (the ingest's filters hold the GIL).
+        return ThreadPoolTaskRunner(max_workers=config.n_workers or os.cpu_count())
     if config.kind == "processes":
         return ProcessPoolTaskRunner(max_workers=config.n_workers)
     from prefect_dask import DaskTaskRunner  # imports dask.distributed: only when asked for
