@@ -60,17 +60,29 @@ PROSE_SUFFIXES = (".txt", ".md", ".rst")
 PRESETS = ("code", "web")
 
 # One stage in a fresh process: its seconds, its peak RSS (VmHWM, not ru_maxrss: a child's
-# ru_maxrss starts at its parent's peak) and its output.
+# ru_maxrss starts at its parent's peak; with ingest workers, the larger of this process's
+# and the largest worker's) and its output. Ingest chunks run on `ingest_workers` processes
+# (a process pool, as Prefect's ProcessPoolTaskRunner runs them) when it is above 1.
 RUN_STAGE = """
-import json, sys, time
+import json, resource, sys, time
+from concurrent.futures import ProcessPoolExecutor
 from tasks.bpe import BPEConfig, BPEOutput, run_bpe
-from tasks.ingest import IngestConfig, IngestOutput, run_ingest
+from tasks.ingest import IngestConfig, IngestOutput, ingest_chunk, run_in_order, run_ingest
 from tasks.shard import ShardConfig, run_shard
 
 stage, settings, workspace = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+workers = settings.get("ingest_workers", 1)
+
+
+def on_processes(chunks):
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(ingest_chunk, chunks))
+
+
 start = time.perf_counter()
 if stage == "ingest":
-    output = run_ingest(IngestConfig.model_validate(settings["ingest"]), workspace)
+    map_chunks = on_processes if workers > 1 else run_in_order
+    output = run_ingest(IngestConfig.model_validate(settings["ingest"]), workspace, map_chunks)
 else:
     corpus = IngestOutput.model_validate(settings["corpus"])
     if stage == "bpe":
@@ -81,6 +93,7 @@ else:
 seconds = time.perf_counter() - start
 with open("/proc/self/status") as lines:
     peak = next(int(line.split()[1]) * 1024 for line in lines if line.startswith("VmHWM:"))
+peak = max(peak, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
 print(json.dumps({"seconds": seconds, "peak": peak, "output": output.model_dump(mode="json")}))
 """
 
@@ -153,8 +166,9 @@ def run_stage(stage: str, settings: dict[str, Any], workspace: Path) -> dict[str
     return json.loads(printed.splitlines()[-1])
 
 
-def run_stages(source: Path, workspace: Path, vocab_size: int) -> dict[str, dict[str, Any]]:
+def run_stages(source: Path, workspace: Path, vocab_size: int, ingest_workers: int) -> dict[str, dict[str, Any]]:
     settings: dict[str, Any] = {
+        "ingest_workers": ingest_workers,
         "ingest": IngestConfig(source=str(source)).model_dump(mode="json"),
         "bpe": BPEConfig(vocab_size=vocab_size).model_dump(mode="json"),
         "shard": ShardConfig().model_dump(mode="json"),
@@ -239,6 +253,7 @@ def stage_rows(runs: dict[str, dict[str, Any]], corpus_bytes: int) -> list[str]:
 def main(
     megabytes: Annotated[float, typer.Option(help="The corpus's size; the quarter run uses a quarter.")] = 320,
     vocab_size: Annotated[int, typer.Option(help="bpe.vocab_size of the runs.")] = 8192,
+    ingest_workers: Annotated[int, typer.Option(help="Processes the ingest chunks run on.")] = 1,
 ) -> None:
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
@@ -250,7 +265,7 @@ def main(
         results = {}
         for label, source in (("full", scratch / "full"), ("quarter", quarter)):
             corpus_bytes = sum(path.stat().st_size for path in source.rglob("*.txt"))
-            runs = run_stages(source, scratch / f"ws-{label}", vocab_size)
+            runs = run_stages(source, scratch / f"ws-{label}", vocab_size, ingest_workers)
             corpus, tokenizer = Path(runs["ingest"]["output"]["corpus"]), Path(runs["bpe"]["output"]["tokenizer"])
             results[label] = runs
             print(f"\n{label}: {corpus_bytes / MB:.1f} MB, each stage in a fresh process on a fresh workspace")

@@ -1,13 +1,13 @@
 """The data-preparation flow: ingest -> train-tokenizer -> shard, and its report artifact.
 
 `prepare_data` is the Prefect flow; the pretraining, fine-tuning and pipeline flows call
-it as a subflow. The shard stage's chunks run as `shard-chunk` task runs on the task
-runner of the config's `task_runner:` section (threads, or a Dask cluster), whichever
-runner the calling flow has. Only the ingest of a Hugging Face dataset is retried: it
-reads over the network, where a dropped connection is worth another try; local files and
-the stages after ingest fail the same way every time. `prepare_data_locally` runs the
-same three stages as plain functions, without Prefect, for tests and scripts that need
-prepared data quickly. Both reuse any stage whose manifest exists and verifies, so a
+it as a subflow. The ingest and shard stages' chunks run as `ingest-chunk` and
+`shard-chunk` task runs on the task runner of the config's `task_runner:` section (threads,
+processes, or a Dask cluster), whichever runner the calling flow has. Only the ingest of a
+Hugging Face dataset is retried: it reads over the network, where a dropped connection is
+worth another try; local files and the stages after ingest fail the same way every time.
+`prepare_data_locally` runs the same three stages as plain functions, without Prefect, for
+tests and scripts that need prepared data quickly. Both reuse any stage whose manifest exists and verifies, so a
 rerun redoes only what changed.
 """
 
@@ -28,11 +28,18 @@ from model.errors import UserError
 from tasks import tracking
 from tasks.bpe import BPEOutput, run_bpe, train_tokenizer_task
 from tasks.core.storage import resolve_workspace
-from tasks.ingest import HF_PREFIX, IngestConfig, IngestOutput, find_source_files, ingest_task, run_ingest
+from tasks.ingest import (
+    HF_PREFIX,
+    IngestConfig,
+    IngestOutput,
+    find_source_files,
+    ingest_chunk_task,
+    ingest_task,
+    run_ingest,
+)
+from tasks.ingest import run_in_order as run_ingest_in_order
 from tasks.models.sources import open_model
 from tasks.shard import (
-    ChunkCounts,
-    ShardChunk,
     ShardOutput,
     check_shard_bytes,
     encode_chunk_task,
@@ -99,7 +106,15 @@ def check_prepare_config(config: PipelineConfig) -> None:
 def prepare_data(config: PipelineConfig, parent_run_id: str | None = None) -> PreparedData:
     """Ingest the corpus, train the tokenizer, write the shards; publish the reports, and
     record the stages under the MLflow run `parent_run_id` (the calling flow's) when given."""
-    corpus = ingest_for(config.ingest)(config.ingest, config.workspace, return_state=True).result()
+    # A local source is on this machine, and so are the ingest's part files: on a cluster of
+    # other machines (an address) the ingest chunks run here, in order.
+    remote = config.task_runner.remote_workers
+    corpus = ingest_for(config.ingest)(
+        config.ingest,
+        config.workspace,
+        map_chunks=run_ingest_in_order if remote else task_runs_on(config.task_runner, ingest_chunk_task),
+        return_state=True,
+    ).result()
     tokenizer = train_tokenizer_task(
         config.bpe, corpus, config.workspace, config.model.init_from, return_state=True
     ).result()
@@ -108,7 +123,7 @@ def prepare_data(config: PipelineConfig, parent_run_id: str | None = None) -> Pr
         corpus,
         tokenizer,
         config.workspace,
-        map_chunks=task_runs_on(config.task_runner),
+        map_chunks=task_runs_on(config.task_runner, encode_chunk_task),
         parts_in_workspace=config.task_runner.remote_workers,
         return_state=True,
     ).result()
@@ -154,15 +169,16 @@ def may_be_the_network(task: Task, task_run: TaskRun, state: State) -> bool:
     return isinstance(error.__cause__, ConnectionError) if isinstance(error, UserError) else True
 
 
-def task_runs_on(runner: TaskRunnerConfig) -> Callable[[list[ShardChunk]], list[ChunkCounts]]:
-    """Map the shard chunks as `shard-chunk` task runs on the configured task runner.
+def task_runs_on(runner: TaskRunnerConfig, chunk_task: Task) -> Callable[[list[Any]], list[Any]]:
+    """Map a stage's chunks as task runs of `chunk_task` (`ingest-chunk`, `shard-chunk`) on
+    the configured task runner; their results in chunk order.
 
     The runner is started here rather than given to the flow's decorator, so the config
     chooses it even when another flow calls `prepare_data` as a subflow."""
 
-    def map_chunks(chunks: list[ShardChunk]) -> list[ChunkCounts]:
+    def map_chunks(chunks: list[Any]) -> list[Any]:
         with make_task_runner(runner) as task_runner:
-            futures = task_runner.map(encode_chunk_task, {"chunk": chunks})
+            futures = task_runner.map(chunk_task, {"chunk": chunks})
             return [future.result() for future in futures]
 
     return map_chunks

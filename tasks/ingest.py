@@ -22,10 +22,23 @@ a hash of the id, so the split is stable when the corpus grows.
 
 Cleaning, each step counted in the report: files that look binary are skipped; bytes
 that are not UTF-8 (and lone surrogates from JSON escapes) become U+FFFD; NUL characters
-are removed; optional Unicode NFC; pieces shorter than `ingest.min_chars` are dropped;
-exact duplicates (hash of the cleaned text) are dropped, keeping the first; then the quality
-filters and near-duplicate removal of tasks/ingest_filters.py (`ingest.filters`). Files are read
-in blocks, so memory is bounded by `max_doc_chars`, not by the size of a file or corpus.
+are removed; optional Unicode NFC; pieces shorter than `ingest.min_chars` are dropped; then
+the quality filters of tasks/ingest_filters.py (`ingest.filters`); then, among the documents
+left, exact duplicates (same cleaned text) and near duplicates (`ingest.filters.near_dedup`),
+each cluster keeping its earliest document (tasks/ingest_dedup.py). Files are read in
+blocks, so memory is bounded by `max_doc_chars`, not by the size of a file or corpus.
+
+The work runs in chunks, so it can run on many processes or machines (Prefect task runs on
+the configured task runner, see flows/prepare.py; plain calls in order without Prefect):
+1. `ingest_chunk`, once per chunk of consecutive source files of about `ingest.chunk_bytes`
+   (an `hf:` source is one chunk: its reader is sequential): reads, cuts, cleans and filters
+   the chunk's documents, writes the survivors to a part file `parts/<chunk>.arrow` and their
+   dedup keys to `parts/<chunk>.keys`, and returns its counters;
+2. `find_duplicates` joins the keys one bucket (of `ingest.dedup_buckets`) at a time;
+3. the parts, read back in chunk order without the duplicates, are written by `CorpusWriter`.
+Counters add up in chunk order and row groups are cut by characters in document order, so
+the corpus and the manifest are byte for byte the same whatever the number of chunks,
+buckets or workers, and neither setting is part of the fingerprint.
 
 A file that cannot be read as what its name says (a corrupt or truncated Parquet or
 compressed file, a JSON file cut short) is skipped and listed with the reason in the report
@@ -47,9 +60,10 @@ import itertools
 import json
 import os
 import re
+import shutil
 import sysconfig
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -65,15 +79,23 @@ from model.data import SPLITS
 from model.errors import UserError
 from tasks.core.progress import StepProgress, step_progress
 from tasks.core.stage_state import finished
+from tasks.core.stopping import check_stop, stop_on_signals
 from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
-from tasks.ingest_filters import DocumentFilter, FilterConfig
+from tasks.ingest_dedup import KeyTable, band_keys, exact_key, find_duplicates, position
+from tasks.ingest_filters import EXAMPLES_KEPT, DocumentFilter, FilterConfig, FilterCounts
 from tasks.ingest_readers import UNREADABLE, Unreadable, check_whole, open_file, text_kind
 
-FORMAT_VERSION = 2  # 2: quality filters, near-duplicate removal, unreadable files
+# 2: quality filters, near-duplicate removal, unreadable files. 3: chunked ingest; a cluster of
+# near duplicates keeps its earliest document (the old rule, drop a document near a kept one,
+# depends on the order documents were kept in, which chunks cannot share), MinHash with its
+# own vectorised hashes (tasks/ingest_dedup.py); exact duplicates counted after the filters.
+FORMAT_VERSION = 3
 STDLIB = "python-stdlib"
 HF_PREFIX = "hf:"
 CORPUS_FILE = "corpus.parquet"
 CORPUS_SCHEMA = pa.schema([("id", pa.string()), ("text", pa.string()), ("split", pa.string())])
+# A chunk's documents before dedup: the corpus's columns and the text's UTF-8 bytes.
+PART_SCHEMA = CORPUS_SCHEMA.append(pa.field("bytes", pa.int64()))
 # Row groups of ~1M characters: readers hold one at a time, and Arrow's allocator
 # (mimalloc) keeps a few of them cached, so their size bounds readers' memory.
 CORPUS_ROW_GROUP_CHARS = 1 << 20
@@ -112,6 +134,12 @@ class IngestConfig(BaseModel):
     seed: int = Field(0, description="salt of the split hash")
     filters: FilterConfig = Field(default_factory=FilterConfig, description="quality filters, near-dedup")
     on_unreadable: Literal["skip", "fail"] = Field("skip", description="a file that cannot be read: skip or fail")
+    chunk_bytes: int = Field(
+        16 << 20, ge=1, description="source bytes per ingest task run (does not change the corpus)"
+    )
+    dedup_buckets: int = Field(
+        64, ge=1, description="dedup keys are joined one bucket at a time (does not change the corpus)"
+    )
 
     @model_validator(mode="after")
     def _revision_of_a_hub_source(self) -> IngestConfig:
@@ -526,13 +554,101 @@ class CorpusWriter:
         self._writer.close()
 
 
-def write_corpus(config: IngestConfig, files: SourceFiles | None, commit: str | None, path: Path) -> IngestStats:
+# -- chunks: read and filter in parallel, deduplicate, write in order ----------------------
+
+
+class IngestChunk(BaseModel):
+    """One `ingest_chunk` call: consecutive files of the source (all of an `hf:` source)."""
+
+    index: int
+    config: IngestConfig
+    root: Path | None  # document ids are paths relative to it (None: an hf: source)
+    files: list[Path] | None  # None: the hf: source, read in one chunk (its reader is sequential)
+    commit: str | None
+    parts: Path  # the directory the part and key files go to
+
+
+class ChunkResult(BaseModel):
+    index: int
+    stats: IngestStats  # the chunk's counters; documents kept, split and bytes are counted after dedup
+    key_offsets: list[int]  # where each dedup bucket starts in the chunk's key file
+
+
+def part_path(parts: Path, index: int) -> Path:
+    return parts / f"{index:05d}.arrow"
+
+
+def keys_path(parts: Path, index: int) -> Path:
+    return parts / f"{index:05d}.keys"
+
+
+def plan_chunks(config: IngestConfig, files: SourceFiles | None, commit: str | None, parts: Path) -> list[IngestChunk]:
+    """Consecutive files of about `ingest.chunk_bytes` per chunk; one chunk for an `hf:` source."""
+    if files is None:
+        return [IngestChunk(index=0, config=config, root=None, files=None, commit=commit, parts=parts)]
+    groups: list[list[Path]] = [[]]
+    size = 0
+    for path in files.files:
+        if groups[-1] and size >= config.chunk_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(path)
+        size += max(file_stat(path)[0], 0)
+    return [
+        IngestChunk(index=index, config=config, root=files.root, files=group, commit=commit, parts=parts)
+        for index, group in enumerate(groups)
+    ]
+
+
+class PartWriter:
+    """A chunk's documents that pass the filters, in an Arrow IPC file, in batches of ~1M characters."""
+
+    def __init__(self, path: Path):
+        self._writer = pa.ipc.new_file(path, PART_SCHEMA)
+        self._columns: dict[str, list[Any]] = {name: [] for name in PART_SCHEMA.names}
+        self._chars = 0
+        self.rows = 0
+
+    def add(self, doc_id: str, text: str, split: str, n_bytes: int) -> int:
+        """Append a document; its row in the part."""
+        for name, value in zip(PART_SCHEMA.names, (doc_id, text, split, n_bytes)):
+            self._columns[name].append(value)
+        self._chars += len(text)
+        if self._chars >= CORPUS_ROW_GROUP_CHARS:
+            self.flush()
+        self.rows += 1
+        return self.rows - 1
+
+    def flush(self) -> None:
+        if self._columns["id"]:
+            self._writer.write_table(pa.table(self._columns, schema=PART_SCHEMA))
+            self._columns = {name: [] for name in PART_SCHEMA.names}
+            self._chars = 0
+
+    def __enter__(self) -> PartWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.flush()
+        self._writer.close()
+
+
+def ingest_chunk(chunk: IngestChunk) -> ChunkResult:
+    """Read a chunk's files, cut, clean and filter their documents; write the survivors to the
+    chunk's part file and their dedup keys to its key file (tasks/ingest_dedup.py)."""
+    config = chunk.config
+    files = None if chunk.files is None else SourceFiles(chunk.root, chunk.files)
     stats = IngestStats()
-    seen: set[bytes] = set()
     quality = DocumentFilter(config.filters)
-    total_files = len(files.files) if files else None
-    with CorpusWriter(path) as writer, step_progress("ingest", total_files) as progress:
-        for document in source_documents(config, files, commit, stats, progress):
+    filters = config.filters
+    keys = KeyTable()
+    total = len(chunk.files) if chunk.files is not None else None
+    with (
+        PartWriter(part_path(chunk.parts, chunk.index)) as part,
+        step_progress(f"ingest: chunk {chunk.index}", total) as progress,
+    ):
+        for document in source_documents(config, files, chunk.commit, stats, progress):
+            check_stop()
             stats.documents_in += 1
             if files is None:
                 progress.advance(documents=1)
@@ -544,21 +660,91 @@ def write_corpus(config: IngestConfig, files: SourceFiles | None, commit: str | 
                 if len(text) < config.min_chars:
                     stats.dropped_short += 1
                     continue
-                data = text.encode()
-                digest = hashlib.blake2b(data, digest_size=16).digest()
-                if digest in seen:
-                    stats.dropped_duplicate += 1
-                    continue
-                seen.add(digest)
                 if not quality.keep(piece_id, text):
                     continue
-                writer.add(piece_id, text, split)
-                stats.kept(split, len(data))
+                data = text.encode()
+                pos = position(chunk.index, part.add(piece_id, text, split, len(data)))
+                keys.add(pos, exact_key(data), near=False)
+                if filters.near_dedup:
+                    for key in band_keys(data, filters.near_dedup_shingle_words, filters.near_dedup_threshold):
+                        keys.add(pos, key, near=True)
             if pieces > 1:
                 stats.documents_split += 1
                 stats.pieces_from_splits += pieces
-    stats.documents_out = stats.documents_train + stats.documents_val
     stats.dropped_by_filter, stats.dropped_examples = quality.counts.dropped, quality.counts.examples
+    offsets = keys.save(keys_path(chunk.parts, chunk.index), config.dedup_buckets)
+    return ChunkResult(index=chunk.index, stats=stats, key_offsets=offsets)
+
+
+def run_in_order(chunks: list[IngestChunk]) -> list[ChunkResult]:
+    """How chunks run without Prefect: one after the other, in this process."""
+    return [ingest_chunk(chunk) for chunk in chunks]
+
+
+def merged_stats(results: list[ChunkResult]) -> IngestStats:
+    """The chunks' counters added up in chunk order: the same report for any chunking
+    (examples are the first `EXAMPLES_KEPT` in source order)."""
+    stats = IngestStats()
+    for result in results:
+        part = result.stats
+        for name, value in asdict(part).items():
+            if isinstance(value, int):
+                setattr(stats, name, getattr(stats, name) + value)
+        stats.unreadable += part.unreadable
+        for name, count in part.dropped_by_filter.items():
+            stats.dropped_by_filter[name] = stats.dropped_by_filter.get(name, 0) + count
+        for name, examples in part.dropped_examples.items():
+            kept = stats.dropped_examples.setdefault(name, [])
+            kept += examples[: EXAMPLES_KEPT - len(kept)]
+    return stats
+
+
+def write_corpus(
+    config: IngestConfig,
+    files: SourceFiles | None,
+    commit: str | None,
+    path: Path,
+    parts: Path,
+    map_chunks: Callable[[list[IngestChunk]], list[ChunkResult]] = run_in_order,
+) -> IngestStats:
+    """Run the chunks (`map_chunks`, results in chunk order), find the duplicates, and write
+    the parts' other documents in order to `path` with `CorpusWriter`: the same row groups,
+    so the same bytes, whatever the chunking."""
+    parts.mkdir(parents=True, exist_ok=True)
+    with stop_on_signals():  # the chunks may run on threads that signals do not reach
+        results = map_chunks(plan_chunks(config, files, commit, parts))
+    stats = merged_stats(results)
+    duplicates = find_duplicates(
+        [(keys_path(parts, result.index), result.key_offsets) for result in results], config.dedup_buckets
+    )
+    near = FilterCounts()
+    shown_roots = {duplicates.near[pos] for pos in sorted(duplicates.near)[:EXAMPLES_KEPT]}
+    root_ids: dict[int, str] = {}  # the ids of the clusters' kept documents the examples name
+    with CorpusWriter(path) as writer:
+        for result in results:
+            # Read, not memory-mapped: mapped pages would stay in the resident set.
+            with pa.OSFile(str(part_path(parts, result.index))) as source:
+                reader = pa.ipc.open_file(source)
+                row = 0
+                for group in range(reader.num_record_batches):
+                    batch = reader.get_batch(group).to_pydict()
+                    for doc_id, text, split, n_bytes in zip(batch["id"], batch["text"], batch["split"], batch["bytes"]):
+                        pos = position(result.index, row)
+                        row += 1
+                        if pos in shown_roots:
+                            root_ids[pos] = doc_id
+                        if pos in duplicates.exact:
+                            stats.dropped_duplicate += 1
+                        elif pos in duplicates.near:
+                            near.drop("near_duplicate", doc_id, text, near=root_ids.get(duplicates.near[pos]))
+                        else:
+                            writer.add(doc_id, text, split)
+                            stats.kept(split, n_bytes)
+    shutil.rmtree(parts)
+    for name, count in near.dropped.items():
+        stats.dropped_by_filter[name] = count
+        stats.dropped_examples[name] = near.examples[name]
+    stats.documents_out = stats.documents_train + stats.documents_val
     return stats
 
 
@@ -588,7 +774,8 @@ def ingest_fingerprint(config: IngestConfig, files: SourceFiles | None, commit: 
     inputs are what they were before the setting existed, so existing fingerprints hold."""
     # `streaming` changes how rows arrive, not which rows: it is not part of the result. The
     # default filter preset (code) is left out, so the fingerprints from before presets hold.
-    excluded: dict[str, Any] = {"streaming": True, "hf_revision": True}
+    # Nor does how the work is cut into chunks and buckets.
+    excluded: dict[str, Any] = {"streaming": True, "hf_revision": True, "chunk_bytes": True, "dedup_buckets": True}
     if config.filters.preset == "code":
         excluded["filters"] = {"preset"}
     settings = config.model_dump(mode="json", exclude=excluded)
@@ -596,8 +783,15 @@ def ingest_fingerprint(config: IngestConfig, files: SourceFiles | None, commit: 
     return fingerprint("ingest", settings, inputs, FORMAT_VERSION)
 
 
-def run_ingest(config: IngestConfig, workspace: Path | str) -> IngestOutput:
-    """Read the source into `<workspace>/ingest/<fingerprint>/corpus.parquet` (or reuse it)."""
+def run_ingest(
+    config: IngestConfig,
+    workspace: Path | str,
+    map_chunks: Callable[[list[IngestChunk]], list[ChunkResult]] = run_in_order,
+) -> IngestOutput:
+    """Read the source into `<workspace>/ingest/<fingerprint>/corpus.parquet` (or reuse it).
+
+    `map_chunks(chunks)` runs `ingest_chunk` on each chunk (in order here; as Prefect task
+    runs in the prepare flow) and returns their results in chunk order."""
     files = find_source_files(config)
     commit = pinned_commit(config)
     stage = StageDir(workspace, "ingest", ingest_fingerprint(config, files, commit))
@@ -605,7 +799,7 @@ def run_ingest(config: IngestConfig, workspace: Path | str) -> IngestOutput:
     def build(directory: Path) -> dict[str, Any]:
         corpus = directory / CORPUS_FILE
         with atomic_path(corpus) as tmp:
-            stats = write_corpus(config, files, commit, tmp)
+            stats = write_corpus(config, files, commit, tmp, directory / "parts", map_chunks)
             check_usable(config, stats)
         return {
             "format": FORMAT_VERSION,
@@ -629,6 +823,16 @@ def read_corpus(corpus: Path, split: str | None = None, batch_rows: int = 512) -
 
 
 @task(name="ingest", cache_policy=NO_CACHE)
-def ingest_task(config: IngestConfig, workspace: Path | str) -> IngestOutput:
+def ingest_task(
+    config: IngestConfig,
+    workspace: Path | str,
+    map_chunks: Callable[[list[IngestChunk]], list[ChunkResult]] = run_in_order,
+) -> IngestOutput:
     """Prefect task over `run_ingest`; the stage directory's manifest does the caching."""
-    return finished(run_ingest(config, workspace))
+    return finished(run_ingest(config, workspace, map_chunks))
+
+
+@task(name="ingest-chunk", cache_policy=NO_CACHE)
+def ingest_chunk_task(chunk: IngestChunk) -> ChunkResult:
+    """Prefect task over `ingest_chunk`: one chunk of the ingest stage."""
+    return ingest_chunk(chunk)

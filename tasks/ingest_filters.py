@@ -31,11 +31,10 @@ Defaults are chosen for code corpora: on the Python standard library they drop n
 (measured: tests/unit/test_ingest_filters.py), while a line of one character, a base64 blob on
 one line and minified JavaScript each fail at least one of them.
 
-Near duplicates (`near_dedup`, its own switch under every preset): a document whose MinHash
-signature (over word shingles of `near_dedup_shingle_words` words) estimates a Jaccard
-similarity of at least `near_dedup_threshold` with a kept document is dropped, keeping the
-first, with `datasketch`'s MinHash and LSH index (banded, so each document is compared only
-with likely matches, not with every kept one).
+Near duplicates (`near_dedup`, its own switch under every preset) are set here and removed
+after the filters, across the whole corpus, by tasks/ingest_dedup.py: documents whose MinHash
+signatures (over word shingles of `near_dedup_shingle_words` words) share an LSH band for
+`near_dedup_threshold` form clusters, and each cluster keeps its earliest document.
 """
 
 from __future__ import annotations
@@ -49,13 +48,11 @@ from functools import cache, lru_cache
 from typing import Any, Literal
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 REPEAT_RUN = 16  # a run of this many copies of one character counts as repetition
 EXAMPLES_KEPT = 3  # dropped documents shown per filter in the ingest report
 EXAMPLE_CHARS = 80
-NUM_PERM = 128  # MinHash permutations: the Jaccard estimate's standard error is about 1/sqrt(128) = 0.09
 
 
 class FilterConfig(BaseModel):
@@ -398,13 +395,12 @@ class FilterCounts:
 
 
 class DocumentFilter:
-    """The quality filters, then near-duplicate removal against the documents kept so far."""
+    """The quality filters (near duplicates are found across chunks later: tasks/ingest_dedup.py)."""
 
     def __init__(self, config: FilterConfig):
         self.config = config
         self.rules = rules(config)
         self.counts = FilterCounts()
-        self._lsh = MinHashLSH(threshold=config.near_dedup_threshold, num_perm=NUM_PERM) if config.near_dedup else None
 
     def keep(self, doc_id: str, text: str) -> bool:
         """Whether to keep the document; a dropped one is counted under the first filter it fails."""
@@ -412,18 +408,4 @@ class DocumentFilter:
             if rule.drops(value := rule.measure(text)):
                 self.counts.drop(name, doc_id, text, value=round(value, 4))
                 return False
-        if self._lsh is not None:
-            signature = minhash(text, self.config.near_dedup_shingle_words)
-            if matches := self._lsh.query(signature):
-                self.counts.drop("near_duplicate", doc_id, text, near=sorted(matches)[0])
-                return False
-            self._lsh.insert(doc_id, signature)
         return True
-
-
-def minhash(text: str, shingle_words: int) -> MinHash:
-    words = text.split()
-    shingles = {" ".join(words[i : i + shingle_words]) for i in range(max(len(words) - shingle_words + 1, 1))}
-    signature = MinHash(num_perm=NUM_PERM, seed=1)
-    signature.update_batch([shingle.encode() for shingle in shingles])
-    return signature

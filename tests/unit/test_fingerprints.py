@@ -49,17 +49,19 @@ def test_data_stage_fingerprints_and_manifest_bytes_are_unchanged(tmp_path, monk
 
     # Ingest format 2 (filters, near-dedup, unreadable files) and bpe format 2 (the pre-token bound in
     # tokenizer.json) changed every data fingerprint; the corpus, merges and shard files stayed byte for byte.
+    # Ingest format 3 (chunks; near-duplicate clusters keep their earliest document) changed them again, and
+    # the ingest manifest (its format); corpus.parquet stayed byte for byte (sha256 b8a21620...).
     assert (corpus.fingerprint, tokenizer.fingerprint, shards.fingerprint, pretrain) == (
-        "846a4ff83c158fc4",
-        "f1585d6e9efcde92",
-        "7e8d01fc02634ca3",
-        "7ba6ee734f6700dc",  # pretrain FORMAT_VERSION 4 (self-contained checkpoints), val_windows replaced eval_batches
+        "64a3e29d39d5f65e",
+        "8c5ce1b4551d8ffb",
+        "9c24877bc861bbb7",
+        "6705135c13d2025f",  # pretrain FORMAT_VERSION 4 (self-contained checkpoints), val_windows replaced eval_batches
     )
     manifests = {stage.path.parent.name: manifest_sha256(stage.path) for stage in (corpus, tokenizer, shards)}
     assert manifests == {
-        "ingest": "77e5bb5f494ff6ee449f48283815af923a4463ec4fa23ba49aea71b4aacd305f",
-        "bpe": "00639f984c6c221d529d506e425b45e3de5d6415a92c3910a35a18890a6fb8d7",
-        "shard": "2f1d95e610e9ba1892dfa1bba069ba1bd1b166dc583b40d3a9b3bdeb4735a1f8",
+        "ingest": "b699d3272de357ee88e679735842758e66ce9337145013b232fada2dcf74d873",
+        "bpe": "0483e2805264b5806eb9ebfa211faeee47088acc6f6c55f9f293d224bbf27b6f",
+        "shard": "1f240b2671ba7a61a2e9d9f6ddec5e9eff7541eb0f865627c0be345f2502f68b",
     }
 
 

@@ -56,20 +56,6 @@ def lines(text_words: list[str]) -> str:
     return "".join(" ".join(text_words[i : i + 10]) + "\n" for i in range(0, len(text_words), 10))
 
 
-def test_near_duplicates_with_small_edits_are_dropped_and_distinct_documents_kept():
-    base = words(400, 1)
-    edited = list(base)
-    edited[100] = "changed"
-    edited[300] = "also"  # two words of 400 changed: 10 of ~400 5-word shingles differ, Jaccard ~0.95
-    other = words(400, 2)
-    near = DocumentFilter(FilterConfig.off().model_copy(update={"near_dedup": True}))
-    assert near.keep("a", " ".join(base))
-    assert not near.keep("b", " ".join(edited))
-    assert near.keep("c", " ".join(other))
-    assert near.counts.dropped == {"near_duplicate": 1}
-    assert near.counts.examples["near_duplicate"][0]["near"] == "a"
-
-
 def test_the_ingest_report_counts_each_filter_with_examples(tmp_path):
     source = tmp_path / "src"
     source.mkdir()
