@@ -122,7 +122,7 @@ def test_cli_prepare_prints_each_stage_output(tmp_path, data_config_file, cli_en
     shards = json.loads(manifest.read_text())["report"]
     documents, train = corpus["documents_out"], corpus["documents_train"]
     tokens = shards["train_stream_tokens"] + shards["val_stream_tokens"] - documents  # without one <|endoftext|> each
-    assert f"ingest: {corpus['files_read']}/{corpus['files_read']} documents, " in result.stderr
+    assert f"ingest: chunk 0: {corpus['files_read']}/{corpus['files_read']} documents, " in result.stderr
     assert f"bpe: train tokenizer: {train}/{train} documents, {size_text(corpus['bytes_train'])}, " in result.stderr
     everything = size_text(corpus["bytes_train"] + corpus["bytes_val"])
     assert f"shard: chunk 0: {documents}/{documents} documents, {everything}, {tokens:,} tokens, " in result.stderr

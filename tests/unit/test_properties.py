@@ -152,7 +152,7 @@ def test_corpus_reader_reads_and_counts_any_bytes(files, min_chars):
         config = IngestConfig(source=str(root), min_chars=min_chars, max_doc_chars=128)
         corpus = Path(directory) / "corpus.parquet"
 
-        stats = write_corpus(config, local_files(config.source), None, corpus)
+        stats = write_corpus(config, local_files(config.source), None, corpus, Path(directory) / "parts")
         rows = pq.read_table(corpus).to_pylist()
 
     assert stats.files_read == len(files)
