@@ -33,7 +33,10 @@ def trained(tmp_path_factory):
         template = VAL_LINE if split_of(f"c.jsonl:{line_number}", VAL_FRACTION, 0) == "val" else TRAIN_LINE
         lines.append(json.dumps({"text": "".join(template.format(i=i) for i in range(line_number, line_number + 8))}))
     (root / "c.jsonl").write_text("\n".join(lines) + "\n")
-    corpus = run_ingest(IngestConfig(source=str(root / "c.jsonl"), val_fraction=VAL_FRACTION), root / "ws")
+    # Neighbouring lines share 7 of their 8 statements: near-dedup (a cluster keeps its earliest
+    # document) would drop most of them, and every line is wanted here.
+    config = IngestConfig(source=str(root / "c.jsonl"), val_fraction=VAL_FRACTION, filters={"near_dedup": False})
+    corpus = run_ingest(config, root / "ws")
     output = run_bpe(BPEConfig(vocab_size=400, min_frequency=2), corpus, root / "ws")
     val_texts = [json.loads(line)["text"] for line in lines if "zyzzyva" in line]
     return corpus, output, load_tokenizer(output.tokenizer), val_texts
