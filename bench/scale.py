@@ -15,17 +15,20 @@ The corpus is made, without a network, of what this machine has installed:
 Then, each stage in a fresh process (its peak RSS is VmHWM) on a fresh workspace: ingest, bpe,
 shard, with per stage seconds, MB/s, tokens/s and peak RSS; the rerun of all three (every
 stage reused); and the limits measured on the same bytes in the same run: read + sha256 of every
-file, `tokenizers`' BPE trainer alone on the train split, `encode_batch_fast` alone on the
-corpus, the corpus's Parquet write alone. All of it again at a quarter of the corpus, and the
-growth of time and memory printed as ratios (full / quarter). Last, each filter preset's drop
-rate per rule on the code part and on the prose part.
+file, `tokenizers`' BPE trainer alone on the same sample of the train split, `encode_batch_fast`
+alone on the corpus, the corpus's Parquet write alone. BPE trains on a sample of
+`--bpe-sample-megabytes` (bpe.max_train_bytes): the same size at both sizes, so its memory is
+set by the configuration, not by the corpus; what the sample costs is printed as bytes per
+token on val against a tokenizer trained on the whole train split. All of it again at a
+quarter of the corpus (the first files of each part, up to a quarter of its bytes), the
+growth of time and memory printed as ratios (full / quarter), then issue 25's targets, met or
+not. Last, each filter preset's drop rate per rule on the code part and on the prose part.
 
 The rerun's seconds are mostly the three fresh processes' imports (Prefect), not the reuse.
-Nothing here is tuned yet: this is the measuring rig for the work the issue asks for.
 
-The targets this measures (issue 25): ingest at 16 MB/s or more on a 2-core machine, BPE within
-1.3x of the trainer alone, shards within 1.2x of encode_batch alone, every stage's peak RSS at
-full size within 1.2x of that at a quarter.
+The targets (issue 25): ingest at 16 MB/s or more on a 2-core machine, BPE within 1.3x of the
+trainer alone, shards within 1.2x of encode_batch alone, every stage's peak RSS at full size
+within 1.2x of that at a quarter.
 """
 
 from __future__ import annotations
@@ -43,10 +46,11 @@ from typing import Annotated, Any
 
 import pyarrow.parquet as pq
 import typer
-from tokenizers import pre_tokenizers, trainers
+from tokenizers import Tokenizer, pre_tokenizers, trainers
 
 from model.special_tokens import SPECIAL_TOKENS
-from tasks.bpe import BPEConfig, load_tokenizer, new_tokenizer
+from tasks.bpe import BPEConfig, check_on_val, load_tokenizer, new_tokenizer
+from tasks.bpe_sample import train_batches
 from tasks.ingest import IngestConfig, read_corpus
 from tasks.ingest_filters import DocumentFilter, FilterConfig
 from tasks.shard import ShardConfig
@@ -148,12 +152,18 @@ def build_corpus(directory: Path, size: int) -> dict[str, tuple[int, int]]:
 
 
 def quarter_of(corpus: Path, directory: Path) -> Path:
-    """The first quarter of each part's files, linked into `directory`."""
+    """Each part's first files, in order, up to a quarter of its bytes, linked into `directory`:
+    a quarter by bytes, so that the growth full / quarter is that of four times the bytes."""
     for part in ("prose", "code"):
         files = sorted((corpus / part).iterdir())
+        budget = sum(path.stat().st_size for path in files) / 4
         (directory / part).mkdir(parents=True)
-        for path in files[: max(len(files) // 4, 1)]:
+        taken = 0
+        for path in files:
+            if taken and taken + path.stat().st_size > budget:
+                break
             (directory / part / path.name).hardlink_to(path)
+            taken += path.stat().st_size
     return directory
 
 
@@ -166,11 +176,11 @@ def run_stage(stage: str, settings: dict[str, Any], workspace: Path) -> dict[str
     return json.loads(printed.splitlines()[-1])
 
 
-def run_stages(source: Path, workspace: Path, vocab_size: int, ingest_workers: int) -> dict[str, dict[str, Any]]:
+def run_stages(source: Path, workspace: Path, bpe: BPEConfig, ingest_workers: int) -> dict[str, dict[str, Any]]:
     settings: dict[str, Any] = {
         "ingest_workers": ingest_workers,
         "ingest": IngestConfig(source=str(source)).model_dump(mode="json"),
-        "bpe": BPEConfig(vocab_size=vocab_size).model_dump(mode="json"),
+        "bpe": bpe.model_dump(mode="json"),
         "shard": ShardConfig().model_dump(mode="json"),
     }
     runs = {"ingest": run_stage("ingest", settings, workspace)}
@@ -191,23 +201,34 @@ def timed(work: Any) -> tuple[float, Any]:
     return time.perf_counter() - start, result
 
 
-def limits(source: Path, corpus: Path, tokenizer: Path, vocab_size: int, scratch: Path) -> dict[str, float]:
-    """Seconds of each limit on the same bytes as the stages."""
+def trained_alone(bpe: BPEConfig, corpus: dict[str, Any], max_train_bytes: int | None) -> Tokenizer:
+    """`tokenizers`' BPE trainer alone, in this process, on the train split of `corpus` (the
+    ingest stage's output): its sample of at most `max_train_bytes` as the bpe stage draws it
+    (None: the whole split)."""
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe.vocab_size,
+        min_frequency=bpe.min_frequency,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    batches = train_batches(Path(corpus["corpus"]), max_train_bytes, corpus["report"]["bytes_train"])
+    tokenizer = new_tokenizer(bpe.max_pretoken_bytes)
+    tokenizer.train_from_iterator(batches, trainer)
+    return tokenizer
+
+
+def limits(source: Path, runs: dict[str, dict[str, Any]], bpe: BPEConfig, scratch: Path) -> dict[str, float]:
+    """Seconds of each limit on the same bytes as the stages (the trainer on the same sample)."""
+
+    corpus, tokenizer = Path(runs["ingest"]["output"]["corpus"]), Path(runs["bpe"]["output"]["tokenizer"])
 
     def read_and_hash() -> None:
         for path in sorted(source.rglob("*.txt")):
             hashlib.sha256(path.read_bytes()).hexdigest()
 
     def trainer_alone() -> None:
-        trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            min_frequency=2,
-            special_tokens=SPECIAL_TOKENS,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        batches = (batch.column("text").to_pylist() for batch in read_corpus(corpus, split="train"))
-        new_tokenizer().train_from_iterator(batches, trainer)
+        trained_alone(bpe, runs["ingest"]["output"], bpe.max_train_bytes)
 
     def encode_alone() -> None:
         loaded = load_tokenizer(tokenizer)
@@ -236,6 +257,39 @@ def drop_rates(directory: Path) -> dict[str, dict[str, float]]:
 # -- the table ----------------------------------------------------------------------------------
 
 
+def sample_rows(runs: dict[str, dict[str, Any]], bpe: BPEConfig) -> list[str]:
+    """What the bpe stage's sample costs in compression: its tokenizer's bytes per token on
+    val against a tokenizer trained (here, by the trainer alone) on the whole train split."""
+    corpus, report = runs["ingest"]["output"], runs["bpe"]["output"]["report"]
+    sample_bytes = report.get("train_sample_bytes", corpus["report"]["bytes_train"])
+    seconds, whole = timed(lambda: trained_alone(bpe, corpus, None))
+    whole_report = check_on_val(whole, Path(corpus["corpus"]))
+    return [
+        f"  bpe sample (bpe.max_train_bytes {bpe.max_train_bytes / MB:g} MB): {sample_bytes / MB:.1f} MB "
+        f"of the train split's {corpus['report']['bytes_train'] / MB:.1f} MB",
+        f"    val bytes/token: sample {report['val_bytes_per_token']:.4f}, "
+        f"whole split {whole_report['val_bytes_per_token']:.4f} (trained alone in {seconds:.1f} s)",
+    ]
+
+
+def target_rows(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Issue 25's targets at full size: each figure, its target, and whether it is met."""
+    full, quarter = results["full"], results["quarter"]
+    figures = [
+        ("ingest MB/s", full["ingest"]["megabytes"] / full["ingest"]["seconds"], ">=", 16.0),
+        ("bpe / trainer alone", full["bpe"]["seconds"] / full["bpe trainer"]["seconds"], "<=", 1.3),
+        ("shard / encode_batch", full["shard"]["seconds"] / full["encode_batch"]["seconds"], "<=", 1.2),
+    ] + [
+        (f"{stage} peak RSS full/quarter", full[stage]["peak"] / quarter[stage]["peak"], "<=", 1.2)
+        for stage in ("ingest", "bpe", "shard")
+    ]
+    rows = ["\ntargets at full size (issue 25):"]
+    for name, value, sense, target in figures:
+        met = value >= target if sense == ">=" else value <= target
+        rows.append(f"  {name:28s} {value:7.2f}  target {sense} {target:<5g} {'met' if met else 'NOT met'}")
+    return rows
+
+
 def stage_rows(runs: dict[str, dict[str, Any]], corpus_bytes: int) -> list[str]:
     report = runs["shard"]["output"]["report"]
     tokens = report["train_stream_tokens"] + report["val_stream_tokens"]
@@ -253,8 +307,12 @@ def stage_rows(runs: dict[str, dict[str, Any]], corpus_bytes: int) -> list[str]:
 def main(
     megabytes: Annotated[float, typer.Option(help="The corpus's size; the quarter run uses a quarter.")] = 320,
     vocab_size: Annotated[int, typer.Option(help="bpe.vocab_size of the runs.")] = 8192,
+    bpe_sample_megabytes: Annotated[
+        float, typer.Option(help="bpe.max_train_bytes of the runs, in MB: the same sample size at both sizes.")
+    ] = 32,
     ingest_workers: Annotated[int, typer.Option(help="Processes the ingest chunks run on.")] = 1,
 ) -> None:
+    bpe = BPEConfig(vocab_size=vocab_size, max_train_bytes=int(bpe_sample_megabytes * MB))
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
         parts = build_corpus(scratch / "full", int(megabytes * MB))
@@ -265,19 +323,22 @@ def main(
         results = {}
         for label, source in (("full", scratch / "full"), ("quarter", quarter)):
             corpus_bytes = sum(path.stat().st_size for path in source.rglob("*.txt"))
-            runs = run_stages(source, scratch / f"ws-{label}", vocab_size, ingest_workers)
-            corpus, tokenizer = Path(runs["ingest"]["output"]["corpus"]), Path(runs["bpe"]["output"]["tokenizer"])
+            runs = run_stages(source, scratch / f"ws-{label}", bpe, ingest_workers)
+            runs["ingest"]["megabytes"] = corpus_bytes / MB
             results[label] = runs
             print(f"\n{label}: {corpus_bytes / MB:.1f} MB, each stage in a fresh process on a fresh workspace")
             print("\n".join(stage_rows(runs, corpus_bytes)))
             print("  limits on the same bytes, in this process:")
-            for name, seconds in limits(source, corpus, tokenizer, vocab_size, scratch).items():
+            for name, seconds in limits(source, runs, bpe, scratch).items():
                 print(f"    {name:14s} {seconds:8.1f} s {corpus_bytes / MB / seconds:8.2f} MB/s")
+                runs[name] = {"seconds": seconds}
+            print("\n".join(sample_rows(runs, bpe)))
         print("\ngrowth, full / quarter:")
         for stage in ("ingest", "bpe", "shard"):
             full, part = results["full"][stage], results["quarter"][stage]
             time_ratio, peak_ratio = full["seconds"] / part["seconds"], full["peak"] / part["peak"]
             print(f"  {stage:8s} time {time_ratio:5.2f}x  peak RSS {peak_ratio:5.2f}x")
+        print("\n".join(target_rows(results)))
         print("\ndrop rate per rule (near-dedup off), by preset:")
         for part in ("code", "prose"):
             for preset, rates in drop_rates(scratch / "full" / part).items():

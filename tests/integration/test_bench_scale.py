@@ -1,5 +1,5 @@
 """bench/scale.py at a smoke size: it builds its corpus offline, runs the three data stages twice
-(full and quarter), and prints every row of its table. Its figures at this size mean nothing."""
+(full and quarter), and prints every row of its table and its targets. Its figures at this size mean nothing."""
 
 import subprocess
 import sys
@@ -21,6 +21,10 @@ def test_the_scale_benchmark_prints_its_table_at_a_smoke_size():
     for limit in ("read+sha256", "bpe trainer", "encode_batch", "parquet write"):
         assert sum(line.split()[:2] == limit.split()[:2] or line.split()[:1] == [limit] for line in lines) == 2
     assert sum("rerun" in line and "reused" in line for line in lines) == 2
+    assert sum("val bytes/token: sample" in line and "whole split" in line for line in lines) == 2
+    targets = lines[lines.index("targets at full size (issue 25):") + 1 :][:6]
+    assert [line.split()[0] for line in targets] == ["ingest", "bpe", "shard", "ingest", "bpe", "shard"]
+    assert all(line.endswith("met") for line in targets)  # "met" or "NOT met"
     assert [line.split()[:2] for line in lines if "dropped:" in line] == [
         ["code", "code"],
         ["code", "web"],
