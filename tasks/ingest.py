@@ -35,7 +35,7 @@ the configured task runner, see flows/prepare.py; plain calls in order without P
    the chunk's documents, writes the survivors to a part file `parts/<chunk>.arrow` and their
    dedup keys to `parts/<chunk>.keys`, and returns its counters;
 2. `find_duplicates` joins the keys one bucket (of `ingest.dedup_buckets`) at a time;
-3. the parts, read back in chunk order without the duplicates, are written by `CorpusWriter`.
+3. the parts, read back in chunk order without the duplicates, are written by `corpus_writer`.
 Counters add up in chunk order and row groups are cut by characters in document order, so
 the corpus and the manifest are byte for byte the same whatever the number of chunks,
 buckets or workers, and neither setting is part of the fingerprint.
@@ -524,34 +524,50 @@ def clean(text: str, nfc: bool, stats: IngestStats) -> str:
     return unicodedata.normalize("NFC", text) if nfc else text
 
 
-class CorpusWriter:
-    """Appends documents to the corpus Parquet file, one row group per ~1M characters."""
+class BatchWriter:
+    """Appends rows of `schema` (its first columns `id`, `text`, `split`) and hands them to
+    `sink` (a Parquet or Arrow IPC file writer) in batches of ~1M characters of text: the
+    corpus's row groups, a part's record batches."""
 
-    def __init__(self, path: Path):
-        self._writer = pq.ParquetWriter(path, CORPUS_SCHEMA, compression="zstd")
-        self._columns: dict[str, list[str]] = {name: [] for name in CORPUS_SCHEMA.names}
+    def __init__(self, schema: pa.Schema, sink: pq.ParquetWriter | pa.ipc.RecordBatchFileWriter):
+        self._schema = schema
+        self._sink = sink
+        self._columns: dict[str, list[Any]] = {name: [] for name in schema.names}
         self._chars = 0
+        self.rows = 0
 
-    def add(self, doc_id: str, text: str, split: str) -> None:
-        self._columns["id"].append(doc_id)
-        self._columns["text"].append(text)
-        self._columns["split"].append(split)
-        self._chars += len(text)
+    def add(self, *row: Any) -> int:
+        """Append a row (one value per column of the schema); its index in the file."""
+        for name, value in zip(self._schema.names, row, strict=True):
+            self._columns[name].append(value)
+        self._chars += len(self._columns["text"][-1])
         if self._chars >= CORPUS_ROW_GROUP_CHARS:
             self.flush()
+        self.rows += 1
+        return self.rows - 1
 
     def flush(self) -> None:
         if self._columns["id"]:
-            self._writer.write_table(pa.table(self._columns, schema=CORPUS_SCHEMA))
-            self._columns = {name: [] for name in CORPUS_SCHEMA.names}
+            self._sink.write_table(pa.table(self._columns, schema=self._schema))
+            self._columns = {name: [] for name in self._schema.names}
             self._chars = 0
 
-    def __enter__(self) -> CorpusWriter:
+    def __enter__(self) -> BatchWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.flush()
-        self._writer.close()
+        self._sink.close()
+
+
+def corpus_writer(path: Path) -> BatchWriter:
+    """The corpus Parquet file, one row group per batch."""
+    return BatchWriter(CORPUS_SCHEMA, pq.ParquetWriter(path, CORPUS_SCHEMA, compression="zstd"))
+
+
+def part_writer(path: Path) -> BatchWriter:
+    """A chunk's documents that pass the filters, in an Arrow IPC file."""
+    return BatchWriter(PART_SCHEMA, pa.ipc.new_file(path, PART_SCHEMA))
 
 
 # -- chunks: read and filter in parallel, deduplicate, write in order ----------------------
@@ -600,39 +616,6 @@ def plan_chunks(config: IngestConfig, files: SourceFiles | None, commit: str | N
     ]
 
 
-class PartWriter:
-    """A chunk's documents that pass the filters, in an Arrow IPC file, in batches of ~1M characters."""
-
-    def __init__(self, path: Path):
-        self._writer = pa.ipc.new_file(path, PART_SCHEMA)
-        self._columns: dict[str, list[Any]] = {name: [] for name in PART_SCHEMA.names}
-        self._chars = 0
-        self.rows = 0
-
-    def add(self, doc_id: str, text: str, split: str, n_bytes: int) -> int:
-        """Append a document; its row in the part."""
-        for name, value in zip(PART_SCHEMA.names, (doc_id, text, split, n_bytes)):
-            self._columns[name].append(value)
-        self._chars += len(text)
-        if self._chars >= CORPUS_ROW_GROUP_CHARS:
-            self.flush()
-        self.rows += 1
-        return self.rows - 1
-
-    def flush(self) -> None:
-        if self._columns["id"]:
-            self._writer.write_table(pa.table(self._columns, schema=PART_SCHEMA))
-            self._columns = {name: [] for name in PART_SCHEMA.names}
-            self._chars = 0
-
-    def __enter__(self) -> PartWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.flush()
-        self._writer.close()
-
-
 def ingest_chunk(chunk: IngestChunk) -> ChunkResult:
     """Read a chunk's files, cut, clean and filter their documents; write the survivors to the
     chunk's part file and their dedup keys to its key file (tasks/ingest_dedup.py)."""
@@ -644,7 +627,7 @@ def ingest_chunk(chunk: IngestChunk) -> ChunkResult:
     keys = KeyTable()
     total = len(chunk.files) if chunk.files is not None else None
     with (
-        PartWriter(part_path(chunk.parts, chunk.index)) as part,
+        part_writer(part_path(chunk.parts, chunk.index)) as part,
         step_progress(f"ingest: chunk {chunk.index}", total) as progress,
     ):
         for document in source_documents(config, files, chunk.commit, stats, progress):
@@ -708,7 +691,7 @@ def write_corpus(
     map_chunks: Callable[[list[IngestChunk]], list[ChunkResult]] = run_in_order,
 ) -> IngestStats:
     """Run the chunks (`map_chunks`, results in chunk order), find the duplicates, and write
-    the parts' other documents in order to `path` with `CorpusWriter`: the same row groups,
+    the parts' other documents in order to `path` with `corpus_writer`: the same row groups,
     so the same bytes, whatever the chunking."""
     parts.mkdir(parents=True, exist_ok=True)
     with stop_on_signals():  # the chunks may run on threads that signals do not reach
@@ -720,7 +703,7 @@ def write_corpus(
     near = FilterCounts()
     shown_roots = {duplicates.near[pos] for pos in sorted(duplicates.near)[:EXAMPLES_KEPT]}
     root_ids: dict[int, str] = {}  # the ids of the clusters' kept documents the examples name
-    with CorpusWriter(path) as writer:
+    with corpus_writer(path) as writer:
         for result in results:
             # Read, not memory-mapped: mapped pages would stay in the resident set.
             with pa.OSFile(str(part_path(parts, result.index))) as source:
