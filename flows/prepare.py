@@ -37,7 +37,6 @@ from tasks.ingest import (
     ingest_task,
     run_ingest,
 )
-from tasks.ingest import run_in_order as run_ingest_in_order
 from tasks.models.sources import open_model
 from tasks.shard import (
     ShardOutput,
@@ -105,14 +104,20 @@ def check_prepare_config(config: PipelineConfig) -> None:
 @flow(name="prepare-data", flow_run_name="prepare-data-{config.name}")
 def prepare_data(config: PipelineConfig, parent_run_id: str | None = None) -> PreparedData:
     """Ingest the corpus, train the tokenizer, write the shards; publish the reports, and
-    record the stages under the MLflow run `parent_run_id` (the calling flow's) when given."""
-    # A local source is on this machine, and so are the ingest's part files: on a cluster of
-    # other machines (an address) the ingest chunks run here, in order.
+    record the stages under the MLflow run `parent_run_id` (the calling flow's) when given.
+
+    The ingest and shard chunks run as task runs on the config's task runner. On a Dask
+    cluster at an address (`task_runner.remote_workers`), possibly on other machines, their
+    part files go to the stage's directory in the workspace, which every worker must reach
+    (an s3:// workspace or a shared filesystem), and a local ingest source must be at the
+    same path on every worker: a chunk that does not find its files stops the stage with a
+    UserError naming the file and the worker's host."""
     remote = config.task_runner.remote_workers
     corpus = ingest_for(config.ingest)(
         config.ingest,
         config.workspace,
-        map_chunks=run_ingest_in_order if remote else task_runs_on(config.task_runner, ingest_chunk_task),
+        map_chunks=task_runs_on(config.task_runner, ingest_chunk_task),
+        parts_in_workspace=remote,
         return_state=True,
     ).result()
     tokenizer = train_tokenizer_task(
@@ -124,7 +129,7 @@ def prepare_data(config: PipelineConfig, parent_run_id: str | None = None) -> Pr
         tokenizer,
         config.workspace,
         map_chunks=task_runs_on(config.task_runner, encode_chunk_task),
-        parts_in_workspace=config.task_runner.remote_workers,
+        parts_in_workspace=remote,
         return_state=True,
     ).result()
     prepared = PreparedData(corpus=corpus, tokenizer=tokenizer, shards=shards)

@@ -9,8 +9,9 @@ processes put more than one core to work on a large corpus; each process takes s
 start. `dask` runs them on a Dask cluster through
 `prefect-dask`: a temporary `LocalCluster` of `n_workers` processes, or the existing
 cluster whose scheduler is at `address` (`tcp://host:8786`), for many processes or
-machines. Workers on other machines need the same gptflow installation and a workspace
-they can reach (an `s3://` workspace, or a shared filesystem).
+machines. Workers on other machines need the same gptflow installation, a workspace
+they can reach (an `s3://` workspace, or a shared filesystem), where the stages' chunks
+write their part files, and a local ingest source at the same path as the flow's.
 
 The prepare flow maps the ingest and shard stages' chunks over this runner; the result is
 the same whichever runner and however many workers.

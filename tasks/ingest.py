@@ -33,16 +33,20 @@ the configured task runner, see flows/prepare.py; plain calls in order without P
 1. `ingest_chunk`, once per chunk of consecutive source files of about `ingest.chunk_bytes`
    (an `hf:` source is one chunk: its reader is sequential): reads, cuts, cleans and filters
    the chunk's documents, writes the survivors to a part file `parts/<chunk>.arrow` and their
-   dedup keys to `parts/<chunk>.keys`, and returns its counters;
+   dedup keys to `parts/<chunk>.keys` (in the stage's build directory, or in the workspace
+   when the workers may be other machines), and returns its counters;
 2. `find_duplicates` joins the keys one bucket (of `ingest.dedup_buckets`) at a time;
-3. the parts, read back in chunk order without the duplicates, are written by `CorpusWriter`.
+3. the parts, read back in chunk order without the duplicates, are written by `corpus_writer`.
 Counters add up in chunk order and row groups are cut by characters in document order, so
 the corpus and the manifest are byte for byte the same whatever the number of chunks,
 buckets or workers, and neither setting is part of the fingerprint.
 
 A file that cannot be read as what its name says (a corrupt or truncated Parquet or
 compressed file, a JSON file cut short) is skipped and listed with the reason in the report
-(`ingest.on_unreadable: skip`), or stops the stage with a UserError naming it (`fail`).
+(`ingest.on_unreadable: skip`), or stops the stage with a UserError naming it (`fail`). A
+listed file that does not exist where its chunk runs (a worker that does not mount the source)
+always stops the stage, naming the file and the worker's host: skipping it would silently
+leave it out of the corpus.
 Text and JSON Lines files may be compressed (`.gz`, `.bz2`, `.zst`, `.lz4`): such a file is
 decompressed once to check it is whole before any of its documents are read.
 
@@ -60,7 +64,7 @@ import itertools
 import json
 import os
 import re
-import shutil
+import socket
 import sysconfig
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator
@@ -80,6 +84,7 @@ from model.errors import UserError
 from tasks.core.progress import StepProgress, step_progress
 from tasks.core.stage_state import finished
 from tasks.core.stopping import check_stop, stop_on_signals
+from tasks.core.storage import filesystem
 from tasks.core.workspace import StageDir, StageOutput, atomic_path, fingerprint, sha256_file
 from tasks.ingest_dedup import KeyTable, band_keys, exact_key, find_duplicates, position
 from tasks.ingest_filters import EXAMPLES_KEPT, DocumentFilter, FilterConfig, FilterCounts
@@ -349,6 +354,14 @@ def source_documents(
         before = stats.documents_in
         try:
             yield from file_documents(path, doc_id, config.text_field, stats)
+        except FileNotFoundError as e:
+            # Listed when the stage started, absent where the chunk runs: not a bad file but a
+            # worker that does not see the source (or a source changed under a running stage).
+            raise UserError(
+                f"ingest: {shown_path(path)}: no such file on {socket.gethostname()}: the ingest's chunks run "
+                "on the task runner's workers, so a local source must be on storage every worker mounts, "
+                "at the same path"
+            ) from e
         except (Unreadable, *UNREADABLE) as e:
             reason = " ".join(str(e).split())  # one line, whatever the library wrote
             if stats.documents_in > before:
@@ -524,34 +537,50 @@ def clean(text: str, nfc: bool, stats: IngestStats) -> str:
     return unicodedata.normalize("NFC", text) if nfc else text
 
 
-class CorpusWriter:
-    """Appends documents to the corpus Parquet file, one row group per ~1M characters."""
+class BatchWriter:
+    """Appends rows of `schema` (its first columns `id`, `text`, `split`) and hands them to
+    `sink` (a Parquet or Arrow IPC file writer) in batches of ~1M characters of text: the
+    corpus's row groups, a part's record batches."""
 
-    def __init__(self, path: Path):
-        self._writer = pq.ParquetWriter(path, CORPUS_SCHEMA, compression="zstd")
-        self._columns: dict[str, list[str]] = {name: [] for name in CORPUS_SCHEMA.names}
+    def __init__(self, schema: pa.Schema, sink: pq.ParquetWriter | pa.ipc.RecordBatchFileWriter):
+        self._schema = schema
+        self._sink = sink
+        self._columns: dict[str, list[Any]] = {name: [] for name in schema.names}
         self._chars = 0
+        self.rows = 0
 
-    def add(self, doc_id: str, text: str, split: str) -> None:
-        self._columns["id"].append(doc_id)
-        self._columns["text"].append(text)
-        self._columns["split"].append(split)
-        self._chars += len(text)
+    def add(self, *row: Any) -> int:
+        """Append a row (one value per column of the schema); its index in the file."""
+        for name, value in zip(self._schema.names, row, strict=True):
+            self._columns[name].append(value)
+        self._chars += len(self._columns["text"][-1])
         if self._chars >= CORPUS_ROW_GROUP_CHARS:
             self.flush()
+        self.rows += 1
+        return self.rows - 1
 
     def flush(self) -> None:
         if self._columns["id"]:
-            self._writer.write_table(pa.table(self._columns, schema=CORPUS_SCHEMA))
-            self._columns = {name: [] for name in CORPUS_SCHEMA.names}
+            self._sink.write_table(pa.table(self._columns, schema=self._schema))
+            self._columns = {name: [] for name in self._schema.names}
             self._chars = 0
 
-    def __enter__(self) -> CorpusWriter:
+    def __enter__(self) -> BatchWriter:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.flush()
-        self._writer.close()
+        self._sink.close()
+
+
+def corpus_writer(path: Path) -> BatchWriter:
+    """The corpus Parquet file, one row group per batch."""
+    return BatchWriter(CORPUS_SCHEMA, pq.ParquetWriter(path, CORPUS_SCHEMA, compression="zstd"))
+
+
+def part_writer(sink: pa.NativeFile) -> BatchWriter:
+    """A chunk's documents that pass the filters, in an Arrow IPC file."""
+    return BatchWriter(PART_SCHEMA, pa.ipc.new_file(sink, PART_SCHEMA))
 
 
 # -- chunks: read and filter in parallel, deduplicate, write in order ----------------------
@@ -565,7 +594,7 @@ class IngestChunk(BaseModel):
     root: Path | None  # document ids are paths relative to it (None: an hf: source)
     files: list[Path] | None  # None: the hf: source, read in one chunk (its reader is sequential)
     commit: str | None
-    parts: Path  # the directory the part and key files go to
+    parts: Path | str  # the directory (or s3:// URI) the part and key files go to
 
 
 class ChunkResult(BaseModel):
@@ -574,15 +603,17 @@ class ChunkResult(BaseModel):
     key_offsets: list[int]  # where each dedup bucket starts in the chunk's key file
 
 
-def part_path(parts: Path, index: int) -> Path:
-    return parts / f"{index:05d}.arrow"
+def part_name(index: int) -> str:
+    return f"{index:05d}.arrow"
 
 
-def keys_path(parts: Path, index: int) -> Path:
-    return parts / f"{index:05d}.keys"
+def keys_name(index: int) -> str:
+    return f"{index:05d}.keys"
 
 
-def plan_chunks(config: IngestConfig, files: SourceFiles | None, commit: str | None, parts: Path) -> list[IngestChunk]:
+def plan_chunks(
+    config: IngestConfig, files: SourceFiles | None, commit: str | None, parts: Path | str
+) -> list[IngestChunk]:
     """Consecutive files of about `ingest.chunk_bytes` per chunk; one chunk for an `hf:` source."""
     if files is None:
         return [IngestChunk(index=0, config=config, root=None, files=None, commit=commit, parts=parts)]
@@ -594,43 +625,18 @@ def plan_chunks(config: IngestConfig, files: SourceFiles | None, commit: str | N
             size = 0
         groups[-1].append(path)
         size += max(file_stat(path)[0], 0)
+    # Absolute paths: a worker elsewhere reads the same path (ids, relative to the root, are unchanged).
     return [
-        IngestChunk(index=index, config=config, root=files.root, files=group, commit=commit, parts=parts)
+        IngestChunk(
+            index=index,
+            config=config,
+            root=files.root.absolute(),
+            files=[path.absolute() for path in group],
+            commit=commit,
+            parts=parts,
+        )
         for index, group in enumerate(groups)
     ]
-
-
-class PartWriter:
-    """A chunk's documents that pass the filters, in an Arrow IPC file, in batches of ~1M characters."""
-
-    def __init__(self, path: Path):
-        self._writer = pa.ipc.new_file(path, PART_SCHEMA)
-        self._columns: dict[str, list[Any]] = {name: [] for name in PART_SCHEMA.names}
-        self._chars = 0
-        self.rows = 0
-
-    def add(self, doc_id: str, text: str, split: str, n_bytes: int) -> int:
-        """Append a document; its row in the part."""
-        for name, value in zip(PART_SCHEMA.names, (doc_id, text, split, n_bytes)):
-            self._columns[name].append(value)
-        self._chars += len(text)
-        if self._chars >= CORPUS_ROW_GROUP_CHARS:
-            self.flush()
-        self.rows += 1
-        return self.rows - 1
-
-    def flush(self) -> None:
-        if self._columns["id"]:
-            self._writer.write_table(pa.table(self._columns, schema=PART_SCHEMA))
-            self._columns = {name: [] for name in PART_SCHEMA.names}
-            self._chars = 0
-
-    def __enter__(self) -> PartWriter:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.flush()
-        self._writer.close()
 
 
 def ingest_chunk(chunk: IngestChunk) -> ChunkResult:
@@ -643,8 +649,10 @@ def ingest_chunk(chunk: IngestChunk) -> ChunkResult:
     filters = config.filters
     keys = KeyTable()
     total = len(chunk.files) if chunk.files is not None else None
+    fs, parts = filesystem(chunk.parts)
     with (
-        PartWriter(part_path(chunk.parts, chunk.index)) as part,
+        fs.open_output_stream(f"{parts}/{part_name(chunk.index)}") as sink,
+        part_writer(sink) as part,
         step_progress(f"ingest: chunk {chunk.index}", total) as progress,
     ):
         for document in source_documents(config, files, chunk.commit, stats, progress):
@@ -672,7 +680,8 @@ def ingest_chunk(chunk: IngestChunk) -> ChunkResult:
                 stats.documents_split += 1
                 stats.pieces_from_splits += pieces
     stats.dropped_by_filter, stats.dropped_examples = quality.counts.dropped, quality.counts.examples
-    offsets = keys.save(keys_path(chunk.parts, chunk.index), config.dedup_buckets)
+    with fs.open_output_stream(f"{parts}/{keys_name(chunk.index)}") as sink:
+        offsets = keys.save(sink, config.dedup_buckets)
     return ChunkResult(index=chunk.index, stats=stats, key_offsets=offsets)
 
 
@@ -704,26 +713,27 @@ def write_corpus(
     files: SourceFiles | None,
     commit: str | None,
     path: Path,
-    parts: Path,
+    parts: Path | str,
     map_chunks: Callable[[list[IngestChunk]], list[ChunkResult]] = run_in_order,
 ) -> IngestStats:
     """Run the chunks (`map_chunks`, results in chunk order), find the duplicates, and write
-    the parts' other documents in order to `path` with `CorpusWriter`: the same row groups,
-    so the same bytes, whatever the chunking."""
-    parts.mkdir(parents=True, exist_ok=True)
+    the parts' other documents in order to `path` with `corpus_writer`: the same row groups,
+    so the same bytes, whatever the chunking. `parts` is the directory (or s3:// URI) of the
+    chunks' part and key files."""
+    fs, parts_root = filesystem(parts)
+    fs.create_dir(parts_root)
     with stop_on_signals():  # the chunks may run on threads that signals do not reach
         results = map_chunks(plan_chunks(config, files, commit, parts))
     stats = merged_stats(results)
-    duplicates = find_duplicates(
-        [(keys_path(parts, result.index), result.key_offsets) for result in results], config.dedup_buckets
-    )
+    key_files = [(f"{parts_root}/{keys_name(result.index)}", result.key_offsets) for result in results]
+    duplicates = find_duplicates(fs, key_files, config.dedup_buckets)
     near = FilterCounts()
     shown_roots = {duplicates.near[pos] for pos in sorted(duplicates.near)[:EXAMPLES_KEPT]}
     root_ids: dict[int, str] = {}  # the ids of the clusters' kept documents the examples name
-    with CorpusWriter(path) as writer:
+    with corpus_writer(path) as writer:
         for result in results:
             # Read, not memory-mapped: mapped pages would stay in the resident set.
-            with pa.OSFile(str(part_path(parts, result.index))) as source:
+            with fs.open_input_file(f"{parts_root}/{part_name(result.index)}") as source:
                 reader = pa.ipc.open_file(source)
                 row = 0
                 for group in range(reader.num_record_batches):
@@ -740,7 +750,7 @@ def write_corpus(
                         else:
                             writer.add(doc_id, text, split)
                             stats.kept(split, n_bytes)
-    shutil.rmtree(parts)
+    fs.delete_dir(parts_root)
     for name, count in near.dropped.items():
         stats.dropped_by_filter[name] = count
         stats.dropped_examples[name] = near.examples[name]
@@ -787,19 +797,24 @@ def run_ingest(
     config: IngestConfig,
     workspace: Path | str,
     map_chunks: Callable[[list[IngestChunk]], list[ChunkResult]] = run_in_order,
+    parts_in_workspace: bool = False,
 ) -> IngestOutput:
     """Read the source into `<workspace>/ingest/<fingerprint>/corpus.parquet` (or reuse it).
 
     `map_chunks(chunks)` runs `ingest_chunk` on each chunk (in order here; as Prefect task
-    runs in the prepare flow) and returns their results in chunk order."""
+    runs in the prepare flow) and returns their results in chunk order. The part and key
+    files go to the local build directory, or with `parts_in_workspace` to the workspace
+    itself, for workers on other machines that share only the workspace (as the shard
+    stage's parts do)."""
     files = find_source_files(config)
     commit = pinned_commit(config)
     stage = StageDir(workspace, "ingest", ingest_fingerprint(config, files, commit))
 
     def build(directory: Path) -> dict[str, Any]:
         corpus = directory / CORPUS_FILE
+        parts = f"{stage.location}/parts" if parts_in_workspace else directory / "parts"
         with atomic_path(corpus) as tmp:
-            stats = write_corpus(config, files, commit, tmp, directory / "parts", map_chunks)
+            stats = write_corpus(config, files, commit, tmp, parts, map_chunks)
             check_usable(config, stats)
         return {
             "format": FORMAT_VERSION,
@@ -827,9 +842,10 @@ def ingest_task(
     config: IngestConfig,
     workspace: Path | str,
     map_chunks: Callable[[list[IngestChunk]], list[ChunkResult]] = run_in_order,
+    parts_in_workspace: bool = False,
 ) -> IngestOutput:
     """Prefect task over `run_ingest`; the stage directory's manifest does the caching."""
-    return finished(run_ingest(config, workspace, map_chunks))
+    return finished(run_ingest(config, workspace, map_chunks, parts_in_workspace))
 
 
 @task(name="ingest-chunk", cache_policy=NO_CACHE)

@@ -51,9 +51,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 from datasketch import MinHashLSH
 
 NUM_PERM = 128  # MinHash functions: the Jaccard estimate's standard error is about 1/sqrt(128) = 0.09
@@ -173,8 +174,8 @@ class KeyTable:
         self._positions.append(pos)
         self._near.append(near)
 
-    def save(self, path: Path, buckets: int) -> list[int]:
-        """Write the keys to `path` (raw `KEY_DTYPE` records) bucket after bucket; the bucket
+    def save(self, sink: pa.NativeFile, buckets: int) -> list[int]:
+        """Write the keys to `sink` (raw `KEY_DTYPE` records) bucket after bucket; the bucket
         offsets in records (buckets + 1)."""
         table = np.zeros(len(self._positions), KEY_DTYPE)
         halves = np.frombuffer(bytes(self._keys), "<u8").reshape(-1, 2)
@@ -182,7 +183,7 @@ class KeyTable:
         table["pos"], table["near"] = self._positions, self._near
         bucket = table["hi"] % np.uint64(buckets)
         order = np.argsort(bucket, kind="stable")
-        table[order].tofile(path)
+        sink.write(table[order].tobytes())
         return np.searchsorted(bucket[order], np.arange(buckets + 1), side="left").tolist()
 
 
@@ -215,20 +216,13 @@ class Clusters:
             self.parent[max(a, b)] = min(a, b)
 
 
-def find_duplicates(key_files: list[tuple[Path, list[int]]], buckets: int) -> Duplicates:
-    """Join the chunks' key files (path, bucket offsets) one bucket at a time (read, not
-    memory-mapped: mapped pages would stay in the resident set)."""
+def find_duplicates(fs: pafs.FileSystem, key_files: list[tuple[str, list[int]]], buckets: int) -> Duplicates:
+    """Join the chunks' key files (path in `fs`, bucket offsets) one bucket at a time (each
+    bucket's slice read, not memory-mapped: mapped pages would stay in the resident set)."""
     duplicates = Duplicates()
     clusters = Clusters()
     for bucket in range(buckets):
-        keys = np.concatenate(
-            [
-                np.fromfile(
-                    path, KEY_DTYPE, offsets[bucket + 1] - offsets[bucket], offset=offsets[bucket] * KEY_DTYPE.itemsize
-                )
-                for path, offsets in key_files
-            ]
-        )
+        keys = np.concatenate([bucket_keys(fs, path, offsets, bucket) for path, offsets in key_files])
         if len(keys) < 2:
             continue
         keys = keys[np.lexsort((keys["pos"], keys["lo"], keys["hi"]))]
@@ -246,3 +240,10 @@ def find_duplicates(key_files: list[tuple[Path, list[int]]], buckets: int) -> Du
         if root != pos and pos not in duplicates.exact:
             duplicates.near[pos] = root
     return duplicates
+
+
+def bucket_keys(fs: pafs.FileSystem, path: str, offsets: list[int], bucket: int) -> np.ndarray:
+    """One bucket's records of a chunk's key file."""
+    start, stop = offsets[bucket] * KEY_DTYPE.itemsize, offsets[bucket + 1] * KEY_DTYPE.itemsize
+    with fs.open_input_file(path) as source:
+        return np.frombuffer(source.read_at(stop - start, start), KEY_DTYPE)

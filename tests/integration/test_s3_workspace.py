@@ -28,6 +28,7 @@ from support.digests import file_digests, stage_digests
 from support.ports import free_port
 from tasks.core.storage import RemoteStore
 from tasks.core.workspace import MANIFEST
+from tasks.ingest import ingest_chunk, run_ingest
 from tasks.pretrain import run_pretrain
 from tasks.shard import encode_chunk, run_shard
 
@@ -199,6 +200,28 @@ def test_chunks_on_other_machines_fetch_their_inputs_and_share_parts_through_s3(
         worker_cache / "s3" / BUCKET / "run-e" / "ingest" / prepared.corpus.fingerprint / "corpus.parquet"
     ).is_file()
     assert not remote_stage("run-e", "shard", shards.fingerprint).exists("parts/00000-train.tokens")
+
+
+def test_ingest_chunks_on_other_machines_share_their_parts_through_s3(
+    s3, tmp_path, monkeypatch, config_file, reference
+):
+    on_machine(monkeypatch, tmp_path, "a")
+    overrides = [f"workspace=s3://{BUCKET}/run-f", "ingest.chunk_bytes=10000", "ingest.dedup_buckets=3"]
+    config = load_config(config_file, overrides)
+
+    def on_a_worker_elsewhere(chunks):
+        """The chunks on a machine with its own cache: what they write is in the bucket."""
+        with pytest.MonkeyPatch.context() as worker:
+            worker.setenv("GPTFLOW_CACHE", str(tmp_path / "cache-worker"))
+            results = [ingest_chunk(chunk) for chunk in chunks]
+        parts = RemoteStore(str(chunks[0].parts))
+        assert len(chunks) > 2 and all(parts.exists(f"{chunk.index:05d}.arrow") for chunk in chunks)
+        assert all(parts.exists(f"{chunk.index:05d}.keys") for chunk in chunks)
+        return results
+
+    corpus = run_ingest(config.ingest, config.workspace, on_a_worker_elsewhere, parts_in_workspace=True)
+    assert file_digests(corpus.path) == file_digests(reference.corpus.path)  # corpus and manifest
+    assert not remote_stage("run-f", "ingest", corpus.fingerprint).exists("parts/00000.arrow")
 
 
 def test_a_workspace_uri_without_a_bucket_is_refused_naming_the_field(config_file):

@@ -17,6 +17,7 @@ from flows.prepare import prepare_data, prepare_data_locally
 from model.errors import UserError
 from support.configs import write_data_config
 from support.digests import stage_digests
+from support.task_runs import recorded_pids, recording_pids, task_runs
 
 
 @pytest.fixture(scope="module")
@@ -44,30 +45,13 @@ def test_several_chunks_write_the_same_files_and_manifest_as_one(tmp_path, confi
     assert not (prepared.shards.path / "parts").exists()
 
 
-def chunk_task_runs(flow_run_id) -> list:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return [run for run in runs if run.name.startswith("shard-chunk")]
-
-
 @pytest.mark.parametrize("runner", ["threads", "dask"])
 def test_the_flow_runs_the_chunks_as_task_runs_on_the_configured_runner(
     tmp_path, config_file, one_chunk, prefect_server, monkeypatch, runner
 ):
-    # Each chunk leaves the id of the process it ran in (the wrapper travels to Dask
-    # workers by value, as cloudpickle sends the task's function).
     pids = tmp_path / "pids"
     pids.mkdir()
-    encode = tasks.shard.encode_chunk
-
-    def encode_and_record_pid(chunk):
-        (pids / str(os.getpid())).touch()
-        return encode(chunk)
-
-    monkeypatch.setattr("tasks.shard.encode_chunk", encode_and_record_pid)
+    monkeypatch.setattr("tasks.shard.encode_chunk", recording_pids(tasks.shard.encode_chunk, pids))
     overrides = [
         f"workspace={tmp_path / 'ws'}",
         "shard.chunk_documents=2",
@@ -77,10 +61,10 @@ def test_the_flow_runs_the_chunks_as_task_runs_on_the_configured_runner(
     state = prepare_data(load_config(config_file, overrides), return_state=True)
     prepared = state.result()
     assert stage_digests(prepared)["shard"] == stage_digests(one_chunk)["shard"]
-    runs = chunk_task_runs(state.state_details.flow_run_id)
+    runs = task_runs(state.state_details.flow_run_id, "shard-chunk")
     assert len(runs) == math.ceil(prepared.corpus.report["documents_out"] / 2) > 1
     assert all(run.state.is_completed() for run in runs)
-    ran_in = {int(path.name) for path in pids.iterdir()}
+    ran_in = recorded_pids(pids)
     assert ran_in == {os.getpid()} if runner == "threads" else os.getpid() not in ran_in and ran_in
 
 

@@ -12,6 +12,7 @@ import struct
 import textwrap
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 
 from tasks.ingest import IngestConfig, run_ingest
@@ -150,6 +151,7 @@ def test_clusters_keep_their_earliest_document_as_a_brute_force_over_all_pairs_d
     # The documents in `chunks` consecutive chunks, positions (chunk, row) in source order.
     bounds = [round(i * len(texts) / chunks) for i in range(chunks + 1)]
     files, index_of = [], {}
+    fs = pafs.LocalFileSystem()
     for chunk in range(chunks):
         table = KeyTable()
         for row, i in enumerate(range(bounds[chunk], bounds[chunk + 1])):
@@ -159,9 +161,10 @@ def test_clusters_keep_their_earliest_document_as_a_brute_force_over_all_pairs_d
             table.add(pos, exact_key(data), near=False)
             for key in band_keys(data, 5, THRESHOLD):
                 table.add(pos, key, near=True)
-        path = Path(tmp_path / f"{chunk}.npy")
-        files.append((path, table.save(path, buckets)))
-    found = find_duplicates(files, buckets)
+        path = str(tmp_path / f"{chunk}.keys")
+        with fs.open_output_stream(path) as sink:
+            files.append((path, table.save(sink, buckets)))
+    found = find_duplicates(fs, files, buckets)
     assert {index_of[pos] for pos in found.exact} == exact
     assert {index_of[pos]: index_of[root] for pos, root in found.near.items()} == near
 

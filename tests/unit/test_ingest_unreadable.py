@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
+import socket
 
 import pytest
 
 from model.errors import UserError
 from support.bad_files import TEXT, UNREADABLE_FILES
 from support.corpus import seed_for
-from tasks.ingest import IngestConfig, run_ingest
+from tasks.ingest import IngestConfig, run_in_order, run_ingest
 
 GOOD = {"a.txt": TEXT + "a\n", "b.txt": TEXT + "b\n"}
 REASONS = {
@@ -58,3 +60,21 @@ def test_compressed_text_and_jsonl_are_read(tmp_path):
     config = IngestConfig(source=str(source), min_chars=1, val_fraction=0.5, seed=seed)
     report = run_ingest(config, tmp_path / "ws").report
     assert report["documents_out"] == 2 and report["files_unreadable"] == 0
+
+
+def test_a_listed_file_missing_where_its_chunk_runs_stops_the_stage_naming_it_and_the_host(tmp_path):
+    """A worker that does not mount the source sees none of its files: that is no bad file to
+    skip (the corpus would silently lose them), even with `on_unreadable: skip`."""
+    config = corpus_with(tmp_path, "half.json")  # an undecodable file beside it is still only skipped
+    missing = tmp_path / "src" / "b.txt"
+
+    def on_a_worker_without_the_file(chunks):
+        missing.unlink()  # listed (and fingerprinted) by the flow, absent where the chunk runs
+        return run_in_order(chunks)
+
+    host = re.escape(socket.gethostname())
+    with pytest.raises(
+        UserError, match=rf"ingest: {re.escape(str(missing))}: no such file on {host}: .*storage every worker mounts"
+    ):
+        run_ingest(config, tmp_path / "ws", on_a_worker_without_the_file)
+    assert not list((tmp_path / "ws").rglob("manifest.json"))
