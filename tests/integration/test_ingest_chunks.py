@@ -30,6 +30,11 @@ def one_chunk(config_file, tmp_path_factory):
     return prepare_data_locally(load_config(config_file, [f"workspace={tmp_path_factory.mktemp('one-chunk')}"]))
 
 
+def planned_chunks(config) -> int:
+    """How many chunks the ingest stage cuts the config's source into."""
+    return len(tasks.ingest.plan_chunks(config.ingest, tasks.ingest.find_source_files(config.ingest), None, "parts"))
+
+
 def test_ingest_chunks_on_two_processes_write_the_corpus_of_one_chunk(tmp_path, prefect_server, config_file, one_chunk):
     overrides = [
         f"workspace={tmp_path / 'ws'}",
@@ -38,11 +43,13 @@ def test_ingest_chunks_on_two_processes_write_the_corpus_of_one_chunk(tmp_path, 
         "task_runner.kind=processes",
         "task_runner.n_workers=2",
     ]
-    state = prepare_data(load_config(config_file, overrides), return_state=True)
+    config = load_config(config_file, overrides)
+    state = prepare_data(config, return_state=True)
     prepared = state.result()
     assert stage_digests(prepared) == stage_digests(one_chunk)  # corpus, tokenizer and shards, manifests included
-    runs = task_runs(state.state_details.flow_run_id, "ingest-chunk")
-    assert len(runs) >= 3 and all(run.state.is_completed() for run in runs)
+    chunks = planned_chunks(config)
+    runs = task_runs(state.state_details.flow_run_id, "ingest-chunk", chunks)
+    assert len(runs) == chunks >= 3 and all(run.state.is_completed() for run in runs)
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +80,13 @@ def test_ingest_chunks_on_a_remote_cluster_write_the_corpus_of_one_process(
     pids = tmp_path / "pids"
     pids.mkdir()
     monkeypatch.setattr("tasks.ingest.ingest_chunk", recording_pids(tasks.ingest.ingest_chunk, pids))
-    state = prepare_data(load_config(config_file, on_the_cluster(tmp_path, dask_cluster)), return_state=True)
+    config = load_config(config_file, on_the_cluster(tmp_path, dask_cluster))
+    state = prepare_data(config, return_state=True)
     prepared = state.result()
     assert stage_digests(prepared) == stage_digests(one_chunk)  # corpus, tokenizer and shards, manifests included
-    runs = task_runs(state.state_details.flow_run_id, "ingest-chunk")
-    assert len(runs) >= 3 and all(run.state.is_completed() for run in runs)
+    chunks = planned_chunks(config)
+    runs = task_runs(state.state_details.flow_run_id, "ingest-chunk", chunks)
+    assert len(runs) == chunks >= 3 and all(run.state.is_completed() for run in runs)
     ran_in = recorded_pids(pids)
     assert ran_in and os.getpid() not in ran_in  # on the cluster's workers, not in the flow's process
     assert not (prepared.corpus.path / "parts").exists()  # the parts in the workspace are deleted

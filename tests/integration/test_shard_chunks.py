@@ -61,9 +61,9 @@ def test_the_flow_runs_the_chunks_as_task_runs_on_the_configured_runner(
     state = prepare_data(load_config(config_file, overrides), return_state=True)
     prepared = state.result()
     assert stage_digests(prepared)["shard"] == stage_digests(one_chunk)["shard"]
-    runs = task_runs(state.state_details.flow_run_id, "shard-chunk")
-    assert len(runs) == math.ceil(prepared.corpus.report["documents_out"] / 2) > 1
-    assert all(run.state.is_completed() for run in runs)
+    chunks = math.ceil(prepared.corpus.report["documents_out"] / 2)
+    runs = task_runs(state.state_details.flow_run_id, "shard-chunk", chunks)
+    assert len(runs) == chunks > 1 and all(run.state.is_completed() for run in runs)
     ran_in = recorded_pids(pids)
     assert ran_in == {os.getpid()} if runner == "threads" else os.getpid() not in ran_in and ran_in
 

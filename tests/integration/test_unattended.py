@@ -7,9 +7,23 @@ from prefect import flow, get_client
 from prefect.artifacts import Artifact
 
 from support.corpus import write_python_modules
+from support.servers import wait_for
 from tasks import tracking
 from tasks.ingest import IngestConfig, ingest_task
 from tasks.tracking.stage_run import Report, artifact_key, stage_run
+
+
+def final_states(*states) -> list | None:
+    """The server's record of the task runs' states, once it holds a final one for each: a task
+    run reports its states as events, which the server records after the flow may have returned."""
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            recorded = [client.read_task_run(state.state_details.task_run_id).state for state in states]
+        except ObjectNotFound:
+            return None
+    return recorded if all(state is not None and state.is_final() for state in recorded) else None
 
 
 def test_a_reused_stage_ends_cached_naming_its_directory(prefect_server, tmp_path):
@@ -23,8 +37,7 @@ def test_a_reused_stage_ends_cached_naming_its_directory(prefect_server, tmp_pat
     built, reused = ingest_twice()
     directory = built.result().path
     assert not built.result().reused and reused.result().path == directory
-    with get_client(sync_client=True) as client:
-        recorded = [client.read_task_run(state.state_details.task_run_id).state for state in (built, reused)]
+    recorded = wait_for(lambda: final_states(built, reused), 60, "both task runs' final states", every=0.2)
     assert [state.name for state in recorded] == ["Completed", "Cached"]
     assert recorded[1].is_completed() and recorded[1].message == f"reused {directory}"
 
